@@ -1,0 +1,115 @@
+//! NCCL-free collectives between the rank processes of one tprun job.
+//!
+//! Every rank owns one [`Communicator`]. The shm transport ([`shm`]) moves data through one
+//! shared-memory segment that the launcher creates before the ranks start; the CUDA IPC transport
+//! (feature `cuda`) keeps the same trait. Reduction is always in rank order 0..N-1, in f32, so every
+//! rank gets bit-identical results whatever the algorithm.
+
+pub mod error;
+pub mod local;
+pub mod shm;
+pub mod types;
+
+pub use error::CommError;
+pub use types::{DType, Element, ReduceOp};
+
+/// Result of a collective.
+pub type Result<T, E = CommError> = std::result::Result<T, E>;
+
+/// One rank's handle on the job's collectives (torch.distributed / NCCL semantics).
+///
+/// The `*_raw` methods take byte buffers tagged with a [`DType`] so the trait stays object-safe;
+/// the typed helpers below are what callers normally use. Counts are in elements.
+pub trait Communicator: Send {
+    fn rank(&self) -> usize;
+    fn world_size(&self) -> usize;
+
+    /// In-place all-reduce of `buf` (every rank passes the same element count).
+    fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()>;
+    /// `output` = concatenation of every rank's `input` in rank order;
+    /// `output.len() == world_size * input.len()`.
+    fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()>;
+    /// `output` = rank `r`'s chunk of the reduction of every rank's `input`;
+    /// `input.len() == world_size * output.len()`.
+    fn reduce_scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()>;
+    /// Copies `root`'s `buf` into every other rank's `buf`.
+    fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()>;
+    fn barrier(&mut self) -> Result<()>;
+
+    fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()>
+    where
+        Self: Sized,
+    {
+        self.all_reduce_raw(bytemuck::cast_slice_mut(buf), T::DTYPE, op)
+    }
+    fn all_gather<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()>
+    where
+        Self: Sized,
+    {
+        self.all_gather_raw(
+            bytemuck::cast_slice(input),
+            bytemuck::cast_slice_mut(output),
+            T::DTYPE,
+        )
+    }
+    fn reduce_scatter<T: Element>(&mut self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()>
+    where
+        Self: Sized,
+    {
+        self.reduce_scatter_raw(
+            bytemuck::cast_slice(input),
+            bytemuck::cast_slice_mut(output),
+            T::DTYPE,
+            op,
+        )
+    }
+    fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()>
+    where
+        Self: Sized,
+    {
+        self.broadcast_raw(bytemuck::cast_slice_mut(buf), root)
+    }
+}
+
+impl<C: Communicator + ?Sized> Communicator for Box<C> {
+    fn rank(&self) -> usize {
+        (**self).rank()
+    }
+    fn world_size(&self) -> usize {
+        (**self).world_size()
+    }
+    fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        (**self).all_reduce_raw(buf, dtype, op)
+    }
+    fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
+        (**self).all_gather_raw(input, output, dtype)
+    }
+    fn reduce_scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        (**self).reduce_scatter_raw(input, output, dtype, op)
+    }
+    fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        (**self).broadcast_raw(buf, root)
+    }
+    fn barrier(&mut self) -> Result<()> {
+        (**self).barrier()
+    }
+}
+
+pub mod perf;
+
+/// The communicator of this rank, from the environment tprun sets (world of one without it).
+pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
+    shm::from_env()
+}

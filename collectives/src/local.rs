@@ -1,0 +1,53 @@
+//! A world of one: every collective is the identity. Lets rank programs run without a launcher.
+
+use crate::{CommError, Communicator, DType, ReduceOp, Result};
+
+#[derive(Debug, Default)]
+pub struct SoloComm;
+
+impl Communicator for SoloComm {
+    fn rank(&self) -> usize {
+        0
+    }
+    fn world_size(&self) -> usize {
+        1
+    }
+    fn all_reduce_raw(&mut self, _buf: &mut [u8], _dtype: DType, _op: ReduceOp) -> Result<()> {
+        Ok(())
+    }
+    fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], _dtype: DType) -> Result<()> {
+        copy_same_len("all_gather", input, output)
+    }
+    fn reduce_scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        _dtype: DType,
+        _op: ReduceOp,
+    ) -> Result<()> {
+        copy_same_len("reduce_scatter", input, output)
+    }
+    fn broadcast_raw(&mut self, _buf: &mut [u8], root: usize) -> Result<()> {
+        if root != 0 {
+            return Err(CommError::Invalid {
+                op: "broadcast",
+                msg: format!("root {root} out of range for world size 1"),
+            });
+        }
+        Ok(())
+    }
+    fn barrier(&mut self) -> Result<()> {
+        Ok(())
+    }
+}
+
+fn copy_same_len(op: &'static str, input: &[u8], output: &mut [u8]) -> Result<()> {
+    if input.len() != output.len() {
+        return Err(CommError::Invalid {
+            op,
+            msg: format!("output is {} bytes, expected {}", output.len(), input.len()),
+        });
+    }
+    output.copy_from_slice(input);
+    Ok(())
+}

@@ -1,0 +1,1 @@
+//! Compute kernels for the Qwen2 runtime. f32 activations and accumulation throughout.
