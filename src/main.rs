@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "tprun", version, about = "Launch N rank processes torchrun-style; run tensor-parallel Qwen2 on them")]
+#[command(
+    name = "tprun",
+    version,
+    about = "Launch N rank processes torchrun-style; run tensor-parallel Qwen2 on them"
+)]
 struct Cli {
     #[command(flatten)]
     launch: launcher::LaunchArgs,
@@ -41,7 +45,7 @@ fn main() -> ExitCode {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("tprun: error: {e:#}");
-            ExitCode::from(1)
+            ExitCode::from(launcher::exit_code(&e).clamp(1, 255) as u8)
         }
     }
 }
@@ -70,7 +74,10 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
         (None, _) => {
             let mut it = cli.program.into_iter();
             let Some(program) = it.next() else {
-                anyhow::bail!("nothing to run: give a built-in program (generate, logits, bench, perf) or `-- PROGRAM [ARGS]`");
+                return Err(launcher::LaunchError::Usage(
+                    "nothing to run: give a built-in program (generate, logits, bench, perf) or `-- PROGRAM [ARGS]`".into(),
+                )
+                .into());
             };
             let job = launcher::Job {
                 program,

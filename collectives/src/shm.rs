@@ -10,7 +10,7 @@
 //!   calls it as soon as it sees a rank fail.
 //! - `ShmComm::from_env()` maps the segment inside a rank.
 
-use crate::{CommError, Result};
+use crate::Result;
 
 /// The launcher's handle on the job's shared memory.
 pub struct JobSegment {
@@ -19,7 +19,8 @@ pub struct JobSegment {
 
 impl JobSegment {
     pub fn create(_world_size: usize) -> Result<JobSegment> {
-        Err(CommError::Setup("shm transport not implemented yet".into()))
+        // Placeholder until the shm transport lands, so the launcher can run jobs meanwhile.
+        Ok(JobSegment { _private: () })
     }
     pub fn env(&self) -> Vec<(String, String)> {
         Vec::new()

@@ -1,0 +1,425 @@
+//! Relays rank output to tprun's console, line-whole and prefixed, and copies it raw to log files.
+//!
+//! One reader thread per rank pipe copies bytes to the rank's log file and sends them to a single
+//! writer thread, which owns the console. A console stream (stdout or stderr) is "open" while a
+//! rank's unfinished line is on it: that rank's next bytes continue the line, while complete lines
+//! from other ranks are parked until the line ends. So lines never mix, and a rank that streams
+//! tokens without newlines still shows them as they come. If parked output waits longer than
+//! [`HOLD_LIMIT`], the open line is ended with a newline and continues later under a new prefix.
+
+use std::collections::VecDeque;
+use std::fs::File;
+use std::io::{self, Read, Write};
+use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
+
+/// Longest time complete lines wait behind another rank's unfinished line.
+const HOLD_LIMIT: Duration = Duration::from_millis(500);
+/// Most bytes parked behind an unfinished line before it is ended anyway.
+const HOLD_BYTES: usize = 1 << 20;
+/// Writer wake-up period, for [`HOLD_LIMIT`].
+const TICK: Duration = Duration::from_millis(50);
+
+pub(crate) const STDOUT: usize = 0;
+pub(crate) const STDERR: usize = 1;
+
+enum Msg {
+    /// A reader thread is about to start for this (rank, stream).
+    Opened,
+    Data {
+        rank: usize,
+        stream: usize,
+        bytes: Vec<u8>,
+    },
+    Eof {
+        rank: usize,
+        stream: usize,
+    },
+    /// tprun's own message, one line on stderr.
+    Note(String),
+    /// No more readers will be opened: exit once every open one reached EOF.
+    Close,
+    /// Exit now (pipes still held open by descendants that escaped the rank's process group).
+    Abandon,
+}
+
+/// The running relay: hand it each rank's pipes with [`Relay::attach`].
+pub(crate) struct Relay {
+    tx: SyncSender<Msg>,
+    show_rank: Option<usize>,
+    writer: JoinHandle<()>,
+}
+
+impl Relay {
+    pub fn start(world_size: usize, prefix: bool, show_rank: Option<usize>) -> io::Result<Relay> {
+        // Bounded, so a slow console slows the ranks down instead of growing tprun's memory.
+        let (tx, rx) = sync_channel(256);
+        let writer = std::thread::Builder::new()
+            .name("tprun-output".into())
+            .spawn(move || Writer::new(world_size, prefix).run(rx))?;
+        Ok(Relay {
+            tx,
+            show_rank,
+            writer,
+        })
+    }
+
+    /// Starts a reader for one pipe of `rank`; `log` gets every byte, unprefixed.
+    pub fn attach(
+        &self,
+        rank: usize,
+        stream: usize,
+        pipe: impl Read + Send + 'static,
+        log: Option<File>,
+    ) -> io::Result<()> {
+        let show = self.show_rank.unwrap_or(rank) == rank;
+        let _ = self.tx.send(Msg::Opened);
+        let tx = self.tx.clone();
+        let started = std::thread::Builder::new()
+            .name(format!("tprun-rank{rank}-{stream}"))
+            .spawn(move || read_pipe(rank, stream, pipe, log, show, tx));
+        if started.is_err() {
+            let _ = self.tx.send(Msg::Eof { rank, stream });
+        }
+        started.map(drop)
+    }
+
+    /// Prints one line of tprun's own on stderr, in order with the ranks' output.
+    pub fn note(&self, line: String) {
+        let _ = self.tx.send(Msg::Note(line));
+    }
+
+    /// Waits (at most `drain` plus a second) until every pipe is drained and printed.
+    pub fn finish(self, drain: Duration) {
+        let _ = self.tx.send(Msg::Close);
+        if !wait_finished(&self.writer, drain) {
+            // A full channel means the console itself is stuck; then don't wait on it either.
+            let _ = self.tx.try_send(Msg::Abandon);
+            wait_finished(&self.writer, Duration::from_secs(1));
+        }
+        if self.writer.is_finished() {
+            let _ = self.writer.join();
+        }
+    }
+}
+
+fn wait_finished(h: &JoinHandle<()>, limit: Duration) -> bool {
+    let until = Instant::now() + limit;
+    while !h.is_finished() {
+        if Instant::now() >= until {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    true
+}
+
+fn read_pipe(
+    rank: usize,
+    stream: usize,
+    mut pipe: impl Read,
+    mut log: Option<File>,
+    show: bool,
+    tx: SyncSender<Msg>,
+) {
+    let mut buf = vec![0u8; 64 * 1024];
+    loop {
+        let n = match pipe.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => n,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            Err(_) => break,
+        };
+        if let Some(f) = &mut log {
+            if let Err(e) = f.write_all(&buf[..n]) {
+                let name = if stream == STDOUT { "stdout" } else { "stderr" };
+                let _ = tx.send(Msg::Note(format!(
+                    "tprun: warning: cannot write rank {rank}'s {name}.log ({e}); it stops here"
+                )));
+                log = None;
+            }
+        }
+        if show
+            && tx
+                .send(Msg::Data {
+                    rank,
+                    stream,
+                    bytes: buf[..n].to_vec(),
+                })
+                .is_err()
+        {
+            break;
+        }
+    }
+    let _ = tx.send(Msg::Eof { rank, stream });
+}
+
+/// One console stream.
+struct Sink {
+    out: Box<dyn Write + Send>,
+    /// False after a write error (e.g. `tprun ... | head` closed the pipe): output is dropped.
+    ok: bool,
+    /// The rank whose unfinished line is on the console.
+    open: Option<usize>,
+    /// Complete lines of other ranks waiting for `open`'s line to end, in arrival order.
+    held: VecDeque<(usize, Vec<u8>)>,
+    /// When output first had to wait behind `open`.
+    waiting_since: Option<Instant>,
+}
+
+impl Sink {
+    fn write(&mut self, bytes: &[u8]) {
+        if self.ok && !bytes.is_empty() {
+            self.ok = self
+                .out
+                .write_all(bytes)
+                .and_then(|_| self.out.flush())
+                .is_ok();
+        }
+    }
+}
+
+struct Writer {
+    sinks: [Sink; 2],
+    /// Per rank and stream: bytes not yet on the console (a partial line waiting for its turn).
+    pending: Vec<[Vec<u8>; 2]>,
+    /// Per rank and stream: its last line on the console was ended by [`Writer::break_line`].
+    broken: Vec<[bool; 2]>,
+    prefix: bool,
+}
+
+impl Writer {
+    fn new(world_size: usize, prefix: bool) -> Writer {
+        let sink = |out: Box<dyn Write + Send>| Sink {
+            out,
+            ok: true,
+            open: None,
+            held: VecDeque::new(),
+            waiting_since: None,
+        };
+        Writer {
+            sinks: [
+                sink(Box::new(std::io::stdout())),
+                sink(Box::new(std::io::stderr())),
+            ],
+            pending: (0..world_size).map(|_| Default::default()).collect(),
+            broken: vec![[false; 2]; world_size],
+            prefix,
+        }
+    }
+
+    fn run(mut self, rx: Receiver<Msg>) {
+        let (mut readers, mut closed) = (0usize, false);
+        loop {
+            match rx.recv_timeout(TICK) {
+                Ok(Msg::Opened) => readers += 1,
+                Ok(Msg::Data {
+                    rank,
+                    stream,
+                    bytes,
+                }) => self.on_data(rank, stream, &bytes),
+                Ok(Msg::Eof { rank, stream }) => {
+                    readers -= 1;
+                    // A last line without newline is ended here.
+                    if self.sinks[stream].open == Some(rank)
+                        || !self.pending[rank][stream].is_empty()
+                    {
+                        self.pending[rank][stream].push(b'\n');
+                        self.pump(rank, stream);
+                    }
+                }
+                Ok(Msg::Note(line)) => {
+                    self.break_line(STDERR);
+                    self.sinks[STDERR].write(format!("{line}\n").as_bytes());
+                    self.release(STDERR);
+                }
+                Ok(Msg::Close) => closed = true,
+                Ok(Msg::Abandon) | Err(RecvTimeoutError::Disconnected) => break,
+                Err(RecvTimeoutError::Timeout) => {}
+            }
+            self.enforce_hold_limits();
+            if closed && readers == 0 {
+                break;
+            }
+        }
+        for s in [STDOUT, STDERR] {
+            self.break_line(s);
+            for r in 0..self.pending.len() {
+                let mut rest = std::mem::take(&mut self.pending[r][s]);
+                if !rest.is_empty() {
+                    rest.push(b'\n');
+                    self.emit(s, r, &rest);
+                }
+            }
+        }
+    }
+
+    fn on_data(&mut self, rank: usize, stream: usize, mut bytes: &[u8]) {
+        // The line was already ended by a break: don't print an empty line for its real end.
+        if std::mem::take(&mut self.broken[rank][stream]) && self.pending[rank][stream].is_empty() {
+            bytes = bytes.strip_prefix(b"\n").unwrap_or(bytes);
+        }
+        self.pending[rank][stream].extend_from_slice(bytes);
+        self.pump(rank, stream);
+    }
+
+    /// Puts rank `rank`'s pending bytes on stream `s`, or parks them while another rank's line is
+    /// open there.
+    fn pump(&mut self, rank: usize, s: usize) {
+        let pend = std::mem::take(&mut self.pending[rank][s]);
+        if pend.is_empty() {
+            return;
+        }
+        match self.sinks[s].open {
+            Some(owner) if owner != rank => {
+                let sink = &mut self.sinks[s];
+                match pend.iter().rposition(|&b| b == b'\n') {
+                    Some(end) => {
+                        sink.held.push_back((rank, pend[..=end].to_vec()));
+                        self.pending[rank][s] = pend[end + 1..].to_vec();
+                    }
+                    None => self.pending[rank][s] = pend,
+                }
+                sink.waiting_since.get_or_insert_with(Instant::now);
+            }
+            _ => {
+                self.emit(s, rank, &pend);
+                if self.sinks[s].open.is_none() {
+                    self.release(s);
+                }
+            }
+        }
+    }
+
+    /// Writes `bytes` of `rank` to stream `s`, prefixing every line that starts on the console.
+    /// The stream must be free or open by `rank`.
+    fn emit(&mut self, s: usize, rank: usize, bytes: &[u8]) {
+        let sink = &mut self.sinks[s];
+        debug_assert!(!matches!(sink.open, Some(o) if o != rank));
+        let mut buf = Vec::with_capacity(bytes.len() + 16);
+        for piece in bytes.split_inclusive(|&b| b == b'\n') {
+            if sink.open != Some(rank) && self.prefix {
+                buf.extend_from_slice(format!("[rank{rank}]: ").as_bytes());
+            }
+            buf.extend_from_slice(piece);
+            sink.open = if piece.ends_with(b"\n") {
+                None
+            } else {
+                Some(rank)
+            };
+        }
+        sink.write(&buf);
+    }
+
+    /// The stream just became free: print what was parked, then let a waiting partial line in.
+    fn release(&mut self, s: usize) {
+        while let Some((rank, lines)) = self.sinks[s].held.pop_front() {
+            self.emit(s, rank, &lines);
+        }
+        self.sinks[s].waiting_since = None;
+        if let Some(rank) = (0..self.pending.len()).find(|&r| !self.pending[r][s].is_empty()) {
+            let part = std::mem::take(&mut self.pending[rank][s]);
+            self.emit(s, rank, &part);
+        }
+    }
+
+    /// Ends the open line on stream `s` (its rank continues later under a new prefix).
+    fn break_line(&mut self, s: usize) {
+        if let Some(rank) = self.sinks[s].open.take() {
+            self.broken[rank][s] = true;
+            self.sinks[s].write(b"\n");
+            self.release(s);
+        }
+    }
+
+    fn enforce_hold_limits(&mut self) {
+        for s in [STDOUT, STDERR] {
+            let Some(since) = self.sinks[s].waiting_since else {
+                continue;
+            };
+            let parked: usize = self.sinks[s]
+                .held
+                .iter()
+                .map(|(_, l)| l.len())
+                .sum::<usize>()
+                + self.pending.iter().map(|p| p[s].len()).sum::<usize>();
+            if since.elapsed() >= HOLD_LIMIT || parked >= HOLD_BYTES {
+                self.break_line(s);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Shared(Arc<Mutex<Vec<u8>>>);
+    impl Write for Shared {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn writer(n: usize) -> (Writer, Shared) {
+        let mut w = Writer::new(n, true);
+        let out = Shared::default();
+        w.sinks[STDOUT].out = Box::new(out.clone());
+        (w, out)
+    }
+
+    fn data(w: &mut Writer, rank: usize, bytes: &[u8]) {
+        w.on_data(rank, STDOUT, bytes);
+    }
+
+    fn text(out: &Shared) -> String {
+        String::from_utf8(out.0.lock().unwrap().clone()).unwrap()
+    }
+
+    #[test]
+    fn partial_line_keeps_the_console_until_it_ends() {
+        let (mut w, out) = writer(2);
+        data(&mut w, 0, b"tok1 ");
+        data(&mut w, 1, b"one\ntwo\nthr");
+        data(&mut w, 0, b"tok2\nnext\n");
+        assert_eq!(
+            text(&out),
+            "[rank0]: tok1 tok2\n[rank0]: next\n[rank1]: one\n[rank1]: two\n[rank1]: thr"
+        );
+        w.sinks[STDOUT].open = None; // what Eof's newline would do
+    }
+
+    #[test]
+    fn a_line_held_too_long_is_broken_not_mixed() {
+        let (mut w, out) = writer(2);
+        data(&mut w, 0, b"slow");
+        data(&mut w, 1, b"fast\n");
+        w.sinks[STDOUT].waiting_since = Some(Instant::now() - HOLD_LIMIT);
+        w.enforce_hold_limits();
+        data(&mut w, 0, b" end\n");
+        assert_eq!(text(&out), "[rank0]: slow\n[rank1]: fast\n[rank0]:  end\n");
+    }
+
+    #[test]
+    fn a_broken_line_that_then_just_ends_adds_no_empty_line() {
+        let (mut w, out) = writer(2);
+        data(&mut w, 0, b"tok");
+        data(&mut w, 1, b"x");
+        w.sinks[STDOUT].waiting_since = Some(Instant::now() - HOLD_LIMIT);
+        w.enforce_hold_limits();
+        data(&mut w, 0, b"\n");
+        assert!(
+            w.sinks[STDOUT].waiting_since.is_none(),
+            "nothing is waiting"
+        );
+        data(&mut w, 1, b"y\n");
+        assert_eq!(text(&out), "[rank0]: tok\n[rank1]: xy\n");
+    }
+}

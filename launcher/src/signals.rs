@@ -1,0 +1,76 @@
+//! SIGINT, SIGTERM and SIGHUP sent to tprun: the handler only counts them; the supervisor loop
+//! polls the counters and does the forwarding (nothing else is safe inside a handler).
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
+
+/// The signals tprun forwards to every rank.
+pub(crate) const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
+
+static COUNTS: [AtomicUsize; 3] = [
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+    AtomicUsize::new(0),
+];
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    if let Some(i) = FORWARDED.iter().position(|&s| s as libc::c_int == sig) {
+        COUNTS[i].fetch_add(1, Ordering::SeqCst);
+    }
+}
+
+/// Handlers installed for the lifetime of the value; the previous ones come back on drop.
+pub(crate) struct Handlers {
+    old: Vec<(Signal, SigAction)>,
+    /// Counter values at install time, and at the last poll.
+    base: [usize; 3],
+    seen: [usize; 3],
+}
+
+impl Handlers {
+    pub fn install() -> anyhow::Result<Handlers> {
+        // SA_RESTART: reader threads blocked in read() must not see EINTR.
+        let action = SigAction::new(
+            SigHandler::Handler(on_signal),
+            SaFlags::SA_RESTART,
+            SigSet::empty(),
+        );
+        let base = std::array::from_fn(|i| COUNTS[i].load(Ordering::SeqCst));
+        let mut old = Vec::new();
+        for sig in FORWARDED {
+            // SAFETY: the handler only does an atomic increment, which is async-signal-safe.
+            let prev = unsafe { sigaction(sig, &action) }
+                .map_err(|e| anyhow::anyhow!("cannot install a {sig} handler: {e}"))?;
+            old.push((sig, prev));
+        }
+        Ok(Handlers {
+            old,
+            base,
+            seen: base,
+        })
+    }
+
+    /// Signals received since the last call, one entry per arrival with its ordinal during this
+    /// job (1 = first), so a second SIGINT is seen even when both land in one poll interval.
+    pub fn poll(&mut self) -> Vec<(Signal, usize)> {
+        let mut got = Vec::new();
+        for (i, &sig) in FORWARDED.iter().enumerate() {
+            let now = COUNTS[i].load(Ordering::SeqCst);
+            for k in self.seen[i]..now {
+                got.push((sig, k - self.base[i] + 1));
+            }
+            self.seen[i] = now;
+        }
+        got
+    }
+}
+
+impl Drop for Handlers {
+    fn drop(&mut self) {
+        for (sig, prev) in self.old.drain(..) {
+            // SAFETY: restores the disposition that was in place before `install`.
+            let _ = unsafe { sigaction(sig, &prev) };
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! Everything decided before the first rank starts (world size, program path, CPU shares, log
+//! files, environment) and the per-rank `Command`, including the child-side setup between fork and
+//! exec.
+
+use std::ffi::{OsStr, OsString};
+use std::fs::File;
+use std::io::IsTerminal;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use anyhow::Context;
+use nix::sched::CpuSet;
+use nix::unistd::{access, AccessFlags};
+
+use crate::{cpus, CpuBind, Device, Job, LaunchArgs, LaunchError, Nproc};
+
+/// One rank's share of the machine and its log files.
+pub(crate) struct RankSpec {
+    /// CPUs the rank is pinned to; `None` = inherit tprun's mask.
+    pub cpus: Option<Vec<usize>>,
+    pub omp_threads: usize,
+    /// DIR/rank{r} and its open stdout.log / stderr.log.
+    pub log: Option<(PathBuf, File, File)>,
+}
+
+/// The resolved job: what to run, where, with which environment.
+pub(crate) struct Plan {
+    pub world_size: usize,
+    /// The program as the user named it (argv[0] and error messages) and as resolved on PATH.
+    pub program: OsString,
+    pub program_path: PathBuf,
+    pub args: Vec<OsString>,
+    pub device: Device,
+    pub job_env: Vec<(OsString, OsString)>,
+    /// True when the user set OMP_NUM_THREADS (in tprun's env or the job's), which then stays.
+    pub user_omp: bool,
+    pub master_port: u16,
+    pub run_id: String,
+    pub ranks: Vec<RankSpec>,
+}
+
+impl Plan {
+    pub fn new(launch: &LaunchArgs, job: &Job) -> anyhow::Result<Plan> {
+        let device = launch.device.unwrap_or(Device::Cpu);
+        let allowed = cpus::allowed_cpus();
+        let cores = cpus::physical_cores(&allowed);
+        let world_size = match launch.nproc_per_node {
+            Nproc::Count(n) => n,
+            Nproc::Auto if device == Device::Cuda => match cpus::gpu_count() {
+                0 => {
+                    return Err(LaunchError::Usage(
+                        "-n auto with --device cuda: no GPU is visible".into(),
+                    )
+                    .into())
+                }
+                n => n,
+            },
+            Nproc::Auto => cores.len().max(1),
+        };
+        if let Some(r) = launch.only_rank {
+            if r >= world_size {
+                return Err(LaunchError::Usage(format!(
+                    "--only-rank {r} is out of range: the job has {world_size} rank(s), 0..={}",
+                    world_size - 1
+                ))
+                .into());
+            }
+        }
+
+        let path_var = job
+            .env
+            .iter()
+            .rev()
+            .find(|(k, _)| k == "PATH")
+            .map(|(_, v)| v.clone())
+            .or_else(|| std::env::var_os("PATH"));
+        let program_path = resolve_program(&job.program, path_var.as_deref())?;
+
+        let bind = launch.cpu_bind.unwrap_or(if world_size <= cores.len() {
+            CpuBind::Cores
+        } else {
+            CpuBind::None
+        });
+        if bind == CpuBind::Cores && world_size > cores.len() {
+            eprintln!(
+                "tprun: warning: {world_size} ranks share {} physical core(s) (--cpu-bind cores)",
+                cores.len()
+            );
+        }
+        let shares = cpus::shares(&cores, world_size);
+        let mut ranks = Vec::with_capacity(world_size);
+        for (r, share) in shares.into_iter().enumerate() {
+            let (cpus, omp_threads) = match bind {
+                CpuBind::Cores if !share.is_empty() => {
+                    let n = share.len();
+                    (Some(share.into_iter().flatten().collect()), n)
+                }
+                _ => (None, (cores.len() / world_size).max(1)),
+            };
+            let log = match &launch.log_dir {
+                Some(dir) => Some(open_logs(dir, r)?),
+                None => None,
+            };
+            ranks.push(RankSpec {
+                cpus,
+                omp_threads,
+                log,
+            });
+        }
+
+        let user_omp = std::env::var_os("OMP_NUM_THREADS").is_some()
+            || job.env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
+        Ok(Plan {
+            world_size,
+            program: job.program.clone(),
+            program_path,
+            args: job.args.clone(),
+            device,
+            job_env: job.env.clone(),
+            user_omp,
+            master_port: free_port()?,
+            run_id: run_id(),
+            ranks,
+        })
+    }
+
+    /// The command for rank `r`: torchrun environment, own process group, dies with tprun.
+    pub fn command(&self, r: usize, extra_env: &[(String, String)]) -> anyhow::Result<Command> {
+        let spec = &self.ranks[r];
+        let mut cmd = Command::new(&self.program_path);
+        cmd.arg0(&self.program).args(&self.args);
+        cmd.envs(self.job_env.iter().map(|(k, v)| (k, v)));
+        let n = self.world_size.to_string();
+        let r_s = r.to_string();
+        let vars: [(&str, &str); 10] = [
+            ("RANK", &r_s),
+            ("LOCAL_RANK", &r_s),
+            ("WORLD_SIZE", &n),
+            ("LOCAL_WORLD_SIZE", &n),
+            ("GROUP_RANK", "0"),
+            ("GROUP_WORLD_SIZE", "1"),
+            ("MASTER_ADDR", "127.0.0.1"),
+            ("MASTER_PORT", &self.master_port.to_string()),
+            ("TPRUN_RUN_ID", &self.run_id),
+            ("TPRUN_DEVICE", self.device.as_str()),
+        ];
+        cmd.envs(vars);
+        if !self.user_omp {
+            cmd.env("OMP_NUM_THREADS", spec.omp_threads.to_string());
+        }
+        cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
+
+        // Rank 0 gets tprun's stdin (like mpirun) unless it is a terminal: a rank in its own
+        // process group that read from the terminal would be stopped by SIGTTIN.
+        let stdin = if r == 0 && !std::io::stdin().is_terminal() {
+            Stdio::inherit()
+        } else {
+            Stdio::null()
+        };
+        cmd.stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Own process group: terminal Ctrl-C reaches only tprun, and killpg reaches the rank's
+        // children too.
+        cmd.process_group(0);
+
+        let cpuset = match &spec.cpus {
+            Some(list) => {
+                let mut set = CpuSet::new();
+                for &c in list {
+                    set.set(c)
+                        .with_context(|| format!("CPU {c} is beyond what the kernel supports"))?;
+                }
+                Some(set)
+            }
+            None => None,
+        };
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: the closure runs in the child between fork and exec, where only
+        // async-signal-safe calls are allowed: it makes three raw syscalls (prctl, getppid,
+        // sched_setaffinity) on data prepared before the fork, and builds errors from raw errno
+        // values without allocating.
+        unsafe {
+            cmd.pre_exec(move || {
+                if libc::prctl(
+                    libc::PR_SET_PDEATHSIG,
+                    libc::SIGKILL as libc::c_ulong,
+                    0,
+                    0,
+                    0,
+                ) != 0
+                {
+                    return Err(std::io::Error::last_os_error());
+                }
+                // tprun may have died before the prctl took effect; then nobody would kill us.
+                if libc::getppid() != parent {
+                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+                }
+                if let Some(set) = &cpuset {
+                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
+                        .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+                }
+                Ok(())
+            });
+        }
+        Ok(cmd)
+    }
+}
+
+/// Finds `program` the way execvp would (a name with a `/` is a path, else searched on PATH) and
+/// checks that it is an executable file, so a typo fails before any rank starts.
+pub(crate) fn resolve_program(
+    program: &OsStr,
+    path_var: Option<&OsStr>,
+) -> Result<PathBuf, LaunchError> {
+    let name = program.to_string_lossy().into_owned();
+    let err = |reason: &str| LaunchError::Program {
+        program: name.clone(),
+        reason: reason.into(),
+    };
+    if program.is_empty() {
+        return Err(err("empty program name"));
+    }
+    if program.as_bytes().contains(&b'/') {
+        let path = Path::new(program);
+        return match path.metadata() {
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Err(err("no such file")),
+            Err(e) => Err(err(&e.to_string())),
+            Ok(m) if m.is_dir() => Err(err("is a directory")),
+            Ok(_) if access(path, AccessFlags::X_OK).is_err() => {
+                Err(err("permission denied (not executable)"))
+            }
+            Ok(_) => Ok(path.to_path_buf()),
+        };
+    }
+    let default_path = OsStr::new("/usr/local/bin:/usr/bin:/bin");
+    let mut found_not_exec = false;
+    for dir in std::env::split_paths(path_var.unwrap_or(default_path)) {
+        let dir = if dir.as_os_str().is_empty() {
+            PathBuf::from(".")
+        } else {
+            dir
+        };
+        let cand = dir.join(program);
+        match cand.metadata() {
+            Ok(m) if m.is_file() => {
+                if access(&cand, AccessFlags::X_OK).is_ok() {
+                    return Ok(cand);
+                }
+                found_not_exec = true;
+            }
+            _ => {}
+        }
+    }
+    Err(err(if found_not_exec {
+        "permission denied (not executable)"
+    } else {
+        "command not found on PATH"
+    }))
+}
+
+fn open_logs(dir: &Path, r: usize) -> anyhow::Result<(PathBuf, File, File)> {
+    let rank_dir = dir.join(format!("rank{r}"));
+    std::fs::create_dir_all(&rank_dir).with_context(|| {
+        format!(
+            "--log-dir {}: cannot create {}",
+            dir.display(),
+            rank_dir.display()
+        )
+    })?;
+    let open = |name: &str| {
+        let p = rank_dir.join(name);
+        File::create(&p)
+            .with_context(|| format!("--log-dir {}: cannot create {}", dir.display(), p.display()))
+    };
+    let out = open("stdout.log")?;
+    let err = open("stderr.log")?;
+    Ok((rank_dir, out, err))
+}
+
+/// A TCP port that was free a moment ago, for MASTER_PORT (torchrun's `localhost:0` approach: the
+/// kernel picks it, so two jobs on one host don't collide on a fixed default).
+fn free_port() -> anyhow::Result<u16> {
+    let l = std::net::TcpListener::bind("127.0.0.1:0")
+        .context("cannot find a free TCP port for MASTER_PORT")?;
+    Ok(l.local_addr()?.port())
+}
+
+/// Unique enough per host and time: tprun's pid and the start time in microseconds.
+fn run_id() -> String {
+    let us = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!("tprun-{}-{us:x}", std::process::id())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn resolves_on_path_and_reports_missing_or_unexecutable() {
+        let sh = resolve_program(
+            OsStr::new("sh"),
+            Some(OsStr::new("/nonexistent:/bin:/usr/bin")),
+        )
+        .unwrap();
+        assert!(sh.ends_with("sh"));
+        let e =
+            resolve_program(OsStr::new("no-such-prog-xyz"), Some(OsStr::new("/bin"))).unwrap_err();
+        assert_eq!(e.exit_code(), 127);
+        assert!(e.to_string().contains("no-such-prog-xyz"), "{e}");
+        let e = resolve_program(OsStr::new("/etc/hostname-not-here"), None).unwrap_err();
+        assert!(e.to_string().contains("no such file"), "{e}");
+        let e = resolve_program(OsStr::new("/"), None).unwrap_err();
+        assert!(e.to_string().contains("directory"), "{e}");
+    }
+}

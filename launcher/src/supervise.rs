@@ -1,0 +1,313 @@
+//! The monitor loop: start the ranks, watch them, tear the job down on the first failure, a
+//! signal or the timeout, and report.
+
+use std::fmt::Write as _;
+use std::os::unix::process::ExitStatusExt;
+use std::path::PathBuf;
+use std::process::{Child, ExitStatus};
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use collectives::shm::JobSegment;
+use nix::sys::signal::{killpg, Signal};
+use nix::unistd::Pid;
+
+use crate::output::{Relay, STDERR, STDOUT};
+use crate::signals::Handlers;
+use crate::spawn::Plan;
+use crate::{LaunchArgs, LaunchError};
+
+/// How often the loop checks ranks, signals and deadlines (well under the 1 s reaction bound).
+const TICK: Duration = Duration::from_millis(20);
+/// How long to wait for ranks to be reaped after SIGKILL before giving up on them.
+const KILL_WAIT: Duration = Duration::from_secs(2);
+/// How long to wait for output pipes to drain once every rank is gone.
+const DRAIN_WAIT: Duration = Duration::from_secs(1);
+/// tprun's exit code on `--timeout`, the same as timeout(1).
+pub(crate) const TIMEOUT_EXIT: i32 = 124;
+
+struct Rank {
+    rank: usize,
+    pid: i32,
+    child: Child,
+    /// Exit status and seconds since the job started when it was reaped.
+    exit: Option<(ExitStatus, f64)>,
+    log_dir: Option<PathBuf>,
+}
+
+/// Why the job is being torn down.
+enum Cause {
+    Failed(usize),
+    Signal(Signal),
+    Timeout,
+}
+
+pub(crate) fn run(
+    mut plan: Plan,
+    launch: &LaunchArgs,
+    segment: &JobSegment,
+) -> anyhow::Result<i32> {
+    let mut handlers = Handlers::install()?;
+    let relay = Relay::start(plan.world_size, !launch.no_prefix, launch.only_rank)
+        .context("cannot start the output thread")?;
+    let start = Instant::now();
+
+    let mut ranks: Vec<Rank> = Vec::with_capacity(plan.world_size);
+    for r in 0..plan.world_size {
+        if let Err(e) = start_rank(&mut plan, r, segment, &relay, &mut ranks) {
+            signal_groups(&ranks, Signal::SIGKILL);
+            for rk in &mut ranks {
+                let _ = rk.child.wait();
+            }
+            relay.finish(DRAIN_WAIT);
+            return Err(e);
+        }
+    }
+
+    let grace = launch.grace_period;
+    let mut cause: Option<Cause> = None;
+    // Set once ranks got their first stop signal: when to send SIGKILL.
+    let mut kill_at: Option<Instant> = None;
+    let mut killed_at: Option<Instant> = None;
+    loop {
+        let mut newly_failed = false;
+        for rk in ranks.iter_mut().filter(|rk| rk.exit.is_none()) {
+            let status = rk
+                .child
+                .try_wait()
+                .with_context(|| format!("cannot wait for rank {} (pid {})", rk.rank, rk.pid))?;
+            if let Some(st) = status {
+                rk.exit = Some((st, start.elapsed().as_secs_f64()));
+                if !st.success() && cause.is_none() {
+                    // Wake ranks blocked in a collective first, then stop them.
+                    segment.abort(rk.rank);
+                    cause = Some(Cause::Failed(rk.rank));
+                    relay.note(format!(
+                        "tprun: rank {} failed ({}); stopping the other ranks",
+                        rk.rank,
+                        describe(st)
+                    ));
+                    newly_failed = true;
+                }
+            }
+        }
+        if ranks.iter().all(|rk| rk.exit.is_some()) {
+            break;
+        }
+        if newly_failed {
+            signal_groups(running(&ranks), Signal::SIGTERM);
+            kill_at.get_or_insert(Instant::now() + grace);
+        }
+
+        for (sig, nth) in handlers.poll() {
+            if sig == Signal::SIGINT && nth >= 2 {
+                if killed_at.is_none() {
+                    relay.note("tprun: second SIGINT: killing every rank".into());
+                    signal_groups(running(&ranks), Signal::SIGKILL);
+                    killed_at = Some(Instant::now());
+                }
+                continue;
+            }
+            let again = if sig == Signal::SIGINT {
+                "; Ctrl-C again to kill them now"
+            } else {
+                ""
+            };
+            relay.note(format!(
+                "tprun: got {sig}: forwarding it to every rank (SIGKILL after {}s{again})",
+                grace.as_secs_f64()
+            ));
+            signal_groups(running(&ranks), sig);
+            cause.get_or_insert(Cause::Signal(sig));
+            kill_at.get_or_insert(Instant::now() + grace);
+        }
+
+        if let Some(limit) = launch.timeout {
+            if cause.is_none() && start.elapsed() >= limit {
+                relay.note(format!(
+                    "tprun: timeout: the job was still running after --timeout {}s; stopping every rank",
+                    limit.as_secs_f64()
+                ));
+                cause = Some(Cause::Timeout);
+                signal_groups(running(&ranks), Signal::SIGTERM);
+                kill_at.get_or_insert(Instant::now() + grace);
+            }
+        }
+
+        if killed_at.is_none() && kill_at.is_some_and(|t| Instant::now() >= t) {
+            relay.note(format!(
+                "tprun: ranks still running {}s after SIGTERM: sending SIGKILL",
+                grace.as_secs_f64()
+            ));
+            signal_groups(running(&ranks), Signal::SIGKILL);
+            killed_at = Some(Instant::now());
+        }
+        if killed_at.is_some_and(|t| t.elapsed() >= KILL_WAIT) {
+            let stuck: Vec<String> = running(&ranks).map(|rk| rk.rank.to_string()).collect();
+            relay.note(format!(
+                "tprun: rank(s) {} did not die after SIGKILL (uninterruptible?); giving up on them",
+                stuck.join(", ")
+            ));
+            break;
+        }
+        std::thread::sleep(TICK);
+    }
+
+    // Processes a rank left behind in its process group go too (ranks are reaped by now, so
+    // their group ids are not reused while such members exist).
+    signal_groups(&ranks, Signal::SIGKILL);
+    relay.finish(DRAIN_WAIT);
+    drop(handlers);
+
+    let code = match &cause {
+        None => 0,
+        Some(Cause::Failed(r)) => ranks[*r].exit.map_or(1, |(st, _)| exit_code(st)),
+        Some(Cause::Signal(sig)) => 128 + *sig as i32,
+        Some(Cause::Timeout) => TIMEOUT_EXIT,
+    };
+    if let Some(cause) = &cause {
+        eprint!("{}", summary(cause, &ranks, launch));
+    }
+    Ok(code)
+}
+
+/// Spawns rank `r` and hands its pipes to the relay; it joins `ranks` as soon as it runs.
+fn start_rank(
+    plan: &mut Plan,
+    r: usize,
+    segment: &JobSegment,
+    relay: &Relay,
+    ranks: &mut Vec<Rank>,
+) -> anyhow::Result<()> {
+    let mut child = plan
+        .command(r, &segment.env())?
+        .spawn()
+        .map_err(|e| spawn_error(plan, r, e))?;
+    let (log_dir, out_log, err_log) = match plan.ranks[r].log.take() {
+        Some((d, o, e)) => (Some(d), Some(o), Some(e)),
+        None => (None, None, None),
+    };
+    let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    ranks.push(Rank {
+        rank: r,
+        pid: child.id() as i32,
+        child,
+        exit: None,
+        log_dir,
+    });
+    let ctx = || format!("cannot start an output thread for rank {r}");
+    if let Some(p) = stdout {
+        relay.attach(r, STDOUT, p, out_log).with_context(ctx)?;
+    }
+    if let Some(p) = stderr {
+        relay.attach(r, STDERR, p, err_log).with_context(ctx)?;
+    }
+    Ok(())
+}
+
+fn running(ranks: &[Rank]) -> impl Iterator<Item = &Rank> {
+    ranks.iter().filter(|rk| rk.exit.is_none())
+}
+
+/// Sends `sig` to each rank's process group (the rank and its children). Groups that are gone
+/// already are skipped silently.
+fn signal_groups<'a>(ranks: impl IntoIterator<Item = &'a Rank>, sig: Signal) {
+    for rk in ranks {
+        let _ = killpg(Pid::from_raw(rk.pid), sig);
+    }
+}
+
+fn spawn_error(plan: &Plan, r: usize, e: std::io::Error) -> anyhow::Error {
+    let program = plan.program.to_string_lossy().into_owned();
+    match e.raw_os_error() {
+        Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR | libc::EISDIR) => {
+            LaunchError::Program {
+                program,
+                reason: e.to_string(),
+            }
+            .into()
+        }
+        _ => anyhow::anyhow!("cannot start rank {r} ('{program}'): {e}"),
+    }
+}
+
+/// tprun's exit code for a rank's status: its code, or 128+N for signal N (shell convention).
+fn exit_code(st: ExitStatus) -> i32 {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => c,
+        (None, Some(sig)) => 128 + sig,
+        (None, None) => 1,
+    }
+}
+
+fn signal_name(sig: i32) -> String {
+    Signal::try_from(sig).map_or_else(|_| format!("signal {sig}"), |s| s.as_str().to_string())
+}
+
+/// "exit code 7" / "killed by SIGKILL".
+fn describe(st: ExitStatus) -> String {
+    match (st.code(), st.signal()) {
+        (Some(c), _) => format!("exit code {c}"),
+        (None, Some(sig)) => format!("killed by {}", signal_name(sig)),
+        (None, None) => st.to_string(),
+    }
+}
+
+/// The table tprun prints on stderr when the job did not succeed.
+fn summary(cause: &Cause, ranks: &[Rank], launch: &LaunchArgs) -> String {
+    let mut s = String::new();
+    let _ = match cause {
+        Cause::Failed(r) => {
+            let how = ranks[*r]
+                .exit
+                .map_or("unknown".into(), |(st, _)| describe(st));
+            writeln!(s, "tprun: rank {r} failed: {how}")
+        }
+        Cause::Signal(sig) => writeln!(s, "tprun: stopped by {sig}"),
+        Cause::Timeout => writeln!(
+            s,
+            "tprun: timed out after {}s (exit code {TIMEOUT_EXIT})",
+            launch.timeout.map_or(0.0, |t| t.as_secs_f64())
+        ),
+    };
+    let rows: Vec<[String; 5]> = ranks
+        .iter()
+        .map(|rk| {
+            let (status, time) = match rk.exit {
+                Some((st, t)) => (
+                    match (st.code(), st.signal()) {
+                        (Some(c), _) => format!("exit {c}"),
+                        (None, Some(sig)) => signal_name(sig),
+                        (None, None) => st.to_string(),
+                    },
+                    format!("{t:.2}"),
+                ),
+                None => ("running".into(), "-".into()),
+            };
+            let log = rk
+                .log_dir
+                .as_ref()
+                .map_or("-".into(), |d| d.display().to_string());
+            [rk.rank.to_string(), rk.pid.to_string(), status, time, log]
+        })
+        .collect();
+    let header = ["rank", "pid", "status", "time_s", "log"].map(String::from);
+    let mut widths = [0usize; 5];
+    for row in std::iter::once(&header).chain(&rows) {
+        for (w, cell) in widths.iter_mut().zip(row) {
+            *w = (*w).max(cell.len());
+        }
+    }
+    for row in std::iter::once(&header).chain(&rows) {
+        let mut line = String::new();
+        for (i, cell) in row.iter().enumerate() {
+            if i + 1 < row.len() {
+                let _ = write!(line, "{cell:<w$}  ", w = widths[i]);
+            } else {
+                line.push_str(cell);
+            }
+        }
+        let _ = writeln!(s, "{line}");
+    }
+    s
+}
