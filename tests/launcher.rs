@@ -484,3 +484,88 @@ fn bad_input_gets_a_clear_error() {
         assert_eq!(f.stdout, "", "{args:?}");
     }
 }
+
+/// Parses a kernel CPU list such as `0-3,8`.
+fn cpu_list(s: &str) -> Vec<usize> {
+    s.trim()
+        .split(',')
+        .flat_map(|part| match part.split_once('-') {
+            Some((a, b)) => (a.parse().unwrap()..=b.parse().unwrap()).collect::<Vec<usize>>(),
+            None => vec![part.parse().unwrap()],
+        })
+        .collect()
+}
+
+fn own_cpus() -> Vec<usize> {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find_map(|l| l.strip_prefix("Cpus_allowed_list:"))
+        .unwrap();
+    cpu_list(line)
+}
+
+/// Each rank's `Cpus_allowed_list`, in rank order, and tprun's stderr.
+fn rank_cpus(bind: &str, n: usize) -> (Vec<Vec<usize>>, String) {
+    let f = run(&[
+        "-n",
+        &n.to_string(),
+        "--cpu-bind",
+        bind,
+        "--",
+        "grep",
+        "Cpus_allowed_list",
+        "/proc/self/status",
+    ]);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    let mut lists = vec![Vec::new(); n];
+    for line in f.stdout.lines() {
+        let (r, rest) = line
+            .strip_prefix("[rank")
+            .and_then(|l| l.split_once("]: "))
+            .unwrap();
+        lists[r.parse::<usize>().unwrap()] = cpu_list(rest.split_once(':').unwrap().1);
+    }
+    (lists, f.stderr)
+}
+
+#[test]
+fn cpu_binding_gives_ranks_disjoint_cores_or_leaves_them_alone() {
+    let all = own_cpus();
+    let (lists, _) = rank_cpus("none", 2);
+    assert_eq!(lists, vec![all.clone(), all.clone()]);
+
+    let (lists, stderr) = rank_cpus("cores", 2);
+    if stderr.contains("share") {
+        // Fewer than 2 physical cores: both ranks get the one core.
+        assert_eq!(lists[0], lists[1]);
+    } else {
+        assert!(lists
+            .iter()
+            .all(|l| !l.is_empty() && l.iter().all(|c| all.contains(c))));
+        assert!(
+            lists[0].iter().all(|c| !lists[1].contains(c)),
+            "overlapping shares {lists:?}"
+        );
+    }
+}
+
+#[test]
+fn auto_starts_one_rank_per_core() {
+    let f = run(&[
+        "-n",
+        "auto",
+        "--no-prefix",
+        "--",
+        "sh",
+        "-c",
+        "echo $WORLD_SIZE",
+    ]);
+    assert_eq!(f.code, 0, "{}", f.stderr);
+    let sizes: Vec<usize> = f.stdout.lines().map(|l| l.parse().unwrap()).collect();
+    assert!(
+        !sizes.is_empty() && sizes.len() <= own_cpus().len(),
+        "{sizes:?}"
+    );
+    assert!(sizes.iter().all(|&s| s == sizes.len()), "{sizes:?}");
+}
