@@ -42,6 +42,12 @@ impl Handlers {
             // SAFETY: the handler only does an atomic increment, which is async-signal-safe.
             let prev = unsafe { sigaction(sig, &action) }
                 .map_err(|e| anyhow::anyhow!("cannot install a {sig} handler: {e}"))?;
+            if prev.handler() == SigHandler::SigIgn {
+                // Started ignoring it (e.g. SIGHUP under nohup): keep ignoring, as shells expect.
+                // SAFETY: puts back the disposition that was just replaced.
+                let _ = unsafe { sigaction(sig, &prev) };
+                continue;
+            }
             old.push((sig, prev));
         }
         Ok(Handlers {
