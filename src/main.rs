@@ -35,6 +35,8 @@ enum Cmd {
     Bench(rank::bench::Args),
     /// nccl-tests-style table of the collectives.
     Perf(collectives::perf::Args),
+    /// Per-tensor diff table of two safetensors files (runs locally, no ranks).
+    Compare(rank::compare::Args),
 }
 
 const ROLE_VAR: &str = "TPRUN_ROLE";
@@ -52,6 +54,10 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<i32> {
     let in_rank = std::env::var_os(ROLE_VAR).is_some_and(|v| v == "rank");
+    if let Some(Cmd::Compare(a)) = &cli.command {
+        rank::compare::run(a)?;
+        return Ok(0);
+    }
     match (cli.command, in_rank) {
         (Some(cmd), true) => {
             match cmd {
@@ -59,6 +65,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 Cmd::Logits(a) => rank::logits::run(&a)?,
                 Cmd::Bench(a) => rank::bench::run(&a)?,
                 Cmd::Perf(a) => collectives::perf::run(&a)?,
+                Cmd::Compare(_) => unreachable!("compare runs before dispatch"),
             }
             Ok(0)
         }
