@@ -1,5 +1,14 @@
 //! What runs inside one tprun rank: config, sharding plan, sharded loading, TP model, programs.
 
 pub mod bench;
+pub mod config;
 pub mod generate;
+pub mod loader;
 pub mod logits;
+pub mod model;
+pub mod plan;
+pub mod runtime;
+pub mod testing;
+
+#[cfg(test)]
+mod tests;
