@@ -11,4 +11,6 @@ pub mod runtime;
 pub mod testing;
 
 #[cfg(test)]
+mod fixture_tests;
+#[cfg(test)]
 mod tests;
