@@ -80,6 +80,16 @@ pub enum WeightDtype {
     Bf16,
 }
 
+impl WeightDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::Auto => "auto",
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+}
+
 /// A weight matrix's elements, in the format [`WeightDtype`] chose.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Weights {
