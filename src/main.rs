@@ -46,7 +46,9 @@ fn main() -> ExitCode {
     match real_main(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("tprun: error: {e:#}");
+            // One write, so the launcher never sees half a line from a rank.
+            let line = format!("tprun: error: {e:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
             ExitCode::from(launcher::exit_code(&e).clamp(1, 255) as u8)
         }
     }

@@ -2,5 +2,16 @@
 
 pub mod bench;
 pub mod compare;
+pub mod config;
 pub mod generate;
+pub mod loader;
 pub mod logits;
+pub mod model;
+pub mod plan;
+pub mod runtime;
+pub mod testing;
+
+#[cfg(test)]
+mod fixture_tests;
+#[cfg(test)]
+mod tests;
