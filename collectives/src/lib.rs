@@ -58,7 +58,12 @@ pub trait Communicator: Send {
             T::DTYPE,
         )
     }
-    fn reduce_scatter<T: Element>(&mut self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()>
+    fn reduce_scatter<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()>
     where
         Self: Sized,
     {
