@@ -6,6 +6,7 @@ Everything is seeded, so a re-run rewrites the same bytes (for the same library 
 
     tools/make_fixtures.py                 # all fixtures
     tools/make_fixtures.py tiny-sharded    # only the named ones
+    tools/make_fixtures.py --check         # re-check the committed fixtures, write nothing
 
 Needs torch, transformers, tokenizers, safetensors, jinja2, numpy (see tools/README.md).
 """
@@ -18,6 +19,7 @@ import math
 import re
 import shutil
 import sys
+import unicodedata
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -659,11 +661,15 @@ def verify(fx: Fixture, out: Path, cases: dict) -> None:
         want = load_file(ref / case["file"])["logits"]
         got = model(torch.tensor([case["input_ids"]])).logits[0]
         assert torch.equal(got, want), f"{fx.name} {case['name']}: logits differ after reload"
+    hidden = cases["hidden_states"]
+    want = load_file(ref / hidden["file"])
+    ids = next(c["input_ids"] for c in cases["logits"] if c["name"] == hidden["case"])
+    got = model(torch.tensor([ids]), output_hidden_states=True).hidden_states
+    assert len(want) == len(got) == hidden["count"] == fx.layers + 1
+    assert all(torch.equal(got[i][0], want[f"hidden_states.{i}"]) for i in range(len(got)))
     for text in ROUND_TRIP_TEXTS:
         ids = tokenizer(text).input_ids
         back = tokenizer.decode(ids)
-        import unicodedata
-
         assert back == unicodedata.normalize("NFC", text), (text, back)
     for case in cases["generate"]:
         ids, _ = prompt_ids(tokenizer, case["kind"], case["prompt"], case["system"])
@@ -713,17 +719,23 @@ def summary(fx: Fixture, out: Path, cases: dict) -> str:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("names", nargs="*", help="fixtures to (re)make; default all")
+    parser.add_argument("--check", action="store_true", help="only reload and check the fixtures on disk")
     args = parser.parse_args()
     unknown = set(args.names) - {fx.name for fx in FIXTURES}
     if unknown:
         parser.error(f"unknown fixture(s): {', '.join(sorted(unknown))}")
     torch.set_num_threads(1)  # same reduction order on every run
     torch.use_deterministic_algorithms(True)
-    tok = train_tokenizer()
+    tok = None if args.check else train_tokenizer()
     for fx in FIXTURES:
         if args.names and fx.name not in args.names:
             continue
         out = FIXTURES_DIR / fx.name
+        if args.check:
+            cases = json.loads((out / "reference" / "cases.json").read_text(encoding="utf-8"))
+            verify(fx, out, cases)
+            print(f"ok {summary(fx, out, cases)}")
+            continue
         if out.exists():
             shutil.rmtree(out)
         out.mkdir(parents=True)
