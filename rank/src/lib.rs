@@ -2,7 +2,18 @@
 
 pub mod bench;
 pub mod chat;
+pub mod config;
 pub mod generate;
+pub mod loader;
 pub mod logits;
+pub mod model;
+pub mod plan;
+pub mod runtime;
 pub mod sampling;
+pub mod testing;
 pub mod tokenize;
+
+#[cfg(test)]
+mod fixture_tests;
+#[cfg(test)]
+mod tests;

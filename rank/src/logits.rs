@@ -1,12 +1,96 @@
-//! `tprun logits`. (Skeleton.)
+//! `tprun logits`: the logits of every prompt position, written by rank 0 to a safetensors file
+//! (tensor `logits`, `[seq_len, vocab]`, f32), for comparison with transformers.
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{Context, Result};
+
+use crate::model::{ForwardOptions, Logits};
+use crate::runtime::{self, ModelArgs};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Print one JSON object.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Prompt token ids, comma-separated.
+    #[arg(
+        long,
+        value_name = "1,2,3",
+        value_delimiter = ',',
+        required_unless_present = "text",
+        conflicts_with = "text"
+    )]
+    pub input_ids: Option<Vec<u32>>,
+    /// Prompt text, tokenised with the checkpoint's tokenizer.json (no special tokens added).
+    #[arg(long)]
+    pub text: Option<String>,
+    /// Output file (safetensors, tensor `logits` [seq_len, vocab] f32).
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub out: PathBuf,
+    /// Also write the hidden states (`hidden_states.{i}`, [seq_len, hidden] f32; transformers'
+    /// output_hidden_states convention) to this file.
+    #[arg(long, value_name = "FILE.safetensors")]
+    pub hidden_states: Option<PathBuf>,
+    /// Print one JSON object (rank 0).
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("logits is not implemented yet")
+pub fn run(args: &Args) -> Result<()> {
+    let mut comm = collectives::from_env()?;
+    let p = runtime::prepare(&args.model, &*comm)?;
+    let ids = match (&args.input_ids, &args.text) {
+        (Some(ids), _) => ids.clone(),
+        (None, Some(text)) => runtime::tokenize(&p.dir, text)?,
+        (None, None) => anyhow::bail!("give --input-ids or --text"),
+    };
+    runtime::check_ids(&ids, &p.config)?;
+    let (mut model, load) = runtime::load(&p, args.model.dtype, "logits")?;
+
+    let t0 = Instant::now();
+    let opts = ForwardOptions {
+        logits: Logits::All,
+        hidden_states: args.hidden_states.is_some(),
+    };
+    let out = model.forward_with(&mut *comm, &ids, 0, opts)?;
+    let forward_s = t0.elapsed().as_secs_f64();
+    let (seq, vocab, hidden) = (ids.len(), p.config.vocab_size, p.config.hidden_size);
+
+    if p.plan.rank == 0 {
+        runtime::write_f32_safetensors(
+            &args.out,
+            &[("logits".into(), vec![seq, vocab], &out.logits)],
+        )?;
+        if let Some(path) = &args.hidden_states {
+            let t: Vec<_> = out
+                .hidden_states
+                .iter()
+                .enumerate()
+                .map(|(i, h)| (format!("hidden_states.{i}"), vec![seq, hidden], &h[..]))
+                .collect();
+            runtime::write_f32_safetensors(path, &t)?;
+        }
+        if args.json {
+            let j = serde_json::json!({
+                "out": args.out,
+                "input_ids": ids,
+                "seq_len": seq,
+                "vocab": vocab,
+                "world_size": p.plan.world,
+                "load_s": load.seconds,
+                "forward_s": forward_s,
+                "weight_bytes": load.weight_bytes,
+                "bytes_read": load.bytes_read,
+            });
+            println!("{j}");
+        } else {
+            eprintln!(
+                "tprun logits: wrote {} ({seq} x {vocab}) in {forward_s:.2} s",
+                args.out.display()
+            );
+        }
+    }
+    comm.barrier().context("final barrier")?;
+    Ok(())
 }

@@ -1,0 +1,160 @@
+//! What every built-in rank program shares: the `--model`/`--dtype` options, finding the model,
+//! loading this rank's shard with a progress line, tokenising, and writing safetensors outputs.
+
+use std::io::{IsTerminal, Write};
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use collectives::Communicator;
+
+use crate::config::Config;
+use crate::loader::{Checkpoint, WeightDtype};
+use crate::model::Qwen2;
+use crate::plan::Plan;
+
+/// `--model` and `--dtype`, common to generate, logits and bench.
+#[derive(clap::Args, Debug, Clone)]
+pub struct ModelArgs {
+    /// Hugging Face Qwen2 checkpoint directory (default: $TPRUN_MODEL, else the small model
+    /// bundled in the repository).
+    #[arg(long, value_name = "DIR")]
+    pub model: Option<PathBuf>,
+    /// In-memory format of the weights; compute is always f32. auto keeps bf16 as bf16 and f32
+    /// as f32, and widens f16 to f32.
+    #[arg(long, value_enum, default_value_t = WeightDtype::Auto)]
+    pub dtype: WeightDtype,
+}
+
+/// The model directory: `--model`, else `$TPRUN_MODEL`, else the bundled tiny model.
+pub fn model_dir(args: &ModelArgs) -> PathBuf {
+    if let Some(m) = &args.model {
+        return m.clone();
+    }
+    match std::env::var_os("TPRUN_MODEL") {
+        Some(m) if !m.is_empty() => PathBuf::from(m),
+        _ => PathBuf::from(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../tests/fixtures/tiny-hub-bf16-tied"
+        )),
+    }
+}
+
+/// A checkpoint's validated config and this rank's plan, before any weights are read.
+pub struct Prepared {
+    pub dir: PathBuf,
+    pub config: Config,
+    pub plan: Plan,
+}
+
+pub fn prepare(args: &ModelArgs, comm: &dyn Communicator) -> Result<Prepared> {
+    let dir = model_dir(args);
+    if !dir.is_dir() {
+        bail!("model directory {} does not exist", dir.display());
+    }
+    let config = Config::from_dir(&dir)?;
+    let plan = Plan::new(&config.shapes(), comm.world_size(), comm.rank())
+        .with_context(|| format!("{}", dir.display()))?;
+    Ok(Prepared { dir, config, plan })
+}
+
+/// What loading cost this rank.
+#[derive(Debug, Clone, Copy)]
+pub struct LoadStats {
+    pub seconds: f64,
+    pub weight_bytes: usize,
+    pub bytes_read: u64,
+}
+
+/// Loads this rank's shard; rank 0 reports progress on stderr (`program` prefixes the line).
+pub fn load(p: &Prepared, dtype: WeightDtype, program: &str) -> Result<(Qwen2, LoadStats)> {
+    let t0 = Instant::now();
+    let show = p.plan.rank == 0;
+    let tty = std::io::stderr().is_terminal();
+    if show {
+        eprintln!(
+            "tprun {program}: loading {} on {} rank(s), weights {:?}",
+            p.dir.display(),
+            p.plan.world,
+            dtype
+        );
+    }
+    let mut ck = Checkpoint::open(&p.dir)?;
+    let mut progress = |done: usize, total: usize| {
+        if show && tty {
+            eprint!("\rtprun {program}: layer {done}/{total}");
+            let _ = std::io::stderr().flush();
+        }
+    };
+    let model = Qwen2::load(&mut ck, &p.config, &p.plan, dtype, &mut progress)?;
+    let stats = LoadStats {
+        seconds: t0.elapsed().as_secs_f64(),
+        weight_bytes: model.weight_bytes(),
+        bytes_read: ck.bytes_read(),
+    };
+    if show {
+        if tty {
+            eprintln!();
+        }
+        eprintln!(
+            "tprun {program}: loaded in {:.2} s, {:.1} MiB of weights on rank 0",
+            stats.seconds,
+            stats.weight_bytes as f64 / (1 << 20) as f64
+        );
+    }
+    Ok((model, stats))
+}
+
+/// Token ids of `text` with the checkpoint's `tokenizer.json`, without special tokens added.
+pub fn tokenize(dir: &Path, text: &str) -> Result<Vec<u32>> {
+    let path = dir.join("tokenizer.json");
+    let tok = tokenizers::Tokenizer::from_file(&path)
+        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
+    let enc = tok
+        .encode(text, false)
+        .map_err(|e| anyhow::anyhow!("cannot tokenize the text with {}: {e}", path.display()))?;
+    Ok(enc.get_ids().to_vec())
+}
+
+/// Checks prompt ids against the config before anything heavy happens.
+pub fn check_ids(ids: &[u32], config: &Config) -> Result<()> {
+    if ids.is_empty() {
+        bail!("the prompt is empty: give at least one token");
+    }
+    if let Some((i, &id)) = ids
+        .iter()
+        .enumerate()
+        .find(|(_, &id)| id as usize >= config.vocab_size)
+    {
+        bail!(
+            "token id {id} (position {i}) is outside the vocabulary (vocab_size {})",
+            config.vocab_size
+        );
+    }
+    if ids.len() > config.max_position_embeddings {
+        bail!(
+            "the prompt has {} tokens, more than the model's context (max_position_embeddings {})",
+            ids.len(),
+            config.max_position_embeddings
+        );
+    }
+    Ok(())
+}
+
+/// Writes f32 tensors `(name, shape, data)` to a safetensors file.
+pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32])]) -> Result<()> {
+    let views = tensors
+        .iter()
+        .map(|(name, shape, data)| {
+            let v = safetensors::tensor::TensorView::new(
+                safetensors::Dtype::F32,
+                shape.clone(),
+                bytemuck::cast_slice(data),
+            )
+            .with_context(|| format!("tensor {name}"))?;
+            Ok((name.clone(), v))
+        })
+        .collect::<Result<Vec<_>>>()?;
+    safetensors::serialize_to_file(views, &None, path)
+        .with_context(|| format!("cannot write {}", path.display()))
+}

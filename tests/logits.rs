@@ -1,0 +1,414 @@
+//! End-to-end tests of `tprun -n N logits`: the real binary, launcher and collectives, against
+//! the transformers references in tests/fixtures, and the one-line errors of bad inputs (broken
+//! files are written into a temp dir by each test).
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+/// Any single tprun run here is killed after this, so a bug fails the test instead of hanging.
+const RUN_LIMIT: Duration = Duration::from_secs(120);
+
+fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A scratch directory removed at the end of the test.
+struct TempDir(PathBuf);
+impl TempDir {
+    fn new(tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("tprun-logits-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Run {
+    code: i32,
+    stdout: String,
+    stderr: String,
+}
+
+/// Runs `tprun -n N logits ARGS...` to completion (killing it after [`RUN_LIMIT`]).
+fn tprun_logits(n: usize, args: &[&str]) -> Run {
+    let out_dir = TempDir::new(&format!(
+        "io-{n}-{}",
+        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    ));
+    let stdout_path = out_dir.path().join("stdout");
+    let stderr_path = out_dir.path().join("stderr");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_tprun"))
+        .arg("-n")
+        .arg(n.to_string())
+        .arg("logits")
+        .args(args)
+        .env_remove("TPRUN_MODEL")
+        .env_remove("TPRUN_ROLE")
+        .stdin(Stdio::null())
+        .stdout(std::fs::File::create(&stdout_path).unwrap())
+        .stderr(std::fs::File::create(&stderr_path).unwrap())
+        .spawn()
+        .unwrap();
+    let t0 = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if t0.elapsed() > RUN_LIMIT {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("tprun -n {n} logits {args:?} did not finish within {RUN_LIMIT:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    Run {
+        code: status.code().unwrap_or(-1),
+        stdout: std::fs::read_to_string(&stdout_path).unwrap(),
+        stderr: std::fs::read_to_string(&stderr_path).unwrap(),
+    }
+}
+
+static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+
+fn read_f32(path: &Path, name: &str) -> (Vec<usize>, Vec<f32>) {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor(name).unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    let v = t
+        .data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect();
+    (t.shape().to_vec(), v)
+}
+
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+fn cases(dir: &Path) -> Value {
+    serde_json::from_str(&std::fs::read_to_string(dir.join("reference/cases.json")).unwrap())
+        .unwrap()
+}
+
+fn ids_arg(case: &Value) -> String {
+    let ids: Vec<String> = case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    ids.join(",")
+}
+
+#[test]
+fn every_fixture_at_tp_1_to_4_matches_transformers() {
+    let tmp = TempDir::new("fixtures");
+    for name in [
+        "tiny-hub-bf16-tied",
+        "tiny-t5-f32-untied",
+        "tiny-sharded",
+        "qwen25-layout",
+    ] {
+        let dir = fixture(name);
+        let c = cases(&dir);
+        // The longest prompt (34 tokens).
+        let case = &c["logits"][2];
+        let (shape, reference) = read_f32(
+            &dir.join("reference").join(case["file"].as_str().unwrap()),
+            "logits",
+        );
+        let mut tp1 = Vec::new();
+        for n in 1..=4 {
+            let out = tmp.path().join(format!("{name}-{n}.safetensors"));
+            let r = tprun_logits(
+                n,
+                &[
+                    "--model",
+                    dir.to_str().unwrap(),
+                    "--input-ids",
+                    &ids_arg(case),
+                    "--out",
+                    out.to_str().unwrap(),
+                ],
+            );
+            assert_eq!(r.code, 0, "{name} TP {n}: {}", r.stderr);
+            let (s, logits) = read_f32(&out, "logits");
+            assert_eq!(s, shape);
+            let d = max_diff(&logits, &reference);
+            assert!(
+                d <= 1e-3,
+                "{name} TP {n}: max |logits - transformers| = {d}"
+            );
+            if n == 1 {
+                tp1 = logits;
+            } else {
+                let d1 = max_diff(&logits, &tp1);
+                assert!(d1 <= 1e-4, "{name} TP {n}: max |logits - TP 1| = {d1}");
+            }
+        }
+    }
+}
+
+#[test]
+fn default_model_text_prompt_hidden_states_and_json() {
+    let tmp = TempDir::new("text");
+    let dir = fixture("tiny-hub-bf16-tied");
+    let c = cases(&dir);
+    let hs = &c["hidden_states"];
+    let case = c["logits"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["name"] == hs["case"])
+        .unwrap();
+    let out = tmp.path().join("l.safetensors");
+    let hid = tmp.path().join("h.safetensors");
+    // No --model: the bundled default is this fixture.
+    let r = tprun_logits(
+        2,
+        &[
+            "--text",
+            case["text"].as_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            "--hidden-states",
+            hid.to_str().unwrap(),
+            "--json",
+        ],
+    );
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let (_, reference) = read_f32(
+        &dir.join("reference").join(case["file"].as_str().unwrap()),
+        "logits",
+    );
+    let (_, logits) = read_f32(&out, "logits");
+    assert!(max_diff(&logits, &reference) <= 1e-3);
+    let hfile = dir.join("reference").join(hs["file"].as_str().unwrap());
+    for i in 0..hs["count"].as_u64().unwrap() {
+        let name = format!("hidden_states.{i}");
+        let (s, want) = read_f32(&hfile, &name);
+        let (s2, got) = read_f32(&hid, &name);
+        assert_eq!(s, s2);
+        assert!(max_diff(&got, &want) <= 1e-3, "{name}");
+    }
+    // One JSON object from rank 0 (the console line may carry a rank prefix).
+    let line = r
+        .stdout
+        .lines()
+        .find(|l| l.contains('{'))
+        .expect("a JSON line");
+    let j: Value = serde_json::from_str(&line[line.find('{').unwrap()..]).unwrap();
+    assert_eq!(j["input_ids"], case["input_ids"]);
+    assert_eq!(j["world_size"], 2);
+    assert!(j["weight_bytes"].as_u64().unwrap() > 0);
+}
+
+/// Copies `name`'s config, tokenizer and weights into a fresh temp dir for breaking.
+fn copy_fixture(name: &str, tag: &str) -> TempDir {
+    let t = TempDir::new(tag);
+    for e in std::fs::read_dir(fixture(name)).unwrap() {
+        let e = e.unwrap();
+        if e.file_type().unwrap().is_file() {
+            std::fs::copy(e.path(), t.path().join(e.file_name())).unwrap();
+        }
+    }
+    t
+}
+
+fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// Rewrites the header of a safetensors file, keeping its data bytes.
+fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let mut h: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    f(h.as_object_mut().unwrap());
+    let hs = h.to_string();
+    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(hs.as_bytes());
+    out.extend_from_slice(&b[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// Runs logits on `model` expecting failure; returns stderr after checking it is a clean error.
+fn expect_error(n: usize, model: &Path, ids: &str, want: &[&str]) {
+    let out = model.join("out.safetensors");
+    let r = tprun_logits(
+        n,
+        &[
+            "--model",
+            model.to_str().unwrap(),
+            "--input-ids",
+            ids,
+            "--out",
+            out.to_str().unwrap(),
+        ],
+    );
+    assert_ne!(r.code, 0, "expected failure, stderr: {}", r.stderr);
+    assert!(!r.stderr.contains("panicked"), "{}", r.stderr);
+    let line = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("error:"))
+        .unwrap_or_else(|| panic!("no error line in: {}", r.stderr));
+    for w in want {
+        assert!(line.contains(w), "{w:?} not in error line {line:?}");
+    }
+    assert!(!out.exists());
+}
+
+#[test]
+fn bad_models_and_inputs_are_one_line_errors() {
+    let ok = fixture("tiny-hub-bf16-tied");
+    // Missing model directory.
+    expect_error(
+        1,
+        Path::new("/nonexistent/tprun-model"),
+        "1,2",
+        &["model directory /nonexistent/tprun-model does not exist"],
+    );
+    // Token id out of range and TP degree past the heads (tiny-hub has vocab 448 and 4 heads).
+    expect_error(2, &ok, "1,448,2", &["token id 448", "vocab_size 448"]);
+    expect_error(
+        5,
+        &ok,
+        "1,2",
+        &["TP degree 5 is larger than the number of attention heads (4)"],
+    );
+    // Prompt longer than the context (tiny-t5 has max_position_embeddings 128).
+    let long = vec!["5"; 129].join(",");
+    expect_error(
+        1,
+        &fixture("tiny-t5-f32-untied"),
+        &long,
+        &["129 tokens", "max_position_embeddings 128"],
+    );
+
+    // Missing config field; inconsistent heads.
+    let m = copy_fixture("tiny-hub-bf16-tied", "cfg");
+    edit_json(&m.path().join("config.json"), |c| {
+        c.remove("num_attention_heads");
+    });
+    expect_error(
+        1,
+        m.path(),
+        "1",
+        &["config.json", "missing field num_attention_heads"],
+    );
+    edit_json(&m.path().join("config.json"), |c| {
+        c.insert("num_attention_heads".into(), 4.into());
+        c.insert("num_key_value_heads".into(), 3.into());
+    });
+    expect_error(
+        1,
+        m.path(),
+        "1",
+        &["num_attention_heads (4) is not divisible by num_key_value_heads (3)"],
+    );
+
+    let st = |m: &TempDir| m.path().join("model.safetensors");
+    // Unsupported dtype (I16 has the same size as BF16, so the header stays consistent).
+    let m = copy_fixture("tiny-hub-bf16-tied", "dtype");
+    edit_header(&st(&m), |h| {
+        h["model.norm.weight"]["dtype"] = "I16".into();
+    });
+    expect_error(
+        2,
+        m.path(),
+        "1",
+        &[
+            "tensor model.norm.weight",
+            "has dtype I16, which is not supported",
+        ],
+    );
+    // Unknown dtype name.
+    edit_header(&st(&m), |h| {
+        h["model.norm.weight"]["dtype"] = "Q4_K".into();
+    });
+    expect_error(
+        1,
+        m.path(),
+        "1",
+        &[
+            "model.safetensors",
+            "tensor model.norm.weight: unknown dtype \"Q4_K\"",
+        ],
+    );
+    // Truncated file: the header length runs past the end; data offsets run past the end.
+    let m = copy_fixture("tiny-hub-bf16-tied", "trunc");
+    let full = std::fs::read(st(&m)).unwrap();
+    std::fs::write(st(&m), &full[..100]).unwrap();
+    expect_error(
+        1,
+        m.path(),
+        "1",
+        &[
+            "model.safetensors",
+            "runs past the end of the file (100 bytes)",
+        ],
+    );
+    std::fs::write(st(&m), &full[..full.len() - 1000]).unwrap();
+    expect_error(
+        1,
+        m.path(),
+        "1",
+        &["model.safetensors", "run past the end of the data"],
+    );
+    // Overlapping offsets: one norm weight pointed at another's bytes.
+    let m = copy_fixture("tiny-hub-bf16-tied", "overlap");
+    edit_header(&st(&m), |h| {
+        let offs = h["model.layers.0.input_layernorm.weight"]["data_offsets"].clone();
+        h["model.layers.1.input_layernorm.weight"]["data_offsets"] = offs;
+    });
+    expect_error(1, m.path(), "1", &["model.safetensors", "overlap"]);
+    // Wrong tensor shape (transposed, same bytes); missing tensor.
+    let m = copy_fixture("tiny-hub-bf16-tied", "shape");
+    edit_header(&st(&m), |h| {
+        h["model.layers.2.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 160]);
+    });
+    expect_error(
+        2,
+        m.path(),
+        "1",
+        &[
+            "tensor model.layers.2.mlp.up_proj.weight",
+            "has shape [64, 160], expected [160, 64]",
+        ],
+    );
+    edit_header(&st(&m), |h| {
+        h.remove("model.layers.2.mlp.up_proj.weight");
+    });
+    expect_error(
+        1,
+        m.path(),
+        "1",
+        &["tensor model.layers.2.mlp.up_proj.weight (expected shape [160, 64]) is missing"],
+    );
+    // index.json naming a shard that is not there.
+    let m = copy_fixture("tiny-sharded", "shard");
+    std::fs::remove_file(m.path().join("model-00002-of-00003.safetensors")).unwrap();
+    expect_error(2, m.path(), "1", &["model.safetensors.index.json names shard model-00002-of-00003.safetensors, which is missing"]);
+}
