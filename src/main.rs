@@ -10,7 +10,11 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 #[derive(Parser, Debug)]
-#[command(name = "tprun", version, about = "Launch N rank processes torchrun-style; run tensor-parallel Qwen2 on them")]
+#[command(
+    name = "tprun",
+    version,
+    about = "Launch N rank processes torchrun-style; run tensor-parallel Qwen2 on them"
+)]
 struct Cli {
     #[command(flatten)]
     launch: launcher::LaunchArgs,

@@ -7,10 +7,14 @@
 
 pub mod error;
 pub mod local;
+pub mod reduce;
 pub mod shm;
+pub mod stats;
 pub mod types;
 
 pub use error::CommError;
+pub use shm::{JobSegment, ShmComm};
+pub use stats::{CommStats, OpKind, OpStats};
 pub use types::{DType, Element, ReduceOp};
 
 /// Result of a collective.
@@ -42,6 +46,12 @@ pub trait Communicator: Send {
     fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
 
+    /// Per-operation totals (count, bytes, seconds, wait seconds) since the communicator was
+    /// made. Transports without counters return zeros.
+    fn stats(&self) -> CommStats {
+        CommStats::default()
+    }
+
     fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()>
     where
         Self: Sized,
@@ -58,7 +68,12 @@ pub trait Communicator: Send {
             T::DTYPE,
         )
     }
-    fn reduce_scatter<T: Element>(&mut self, input: &[T], output: &mut [T], op: ReduceOp) -> Result<()>
+    fn reduce_scatter<T: Element>(
+        &mut self,
+        input: &[T],
+        output: &mut [T],
+        op: ReduceOp,
+    ) -> Result<()>
     where
         Self: Sized,
     {
@@ -104,6 +119,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn barrier(&mut self) -> Result<()> {
         (**self).barrier()
+    }
+    fn stats(&self) -> CommStats {
+        (**self).stats()
     }
 }
 
