@@ -132,7 +132,25 @@ fn check_against_references(world: usize) {
             for k in ["load_s", "prefill_tok_s", "decode_tok_s"] {
                 assert!(j["timings"][k].is_number(), "{what}: timings.{k}");
             }
-            assert!(j["comm"].is_object(), "{what}: comm");
+            let comm = j["comm"].as_object().unwrap();
+            if world == 1 {
+                assert!(
+                    comm.is_empty(),
+                    "{what}: a world of one makes no collectives: {comm:?}"
+                );
+            } else {
+                // Every new token after the first costs a forward (all-reduces, an all-gather
+                // of the logits) and every token one broadcast of rank 0's pick.
+                let n_out = ids(&c["output_ids"]).len() as u64;
+                assert_eq!(comm["broadcast"]["count"], n_out, "{what}: {comm:?}");
+                assert_eq!(comm["broadcast"]["bytes"], 4 * n_out, "{what}: {comm:?}");
+                assert_eq!(comm["all_gather"]["count"], n_out, "{what}: {comm:?}");
+                assert!(
+                    comm["all_reduce"]["count"].as_u64().unwrap() >= n_out,
+                    "{what}"
+                );
+                assert!(comm["all_reduce"]["seconds"].is_number(), "{what}");
+            }
         }
     }
 }

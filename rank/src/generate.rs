@@ -467,8 +467,8 @@ pub fn run(args: &Args) -> Result<()> {
                 "prefill_s": d.prefill_s,
                 "decode_s": d.decode_s,
             },
-            // The Communicator trait keeps no per-op statistics yet.
-            "comm": {},
+            // Rank 0's collectives since its communicator was made (load, prefill, decode).
+            "comm": comm.stats(),
         });
         let mut out = stdout.lock();
         writeln!(out, "{j}")?;
