@@ -127,11 +127,19 @@ pub fn matmul<W: Weight>(x: &[f32], w: &[W], y: &mut [f32], m: usize, n: usize, 
         y.fill(0.0);
         return;
     }
-    let mut row = vec![0f32; k];
-    for (j, wrow) in w.chunks_exact(k).enumerate() {
-        W::widen(wrow, &mut row);
+    // Widen a block of weight rows once, then sweep every x row over the block: x is re-read
+    // n / ROW_BLOCK times instead of n times, and the widened block stays in cache.
+    const ROW_BLOCK: usize = 8;
+    let mut block = vec![0f32; ROW_BLOCK * k];
+    for (b, wblock) in w.chunks(ROW_BLOCK * k).enumerate() {
+        let rows = wblock.len() / k;
+        W::widen(wblock, &mut block[..rows * k]);
         for i in 0..m {
-            y[i * n + j] = dot(&row, &x[i * k..(i + 1) * k]);
+            let xi = &x[i * k..(i + 1) * k];
+            let yi = &mut y[i * n + b * ROW_BLOCK..i * n + b * ROW_BLOCK + rows];
+            for (yj, wrow) in yi.iter_mut().zip(block.chunks_exact(k)) {
+                *yj = dot(wrow, xi);
+            }
         }
     }
 }

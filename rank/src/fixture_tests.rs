@@ -184,3 +184,38 @@ fn every_fixture_config_parses() {
     );
     assert!(c.tie_word_embeddings);
 }
+
+#[test]
+fn tp2_ranks_hold_and_read_about_half_of_each_fixture() {
+    for name in FIXTURES {
+        let dir = fixture(name);
+        let sizes = |world: usize| -> Vec<(usize, u64)> {
+            run_world(world, |r, _comm| {
+                let config = Config::from_dir(&dir)?;
+                let plan = Plan::new(&config.shapes(), world, r)?;
+                let mut ck = Checkpoint::open(&dir)?;
+                let model =
+                    Qwen2::load(&mut ck, &config, &plan, WeightDtype::Auto, &mut |_, _| {})?;
+                Ok((model.weight_bytes(), ck.bytes_read()))
+            })
+            .into_iter()
+            .map(|r| r.unwrap())
+            .collect()
+        };
+        let (held1, read1) = sizes(1)[0];
+        // TP 1 reads each stored byte once.
+        assert_eq!(
+            read1,
+            Checkpoint::open(&dir).unwrap().total_bytes(),
+            "{name}"
+        );
+        for (r, (held, read)) in sizes(2).into_iter().enumerate() {
+            let (h, b) = (held as f64 / held1 as f64, read as f64 / read1 as f64);
+            eprintln!("{name} TP 2 rank {r}: resident {h:.3}, read {b:.3} of TP 1");
+            assert!(
+                h <= 0.55 && b <= 0.55,
+                "{name} rank {r}: resident {h:.3}, read {b:.3}"
+            );
+        }
+    }
+}

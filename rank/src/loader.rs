@@ -80,6 +80,16 @@ pub enum WeightDtype {
     Bf16,
 }
 
+impl WeightDtype {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightDtype::Auto => "auto",
+            WeightDtype::F32 => "f32",
+            WeightDtype::Bf16 => "bf16",
+        }
+    }
+}
+
 /// A weight matrix's elements, in the format [`WeightDtype`] chose.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Weights {
@@ -474,11 +484,8 @@ mod tests {
         std::fs::write(path, b).unwrap();
     }
 
-    fn tmpdir(tag: &str) -> PathBuf {
-        let d = std::env::temp_dir().join(format!("tprun-loader-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        d
+    fn tmpdir(tag: &str) -> crate::tests::TmpDir {
+        crate::tests::tmpdir(&format!("loader-{tag}"))
     }
 
     fn f32_bytes(v: &[f32]) -> Vec<u8> {
@@ -510,7 +517,6 @@ mod tests {
             )
         );
         assert_eq!(ck.bytes_read(), 32 + 24);
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     fn open_err(tag: &str, header: &str, data: &[u8]) -> String {
@@ -520,7 +526,6 @@ mod tests {
             Ok(_) => String::from("opened"),
             Err(e) => format!("{e:#}"),
         };
-        std::fs::remove_dir_all(&d).unwrap();
         e
     }
 
@@ -575,7 +580,6 @@ mod tests {
         std::fs::write(d.join("model.safetensors"), [1u8, 2]).unwrap();
         let e = format!("{:#}", Checkpoint::open(&d).err().unwrap());
         assert!(e.contains("truncated: 2 bytes"), "{e}");
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -611,7 +615,6 @@ mod tests {
             e.contains("tensor z (expected shape [7]) is missing"),
             "{e}"
         );
-        std::fs::remove_dir_all(&d).unwrap();
     }
 
     #[test]
@@ -633,8 +636,8 @@ mod tests {
             e.contains("names shard model-00002-of-00002.safetensors, which is missing"),
             "{e}"
         );
-        std::fs::remove_dir_all(&d).unwrap();
-        let e = format!("{:#}", Checkpoint::open(&d).err().unwrap());
-        assert!(e.contains("does not exist"), "{e}");
+        let gone = d.join("no-such-model");
+        let e = format!("{:#}", Checkpoint::open(&gone).err().unwrap());
+        assert!(e.contains("no-such-model does not exist"), "{e}");
     }
 }

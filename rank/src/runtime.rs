@@ -33,10 +33,10 @@ pub fn model_dir(args: &ModelArgs) -> PathBuf {
     }
     match std::env::var_os("TPRUN_MODEL") {
         Some(m) if !m.is_empty() => PathBuf::from(m),
-        _ => PathBuf::from(concat!(
-            env!("CARGO_MANIFEST_DIR"),
-            "/../tests/fixtures/tiny-hub-bf16-tied"
-        )),
+        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
+            .parent()
+            .unwrap_or(Path::new(".."))
+            .join("tests/fixtures/tiny-hub-bf16-tied"),
     }
 }
 
@@ -73,10 +73,10 @@ pub fn load(p: &Prepared, dtype: WeightDtype, program: &str) -> Result<(Qwen2, L
     let tty = std::io::stderr().is_terminal();
     if show {
         eprintln!(
-            "tprun {program}: loading {} on {} rank(s), weights {:?}",
+            "tprun {program}: loading {} on {} rank(s), weights {}",
             p.dir.display(),
             p.plan.world,
-            dtype
+            dtype.name()
         );
     }
     let mut ck = Checkpoint::open(&p.dir)?;

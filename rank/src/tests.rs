@@ -38,11 +38,25 @@ pub(crate) struct Tiny {
     pub bf16: bool,
 }
 
-pub(crate) fn tmpdir(tag: &str) -> PathBuf {
+/// A scratch directory, removed when dropped (also when the test fails).
+pub(crate) struct TmpDir(PathBuf);
+impl std::ops::Deref for TmpDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+impl Drop for TmpDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+pub(crate) fn tmpdir(tag: &str) -> TmpDir {
     let d = std::env::temp_dir().join(format!("tprun-rank-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TmpDir(d)
 }
 
 fn config_json(t: &Tiny) -> serde_json::Value {
@@ -413,7 +427,6 @@ fn tp_1_to_4_matches_reference_and_tp1() {
             // Every rank returns the same gathered logits.
             assert!(ranks.iter().all(|x| x.0 == ranks[0].0));
         }
-        std::fs::remove_dir_all(&dir).unwrap();
     }
 }
 
@@ -452,7 +465,6 @@ fn decode_step_by_step_equals_prefill() {
             assert!(max_diff(&all, &steps) < 1e-5, "TP {world}");
         }
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -490,7 +502,6 @@ fn tp2_holds_and_reads_about_half() {
     // --dtype f32 doubles the matrices, bf16 of an f32 checkpoint halves them.
     let f32_bytes = run_tp(&dir, 1, &ids, WeightDtype::F32).remove(0).1;
     assert!(f32_bytes > tp1.1 * 19 / 10);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -507,7 +518,6 @@ fn bf16_storage_of_f32_checkpoint_is_close() {
         "bf16 weights change the logits a little: {d}"
     );
     assert!(b.1 < f.1 * 6 / 10);
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 fn load_err(dir: &Path, world: usize) -> String {
@@ -594,7 +604,6 @@ fn bad_inputs_are_clear_errors() {
     std::fs::write(dir.join("config.json"), c.to_string()).unwrap();
     let e = load_err(&dir, 1);
     assert!(e.contains("lm_head.weight"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
 }
 
 #[test]
@@ -623,5 +632,4 @@ fn sharded_checkpoint_with_index() {
         let sharded = run_tp(&dir, world, &ids, WeightDtype::Auto).remove(0).0;
         assert_eq!(sharded, single[world - 1]);
     }
-    std::fs::remove_dir_all(&dir).unwrap();
 }
