@@ -79,7 +79,7 @@ impl Simd {
 pub fn reduce_into(simd: Simd, dtype: DType, op: ReduceOp, dst: &mut [u8], srcs: &[&[u8]]) {
     assert!(!srcs.is_empty(), "reduce_into needs at least one source");
     assert!(
-        dst.len() % dtype.size() == 0,
+        dst.len().is_multiple_of(dtype.size()),
         "length not a multiple of the element size"
     );
     assert!(
@@ -627,9 +627,9 @@ mod tests {
                                 let vals: Vec<f32> = (0..count)
                                     .map(|_| {
                                         let r = splitmix(&mut st);
-                                        if r % 7 == 0 {
+                                        if r.is_multiple_of(7) {
                                             specials[(r >> 8) as usize % specials.len()]
-                                        } else if r % 5 == 0 {
+                                        } else if r.is_multiple_of(5) {
                                             f32::from_bits((r >> 16) as u32)
                                         } else {
                                             ((r >> 20) as i32 % 2000) as f32 / 64.0

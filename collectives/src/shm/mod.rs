@@ -51,6 +51,11 @@ pub const ENV_ONE_SHOT: &str = "TPRUN_COMM_ONESHOT_MAX";
 /// Default deadline of one wait. Dead peers are noticed much sooner (abort flag, pid check); this
 /// only bounds a peer that is alive but never arrives.
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
+/// Adaptive spinning: a successful spin earns one credit (up to the max), a failed one costs
+/// SPIN_FAIL_COST; with no credit left a wait sleeps at once, except every SPIN_PROBE_EVERY-th.
+const SPIN_CREDIT_MAX: i32 = 16;
+const SPIN_FAIL_COST: i32 = 4;
+const SPIN_PROBE_EVERY: u32 = 32;
 /// How often a sleeping waiter re-checks that the peer's process still exists.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(100);
 
@@ -223,6 +228,8 @@ pub struct ShmComm {
     unverified: Option<(u64, Desc)>,
     srcs: Vec<*const u8>,
     release_taken: bool,
+    spin_credit: i32,
+    waits_since_probe: u32,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -295,6 +302,8 @@ impl ShmComm {
             unverified: None,
             srcs: vec![std::ptr::null(); world],
             release_taken: false,
+            spin_credit: SPIN_CREDIT_MAX,
+            waits_since_probe: 0,
         })
     }
 
@@ -464,7 +473,13 @@ impl ShmComm {
             me.wait_s += start.elapsed().as_secs_f64();
             Ok(())
         };
-        if !self.opts.spin.is_zero() {
+        // Spin only while spinning keeps paying off: when the peer cannot run while we spin (it
+        // shares our CPU), every spin fails, and we stop spinning except for a probe every
+        // SPIN_PROBE_EVERY waits.
+        let try_spin = !self.opts.spin.is_zero()
+            && (self.spin_credit > 0 || self.waits_since_probe >= SPIN_PROBE_EVERY);
+        if try_spin {
+            self.waits_since_probe = 0;
             let mut i = 0u32;
             loop {
                 for _ in 0..16 {
@@ -472,13 +487,17 @@ impl ShmComm {
                 }
                 let v = ctl.seq.load(Acquire);
                 if reached(v, target) {
+                    self.spin_credit = (self.spin_credit.max(0) + 1).min(SPIN_CREDIT_MAX);
                     return done(self, v);
                 }
                 i += 1;
-                if i % 8 == 0 && start.elapsed() >= self.opts.spin {
+                if i.is_multiple_of(8) && start.elapsed() >= self.opts.spin {
                     break;
                 }
             }
+            self.spin_credit -= SPIN_FAIL_COST;
+        } else {
+            self.waits_since_probe += 1;
         }
         for _ in 0..self.opts.yields {
             std::thread::yield_now();
@@ -554,7 +573,7 @@ impl ShmComm {
     }
 
     fn check_len(&self, len: usize, dtype: DType, what: &str) -> Result<usize> {
-        if len % dtype.size() != 0 {
+        if !len.is_multiple_of(dtype.size()) {
             return Err(self.invalid(format!(
                 "{what} is {len} bytes, not a whole number of {} elements",
                 dtype.name()

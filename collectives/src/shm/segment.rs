@@ -174,7 +174,7 @@ impl SegmentOptions {
                 "world size {world} out of range 1..={MAX_WORLD}"
             )));
         }
-        if self.slot_bytes == 0 || self.slot_bytes % PAGE != 0 {
+        if self.slot_bytes == 0 || !self.slot_bytes.is_multiple_of(PAGE) {
             return Err(setup(format!(
                 "slot size {} bytes must be a positive multiple of {PAGE}",
                 self.slot_bytes

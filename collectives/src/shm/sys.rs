@@ -55,19 +55,18 @@ pub(crate) fn pid_alive(pid: u32) -> bool {
     if pid == 0 {
         return true;
     }
-    match nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None) {
-        Err(nix::errno::Errno::ESRCH) => return false,
-        _ => {}
+    if let Err(nix::errno::Errno::ESRCH) =
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid as i32), None)
+    {
+        return false;
     }
     // A killed child stays a zombie until its parent reaps it; it is dead for our purposes.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => match s
-            .rfind(')')
-            .and_then(|i| s[i + 1..].split_whitespace().next())
-        {
-            Some("Z") | Some("X") | Some("x") => false,
-            _ => true,
-        },
+        Ok(s) => !matches!(
+            s.rfind(')')
+                .and_then(|i| s[i + 1..].split_whitespace().next()),
+            Some("Z" | "X" | "x")
+        ),
         Err(_) => true,
     }
 }
