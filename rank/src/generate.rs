@@ -1,12 +1,839 @@
-//! `tprun generate`. (Skeleton.)
+//! `tprun generate`: prefill the prompt in one forward, then one token per step against the KV
+//! cache; rank 0 streams the text to stdout.
+//!
+//! Choices worth knowing:
+//! - Greedy is the default. Sampling happens when `--temperature` (> 0), `--top-k` or `--top-p`
+//!   is given (temperature 1 when only top-k/top-p are); `--temperature 0` means greedy, and
+//!   `--greedy` refuses the sampling options. (transformers would sample by default for Qwen2.5
+//!   because its generation_config says `do_sample: true`; a reproducible default is more useful
+//!   for a runtime that is checked against references.)
+//! - Rank 0 alone picks each token and broadcasts it (4 bytes) to the others. The all-gathered
+//!   logits are the same bits on every rank today, so every rank could sample for itself, but the
+//!   broadcast makes the ranks agree by construction, whatever a future transport or a
+//!   gather-to-rank-0 lm_head does, for one tiny collective next to the 2 per layer a step
+//!   already costs. It also means only rank 0 needs the generator, so a default seed (from the
+//!   clock) needs no agreement; it is printed so the run can be repeated with `--seed`.
+//! - Plain prompts are encoded like transformers' `tokenizer(text)` (the post-processor runs,
+//!   which adds nothing for Qwen2); chats like `apply_chat_template` (no special tokens added:
+//!   the template wrote them).
+//! - The prompt plus the new tokens must fit `max_position_embeddings`: a prompt that leaves no
+//!   room is an error, and generation stops at the context limit.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use collectives::Communicator;
+
+use crate::chat::{self, ChatTemplate};
+use crate::config::Config;
+use crate::model::{ForwardOptions, Logits, Qwen2};
+use crate::runtime::{self, ModelArgs};
+use crate::sampling::{Sampler, Strategy};
+use crate::tokenize::{StreamDecoder, Tokenizer};
 
 #[derive(clap::Args, Debug, Clone)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "input_ids"])))]
 pub struct Args {
-    /// Print one JSON object.
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Plain prompt text (no chat template).
+    #[arg(long)]
+    pub prompt: Option<String>,
+    /// A user message, rendered with the checkpoint's chat template.
+    #[arg(long)]
+    pub chat: Option<String>,
+    /// Prompt token ids, comma-separated.
+    #[arg(long, value_name = "1,2,3", value_delimiter = ',')]
+    pub input_ids: Option<Vec<u32>>,
+    /// A system message before the --chat message (default: the template's own, if any).
+    #[arg(long)]
+    pub system: Option<String>,
+    /// Stop after this many new tokens.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_new_tokens: u64,
+    /// Sample with this temperature (0 = greedy).
+    #[arg(long, value_parser = parse_temperature, allow_negative_numbers = true)]
+    pub temperature: Option<f32>,
+    /// Sample among the K most likely tokens only.
+    #[arg(long, value_parser = parse_top_k)]
+    pub top_k: Option<usize>,
+    /// Sample from the smallest set of tokens whose probability reaches P, 0 < P <= 1.
+    #[arg(long, value_parser = parse_top_p)]
+    pub top_p: Option<f32>,
+    /// Seed of the sampler (default: from the clock, printed on stderr).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Always pick the most likely token (the default unless a sampling option is given).
+    #[arg(long, conflicts_with_all = ["temperature", "top_k", "top_p"])]
+    pub greedy: bool,
+    /// Keep going past end-of-sequence tokens (until --max-new-tokens or the context limit).
+    #[arg(long)]
+    pub ignore_eos: bool,
+    /// Print one JSON object (rank 0) instead of streaming the text.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("generate is not implemented yet")
+fn parse_temperature(s: &str) -> Result<f32, String> {
+    let t: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !t.is_finite() || t < 0.0 {
+        return Err(format!("{s} must be a finite number >= 0 (0 = greedy)"));
+    }
+    Ok(t)
+}
+
+fn parse_top_k(s: &str) -> Result<usize, String> {
+    let k: usize = s
+        .parse()
+        .map_err(|_| format!("{s:?} is not a whole number"))?;
+    if k == 0 {
+        return Err("0: top-k must be at least 1".into());
+    }
+    Ok(k)
+}
+
+fn parse_top_p(s: &str) -> Result<f32, String> {
+    let p: f32 = s.parse().map_err(|_| format!("{s:?} is not a number"))?;
+    if !(p > 0.0 && p <= 1.0) {
+        return Err(format!("{s} is outside (0, 1]"));
+    }
+    Ok(p)
+}
+
+/// What the prompt is.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Input {
+    Prompt(String),
+    Chat {
+        user: String,
+        system: Option<String>,
+    },
+    Ids(Vec<u32>),
+}
+
+impl Input {
+    pub fn from_args(args: &Args) -> Result<Input> {
+        if args.system.is_some() && args.chat.is_none() {
+            bail!("--system goes with --chat (a plain --prompt or --input-ids has no system turn)");
+        }
+        Ok(match (&args.prompt, &args.chat, &args.input_ids) {
+            (Some(p), None, None) => Input::Prompt(p.clone()),
+            (None, Some(c), None) => Input::Chat {
+                user: c.clone(),
+                system: args.system.clone(),
+            },
+            (None, None, Some(ids)) => Input::Ids(ids.clone()),
+            _ => bail!("give exactly one of --prompt, --chat, --input-ids"),
+        })
+    }
+}
+
+/// The prompt's ids, and for a chat the rendered text they came from.
+#[derive(Debug, Clone)]
+pub struct Prompt {
+    pub ids: Vec<u32>,
+    pub text: Option<String>,
+}
+
+/// Encodes the input with the checkpoint in `dir` (chat template from `dir` too).
+pub fn encode_input(dir: &Path, tok: &Tokenizer, input: &Input) -> Result<Prompt> {
+    let prompt = match input {
+        Input::Prompt(text) => {
+            if text.is_empty() {
+                bail!("--prompt is empty: give some text");
+            }
+            Prompt {
+                ids: tok.encode(text, true)?,
+                text: None,
+            }
+        }
+        Input::Chat { user, system } => {
+            if user.is_empty() {
+                bail!("--chat is empty: give a message");
+            }
+            let template = ChatTemplate::load(dir)?;
+            let text = template.render(&chat::messages(user, system.as_deref()), true)?;
+            if text.is_empty() {
+                bail!(
+                    "the chat template from {} rendered an empty prompt",
+                    template.origin()
+                );
+            }
+            Prompt {
+                ids: tok.encode(&text, false)?,
+                text: Some(text),
+            }
+        }
+        Input::Ids(ids) => {
+            if ids.is_empty() {
+                bail!("--input-ids is empty: give at least one id");
+            }
+            Prompt {
+                ids: ids.clone(),
+                text: None,
+            }
+        }
+    };
+    if prompt.ids.is_empty() {
+        bail!("the prompt encodes to no tokens");
+    }
+    Ok(prompt)
+}
+
+/// The token choice from the command line (see the module docs for the rules).
+pub fn strategy(args: &Args) -> Strategy {
+    if args.greedy {
+        return Strategy::Greedy;
+    }
+    let any = args.temperature.is_some() || args.top_k.is_some() || args.top_p.is_some();
+    let t = args.temperature.unwrap_or(1.0);
+    if !any || t == 0.0 {
+        return Strategy::Greedy;
+    }
+    Strategy::Sample {
+        temperature: t,
+        top_k: args.top_k,
+        top_p: args.top_p.unwrap_or(1.0),
+    }
+}
+
+/// End-of-sequence ids: `eos_token_id` of generation_config.json (an int or a list) when the
+/// file has one, else config.json's.
+pub fn eos_ids(dir: &Path, config: &Config) -> Result<Vec<u32>> {
+    let path = dir.join("generation_config.json");
+    if path.is_file() {
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let v: serde_json::Value =
+            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
+        match v.get("eos_token_id") {
+            None | Some(serde_json::Value::Null) => {}
+            Some(e) => {
+                let ids: Option<Vec<u32>> = match e {
+                    serde_json::Value::Array(a) => a
+                        .iter()
+                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
+                        .collect(),
+                    x => x
+                        .as_u64()
+                        .and_then(|n| u32::try_from(n).ok())
+                        .map(|n| vec![n]),
+                };
+                return ids.with_context(|| {
+                    format!(
+                        "{}: eos_token_id must be a token id or a list of them, not {e}",
+                        path.display()
+                    )
+                });
+            }
+        }
+    }
+    Ok(config.eos_token_ids.clone())
+}
+
+/// Why generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    Eos,
+    MaxNewTokens,
+    Context,
+}
+
+impl Stop {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Stop::Eos => "eos",
+            Stop::MaxNewTokens => "max_new_tokens",
+            Stop::Context => "context",
+        }
+    }
+}
+
+/// How to decode.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub max_new_tokens: usize,
+    pub eos: Vec<u32>,
+    pub ignore_eos: bool,
+}
+
+/// The new tokens and what they cost.
+#[derive(Debug, Clone)]
+pub struct Decoded {
+    /// New tokens only, including a final eos when one ended the generation.
+    pub output_ids: Vec<u32>,
+    pub stop: Stop,
+    /// Prefill forward plus the first token's choice.
+    pub prefill_s: f64,
+    /// Every later step.
+    pub decode_s: f64,
+    /// Forwards after the prefill (one per token after the first).
+    pub decode_steps: usize,
+}
+
+/// Runs the generation on this rank. Rank 0 picks each token with `sampler` and broadcasts it;
+/// `on_token` sees every new token (on every rank) as soon as it is known.
+pub fn generate(
+    model: &mut Qwen2,
+    comm: &mut dyn Communicator,
+    prompt: &[u32],
+    settings: &Settings,
+    sampler: &mut Sampler,
+    on_token: &mut dyn FnMut(u32) -> Result<()>,
+) -> Result<Decoded> {
+    let context = model.config.max_position_embeddings;
+    if prompt.is_empty() {
+        bail!("the prompt is empty");
+    }
+    if settings.max_new_tokens == 0 {
+        bail!("max_new_tokens must be at least 1");
+    }
+    if prompt.len() >= context {
+        bail!(
+            "the prompt has {} tokens but the model's context is {} (max_position_embeddings): \
+             no room to generate",
+            prompt.len(),
+            context
+        );
+    }
+    let last = ForwardOptions {
+        logits: Logits::Last,
+        hidden_states: false,
+    };
+    let t0 = Instant::now();
+    let out = model
+        .forward_with(comm, prompt, 0, last)
+        .context("prefill")?;
+    let mut next = choose(comm, sampler, &out.logits)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+
+    let t1 = Instant::now();
+    let mut output = Vec::new();
+    let mut steps = 0;
+    let stop = loop {
+        output.push(next);
+        on_token(next)?;
+        if !settings.ignore_eos && settings.eos.contains(&next) {
+            break Stop::Eos;
+        }
+        if output.len() >= settings.max_new_tokens {
+            break Stop::MaxNewTokens;
+        }
+        let pos = prompt.len() + output.len() - 1;
+        if pos + 1 >= context {
+            break Stop::Context;
+        }
+        let out = model
+            .forward_with(comm, &[next], pos, last)
+            .with_context(|| format!("decode step at position {pos}"))?;
+        next = choose(comm, sampler, &out.logits)?;
+        steps += 1;
+    };
+    Ok(Decoded {
+        output_ids: output,
+        stop,
+        prefill_s,
+        decode_s: if steps > 0 {
+            t1.elapsed().as_secs_f64()
+        } else {
+            0.0
+        },
+        decode_steps: steps,
+    })
+}
+
+/// Rank 0 picks, everyone gets rank 0's pick.
+fn choose(comm: &mut dyn Communicator, sampler: &mut Sampler, logits: &[f32]) -> Result<u32> {
+    let mut id = [0u32];
+    if comm.rank() == 0 {
+        id[0] = sampler.sample(logits)?;
+    }
+    if comm.world_size() > 1 {
+        comm.broadcast_raw(bytemuck::cast_slice_mut(&mut id), 0)
+            .context("broadcast of the next token")?;
+    }
+    Ok(id[0])
+}
+
+fn default_seed() -> u64 {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0);
+    nanos ^ ((std::process::id() as u64) << 32)
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let input = Input::from_args(args)?;
+    let mut comm = collectives::from_env()?;
+    let p = runtime::prepare(&args.model, &*comm)?;
+    let rank0 = p.plan.rank == 0;
+    let tok = Tokenizer::load(&p.dir)?;
+    let prompt = encode_input(&p.dir, &tok, &input)?;
+    runtime::check_ids(&prompt.ids, &p.config)?;
+    let settings = Settings {
+        max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
+        eos: eos_ids(&p.dir, &p.config)?,
+        ignore_eos: args.ignore_eos,
+    };
+    let strategy = strategy(args);
+    let seed = args.seed.unwrap_or_else(default_seed);
+    if rank0 {
+        match &strategy {
+            Strategy::Greedy => eprintln!("tprun generate: greedy"),
+            Strategy::Sample {
+                temperature,
+                top_k,
+                top_p,
+            } => eprintln!(
+                "tprun generate: sampling with temperature {temperature}, top-k {}, top-p {top_p}, \
+                 seed {seed}",
+                top_k.map_or("off".to_string(), |k| k.to_string())
+            ),
+        }
+    }
+    let mut sampler = Sampler::new(strategy, seed);
+    let (mut model, load) = runtime::load(&p, args.model.dtype, "generate")?;
+
+    let stream = rank0 && !args.json;
+    let mut dec = StreamDecoder::new(&tok, true);
+    let stdout = std::io::stdout();
+    let mut on_token = |id: u32| -> Result<()> {
+        if stream {
+            let piece = dec.push(id)?;
+            if !piece.is_empty() {
+                let mut out = stdout.lock();
+                out.write_all(piece.as_bytes())?;
+                out.flush()?;
+            }
+        }
+        Ok(())
+    };
+    let d = generate(
+        &mut model,
+        &mut *comm,
+        &prompt.ids,
+        &settings,
+        &mut sampler,
+        &mut on_token,
+    )?;
+    if stream {
+        let rest = dec.finish()?;
+        let mut out = stdout.lock();
+        out.write_all(rest.as_bytes())?;
+        out.write_all(b"\n")?;
+        out.flush()?;
+    }
+    if !rank0 {
+        return Ok(());
+    }
+
+    let prefill_tok_s = prompt.ids.len() as f64 / d.prefill_s.max(1e-12);
+    let decode_tok_s = if d.decode_steps > 0 {
+        d.decode_steps as f64 / d.decode_s.max(1e-12)
+    } else {
+        0.0
+    };
+    if d.stop == Stop::Context {
+        eprintln!(
+            "tprun generate: stopped at the model's context limit ({} tokens)",
+            p.config.max_position_embeddings
+        );
+    }
+    eprintln!(
+        "tprun generate: load {:.2} s, prefill {} tok {:.1} tok/s, decode {} tok {:.1} tok/s, \
+         stop: {}",
+        load.seconds,
+        prompt.ids.len(),
+        prefill_tok_s,
+        d.decode_steps,
+        decode_tok_s,
+        d.stop.as_str()
+    );
+    if args.json {
+        let text = tok.decode(&d.output_ids, true)?;
+        let j = serde_json::json!({
+            "prompt_ids": prompt.ids,
+            "output_ids": d.output_ids,
+            "text": text,
+            "stop": d.stop.as_str(),
+            "world_size": p.plan.world,
+            "timings": {
+                "load_s": load.seconds,
+                "prefill_tok_s": prefill_tok_s,
+                "decode_tok_s": decode_tok_s,
+                "prefill_s": d.prefill_s,
+                "decode_s": d.decode_s,
+            },
+            // Rank 0's collectives since its communicator was made (load, prefill, decode).
+            "comm": comm.stats(),
+        });
+        let mut out = stdout.lock();
+        writeln!(out, "{j}")?;
+        out.flush()?;
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::PathBuf;
+
+    use super::*;
+    use crate::loader::WeightDtype;
+    use crate::testing::run_world;
+
+    const FIXTURES: [&str; 4] = [
+        "tiny-hub-bf16-tied",
+        "tiny-t5-f32-untied",
+        "tiny-sharded",
+        "qwen25-layout",
+    ];
+
+    fn fixture(name: &str) -> PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("../tests/fixtures")
+            .join(name)
+    }
+
+    #[derive(Debug, Clone)]
+    struct Case {
+        name: String,
+        input: Input,
+        prompt_ids: Vec<u32>,
+        prompt_text: Option<String>,
+        max_new_tokens: usize,
+        output_ids: Vec<u32>,
+        text: String,
+    }
+
+    fn cases(dir: &Path) -> Vec<Case> {
+        let path = dir.join("reference/cases.json");
+        let v: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let ids = |x: &serde_json::Value| -> Vec<u32> {
+            x.as_array()
+                .unwrap()
+                .iter()
+                .map(|i| i.as_u64().unwrap() as u32)
+                .collect()
+        };
+        v["generate"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|c| {
+                let prompt = c["prompt"].as_str().unwrap().to_string();
+                let input = match c["kind"].as_str().unwrap() {
+                    "prompt" => Input::Prompt(prompt),
+                    "chat" => Input::Chat {
+                        user: prompt,
+                        system: c["system"].as_str().map(str::to_string),
+                    },
+                    k => panic!("unknown case kind {k}"),
+                };
+                Case {
+                    name: c["name"].as_str().unwrap().to_string(),
+                    input,
+                    prompt_ids: ids(&c["prompt_ids"]),
+                    prompt_text: c
+                        .get("prompt_text")
+                        .and_then(|t| t.as_str())
+                        .map(str::to_string),
+                    max_new_tokens: c["max_new_tokens"].as_u64().unwrap() as usize,
+                    output_ids: ids(&c["output_ids"]),
+                    text: c["text"].as_str().unwrap().to_string(),
+                }
+            })
+            .collect()
+    }
+
+    #[test]
+    fn prompts_chats_and_texts_match_transformers() {
+        let mut kinds = std::collections::HashSet::new();
+        for name in FIXTURES {
+            let dir = fixture(name);
+            let tok = Tokenizer::load(&dir).unwrap();
+            for c in cases(&dir) {
+                let p = encode_input(&dir, &tok, &c.input).unwrap();
+                assert_eq!(p.ids, c.prompt_ids, "{name}/{}: prompt ids", c.name);
+                assert_eq!(p.text, c.prompt_text, "{name}/{}: rendered chat", c.name);
+                assert_eq!(
+                    tok.decode(&c.output_ids, true).unwrap(),
+                    c.text,
+                    "{name}/{}",
+                    c.name
+                );
+                // Streaming the output ids gives the same text, piece by piece.
+                let mut dec = StreamDecoder::new(&tok, true);
+                let mut s = String::new();
+                for &id in &c.output_ids {
+                    s.push_str(&dec.push(id).unwrap());
+                }
+                s.push_str(&dec.finish().unwrap());
+                assert_eq!(s, c.text, "{name}/{}: streamed text", c.name);
+                kinds.insert(match &c.input {
+                    Input::Chat {
+                        system: Some(_), ..
+                    } => "chat+system",
+                    Input::Chat { .. } => "chat",
+                    _ => "prompt",
+                });
+            }
+        }
+        assert_eq!(
+            kinds.len(),
+            3,
+            "the references cover prompts, chats, chats with a system"
+        );
+    }
+
+    #[test]
+    fn multibyte_prompt_round_trips_through_the_fixture_tokenizer() {
+        let tok = Tokenizer::load(&fixture("tiny-hub-bf16-tied")).unwrap();
+        let text = "naïve café — 日本語 🦀";
+        let ids = tok.encode(text, true).unwrap();
+        let mut dec = StreamDecoder::new(&tok, true);
+        let mut s = String::new();
+        for &id in &ids {
+            let piece = dec.push(id).unwrap();
+            assert!(!piece.contains('\u{FFFD}'), "{piece:?}");
+            s.push_str(&piece);
+        }
+        s.push_str(&dec.finish().unwrap());
+        assert_eq!(s, text);
+    }
+
+    fn load(dir: &Path, comm: &dyn Communicator) -> Result<(Qwen2, Config)> {
+        let args = ModelArgs {
+            model: Some(dir.to_path_buf()),
+            dtype: WeightDtype::Auto,
+        };
+        let p = runtime::prepare(&args, comm)?;
+        let (m, _) = runtime::load(&p, WeightDtype::Auto, "test")?;
+        Ok((m, p.config))
+    }
+
+    /// Output ids of every reference case at TP `world`, in-process on threads.
+    fn greedy_outputs(dir: &Path, world: usize) -> Vec<Vec<u32>> {
+        let cs = cases(dir);
+        let outs = run_world(world, |_, comm| {
+            let (mut model, config) = load(dir, comm)?;
+            let eos = eos_ids(dir, &config)?;
+            let mut all = Vec::new();
+            for c in &cs {
+                let settings = Settings {
+                    max_new_tokens: c.max_new_tokens,
+                    eos: eos.clone(),
+                    ignore_eos: false,
+                };
+                let mut sampler = Sampler::greedy();
+                let d = generate(
+                    &mut model,
+                    comm,
+                    &c.prompt_ids,
+                    &settings,
+                    &mut sampler,
+                    &mut |_| Ok(()),
+                )?;
+                all.push(d.output_ids);
+            }
+            Ok(all)
+        });
+        let mut outs: Vec<Vec<Vec<u32>>> = outs.into_iter().map(|o| o.unwrap()).collect();
+        let first = outs.remove(0);
+        for o in outs {
+            assert_eq!(o, first, "every rank saw the same tokens");
+        }
+        first
+    }
+
+    #[test]
+    fn greedy_matches_transformers_at_tp_1_2_3() {
+        for name in FIXTURES {
+            let dir = fixture(name);
+            let cs = cases(&dir);
+            for world in [1, 2, 3] {
+                let outs = greedy_outputs(&dir, world);
+                for (c, out) in cs.iter().zip(&outs) {
+                    assert_eq!(out, &c.output_ids, "{name}/{} at TP {world}", c.name);
+                }
+            }
+        }
+    }
+
+    fn sampled(dir: &Path, world: usize, seed: u64) -> Vec<u32> {
+        let outs = run_world(world, |_, comm| {
+            let (mut model, _) = load(dir, comm)?;
+            let settings = Settings {
+                max_new_tokens: 24,
+                eos: vec![],
+                ignore_eos: true,
+            };
+            let strategy = Strategy::Sample {
+                temperature: 1.0,
+                top_k: Some(50),
+                top_p: 0.95,
+            };
+            let mut sampler = Sampler::new(strategy, seed);
+            let prompt = [10, 20, 30, 40];
+            Ok(generate(
+                &mut model,
+                comm,
+                &prompt,
+                &settings,
+                &mut sampler,
+                &mut |_| Ok(()),
+            )?
+            .output_ids)
+        });
+        let outs: Vec<Vec<u32>> = outs.into_iter().map(|o| o.unwrap()).collect();
+        for o in &outs[1..] {
+            assert_eq!(o, &outs[0]);
+        }
+        outs[0].clone()
+    }
+
+    #[test]
+    fn same_seed_same_tokens_at_tp_1_and_2() {
+        let dir = fixture("tiny-hub-bf16-tied");
+        let a = sampled(&dir, 1, 1234);
+        assert_eq!(a.len(), 24);
+        assert_eq!(a, sampled(&dir, 2, 1234));
+        assert_eq!(a, sampled(&dir, 1, 1234));
+        assert_ne!(a, sampled(&dir, 1, 1235));
+    }
+
+    #[test]
+    fn generation_stops_at_the_context_limit() {
+        // tiny-t5-f32-untied has max_position_embeddings 128.
+        let dir = fixture("tiny-t5-f32-untied");
+        let outs = run_world(1, |_, comm| {
+            let (mut model, config) = load(&dir, comm)?;
+            assert_eq!(config.max_position_embeddings, 128);
+            let settings = Settings {
+                max_new_tokens: 1000,
+                eos: vec![],
+                ignore_eos: true,
+            };
+            let prompt: Vec<u32> = (0..100).map(|i| (i * 7 % 300) as u32).collect();
+            let d = generate(
+                &mut model,
+                comm,
+                &prompt,
+                &settings,
+                &mut Sampler::greedy(),
+                &mut |_| Ok(()),
+            )?;
+            let full: Vec<u32> = (0..128).map(|i| (i % 300) as u32).collect();
+            let err = generate(
+                &mut model,
+                comm,
+                &full,
+                &settings,
+                &mut Sampler::greedy(),
+                &mut |_| Ok(()),
+            )
+            .unwrap_err()
+            .to_string();
+            Ok((d, err))
+        });
+        let (d, err) = outs.into_iter().next().unwrap().unwrap();
+        assert_eq!(d.stop, Stop::Context);
+        assert_eq!(d.output_ids.len(), 28);
+        assert!(err.contains("no room to generate"), "{err}");
+    }
+
+    #[test]
+    fn eos_ids_prefer_generation_config() {
+        let dir = fixture("tiny-hub-bf16-tied");
+        let config = Config::from_dir(&dir).unwrap();
+        assert_eq!(config.eos_token_ids, vec![389]);
+        assert_eq!(eos_ids(&dir, &config).unwrap(), vec![389, 387]);
+    }
+
+    fn parse(argv: &[&str]) -> Result<Args, clap::Error> {
+        #[derive(clap::Parser, Debug)]
+        struct Cli {
+            #[command(flatten)]
+            a: Args,
+        }
+        use clap::Parser;
+        Cli::try_parse_from(std::iter::once("generate").chain(argv.iter().copied())).map(|c| c.a)
+    }
+
+    #[test]
+    fn command_line_rules() {
+        let a = parse(&["--prompt", "x"]).unwrap();
+        assert_eq!(strategy(&a), Strategy::Greedy);
+        assert_eq!(a.max_new_tokens, 128);
+        let a = parse(&["--prompt", "x", "--temperature", "0.7"]).unwrap();
+        assert!(matches!(strategy(&a), Strategy::Sample { top_k: None, .. }));
+        let a = parse(&["--prompt", "x", "--temperature", "0", "--top-k", "5"]).unwrap();
+        assert_eq!(strategy(&a), Strategy::Greedy);
+        let a = parse(&["--prompt", "x", "--top-p", "0.9"]).unwrap();
+        assert_eq!(
+            strategy(&a),
+            Strategy::Sample {
+                temperature: 1.0,
+                top_k: None,
+                top_p: 0.9
+            }
+        );
+        let a = parse(&["--input-ids", "1,2,3"]).unwrap();
+        assert_eq!(Input::from_args(&a).unwrap(), Input::Ids(vec![1, 2, 3]));
+        let a = parse(&["--chat", "hi", "--system", "s"]).unwrap();
+        assert_eq!(
+            Input::from_args(&a).unwrap(),
+            Input::Chat {
+                user: "hi".into(),
+                system: Some("s".into())
+            }
+        );
+
+        for bad in [
+            &["--prompt", "x", "--top-p", "0"][..],
+            &["--prompt", "x", "--top-p", "1.5"],
+            &["--prompt", "x", "--top-p", "nan"],
+            &["--prompt", "x", "--temperature", "-1"],
+            &["--prompt", "x", "--temperature", "inf"],
+            &["--prompt", "x", "--top-k", "0"],
+            &["--prompt", "x", "--max-new-tokens", "0"],
+            &["--prompt", "x", "--greedy", "--temperature", "1"],
+            &["--prompt", "x", "--chat", "y"],
+            &["--input-ids", "1,x"],
+            &[],
+        ] {
+            assert!(parse(bad).is_err(), "{bad:?} should be refused");
+        }
+        let a = parse(&["--prompt", "x", "--system", "y"]).unwrap();
+        let err = Input::from_args(&a).unwrap_err().to_string();
+        assert!(err.contains("--system goes with --chat"), "{err}");
+        let err = parse(&["--prompt", "x", "--top-p", "1.5"])
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("--top-p") && err.contains("(0, 1]"), "{err}");
+    }
+
+    #[test]
+    fn empty_inputs_are_clear_errors() {
+        let dir = fixture("tiny-hub-bf16-tied");
+        let tok = Tokenizer::load(&dir).unwrap();
+        for (input, want) in [
+            (Input::Prompt(String::new()), "--prompt is empty"),
+            (
+                Input::Chat {
+                    user: String::new(),
+                    system: None,
+                },
+                "--chat is empty",
+            ),
+            (Input::Ids(vec![]), "--input-ids is empty"),
+        ] {
+            let err = encode_input(&dir, &tok, &input).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
 }
