@@ -11,18 +11,22 @@
 //!    dtype and size) and reads their half `s % 2`.
 //!
 //! A peer that published `s + 1` has finished every read of step `s - 1`, so two halves are enough
-//! and no trailing barrier is needed. Waits spin for a few microseconds (not at all when there are
-//! more ranks than CPUs), then sleep on a shared futex; each wait has a deadline and watches the
+//! and no trailing barrier is needed. Waits spin for up to a millisecond while spinning pays off
+//! (never when there are more ranks than CPUs), then sleep on a shared futex; each wait has a
+//! deadline and watches the
 //! launcher's abort flag, the peer's `gone` flag and (every 100 ms) whether the peer's process
 //! still exists.
 //!
-//! **Algorithms.** All-reduce up to `one_shot_max` bytes: one step (every rank copies in, then
-//! reduces all N slots). Larger: per slot-sized chunk, reduce-scatter (each rank reduces 1/N of
-//! the chunk) then all-gather, two steps. All-gather: one step per slot-sized chunk, peers copied
-//! out as each arrives. Reduce-scatter: one step per chunk of `slot / N` bytes of each segment.
-//! Broadcast: one step per slot-sized chunk; only non-roots wait. Reductions always run in rank
-//! order 0..N-1 in f32 (see [`crate::reduce`]), so every rank gets identical bits whatever the
-//! algorithm or chunking.
+//! **Algorithms** (chosen from bytes and N only, so every rank takes the same steps).
+//! All-reduce up to `one_shot_max` bytes (1 MiB for 2 ranks, 256 KiB up to 4, 64 KiB above): per
+//! chunk of at most `chunk_bytes` (1 MiB) one step: every rank copies in, then reduces all N slots.
+//! Larger: per chunk, reduce-scatter (each rank reduces its 1/N of the chunk, 64-byte aligned
+//! slices) then all-gather, two steps, so each rank reads ~2x the chunk instead of N x.
+//! All-gather: one step per slot-sized chunk, each peer copied out as soon as it arrives.
+//! Reduce-scatter: one step per chunk of `slot / N` bytes of every segment. Broadcast: one step per
+//! slot-sized chunk; only non-roots wait (the root checks its peers at its next call).
+//! Reductions always run in rank order 0..N-1 in f32 (see [`crate::reduce`]), so every rank gets
+//! identical bits whatever the algorithm or chunking.
 
 pub mod layout;
 pub mod segment;
