@@ -13,9 +13,8 @@
 //! A peer that published `s + 1` has finished every read of step `s - 1`, so two halves are enough
 //! and no trailing barrier is needed. Waits spin for up to a millisecond while spinning pays off
 //! (never when there are more ranks than CPUs), then sleep on a shared futex; each wait has a
-//! deadline and watches the
-//! launcher's abort flag, the peer's `gone` flag and (every 100 ms) whether the peer's process
-//! still exists.
+//! deadline and watches the launcher's abort flag, the peer's `gone` flag and (every 100 ms)
+//! whether the peer's process still exists.
 //!
 //! **Algorithms** (chosen from bytes and N only, so every rank takes the same steps).
 //! All-reduce up to `one_shot_max` bytes (1 MiB for 2 ranks, 256 KiB up to 4, 64 KiB above): per
