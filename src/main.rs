@@ -5,6 +5,7 @@
 //! that process runs the built-in program.
 
 use std::ffi::OsString;
+use std::path::PathBuf;
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -18,6 +19,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     launch: launcher::LaunchArgs,
+    /// Write a Chrome/Perfetto trace of every rank's compute and collectives to FILE.json
+    /// (generate, logits, bench, perf).
+    #[arg(long, global = true, value_name = "FILE.json")]
+    trace: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
     /// The program to run on every rank, and its arguments (after `--`).
@@ -56,12 +61,26 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<i32> {
     let in_rank = std::env::var_os(ROLE_VAR).is_some_and(|v| v == "rank");
+    let usage = |m: &str| -> anyhow::Error { launcher::LaunchError::Usage(m.into()).into() };
     if let Some(Cmd::Compare(a)) = &cli.command {
+        if cli.trace.is_some() {
+            return Err(usage("--trace works with generate, logits, bench and perf"));
+        }
         rank::compare::run(a)?;
         return Ok(0);
     }
+    if let Some(Cmd::Perf(a)) = &cli.command {
+        if !a.from.is_empty() {
+            // Plotting saved results runs here, without ranks.
+            collectives::perf::plot_saved(a)?;
+            return Ok(0);
+        }
+    }
     match (cli.command, in_rank) {
         (Some(cmd), true) => {
+            if cli.trace.is_some() {
+                collectives::trace::set_enabled(true);
+            }
             match cmd {
                 Cmd::Generate(a) => rank::generate::run(&a)?,
                 Cmd::Logits(a) => rank::logits::run(&a)?,
@@ -69,18 +88,44 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 Cmd::Perf(a) => collectives::perf::run(&a)?,
                 Cmd::Compare(_) => unreachable!("compare runs before dispatch"),
             }
+            if let Some(out) = &cli.trace {
+                let rank = std::env::var("RANK")
+                    .ok()
+                    .and_then(|r| r.parse().ok())
+                    .unwrap_or(0);
+                collectives::trace::write_rank_file(out, rank)?;
+            }
             Ok(0)
         }
         (Some(_), false) => {
             let exe = std::env::current_exe()?;
-            let job = launcher::Job {
+            let mut job = launcher::Job {
                 program: exe.into_os_string(),
                 args: std::env::args_os().skip(1).collect(),
                 env: vec![(ROLE_VAR.into(), "rank".into())],
             };
-            launcher::run(&cli.launch, &job)
+            // The ranks write their events into a temporary directory; merged (on success) and
+            // removed (always) here.
+            let trace = match &cli.trace {
+                Some(out) => Some(collectives::trace::JobTrace::new(out)?),
+                None => None,
+            };
+            if let Some(t) = &trace {
+                let (k, v) = t.env();
+                job.env.push((k.into(), v.into()));
+            }
+            let res = launcher::run(&cli.launch, &job);
+            if let Some(t) = trace {
+                t.finish(matches!(res, Ok(0)))?;
+            }
+            res
         }
         (None, _) => {
+            if cli.trace.is_some() {
+                return Err(usage(
+                    "--trace works with the built-in programs (generate, logits, bench, perf), not with `-- PROGRAM`",
+                ));
+            }
             let mut it = cli.program.into_iter();
             let Some(program) = it.next() else {
                 return Err(launcher::LaunchError::Usage(

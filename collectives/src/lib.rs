@@ -7,9 +7,11 @@
 
 pub mod error;
 pub mod local;
+pub mod plot;
 pub mod reduce;
 pub mod shm;
 pub mod stats;
+pub mod trace;
 pub mod types;
 
 pub use error::CommError;

@@ -101,6 +101,13 @@ pub struct Args {
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also draw busbw against size, one line per op, to this SVG file (rank 0).
+    #[arg(long, value_name = "FILE.svg")]
+    pub plot: Option<std::path::PathBuf>,
+    /// Plot saved `perf --json` outputs instead of measuring (repeatable; one line per op and
+    /// world size; runs without ranks). Needs --plot.
+    #[arg(long, value_name = "FILE.json", requires = "plot")]
+    pub from: Vec<std::path::PathBuf>,
 }
 
 /// Parses a byte count with an optional K/M/G suffix (powers of 1024; `KiB`, `KB`, `k` also
@@ -507,10 +514,120 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         });
         println!("{out}");
     }
+    if rank == 0 {
+        if let Some(path) = &args.plot {
+            let series = series_of(&all_rows);
+            crate::plot::busbw_svg(path, &plot_title(args.dtype.cli_name(), &[n]), &series)?;
+            eprintln!("tprun perf: wrote {}", path.display());
+        }
+    }
     let wrong: u64 = all_rows.iter().filter_map(|r| r.wrong).sum();
     if wrong > 0 {
         bail!("perf --check: {wrong} wrong elements");
     }
+    Ok(())
+}
+
+/// One plot line per op of one run.
+fn series_of(rows: &[Row]) -> Vec<crate::plot::Series> {
+    let mut out: Vec<crate::plot::Series> = Vec::new();
+    for r in rows {
+        let label = r.op.to_string();
+        match out.iter_mut().find(|s| s.label == label) {
+            Some(s) => s.points.push((r.bytes, r.busbw_gbps)),
+            None => out.push(crate::plot::Series {
+                label,
+                points: vec![(r.bytes, r.busbw_gbps)],
+            }),
+        }
+    }
+    out
+}
+
+fn plot_title(dtype: &str, worlds: &[usize]) -> String {
+    let ns: Vec<String> = worlds.iter().map(|n| n.to_string()).collect();
+    format!("tprun perf: bus bandwidth, {dtype}, {} ranks", ns.join("/"))
+}
+
+/// A saved `perf --json` result: the JSON object line of the file (a `[rankN]: ` prefix from
+/// the launcher is allowed).
+fn read_saved(path: &std::path::Path) -> anyhow::Result<(usize, String, Vec<(String, u64, f64)>)> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("--from {}: cannot read", path.display()))?;
+    let obj = text
+        .lines()
+        .map(|l| {
+            let l = l.trim();
+            match l.strip_prefix("[rank") {
+                Some(rest) => rest.split_once("]: ").map_or(l, |(_, j)| j),
+                None => l,
+            }
+        })
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|v| v.get("rows").is_some())
+        .with_context(|| {
+            format!(
+                "--from {}: no `tprun perf --json` object in it",
+                path.display()
+            )
+        })?;
+    let n = obj["world_size"].as_u64().unwrap_or(0) as usize;
+    let dtype = obj["dtype"].as_str().unwrap_or("?").to_string();
+    let rows = obj["rows"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|r| {
+            Some((
+                r["op"].as_str()?.to_string(),
+                r["bytes"].as_u64()?,
+                r["busbw_gbps"].as_f64()?,
+            ))
+        })
+        .collect();
+    Ok((n, dtype, rows))
+}
+
+/// `perf --plot FILE.svg --from a.json [--from b.json ...]`: plots saved results (no ranks).
+/// Lines are labelled `op N=n` when the files hold more than one world size.
+pub fn plot_saved(args: &Args) -> anyhow::Result<()> {
+    let path = args
+        .plot
+        .as_ref()
+        .context("--from needs --plot FILE.svg")?;
+    let runs = args
+        .from
+        .iter()
+        .map(|p| read_saved(p))
+        .collect::<anyhow::Result<Vec<_>>>()?;
+    let mut worlds: Vec<usize> = runs.iter().map(|r| r.0).collect();
+    worlds.sort_unstable();
+    worlds.dedup();
+    let mut dtypes: Vec<&str> = runs.iter().map(|r| r.1.as_str()).collect();
+    dtypes.sort_unstable();
+    dtypes.dedup();
+    let mut series: Vec<crate::plot::Series> = Vec::new();
+    for (n, _, rows) in &runs {
+        for (op, bytes, bw) in rows {
+            let label = if worlds.len() > 1 {
+                format!("{op} N={n}")
+            } else {
+                op.clone()
+            };
+            match series.iter_mut().find(|s| s.label == label) {
+                Some(s) => s.points.push((*bytes, *bw)),
+                None => series.push(crate::plot::Series {
+                    label,
+                    points: vec![(*bytes, *bw)],
+                }),
+            }
+        }
+    }
+    for s in &mut series {
+        s.points.sort_by_key(|p| p.0);
+    }
+    crate::plot::busbw_svg(path, &plot_title(&dtypes.join("/"), &worlds), &series)?;
+    eprintln!("tprun perf: wrote {}", path.display());
     Ok(())
 }
 

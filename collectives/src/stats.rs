@@ -85,6 +85,38 @@ impl CommStats {
     }
 }
 
+impl CommStats {
+    /// The per-operation table printed at the end of generate and bench: count, bytes, seconds,
+    /// share of `wall_s`, and the mean time a call waited for its slowest peer.
+    pub fn summary(&self, wall_s: f64) -> String {
+        let mut out = format!(
+            "{:<15} {:>8} {:>12} {:>10} {:>7} {:>14}\n",
+            "collective", "count", "bytes", "seconds", "share", "mean wait (us)"
+        );
+        for (k, s) in self.iter() {
+            out += &format!(
+                "{:<15} {:>8} {:>12} {:>10.6} {:>6.1}% {:>14.2}\n",
+                k.name(),
+                s.count,
+                s.bytes,
+                s.seconds,
+                100.0 * s.seconds / wall_s.max(1e-12),
+                1e6 * s.wait_seconds / s.count.max(1) as f64
+            );
+        }
+        let total = self.total_seconds();
+        out += &format!(
+            "{:<15} {:>8} {:>12} {:>10.6} {:>6.1}%  of {wall_s:.6} s wall\n",
+            "total",
+            self.ops.iter().map(|s| s.count).sum::<u64>(),
+            self.ops.iter().map(|s| s.bytes).sum::<u64>(),
+            total,
+            100.0 * total / wall_s.max(1e-12)
+        );
+        out
+    }
+}
+
 /// Serialises as `{"all_reduce": {"count":..,"bytes":..,"seconds":..,"wait_seconds":..}, ...}`
 /// with only the kinds that were called (the `comm` object of `generate --json`).
 impl serde::Serialize for CommStats {
@@ -95,5 +127,29 @@ impl serde::Serialize for CommStats {
             m.serialize_entry(k.name(), s)?;
         }
         m.end()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn summary_lists_called_ops_with_share_and_mean_wait() {
+        let mut st = CommStats::default();
+        st.record(OpKind::AllReduce, 256, 0.5, 0.25);
+        st.record(OpKind::AllReduce, 256, 0.5, 0.25);
+        st.record(OpKind::Broadcast, 4, 0.1, 0.0);
+        let t = st.summary(10.0);
+        let lines: Vec<&str> = t.lines().collect();
+        assert_eq!(lines.len(), 4, "{t}");
+        let ar: Vec<&str> = lines[1].split_whitespace().collect();
+        assert_eq!(ar, ["all_reduce", "2", "512", "1.000000", "10.0%", "250000.00"]);
+        assert!(lines[2].starts_with("broadcast"));
+        assert!(lines[3].starts_with("total"));
+        let j = serde_json::to_value(&st).unwrap();
+        assert_eq!(j["all_reduce"]["count"], 2);
+        assert_eq!(j["all_reduce"]["wait_seconds"], 0.5);
+        assert!(j.get("all_gather").is_none());
     }
 }

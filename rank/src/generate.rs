@@ -348,6 +348,7 @@ pub fn generate(
 fn choose(comm: &mut dyn Communicator, sampler: &mut Sampler, logits: &[f32]) -> Result<u32> {
     let mut id = [0u32];
     if comm.rank() == 0 {
+        let _s = collectives::trace::span("sample");
         id[0] = sampler.sample(logits)?;
     }
     if comm.world_size() > 1 {
@@ -368,6 +369,7 @@ fn default_seed() -> u64 {
 pub fn run(args: &Args) -> Result<()> {
     let input = Input::from_args(args)?;
     let mut comm = collectives::from_env()?;
+    let started = Instant::now();
     let p = runtime::prepare(&args.model, &*comm)?;
     let rank0 = p.plan.rank == 0;
     let tok = Tokenizer::load(&p.dir)?;
@@ -452,6 +454,11 @@ pub fn run(args: &Args) -> Result<()> {
         decode_tok_s,
         d.stop.as_str()
     );
+    // Collectives since the communicator was made (load, prefill, decode) against the wall
+    // time since then.
+    let wall_s = started.elapsed().as_secs_f64();
+    let stats = comm.stats();
+    eprint!("tprun generate: collectives on rank 0\n{}", stats.summary(wall_s));
     if args.json {
         let text = tok.decode(&d.output_ids, true)?;
         let j = serde_json::json!({
@@ -467,8 +474,10 @@ pub fn run(args: &Args) -> Result<()> {
                 "prefill_s": d.prefill_s,
                 "decode_s": d.decode_s,
             },
-            // Rank 0's collectives since its communicator was made (load, prefill, decode).
-            "comm": comm.stats(),
+            // Rank 0's collectives since its communicator was made (load, prefill, decode):
+            // {op: {count, bytes, seconds, wait_seconds}}; wall_s is the time since then.
+            "comm": stats,
+            "wall_s": wall_s,
         });
         let mut out = stdout.lock();
         writeln!(out, "{j}")?;

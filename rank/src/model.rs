@@ -631,7 +631,11 @@ impl Qwen2 {
         let h = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
         let mut hidden_states = Vec::new();
-        let mut x = self.embed_tokens.forward(comm, ids)?;
+        let _fwd = collectives::trace::forward_span("forward", m, start_pos);
+        let mut x = {
+            let _s = collectives::trace::span("embedding");
+            self.embed_tokens.forward(comm, ids)?
+        };
         let mut normed = vec![0f32; m * h];
         let step = Step {
             plan: &self.plan,
@@ -639,18 +643,22 @@ impl Qwen2 {
             start_pos,
             m,
         };
-        for (layer, cache) in self.layers.iter().zip(&mut self.cache.layers) {
+        for (i, (layer, cache)) in self.layers.iter().zip(&mut self.cache.layers).enumerate() {
+            let attn_span = collectives::trace::layer_span("attention", i);
             if opts.hidden_states {
                 hidden_states.push(x.clone());
             }
             kernels::rmsnorm(&x, &layer.input_layernorm, eps, &mut normed);
             let a = layer.self_attn.forward(comm, &step, cache, &normed)?;
             kernels::add_inplace(&mut x, &a);
+            drop(attn_span);
+            let _mlp_span = collectives::trace::layer_span("mlp", i);
             kernels::rmsnorm(&x, &layer.post_attention_layernorm, eps, &mut normed);
             let f = layer.mlp.forward(comm, &normed, m)?;
             kernels::add_inplace(&mut x, &f);
         }
         self.cache.len = start_pos + m;
+        let _head_span = collectives::trace::span("lm_head");
         kernels::rmsnorm(&x, &self.norm, eps, &mut normed);
         if opts.hidden_states {
             hidden_states.push(normed.clone());

@@ -364,6 +364,7 @@ impl ShmComm {
         &mut self,
         kind: OpKind,
         bytes: usize,
+        dtype: Option<DType>,
         f: impl FnOnce(&mut ShmComm) -> Result<()>,
     ) -> Result<()> {
         self.kind = kind;
@@ -375,6 +376,8 @@ impl ShmComm {
             });
         }
         let t0 = Instant::now();
+        let trace_start = crate::trace::enabled().then(crate::trace::now_us);
+        let step0 = self.step;
         self.wait_s = 0.0;
         let a = self.map.header().abort.load(Relaxed);
         let res = if a != 0 {
@@ -388,14 +391,43 @@ impl ShmComm {
             f(self)
         };
         match &res {
-            Ok(()) => self
-                .stats
-                .record(kind, bytes, t0.elapsed().as_secs_f64(), self.wait_s),
+            Ok(()) => {
+                self.stats
+                    .record(kind, bytes, t0.elapsed().as_secs_f64(), self.wait_s);
+                if let Some(start) = trace_start {
+                    self.trace(start, kind, bytes, dtype, self.step - step0);
+                }
+            }
             // Bad arguments are caught before any step, so the communicator stays usable.
             Err(CommError::Invalid { .. }) => {}
             Err(e) => self.failed = Some(e.to_string()),
         }
         res
+    }
+
+    /// Records a finished call in the trace (only called with tracing on).
+    #[cold]
+    fn trace(&self, start_us: f64, kind: OpKind, bytes: usize, dtype: Option<DType>, steps: u64) {
+        let algorithm = match kind {
+            _ if self.world == 1 => "local",
+            OpKind::AllReduce if bytes <= self.opts.one_shot_max => "one_shot",
+            OpKind::AllReduce => "reduce_scatter+all_gather",
+            OpKind::AllGather => "copy_out",
+            OpKind::ReduceScatter => "direct",
+            OpKind::Broadcast => "copy_out",
+            OpKind::Barrier => "flags",
+        };
+        crate::trace::record_comm(
+            start_us,
+            crate::trace::CommEvent {
+                op: kind,
+                bytes: bytes as u64,
+                dtype,
+                algorithm,
+                steps,
+                wait_s: self.wait_s,
+            },
+        );
     }
 
     /// Steps 1-2 of the protocol: make sure our half `s % 2` is free, then describe it.
@@ -878,11 +910,11 @@ impl Communicator for ShmComm {
     }
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let n = buf.len();
-        self.run_op(OpKind::AllReduce, n, |c| c.all_reduce_impl(buf, dtype, op))
+        self.run_op(OpKind::AllReduce, n, Some(dtype), |c| c.all_reduce_impl(buf, dtype, op))
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
         let n = output.len();
-        self.run_op(OpKind::AllGather, n, |c| {
+        self.run_op(OpKind::AllGather, n, Some(dtype), |c| {
             c.all_gather_impl(input, output, dtype)
         })
     }
@@ -894,16 +926,16 @@ impl Communicator for ShmComm {
         op: ReduceOp,
     ) -> Result<()> {
         let n = input.len();
-        self.run_op(OpKind::ReduceScatter, n, |c| {
+        self.run_op(OpKind::ReduceScatter, n, Some(dtype), |c| {
             c.reduce_scatter_impl(input, output, dtype, op)
         })
     }
     fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
         let n = buf.len();
-        self.run_op(OpKind::Broadcast, n, |c| c.broadcast_impl(buf, root))
+        self.run_op(OpKind::Broadcast, n, None, |c| c.broadcast_impl(buf, root))
     }
     fn barrier(&mut self) -> Result<()> {
-        self.run_op(OpKind::Barrier, 0, |c| c.barrier_impl())
+        self.run_op(OpKind::Barrier, 0, None, |c| c.barrier_impl())
     }
     fn stats(&self) -> CommStats {
         self.stats.clone()
