@@ -76,7 +76,10 @@ fn comm_events(trace: &Value) -> BTreeMap<(u64, String), (u64, u64)> {
     let mut m = BTreeMap::new();
     for e in trace["traceEvents"].as_array().unwrap() {
         if e["ph"] == "X" && e["cat"] == "comm" {
-            let k = (e["pid"].as_u64().unwrap(), e["name"].as_str().unwrap().to_string());
+            let k = (
+                e["pid"].as_u64().unwrap(),
+                e["name"].as_str().unwrap().to_string(),
+            );
             let v = m.entry(k).or_insert((0, 0));
             v.0 += 1;
             v.1 += e["args"]["bytes"].as_u64().unwrap();
@@ -119,13 +122,17 @@ fn generate_trace_matches_the_readme_formula_and_the_json_comm() {
     );
     let stdout = ok(&out);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("all_reduce"), "no summary on stderr:\n{stderr}");
+    assert!(
+        stderr.contains("all_reduce"),
+        "no summary on stderr:\n{stderr}"
+    );
     let j: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(j["output_ids"].as_array().unwrap().len() as u64, k);
 
     // Only the merged trace is left: no per-rank files, no temporary directory.
     assert_eq!(s.entries(), ["gen.json", "tmp"]);
-    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace_path).unwrap()).unwrap();
+    let trace: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace_path).unwrap()).unwrap();
     let events = trace["traceEvents"].as_array().unwrap();
     for r in 0..n {
         assert!(
@@ -157,7 +164,10 @@ fn generate_trace_matches_the_readme_formula_and_the_json_comm() {
     let mut want = BTreeMap::new();
     for r in 0..n {
         let ar_bytes = (p + (k - 1)) * (1 + 2 * layers) * hidden * 4;
-        want.insert((r, "all_reduce".to_string()), (k * (1 + 2 * layers), ar_bytes));
+        want.insert(
+            (r, "all_reduce".to_string()),
+            (k * (1 + 2 * layers), ar_bytes),
+        );
         want.insert((r, "all_gather".to_string()), (k, k * n * padded * 4));
         want.insert((r, "broadcast".to_string()), (k, k * 4));
     }
@@ -213,7 +223,10 @@ fn failed_job_leaves_no_trace_files() {
     );
     assert_eq!(out.status.code(), Some(1));
     let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("--trace") && err.contains("does not exist"), "{err}");
+    assert!(
+        err.contains("--trace") && err.contains("does not exist"),
+        "{err}"
+    );
     assert_eq!(s.entries(), ["tmp"]);
 }
 
@@ -254,7 +267,8 @@ fn perf_trace_and_plot_live_and_from_saved_results() {
     for op in ["all_reduce", "all_gather", "reduce_scatter", "broadcast"] {
         assert!(text.contains(op), "{op} missing from the legend");
     }
-    let trace: Value = serde_json::from_str(&std::fs::read_to_string(&trace_path).unwrap()).unwrap();
+    let trace: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace_path).unwrap()).unwrap();
     let got = comm_events(&trace);
     // 10 sizes (8 B .. 4 KiB) x (1 warmup + 2 timed) all-reduces per rank.
     assert_eq!(got[&(0, "all_reduce".to_string())].0, 30);
@@ -283,6 +297,13 @@ fn perf_trace_and_plot_live_and_from_saved_results() {
     assert!(text.contains("all_reduce N=2") && text.contains("all_reduce N=3"));
     assert_eq!(
         s.entries(),
-        ["live.svg", "n2.json", "n3.json", "perf.json", "saved.svg", "tmp"]
+        [
+            "live.svg",
+            "n2.json",
+            "n3.json",
+            "perf.json",
+            "saved.svg",
+            "tmp"
+        ]
     );
 }

@@ -549,9 +549,12 @@ fn plot_title(dtype: &str, worlds: &[usize]) -> String {
     format!("tprun perf: bus bandwidth, {dtype}, {} ranks", ns.join("/"))
 }
 
+/// A saved run: world size, dtype name, rows of (op, bytes, busbw GB/s).
+type Saved = (usize, String, Vec<(String, u64, f64)>);
+
 /// A saved `perf --json` result: the JSON object line of the file (a `[rankN]: ` prefix from
 /// the launcher is allowed).
-fn read_saved(path: &std::path::Path) -> anyhow::Result<(usize, String, Vec<(String, u64, f64)>)> {
+fn read_saved(path: &std::path::Path) -> anyhow::Result<Saved> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("--from {}: cannot read", path.display()))?;
     let obj = text
@@ -591,10 +594,7 @@ fn read_saved(path: &std::path::Path) -> anyhow::Result<(usize, String, Vec<(Str
 /// `perf --plot FILE.svg --from a.json [--from b.json ...]`: plots saved results (no ranks).
 /// Lines are labelled `op N=n` when the files hold more than one world size.
 pub fn plot_saved(args: &Args) -> anyhow::Result<()> {
-    let path = args
-        .plot
-        .as_ref()
-        .context("--from needs --plot FILE.svg")?;
+    let path = args.plot.as_ref().context("--from needs --plot FILE.svg")?;
     let runs = args
         .from
         .iter()

@@ -20,9 +20,9 @@ pub struct Series {
 fn size_label(bytes: f64) -> String {
     let b = bytes.round() as u64;
     match b {
-        _ if b >= 1 << 30 && b % (1 << 30) == 0 => format!("{}G", b >> 30),
-        _ if b >= 1 << 20 && b % (1 << 20) == 0 => format!("{}M", b >> 20),
-        _ if b >= 1 << 10 && b % (1 << 10) == 0 => format!("{}K", b >> 10),
+        _ if b >= 1 << 30 && b.is_multiple_of(1 << 30) => format!("{}G", b >> 30),
+        _ if b >= 1 << 20 && b.is_multiple_of(1 << 20) => format!("{}M", b >> 20),
+        _ if b >= 1 << 10 && b.is_multiple_of(1 << 10) => format!("{}K", b >> 10),
         _ => b.to_string(),
     }
 }
@@ -57,6 +57,7 @@ pub fn busbw_svg(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<
             .x_labels(span + 1)
             .x_label_formatter(&|x| size_label(2f64.powf(*x)))
             .y_label_formatter(&|y| format!("{y:.1}"))
+            .max_light_lines(1)
             .label_style(("sans-serif", 14))
             .axis_desc_style(("sans-serif", 16))
             .draw()?;

@@ -144,7 +144,10 @@ mod tests {
         let lines: Vec<&str> = t.lines().collect();
         assert_eq!(lines.len(), 4, "{t}");
         let ar: Vec<&str> = lines[1].split_whitespace().collect();
-        assert_eq!(ar, ["all_reduce", "2", "512", "1.000000", "10.0%", "250000.00"]);
+        assert_eq!(
+            ar,
+            ["all_reduce", "2", "512", "1.000000", "10.0%", "250000.00"]
+        );
         assert!(lines[2].starts_with("broadcast"));
         assert!(lines[3].starts_with("total"));
         let j = serde_json::to_value(&st).unwrap();

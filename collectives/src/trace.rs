@@ -226,9 +226,12 @@ pub fn merge(dir: &Path, out: &Path) -> anyhow::Result<usize> {
     let mut world = 0;
     for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
         let name = e?.file_name();
-        let r = name
-            .to_str()
-            .and_then(|n| n.strip_prefix("rank")?.strip_suffix(".json")?.parse::<usize>().ok());
+        let r = name.to_str().and_then(|n| {
+            n.strip_prefix("rank")?
+                .strip_suffix(".json")?
+                .parse::<usize>()
+                .ok()
+        });
         if let Some(r) = r {
             world = world.max(r + 1);
         }
@@ -260,14 +263,22 @@ pub fn merge(dir: &Path, out: &Path) -> anyhow::Result<usize> {
     let n = events.len();
     let mut all = Vec::with_capacity(n + 3 * world);
     for r in 0..world {
-        all.push(json!({"name": "process_name", "ph": "M", "pid": r, "tid": 0,
-                        "args": {"name": format!("rank {r}")}}));
-        all.push(json!({"name": "process_sort_index", "ph": "M", "pid": r, "tid": 0,
-                        "args": {"sort_index": r}}));
-        all.push(json!({"name": "thread_name", "ph": "M", "pid": r, "tid": TID_COMPUTE,
-                        "args": {"name": "compute"}}));
-        all.push(json!({"name": "thread_name", "ph": "M", "pid": r, "tid": TID_COMM,
-                        "args": {"name": "collectives"}}));
+        all.push(
+            json!({"name": "process_name", "ph": "M", "pid": r, "tid": 0,
+                        "args": {"name": format!("rank {r}")}}),
+        );
+        all.push(
+            json!({"name": "process_sort_index", "ph": "M", "pid": r, "tid": 0,
+                        "args": {"sort_index": r}}),
+        );
+        all.push(
+            json!({"name": "thread_name", "ph": "M", "pid": r, "tid": TID_COMPUTE,
+                        "args": {"name": "compute"}}),
+        );
+        all.push(
+            json!({"name": "thread_name", "ph": "M", "pid": r, "tid": TID_COMM,
+                        "args": {"name": "collectives"}}),
+        );
     }
     all.extend(events);
     let doc = json!({
@@ -331,7 +342,10 @@ impl JobTrace {
                 Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && i < 100 => i += 1,
                 Err(e) => {
                     return Err(e).with_context(|| {
-                        format!("--trace: cannot make a temporary directory in {}", base.display())
+                        format!(
+                            "--trace: cannot make a temporary directory in {}",
+                            base.display()
+                        )
                     })
                 }
             }

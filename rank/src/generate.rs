@@ -458,7 +458,10 @@ pub fn run(args: &Args) -> Result<()> {
     // time since then.
     let wall_s = started.elapsed().as_secs_f64();
     let stats = comm.stats();
-    eprint!("tprun generate: collectives on rank 0\n{}", stats.summary(wall_s));
+    eprint!(
+        "tprun generate: collectives on rank 0\n{}",
+        stats.summary(wall_s)
+    );
     if args.json {
         let text = tok.decode(&d.output_ids, true)?;
         let j = serde_json::json!({

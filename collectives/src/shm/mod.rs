@@ -910,7 +910,9 @@ impl Communicator for ShmComm {
     }
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let n = buf.len();
-        self.run_op(OpKind::AllReduce, n, Some(dtype), |c| c.all_reduce_impl(buf, dtype, op))
+        self.run_op(OpKind::AllReduce, n, Some(dtype), |c| {
+            c.all_reduce_impl(buf, dtype, op)
+        })
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
         let n = output.len();
