@@ -93,7 +93,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                     .ok()
                     .and_then(|r| r.parse().ok())
                     .unwrap_or(0);
-                collectives::trace::write_rank_file(out, rank)?;
+                collectives::trace::finish_rank(out, rank)?;
             }
             Ok(0)
         }

@@ -231,6 +231,41 @@ fn failed_job_leaves_no_trace_files() {
 }
 
 #[test]
+fn a_rank_started_alone_writes_a_complete_trace() {
+    let s = Scratch::new("alone");
+    let trace_path = s.0.join("alone.json");
+    let out = Command::new(TPRUN)
+        .args([
+            "generate",
+            "--input-ids",
+            "1,2,3",
+            "--max-new-tokens",
+            "2",
+            "--trace",
+        ])
+        .arg(&trace_path)
+        .env("TPRUN_ROLE", "rank")
+        .env("TMPDIR", s.tmp())
+        .env_remove("WORLD_SIZE")
+        .env_remove("RANK")
+        .env_remove("TPRUN_TRACE_DIR")
+        .output()
+        .unwrap();
+    ok(&out);
+    assert_eq!(s.entries(), ["alone.json", "tmp"]);
+    let trace: Value =
+        serde_json::from_str(&std::fs::read_to_string(&trace_path).unwrap()).unwrap();
+    let events = trace["traceEvents"].as_array().unwrap();
+    assert!(events
+        .iter()
+        .any(|e| e["name"] == "process_name" && e["pid"] == 0));
+    // A world of one calls no collectives; the compute spans are there.
+    assert!(comm_events(&trace).is_empty());
+    let forwards = events.iter().filter(|e| e["name"] == "forward").count();
+    assert_eq!(forwards, 2);
+}
+
+#[test]
 fn perf_trace_and_plot_live_and_from_saved_results() {
     let s = Scratch::new("perf");
     let svg = s.0.join("live.svg");

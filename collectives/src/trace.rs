@@ -192,31 +192,32 @@ pub fn take_events(rank: usize) -> Vec<Value> {
     events.iter().map(|e| event_json(e, rank)).collect()
 }
 
-/// Where rank `rank` writes its events for a job traced into `out`: under `$TPRUN_TRACE_DIR`
-/// when tprun set it, else next to `out`.
-pub fn rank_file(out: &Path, rank: usize) -> PathBuf {
+/// Ends this rank's part of a job traced into `out`: under tprun (`$TPRUN_TRACE_DIR` set) writes
+/// the events for tprun to merge; a rank started on its own writes a complete trace to `out`.
+pub fn finish_rank(out: &Path, rank: usize) -> anyhow::Result<()> {
     match std::env::var_os(ENV_TRACE_DIR) {
-        Some(d) if !d.is_empty() => Path::new(&d).join(format!("rank{rank}.json")),
+        Some(d) if !d.is_empty() => {
+            write_rank_file(&Path::new(&d).join(format!("rank{rank}.json")), rank)
+        }
         _ => {
-            let mut s = out.as_os_str().to_owned();
-            s.push(format!(".rank{rank}"));
-            PathBuf::from(s)
+            let job = JobTrace::new(out)?;
+            write_rank_file(&job.dir.join(format!("rank{rank}.json")), rank)?;
+            job.finish(true)
         }
     }
 }
 
-/// Writes (and clears) this process's events to [`rank_file`] as a JSON array.
-pub fn write_rank_file(out: &Path, rank: usize) -> anyhow::Result<PathBuf> {
-    let path = rank_file(out, rank);
+/// Writes (and clears) this process's events to `path` as a JSON array.
+fn write_rank_file(path: &Path, rank: usize) -> anyhow::Result<()> {
     let events = Value::Array(take_events(rank));
     let mut f = std::io::BufWriter::new(
-        std::fs::File::create(&path)
+        std::fs::File::create(path)
             .with_context(|| format!("cannot write trace file {}", path.display()))?,
     );
     serde_json::to_writer(&mut f, &events)
         .and_then(|_| f.flush().map_err(serde_json::Error::io))
         .with_context(|| format!("cannot write trace file {}", path.display()))?;
-    Ok(path)
+    Ok(())
 }
 
 /// Merges the per-rank event arrays `dir/rank{r}.json` (r = 0, 1, ... every rank of the job)
