@@ -241,6 +241,7 @@ fn a_rank_started_alone_writes_a_complete_trace() {
             "1,2,3",
             "--max-new-tokens",
             "2",
+            "--ignore-eos",
             "--trace",
         ])
         .arg(&trace_path)
