@@ -149,13 +149,25 @@ impl Job {
             if t.elapsed() > limit {
                 let _ = self.child.kill();
                 let _ = self.child.wait();
-                let err = self.err.take().map(|h| h.join().unwrap()).unwrap_or_default();
+                let err = self
+                    .err
+                    .take()
+                    .map(|h| h.join().unwrap())
+                    .unwrap_or_default();
                 panic!("tprun did not end within {limit:?}: a hang\n{err}");
             }
             std::thread::sleep(Duration::from_millis(10));
         };
-        let stdout = self.out.take().map(|h| h.join().unwrap()).unwrap_or_default();
-        let stderr = self.err.take().map(|h| h.join().unwrap()).unwrap_or_default();
+        let stdout = self
+            .out
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default();
+        let stderr = self
+            .err
+            .take()
+            .map(|h| h.join().unwrap())
+            .unwrap_or_default();
         let mut rank_pids = self.seen.clone();
         rank_pids.extend(summary_pids(&stderr));
         Outcome {
@@ -187,8 +199,7 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Outcome {
 
 fn code_of(st: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
-    st.code()
-        .unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
+    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
 /// Pids in the launcher's summary table (the rows under `rank  pid  status  time_s  log`).
@@ -357,7 +368,11 @@ fn clear_error(case: &str, o: &Outcome, want: &[&str]) -> String {
             .lines()
             .filter(|l| l.starts_with(&format!("[rank{r}]: ")) && l.contains("error"))
             .count();
-        assert!(n <= 1, "{case}: rank {r} printed {n} error lines:\n{}", o.stderr);
+        assert!(
+            n <= 1,
+            "{case}: rank {r} printed {n} error lines:\n{}",
+            o.stderr
+        );
     }
     let line = o
         .stderr
@@ -492,7 +507,11 @@ fn a_rank_crashing_at_a_random_point_is_reported() {
             assert_eq!(o.code, 128 + sig, "{case}: exit code\n{}", o.stderr);
             let name = signal_name(sig);
             let line = format!("tprun: rank {victim} failed: killed by {name}");
-            assert!(o.stderr.contains(&line), "{case}: no `{line}` in\n{}", o.stderr);
+            assert!(
+                o.stderr.contains(&line),
+                "{case}: no `{line}` in\n{}",
+                o.stderr
+            );
             assert!(summary_row(&o.stderr, victim).contains(name), "{case}");
             assert!(
                 !o.stderr.contains("panicked") && !o.stderr.contains("RUST_BACKTRACE"),
@@ -545,7 +564,11 @@ fn a_rank_hanging_outside_collectives_trips_the_deadline() {
             "{case}\n{}",
             o.stderr
         );
-        assert!(summary_row(&o.stderr, hung).contains("SIGKILL"), "{}", o.stderr);
+        assert!(
+            summary_row(&o.stderr, hung).contains("SIGKILL"),
+            "{}",
+            o.stderr
+        );
     }
 }
 
@@ -568,7 +591,11 @@ fn timeout_ends_a_job_with_a_hung_rank() {
         &["tprun: timed out after 2s (exit code 124)"],
     );
     assert!(line.starts_with("tprun:"));
-    assert!(summary_row(&o.stderr, 1).contains("SIGKILL"), "{}", o.stderr);
+    assert!(
+        summary_row(&o.stderr, 1).contains("SIGKILL"),
+        "{}",
+        o.stderr
+    );
 }
 
 /// kill -9 of tprun in the middle of a run: every rank is gone (PR_SET_PDEATHSIG) and no segment
@@ -629,9 +656,8 @@ fn perf_check_args(max: &str) -> Vec<&str> {
 /// Every row of a `perf --check --json` result has 0 wrong elements.
 fn assert_perf_correct(o: &Outcome) {
     assert_eq!(o.code, 0, "{}", o.stderr);
-    let j: Value = serde_json::from_str(o.stdout.trim()).unwrap_or_else(|e| {
-        panic!("perf --json output is not JSON ({e}):\n{}", o.stdout)
-    });
+    let j: Value = serde_json::from_str(o.stdout.trim())
+        .unwrap_or_else(|e| panic!("perf --json output is not JSON ({e}):\n{}", o.stdout));
     let rows = j["rows"].as_array().unwrap();
     assert!(rows.len() >= 4, "{}", o.stdout);
     for r in rows {
@@ -679,7 +705,7 @@ fn many_jobs_back_to_back_and_at_once() {
     assert_eq!(solo.as_array().unwrap().len(), 200);
 
     let gen = generate_ids_args();
-    let mut jobs = vec![
+    let mut jobs = [
         Job::start(&perf_check_args("1M"), &[]),
         Job::start(&strs(&gen), &[]),
         Job::start(&perf_check_args("1M"), &[]),
@@ -722,11 +748,7 @@ fn shared_memory_that_cannot_be_had_is_a_clear_error_at_start() {
         &["-n", "2", "perf", "--max-bytes", "8"],
         &[("TPRUN_SHM_SLOT_BYTES", "5")],
     );
-    clear_error(
-        "TPRUN_SHM_SLOT_BYTES=5",
-        &o,
-        &["TPRUN_SHM_SLOT_BYTES=5"],
-    );
+    clear_error("TPRUN_SHM_SLOT_BYTES=5", &o, &["TPRUN_SHM_SLOT_BYTES=5"]);
 
     let probe = Command::new("unshare").args(["-Urm", "true"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
@@ -827,7 +849,10 @@ const TINY: &str = "tiny-hub-bf16-tied";
 /// Runs `generate` and `logits` at TP 2 on the model `m` and checks both fail cleanly with `want`
 /// on one line (plus the summary); `logits` only when `for_logits`.
 fn bad_model(case: &str, m: &str, want: &[&str], for_logits: bool) {
-    let o = run(&["-n", "2", "generate", "--model", m, "--prompt", "hi"], &[]);
+    let o = run(
+        &["-n", "2", "generate", "--model", m, "--prompt", "hi"],
+        &[],
+    );
     clear_rank_error(&format!("generate: {case}"), &o, want);
     assert!(o.stdout.is_empty(), "{case}: {}", o.stdout);
     if for_logits {
@@ -905,7 +930,10 @@ fn bad_model_directories_and_configs() {
     bad_model(
         "config.json heads not dividing hidden_size",
         &m.s(),
-        &["config.json", "hidden_size (64) is not divisible by num_attention_heads (3)"],
+        &[
+            "config.json",
+            "hidden_size (64) is not divisible by num_attention_heads (3)",
+        ],
         true,
     );
     edit_json(&m.path("config.json"), |c| {
@@ -948,7 +976,10 @@ fn bad_weights_indexes_and_tokenizers() {
     bad_model(
         "header length 2^64-1",
         &m.s(),
-        &["model.safetensors", "header length 18446744073709551615 runs past the end"],
+        &[
+            "model.safetensors",
+            "header length 18446744073709551615 runs past the end",
+        ],
         true,
     );
     std::fs::write(&st, &full).unwrap();
@@ -959,7 +990,11 @@ fn bad_weights_indexes_and_tokenizers() {
     bad_model(
         "data_offsets reversed",
         &m.s(),
-        &["model.safetensors", "tensor model.norm.weight", "are reversed"],
+        &[
+            "model.safetensors",
+            "tensor model.norm.weight",
+            "are reversed",
+        ],
         true,
     );
     std::fs::write(&st, &full).unwrap();
@@ -969,7 +1004,11 @@ fn bad_weights_indexes_and_tokenizers() {
     bad_model(
         "data_offsets out of range",
         &m.s(),
-        &["model.safetensors", "tensor model.norm.weight", "run past the end of the data"],
+        &[
+            "model.safetensors",
+            "tensor model.norm.weight",
+            "run past the end of the data",
+        ],
         true,
     );
     std::fs::write(&st, &full).unwrap();
@@ -979,7 +1018,10 @@ fn bad_weights_indexes_and_tokenizers() {
     bad_model(
         "shape and data_offsets disagree",
         &m.s(),
-        &["tensor model.norm.weight", "shape [3] of BF16 needs 6 bytes"],
+        &[
+            "tensor model.norm.weight",
+            "shape [3] of BF16 needs 6 bytes",
+        ],
         true,
     );
     std::fs::write(&st, &full).unwrap();
@@ -1047,13 +1089,12 @@ fn bad_weights_indexes_and_tokenizers() {
         &["missing tokenizer", "tokenizer.json does not exist"],
         false,
     );
-    std::fs::write(m.path("tokenizer.json"), "{\"version\": \"1.0\", \"model\": 3").unwrap();
-    bad_model(
-        "tokenizer.json broken",
-        &m.s(),
-        &["tokenizer.json"],
-        false,
-    );
+    std::fs::write(
+        m.path("tokenizer.json"),
+        "{\"version\": \"1.0\", \"model\": 3",
+    )
+    .unwrap();
+    bad_model("tokenizer.json broken", &m.s(), &["tokenizer.json"], false);
     let out = m.path("out.safetensors");
     let o = run(
         &[
@@ -1069,7 +1110,11 @@ fn bad_weights_indexes_and_tokenizers() {
         ],
         &[],
     );
-    clear_rank_error("logits --text: tokenizer.json broken", &o, &["tokenizer.json"]);
+    clear_rank_error(
+        "logits --text: tokenizer.json broken",
+        &o,
+        &["tokenizer.json"],
+    );
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -1089,7 +1134,9 @@ fn bad_inputs_for_generate_and_logits() {
     let tiny = fixture(TINY);
     let t = tiny.to_str().unwrap();
     let gen = |extra: &[&str]| -> Vec<String> {
-        let mut a: Vec<String> = ["-n", "2", "generate", "--model", t].map(String::from).to_vec();
+        let mut a: Vec<String> = ["-n", "2", "generate", "--model", t]
+            .map(String::from)
+            .to_vec();
         a.extend(extra.iter().map(|s| s.to_string()));
         a
     };
@@ -1145,12 +1192,34 @@ fn bad_inputs_for_generate_and_logits() {
     let o = out.to_str().unwrap();
     bad(
         "logits --out in a missing directory",
-        &["-n", "2", "logits", "--model", t, "--input-ids", "1", "--out", "/nonexistent/o.st"],
+        &[
+            "-n",
+            "2",
+            "logits",
+            "--model",
+            t,
+            "--input-ids",
+            "1",
+            "--out",
+            "/nonexistent/o.st",
+        ],
         &["--out /nonexistent/o.st: directory /nonexistent does not exist"],
     );
     bad(
         "logits --dtype f64",
-        &["-n", "2", "logits", "--model", t, "--input-ids", "1", "--dtype", "f64", "--out", o],
+        &[
+            "-n",
+            "2",
+            "logits",
+            "--model",
+            t,
+            "--input-ids",
+            "1",
+            "--dtype",
+            "f64",
+            "--out",
+            o,
+        ],
         &["--dtype", "'f64'"],
     );
     bad(
@@ -1173,11 +1242,17 @@ fn bad_inputs_for_bench_perf_and_compare() {
     clear_error("bench --bogus-flag", &o, &["--bogus-flag"]);
     let o = run(&["-n", "2", "bench", "--model", "/nonexistent/m"], &[]);
     let line = clear_error("bench --model /nonexistent/m", &o, &["error"]);
-    assert!(line.contains("--model") || line.contains("/nonexistent/m"), "{line}");
+    assert!(
+        line.contains("--model") || line.contains("/nonexistent/m"),
+        "{line}"
+    );
 
     for (args, want) in [
         (&["--op", "foo"][..], &["--op", "'foo'"][..]),
-        (&["--max-bytes", "banana"], &["--max-bytes", "'banana'", "not a size"]),
+        (
+            &["--max-bytes", "banana"],
+            &["--max-bytes", "'banana'", "not a size"],
+        ),
         (&["--max-bytes", "5T"], &["--max-bytes", "'5T'"]),
         (&["--dtype", "q4"], &["--dtype", "'q4'"]),
         (&["--iters", "0"], &["--iters must be at least 1"]),
@@ -1211,22 +1286,34 @@ fn bad_inputs_for_bench_perf_and_compare() {
     std::fs::write(&st, "not a safetensors file\n").unwrap();
     check(
         "a text file",
-        &[s, "is not a valid safetensors file: header length", "runs past the end of the file (23 bytes)"],
+        &[
+            s,
+            "is not a valid safetensors file: header length",
+            "runs past the end of the file (23 bytes)",
+        ],
     );
     std::fs::write(&st, &full[..100]).unwrap();
     check(
         "truncated",
-        &[s, "is not a valid safetensors file: header length", "(100 bytes)"],
+        &[
+            s,
+            "is not a valid safetensors file: header length",
+            "(100 bytes)",
+        ],
     );
-    let mut junk = 16u64.to_le_bytes().to_vec();
-    junk.extend_from_slice(b"{\"x\": {\"dtype\"");
+    let text = b"{\"x\": {\"dtype\"";
+    let mut junk = (text.len() as u64).to_le_bytes().to_vec();
+    junk.extend_from_slice(text);
     std::fs::write(&st, junk).unwrap();
     check("header not JSON", &[s, "header is not valid JSON"]);
     std::fs::write(&st, &full).unwrap();
     edit_header(&st, |h| {
         h["model.norm.weight"]["dtype"] = "I16".into();
     });
-    check("an I16 tensor", &["model.norm.weight", s, "unsupported dtype"]);
+    check(
+        "an I16 tensor",
+        &["model.norm.weight", s, "unsupported dtype"],
+    );
     let o = run(&["compare", g, g, "--tol", "abc"], &[]);
     clear_error("compare --tol abc", &o, &["--tol", "'abc'"]);
 }

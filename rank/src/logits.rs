@@ -40,8 +40,14 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     // Every rank checks the output directories before the (slow) load, so a typo fails at once
     // and the same way on every rank.
-    for (flag, path) in [("--out", Some(&args.out)), ("--hidden-states", args.hidden_states.as_ref())] {
-        if let Some(dir) = path.and_then(|p| p.parent()).filter(|d| !d.as_os_str().is_empty()) {
+    for (flag, path) in [
+        ("--out", Some(&args.out)),
+        ("--hidden-states", args.hidden_states.as_ref()),
+    ] {
+        if let Some(dir) = path
+            .and_then(|p| p.parent())
+            .filter(|d| !d.as_os_str().is_empty())
+        {
             anyhow::ensure!(
                 dir.is_dir(),
                 "{flag} {}: directory {} does not exist",
