@@ -34,6 +34,14 @@ fn main() {
                         c.all_reduce(&mut buf, ReduceOp::Sum).unwrap();
                         t.push(t0.elapsed().as_secs_f64() * 1e6);
                     }
+                    let st = c.stats();
+                    let ar = st.get(collectives::OpKind::AllReduce);
+                    eprintln!(
+                        "rank {}: waiting {:.0}% of {:.3} s",
+                        c.rank(),
+                        100.0 * ar.wait_seconds / ar.seconds,
+                        ar.seconds
+                    );
                     t
                 })
             })

@@ -676,6 +676,37 @@ mod tests {
         }
     }
 
+    /// NaN results are the canonical NaN on every path, whatever NaNs went in.
+    #[test]
+    fn nan_results_are_canonical() {
+        let nan_bits = |dtype: DType| match dtype {
+            DType::F32 => CANONICAL_NAN.to_le_bytes().to_vec(),
+            DType::BF16 => 0x7FC0u16.to_le_bytes().to_vec(),
+            DType::F16 => 0x7E00u16.to_le_bytes().to_vec(),
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16] {
+            let count = 37; // SIMD body and scalar tail
+            let pos = encode(dtype, &vec![f32::INFINITY; count]);
+            let neg = encode(dtype, &vec![f32::NEG_INFINITY; count]);
+            let odd_nan = encode(dtype, &vec![f32::from_bits(0xFFC0_1234); count]);
+            let one = encode(dtype, &vec![1.0; count]);
+            for simd in Simd::available() {
+                for (op, srcs) in [
+                    (ReduceOp::Sum, vec![&pos[..], &neg[..]]),
+                    (ReduceOp::Sum, vec![&odd_nan[..], &one[..]]),
+                    (ReduceOp::Max, vec![&one[..], &odd_nan[..], &pos[..]]),
+                    (ReduceOp::Max, vec![&odd_nan[..], &pos[..]]),
+                ] {
+                    let mut out = vec![0u8; one.len()];
+                    reduce_into(simd, dtype, op, &mut out, &srcs);
+                    for c in out.chunks(dtype.size()) {
+                        assert_eq!(c, &nan_bits(dtype)[..], "{simd:?} {dtype:?} {op:?}");
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn sum_is_rank_ordered_f32() {
         // (1e8 + 1) - 1e8 = 0 in f32, but 1e8 - 1e8 + 1 = 1: the order is observable.
