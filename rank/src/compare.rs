@@ -45,7 +45,7 @@ pub fn run(args: &Args) -> Result<()> {
     let b = read(&args.b)?;
     let diffs = compare_files(&args.a, &a, &args.b, &b)?;
     let failed: Vec<&TensorDiff> = match args.tol {
-        Some(tol) => diffs.iter().filter(|d| !(d.max_abs <= tol)).collect(),
+        Some(tol) => diffs.iter().filter(|d| !within(d.max_abs, tol)).collect(),
         None => Vec::new(),
     };
     if args.json {
@@ -67,6 +67,11 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// `diff <= tol`, with NaN never within tolerance.
+fn within(diff: f64, tol: f64) -> bool {
+    matches!(diff.partial_cmp(&tol), Some(Ordering::Less | Ordering::Equal))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {
@@ -217,7 +222,7 @@ pub fn format_table(diffs: &[TensorDiff], tol: Option<f64>) -> String {
     );
     for d in diffs {
         let ok = match tol {
-            Some(t) if d.max_abs <= t => "  ok",
+            Some(t) if within(d.max_abs, t) => "  ok",
             Some(_) => "  FAIL",
             None => "",
         };

@@ -4,9 +4,10 @@
 //! ```text
 //! offset 0            Header (one page): magic, version, world size, slot bytes, total bytes,
 //!                     creator pid; `abort` (own 128-B line); named-path handshake words.
-//! PAGE                Ctl[world], 256 B each: line 0 = `seq` (the rank's published step count,
-//!                     written only by that rank); line 1 = `waiters` (futex sleepers on `seq`,
-//!                     written by peers), pid, pid namespace, `gone`.
+//! PAGE                Ctl[world], 256 B each: line 0 = `seq` (the rank's published step count)
+//!                     and the CPU it published from, written only by that rank; line 1 =
+//!                     `waiters` (futex sleepers on `seq`, written by peers), pid, pid
+//!                     namespace, `gone`.
 //! hdr_off (page)      SlotHdr[world][2], 128 B each: what the rank's data half holds (step, op,
 //!                     dtype, reduce op, root, bytes), checked by readers to catch ranks that
 //!                     called different collectives.
@@ -54,7 +55,10 @@ pub(crate) struct Header {
 pub(crate) struct Ctl {
     /// Steps this rank has published (wrapping u32; also the futex word).
     pub seq: AtomicU32,
-    _pad0: [u8; 124],
+    /// The CPU this rank last published from (+1; 0 = unknown). A waiter on the same CPU does not
+    /// spin: the peer cannot run until it stops.
+    pub cpu: AtomicU32,
+    _pad0: [u8; 120],
     /// Peers sleeping on `seq` (the publisher calls futex_wake only when non-zero).
     pub waiters: AtomicU32,
     pub pid: AtomicU32,

@@ -57,15 +57,12 @@ pub const ENV_CHUNK: &str = "TPRUN_COMM_CHUNK_BYTES";
 pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(60);
 /// Default busy-wait before sleeping, when every rank can have its own CPU. Long, because waking
 /// a sleeping rank costs 5-20 us on an idle machine and milliseconds on a busy one, while ranks
-/// doing equal work arrive within microseconds of each other.
+/// doing equal work arrive within microseconds of each other. A waiter whose peer last ran on the
+/// waiter's own CPU skips it: the peer cannot run while we spin.
 pub const DEFAULT_SPIN: Duration = Duration::from_millis(1);
-/// Adaptive spinning: a successful spin earns one credit (up to the max), a failed one costs
-/// SPIN_FAIL_COST; with no credit left a wait sleeps at once, except every SPIN_PROBE_EVERY-th,
-/// which spins for at most SPIN_PROBE to see whether spinning pays off again.
-const SPIN_CREDIT_MAX: i32 = 16;
-const SPIN_FAIL_COST: i32 = 4;
-const SPIN_PROBE_EVERY: u32 = 32;
-const SPIN_PROBE: Duration = Duration::from_micros(20);
+/// After a spin that failed, the next budget is halved (down to this); a success doubles it back
+/// up to the configured spin. Covers peers the CPU check misses (e.g. just woken onto our CPU).
+const SPIN_FLOOR: Duration = Duration::from_micros(10);
 /// How often a sleeping waiter re-checks that the peer's process still exists.
 const LIVENESS_PERIOD: Duration = Duration::from_millis(100);
 
@@ -248,8 +245,8 @@ pub struct ShmComm {
     unverified: Option<(u64, Desc)>,
     srcs: Vec<*const u8>,
     release_taken: bool,
-    spin_credit: i32,
-    waits_since_probe: u32,
+    /// Current spin budget (adapted between SPIN_FLOOR and `opts.spin`).
+    spin_budget: Duration,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -301,6 +298,7 @@ impl ShmComm {
             c.pidns.store(ns, SeqCst);
             c.gone.store(0, SeqCst);
         }
+        let spin_budget = opts.spin;
         let step = map.ctl(&lay, rank).seq.load(SeqCst) as u64;
         let known = (0..world)
             .map(|p| map.ctl(&lay, p).seq.load(SeqCst))
@@ -322,8 +320,7 @@ impl ShmComm {
             unverified: None,
             srcs: vec![std::ptr::null(); world],
             release_taken: false,
-            spin_credit: SPIN_CREDIT_MAX,
-            waits_since_probe: 0,
+            spin_budget,
         })
     }
 
@@ -428,6 +425,7 @@ impl ShmComm {
     fn publish(&mut self) {
         self.step += 1;
         let c = self.map.ctl(&self.lay, self.rank);
+        c.cpu.store(sys::current_cpu(), Relaxed);
         // SeqCst store + SeqCst load of `waiters` pairs with the waiter's increment + re-check,
         // so either we see the sleeper or it sees the new value.
         c.seq.store(self.step as u32, SeqCst);
@@ -493,18 +491,14 @@ impl ShmComm {
             me.wait_s += start.elapsed().as_secs_f64();
             Ok(())
         };
-        // Spin only while spinning keeps paying off: when the peer cannot run while we spin (it
-        // shares our CPU), every spin fails, and we stop spinning except for a probe every
-        // SPIN_PROBE_EVERY waits.
-        let budget = if self.spin_credit > 0 {
-            self.opts.spin
-        } else if self.waits_since_probe >= SPIN_PROBE_EVERY {
-            self.opts.spin.min(SPIN_PROBE)
-        } else {
+        // Spinning only helps if the peer can run meanwhile: not if it last ran on our CPU.
+        let peer_cpu = ctl.cpu.load(Relaxed);
+        let budget = if peer_cpu != 0 && peer_cpu == sys::current_cpu() {
             Duration::ZERO
+        } else {
+            self.spin_budget
         };
         if !budget.is_zero() {
-            self.waits_since_probe = 0;
             let mut i = 0u32;
             loop {
                 // A few pauses between loads: the load hits L1 until the peer writes the line.
@@ -513,7 +507,7 @@ impl ShmComm {
                 }
                 let v = ctl.seq.load(Acquire);
                 if reached(v, target) {
-                    self.spin_credit = (self.spin_credit.max(0) + 1).min(SPIN_CREDIT_MAX);
+                    self.spin_budget = (self.spin_budget * 2).min(self.opts.spin);
                     return done(self, v);
                 }
                 i += 1;
@@ -521,9 +515,7 @@ impl ShmComm {
                     break;
                 }
             }
-            self.spin_credit = (self.spin_credit - SPIN_FAIL_COST).max(-SPIN_CREDIT_MAX);
-        } else {
-            self.waits_since_probe += 1;
+            self.spin_budget = (self.spin_budget / 2).max(SPIN_FLOOR.min(self.opts.spin));
         }
         for _ in 0..self.opts.yields {
             std::thread::yield_now();

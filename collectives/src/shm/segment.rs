@@ -453,7 +453,10 @@ fn stale(fd: &OwnedFd) -> bool {
     if (st.st_size as usize) < PAGE {
         return false;
     }
-    let Ok(m) = Mapping::map(fd.try_clone().expect("dup"), PAGE, "existing segment") else {
+    let Ok(dup) = fd.try_clone() else {
+        return false;
+    };
+    let Ok(m) = Mapping::map(dup, PAGE, "existing segment") else {
         return false;
     };
     let h = m.header();
