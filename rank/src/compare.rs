@@ -71,7 +71,10 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// `diff <= tol`, with NaN never within tolerance.
 fn within(diff: f64, tol: f64) -> bool {
-    matches!(diff.partial_cmp(&tol), Some(Ordering::Less | Ordering::Equal))
+    matches!(
+        diff.partial_cmp(&tol),
+        Some(Ordering::Less | Ordering::Equal)
+    )
 }
 
 fn read(path: &Path) -> Result<Vec<u8>> {

@@ -38,8 +38,10 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
-    // Every rank checks the output directories before the (slow) load, so a typo fails at once
-    // and the same way on every rank.
+    let mut comm = collectives::from_env()?;
+    let p = runtime::prepare(&args.model, &*comm)?;
+    // Every rank checks the output directories after the model check and before the (slow)
+    // load, so a typo fails at once and the same way on every rank.
     for (flag, path) in [
         ("--out", Some(&args.out)),
         ("--hidden-states", args.hidden_states.as_ref()),
@@ -56,8 +58,6 @@ pub fn run(args: &Args) -> Result<()> {
             );
         }
     }
-    let mut comm = collectives::from_env()?;
-    let p = runtime::prepare(&args.model, &*comm)?;
     let ids = match (&args.input_ids, &args.text) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => runtime::tokenize(&p.dir, text)?,
