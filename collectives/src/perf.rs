@@ -453,6 +453,19 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         "--root {} is out of range for {n} ranks",
         args.root
     );
+    // Buffers per rank are at most max_bytes * (1 + 1/n); sizes the machine cannot hold would
+    // end in a swap storm or the OOM killer, not in a result.
+    let need = (n as f64 + 1.0) * args.max_bytes as f64;
+    if let Some(ram) = total_memory_bytes() {
+        const GIB: f64 = (1u64 << 30) as f64;
+        ensure!(
+            need <= ram as f64,
+            "--max-bytes {}: {n} ranks need about {:.1} GiB of buffers in all, more than this machine's {:.1} GiB of memory",
+            args.max_bytes,
+            need / GIB,
+            ram as f64 / GIB
+        );
+    }
     let ops: Vec<PerfOp> = match args.op {
         PerfOp::All => vec![
             PerfOp::AllReduce,
@@ -629,6 +642,17 @@ pub fn plot_saved(args: &Args) -> anyhow::Result<()> {
     crate::plot::busbw_svg(path, &plot_title(&dtypes.join("/"), &worlds), &series)?;
     eprintln!("tprun perf: wrote {}", path.display());
     Ok(())
+}
+
+/// Physical memory of the machine, if the kernel says.
+fn total_memory_bytes() -> Option<u64> {
+    // SAFETY: sysinfo only writes into the zeroed struct we pass.
+    let mut si: libc::sysinfo = unsafe { std::mem::zeroed() };
+    // SAFETY: `si` is a valid, writable sysinfo struct.
+    if unsafe { libc::sysinfo(&mut si) } != 0 {
+        return None;
+    }
+    Some(si.totalram as u64 * si.mem_unit.max(1) as u64)
 }
 
 #[cfg(test)]

@@ -71,25 +71,42 @@ pub(crate) fn run(
     let mut killed_at: Option<Instant> = None;
     loop {
         let mut newly_failed = false;
-        for rk in ranks.iter_mut().filter(|rk| rk.exit.is_none()) {
+        let mut failed_now: Vec<usize> = Vec::new();
+        for (i, rk) in ranks.iter_mut().enumerate() {
+            if rk.exit.is_some() {
+                continue;
+            }
             let status = rk
                 .child
                 .try_wait()
                 .with_context(|| format!("cannot wait for rank {} (pid {})", rk.rank, rk.pid))?;
             if let Some(st) = status {
                 rk.exit = Some((st, start.elapsed().as_secs_f64()));
-                if !st.success() && cause.is_none() {
-                    // Wake ranks blocked in a collective first, then stop them.
-                    segment.abort(rk.rank);
-                    cause = Some(Cause::Failed(rk.rank));
-                    relay.note(format!(
-                        "tprun: rank {} failed ({}); stopping the other ranks",
-                        rk.rank,
-                        describe(st)
-                    ));
-                    newly_failed = true;
+                if !st.success() {
+                    failed_now.push(i);
                 }
             }
+        }
+        // Of the ranks found dead in one tick, one killed by a signal is the likelier first
+        // failure: the others may only have noticed it die (a collective reports a dead peer
+        // within 0.1 s) and exited with an error of their own in the same tick.
+        let first = failed_now
+            .iter()
+            .copied()
+            .find(|&i| ranks[i].exit.is_some_and(|(st, _)| st.signal().is_some()))
+            .or(failed_now.first().copied());
+        if let (Some(i), None) = (first, &cause) {
+            let (rank, st) = (ranks[i].rank, ranks[i].exit.map(|(st, _)| st));
+            // Wake ranks blocked in a collective first, then stop them.
+            segment.abort(rank);
+            cause = Some(Cause::Failed(i));
+            if let Some(st) = st {
+                relay.note(format!(
+                    "tprun: rank {rank} failed ({}); stopping the other ranks",
+                    describe(st)
+                ));
+            }
+            newly_failed = true;
         }
         if ranks.iter().all(|rk| rk.exit.is_some()) {
             break;

@@ -45,7 +45,7 @@ pub fn run(args: &Args) -> Result<()> {
     let b = read(&args.b)?;
     let diffs = compare_files(&args.a, &a, &args.b, &b)?;
     let failed: Vec<&TensorDiff> = match args.tol {
-        Some(tol) => diffs.iter().filter(|d| !(d.max_abs <= tol)).collect(),
+        Some(tol) => diffs.iter().filter(|d| !within(d.max_abs, tol)).collect(),
         None => Vec::new(),
     };
     if args.json {
@@ -69,6 +69,14 @@ pub fn run(args: &Args) -> Result<()> {
     Ok(())
 }
 
+/// `diff <= tol`, with NaN never within tolerance.
+fn within(diff: f64, tol: f64) -> bool {
+    matches!(
+        diff.partial_cmp(&tol),
+        Some(Ordering::Less | Ordering::Equal)
+    )
+}
+
 fn read(path: &Path) -> Result<Vec<u8>> {
     std::fs::read(path).with_context(|| format!("cannot read {}", path.display()))
 }
@@ -81,6 +89,12 @@ pub fn compare_files(
     b_path: &Path,
     b_bytes: &[u8],
 ) -> Result<Vec<TensorDiff>> {
+    // The loader's header check first: its errors say what is wrong (safetensors' own errors
+    // are bare names such as `HeaderTooLarge`).
+    for (path, bytes) in [(a_path, a_bytes), (b_path, b_bytes)] {
+        crate::loader::parse_header(bytes)
+            .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
+    }
     let a = SafeTensors::deserialize(a_bytes)
         .with_context(|| format!("{} is not a valid safetensors file", a_path.display()))?;
     let b = SafeTensors::deserialize(b_bytes)
@@ -211,7 +225,7 @@ pub fn format_table(diffs: &[TensorDiff], tol: Option<f64>) -> String {
     );
     for d in diffs {
         let ok = match tol {
-            Some(t) if d.max_abs <= t => "  ok",
+            Some(t) if within(d.max_abs, t) => "  ok",
             Some(_) => "  FAIL",
             None => "",
         };

@@ -40,6 +40,24 @@ pub struct Args {
 pub fn run(args: &Args) -> Result<()> {
     let mut comm = collectives::from_env()?;
     let p = runtime::prepare(&args.model, &*comm)?;
+    // Every rank checks the output directories after the model check and before the (slow)
+    // load, so a typo fails at once and the same way on every rank.
+    for (flag, path) in [
+        ("--out", Some(&args.out)),
+        ("--hidden-states", args.hidden_states.as_ref()),
+    ] {
+        if let Some(dir) = path
+            .and_then(|p| p.parent())
+            .filter(|d| !d.as_os_str().is_empty())
+        {
+            anyhow::ensure!(
+                dir.is_dir(),
+                "{flag} {}: directory {} does not exist",
+                path.map_or(String::new(), |p| p.display().to_string()),
+                dir.display()
+            );
+        }
+    }
     let ids = match (&args.input_ids, &args.text) {
         (Some(ids), _) => ids.clone(),
         (None, Some(text)) => runtime::tokenize(&p.dir, text)?,

@@ -50,6 +50,9 @@ pub struct Prepared {
 pub fn prepare(args: &ModelArgs, comm: &dyn Communicator) -> Result<Prepared> {
     let dir = model_dir(args);
     if !dir.is_dir() {
+        if dir.exists() {
+            bail!("model directory {} is not a directory", dir.display());
+        }
         bail!("model directory {} does not exist", dir.display());
     }
     let config = Config::from_dir(&dir)?;
@@ -155,6 +158,8 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32]
             Ok((name.clone(), v))
         })
         .collect::<Result<Vec<_>>>()?;
-    safetensors::serialize_to_file(views, &None, path)
-        .with_context(|| format!("cannot write {}", path.display()))
+    // serialize + fs::write rather than serialize_to_file, whose I/O errors print as Debug.
+    let bytes = safetensors::serialize(views, &None)
+        .with_context(|| format!("cannot serialize {}", path.display()))?;
+    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
 }

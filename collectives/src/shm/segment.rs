@@ -165,6 +165,11 @@ impl SegmentOptions {
             o.slot_bytes = crate::perf::parse_size(&s)
                 .map_err(|e| setup(format!("{ENV_SLOT}={s}: {e}")))?
                 as usize;
+            if o.slot_bytes == 0 || !o.slot_bytes.is_multiple_of(PAGE) {
+                return Err(setup(format!(
+                    "{ENV_SLOT}={s}: must be a positive multiple of {PAGE} bytes"
+                )));
+            }
         }
         Ok(o)
     }
