@@ -3,7 +3,7 @@
 
 #[derive(Debug, thiserror::Error)]
 pub enum CommError {
-    #[error("{op} #{seq}: rank {missing} did not arrive within {waited_s:.1} s (deadline)")]
+    #[error("{op} #{seq}: rank {missing} did not arrive within {waited_s:.1} s (deadline; TPRUN_COMM_TIMEOUT_S sets it)")]
     Timeout {
         op: &'static str,
         seq: u64,
@@ -16,6 +16,21 @@ pub enum CommError {
         seq: u64,
         failed: usize,
         missing: usize,
+    },
+    /// The peer's process is gone (or it dropped its communicator) before it joined the operation.
+    #[error("{op} #{seq}: rank {missing} {how} while this rank waited for it")]
+    PeerDied {
+        op: &'static str,
+        seq: u64,
+        missing: usize,
+        how: String,
+    },
+    /// Ranks called different collectives (or the same one with different sizes) at the same point.
+    #[error("{op} #{seq}: ranks disagree: {msg}")]
+    Mismatch {
+        op: &'static str,
+        seq: u64,
+        msg: String,
     },
     #[error("{op}: invalid arguments: {msg}")]
     Invalid { op: &'static str, msg: String },

@@ -7,10 +7,14 @@
 
 pub mod error;
 pub mod local;
+pub mod reduce;
 pub mod shm;
+pub mod stats;
 pub mod types;
 
 pub use error::CommError;
+pub use shm::{JobSegment, ShmComm};
+pub use stats::{CommStats, OpKind, OpStats};
 pub use types::{DType, Element, ReduceOp};
 
 /// Result of a collective.
@@ -41,6 +45,12 @@ pub trait Communicator: Send {
     /// Copies `root`'s `buf` into every other rank's `buf`.
     fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()>;
     fn barrier(&mut self) -> Result<()>;
+
+    /// Per-operation totals (count, bytes, seconds, wait seconds) since the communicator was
+    /// made. Transports without counters return zeros.
+    fn stats(&self) -> CommStats {
+        CommStats::default()
+    }
 
     fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()>
     where
@@ -109,6 +119,9 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn barrier(&mut self) -> Result<()> {
         (**self).barrier()
+    }
+    fn stats(&self) -> CommStats {
+        (**self).stats()
     }
 }
 

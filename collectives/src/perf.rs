@@ -1,12 +1,540 @@
-//! `tprun perf`: the nccl-tests table for tprun's collectives. (Skeleton.)
+//! `tprun perf`: the nccl-tests table for tprun's collectives.
+//!
+//! Every rank runs the same loop; rank 0 prints. A row's time is the mean over `--iters` calls on
+//! each rank, then the maximum over ranks. Sizes double from `--min-bytes` to `--max-bytes`; for
+//! all-gather and reduce-scatter the size is the whole gathered/scattered buffer, rounded down to
+//! a multiple of world size x element size (as nccl-tests does). `--check` fills every input with
+//! rank-dependent values and compares every output element, bit for bit, with a serial rank-order
+//! reference computed locally; `#wrong` is the number of mismatches summed over ranks.
+
+use anyhow::{bail, ensure, Context};
+use half::{bf16, f16};
+
+use crate::{Communicator, DType, Element, ReduceOp};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PerfOp {
+    #[value(alias = "all_reduce", alias = "allreduce")]
+    AllReduce,
+    #[value(alias = "all_gather", alias = "allgather")]
+    AllGather,
+    #[value(alias = "reduce_scatter", alias = "reducescatter")]
+    ReduceScatter,
+    Broadcast,
+    All,
+}
+
+impl PerfOp {
+    fn name(self) -> &'static str {
+        match self {
+            PerfOp::AllReduce => "all_reduce",
+            PerfOp::AllGather => "all_gather",
+            PerfOp::ReduceScatter => "reduce_scatter",
+            PerfOp::Broadcast => "broadcast",
+            PerfOp::All => "all",
+        }
+    }
+    /// nccl-tests' factor from algorithm bandwidth to bus bandwidth.
+    fn bus_factor(self, n: usize) -> f64 {
+        let n = n as f64;
+        match self {
+            PerfOp::AllReduce => 2.0 * (n - 1.0) / n,
+            PerfOp::AllGather | PerfOp::ReduceScatter => (n - 1.0) / n,
+            PerfOp::Broadcast | PerfOp::All => 1.0,
+        }
+    }
+}
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PerfDType {
+    #[value(alias = "float", alias = "float32")]
+    F32,
+    #[value(alias = "bfloat16")]
+    Bf16,
+    #[value(alias = "half", alias = "float16")]
+    F16,
+}
+
+impl PerfDType {
+    fn dtype(self) -> DType {
+        match self {
+            PerfDType::F32 => DType::F32,
+            PerfDType::Bf16 => DType::BF16,
+            PerfDType::F16 => DType::F16,
+        }
+    }
+    fn cli_name(self) -> &'static str {
+        match self {
+            PerfDType::F32 => "f32",
+            PerfDType::Bf16 => "bf16",
+            PerfDType::F16 => "f16",
+        }
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
+    /// Collective to measure (`all` = each in turn).
+    #[arg(long, value_enum, default_value = "all-reduce")]
+    pub op: PerfOp,
+    /// Element type (reductions are computed in f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    pub dtype: PerfDType,
+    /// Smallest size in bytes (K/M/G suffixes, powers of 1024).
+    #[arg(long, default_value = "8", value_parser = parse_size)]
+    pub min_bytes: u64,
+    /// Largest size in bytes (K/M/G suffixes, powers of 1024).
+    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    pub max_bytes: u64,
+    /// Timed calls per size.
+    #[arg(long, default_value_t = 20)]
+    pub iters: usize,
+    /// Untimed calls per size before timing.
+    #[arg(long, default_value_t = 5)]
+    pub warmup: usize,
+    /// Check every element against a serial rank-order reference (#wrong column).
+    #[arg(long)]
+    pub check: bool,
+    /// Root rank of broadcast.
+    #[arg(long, default_value_t = 0)]
+    pub root: usize,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("perf is not implemented yet")
+/// Parses a byte count with an optional K/M/G suffix (powers of 1024; `KiB`, `KB`, `k` also
+/// accepted).
+pub fn parse_size(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+    let (num, suffix) = t.split_at(digits);
+    let n: u64 = num
+        .parse()
+        .map_err(|_| format!("'{s}' is not a size (a number with an optional K/M/G suffix)"))?;
+    let mult: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
+        "" | "b" => 1,
+        "k" | "kb" | "kib" => 1 << 10,
+        "m" | "mb" | "mib" => 1 << 20,
+        "g" | "gb" | "gib" => 1 << 30,
+        _ => {
+            return Err(format!(
+                "'{s}': unknown size suffix '{suffix}' (use K, M or G)"
+            ))
+        }
+    };
+    n.checked_mul(mult)
+        .ok_or_else(|| format!("'{s}' is too large"))
+}
+
+/// One line of the table.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct Row {
+    pub op: &'static str,
+    pub bytes: u64,
+    pub count: u64,
+    pub dtype: &'static str,
+    pub time_us: f64,
+    pub algbw_gbps: f64,
+    pub busbw_gbps: f64,
+    /// Mismatching elements summed over ranks; None without --check.
+    pub wrong: Option<u64>,
+}
+
+fn splitmix(mut z: u64) -> u64 {
+    z = z.wrapping_add(0x9E37_79B9_7F4A_7C15);
+    z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+    z ^ (z >> 31)
+}
+
+/// Rank `r`'s input value at index `i`: uniform in [-1, 1) with a full mantissa, so that the
+/// summation order shows in the result.
+fn value(r: usize, i: usize) -> f32 {
+    let h = splitmix(((r as u64) << 40) ^ i as u64 ^ 0x7072_756E);
+    ((h >> 40) as f32) / (1u64 << 23) as f32 - 1.0
+}
+
+/// Typed view of the buffers, so that fill/check use the `half` crate's conversions (an
+/// implementation independent of the transport's).
+trait Pattern: Element {
+    fn fill(buf: &mut [u8], r: usize, base: usize) {
+        for (i, x) in bytemuck::cast_slice_mut::<u8, Self>(buf)
+            .iter_mut()
+            .enumerate()
+        {
+            *x = Self::from_f32(value(r, base + i));
+        }
+    }
+    fn bits_eq(a: Self, b: Self) -> bool {
+        bytemuck::bytes_of(&a) == bytemuck::bytes_of(&b)
+    }
+}
+impl Pattern for f32 {}
+impl Pattern for bf16 {}
+impl Pattern for f16 {}
+
+/// Expected element `i` of the reduction over ranks of `value(r, base + i)`, rank order, f32.
+fn reduced<T: Pattern>(n: usize, base: usize, i: usize) -> T {
+    let mut acc = T::from_f32(value(0, base + i)).to_f32();
+    for r in 1..n {
+        acc += T::from_f32(value(r, base + i)).to_f32();
+    }
+    T::from_f32(acc)
+}
+
+fn count_wrong<T: Pattern>(out: &[u8], want: impl Fn(usize) -> T) -> u64 {
+    bytemuck::cast_slice::<u8, T>(out)
+        .iter()
+        .enumerate()
+        .filter(|(i, &x)| !T::bits_eq(x, want(*i)))
+        .count() as u64
+}
+
+/// Buffers for one size (u32-aligned storage so the typed views are valid).
+struct Bufs {
+    a: Vec<u32>,
+    b: Vec<u32>,
+    a_len: usize,
+    b_len: usize,
+}
+
+impl Bufs {
+    fn new(a_len: usize, b_len: usize) -> Bufs {
+        Bufs {
+            a: vec![0; a_len.div_ceil(4)],
+            b: vec![0; b_len.div_ceil(4)],
+            a_len,
+            b_len,
+        }
+    }
+    fn a(&mut self) -> &mut [u8] {
+        &mut bytemuck::cast_slice_mut(&mut self.a)[..self.a_len]
+    }
+    fn both(&mut self) -> (&mut [u8], &mut [u8]) {
+        (
+            &mut bytemuck::cast_slice_mut(&mut self.a)[..self.a_len],
+            &mut bytemuck::cast_slice_mut(&mut self.b)[..self.b_len],
+        )
+    }
+}
+
+struct Case {
+    op: PerfOp,
+    dtype: PerfDType,
+    n: usize,
+    rank: usize,
+    root: usize,
+    /// Elements per rank segment (all-gather input, reduce-scatter output) or of the buffer.
+    per: usize,
+    bufs: Bufs,
+}
+
+impl Case {
+    fn new(
+        op: PerfOp,
+        dtype: PerfDType,
+        size: u64,
+        n: usize,
+        rank: usize,
+        root: usize,
+    ) -> Option<Case> {
+        let e = dtype.dtype().size();
+        let size = size as usize;
+        let (per, a, b) = match op {
+            PerfOp::AllReduce | PerfOp::Broadcast => {
+                let c = size / e;
+                (c, c * e, 0)
+            }
+            PerfOp::AllGather => {
+                let c = size / (e * n);
+                (c, c * e, c * e * n)
+            }
+            PerfOp::ReduceScatter => {
+                let c = size / (e * n);
+                (c, c * e * n, c * e)
+            }
+            PerfOp::All => unreachable!(),
+        };
+        (per > 0).then(|| Case {
+            op,
+            dtype,
+            n,
+            rank,
+            root,
+            per,
+            bufs: Bufs::new(a, b),
+        })
+    }
+
+    /// Bytes as the table reports them and the element count behind them.
+    fn bytes_count(&self) -> (u64, u64) {
+        let e = self.dtype.dtype().size() as u64;
+        let c = match self.op {
+            PerfOp::AllGather | PerfOp::ReduceScatter => (self.per * self.n) as u64,
+            _ => self.per as u64,
+        };
+        (c * e, c)
+    }
+
+    fn fill(&mut self) {
+        match self.dtype {
+            PerfDType::F32 => self.fill_t::<f32>(),
+            PerfDType::Bf16 => self.fill_t::<bf16>(),
+            PerfDType::F16 => self.fill_t::<f16>(),
+        }
+    }
+
+    fn fill_t<T: Pattern>(&mut self) {
+        let r = self.rank;
+        T::fill(self.bufs.a(), r, 0);
+    }
+
+    fn run(&mut self, comm: &mut dyn Communicator) -> crate::Result<()> {
+        let dt = self.dtype.dtype();
+        match self.op {
+            PerfOp::AllReduce => comm.all_reduce_raw(self.bufs.a(), dt, ReduceOp::Sum),
+            PerfOp::Broadcast => comm.broadcast_raw(self.bufs.a(), self.root),
+            PerfOp::AllGather => {
+                let (a, b) = self.bufs.both();
+                comm.all_gather_raw(a, b, dt)
+            }
+            PerfOp::ReduceScatter => {
+                let (a, b) = self.bufs.both();
+                comm.reduce_scatter_raw(a, b, dt, ReduceOp::Sum)
+            }
+            PerfOp::All => unreachable!(),
+        }
+    }
+
+    fn wrong(&mut self) -> u64 {
+        match self.dtype {
+            PerfDType::F32 => self.wrong_t::<f32>(),
+            PerfDType::Bf16 => self.wrong_t::<bf16>(),
+            PerfDType::F16 => self.wrong_t::<f16>(),
+        }
+    }
+
+    fn wrong_t<T: Pattern>(&mut self) -> u64 {
+        let (n, rank, root, per) = (self.n, self.rank, self.root, self.per);
+        let (a, b) = self.bufs.both();
+        match self.op {
+            PerfOp::AllReduce => count_wrong::<T>(a, |i| reduced::<T>(n, 0, i)),
+            PerfOp::Broadcast => count_wrong::<T>(a, |i| T::from_f32(value(root, i))),
+            PerfOp::AllGather => count_wrong::<T>(b, |j| T::from_f32(value(j / per, j % per))),
+            PerfOp::ReduceScatter => count_wrong::<T>(b, |i| reduced::<T>(n, rank * per, i)),
+            PerfOp::All => unreachable!(),
+        }
+    }
+}
+
+/// Every rank's `x`, in rank order (8 bytes each, moved by an all-gather).
+fn gather_u64(comm: &mut dyn Communicator, x: u64) -> anyhow::Result<Vec<u64>> {
+    let n = comm.world_size();
+    let mut out = vec![0u8; 8 * n];
+    comm.all_gather_raw(&x.to_le_bytes(), &mut out, DType::F32)?;
+    Ok(out
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
+        .collect())
+}
+
+fn bench_size(comm: &mut dyn Communicator, case: &mut Case, args: &Args) -> anyhow::Result<Row> {
+    let n = comm.world_size();
+    case.fill();
+    for _ in 0..args.warmup {
+        case.run(comm)?;
+    }
+    comm.barrier()?;
+    let t0 = std::time::Instant::now();
+    for _ in 0..args.iters {
+        case.run(comm)?;
+    }
+    let local = t0.elapsed().as_secs_f64() / args.iters as f64;
+    let secs = gather_u64(comm, local.to_bits())?
+        .into_iter()
+        .map(f64::from_bits)
+        .fold(0.0, f64::max);
+    let wrong = if args.check {
+        case.fill();
+        case.run(comm)?;
+        let w = case.wrong();
+        Some(gather_u64(comm, w)?.into_iter().sum())
+    } else {
+        None
+    };
+    let (bytes, count) = case.bytes_count();
+    let algbw = bytes as f64 / secs / 1e9;
+    Ok(Row {
+        op: case.op.name(),
+        bytes,
+        count,
+        dtype: case.dtype.cli_name(),
+        time_us: secs * 1e6,
+        algbw_gbps: algbw,
+        busbw_gbps: algbw * case.op.bus_factor(n),
+        wrong,
+    })
+}
+
+fn print_table(op: PerfOp, rows: &[Row], n: usize, args: &Args) {
+    let dt = args.dtype.dtype();
+    println!(
+        "# tprun perf: {} on {n} ranks, {} ({}), {} iters after {} warmup, check {}",
+        op.name(),
+        args.dtype.cli_name(),
+        dt.name(),
+        args.iters,
+        args.warmup,
+        if args.check { "on" } else { "off" }
+    );
+    println!("#");
+    println!(
+        "# {:>10}  {:>12}  {:>8}  {:>10}  {:>8}  {:>8}  {:>6}",
+        "size", "count", "type", "time", "algbw", "busbw", "#wrong"
+    );
+    println!(
+        "# {:>10}  {:>12}  {:>8}  {:>10}  {:>8}  {:>8}  {:>6}",
+        "(B)", "(elements)", "", "(us)", "(GB/s)", "(GB/s)", ""
+    );
+    for r in rows {
+        let wrong = r.wrong.map_or("N/A".to_string(), |w| w.to_string());
+        println!(
+            "  {:>10}  {:>12}  {:>8}  {:>10.2}  {:>8.2}  {:>8.2}  {:>6}",
+            r.bytes,
+            r.count,
+            dt.name(),
+            r.time_us,
+            r.algbw_gbps,
+            r.busbw_gbps,
+            wrong
+        );
+    }
+    let wrong: u64 = rows.iter().filter_map(|r| r.wrong).sum();
+    if args.check {
+        println!(
+            "# Out of bounds values : {wrong} {}",
+            if wrong == 0 { "OK" } else { "FAILED" }
+        );
+    }
+    println!("# Avg bus bandwidth    : {:.4}", avg_busbw(rows));
+    println!("#");
+}
+
+fn avg_busbw(rows: &[Row]) -> f64 {
+    if rows.is_empty() {
+        0.0
+    } else {
+        rows.iter().map(|r| r.busbw_gbps).sum::<f64>() / rows.len() as f64
+    }
+}
+
+pub fn run(args: &Args) -> anyhow::Result<()> {
+    ensure!(args.min_bytes >= 1, "--min-bytes must be at least 1");
+    ensure!(
+        args.min_bytes <= args.max_bytes,
+        "--min-bytes {} is larger than --max-bytes {}",
+        args.min_bytes,
+        args.max_bytes
+    );
+    ensure!(args.iters >= 1, "--iters must be at least 1");
+    let mut comm = crate::from_env().context("perf: cannot set up the collectives")?;
+    let n = comm.world_size();
+    let rank = comm.rank();
+    ensure!(
+        args.root < n,
+        "--root {} is out of range for {n} ranks",
+        args.root
+    );
+    let ops: Vec<PerfOp> = match args.op {
+        PerfOp::All => vec![
+            PerfOp::AllReduce,
+            PerfOp::AllGather,
+            PerfOp::ReduceScatter,
+            PerfOp::Broadcast,
+        ],
+        op => vec![op],
+    };
+    let mut sizes = Vec::new();
+    let mut s = args.min_bytes;
+    while s <= args.max_bytes {
+        sizes.push(s);
+        s = match s.checked_mul(2) {
+            Some(v) => v,
+            None => break,
+        };
+    }
+    let mut all_rows = Vec::new();
+    for &op in &ops {
+        let mut rows: Vec<Row> = Vec::new();
+        for &size in &sizes {
+            let Some(mut case) = Case::new(op, args.dtype, size, n, rank, args.root) else {
+                continue;
+            };
+            // Sizes that round to an already measured one (all-gather on 3 ranks) are skipped.
+            if rows.last().is_some_and(|r| r.bytes == case.bytes_count().0) {
+                continue;
+            }
+            let row = bench_size(comm.as_mut(), &mut case, args)
+                .with_context(|| format!("perf {} at {size} bytes", op.name()))?;
+            rows.push(row);
+        }
+        if rank == 0 && !args.json {
+            print_table(op, &rows, n, args);
+        }
+        all_rows.extend(rows);
+    }
+    if rank == 0 && args.json {
+        let avg: serde_json::Map<String, serde_json::Value> = ops
+            .iter()
+            .map(|op| {
+                let rows: Vec<Row> = all_rows
+                    .iter()
+                    .filter(|r| r.op == op.name())
+                    .cloned()
+                    .collect();
+                (op.name().to_string(), serde_json::json!(avg_busbw(&rows)))
+            })
+            .collect();
+        let out = serde_json::json!({
+            "world_size": n,
+            "dtype": args.dtype.cli_name(),
+            "iters": args.iters,
+            "warmup": args.warmup,
+            "check": args.check,
+            "avg_busbw_gbps": avg,
+            "rows": all_rows,
+        });
+        println!("{out}");
+    }
+    let wrong: u64 = all_rows.iter().filter_map(|r| r.wrong).sum();
+    if wrong > 0 {
+        bail!("perf --check: {wrong} wrong elements");
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!(parse_size("8"), Ok(8));
+        assert_eq!(parse_size("64M"), Ok(64 << 20));
+        assert_eq!(parse_size("4k"), Ok(4096));
+        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
+        assert_eq!(parse_size("2 MB"), Ok(2 << 20));
+        assert!(parse_size("x").is_err());
+        assert!(parse_size("5T").is_err());
+        assert!(parse_size("").is_err());
+    }
+
+    #[test]
+    fn bus_factors() {
+        assert_eq!(PerfOp::AllReduce.bus_factor(4), 1.5);
+        assert_eq!(PerfOp::AllGather.bus_factor(4), 0.75);
+        assert_eq!(PerfOp::ReduceScatter.bus_factor(2), 0.5);
+        assert_eq!(PerfOp::Broadcast.bus_factor(8), 1.0);
+    }
 }

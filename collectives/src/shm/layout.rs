@@ -1,0 +1,122 @@
+//! Byte layout of the job's shared-memory segment. Every offset is a function of
+//! (world size, slot bytes) only, both stored in the header, so every rank computes the same one.
+//!
+//! ```text
+//! offset 0            Header (one page): magic, version, world size, slot bytes, total bytes,
+//!                     creator pid; `abort` (own 128-B line); named-path handshake words.
+//! PAGE                Ctl[world], 256 B each: line 0 = `seq` (the rank's published step count,
+//!                     written only by that rank); line 1 = `waiters` (futex sleepers on `seq`,
+//!                     written by peers), pid, pid namespace, `gone`.
+//! hdr_off (page)      SlotHdr[world][2], 128 B each: what the rank's data half holds (step, op,
+//!                     dtype, reduce op, root, bytes), checked by readers to catch ranks that
+//!                     called different collectives.
+//! data_off (page)     Data[world][2], `slot` bytes each: rank r's two halves (double buffer);
+//!                     step s uses half s % 2.
+//! ```
+//! Total = ~12 KiB + world x 2 x slot: with the default 1 MiB slot, 16 MiB for 8 ranks and
+//! 32 MiB for 16.
+
+use std::sync::atomic::{AtomicU32, AtomicU64};
+
+pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"TPRUNSHM");
+pub(crate) const VERSION: u32 = 1;
+pub(crate) const PAGE: usize = 4096;
+/// Value of `Header::ready` once the creator has filled the header (named path).
+pub(crate) const READY: u32 = 0x5EAD_1E55;
+/// Default bytes per data half.
+pub const DEFAULT_SLOT_BYTES: usize = 1 << 20;
+/// Largest world the layout accepts (the header stores it as u32; this is a sanity bound).
+pub const MAX_WORLD: usize = 4096;
+
+#[repr(C, align(128))]
+pub(crate) struct Header {
+    pub magic: AtomicU64,
+    pub version: AtomicU32,
+    pub world_size: AtomicU32,
+    pub slot_bytes: AtomicU64,
+    pub total_bytes: AtomicU64,
+    pub creator_pid: AtomicU32,
+    _r0: u32,
+    pub creator_pidns: AtomicU64,
+    _pad0: [u8; 80],
+    /// 0 while the job runs; failed rank + 1 once the launcher aborted it.
+    pub abort: AtomicU32,
+    _pad1: [u8; 124],
+    /// READY once the creator has initialised the segment (named path).
+    pub ready: AtomicU32,
+    /// Ranks that have mapped the segment (named path: the last one unlinks the name).
+    pub attached: AtomicU32,
+    /// Set by whoever unlinked the name (named path).
+    pub unlinked: AtomicU32,
+}
+
+#[repr(C, align(128))]
+pub(crate) struct Ctl {
+    /// Steps this rank has published (wrapping u32; also the futex word).
+    pub seq: AtomicU32,
+    _pad0: [u8; 124],
+    /// Peers sleeping on `seq` (the publisher calls futex_wake only when non-zero).
+    pub waiters: AtomicU32,
+    pub pid: AtomicU32,
+    /// 1 once the rank dropped its communicator.
+    pub gone: AtomicU32,
+    _r0: u32,
+    pub pidns: AtomicU64,
+    _pad1: [u8; 104],
+}
+
+/// Describes what a data half holds; written by its owner before publishing the step.
+#[repr(C, align(128))]
+pub(crate) struct SlotHdr {
+    pub step: AtomicU64,
+    pub op_seq: AtomicU64,
+    pub bytes: AtomicU64,
+    /// kind | dtype << 8 | reduce op << 16.
+    pub code: AtomicU32,
+    pub root: AtomicU32,
+}
+
+const _: () = assert!(std::mem::size_of::<Header>() <= PAGE);
+const _: () = assert!(std::mem::size_of::<Ctl>() == 256);
+const _: () = assert!(std::mem::size_of::<SlotHdr>() == 128);
+
+/// Offsets of every region for one (world, slot) pair.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Layout {
+    pub world: usize,
+    pub slot: usize,
+    pub ctl_off: usize,
+    pub hdr_off: usize,
+    pub data_off: usize,
+    pub total: usize,
+}
+
+fn round_up(x: usize, to: usize) -> usize {
+    x.div_ceil(to) * to
+}
+
+impl Layout {
+    pub fn new(world: usize, slot: usize) -> Layout {
+        let ctl_off = PAGE;
+        let hdr_off = round_up(ctl_off + world * std::mem::size_of::<Ctl>(), PAGE);
+        let data_off = round_up(hdr_off + world * 2 * std::mem::size_of::<SlotHdr>(), PAGE);
+        let total = data_off + world * 2 * slot;
+        Layout {
+            world,
+            slot,
+            ctl_off,
+            hdr_off,
+            data_off,
+            total,
+        }
+    }
+    pub fn ctl(&self, r: usize) -> usize {
+        self.ctl_off + r * std::mem::size_of::<Ctl>()
+    }
+    pub fn slot_hdr(&self, r: usize, half: usize) -> usize {
+        self.hdr_off + (r * 2 + half) * std::mem::size_of::<SlotHdr>()
+    }
+    pub fn data(&self, r: usize, half: usize) -> usize {
+        self.data_off + (r * 2 + half) * self.slot
+    }
+}

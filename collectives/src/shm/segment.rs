@@ -1,0 +1,581 @@
+//! Creating, reserving, mapping and finding the job's segment.
+//!
+//! Three ways to get one:
+//! - **memfd** (the normal case): tprun calls [`JobSegment::create`] before it starts the ranks;
+//!   the ranks inherit the fd (`TPRUN_SHM_FD`). No name exists, so a crash leaks nothing; the
+//!   memory goes away with the last process that maps it. With `TPRUN_SHM_DIR` set, the segment
+//!   is an `O_TMPFILE` (or immediately unlinked) file in that directory instead, so tests can use
+//!   a small tmpfs.
+//! - **named** (ranks started some other way, e.g. by torchrun or by hand): rank 0 creates
+//!   `/dev/shm/tprun-<uid>-<run id>` with `O_EXCL`, the others wait for it (with the deadline),
+//!   and the last rank to map it unlinks the name, so it exists only during start-up.
+//! - **in-process** ([`JobSegment::create_with`] + [`JobSegment::communicators`], or
+//!   `ShmComm::new_group`): one memfd, one communicator per thread, for tests.
+//!
+//! Space is reserved with posix_fallocate at creation, so a full tmpfs is an error at start-up
+//! instead of a SIGBUS in the middle of a collective.
+
+use std::ffi::CString;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
+use std::path::{Path, PathBuf};
+use std::ptr::NonNull;
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::fcntl::OFlag;
+use nix::sys::mman::{MapFlags, ProtFlags};
+use nix::sys::stat::Mode;
+
+use super::layout::{
+    Ctl, Header, Layout, SlotHdr, DEFAULT_SLOT_BYTES, MAGIC, MAX_WORLD, PAGE, READY, VERSION,
+};
+use super::sys;
+use super::{CommOptions, ShmComm};
+use crate::{CommError, Result};
+
+/// Environment variables of the contract between tprun and the ranks.
+pub const ENV_FD: &str = "TPRUN_SHM_FD";
+pub const ENV_BYTES: &str = "TPRUN_SHM_BYTES";
+pub const ENV_DIR: &str = "TPRUN_SHM_DIR";
+pub const ENV_SLOT: &str = "TPRUN_SHM_SLOT_BYTES";
+
+fn setup(msg: impl Into<String>) -> CommError {
+    CommError::Setup(msg.into())
+}
+
+/// One mapping of the segment (the launcher's, a rank's, or the shared one of an in-process
+/// group).
+pub(crate) struct Mapping {
+    ptr: NonNull<u8>,
+    len: usize,
+    fd: OwnedFd,
+    /// The name to unlink if start-up fails before every rank has attached (named path).
+    name: Option<PathBuf>,
+}
+
+// SAFETY: the mapping is plain shared memory owned by this value until Drop; everything that
+// several threads or processes write in it is either an atomic or handed over by the step
+// protocol (a writer publishes with a release store, readers read after an acquire load).
+unsafe impl Send for Mapping {}
+// SAFETY: see Send; `&Mapping` only hands out raw pointers and atomics.
+unsafe impl Sync for Mapping {}
+
+impl Mapping {
+    fn map(fd: OwnedFd, len: usize, what: &str) -> Result<Mapping> {
+        let nz = std::num::NonZeroUsize::new(len).ok_or_else(|| setup("empty segment"))?;
+        // SAFETY: a fresh shared mapping of `fd` at an address the kernel picks; nothing else
+        // aliases it yet. MAP_POPULATE pre-faults the (already reserved) pages.
+        let p = unsafe {
+            nix::sys::mman::mmap(
+                None,
+                nz,
+                ProtFlags::PROT_READ | ProtFlags::PROT_WRITE,
+                MapFlags::MAP_SHARED | MapFlags::MAP_POPULATE,
+                fd.as_fd(),
+                0,
+            )
+        }
+        .map_err(|e| {
+            setup(format!(
+                "cannot map {len} bytes of shared memory ({what}): {}",
+                e.desc()
+            ))
+        })?;
+        Ok(Mapping {
+            ptr: p.cast(),
+            len,
+            fd,
+            name: None,
+        })
+    }
+    pub fn header(&self) -> &Header {
+        // SAFETY: offset 0 is page-aligned and the mapping is at least one page (checked by
+        // every constructor); Header is all atomics and padding.
+        unsafe { &*(self.ptr.as_ptr() as *const Header) }
+    }
+    pub fn ctl(&self, lay: &Layout, r: usize) -> &Ctl {
+        debug_assert!(r < lay.world);
+        // SAFETY: `lay` was validated against this mapping's length; the offset is 256-aligned.
+        unsafe { &*(self.ptr.as_ptr().add(lay.ctl(r)) as *const Ctl) }
+    }
+    pub fn slot_hdr(&self, lay: &Layout, r: usize, half: usize) -> &SlotHdr {
+        // SAFETY: as for `ctl`; 128-aligned.
+        unsafe { &*(self.ptr.as_ptr().add(lay.slot_hdr(r, half)) as *const SlotHdr) }
+    }
+    pub fn data(&self, lay: &Layout, r: usize, half: usize) -> *mut u8 {
+        // SAFETY: in bounds, see `ctl`.
+        unsafe { self.ptr.as_ptr().add(lay.data(r, half)) }
+    }
+    fn raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+    /// Removes the segment's name if it still has one and not every rank mapped it yet (a rank
+    /// failed during start-up), so nothing is left in /dev/shm.
+    fn unlink_if_unattached(&self) {
+        if let Some(name) = &self.name {
+            let h = self.header();
+            if h.attached.load(SeqCst) < h.world_size.load(SeqCst)
+                && h.unlinked.compare_exchange(0, 1, SeqCst, SeqCst).is_ok()
+            {
+                let _ = nix::unistd::unlink(name);
+            }
+        }
+    }
+}
+
+impl Drop for Mapping {
+    fn drop(&mut self) {
+        self.unlink_if_unattached();
+        // SAFETY: unmaps exactly the region mapped in `map`; every reference into it borrows
+        // this Mapping (or an Arc of it), so none outlives this call.
+        unsafe {
+            let _ = nix::sys::mman::munmap(self.ptr.cast(), self.len);
+        }
+    }
+}
+
+/// Where and how big to make the segment.
+#[derive(Clone, Debug)]
+pub struct SegmentOptions {
+    /// Directory for a file-backed segment (`TPRUN_SHM_DIR`); `None` = memfd.
+    pub dir: Option<PathBuf>,
+    /// Bytes per data half (`TPRUN_SHM_SLOT_BYTES`); a multiple of 4096.
+    pub slot_bytes: usize,
+}
+
+impl Default for SegmentOptions {
+    fn default() -> Self {
+        SegmentOptions {
+            dir: None,
+            slot_bytes: DEFAULT_SLOT_BYTES,
+        }
+    }
+}
+
+impl SegmentOptions {
+    /// Defaults overridden by `TPRUN_SHM_DIR` and `TPRUN_SHM_SLOT_BYTES`.
+    pub fn from_env() -> Result<SegmentOptions> {
+        let mut o = SegmentOptions::default();
+        if let Some(d) = std::env::var_os(ENV_DIR).filter(|d| !d.is_empty()) {
+            o.dir = Some(PathBuf::from(d));
+        }
+        if let Ok(s) = std::env::var(ENV_SLOT) {
+            o.slot_bytes = crate::perf::parse_size(&s)
+                .map_err(|e| setup(format!("{ENV_SLOT}={s}: {e}")))?
+                as usize;
+        }
+        Ok(o)
+    }
+    fn check(&self, world: usize) -> Result<()> {
+        if world == 0 || world > MAX_WORLD {
+            return Err(setup(format!(
+                "world size {world} out of range 1..={MAX_WORLD}"
+            )));
+        }
+        if self.slot_bytes == 0 || !self.slot_bytes.is_multiple_of(PAGE) {
+            return Err(setup(format!(
+                "slot size {} bytes must be a positive multiple of {PAGE}",
+                self.slot_bytes
+            )));
+        }
+        Ok(())
+    }
+}
+
+fn mib(bytes: usize) -> String {
+    let m = bytes as f64 / (1024.0 * 1024.0);
+    if m >= 10.0 {
+        format!("{m:.0}")
+    } else {
+        format!("{m:.1}")
+    }
+}
+
+/// Reserves `len` bytes of `fd` up front, with a clear error when the filesystem is full.
+fn reserve(fd: BorrowedFd<'_>, len: usize, where_: &str, dir: Option<&Path>) -> Result<()> {
+    match nix::fcntl::posix_fallocate(fd.as_raw_fd(), 0, len as libc::off_t) {
+        Ok(()) => Ok(()),
+        Err(e) => {
+            let free = dir
+                .and_then(|d| nix::sys::statvfs::statvfs(d).ok())
+                .map(|s| {
+                    format!(
+                        " ({} MiB free)",
+                        mib(s.blocks_available() as usize * s.fragment_size() as usize)
+                    )
+                })
+                .unwrap_or_default();
+            Err(setup(format!(
+                "cannot reserve {} MiB of shared memory in {where_}{free}: {}",
+                mib(len),
+                e.desc()
+            )))
+        }
+    }
+}
+
+/// An unnamed, inheritable (no CLOEXEC) file: a memfd, or an O_TMPFILE in `dir`.
+fn create_unnamed(dir: Option<&Path>) -> Result<OwnedFd> {
+    match dir {
+        None => {
+            let name = CString::new("tprun-shm").expect("no NUL");
+            nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::empty())
+                .map_err(|e| setup(format!("memfd_create failed: {}", e.desc())))
+        }
+        Some(d) => {
+            let mode = Mode::from_bits_truncate(0o600);
+            match nix::fcntl::open(d, OFlag::O_TMPFILE | OFlag::O_RDWR, mode) {
+                // SAFETY: `open` returned a fresh fd that nothing else owns.
+                Ok(fd) => Ok(unsafe { OwnedFd::from_raw_fd(fd) }),
+                Err(Errno::EOPNOTSUPP | Errno::EISDIR | Errno::EINVAL) => {
+                    // No O_TMPFILE here: create a unique name and unlink it at once.
+                    let nanos = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |t| t.as_nanos());
+                    let p = d.join(format!(".tprun-{}-{nanos}", std::process::id()));
+                    let fd =
+                        nix::fcntl::open(&p, OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR, mode)
+                            .map_err(|e| {
+                                setup(format!("cannot create {}: {}", p.display(), e.desc()))
+                            })?;
+                    let _ = nix::unistd::unlink(&p);
+                    // SAFETY: fresh fd from `open`.
+                    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+                }
+                Err(e) => Err(setup(format!(
+                    "cannot create shared memory in {}: {}",
+                    d.display(),
+                    e.desc()
+                ))),
+            }
+        }
+    }
+}
+
+/// Fills the header of a freshly reserved (zeroed) segment; `ready` is released last.
+fn init_header(map: &Mapping, lay: &Layout) {
+    let h = map.header();
+    h.magic.store(MAGIC, Relaxed);
+    h.version.store(VERSION, Relaxed);
+    h.world_size.store(lay.world as u32, Relaxed);
+    h.slot_bytes.store(lay.slot as u64, Relaxed);
+    h.total_bytes.store(lay.total as u64, Relaxed);
+    h.creator_pid.store(std::process::id(), Relaxed);
+    h.creator_pidns.store(sys::pid_namespace(), Relaxed);
+    h.ready.store(READY, Release);
+}
+
+/// Checks the header against what this rank expects and returns the layout.
+fn validate(map: &Mapping, world: usize, what: &str) -> Result<Layout> {
+    let h = map.header();
+    if h.magic.load(Relaxed) != MAGIC || h.version.load(Relaxed) != VERSION {
+        return Err(setup(format!(
+            "{what} is not a tprun shared-memory segment of version {VERSION}"
+        )));
+    }
+    let w = h.world_size.load(Relaxed) as usize;
+    if w != world {
+        return Err(setup(format!(
+            "{what} was made for {w} ranks but WORLD_SIZE is {world}"
+        )));
+    }
+    let lay = Layout::new(w, h.slot_bytes.load(Relaxed) as usize);
+    if lay.total as u64 != h.total_bytes.load(Relaxed) || lay.total > map.len {
+        return Err(setup(format!("{what} has an inconsistent size")));
+    }
+    Ok(lay)
+}
+
+/// The launcher's handle on the job's shared memory. Keep it alive for the whole job.
+pub struct JobSegment {
+    map: Arc<Mapping>,
+    lay: Layout,
+}
+
+impl JobSegment {
+    /// Creates the segment for `world_size` ranks (memfd, or a file in `TPRUN_SHM_DIR`), with its
+    /// space reserved. Call before starting the ranks.
+    pub fn create(world_size: usize) -> Result<JobSegment> {
+        JobSegment::create_with(world_size, &SegmentOptions::from_env()?)
+    }
+
+    pub fn create_with(world_size: usize, opts: &SegmentOptions) -> Result<JobSegment> {
+        opts.check(world_size)?;
+        let lay = Layout::new(world_size, opts.slot_bytes);
+        let fd = create_unnamed(opts.dir.as_deref())?;
+        let where_ = match &opts.dir {
+            Some(d) => d.display().to_string(),
+            None => "memfd".to_string(),
+        };
+        reserve(fd.as_fd(), lay.total, &where_, opts.dir.as_deref())?;
+        let map = Mapping::map(fd, lay.total, &where_)?;
+        init_header(&map, &lay);
+        Ok(JobSegment {
+            map: Arc::new(map),
+            lay,
+        })
+    }
+
+    /// Variables every rank needs (on top of RANK/WORLD_SIZE). The fd is inheritable.
+    pub fn env(&self) -> Vec<(String, String)> {
+        vec![
+            (ENV_FD.to_string(), self.map.raw_fd().to_string()),
+            (ENV_BYTES.to_string(), self.lay.total.to_string()),
+        ]
+    }
+
+    /// The segment's fd (inheritable), e.g. to keep it open across a fork.
+    pub fn fd(&self) -> BorrowedFd<'_> {
+        self.map.fd.as_fd()
+    }
+
+    pub fn total_bytes(&self) -> usize {
+        self.lay.total
+    }
+
+    pub fn world_size(&self) -> usize {
+        self.lay.world
+    }
+
+    /// Marks the job failed because `failed_rank` died, and wakes every waiting rank; their
+    /// pending and future collectives return [`CommError::Aborted`].
+    pub fn abort(&self, failed_rank: usize) {
+        let h = self.map.header();
+        let _ = h
+            .abort
+            .compare_exchange(0, failed_rank as u32 + 1, SeqCst, SeqCst);
+        for r in 0..self.lay.world {
+            sys::futex_wake_all(&self.map.ctl(&self.lay, r).seq);
+        }
+    }
+
+    /// The rank that `abort` named, if the job was aborted.
+    pub fn aborted(&self) -> Option<usize> {
+        match self.map.header().abort.load(SeqCst) {
+            0 => None,
+            v => Some(v as usize - 1),
+        }
+    }
+
+    /// One communicator per rank, sharing this process's mapping (ranks as threads).
+    pub fn communicators(&self, opts: &CommOptions) -> Result<Vec<ShmComm>> {
+        (0..self.lay.world)
+            .map(|r| ShmComm::attach(self.map.clone(), self.lay, r, opts.clone()))
+            .collect()
+    }
+}
+
+/// Maps the segment tprun passed in `TPRUN_SHM_FD`.
+pub(crate) fn attach_fd(fd_s: &str, world: usize) -> Result<(Arc<Mapping>, Layout)> {
+    let fd: RawFd = fd_s
+        .trim()
+        .parse()
+        .ok()
+        .filter(|&f| f >= 0)
+        .ok_or_else(|| setup(format!("{ENV_FD}={fd_s} is not a file descriptor number")))?;
+    let what = format!("{ENV_FD}={fd}");
+    let st = nix::sys::stat::fstat(fd).map_err(|e| {
+        setup(format!(
+            "{what}: not an open file ({}); was this rank started by tprun?",
+            e.desc()
+        ))
+    })?;
+    let len = st.st_size as usize;
+    if let Ok(b) = std::env::var(ENV_BYTES) {
+        if b.trim().parse::<usize>().ok() != Some(len) {
+            return Err(setup(format!(
+                "{what} is {len} bytes but {ENV_BYTES}={b}: the fd number does not name the job's segment"
+            )));
+        }
+    }
+    if len < PAGE {
+        return Err(setup(format!(
+            "{what} is too small ({len} bytes) to be a tprun segment"
+        )));
+    }
+    // Not inherited by anything this rank starts.
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| setup(format!("{what}: {}", e.desc())))?;
+    // SAFETY: the launcher handed this fd to the rank for exactly this purpose; `from_env` makes
+    // sure only one live communicator per process takes it (see `TAKEN` in shm/mod.rs). We dup it
+    // so that dropping the mapping never closes the inherited number itself.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .map_err(|e| setup(format!("{what}: cannot dup: {e}")))?;
+    let map = Mapping::map(owned, len, &what)?;
+    let lay = validate(&map, world, &what)?;
+    Ok((Arc::new(map), lay))
+}
+
+/// The directory and name of the named segment for `key` (run id or master port).
+pub(crate) fn named_path(key: &str) -> PathBuf {
+    let dir = std::env::var_os(ENV_DIR)
+        .filter(|d| !d.is_empty())
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
+    let safe: String = key
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .take(100)
+        .collect();
+    // SAFETY: getuid cannot fail and touches no memory of ours.
+    let uid = unsafe { libc::getuid() };
+    dir.join(format!("tprun-{uid}-{safe}"))
+}
+
+fn open_existing(path: &Path) -> std::result::Result<OwnedFd, Errno> {
+    let fd = nix::fcntl::open(path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
+    // SAFETY: fresh fd from `open`.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Is the segment at `fd` left over from a dead job (creator gone)?
+fn stale(fd: &OwnedFd) -> bool {
+    let Ok(st) = nix::sys::stat::fstat(fd.as_raw_fd()) else {
+        return false;
+    };
+    if (st.st_size as usize) < PAGE {
+        return false;
+    }
+    let Ok(dup) = fd.try_clone() else {
+        return false;
+    };
+    let Ok(m) = Mapping::map(dup, PAGE, "existing segment") else {
+        return false;
+    };
+    let h = m.header();
+    h.ready.load(Acquire) == READY
+        && h.creator_pidns.load(Relaxed) == sys::pid_namespace()
+        && !sys::pid_alive(h.creator_pid.load(Relaxed))
+}
+
+/// Rank 0 of the named path: create with O_EXCL (replacing a stale one once), reserve, init.
+fn create_named(path: &Path, lay: &Layout) -> Result<Mapping> {
+    let mode = Mode::from_bits_truncate(0o600);
+    let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+    let mut replaced = false;
+    let fd = loop {
+        match nix::fcntl::open(path, flags, mode) {
+            // SAFETY: fresh fd from `open`.
+            Ok(fd) => break unsafe { OwnedFd::from_raw_fd(fd) },
+            Err(Errno::EEXIST) if !replaced => {
+                replaced = true;
+                if let Ok(old) = open_existing(path) {
+                    if stale(&old) {
+                        let _ = nix::unistd::unlink(path);
+                        continue;
+                    }
+                }
+                return Err(setup(format!(
+                    "{} already exists and belongs to a live job: give this job another TPRUN_RUN_ID / MASTER_PORT",
+                    path.display()
+                )));
+            }
+            Err(e) => {
+                return Err(setup(format!(
+                    "cannot create {}: {}",
+                    path.display(),
+                    e.desc()
+                )))
+            }
+        }
+    };
+    let dir = path.parent().unwrap_or(Path::new("/"));
+    let res = reserve(fd.as_fd(), lay.total, &dir.display().to_string(), Some(dir))
+        .and_then(|()| Mapping::map(fd, lay.total, &path.display().to_string()));
+    match res {
+        Ok(mut m) => {
+            m.name = Some(path.to_path_buf());
+            init_header(&m, lay);
+            Ok(m)
+        }
+        Err(e) => {
+            let _ = nix::unistd::unlink(path);
+            Err(e)
+        }
+    }
+}
+
+/// Ranks > 0 of the named path: wait (until `deadline`) for rank 0's segment to appear and be
+/// initialised by a live creator.
+fn open_named(path: &Path, world: usize, deadline: Instant) -> Result<Mapping> {
+    let mut sleep = Duration::from_millis(1);
+    let mut last = String::from("it does not exist");
+    loop {
+        match open_existing(path) {
+            Ok(fd) => {
+                let size = nix::sys::stat::fstat(fd.as_raw_fd()).map_or(0, |s| s.st_size as usize);
+                if size >= PAGE {
+                    let mut m = Mapping::map(fd, size, &path.display().to_string())?;
+                    let h = m.header();
+                    if h.ready.load(Acquire) == READY {
+                        let ns_ok = h.creator_pidns.load(Relaxed) == sys::pid_namespace();
+                        if ns_ok && !sys::pid_alive(h.creator_pid.load(Relaxed)) {
+                            last = "it is left over from a dead job".into();
+                        } else {
+                            validate(&m, world, &path.display().to_string())?;
+                            m.name = Some(path.to_path_buf());
+                            return Ok(m);
+                        }
+                    } else {
+                        last = "rank 0 has not initialised it".into();
+                    }
+                } else {
+                    last = "rank 0 has not reserved it".into();
+                }
+            }
+            Err(Errno::ENOENT) => {}
+            Err(e) => {
+                return Err(setup(format!(
+                    "cannot open {}: {}",
+                    path.display(),
+                    e.desc()
+                )))
+            }
+        }
+        if Instant::now() >= deadline {
+            return Err(setup(format!(
+                "timed out waiting for rank 0 to create {} ({last})",
+                path.display()
+            )));
+        }
+        std::thread::sleep(sleep);
+        sleep = (sleep * 2).min(Duration::from_millis(20));
+    }
+}
+
+/// Named rendezvous: rank 0 creates, the others open; the last rank to map unlinks the name.
+pub(crate) fn attach_named(
+    key: &str,
+    world: usize,
+    rank: usize,
+    timeout: Duration,
+) -> Result<(Arc<Mapping>, Layout)> {
+    let path = named_path(key);
+    let opts = SegmentOptions::from_env()?;
+    opts.check(world)?;
+    let map = if rank == 0 {
+        create_named(&path, &Layout::new(world, opts.slot_bytes))?
+    } else {
+        open_named(&path, world, Instant::now() + timeout)?
+    };
+    let lay = validate(&map, world, &path.display().to_string())?;
+    let h = map.header();
+    if h.attached.fetch_add(1, SeqCst) as usize + 1 == world
+        && h.unlinked.compare_exchange(0, 1, SeqCst, SeqCst).is_ok()
+    {
+        let _ = nix::unistd::unlink(&path);
+    }
+    Ok((Arc::new(map), lay))
+}
