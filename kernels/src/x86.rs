@@ -25,15 +25,18 @@ pub(crate) trait SimdWeight: Copy {
 }
 
 impl SimdWeight for f32 {
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load16(p: *const f32) -> __m512 {
         _mm512_loadu_ps(p)
     }
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load16_mask(p: *const f32, mask: __mmask16) -> __m512 {
         _mm512_maskz_loadu_ps(mask, p)
     }
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn load8(p: *const f32) -> __m256 {
         _mm256_loadu_ps(p)
     }
@@ -45,17 +48,20 @@ impl SimdWeight for f32 {
 
 impl SimdWeight for bf16 {
     // bf16 → f32 is a 16-bit left shift of the bits: exact.
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load16(p: *const bf16) -> __m512 {
         let h = _mm256_loadu_si256(p as *const __m256i);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
     unsafe fn load16_mask(p: *const bf16, mask: __mmask16) -> __m512 {
         let h = _mm256_maskz_loadu_epi16(mask, p as *const i16);
         _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
     }
-    #[inline(always)]
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
     unsafe fn load8(p: *const bf16) -> __m256 {
         let h = _mm_loadu_si128(p as *const __m128i);
         _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
@@ -152,7 +158,8 @@ pub(crate) unsafe fn gemv_avx512<W: SimdWeight>(w: &[W], x: &[f32], y: &mut [f32
 }
 
 /// One `MR x NR` tile of `x · wᵀ` over the whole `k` (AVX-512): `MR * NR` accumulators.
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn tile_avx512<W: SimdWeight, const MR: usize, const NR: usize>(
     xs: [*const f32; MR],
     ws: [*const W; NR],
@@ -301,7 +308,8 @@ pub(crate) unsafe fn to_bf16_avx512(x: &[f32], out: &mut [bf16]) {
 
 /// One `MR x NR` tile with `vdpbf16ps`: bf16 activations × bf16 weights, f32 accumulation, two
 /// products per f32 lane per instruction (twice the f32 FMA rate).
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 unsafe fn tile_dpbf16<const MR: usize, const NR: usize>(
     xs: [*const bf16; MR],
     ws: [*const bf16; NR],
@@ -383,7 +391,8 @@ pub(crate) unsafe fn gemm_dpbf16(
     }
 }
 
-#[inline(always)]
+#[inline]
+#[target_feature(enable = "avx2,fma")]
 unsafe fn hsum256(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps::<1>(v));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));

@@ -1,12 +1,308 @@
-//! `tprun bench`. (Skeleton.)
+//! `tprun bench`: prefill and greedy-decode throughput of the TP model, time in collectives and
+//! resident weight bytes per rank (DESIGN section 2). `--preset` builds random weights of a real
+//! Qwen2.5 model's shapes in memory, each rank only its shard, so no download is needed.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use collectives::CommStats;
+
+use crate::config::Config;
+use crate::loader::{Slice, WeightDtype, Weights};
+use crate::model::{Qwen2, WeightSource};
+use crate::plan::Plan;
+use crate::runtime::{self, ModelArgs};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen25_0_5b,
+    #[value(name = "qwen2.5-1.5b")]
+    Qwen25_1_5b,
+    #[value(name = "qwen2.5-7b")]
+    Qwen25_7b,
+}
+
+impl Preset {
+    /// The real Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, vocab, tied).
+    pub fn config(self) -> Config {
+        let (hidden, layers, heads, kv, inter, vocab, tied) = match self {
+            Preset::Qwen25_0_5b => (896, 24, 14, 2, 4864, 151936, true),
+            Preset::Qwen25_1_5b => (1536, 28, 12, 2, 8960, 151936, true),
+            Preset::Qwen25_7b => (3584, 28, 28, 4, 18944, 152064, false),
+        };
+        Config {
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim: hidden / heads,
+            vocab_size: vocab,
+            max_position_embeddings: 32768,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            tie_word_embeddings: tied,
+            dtype: Some("bfloat16".into()),
+            bos_token_id: None,
+            eos_token_ids: vec![151643],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Qwen25_0_5b => "qwen2.5-0.5b",
+            Preset::Qwen25_1_5b => "qwen2.5-1.5b",
+            Preset::Qwen25_7b => "qwen2.5-7b",
+        }
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Random weights with a real model's shapes instead of a checkpoint (bf16 unless --dtype f32).
+    #[arg(long, value_enum, conflicts_with = "model")]
+    pub preset: Option<Preset>,
+    /// Prompt tokens (random ids) for the prefill.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prompt_len: u64,
+    /// Greedy decode steps after the prefill.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: u64,
+    /// Runs the whole measurement R times and reports the best (and the range).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
+    /// Prefill GEMMs use AVX512_BF16 dot products on bf16-rounded activations (faster, less
+    /// accurate: logits no longer match transformers' f32 to 1e-3).
+    #[arg(long)]
+    pub bf16_dot: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("bench is not implemented yet")
+/// Uniform random weights in ±`scale`, norms 1: finite activations of a realistic size.
+struct RandomWeights {
+    seed: u64,
+}
+
+impl WeightSource for RandomWeights {
+    fn load(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+        dtype: WeightDtype,
+    ) -> Result<Weights> {
+        let (rows, cols) = match *shape {
+            [n] => (n, 1),
+            [r, c] => (r, c),
+            _ => bail!("tensor {name}: only 1-D and 2-D tensors"),
+        };
+        let (r, c) = match &slice {
+            Slice::All => (rows, cols),
+            Slice::Rows(r) => (r.len(), cols),
+            Slice::Cols(c) => (rows, c.len()),
+        };
+        let n = r * c;
+        // Different values per tensor and per shard.
+        let mut s = self.seed ^ fnv(name) ^ (n as u64).rotate_left(17);
+        let mut next = move || {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            // Uniform in [-1, 1).
+            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let (norm, scale) = (name.ends_with("norm.weight"), 1.0 / (cols as f32).sqrt());
+        let value = |v: f32| if norm { 1.0 } else { v * scale };
+        Ok(match dtype {
+            WeightDtype::F32 => Weights::F32((0..n).map(|_| value(next())).collect()),
+            WeightDtype::Bf16 | WeightDtype::Auto => Weights::BF16(
+                (0..n)
+                    .map(|_| half::bf16::from_f32(value(next())))
+                    .collect(),
+            ),
+        })
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Seconds inside collectives.
+fn comm_seconds(s: &CommStats) -> f64 {
+    s.ops.iter().map(|o| o.seconds).sum()
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Round {
+    prefill_s: f64,
+    decode_s: f64,
+    prefill_comm_s: f64,
+    decode_comm_s: f64,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let mut comm = collectives::from_env()?;
+    let comm = &mut *comm;
+    kernels::set_bf16_dot(args.bf16_dot);
+    let (p, k) = (args.prompt_len as usize, args.new_tokens as usize);
+    let (mut model, source) = match args.preset {
+        Some(preset) => {
+            let config = preset.config();
+            let plan = Plan::new(&config.shapes(), comm.world_size(), comm.rank())
+                .with_context(|| format!("preset {}", preset.name()))?;
+            let dtype = match args.model.dtype {
+                WeightDtype::F32 => WeightDtype::F32,
+                _ => WeightDtype::Bf16,
+            };
+            let mut src = RandomWeights { seed: 0x5eed };
+            let model = Qwen2::load(&mut src, &config, &plan, dtype, &mut |_, _| {})?;
+            (model, format!("preset {} ({})", preset.name(), dtype.name()))
+        }
+        None => {
+            let prep = runtime::prepare(&args.model, comm)?;
+            let (model, _) = runtime::load(&prep, args.model.dtype, "bench")?;
+            (model, prep.dir.display().to_string())
+        }
+    };
+    let config = model.config.clone();
+    if p + k > config.max_position_embeddings {
+        bail!(
+            "--prompt-len {p} + --new-tokens {k} is longer than the model's context ({})",
+            config.max_position_embeddings
+        );
+    }
+    // Random prompt ids, the same on every rank.
+    let mut s = 0x9e3779b97f4a7c15u64;
+    let prompt: Vec<u32> = (0..p)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 33) % config.vocab_size as u64) as u32
+        })
+        .collect();
+    model.reserve(p + k + 1);
+
+    let mut rounds = Vec::new();
+    let mut tokens = Vec::with_capacity(k);
+    for _ in 0..args.rounds {
+        model.truncate_cache(0);
+        tokens.clear();
+        comm.barrier().context("barrier before a round")?;
+        let s0 = comm.stats();
+        let t0 = Instant::now();
+        let mut tok = model.forward_argmax(comm, &prompt, 0)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let s1 = comm.stats();
+        let t1 = Instant::now();
+        for i in 0..k {
+            tokens.push(tok);
+            tok = model.forward_argmax(comm, &[tok], p + i)?;
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let s2 = comm.stats();
+        rounds.push(Round {
+            prefill_s,
+            decode_s,
+            prefill_comm_s: comm_seconds(&s1) - comm_seconds(&s0),
+            decode_comm_s: comm_seconds(&s2) - comm_seconds(&s1),
+        });
+    }
+    let weight_bytes = model.weight_bytes();
+    // Every rank's resident bytes, for the per-rank maximum.
+    let mut all = vec![0u64; comm.world_size()];
+    comm.all_gather_raw(
+        bytemuck::cast_slice(&[weight_bytes as u64]),
+        bytemuck::cast_slice_mut(&mut all),
+        collectives::DType::F32,
+    )
+    .context("all-gather of the weight bytes")?;
+
+    if comm.rank() == 0 {
+        let best_p = rounds
+            .iter()
+            .min_by(|a, b| a.prefill_s.total_cmp(&b.prefill_s))
+            .copied()
+            .unwrap_or_default();
+        let best_d = rounds
+            .iter()
+            .min_by(|a, b| a.decode_s.total_cmp(&b.decode_s))
+            .copied()
+            .unwrap_or_default();
+        let tps = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        let prefill: Vec<f64> = rounds.iter().map(|r| tps(p, r.prefill_s)).collect();
+        let decode: Vec<f64> = rounds.iter().map(|r| tps(k, r.decode_s)).collect();
+        let range = |v: &[f64]| {
+            (
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(0.0, f64::max),
+            )
+        };
+        let (pmin, pmax) = range(&prefill);
+        let (dmin, dmax) = range(&decode);
+        let max_bytes = all.iter().copied().max().unwrap_or(0);
+        let isa = kernels::isa().name();
+        let threads = kernels::threads();
+        if args.json {
+            let j = serde_json::json!({
+                "model": source,
+                "world_size": comm.world_size(),
+                "threads_per_rank": threads,
+                "isa": isa,
+                "bf16_dot": kernels::bf16_dot(),
+                "prompt_len": p,
+                "new_tokens": k,
+                "rounds": args.rounds,
+                "timings": {
+                    "prefill_tok_s": pmax,
+                    "decode_tok_s": dmax,
+                    "prefill_s": best_p.prefill_s,
+                    "decode_s": best_d.decode_s,
+                    "prefill_tok_s_all": prefill,
+                    "decode_tok_s_all": decode,
+                },
+                "comm": {
+                    "prefill_s": best_p.prefill_comm_s,
+                    "decode_s": best_d.decode_comm_s,
+                    "prefill_share": best_p.prefill_comm_s / best_p.prefill_s.max(1e-12),
+                    "decode_share": best_d.decode_comm_s / best_d.decode_s.max(1e-12),
+                },
+                "weight_bytes_per_rank": all,
+                "weight_bytes_rank0": weight_bytes,
+                "weight_bytes_max": max_bytes,
+                "output_ids": tokens,
+            });
+            println!("{j}");
+        } else {
+            println!(
+                "tprun bench: {source}, {} rank(s) x {threads} thread(s), {isa}{}, prompt {p}, {k} new tokens, best of {}",
+                comm.world_size(),
+                if kernels::bf16_dot() { " (bf16 dot prefill)" } else { "" },
+                args.rounds
+            );
+            println!(
+                "  prefill  {pmax:9.1} tok/s   (range {pmin:.1}..{pmax:.1})   collectives {:.1} ms ({:.1}%)",
+                best_p.prefill_comm_s * 1e3,
+                100.0 * best_p.prefill_comm_s / best_p.prefill_s.max(1e-12)
+            );
+            println!(
+                "  decode   {dmax:9.1} tok/s   (range {dmin:.1}..{dmax:.1})   collectives {:.1} ms ({:.1}%)",
+                best_d.decode_comm_s * 1e3,
+                100.0 * best_d.decode_comm_s / best_d.decode_s.max(1e-12)
+            );
+            println!(
+                "  weights  {:.1} MiB per rank (max over ranks {:.1} MiB)",
+                weight_bytes as f64 / (1 << 20) as f64,
+                max_bytes as f64 / (1 << 20) as f64
+            );
+        }
+    }
+    comm.barrier().context("final barrier")?;
+    Ok(())
 }
