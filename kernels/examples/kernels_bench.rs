@@ -19,12 +19,18 @@ fn main() {
         ("q_proj tp2", 448, 896),
         ("lm_head tp2", 75968, 896),
     ];
-    println!("threads {} bf16_dot available {}", kernels::threads(), kernels::has_bf16_dot());
+    println!(
+        "threads {} bf16_dot available {}",
+        kernels::threads(),
+        kernels::has_bf16_dot()
+    );
     for &(name, n, k) in &shapes {
         let w: Vec<bf16> = (0..n * k)
             .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
             .collect();
-        let x: Vec<f32> = (0..m * k).map(|i| ((i * 31) % 100) as f32 / 100.0).collect();
+        let x: Vec<f32> = (0..m * k)
+            .map(|i| ((i * 31) % 100) as f32 / 100.0)
+            .collect();
         let mut y = vec![0f32; m * n];
         for isa in Isa::all_supported() {
             let reps = (2e8 / (n * k) as f64).ceil() as usize;

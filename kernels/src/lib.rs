@@ -142,7 +142,11 @@ fn split_rows(rows: usize, work: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sy
     // Below this many multiply-adds a product is not worth waking other threads for.
     const MIN_WORK: usize = 1 << 15;
     let p = pool::pool();
-    let t = p.threads().min(rows.div_ceil(4)).min(work / MIN_WORK).max(1);
+    let t = p
+        .threads()
+        .min(rows.div_ceil(4))
+        .min(work / MIN_WORK)
+        .max(1);
     if t == 1 {
         return f(0..rows);
     }
@@ -171,7 +175,11 @@ pub fn matvec<W: Weight>(w: &[W], x: &[f32], y: &mut [f32]) {
 pub fn matvec_with<W: Weight>(isa: Isa, w: &[W], x: &[f32], y: &mut [f32]) {
     let (n, k) = (y.len(), x.len());
     assert_eq!(w.len(), n * k, "matvec: weight is not [{n}, {k}]");
-    assert!(isa.supported(), "matvec: this CPU cannot run {}", isa.name());
+    assert!(
+        isa.supported(),
+        "matvec: this CPU cannot run {}",
+        isa.name()
+    );
     if isa == Isa::Portable || k == 0 {
         return portable::matvec(w, x, y);
     }
@@ -221,7 +229,11 @@ pub fn matmul_with<W: Weight>(
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
     assert_eq!(w.len(), n * k, "matmul: weight is not [{n}, {k}]");
     assert_eq!(y.len(), m * n, "matmul: y is not [{m}, {n}]");
-    assert!(isa.supported(), "matmul: this CPU cannot run {}", isa.name());
+    assert!(
+        isa.supported(),
+        "matmul: this CPU cannot run {}",
+        isa.name()
+    );
     if m == 1 {
         return matvec_with(isa, w, x, y);
     }
@@ -231,8 +243,7 @@ pub fn matmul_with<W: Weight>(
     let ws = W::as_weights(w);
     let yp = SyncPtr(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, WeightSlice::BF16(wb), true) = (isa, ws, bf16_dot())
-    {
+    if let (Isa::Avx512, WeightSlice::BF16(wb), true) = (isa, ws, bf16_dot()) {
         let mut xb = vec![bf16::ZERO; m * k];
         // SAFETY: set_bf16_dot only turns this on when the CPU has AVX512_BF16.
         unsafe { x86::to_bf16_avx512(x, &mut xb) };
@@ -278,7 +289,9 @@ unsafe fn gemm_cols(
             (Isa::Avx512, WeightSlice::BF16(w)) => {
                 return x86::gemm_avx512(x, &w[span], yp, m, n, k, ldy)
             }
-            (Isa::Avx2, WeightSlice::F32(w)) => return x86::gemm_avx2(x, &w[span], yp, m, n, k, ldy),
+            (Isa::Avx2, WeightSlice::F32(w)) => {
+                return x86::gemm_avx2(x, &w[span], yp, m, n, k, ldy)
+            }
             (Isa::Avx2, WeightSlice::BF16(w)) => {
                 return x86::gemm_avx2(x, &w[span], yp, m, n, k, ldy)
             }

@@ -40,7 +40,10 @@ fn check_matvec<W: Weight>(conv: impl Fn(f32) -> W) {
     for &k in &KS {
         for &n in &NS {
             let x = data(k, (k * 31 + n) as u32);
-            let w: Vec<W> = data(n * k, (k + n * 7) as u32).into_iter().map(&conv).collect();
+            let w: Vec<W> = data(n * k, (k + n * 7) as u32)
+                .into_iter()
+                .map(&conv)
+                .collect();
             let mut r = vec![0f32; n];
             portable::matvec(&w, &x, &mut r);
             let scale = abs_scale(&w, &x, n);
@@ -48,7 +51,12 @@ fn check_matvec<W: Weight>(conv: impl Fn(f32) -> W) {
                 let mut y = vec![f32::NAN; n];
                 matvec_with(isa, &w, &x, &mut y);
                 for j in 0..n {
-                    close(y[j], r[j], scale[j], &format!("{isa:?} matvec n={n} k={k} j={j}"));
+                    close(
+                        y[j],
+                        r[j],
+                        scale[j],
+                        &format!("{isa:?} matvec n={n} k={k} j={j}"),
+                    );
                 }
             }
         }
@@ -67,9 +75,20 @@ fn matvec_simd_equals_portable_bf16() {
 
 fn check_matmul<W: Weight>(conv: impl Fn(f32) -> W) {
     for &k in &[1usize, 7, 17, 33, 64, 257] {
-        for &(m, n) in &[(2usize, 1usize), (3, 5), (4, 4), (5, 9), (7, 17), (9, 33), (13, 6)] {
+        for &(m, n) in &[
+            (2usize, 1usize),
+            (3, 5),
+            (4, 4),
+            (5, 9),
+            (7, 17),
+            (9, 33),
+            (13, 6),
+        ] {
             let x = data(m * k, (m * 131 + k) as u32);
-            let w: Vec<W> = data(n * k, (n * 17 + k) as u32).into_iter().map(&conv).collect();
+            let w: Vec<W> = data(n * k, (n * 17 + k) as u32)
+                .into_iter()
+                .map(&conv)
+                .collect();
             let mut r = vec![0f32; m * n];
             portable::matmul(&x, &w, &mut r, m, n, k);
             for isa in Isa::all_supported() {
@@ -153,7 +172,12 @@ fn bf16_dot_gemm_equals_portable_on_rounded_activations() {
             for i in 0..m {
                 let scale = abs_scale(&w, &xr[i * k..(i + 1) * k], n);
                 for j in 0..n {
-                    close(y[i * n + j], r[i * n + j], scale[j], &format!("dpbf16 k={k}"));
+                    close(
+                        y[i * n + j],
+                        r[i * n + j],
+                        scale[j],
+                        &format!("dpbf16 k={k}"),
+                    );
                 }
             }
         }

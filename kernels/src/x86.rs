@@ -8,6 +8,9 @@
 //! Weights are row-major `[out, in]`, so both products are dot-product shaped: a tile of
 //! accumulators, each a vector along `k`, reduced horizontally at the end.
 
+// Tiles are indexed by (row, column) on purpose: the loops mirror the register layout.
+#![allow(clippy::needless_range_loop)]
+
 use core::arch::x86_64::*;
 
 use half::bf16;
@@ -136,15 +139,15 @@ pub(crate) unsafe fn gemv_avx512<W: SimdWeight>(w: &[W], x: &[f32], y: &mut [f32
         let mut i = 0;
         while i + 32 <= k {
             a = _mm512_fmadd_ps(W::load16(r.add(i)), _mm512_loadu_ps(xp.add(i)), a);
-            b = _mm512_fmadd_ps(
-                W::load16(r.add(i + 16)),
-                _mm512_loadu_ps(xp.add(i + 16)),
-                b,
-            );
+            b = _mm512_fmadd_ps(W::load16(r.add(i + 16)), _mm512_loadu_ps(xp.add(i + 16)), b);
             i += 32;
         }
         while i < k {
-            let m = if k - i >= 16 { 0xffff } else { tail_mask(k - i) };
+            let m = if k - i >= 16 {
+                0xffff
+            } else {
+                tail_mask(k - i)
+            };
             a = _mm512_fmadd_ps(
                 W::load16_mask(r.add(i), m),
                 _mm512_maskz_loadu_ps(m, xp.add(i)),
@@ -298,7 +301,10 @@ pub(crate) unsafe fn to_bf16_avx512(x: &[f32], out: &mut [bf16]) {
     let mut i = 0;
     while i + 16 <= n {
         let v = _mm512_cvtneps_pbh(_mm512_loadu_ps(x.as_ptr().add(i)));
-        _mm256_storeu_si256(out.as_mut_ptr().add(i) as *mut __m256i, core::mem::transmute(v));
+        _mm256_storeu_si256(
+            out.as_mut_ptr().add(i) as *mut __m256i,
+            core::mem::transmute::<__m256bh, __m256i>(v),
+        );
         i += 16;
     }
     for t in i..n {
@@ -331,7 +337,11 @@ unsafe fn tile_dpbf16<const MR: usize, const NR: usize>(
             let xv: __m512bh =
                 core::mem::transmute(_mm512_maskz_loadu_epi16(m, xs[r].add(i) as *const i16));
             for c in 0..NR {
-                acc[r][c] = _mm512_dpbf16_ps(acc[r][c], xv, core::mem::transmute(wv[c]));
+                acc[r][c] = _mm512_dpbf16_ps(
+                    acc[r][c],
+                    xv,
+                    core::mem::transmute::<__m512i, __m512bh>(wv[c]),
+                );
             }
         }
         i += 32;
@@ -380,7 +390,8 @@ pub(crate) unsafe fn gemm_dpbf16(
             } else {
                 for r0 in 0..mr {
                     for c0 in 0..nr {
-                        let o = tile_dpbf16::<1, 1>([xp.add((i + r0) * k)], [wp.add((j + c0) * k)], k);
+                        let o =
+                            tile_dpbf16::<1, 1>([xp.add((i + r0) * k)], [wp.add((j + c0) * k)], k);
                         *yp.add((i + r0) * ldy + j + c0) = o[0][0];
                     }
                 }

@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use collectives::CommStats;
+use collectives::{CommStats, OpKind};
 
 use crate::config::Config;
 use crate::loader::{Slice, WeightDtype, Weights};
@@ -78,6 +78,10 @@ pub struct Args {
     /// accurate: logits no longer match transformers' f32 to 1e-3).
     #[arg(long)]
     pub bf16_dot: bool,
+    /// Also time the parts of each decode step (per-kernel counters, rank 0's view) and print
+    /// where decode time goes.
+    #[arg(long)]
+    pub profile: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -140,12 +144,15 @@ fn comm_seconds(s: &CommStats) -> f64 {
     s.ops.iter().map(|o| o.seconds).sum()
 }
 
-#[derive(Debug, Clone, Copy, Default)]
+#[derive(Debug, Clone, Default)]
 struct Round {
     prefill_s: f64,
     decode_s: f64,
     prefill_comm_s: f64,
     decode_comm_s: f64,
+    decode_all_reduce_s: f64,
+    /// Decode seconds per model part (with --profile).
+    profile: Vec<(&'static str, f64)>,
 }
 
 pub fn run(args: &Args) -> Result<()> {
@@ -164,7 +171,10 @@ pub fn run(args: &Args) -> Result<()> {
             };
             let mut src = RandomWeights { seed: 0x5eed };
             let model = Qwen2::load(&mut src, &config, &plan, dtype, &mut |_, _| {})?;
-            (model, format!("preset {} ({})", preset.name(), dtype.name()))
+            (
+                model,
+                format!("preset {} ({})", preset.name(), dtype.name()),
+            )
         }
         None => {
             let prep = runtime::prepare(&args.model, comm)?;
@@ -183,7 +193,9 @@ pub fn run(args: &Args) -> Result<()> {
     let mut s = 0x9e3779b97f4a7c15u64;
     let prompt: Vec<u32> = (0..p)
         .map(|_| {
-            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
             ((s >> 33) % config.vocab_size as u64) as u32
         })
         .collect();
@@ -200,6 +212,7 @@ pub fn run(args: &Args) -> Result<()> {
         let mut tok = model.forward_argmax(comm, &prompt, 0)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let s1 = comm.stats();
+        model.set_profile(args.profile);
         let t1 = Instant::now();
         for i in 0..k {
             tokens.push(tok);
@@ -207,11 +220,15 @@ pub fn run(args: &Args) -> Result<()> {
         }
         let decode_s = t1.elapsed().as_secs_f64();
         let s2 = comm.stats();
+        let profile = model.profile().unwrap_or_default();
         rounds.push(Round {
             prefill_s,
             decode_s,
             prefill_comm_s: comm_seconds(&s1) - comm_seconds(&s0),
             decode_comm_s: comm_seconds(&s2) - comm_seconds(&s1),
+            decode_all_reduce_s: s2.get(OpKind::AllReduce).seconds
+                - s1.get(OpKind::AllReduce).seconds,
+            profile,
         });
     }
     let weight_bytes = model.weight_bytes();
@@ -228,12 +245,12 @@ pub fn run(args: &Args) -> Result<()> {
         let best_p = rounds
             .iter()
             .min_by(|a, b| a.prefill_s.total_cmp(&b.prefill_s))
-            .copied()
+            .cloned()
             .unwrap_or_default();
         let best_d = rounds
             .iter()
             .min_by(|a, b| a.decode_s.total_cmp(&b.decode_s))
-            .copied()
+            .cloned()
             .unwrap_or_default();
         let tps = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
         let prefill: Vec<f64> = rounds.iter().map(|r| tps(p, r.prefill_s)).collect();
@@ -277,6 +294,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "weight_bytes_rank0": weight_bytes,
                 "weight_bytes_max": max_bytes,
                 "output_ids": tokens,
+                "decode_profile_s": best_d.profile.iter().map(|(n, s)| (n.to_string(), serde_json::json!(*s))).collect::<serde_json::Map<_, _>>(),
             });
             println!("{j}");
         } else {
@@ -301,8 +319,111 @@ pub fn run(args: &Args) -> Result<()> {
                 weight_bytes as f64 / (1 << 20) as f64,
                 max_bytes as f64 / (1 << 20) as f64
             );
+            if !best_d.profile.is_empty() {
+                println!("  decode profile (best round, rank 0, ms per token, % of decode):");
+                let per = |s: f64| s * 1e3 / k.max(1) as f64;
+                let pct = |s: f64| 100.0 * s / best_d.decode_s.max(1e-12);
+                let mut rest = best_d.decode_s;
+                for (name, s) in &best_d.profile {
+                    println!("    {name:34} {:7.3} ms {:5.1}%", per(*s), pct(*s));
+                    rest -= s;
+                }
+                let ar = best_d.decode_all_reduce_s;
+                println!(
+                    "    {:34} {:7.3} ms {:5.1}%",
+                    "  of which all-reduce",
+                    per(ar),
+                    pct(ar)
+                );
+                println!("    {:34} {:7.3} ms {:5.1}%", "other", per(rest), pct(rest));
+            }
         }
     }
     comm.barrier().context("final barrier")?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ForwardOptions, Logits};
+    use crate::testing::run_world;
+
+    fn tiny() -> Config {
+        Config {
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            // Odd, so the vocab shards differ in size.
+            vocab_size: 301,
+            tie_word_embeddings: true,
+            ..Preset::Qwen25_0_5b.config()
+        }
+    }
+
+    /// The distributed argmax picks what argmax over the gathered logits picks, step by step,
+    /// at every TP size, and the greedy tokens agree across TP sizes.
+    #[test]
+    fn distributed_argmax_equals_argmax_of_gathered_logits() {
+        let config = tiny();
+        let prompt = [3u32, 300, 17, 42, 5];
+        let mut per_world = Vec::new();
+        for world in [1, 2, 3] {
+            let out = run_world(world, |r, comm| {
+                let plan = Plan::new(&config.shapes(), world, r)?;
+                let mut src = RandomWeights { seed: 7 };
+                let mut model =
+                    Qwen2::load(&mut src, &config, &plan, WeightDtype::Bf16, &mut |_, _| {})?;
+                model.reserve(prompt.len() + 6);
+                let opts = ForwardOptions {
+                    logits: Logits::Last,
+                    hidden_states: false,
+                };
+                let mut toks = Vec::new();
+                let mut ids = prompt.to_vec();
+                let mut pos = 0;
+                for _ in 0..6 {
+                    let logits = model.forward_with(comm, &ids, pos, opts)?.logits;
+                    let want = logits
+                        .iter()
+                        .enumerate()
+                        .fold(
+                            (0, f32::NEG_INFINITY),
+                            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                        )
+                        .0 as u32;
+                    let got = model.forward_argmax(comm, &ids, pos)?;
+                    assert_eq!(got, want, "TP {world} step {}", toks.len());
+                    toks.push(got);
+                    pos += ids.len();
+                    ids = vec![got];
+                }
+                Ok(toks)
+            });
+            let toks: Vec<Vec<u32>> = out.into_iter().map(|o| o.unwrap()).collect();
+            assert!(toks.iter().all(|t| *t == toks[0]));
+            per_world.push(toks[0].clone());
+        }
+        assert!(
+            per_world.iter().all(|t| *t == per_world[0]),
+            "{per_world:?}"
+        );
+    }
+
+    #[test]
+    fn random_shards_have_the_shard_shapes() {
+        let mut src = RandomWeights { seed: 1 };
+        let w = src
+            .load("a.weight", &[10, 6], Slice::Cols(2..5), WeightDtype::Bf16)
+            .unwrap();
+        assert_eq!(w.len(), 30);
+        assert!(matches!(w, Weights::BF16(_)));
+        let n = src
+            .load_f32("b.input_layernorm.weight", &[8], Slice::All)
+            .unwrap();
+        assert_eq!(n, vec![1.0; 8]);
+    }
 }

@@ -91,6 +91,34 @@ struct Scratch {
     up: Vec<f32>,
     scores: Vec<f32>,
     logits: Vec<f32>,
+    /// Seconds per [`PARTS`] entry, when profiling is on.
+    profile: Option<[f64; PARTS.len()]>,
+}
+
+/// What the per-part timers of [`Qwen2::set_profile`] measure.
+pub const PARTS: [&str; 7] = [
+    "qkv_proj + rope + kv append",
+    "attention (scores, softmax, V)",
+    "o_proj matmul + all-reduce",
+    "gate/up matmul + silu",
+    "down_proj matmul + all-reduce",
+    "embedding, norms, residuals",
+    "lm_head + argmax",
+];
+
+impl Scratch {
+    /// Adds the time since `*t` to part `i` and restarts `*t` (no-op unless profiling).
+    #[inline]
+    fn lap(&mut self, i: usize, t: &mut Option<std::time::Instant>) {
+        if let (Some(p), Some(t0)) = (self.profile.as_mut(), t.as_mut()) {
+            let now = std::time::Instant::now();
+            p[i] += (now - *t0).as_secs_f64();
+            *t0 = now;
+        }
+    }
+    fn start(&self) -> Option<std::time::Instant> {
+        self.profile.map(|_| std::time::Instant::now())
+    }
 }
 
 /// Linear layer whose output features (weight rows) are split across ranks. No communication:
@@ -203,7 +231,12 @@ pub struct VocabParallelEmbedding {
 
 impl VocabParallelEmbedding {
     /// The rows of `ids` into `out` (`[ids.len(), hidden]`).
-    fn forward_into(&self, comm: &mut dyn Communicator, ids: &[u32], out: &mut [f32]) -> Result<()> {
+    fn forward_into(
+        &self,
+        comm: &mut dyn Communicator,
+        ids: &[u32],
+        out: &mut [f32],
+    ) -> Result<()> {
         let h = self.hidden;
         let out = &mut out[..ids.len() * h];
         for (row, &id) in out.chunks_exact_mut(h).zip(ids) {
@@ -434,6 +467,7 @@ impl Attention {
         } = *step;
         let d = plan.head_dim;
         let (nq, nkv) = (plan.q_heads.len(), plan.kv_heads.len());
+        let mut t = sc.start();
         let q = buf(&mut sc.q, m * nq * d);
         let k = buf(&mut sc.k, m * nkv * d);
         let v = buf(&mut sc.v, m * nkv * d);
@@ -458,6 +492,8 @@ impl Attention {
                 cache.v[j].extend_from_slice(&v[s..s + d]);
             }
         }
+        sc.lap(0, &mut t);
+        let q = &sc.q[..m * nq * d];
         // Causal GQA attention: token t sees positions 0..=start_pos+t.
         let scale = 1.0 / (d as f32).sqrt();
         let out = buf(&mut sc.attn, m * nq * d);
@@ -477,8 +513,12 @@ impl Attention {
                 );
             }
         }
+        sc.lap(1, &mut t);
         let proj = buf(&mut sc.proj, m * self.o_proj.rows);
-        self.o_proj.forward_into(comm, out, m, proj)
+        let out = &sc.attn[..m * nq * d];
+        self.o_proj.forward_into(comm, out, m, proj)?;
+        sc.lap(2, &mut t);
+        Ok(())
     }
 }
 
@@ -497,14 +537,19 @@ impl Mlp {
         m: usize,
         sc: &mut Scratch,
     ) -> Result<()> {
+        let mut t = sc.start();
         let n = m * self.gate_proj.rows;
         let g = buf(&mut sc.gate, n);
         let u = buf(&mut sc.up, n);
         self.gate_proj.forward_into(x, m, g);
         self.up_proj.forward_into(x, m, u);
         kernels::silu_mul(g, u);
+        sc.lap(3, &mut t);
         let proj = buf(&mut sc.proj, m * self.down_proj.rows);
-        self.down_proj.forward_into(comm, g, m, proj)
+        let g = &sc.gate[..n];
+        self.down_proj.forward_into(comm, g, m, proj)?;
+        sc.lap(4, &mut t);
+        Ok(())
     }
 }
 
@@ -765,9 +810,25 @@ impl Qwen2 {
         let m = ids.len();
         let h = self.config.hidden_size;
         self.run_layers(comm, ids, start_pos, None)?;
+        let mut t = self.scratch.start();
         let last = &self.scratch.normed[(m - 1) * h..m * h];
-        self.lm_head
-            .argmax(comm, &self.embed_tokens, last, &mut self.scratch.logits)
+        let id = self
+            .lm_head
+            .argmax(comm, &self.embed_tokens, last, &mut self.scratch.logits)?;
+        self.scratch.lap(6, &mut t);
+        Ok(id)
+    }
+
+    /// Turns the per-part timers on (zeroed) or off. They cost two clock reads per part.
+    pub fn set_profile(&mut self, on: bool) {
+        self.scratch.profile = on.then_some([0.0; PARTS.len()]);
+    }
+
+    /// Seconds per part ([`PARTS`]) since [`Qwen2::set_profile`], if on.
+    pub fn profile(&self) -> Option<Vec<(&'static str, f64)>> {
+        self.scratch
+            .profile
+            .map(|p| PARTS.iter().copied().zip(p).collect())
     }
 
     /// Makes room for `positions` cached positions (KV cache and RoPE tables) up front, so that
@@ -840,6 +901,7 @@ impl Qwen2 {
         let r = (|| -> Result<()> {
             let x = buf(&mut x, m * h);
             let normed = buf(&mut normed, m * h);
+            let mut t = sc.start();
             self.embed_tokens.forward_into(comm, ids, x)?;
             let step = Step {
                 plan: &self.plan,
@@ -852,13 +914,18 @@ impl Qwen2 {
                     hs.push(x.to_vec());
                 }
                 kernels::rmsnorm(x, &layer.input_layernorm, eps, normed);
+                sc.lap(5, &mut t);
                 layer.self_attn.forward(comm, &step, cache, normed, sc)?;
+                t = sc.start();
                 kernels::add_inplace(x, &sc.proj[..m * h]);
                 kernels::rmsnorm(x, &layer.post_attention_layernorm, eps, normed);
+                sc.lap(5, &mut t);
                 layer.mlp.forward(comm, normed, m, sc)?;
+                t = sc.start();
                 kernels::add_inplace(x, &sc.proj[..m * h]);
             }
             kernels::rmsnorm(x, &self.norm, eps, normed);
+            sc.lap(5, &mut t);
             Ok(())
         })();
         sc.x = x;
