@@ -110,25 +110,31 @@ impl WeightSource for RandomWeights {
             Slice::Rows(r) => (r.len(), cols),
             Slice::Cols(c) => (rows, c.len()),
         };
-        let n = r * c;
-        // Different values per tensor and per shard.
-        let mut s = self.seed ^ fnv(name) ^ (n as u64).rotate_left(17);
-        let mut next = move || {
-            s ^= s << 13;
-            s ^= s >> 7;
-            s ^= s << 17;
-            // Uniform in [-1, 1).
-            (s >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        // Element (i, j) of the full tensor gets the same value whatever the shard, so every TP
+        // size runs the same model: a counter-based generator (splitmix64 of the global index).
+        let (r0, c0) = match &slice {
+            Slice::All => (0, 0),
+            Slice::Rows(r) => (r.start, 0),
+            Slice::Cols(c) => (0, c.start),
         };
+        let base = self.seed ^ fnv(name);
+        let at = move |t: usize| {
+            let (i, j) = (r0 + t / c, c0 + t % c);
+            let mut z = base.wrapping_add(((i * cols + j) as u64).wrapping_mul(0x9e3779b97f4a7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+            z ^= z >> 31;
+            // Uniform in [-1, 1).
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let n = r * c;
         let (norm, scale) = (name.ends_with("norm.weight"), 1.0 / (cols as f32).sqrt());
         let value = |v: f32| if norm { 1.0 } else { v * scale };
         Ok(match dtype {
-            WeightDtype::F32 => Weights::F32((0..n).map(|_| value(next())).collect()),
-            WeightDtype::Bf16 | WeightDtype::Auto => Weights::BF16(
-                (0..n)
-                    .map(|_| half::bf16::from_f32(value(next())))
-                    .collect(),
-            ),
+            WeightDtype::F32 => Weights::F32((0..n).map(|t| value(at(t))).collect()),
+            WeightDtype::Bf16 | WeightDtype::Auto => {
+                Weights::BF16((0..n).map(|t| half::bf16::from_f32(value(at(t)))).collect())
+            }
         })
     }
 }
@@ -419,8 +425,17 @@ mod tests {
         let w = src
             .load("a.weight", &[10, 6], Slice::Cols(2..5), WeightDtype::Bf16)
             .unwrap();
+        let full = src
+            .load("a.weight", &[10, 6], Slice::All, WeightDtype::Bf16)
+            .unwrap();
+        let (Weights::BF16(w), Weights::BF16(full)) = (w, full) else {
+            panic!("bf16 requested")
+        };
         assert_eq!(w.len(), 30);
-        assert!(matches!(w, Weights::BF16(_)));
+        // A shard is the same slice of the same full tensor.
+        for i in 0..10 {
+            assert_eq!(w[i * 3..i * 3 + 3], full[i * 6 + 2..i * 6 + 5]);
+        }
         let n = src
             .load_f32("b.input_layernorm.weight", &[8], Slice::All)
             .unwrap();
