@@ -81,8 +81,10 @@ fn tail_mask(n: usize) -> __mmask16 {
     ((1u32 << n) - 1) as __mmask16
 }
 
-/// `y[j] = w[j,:]·x` for `y.len()` rows of a `[rows, k]` weight (AVX-512): four rows at a time
-/// share each load of `x`; two accumulators per row hide the FMA latency.
+/// `y[j] = w[j,:]·x` for `y.len()` rows of a `[rows, k]` weight (AVX-512), one row after the
+/// other with two accumulators. Decode streams the weights from DRAM once per token, and one
+/// sequential stream reads ~2.3x faster here than four interleaved rows sharing the `x` loads
+/// (20 vs 8.5 GB/s on one core of the 2-core EPYC; `x` stays in L1 anyway).
 ///
 /// # Safety
 /// AVX-512F/BW/VL available; `w.len() >= y.len() * x.len()`.
@@ -94,44 +96,6 @@ pub(crate) unsafe fn gemv_avx512<W: SimdWeight>(w: &[W], x: &[f32], y: &mut [f32
     let xp = x.as_ptr();
     let wp = w.as_ptr();
     let mut j = 0;
-    while j + 4 <= rows {
-        let r = [
-            wp.add(j * k),
-            wp.add((j + 1) * k),
-            wp.add((j + 2) * k),
-            wp.add((j + 3) * k),
-        ];
-        let mut a = [_mm512_setzero_ps(); 4];
-        let mut b = [_mm512_setzero_ps(); 4];
-        let mut i = 0;
-        while i + 32 <= k {
-            let x0 = _mm512_loadu_ps(xp.add(i));
-            let x1 = _mm512_loadu_ps(xp.add(i + 16));
-            for t in 0..4 {
-                a[t] = _mm512_fmadd_ps(W::load16(r[t].add(i)), x0, a[t]);
-                b[t] = _mm512_fmadd_ps(W::load16(r[t].add(i + 16)), x1, b[t]);
-            }
-            i += 32;
-        }
-        if i + 16 <= k {
-            let x0 = _mm512_loadu_ps(xp.add(i));
-            for t in 0..4 {
-                a[t] = _mm512_fmadd_ps(W::load16(r[t].add(i)), x0, a[t]);
-            }
-            i += 16;
-        }
-        if i < k {
-            let m = tail_mask(k - i);
-            let x0 = _mm512_maskz_loadu_ps(m, xp.add(i));
-            for t in 0..4 {
-                b[t] = _mm512_fmadd_ps(W::load16_mask(r[t].add(i), m), x0, b[t]);
-            }
-        }
-        for t in 0..4 {
-            *y.get_unchecked_mut(j + t) = _mm512_reduce_add_ps(_mm512_add_ps(a[t], b[t]));
-        }
-        j += 4;
-    }
     while j < rows {
         let r = wp.add(j * k);
         let mut a = _mm512_setzero_ps();
