@@ -91,8 +91,15 @@ impl Pool {
             f(t);
             t += self.threads;
         }
+        // Spin briefly, then yield: on a loaded machine a worker may be waiting for a core.
+        let mut spins = 0u32;
         while s.pending.load(Ordering::Acquire) > 0 {
-            std::hint::spin_loop();
+            if spins < SPINS {
+                spins += 1;
+                std::hint::spin_loop();
+            } else {
+                std::thread::yield_now();
+            }
         }
     }
 }
