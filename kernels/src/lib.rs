@@ -1,340 +1,314 @@
 //! Compute kernels for the Qwen2 runtime. f32 activations and accumulation throughout.
 //!
-//! Every function here is the portable reference: plain loops written so that the compiler can
-//! auto-vectorise them (several independent accumulators in the dot products). Weights are
-//! row-major `[out, in]` (the Hugging Face layout), either f32 or bf16 ([`Weight`]); a SIMD
-//! implementation can replace the bodies without changing these signatures.
+//! Weights are row-major `[out, in]` (the Hugging Face layout), f32 or bf16 ([`Weight`]). The
+//! matrix products pick an instruction set once at run time ([`isa`]): AVX-512 (F+BW+VL), AVX2+FMA,
+//! or the portable loops in [`portable`], which are the reference the tests compare against.
+//! bf16 weights are widened to f32 exactly (a shift), so every path computes the same products
+//! and differs only in summation order. The one exception is opt-in: [`set_bf16_dot`] lets the
+//! prefill GEMM round the activations to bf16 and use `vdpbf16ps` (twice the rate, ~3
+//! significant digits per activation).
+//!
+//! Products split their output rows over a persistent per-process thread pool ([`threads`]).
+
+use std::sync::atomic::{AtomicU8, Ordering};
 
 use half::bf16;
 
-/// Independent accumulators in a dot product: lets the compiler keep a vector register per lane
-/// instead of a serial chain of adds. Fixed, so results do not depend on the build.
-const LANES: usize = 16;
+pub mod pool;
+pub mod portable;
+#[cfg(target_arch = "x86_64")]
+mod x86;
 
-/// A weight element type: stored as itself, widened to f32 for compute.
-pub trait Weight: Copy + Send + Sync + 'static {
-    /// Σ w[i]·x[i] with f32 accumulation. `w.len() == x.len()`.
-    fn dot(w: &[Self], x: &[f32]) -> f32;
-    /// Widens `w` into `out` (same length).
-    fn widen(w: &[Self], out: &mut [f32]);
+pub use portable::{
+    add_bias, add_inplace, attend, bf16_to_f32, dot, rmsnorm, rope, silu_mul, softmax, Weight,
+};
+
+/// A weight slice as one of the concrete element types.
+#[derive(Clone, Copy, Debug)]
+pub enum WeightSlice<'a> {
+    F32(&'a [f32]),
+    BF16(&'a [bf16]),
 }
 
-impl Weight for f32 {
-    fn dot(w: &[f32], x: &[f32]) -> f32 {
-        dot(w, x)
-    }
-    fn widen(w: &[f32], out: &mut [f32]) {
-        out.copy_from_slice(w);
-    }
+/// An instruction-set path for the matrix products.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Isa {
+    Portable = 1,
+    Avx2 = 2,
+    Avx512 = 3,
 }
 
-impl Weight for bf16 {
-    fn dot(w: &[bf16], x: &[f32]) -> f32 {
-        assert_eq!(w.len(), x.len());
-        let mut acc = [0f32; LANES];
-        let wc = w.chunks_exact(LANES);
-        let xc = x.chunks_exact(LANES);
-        let (wr, xr) = (wc.remainder(), xc.remainder());
-        for (wv, xv) in wc.zip(xc) {
-            for l in 0..LANES {
-                acc[l] += bf16_to_f32(wv[l]) * xv[l];
+impl Isa {
+    pub fn name(self) -> &'static str {
+        match self {
+            Isa::Portable => "portable",
+            Isa::Avx2 => "avx2+fma",
+            Isa::Avx512 => "avx512",
+        }
+    }
+
+    /// Whether this CPU can run the path.
+    pub fn supported(self) -> bool {
+        match self {
+            Isa::Portable => true,
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx2 => is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma"),
+            #[cfg(target_arch = "x86_64")]
+            Isa::Avx512 => {
+                is_x86_feature_detected!("avx512f")
+                    && is_x86_feature_detected!("avx512bw")
+                    && is_x86_feature_detected!("avx512vl")
+            }
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => false,
+        }
+    }
+
+    /// Every path this CPU supports, best last.
+    pub fn all_supported() -> Vec<Isa> {
+        [Isa::Portable, Isa::Avx2, Isa::Avx512]
+            .into_iter()
+            .filter(|i| i.supported())
+            .collect()
+    }
+
+    /// The best supported path, unless `TPRUN_ISA` (portable, avx2, avx512) names a supported one.
+    fn detect() -> Isa {
+        let want = std::env::var("TPRUN_ISA").ok();
+        let all = Isa::all_supported();
+        if let Some(w) = want {
+            if let Some(i) = all.iter().find(|i| i.name().starts_with(w.trim())) {
+                return *i;
             }
         }
-        let mut tail = 0f32;
-        for (a, b) in wr.iter().zip(xr) {
-            tail += bf16_to_f32(*a) * b;
-        }
-        sum_lanes(&acc) + tail
+        *all.last().unwrap_or(&Isa::Portable)
     }
-    fn widen(w: &[bf16], out: &mut [f32]) {
-        assert_eq!(w.len(), out.len());
-        for (o, v) in out.iter_mut().zip(w) {
-            *o = bf16_to_f32(*v);
+}
+
+static ISA: AtomicU8 = AtomicU8::new(0);
+
+/// The path the products use, detected once and cached.
+pub fn isa() -> Isa {
+    match ISA.load(Ordering::Relaxed) {
+        1 => Isa::Portable,
+        2 => Isa::Avx2,
+        3 => Isa::Avx512,
+        _ => {
+            let i = Isa::detect();
+            ISA.store(i as u8, Ordering::Relaxed);
+            i
         }
     }
 }
 
-/// bf16 → f32 is a shift of the bits (exact), written out so it vectorises.
-#[inline(always)]
-pub fn bf16_to_f32(v: bf16) -> f32 {
-    f32::from_bits((v.to_bits() as u32) << 16)
+/// Whether this CPU has AVX512_BF16 dot products (`vdpbf16ps`).
+pub fn has_bf16_dot() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        Isa::Avx512.supported() && is_x86_feature_detected!("avx512bf16")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
 }
 
-#[inline(always)]
-fn sum_lanes(acc: &[f32; LANES]) -> f32 {
-    // Pairwise, so the rounding does not depend on vector width.
-    let mut a = *acc;
-    let mut n = LANES;
-    while n > 1 {
-        n /= 2;
-        for i in 0..n {
-            a[i] += a[i + n];
-        }
-    }
-    a[0]
+/// 0: not decided yet, 1: off, 2: on.
+static BF16_DOT: AtomicU8 = AtomicU8::new(0);
+
+/// Lets [`matmul`] with bf16 weights and more than one row use `vdpbf16ps` on bf16-rounded
+/// activations when the CPU has it (off by default: it trades accuracy for prefill speed; the
+/// environment variable `TPRUN_BF16_DOT=1` turns it on at start). Returns whether it is now on.
+pub fn set_bf16_dot(on: bool) -> bool {
+    let on = on && has_bf16_dot();
+    BF16_DOT.store(if on { 2 } else { 1 }, Ordering::Relaxed);
+    on
 }
 
-/// Σ a[i]·b[i] in f32.
-pub fn dot(a: &[f32], b: &[f32]) -> f32 {
-    assert_eq!(a.len(), b.len());
-    let mut acc = [0f32; LANES];
-    let ac = a.chunks_exact(LANES);
-    let bc = b.chunks_exact(LANES);
-    let (ar, br) = (ac.remainder(), bc.remainder());
-    for (av, bv) in ac.zip(bc) {
-        for l in 0..LANES {
-            acc[l] += av[l] * bv[l];
-        }
+/// Whether [`matmul`] uses `vdpbf16ps` (see [`set_bf16_dot`]).
+pub fn bf16_dot() -> bool {
+    match BF16_DOT.load(Ordering::Relaxed) {
+        0 => set_bf16_dot(std::env::var("TPRUN_BF16_DOT").is_ok_and(|v| v.trim() == "1")),
+        v => v == 2,
     }
-    let mut tail = 0f32;
-    for (x, y) in ar.iter().zip(br) {
-        tail += x * y;
-    }
-    sum_lanes(&acc) + tail
 }
+
+/// Threads the products use in this process (see [`pool`]).
+pub fn threads() -> usize {
+    pool::pool().threads()
+}
+
+/// Splits `rows` output rows into per-thread chunks of a multiple of 4 (the kernels' tile) and
+/// runs `f(range)` on each; small products run on the calling thread alone.
+fn split_rows(rows: usize, work: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+    // Below this many multiply-adds a product is not worth waking other threads for.
+    const MIN_WORK: usize = 1 << 15;
+    let p = pool::pool();
+    let t = p
+        .threads()
+        .min(rows.div_ceil(4))
+        .min(work / MIN_WORK)
+        .max(1);
+    if t == 1 {
+        return f(0..rows);
+    }
+    let chunk = rows.div_ceil(t).next_multiple_of(4);
+    p.run(t, &|i| {
+        let r = (i * chunk).min(rows)..((i + 1) * chunk).min(rows);
+        if !r.is_empty() {
+            f(r)
+        }
+    });
+}
+
+/// A mutable pointer that threads writing disjoint ranges may share.
+#[derive(Clone, Copy)]
+struct SyncPtr(*mut f32);
+// SAFETY: users write disjoint index ranges only (split_rows' ranges are disjoint).
+unsafe impl Sync for SyncPtr {}
+unsafe impl Send for SyncPtr {}
 
 /// `y[j] = Σ_i w[j, i]·x[i]`: `w` is `[n, k]` row-major, `x` is `[k]`, `y` is `[n]`.
 pub fn matvec<W: Weight>(w: &[W], x: &[f32], y: &mut [f32]) {
-    let k = x.len();
-    assert_eq!(
-        w.len(),
-        y.len() * k,
-        "matvec: weight is not [{}, {k}]",
-        y.len()
+    matvec_with(isa(), w, x, y)
+}
+
+/// [`matvec`] on a given path (tests and benchmarks); panics if the CPU lacks it.
+pub fn matvec_with<W: Weight>(isa: Isa, w: &[W], x: &[f32], y: &mut [f32]) {
+    let (n, k) = (y.len(), x.len());
+    assert_eq!(w.len(), n * k, "matvec: weight is not [{n}, {k}]");
+    assert!(
+        isa.supported(),
+        "matvec: this CPU cannot run {}",
+        isa.name()
     );
-    if k == 0 {
-        y.fill(0.0);
-        return;
+    if isa == Isa::Portable || k == 0 {
+        return portable::matvec(w, x, y);
     }
-    for (yj, row) in y.iter_mut().zip(w.chunks_exact(k)) {
-        *yj = W::dot(row, x);
+    let yp = SyncPtr(y.as_mut_ptr());
+    let ws = W::as_weights(w);
+    split_rows(n, n * k, &|r| {
+        // SAFETY: `r` is within 0..n and the ranges of different calls are disjoint.
+        let y = unsafe { std::slice::from_raw_parts_mut({ yp }.0.add(r.start), r.len()) };
+        gemv_rows(isa, ws, x, y, r.start, k);
+    });
+}
+
+fn gemv_rows(isa: Isa, w: WeightSlice, x: &[f32], y: &mut [f32], row0: usize, k: usize) {
+    let rows = row0 * k..(row0 + y.len()) * k;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa.supported()` was asserted; the weight slice is exactly `[y.len(), k]`.
+    unsafe {
+        match (isa, w) {
+            (Isa::Avx512, WeightSlice::F32(w)) => return x86::gemv_avx512(&w[rows], x, y),
+            (Isa::Avx512, WeightSlice::BF16(w)) => return x86::gemv_avx512(&w[rows], x, y),
+            (Isa::Avx2, WeightSlice::F32(w)) => return x86::gemv_avx2(&w[rows], x, y),
+            (Isa::Avx2, WeightSlice::BF16(w)) => return x86::gemv_avx2(&w[rows], x, y),
+            _ => {}
+        }
+    }
+    match w {
+        WeightSlice::F32(w) => portable::matvec(&w[rows], x, y),
+        WeightSlice::BF16(w) => portable::matvec(&w[rows], x, y),
     }
 }
 
 /// `y = x · wᵀ`: `x` is `[m, k]`, `w` is `[n, k]` (row-major `[out, in]`), `y` is `[m, n]`.
-///
-/// Each weight row is widened once and then dotted with every row of `x`, so a prefill of `m`
-/// tokens reads the weights once instead of `m` times. The result for row `i` is bit-identical to
-/// `matvec` on that row alone.
 pub fn matmul<W: Weight>(x: &[f32], w: &[W], y: &mut [f32], m: usize, n: usize, k: usize) {
+    matmul_with(isa(), x, w, y, m, n, k)
+}
+
+/// [`matmul`] on a given path (tests and benchmarks); panics if the CPU lacks it.
+pub fn matmul_with<W: Weight>(
+    isa: Isa,
+    x: &[f32],
+    w: &[W],
+    y: &mut [f32],
+    m: usize,
+    n: usize,
+    k: usize,
+) {
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
     assert_eq!(w.len(), n * k, "matmul: weight is not [{n}, {k}]");
     assert_eq!(y.len(), m * n, "matmul: y is not [{m}, {n}]");
+    assert!(
+        isa.supported(),
+        "matmul: this CPU cannot run {}",
+        isa.name()
+    );
     if m == 1 {
-        return matvec(w, x, y);
+        return matvec_with(isa, w, x, y);
     }
-    if k == 0 {
-        y.fill(0.0);
+    if isa == Isa::Portable || k == 0 {
+        return portable::matmul(x, w, y, m, n, k);
+    }
+    let ws = W::as_weights(w);
+    let yp = SyncPtr(y.as_mut_ptr());
+    #[cfg(target_arch = "x86_64")]
+    if let (Isa::Avx512, WeightSlice::BF16(wb), true) = (isa, ws, bf16_dot()) {
+        let mut xb = vec![bf16::ZERO; m * k];
+        // SAFETY: set_bf16_dot only turns this on when the CPU has AVX512_BF16.
+        unsafe { x86::to_bf16_avx512(x, &mut xb) };
+        split_rows(n, m * n * k, &|r| {
+            let w = &wb[r.start * k..r.end * k];
+            // SAFETY: AVX512_BF16 checked above; `y` rows are `n` apart and this call writes
+            // columns `r` only, disjoint from other calls; `xb` is `[m, k]`, `w` is `[r.len(), k]`.
+            unsafe { x86::gemm_dpbf16(&xb, w, { yp }.0.add(r.start), m, r.len(), k, n) };
+        });
         return;
     }
-    // Widen a block of weight rows once, then sweep every x row over the block: x is re-read
-    // n / ROW_BLOCK times instead of n times, and the widened block stays in cache.
-    const ROW_BLOCK: usize = 8;
-    let mut block = vec![0f32; ROW_BLOCK * k];
-    for (b, wblock) in w.chunks(ROW_BLOCK * k).enumerate() {
-        let rows = wblock.len() / k;
-        W::widen(wblock, &mut block[..rows * k]);
-        for i in 0..m {
-            let xi = &x[i * k..(i + 1) * k];
-            let yi = &mut y[i * n + b * ROW_BLOCK..i * n + b * ROW_BLOCK + rows];
-            for (yj, wrow) in yi.iter_mut().zip(block.chunks_exact(k)) {
-                *yj = dot(wrow, xi);
+    split_rows(n, m * n * k, &|r| {
+        // SAFETY: `y` is `[m, n]`; this call writes columns `r` only, disjoint from other calls.
+        unsafe { gemm_cols(isa, ws, x, { yp }.0.add(r.start), m, r, k, n) };
+    });
+}
+
+/// Columns `cols` of `y = x · wᵀ`, `yp` pointing at column `cols.start` of row 0.
+///
+/// # Safety
+/// `yp.add(i * ldy + j)` is writable for `i < m`, `j < cols.len()`, by this call alone.
+#[allow(clippy::too_many_arguments)]
+unsafe fn gemm_cols(
+    isa: Isa,
+    w: WeightSlice,
+    x: &[f32],
+    yp: *mut f32,
+    m: usize,
+    cols: std::ops::Range<usize>,
+    k: usize,
+    ldy: usize,
+) {
+    let n = cols.len();
+    let span = cols.start * k..cols.end * k;
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: `isa.supported()` was asserted by the caller; `x` is `[m, k]`, the weight slice
+    // `[n, k]`, `yp` as this function's contract says.
+    unsafe {
+        match (isa, w) {
+            (Isa::Avx512, WeightSlice::F32(w)) => {
+                return x86::gemm_avx512(x, &w[span], yp, m, n, k, ldy)
             }
+            (Isa::Avx512, WeightSlice::BF16(w)) => {
+                return x86::gemm_avx512(x, &w[span], yp, m, n, k, ldy)
+            }
+            (Isa::Avx2, WeightSlice::F32(w)) => {
+                return x86::gemm_avx2(x, &w[span], yp, m, n, k, ldy)
+            }
+            (Isa::Avx2, WeightSlice::BF16(w)) => {
+                return x86::gemm_avx2(x, &w[span], yp, m, n, k, ldy)
+            }
+            _ => {}
         }
     }
-}
-
-/// Adds `bias` (`[n]`) to every row of `y` (`[m, n]`).
-pub fn add_bias(y: &mut [f32], bias: &[f32]) {
-    for row in y.chunks_exact_mut(bias.len()) {
-        for (v, b) in row.iter_mut().zip(bias) {
-            *v += b;
-        }
-    }
-}
-
-/// `a += b` elementwise (the residual connection).
-pub fn add_inplace(a: &mut [f32], b: &[f32]) {
-    assert_eq!(a.len(), b.len());
-    for (x, y) in a.iter_mut().zip(b) {
-        *x += y;
-    }
-}
-
-/// RMSNorm of each row of `x` (`[m, weight.len()]`) into `out`, as transformers computes it in
-/// f32: `weight * (x * rsqrt(mean(x²) + eps))`.
-pub fn rmsnorm(x: &[f32], weight: &[f32], eps: f32, out: &mut [f32]) {
-    let h = weight.len();
-    assert_eq!(x.len(), out.len());
-    assert_eq!(x.len() % h.max(1), 0);
-    for (xr, or) in x.chunks_exact(h).zip(out.chunks_exact_mut(h)) {
-        let mean = dot(xr, xr) / h as f32;
-        let inv = 1.0 / (mean + eps).sqrt();
-        for ((o, v), w) in or.iter_mut().zip(xr).zip(weight) {
-            *o = w * (v * inv);
-        }
-    }
-}
-
-/// Rotary embedding, "rotate half" (NeoX) form, in place on one head vector `x` (`[d]`):
-/// `x' = x·cos + rotate_half(x)·sin` with `rotate_half(x) = cat(-x[d/2..], x[..d/2])`.
-/// `cos` and `sin` are the `[d]` rows for this position (the halves repeat).
-pub fn rope(x: &mut [f32], cos: &[f32], sin: &[f32]) {
-    let d = x.len();
-    let half = d / 2;
-    assert!(cos.len() == d && sin.len() == d && d.is_multiple_of(2));
-    for i in 0..half {
-        let (a, b) = (x[i], x[i + half]);
-        x[i] = a * cos[i] - b * sin[i];
-        x[i + half] = b * cos[i + half] + a * sin[i + half];
-    }
-}
-
-/// `gate = silu(gate) * up` elementwise; `silu(v) = v / (1 + e^-v)`.
-pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
-    assert_eq!(gate.len(), up.len());
-    for (g, u) in gate.iter_mut().zip(up) {
-        *g = *g / (1.0 + (-*g).exp()) * u;
-    }
-}
-
-/// Numerically stable softmax in place.
-pub fn softmax(x: &mut [f32]) {
-    let max = x.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-    let mut sum = 0f32;
-    for v in x.iter_mut() {
-        *v = (*v - max).exp();
-        sum += *v;
-    }
-    let inv = 1.0 / sum;
-    for v in x.iter_mut() {
-        *v *= inv;
-    }
-}
-
-/// Attention of one query head over `len` cached positions: `out = softmax(q·Kᵀ·scale)·V`.
-/// `k` and `v` are `[len, d]` (post-RoPE keys, values); `scores` is scratch of at least `len`.
-/// The caller passes only the positions the query may see (causality is the caller's slice).
-pub fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
-    let d = q.len();
-    let len = k.len() / d.max(1);
-    assert!(k.len() == len * d && v.len() == len * d && out.len() == d && scores.len() >= len);
-    let scores = &mut scores[..len];
-    for (s, kr) in scores.iter_mut().zip(k.chunks_exact(d)) {
-        *s = dot(q, kr) * scale;
-    }
-    softmax(scores);
-    out.fill(0.0);
-    for (p, vr) in scores.iter().zip(v.chunks_exact(d)) {
-        for (o, x) in out.iter_mut().zip(vr) {
-            *o += p * x;
+    // Portable: one x row at a time.
+    for i in 0..m {
+        // SAFETY: row `i`'s `n` columns are ours (contract above).
+        let yi = unsafe { std::slice::from_raw_parts_mut(yp.add(i * ldy), n) };
+        let xi = &x[i * k..(i + 1) * k];
+        match w {
+            WeightSlice::F32(w) => portable::matvec(&w[span.clone()], xi, yi),
+            WeightSlice::BF16(w) => portable::matvec(&w[span.clone()], xi, yi),
         }
     }
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn naive_dot(a: &[f32], b: &[f32]) -> f64 {
-        a.iter().zip(b).map(|(x, y)| *x as f64 * *y as f64).sum()
-    }
-
-    fn data(n: usize, seed: u32) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(2654435761).wrapping_add(1);
-        (0..n)
-            .map(|_| {
-                s ^= s << 13;
-                s ^= s >> 17;
-                s ^= s << 5;
-                (s % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
-
-    #[test]
-    fn dot_matches_f64_for_odd_lengths() {
-        for n in [0, 1, 7, 16, 17, 63, 100, 257] {
-            let (a, b) = (data(n, 1), data(n, 2));
-            assert!(
-                (dot(&a, &b) as f64 - naive_dot(&a, &b)).abs() < 1e-4,
-                "n={n}"
-            );
-            let wb: Vec<bf16> = a.iter().map(|v| bf16::from_f32(*v)).collect();
-            let wf: Vec<f32> = wb.iter().map(|v| v.to_f32()).collect();
-            assert!((bf16::dot(&wb, &b) as f64 - naive_dot(&wf, &b)).abs() < 1e-4);
-        }
-    }
-
-    #[test]
-    fn matmul_rows_equal_matvec() {
-        let (m, n, k) = (5, 9, 37);
-        let x = data(m * k, 3);
-        let w = data(n * k, 4);
-        let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-        let mut y = vec![0f32; m * n];
-        let mut yb = vec![0f32; m * n];
-        matmul(&x, &w, &mut y, m, n, k);
-        matmul(&x, &wb, &mut yb, m, n, k);
-        for i in 0..m {
-            let mut r = vec![0f32; n];
-            matvec(&w, &x[i * k..(i + 1) * k], &mut r);
-            assert_eq!(&y[i * n..(i + 1) * n], &r[..]);
-            matvec(&wb, &x[i * k..(i + 1) * k], &mut r);
-            assert_eq!(&yb[i * n..(i + 1) * n], &r[..]);
-            for j in 0..n {
-                let e = naive_dot(&x[i * k..(i + 1) * k], &w[j * k..(j + 1) * k]);
-                assert!((y[i * n + j] as f64 - e).abs() < 1e-4);
-            }
-        }
-    }
-
-    #[test]
-    fn rmsnorm_unit_rms() {
-        let x = data(64, 5);
-        let w = vec![2.0f32; 32];
-        let mut out = vec![0f32; 64];
-        rmsnorm(&x, &w, 0.0, &mut out);
-        for row in out.chunks(32) {
-            let ms: f32 = row.iter().map(|v| v * v).sum::<f32>() / 32.0;
-            assert!((ms - 4.0).abs() < 1e-4);
-        }
-    }
-
-    #[test]
-    fn rope_is_a_rotation_of_each_pair() {
-        let mut x = vec![1.0, 2.0, 3.0, 4.0];
-        let th = [0.3f32, 1.1];
-        let cos = [th[0].cos(), th[1].cos(), th[0].cos(), th[1].cos()];
-        let sin = [th[0].sin(), th[1].sin(), th[0].sin(), th[1].sin()];
-        rope(&mut x, &cos, &sin);
-        // Pair (x[0], x[2]) rotated by th[0], (x[1], x[3]) by th[1].
-        assert!((x[0] - (1.0 * cos[0] - 3.0 * sin[0])).abs() < 1e-6);
-        assert!((x[2] - (3.0 * cos[0] + 1.0 * sin[0])).abs() < 1e-6);
-        assert!((x[1] - (2.0 * cos[1] - 4.0 * sin[1])).abs() < 1e-6);
-        assert!((x[3] - (4.0 * cos[1] + 2.0 * sin[1])).abs() < 1e-6);
-    }
-
-    #[test]
-    fn softmax_and_attend() {
-        let mut s = vec![1.0, 2.0, 3.0];
-        softmax(&mut s);
-        assert!((s.iter().sum::<f32>() - 1.0).abs() < 1e-6);
-        assert!(s[2] > s[1] && s[1] > s[0]);
-        // One position: attention returns its value.
-        let q = [1.0, 0.0];
-        let mut out = [0.0; 2];
-        let mut sc = [0.0; 1];
-        attend(&q, &[0.5, 0.5], &[3.0, -1.0], 1.0, &mut sc, &mut out);
-        assert_eq!(out, [3.0, -1.0]);
-    }
-
-    #[test]
-    fn silu_values() {
-        let mut g = vec![0.0, 1.0, -1.0];
-        silu_mul(&mut g, &[1.0, 2.0, 1.0]);
-        assert_eq!(g[0], 0.0);
-        assert!((g[1] - 2.0 * 0.731_058_6).abs() < 1e-6);
-        assert!((g[2] + 0.268_941_4).abs() < 1e-6);
-    }
-}
+mod tests;

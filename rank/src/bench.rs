@@ -1,12 +1,444 @@
-//! `tprun bench`. (Skeleton.)
+//! `tprun bench`: prefill and greedy-decode throughput of the TP model, time in collectives and
+//! resident weight bytes per rank (DESIGN section 2). `--preset` builds random weights of a real
+//! Qwen2.5 model's shapes in memory, each rank only its shard, so no download is needed.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use collectives::{CommStats, OpKind};
+
+use crate::config::Config;
+use crate::loader::{Slice, WeightDtype, Weights};
+use crate::model::{Qwen2, WeightSource};
+use crate::plan::Plan;
+use crate::runtime::{self, ModelArgs};
+
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Preset {
+    #[value(name = "qwen2.5-0.5b")]
+    Qwen25_0_5b,
+    #[value(name = "qwen2.5-1.5b")]
+    Qwen25_1_5b,
+    #[value(name = "qwen2.5-7b")]
+    Qwen25_7b,
+}
+
+impl Preset {
+    /// The real Qwen2.5 configs (hidden, layers, heads, kv heads, intermediate, vocab, tied).
+    pub fn config(self) -> Config {
+        let (hidden, layers, heads, kv, inter, vocab, tied) = match self {
+            Preset::Qwen25_0_5b => (896, 24, 14, 2, 4864, 151936, true),
+            Preset::Qwen25_1_5b => (1536, 28, 12, 2, 8960, 151936, true),
+            Preset::Qwen25_7b => (3584, 28, 28, 4, 18944, 152064, false),
+        };
+        Config {
+            hidden_size: hidden,
+            intermediate_size: inter,
+            num_hidden_layers: layers,
+            num_attention_heads: heads,
+            num_key_value_heads: kv,
+            head_dim: hidden / heads,
+            vocab_size: vocab,
+            max_position_embeddings: 32768,
+            rms_norm_eps: 1e-6,
+            rope_theta: 1e6,
+            tie_word_embeddings: tied,
+            dtype: Some("bfloat16".into()),
+            bos_token_id: None,
+            eos_token_ids: vec![151643],
+        }
+    }
+
+    fn name(self) -> &'static str {
+        match self {
+            Preset::Qwen25_0_5b => "qwen2.5-0.5b",
+            Preset::Qwen25_1_5b => "qwen2.5-1.5b",
+            Preset::Qwen25_7b => "qwen2.5-7b",
+        }
+    }
+}
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
+    #[command(flatten)]
+    pub model: ModelArgs,
+    /// Random weights with a real model's shapes instead of a checkpoint (bf16 unless --dtype f32).
+    #[arg(long, value_enum, conflicts_with = "model")]
+    pub preset: Option<Preset>,
+    /// Prompt tokens (random ids) for the prefill.
+    #[arg(long, default_value_t = 128, value_parser = clap::value_parser!(u64).range(1..))]
+    pub prompt_len: u64,
+    /// Greedy decode steps after the prefill.
+    #[arg(long, default_value_t = 32)]
+    pub new_tokens: u64,
+    /// Runs the whole measurement R times and reports the best (and the range).
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
+    pub rounds: u64,
+    /// Prefill GEMMs use AVX512_BF16 dot products on bf16-rounded activations (faster, less
+    /// accurate: logits no longer match transformers' f32 to 1e-3).
+    #[arg(long)]
+    pub bf16_dot: bool,
+    /// Also time the parts of each decode step (per-kernel counters, rank 0's view) and print
+    /// where decode time goes.
+    #[arg(long)]
+    pub profile: bool,
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
 }
 
-pub fn run(_args: &Args) -> anyhow::Result<()> {
-    anyhow::bail!("bench is not implemented yet")
+/// Uniform random weights in ±`scale`, norms 1: finite activations of a realistic size.
+struct RandomWeights {
+    seed: u64,
+}
+
+impl WeightSource for RandomWeights {
+    fn load(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+        dtype: WeightDtype,
+    ) -> Result<Weights> {
+        let (rows, cols) = match *shape {
+            [n] => (n, 1),
+            [r, c] => (r, c),
+            _ => bail!("tensor {name}: only 1-D and 2-D tensors"),
+        };
+        let (r, c) = match &slice {
+            Slice::All => (rows, cols),
+            Slice::Rows(r) => (r.len(), cols),
+            Slice::Cols(c) => (rows, c.len()),
+        };
+        // Element (i, j) of the full tensor gets the same value whatever the shard, so every TP
+        // size runs the same model: a counter-based generator (splitmix64 of the global index).
+        let (r0, c0) = match &slice {
+            Slice::All => (0, 0),
+            Slice::Rows(r) => (r.start, 0),
+            Slice::Cols(c) => (0, c.start),
+        };
+        let base = self.seed ^ fnv(name);
+        let at = move |t: usize| {
+            let (i, j) = (r0 + t / c, c0 + t % c);
+            let mut z = base.wrapping_add(((i * cols + j) as u64).wrapping_mul(0x9e3779b97f4a7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58476d1ce4e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d049bb133111eb);
+            z ^= z >> 31;
+            // Uniform in [-1, 1).
+            (z >> 40) as f32 / (1u64 << 23) as f32 - 1.0
+        };
+        let n = r * c;
+        let (norm, scale) = (name.ends_with("norm.weight"), 1.0 / (cols as f32).sqrt());
+        let value = |v: f32| if norm { 1.0 } else { v * scale };
+        Ok(match dtype {
+            WeightDtype::F32 => Weights::F32((0..n).map(|t| value(at(t))).collect()),
+            WeightDtype::Bf16 | WeightDtype::Auto => {
+                Weights::BF16((0..n).map(|t| half::bf16::from_f32(value(at(t)))).collect())
+            }
+        })
+    }
+}
+
+fn fnv(s: &str) -> u64 {
+    s.bytes().fold(0xcbf29ce484222325, |h, b| {
+        (h ^ b as u64).wrapping_mul(0x100000001b3)
+    })
+}
+
+/// Seconds inside collectives.
+fn comm_seconds(s: &CommStats) -> f64 {
+    s.ops.iter().map(|o| o.seconds).sum()
+}
+
+#[derive(Debug, Clone, Default)]
+struct Round {
+    prefill_s: f64,
+    decode_s: f64,
+    prefill_comm_s: f64,
+    decode_comm_s: f64,
+    decode_all_reduce_s: f64,
+    /// Decode seconds per model part (with --profile).
+    profile: Vec<(&'static str, f64)>,
+}
+
+pub fn run(args: &Args) -> Result<()> {
+    let mut comm = collectives::from_env()?;
+    let comm = &mut *comm;
+    kernels::set_bf16_dot(args.bf16_dot);
+    let (p, k) = (args.prompt_len as usize, args.new_tokens as usize);
+    let (mut model, source) = match args.preset {
+        Some(preset) => {
+            let config = preset.config();
+            let plan = Plan::new(&config.shapes(), comm.world_size(), comm.rank())
+                .with_context(|| format!("preset {}", preset.name()))?;
+            let dtype = match args.model.dtype {
+                WeightDtype::F32 => WeightDtype::F32,
+                _ => WeightDtype::Bf16,
+            };
+            let mut src = RandomWeights { seed: 0x5eed };
+            let model = Qwen2::load(&mut src, &config, &plan, dtype, &mut |_, _| {})?;
+            (
+                model,
+                format!("preset {} ({})", preset.name(), dtype.name()),
+            )
+        }
+        None => {
+            let prep = runtime::prepare(&args.model, comm)?;
+            let (model, _) = runtime::load(&prep, args.model.dtype, "bench")?;
+            (model, prep.dir.display().to_string())
+        }
+    };
+    let config = model.config.clone();
+    if p + k > config.max_position_embeddings {
+        bail!(
+            "--prompt-len {p} + --new-tokens {k} is longer than the model's context ({})",
+            config.max_position_embeddings
+        );
+    }
+    // Random prompt ids, the same on every rank.
+    let mut s = 0x9e3779b97f4a7c15u64;
+    let prompt: Vec<u32> = (0..p)
+        .map(|_| {
+            s = s
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            ((s >> 33) % config.vocab_size as u64) as u32
+        })
+        .collect();
+    model.reserve(p + k + 1);
+
+    let mut rounds = Vec::new();
+    let mut tokens = Vec::with_capacity(k);
+    for _ in 0..args.rounds {
+        model.truncate_cache(0);
+        tokens.clear();
+        comm.barrier().context("barrier before a round")?;
+        let s0 = comm.stats();
+        let t0 = Instant::now();
+        let mut tok = model.forward_argmax(comm, &prompt, 0)?;
+        let prefill_s = t0.elapsed().as_secs_f64();
+        let s1 = comm.stats();
+        model.set_profile(args.profile);
+        let t1 = Instant::now();
+        for i in 0..k {
+            tokens.push(tok);
+            tok = model.forward_argmax(comm, &[tok], p + i)?;
+        }
+        let decode_s = t1.elapsed().as_secs_f64();
+        let s2 = comm.stats();
+        let profile = model.profile().unwrap_or_default();
+        rounds.push(Round {
+            prefill_s,
+            decode_s,
+            prefill_comm_s: comm_seconds(&s1) - comm_seconds(&s0),
+            decode_comm_s: comm_seconds(&s2) - comm_seconds(&s1),
+            decode_all_reduce_s: s2.get(OpKind::AllReduce).seconds
+                - s1.get(OpKind::AllReduce).seconds,
+            profile,
+        });
+    }
+    let weight_bytes = model.weight_bytes();
+    // Every rank's resident bytes, for the per-rank maximum.
+    let mut all = vec![0u64; comm.world_size()];
+    comm.all_gather_raw(
+        bytemuck::cast_slice(&[weight_bytes as u64]),
+        bytemuck::cast_slice_mut(&mut all),
+        collectives::DType::F32,
+    )
+    .context("all-gather of the weight bytes")?;
+
+    if comm.rank() == 0 {
+        let best_p = rounds
+            .iter()
+            .min_by(|a, b| a.prefill_s.total_cmp(&b.prefill_s))
+            .cloned()
+            .unwrap_or_default();
+        let best_d = rounds
+            .iter()
+            .min_by(|a, b| a.decode_s.total_cmp(&b.decode_s))
+            .cloned()
+            .unwrap_or_default();
+        let tps = |n: usize, s: f64| if s > 0.0 { n as f64 / s } else { 0.0 };
+        let prefill: Vec<f64> = rounds.iter().map(|r| tps(p, r.prefill_s)).collect();
+        let decode: Vec<f64> = rounds.iter().map(|r| tps(k, r.decode_s)).collect();
+        let range = |v: &[f64]| {
+            (
+                v.iter().copied().fold(f64::INFINITY, f64::min),
+                v.iter().copied().fold(0.0, f64::max),
+            )
+        };
+        let (pmin, pmax) = range(&prefill);
+        let (dmin, dmax) = range(&decode);
+        let max_bytes = all.iter().copied().max().unwrap_or(0);
+        let isa = kernels::isa().name();
+        let threads = kernels::threads();
+        if args.json {
+            let j = serde_json::json!({
+                "model": source,
+                "world_size": comm.world_size(),
+                "threads_per_rank": threads,
+                "isa": isa,
+                "bf16_dot": kernels::bf16_dot(),
+                "prompt_len": p,
+                "new_tokens": k,
+                "rounds": args.rounds,
+                "timings": {
+                    "prefill_tok_s": pmax,
+                    "decode_tok_s": dmax,
+                    "prefill_s": best_p.prefill_s,
+                    "decode_s": best_d.decode_s,
+                    "prefill_tok_s_all": prefill,
+                    "decode_tok_s_all": decode,
+                },
+                "comm": {
+                    "prefill_s": best_p.prefill_comm_s,
+                    "decode_s": best_d.decode_comm_s,
+                    "prefill_share": best_p.prefill_comm_s / best_p.prefill_s.max(1e-12),
+                    "decode_share": best_d.decode_comm_s / best_d.decode_s.max(1e-12),
+                },
+                "weight_bytes_per_rank": all,
+                "weight_bytes_rank0": weight_bytes,
+                "weight_bytes_max": max_bytes,
+                "output_ids": tokens,
+                "decode_profile_s": best_d.profile.iter().map(|(n, s)| (n.to_string(), serde_json::json!(*s))).collect::<serde_json::Map<_, _>>(),
+            });
+            println!("{j}");
+        } else {
+            println!(
+                "tprun bench: {source}, {} rank(s) x {threads} thread(s), {isa}{}, prompt {p}, {k} new tokens, best of {}",
+                comm.world_size(),
+                if kernels::bf16_dot() { " (bf16 dot prefill)" } else { "" },
+                args.rounds
+            );
+            println!(
+                "  prefill  {pmax:9.1} tok/s   (range {pmin:.1}..{pmax:.1})   collectives {:.1} ms ({:.1}%)",
+                best_p.prefill_comm_s * 1e3,
+                100.0 * best_p.prefill_comm_s / best_p.prefill_s.max(1e-12)
+            );
+            println!(
+                "  decode   {dmax:9.1} tok/s   (range {dmin:.1}..{dmax:.1})   collectives {:.1} ms ({:.1}%)",
+                best_d.decode_comm_s * 1e3,
+                100.0 * best_d.decode_comm_s / best_d.decode_s.max(1e-12)
+            );
+            println!(
+                "  weights  {:.1} MiB per rank (max over ranks {:.1} MiB)",
+                weight_bytes as f64 / (1 << 20) as f64,
+                max_bytes as f64 / (1 << 20) as f64
+            );
+            if !best_d.profile.is_empty() {
+                println!("  decode profile (best round, rank 0, ms per token, % of decode):");
+                let per = |s: f64| s * 1e3 / k.max(1) as f64;
+                let pct = |s: f64| 100.0 * s / best_d.decode_s.max(1e-12);
+                let mut rest = best_d.decode_s;
+                for (name, s) in &best_d.profile {
+                    println!("    {name:34} {:7.3} ms {:5.1}%", per(*s), pct(*s));
+                    rest -= s;
+                }
+                let ar = best_d.decode_all_reduce_s;
+                println!(
+                    "    {:34} {:7.3} ms {:5.1}%",
+                    "  of which all-reduce",
+                    per(ar),
+                    pct(ar)
+                );
+                println!("    {:34} {:7.3} ms {:5.1}%", "other", per(rest), pct(rest));
+            }
+        }
+    }
+    comm.barrier().context("final barrier")?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::{ForwardOptions, Logits};
+    use crate::testing::run_world;
+
+    fn tiny() -> Config {
+        Config {
+            hidden_size: 64,
+            intermediate_size: 96,
+            num_hidden_layers: 2,
+            num_attention_heads: 4,
+            num_key_value_heads: 2,
+            head_dim: 16,
+            // Odd, so the vocab shards differ in size.
+            vocab_size: 301,
+            tie_word_embeddings: true,
+            ..Preset::Qwen25_0_5b.config()
+        }
+    }
+
+    /// The distributed argmax picks what argmax over the gathered logits picks, step by step,
+    /// at every TP size, and the greedy tokens agree across TP sizes.
+    #[test]
+    fn distributed_argmax_equals_argmax_of_gathered_logits() {
+        let config = tiny();
+        let prompt = [3u32, 300, 17, 42, 5];
+        let mut per_world = Vec::new();
+        for world in [1, 2, 3] {
+            let out = run_world(world, |r, comm| {
+                let plan = Plan::new(&config.shapes(), world, r)?;
+                let mut src = RandomWeights { seed: 7 };
+                let mut model =
+                    Qwen2::load(&mut src, &config, &plan, WeightDtype::Bf16, &mut |_, _| {})?;
+                model.reserve(prompt.len() + 6);
+                let opts = ForwardOptions {
+                    logits: Logits::Last,
+                    hidden_states: false,
+                };
+                let mut toks = Vec::new();
+                let mut ids = prompt.to_vec();
+                let mut pos = 0;
+                for _ in 0..6 {
+                    let logits = model.forward_with(comm, &ids, pos, opts)?.logits;
+                    let want = logits
+                        .iter()
+                        .enumerate()
+                        .fold(
+                            (0, f32::NEG_INFINITY),
+                            |b, (i, &v)| if v > b.1 { (i, v) } else { b },
+                        )
+                        .0 as u32;
+                    let got = model.forward_argmax(comm, &ids, pos)?;
+                    assert_eq!(got, want, "TP {world} step {}", toks.len());
+                    toks.push(got);
+                    pos += ids.len();
+                    ids = vec![got];
+                }
+                Ok(toks)
+            });
+            let toks: Vec<Vec<u32>> = out.into_iter().map(|o| o.unwrap()).collect();
+            assert!(toks.iter().all(|t| *t == toks[0]));
+            per_world.push(toks[0].clone());
+        }
+        assert!(
+            per_world.iter().all(|t| *t == per_world[0]),
+            "{per_world:?}"
+        );
+    }
+
+    #[test]
+    fn random_shards_have_the_shard_shapes() {
+        let mut src = RandomWeights { seed: 1 };
+        let w = src
+            .load("a.weight", &[10, 6], Slice::Cols(2..5), WeightDtype::Bf16)
+            .unwrap();
+        let full = src
+            .load("a.weight", &[10, 6], Slice::All, WeightDtype::Bf16)
+            .unwrap();
+        let (Weights::BF16(w), Weights::BF16(full)) = (w, full) else {
+            panic!("bf16 requested")
+        };
+        assert_eq!(w.len(), 30);
+        // A shard is the same slice of the same full tensor.
+        for i in 0..10 {
+            assert_eq!(w[i * 3..i * 3 + 3], full[i * 6 + 2..i * 6 + 5]);
+        }
+        let n = src
+            .load_f32("b.input_layernorm.weight", &[8], Slice::All)
+            .unwrap();
+        assert_eq!(n, vec![1.0; 8]);
+    }
 }

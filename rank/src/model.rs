@@ -25,16 +25,99 @@ fn all_reduce(comm: &mut dyn Communicator, buf: &mut [f32]) -> Result<()> {
     Ok(())
 }
 
-/// `y = x · wᵀ` for `x` `[m, cols]` and a `[rows, cols]` weight.
-fn matmul(w: &Weights, x: &[f32], m: usize, rows: usize, cols: usize) -> Vec<f32> {
-    fn go<W: Weight>(w: &[W], x: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
-        let mut y = vec![0f32; m * n];
-        kernels::matmul(x, w, &mut y, m, n, k);
-        y
+/// Where [`Qwen2::load`] gets each rank's slices from: a checkpoint, or (for benchmarks) random
+/// values of the right shapes.
+pub trait WeightSource {
+    /// Tensor `name` of full shape `shape`, sliced for this rank, in `dtype`.
+    fn load(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+        dtype: WeightDtype,
+    ) -> Result<Weights>;
+    fn load_f32(&mut self, name: &str, shape: &[usize], slice: Slice) -> Result<Vec<f32>> {
+        match self.load(name, shape, slice, WeightDtype::F32)? {
+            Weights::F32(v) => Ok(v),
+            Weights::BF16(v) => Ok(v.iter().map(|x| x.to_f32()).collect()),
+        }
     }
+}
+
+impl WeightSource for Checkpoint {
+    fn load(
+        &mut self,
+        name: &str,
+        shape: &[usize],
+        slice: Slice,
+        dtype: WeightDtype,
+    ) -> Result<Weights> {
+        Checkpoint::load(self, name, shape, slice, dtype)
+    }
+    fn load_f32(&mut self, name: &str, shape: &[usize], slice: Slice) -> Result<Vec<f32>> {
+        Checkpoint::load_f32(self, name, shape, slice)
+    }
+}
+
+/// `y = x · wᵀ` for `x` `[m, cols]` and a `[rows, cols]` weight, into `y` (`[m, rows]`).
+fn matmul_into(w: &Weights, x: &[f32], m: usize, rows: usize, cols: usize, y: &mut [f32]) {
+    let y = &mut y[..m * rows];
     match w {
-        Weights::F32(w) => go(w, x, m, rows, cols),
-        Weights::BF16(w) => go(w, x, m, rows, cols),
+        Weights::F32(w) => kernels::matmul(x, w, y, m, rows, cols),
+        Weights::BF16(w) => kernels::matmul(x, w, y, m, rows, cols),
+    }
+}
+
+/// Grows `v` to at least `n` elements (never shrinks, so steady-state decode does not allocate)
+/// and returns its first `n`.
+fn buf(v: &mut Vec<f32>, n: usize) -> &mut [f32] {
+    if v.len() < n {
+        v.resize(n, 0.0);
+    }
+    &mut v[..n]
+}
+
+/// Activation buffers reused by every forward call (sized for the largest call so far).
+#[derive(Default)]
+struct Scratch {
+    x: Vec<f32>,
+    normed: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
+    v: Vec<f32>,
+    attn: Vec<f32>,
+    proj: Vec<f32>,
+    gate: Vec<f32>,
+    up: Vec<f32>,
+    scores: Vec<f32>,
+    logits: Vec<f32>,
+    /// Seconds per [`PARTS`] entry, when profiling is on.
+    profile: Option<[f64; PARTS.len()]>,
+}
+
+/// What the per-part timers of [`Qwen2::set_profile`] measure.
+pub const PARTS: [&str; 7] = [
+    "qkv_proj + rope + kv append",
+    "attention (scores, softmax, V)",
+    "o_proj matmul + all-reduce",
+    "gate/up matmul + silu",
+    "down_proj matmul + all-reduce",
+    "embedding, norms, residuals",
+    "lm_head + argmax",
+];
+
+impl Scratch {
+    /// Adds the time since `*t` to part `i` and restarts `*t` (no-op unless profiling).
+    #[inline]
+    fn lap(&mut self, i: usize, t: &mut Option<std::time::Instant>) {
+        if let (Some(p), Some(t0)) = (self.profile.as_mut(), t.as_mut()) {
+            let now = std::time::Instant::now();
+            p[i] += (now - *t0).as_secs_f64();
+            *t0 = now;
+        }
+    }
+    fn start(&self) -> Option<std::time::Instant> {
+        self.profile.map(|_| std::time::Instant::now())
     }
 }
 
@@ -50,7 +133,7 @@ pub struct ColumnParallelLinear {
 
 impl ColumnParallelLinear {
     fn load(
-        ck: &mut Checkpoint,
+        ck: &mut dyn WeightSource,
         name: &str,
         shape: [usize; 2],
         rows: Range<usize>,
@@ -80,12 +163,12 @@ impl ColumnParallelLinear {
         })
     }
 
-    fn forward(&self, x: &[f32], m: usize) -> Vec<f32> {
-        let mut y = matmul(&self.weight, x, m, self.rows, self.cols);
+    /// `y[..m * rows] = x · wᵀ + b`.
+    fn forward_into(&self, x: &[f32], m: usize, y: &mut [f32]) {
+        matmul_into(&self.weight, x, m, self.rows, self.cols, y);
         if let Some(b) = &self.bias {
-            kernels::add_bias(&mut y, b);
+            kernels::add_bias(&mut y[..m * self.rows], b);
         }
-        y
     }
 
     fn bytes(&self) -> usize {
@@ -105,7 +188,7 @@ pub struct RowParallelLinear {
 
 impl RowParallelLinear {
     fn load(
-        ck: &mut Checkpoint,
+        ck: &mut dyn WeightSource,
         name: &str,
         shape: [usize; 2],
         cols: Range<usize>,
@@ -124,10 +207,17 @@ impl RowParallelLinear {
         })
     }
 
-    fn forward(&self, comm: &mut dyn Communicator, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let mut y = matmul(&self.weight, x, m, self.rows, self.cols);
-        all_reduce(comm, &mut y)?;
-        Ok(y)
+    /// `y[..m * rows]` = the all-reduced `x · wᵀ`.
+    fn forward_into(
+        &self,
+        comm: &mut dyn Communicator,
+        x: &[f32],
+        m: usize,
+        y: &mut [f32],
+    ) -> Result<()> {
+        let y = &mut y[..m * self.rows];
+        matmul_into(&self.weight, x, m, self.rows, self.cols, y);
+        all_reduce(comm, y)
     }
 }
 
@@ -140,11 +230,18 @@ pub struct VocabParallelEmbedding {
 }
 
 impl VocabParallelEmbedding {
-    fn forward(&self, comm: &mut dyn Communicator, ids: &[u32]) -> Result<Vec<f32>> {
+    /// The rows of `ids` into `out` (`[ids.len(), hidden]`).
+    fn forward_into(
+        &self,
+        comm: &mut dyn Communicator,
+        ids: &[u32],
+        out: &mut [f32],
+    ) -> Result<()> {
         let h = self.hidden;
-        let mut out = vec![0f32; ids.len() * h];
+        let out = &mut out[..ids.len() * h];
         for (row, &id) in out.chunks_exact_mut(h).zip(ids) {
             let id = id as usize;
+            row.fill(0.0);
             if self.vocab.contains(&id) {
                 let i = (id - self.vocab.start) * h;
                 match &self.weight {
@@ -153,8 +250,7 @@ impl VocabParallelEmbedding {
                 }
             }
         }
-        all_reduce(comm, &mut out)?;
-        Ok(out)
+        all_reduce(comm, out)
     }
 }
 
@@ -179,7 +275,8 @@ impl ParallelLmHead {
     ) -> Result<Vec<f32>> {
         let w = self.weight.as_ref().unwrap_or(&embed.weight);
         let local = embed.vocab.len();
-        let y = matmul(w, x, m, local, embed.hidden);
+        let mut y = vec![0f32; m * local];
+        matmul_into(w, x, m, local, embed.hidden, &mut y);
         let world = comm.world_size();
         if world == 1 {
             return Ok(y);
@@ -206,6 +303,54 @@ impl ParallelLmHead {
             }
         }
         Ok(logits)
+    }
+}
+
+impl ParallelLmHead {
+    /// The greedy next token for one hidden row `x` without gathering the logits: each rank
+    /// takes the maximum of its vocab shard, then the (value, id) pairs are all-gathered (8 bytes
+    /// per rank instead of the vocabulary). Ties go to the lowest id, like `argmax`.
+    fn argmax(
+        &self,
+        comm: &mut dyn Communicator,
+        embed: &VocabParallelEmbedding,
+        x: &[f32],
+        logits: &mut Vec<f32>,
+    ) -> Result<u32> {
+        let w = self.weight.as_ref().unwrap_or(&embed.weight);
+        let local = embed.vocab.len();
+        let y = buf(logits, local);
+        matmul_into(w, x, 1, local, embed.hidden, y);
+        let mut best = (f32::NEG_INFINITY, u32::MAX);
+        for (i, &v) in y.iter().enumerate() {
+            if v > best.0 {
+                best = (v, (embed.vocab.start + i) as u32);
+            }
+        }
+        let world = comm.world_size();
+        if world == 1 {
+            return Ok(if best.1 == u32::MAX { 0 } else { best.1 });
+        }
+        let mine = [best.0.to_bits(), best.1];
+        let mut all = [0u32; 2 * 64];
+        let all = &mut all[..2 * world.min(64)];
+        if world > 64 {
+            bail!("distributed argmax supports at most 64 ranks");
+        }
+        comm.all_gather_raw(
+            bytemuck::cast_slice(&mine),
+            bytemuck::cast_slice_mut(all),
+            DType::F32,
+        )
+        .context("all-gather of the argmax")?;
+        let mut out = (f32::NEG_INFINITY, u32::MAX);
+        for p in all.chunks_exact(2) {
+            let v = f32::from_bits(p[0]);
+            if p[1] != u32::MAX && (v > out.0 || (v == out.0 && p[1] < out.1)) {
+                out = (v, p[1]);
+            }
+        }
+        Ok(if out.1 == u32::MAX { 0 } else { out.1 })
     }
 }
 
@@ -305,13 +450,15 @@ pub struct Attention {
 }
 
 impl Attention {
+    /// Self-attention of `x` (`[m, hidden]`, normed) into `s.proj` (`[m, hidden]`).
     fn forward(
         &self,
         comm: &mut dyn Communicator,
         step: &Step,
         cache: &mut LayerCache,
         x: &[f32],
-    ) -> Result<Vec<f32>> {
+        sc: &mut Scratch,
+    ) -> Result<()> {
         let Step {
             plan,
             rope,
@@ -320,9 +467,13 @@ impl Attention {
         } = *step;
         let d = plan.head_dim;
         let (nq, nkv) = (plan.q_heads.len(), plan.kv_heads.len());
-        let mut q = self.q_proj.forward(x, m);
-        let mut k = self.k_proj.forward(x, m);
-        let v = self.v_proj.forward(x, m);
+        let mut t = sc.start();
+        let q = buf(&mut sc.q, m * nq * d);
+        let k = buf(&mut sc.k, m * nkv * d);
+        let v = buf(&mut sc.v, m * nkv * d);
+        self.q_proj.forward_into(x, m, q);
+        self.k_proj.forward_into(x, m, k);
+        self.v_proj.forward_into(x, m, v);
         for t in 0..m {
             let (cos, sin) = rope.at(start_pos + t);
             for h in q[t * nq * d..(t + 1) * nq * d].chunks_exact_mut(d) {
@@ -341,10 +492,12 @@ impl Attention {
                 cache.v[j].extend_from_slice(&v[s..s + d]);
             }
         }
+        sc.lap(0, &mut t);
+        let q = &sc.q[..m * nq * d];
         // Causal GQA attention: token t sees positions 0..=start_pos+t.
         let scale = 1.0 / (d as f32).sqrt();
-        let mut out = vec![0f32; m * nq * d];
-        let mut scores = vec![0f32; start_pos + m];
+        let out = buf(&mut sc.attn, m * nq * d);
+        let scores = buf(&mut sc.scores, start_pos + m);
         for t in 0..m {
             let len = start_pos + t + 1;
             for h in 0..nq {
@@ -355,12 +508,17 @@ impl Attention {
                     &cache.k[j][..len * d],
                     &cache.v[j][..len * d],
                     scale,
-                    &mut scores,
+                    scores,
                     &mut out[s..s + d],
                 );
             }
         }
-        self.o_proj.forward(comm, &out, m)
+        sc.lap(1, &mut t);
+        let proj = buf(&mut sc.proj, m * self.o_proj.rows);
+        let out = &sc.attn[..m * nq * d];
+        self.o_proj.forward_into(comm, out, m, proj)?;
+        sc.lap(2, &mut t);
+        Ok(())
     }
 }
 
@@ -371,11 +529,27 @@ pub struct Mlp {
 }
 
 impl Mlp {
-    fn forward(&self, comm: &mut dyn Communicator, x: &[f32], m: usize) -> Result<Vec<f32>> {
-        let mut g = self.gate_proj.forward(x, m);
-        let u = self.up_proj.forward(x, m);
-        kernels::silu_mul(&mut g, &u);
-        self.down_proj.forward(comm, &g, m)
+    /// SwiGLU MLP of `x` (`[m, hidden]`, normed) into `s.proj`.
+    fn forward(
+        &self,
+        comm: &mut dyn Communicator,
+        x: &[f32],
+        m: usize,
+        sc: &mut Scratch,
+    ) -> Result<()> {
+        let mut t = sc.start();
+        let n = m * self.gate_proj.rows;
+        let g = buf(&mut sc.gate, n);
+        let u = buf(&mut sc.up, n);
+        self.gate_proj.forward_into(x, m, g);
+        self.up_proj.forward_into(x, m, u);
+        kernels::silu_mul(g, u);
+        sc.lap(3, &mut t);
+        let proj = buf(&mut sc.proj, m * self.down_proj.rows);
+        let g = &sc.gate[..n];
+        self.down_proj.forward_into(comm, g, m, proj)?;
+        sc.lap(4, &mut t);
+        Ok(())
     }
 }
 
@@ -420,12 +594,13 @@ pub struct Qwen2 {
     lm_head: ParallelLmHead,
     rope: Rope,
     cache: KvCache,
+    scratch: Scratch,
 }
 
 impl Qwen2 {
     /// Loads this rank's shard. `progress(done, total)` is called after each layer.
     pub fn load(
-        ck: &mut Checkpoint,
+        ck: &mut dyn WeightSource,
         config: &Config,
         plan: &Plan,
         dtype: WeightDtype,
@@ -453,7 +628,7 @@ impl Qwen2 {
         let mut layers = Vec::with_capacity(total);
         for i in 0..total {
             let p = format!("model.layers.{i}");
-            let norm = |ck: &mut Checkpoint, n: &str| {
+            let norm = |ck: &mut dyn WeightSource, n: &str| {
                 ck.load_f32(&format!("{p}.{n}.weight"), &[h], Slice::All)
             };
             let a = format!("{p}.self_attn");
@@ -546,6 +721,7 @@ impl Qwen2 {
             },
             rope: Rope::new(c.rope_theta, d),
             cache: KvCache::default(),
+            scratch: Scratch::default(),
         })
     }
 
@@ -594,6 +770,99 @@ impl Qwen2 {
         start_pos: usize,
         opts: ForwardOptions,
     ) -> Result<ForwardOutput> {
+        let m = ids.len();
+        let h = self.config.hidden_size;
+        let mut hidden_states = Vec::new();
+        let hs = opts.hidden_states.then_some(&mut hidden_states);
+        let _fwd = collectives::trace::forward_span("forward", m, start_pos);
+        self.run_layers(comm, ids, start_pos, hs)?;
+        let _head = collectives::trace::span("lm_head");
+        let normed = &self.scratch.normed[..m * h];
+        if opts.hidden_states {
+            hidden_states.push(normed.to_vec());
+        }
+        let logits = match opts.logits {
+            Logits::All => self
+                .lm_head
+                .forward(comm, &self.embed_tokens, &self.plan, normed, m)?,
+            Logits::Last => self.lm_head.forward(
+                comm,
+                &self.embed_tokens,
+                &self.plan,
+                &normed[(m - 1) * h..],
+                1,
+            )?,
+            Logits::None => Vec::new(),
+        };
+        Ok(ForwardOutput {
+            logits,
+            hidden_states,
+        })
+    }
+
+    /// Runs `ids` like [`Qwen2::forward`] and returns the greedy next token after the last one,
+    /// with a distributed argmax instead of gathering the logits (what decode needs). Allocates
+    /// nothing once the buffers and the cache have grown ([`Qwen2::reserve`]).
+    pub fn forward_argmax(
+        &mut self,
+        comm: &mut dyn Communicator,
+        ids: &[u32],
+        start_pos: usize,
+    ) -> Result<u32> {
+        let m = ids.len();
+        let h = self.config.hidden_size;
+        let _fwd = collectives::trace::forward_span("forward", m, start_pos);
+        self.run_layers(comm, ids, start_pos, None)?;
+        let _head = collectives::trace::span("lm_head");
+        let mut t = self.scratch.start();
+        let last = &self.scratch.normed[(m - 1) * h..m * h];
+        let id = self
+            .lm_head
+            .argmax(comm, &self.embed_tokens, last, &mut self.scratch.logits)?;
+        self.scratch.lap(6, &mut t);
+        Ok(id)
+    }
+
+    /// Turns the per-part timers on (zeroed) or off. They cost two clock reads per part.
+    pub fn set_profile(&mut self, on: bool) {
+        self.scratch.profile = on.then_some([0.0; PARTS.len()]);
+    }
+
+    /// Seconds per part ([`PARTS`]) since [`Qwen2::set_profile`], if on.
+    pub fn profile(&self) -> Option<Vec<(&'static str, f64)>> {
+        self.scratch
+            .profile
+            .map(|p| PARTS.iter().copied().zip(p).collect())
+    }
+
+    /// Makes room for `positions` cached positions (KV cache and RoPE tables) up front, so that
+    /// decode steps up to there do not allocate.
+    pub fn reserve(&mut self, positions: usize) {
+        let d = self.config.head_dim;
+        let nkv = self.plan.kv_heads.len();
+        self.rope.ensure(positions);
+        self.cache
+            .layers
+            .resize(self.layers.len(), LayerCache::default());
+        for l in &mut self.cache.layers {
+            l.k.resize(nkv, Vec::new());
+            l.v.resize(nkv, Vec::new());
+            for c in l.k.iter_mut().chain(l.v.iter_mut()) {
+                c.reserve(positions * d - c.len().min(positions * d));
+            }
+        }
+    }
+
+    /// The decoder layers over `ids`; leaves the final-norm output `[m, hidden]` in
+    /// `scratch.normed`. With `hidden_states`, pushes the embeddings and every layer's output
+    /// but the last.
+    fn run_layers(
+        &mut self,
+        comm: &mut dyn Communicator,
+        ids: &[u32],
+        start_pos: usize,
+        mut hidden_states: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<()> {
         let c = &self.config;
         let m = ids.len();
         if m == 0 {
@@ -630,56 +899,49 @@ impl Qwen2 {
 
         let h = c.hidden_size;
         let eps = c.rms_norm_eps as f32;
-        let mut hidden_states = Vec::new();
-        let _fwd = collectives::trace::forward_span("forward", m, start_pos);
-        let mut x = {
-            let _s = collectives::trace::span("embedding");
-            self.embed_tokens.forward(comm, ids)?
-        };
-        let mut normed = vec![0f32; m * h];
-        let step = Step {
-            plan: &self.plan,
-            rope: &self.rope,
-            start_pos,
-            m,
-        };
-        for (i, (layer, cache)) in self.layers.iter().zip(&mut self.cache.layers).enumerate() {
-            let attn_span = collectives::trace::layer_span("attention", i);
-            if opts.hidden_states {
-                hidden_states.push(x.clone());
+        let sc = &mut self.scratch;
+        let mut x = std::mem::take(&mut sc.x);
+        let mut normed = std::mem::take(&mut sc.normed);
+        let r = (|| -> Result<()> {
+            let x = buf(&mut x, m * h);
+            let normed = buf(&mut normed, m * h);
+            let mut t = sc.start();
+            {
+                let _s = collectives::trace::span("embedding");
+                self.embed_tokens.forward_into(comm, ids, x)?;
             }
-            kernels::rmsnorm(&x, &layer.input_layernorm, eps, &mut normed);
-            let a = layer.self_attn.forward(comm, &step, cache, &normed)?;
-            kernels::add_inplace(&mut x, &a);
-            drop(attn_span);
-            let _mlp_span = collectives::trace::layer_span("mlp", i);
-            kernels::rmsnorm(&x, &layer.post_attention_layernorm, eps, &mut normed);
-            let f = layer.mlp.forward(comm, &normed, m)?;
-            kernels::add_inplace(&mut x, &f);
-        }
+            let step = Step {
+                plan: &self.plan,
+                rope: &self.rope,
+                start_pos,
+                m,
+            };
+            for (i, (layer, cache)) in self.layers.iter().zip(&mut self.cache.layers).enumerate() {
+                let attn_span = collectives::trace::layer_span("attention", i);
+                if let Some(hs) = hidden_states.as_mut() {
+                    hs.push(x.to_vec());
+                }
+                kernels::rmsnorm(x, &layer.input_layernorm, eps, normed);
+                sc.lap(5, &mut t);
+                layer.self_attn.forward(comm, &step, cache, normed, sc)?;
+                t = sc.start();
+                kernels::add_inplace(x, &sc.proj[..m * h]);
+                drop(attn_span);
+                let _mlp_span = collectives::trace::layer_span("mlp", i);
+                kernels::rmsnorm(x, &layer.post_attention_layernorm, eps, normed);
+                sc.lap(5, &mut t);
+                layer.mlp.forward(comm, normed, m, sc)?;
+                t = sc.start();
+                kernels::add_inplace(x, &sc.proj[..m * h]);
+            }
+            kernels::rmsnorm(x, &self.norm, eps, normed);
+            sc.lap(5, &mut t);
+            Ok(())
+        })();
+        sc.x = x;
+        sc.normed = normed;
+        r?;
         self.cache.len = start_pos + m;
-        let _head_span = collectives::trace::span("lm_head");
-        kernels::rmsnorm(&x, &self.norm, eps, &mut normed);
-        if opts.hidden_states {
-            hidden_states.push(normed.clone());
-        }
-        let logits = match opts.logits {
-            Logits::All => {
-                self.lm_head
-                    .forward(comm, &self.embed_tokens, &self.plan, &normed, m)?
-            }
-            Logits::Last => self.lm_head.forward(
-                comm,
-                &self.embed_tokens,
-                &self.plan,
-                &normed[(m - 1) * h..],
-                1,
-            )?,
-            Logits::None => Vec::new(),
-        };
-        Ok(ForwardOutput {
-            logits,
-            hidden_states,
-        })
+        Ok(())
     }
 }
