@@ -79,7 +79,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     match (cli.command, in_rank) {
         (Some(cmd), true) => {
             if cli.trace.is_some() {
-                collectives::trace::set_enabled(true);
+                collectives::trace::start_rank()?;
             }
             match cmd {
                 Cmd::Generate(a) => rank::generate::run(&a)?,
@@ -104,8 +104,8 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 args: std::env::args_os().skip(1).collect(),
                 env: vec![(ROLE_VAR.into(), "rank".into())],
             };
-            // The ranks write their events into a temporary directory; merged (on success) and
-            // removed (always) here.
+            // The ranks append their events to one memfd they inherit; merged here on success.
+            // It has no path, so nothing is left on disk even if tprun is killed.
             let trace = match &cli.trace {
                 Some(out) => Some(collectives::trace::JobTrace::new(out)?),
                 None => None,

@@ -629,6 +629,52 @@ fn killing_tprun_itself_leaves_nothing() {
     std::fs::remove_dir(&shm_dir).unwrap();
 }
 
+/// kill -9 of tprun during a `--trace` run: besides the ranks and /dev/shm, nothing of the trace
+/// is left in TMPDIR (the ranks' events live in a memfd) and no trace file is written.
+#[test]
+fn killing_tprun_during_a_trace_leaves_nothing() {
+    let mut rng = Rng::new("kill-tprun-trace");
+    let tmp = std::env::temp_dir().join(format!("tprun-faults-trace-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(tmp.join("tmp")).unwrap();
+    let out = tmp.join("t.json");
+    let mut args = long_generate_args(2);
+    args.extend(["--trace".to_string(), out.to_str().unwrap().to_string()]);
+    let mut job = Job::start(
+        &strs(&args),
+        &[("TMPDIR", tmp.join("tmp").to_str().unwrap())],
+    );
+    let pids = job.rank_pids(2);
+    std::thread::sleep(Duration::from_millis(rng.below(500)));
+    signal(job.pid(), libc::SIGKILL);
+    let o = job.finish(GONE_LIMIT);
+    assert_eq!(o.code, 128 + libc::SIGKILL);
+    assert_gone(o.pid, &pids, &o.stderr);
+    let mut left: Vec<_> = std::fs::read_dir(tmp.join("tmp"))
+        .unwrap()
+        .flatten()
+        .collect();
+    left.extend(
+        std::fs::read_dir(&tmp)
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name() != "tmp"),
+    );
+    assert!(left.is_empty(), "left behind: {left:?}\n{}", o.stderr);
+    let in_sys_tmp: Vec<_> = std::fs::read_dir(std::env::temp_dir())
+        .unwrap()
+        .flatten()
+        .filter(|e| {
+            e.file_name()
+                .to_string_lossy()
+                .starts_with(&format!("tprun-trace-{}-", o.pid))
+        })
+        .collect();
+    assert!(in_sys_tmp.is_empty(), "left behind: {in_sys_tmp:?}");
+    std::fs::remove_dir_all(&tmp).unwrap();
+    println!("CASE kill -9 tprun during generate --trace: ranks {pids:?} gone, nothing on disk");
+}
+
 // ---------------------------------------------------------------------------------------------
 // Many jobs.
 

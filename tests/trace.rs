@@ -17,8 +17,8 @@ fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
-/// A scratch directory, also used as the job's TMPDIR (where tprun makes its temporary trace
-/// directory), removed on drop.
+/// A scratch directory, also used as the job's TMPDIR (where nothing of the trace may appear),
+/// removed on drop.
 struct Scratch(PathBuf);
 
 impl Scratch {
@@ -129,7 +129,7 @@ fn generate_trace_matches_the_readme_formula_and_the_json_comm() {
     let j: Value = serde_json::from_str(stdout.trim()).unwrap();
     assert_eq!(j["output_ids"].as_array().unwrap().len() as u64, k);
 
-    // Only the merged trace is left: no per-rank files, no temporary directory.
+    // Only the merged trace is left: no per-rank files, nothing in TMPDIR.
     assert_eq!(s.entries(), ["gen.json", "tmp"]);
     let trace: Value =
         serde_json::from_str(&std::fs::read_to_string(&trace_path).unwrap()).unwrap();
@@ -249,7 +249,7 @@ fn a_rank_started_alone_writes_a_complete_trace() {
         .env("TMPDIR", s.tmp())
         .env_remove("WORLD_SIZE")
         .env_remove("RANK")
-        .env_remove("TPRUN_TRACE_DIR")
+        .env_remove("TPRUN_TRACE_FD")
         .output()
         .unwrap();
     ok(&out);

@@ -8,7 +8,10 @@
 //! [`merge`] into one file that Perfetto and chrome://tracing open: pid = rank, tid 1 = compute,
 //! tid 2 = collectives, "X" complete events.
 
+use std::fs::File;
 use std::io::Write;
+use std::os::fd::AsRawFd;
+use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering::Relaxed};
 use std::sync::Mutex;
@@ -19,8 +22,12 @@ use serde_json::{json, Value};
 use crate::stats::OpKind;
 use crate::DType;
 
-/// Directory (made by tprun, removed by tprun) where rank r writes `rank{r}.json`.
-pub const ENV_TRACE_DIR: &str = "TPRUN_TRACE_DIR";
+/// Number of the inherited memfd (made by tprun, `O_APPEND`) each rank appends its events to.
+pub const ENV_TRACE_FD: &str = "TPRUN_TRACE_FD";
+
+/// Start of each rank's record in the memfd: magic, rank (u32 LE), length of the JSON (u64 LE).
+const RECORD_MAGIC: &[u8; 4] = b"TPRT";
+const RECORD_HEADER: usize = 16;
 
 /// Track of compute spans.
 pub const TID_COMPUTE: u32 = 1;
@@ -29,6 +36,8 @@ pub const TID_COMM: u32 = 2;
 
 static ENABLED: AtomicBool = AtomicBool::new(false);
 static EVENTS: Mutex<Vec<Event>> = Mutex::new(Vec::new());
+/// This rank's claim on tprun's memfd ([`ENV_TRACE_FD`]), taken by [`start_rank`].
+static RANK_FD: Mutex<Option<File>> = Mutex::new(None);
 
 /// What a recorded event carries besides its name and times.
 #[derive(Clone, Debug)]
@@ -192,78 +201,125 @@ pub fn take_events(rank: usize) -> Vec<Value> {
     events.iter().map(|e| event_json(e, rank)).collect()
 }
 
-/// Ends this rank's part of a job traced into `out`: under tprun (`$TPRUN_TRACE_DIR` set) writes
-/// the events for tprun to merge; a rank started on its own writes a complete trace to `out`.
-pub fn finish_rank(out: &Path, rank: usize) -> anyhow::Result<()> {
-    match std::env::var_os(ENV_TRACE_DIR) {
-        Some(d) if !d.is_empty() => {
-            write_rank_file(&Path::new(&d).join(format!("rank{rank}.json")), rank)
-        }
-        _ => {
-            let job = JobTrace::new(out)?;
-            write_rank_file(&job.dir.join(format!("rank{rank}.json")), rank)?;
-            job.finish(true)
-        }
+/// Starts recording in a rank of a job run with `--trace`. Under tprun (`$TPRUN_TRACE_FD` set)
+/// it first claims the inherited memfd (CLOEXEC from now on), so a wrong fd fails before any work.
+pub fn start_rank() -> anyhow::Result<()> {
+    let fd = claim_trace_fd()?;
+    if let Ok(mut g) = RANK_FD.lock() {
+        *g = fd;
     }
-}
-
-/// Writes (and clears) this process's events to `path` as a JSON array.
-fn write_rank_file(path: &Path, rank: usize) -> anyhow::Result<()> {
-    let events = Value::Array(take_events(rank));
-    let mut f = std::io::BufWriter::new(
-        std::fs::File::create(path)
-            .with_context(|| format!("cannot write trace file {}", path.display()))?,
-    );
-    serde_json::to_writer(&mut f, &events)
-        .and_then(|_| f.flush().map_err(serde_json::Error::io))
-        .with_context(|| format!("cannot write trace file {}", path.display()))?;
+    set_enabled(true);
     Ok(())
 }
 
-/// Merges the per-rank event arrays `dir/rank{r}.json` (r = 0, 1, ... every rank of the job)
-/// into one Chrome trace at `out`: names the tracks ("rank r", "compute", "collectives") and
-/// moves time 0 to the job's first event. Returns the number of events.
-pub fn merge(dir: &Path, out: &Path) -> anyhow::Result<usize> {
-    let mut world = 0;
-    for e in std::fs::read_dir(dir).with_context(|| format!("reading {}", dir.display()))? {
-        let name = e?.file_name();
-        let r = name.to_str().and_then(|n| {
-            n.strip_prefix("rank")?
-                .strip_suffix(".json")?
-                .parse::<usize>()
-                .ok()
-        });
-        if let Some(r) = r {
-            world = world.max(r + 1);
+/// The memfd named in [`ENV_TRACE_FD`], if set: checked to be open and in append mode.
+fn claim_trace_fd() -> anyhow::Result<Option<File>> {
+    let Some(s) = std::env::var(ENV_TRACE_FD).ok().filter(|s| !s.is_empty()) else {
+        return Ok(None);
+    };
+    let (fd, _) = crate::shm::segment::claim_inherited_fd(ENV_TRACE_FD, &s)?;
+    let fl = nix::fcntl::fcntl(fd.as_raw_fd(), nix::fcntl::FcntlArg::F_GETFL)
+        .with_context(|| format!("{ENV_TRACE_FD}={s}"))?;
+    anyhow::ensure!(
+        nix::fcntl::OFlag::from_bits_truncate(fl).contains(nix::fcntl::OFlag::O_APPEND),
+        "{ENV_TRACE_FD}={s}: not tprun's trace memfd (not in append mode)"
+    );
+    Ok(Some(File::from(fd)))
+}
+
+/// Ends this rank's part of a job traced into `out`: under tprun (`$TPRUN_TRACE_FD` set) appends
+/// the events to tprun's memfd for tprun to merge; a rank started on its own writes a complete
+/// trace to `out`.
+pub fn finish_rank(out: &Path, rank: usize) -> anyhow::Result<()> {
+    let claimed = RANK_FD.lock().ok().and_then(|mut g| g.take());
+    let fd = match claimed {
+        Some(f) => Some(f),
+        None => claim_trace_fd()?,
+    };
+    let events = take_events(rank);
+    match fd {
+        Some(f) => append_record(&f, rank, &events),
+        None => {
+            check_out(out)?;
+            merge(vec![(rank, events)], out).map(|_| ())
         }
     }
-    anyhow::ensure!(world > 0, "no rank wrote a trace into {}", dir.display());
-    let mut events = Vec::new();
-    for r in 0..world {
-        let p = dir.join(format!("rank{r}.json"));
-        let text = std::fs::read_to_string(&p)
-            .with_context(|| format!("rank {r} wrote no trace ({})", p.display()))?;
-        let v: Value = serde_json::from_str(&text)
-            .with_context(|| format!("rank {r}'s trace {} is not JSON", p.display()))?;
+}
+
+/// Appends rank `rank`'s events as one record, in a single write(2): with `O_APPEND` the kernel
+/// places each write whole at the end of the file, so records of ranks finishing together never
+/// interleave.
+fn append_record(f: &File, rank: usize, events: &[Value]) -> anyhow::Result<()> {
+    let mut buf = Vec::with_capacity(RECORD_HEADER + 64 * events.len());
+    buf.extend_from_slice(RECORD_MAGIC);
+    buf.extend_from_slice(&(rank as u32).to_le_bytes());
+    buf.extend_from_slice(&[0; 8]);
+    serde_json::to_writer(&mut buf, events)?;
+    let len = (buf.len() - RECORD_HEADER) as u64;
+    buf[8..RECORD_HEADER].copy_from_slice(&len.to_le_bytes());
+    let n = loop {
+        match (&*f).write(&buf) {
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
+            r => break r,
+        }
+    }
+    .with_context(|| format!("rank {rank}: cannot write its trace to tprun's memfd"))?;
+    anyhow::ensure!(
+        n == buf.len(),
+        "rank {rank}: only {n} of {} bytes of its trace reached tprun's memfd",
+        buf.len()
+    );
+    Ok(())
+}
+
+/// Splits the memfd's records into each rank's events, ordered by rank; every rank 0..world
+/// (world = highest rank + 1) must have written exactly one.
+fn split_records(mut b: &[u8]) -> anyhow::Result<Vec<(usize, Vec<Value>)>> {
+    let mut by_rank: Vec<Option<Vec<Value>>> = Vec::new();
+    while !b.is_empty() {
+        anyhow::ensure!(
+            b.len() >= RECORD_HEADER && &b[..4] == RECORD_MAGIC,
+            "the ranks' trace records are damaged"
+        );
+        let rank = u32::from_le_bytes(b[4..8].try_into().expect("4 bytes")) as usize;
+        let len = u64::from_le_bytes(b[8..16].try_into().expect("8 bytes"));
+        let body = usize::try_from(len)
+            .ok()
+            .and_then(|l| b.get(RECORD_HEADER..RECORD_HEADER.checked_add(l)?))
+            .with_context(|| format!("rank {rank}'s trace record is cut short"))?;
+        let v: Value = serde_json::from_slice(body)
+            .with_context(|| format!("rank {rank}'s trace is not JSON"))?;
         let Value::Array(a) = v else {
-            anyhow::bail!("rank {r}'s trace {} is not a JSON array", p.display());
+            anyhow::bail!("rank {rank}'s trace is not a JSON array");
         };
-        events.extend(a);
-    }
-    let t0 = events
-        .iter()
-        .filter_map(|e| e["ts"].as_f64())
-        .fold(f64::INFINITY, f64::min);
-    if t0.is_finite() {
-        for e in &mut events {
-            if let Some(ts) = e["ts"].as_f64() {
-                e["ts"] = json!(ts - t0);
-            }
+        if by_rank.len() <= rank {
+            by_rank.resize(rank + 1, None);
         }
+        anyhow::ensure!(
+            by_rank[rank].replace(a).is_none(),
+            "rank {rank} wrote its trace twice"
+        );
+        b = &b[RECORD_HEADER + body.len()..];
     }
-    let n = events.len();
-    let mut all = Vec::with_capacity(n + 3 * world);
-    for r in 0..world {
+    anyhow::ensure!(!by_rank.is_empty(), "no rank wrote a trace");
+    by_rank
+        .into_iter()
+        .enumerate()
+        .map(|(r, e)| {
+            e.map(|e| (r, e))
+                .with_context(|| format!("rank {r} wrote no trace"))
+        })
+        .collect()
+}
+
+/// Merges each rank's events (`(rank, events)`, by rank) into one Chrome trace at `out`: names the
+/// tracks ("rank r", "compute", "collectives") and moves time 0 to the job's first event. Returns
+/// the number of events.
+pub fn merge(ranks: Vec<(usize, Vec<Value>)>, out: &Path) -> anyhow::Result<usize> {
+    let world = ranks.len();
+    let mut events = Vec::new();
+    let mut all = Vec::new();
+    for (r, evs) in ranks {
         all.push(
             json!({"name": "process_name", "ph": "M", "pid": r, "tid": 0,
                         "args": {"name": format!("rank {r}")}}),
@@ -280,7 +336,20 @@ pub fn merge(dir: &Path, out: &Path) -> anyhow::Result<usize> {
             json!({"name": "thread_name", "ph": "M", "pid": r, "tid": TID_COMM,
                         "args": {"name": "collectives"}}),
         );
+        events.extend(evs);
     }
+    let t0 = events
+        .iter()
+        .filter_map(|e| e["ts"].as_f64())
+        .fold(f64::INFINITY, f64::min);
+    if t0.is_finite() {
+        for e in &mut events {
+            if let Some(ts) = e["ts"].as_f64() {
+                e["ts"] = json!(ts - t0);
+            }
+        }
+    }
+    let n = events.len();
     all.extend(events);
     let doc = json!({
         "traceEvents": all,
@@ -308,73 +377,68 @@ pub fn merge(dir: &Path, out: &Path) -> anyhow::Result<usize> {
     Ok(n)
 }
 
-/// tprun's side of `--trace FILE.json`: a temporary directory the ranks write into (named to them
-/// in [`ENV_TRACE_DIR`]), merged into FILE.json when the job succeeds, and removed in every case
-/// (also when dropped early by an error).
+/// Checks that `--trace` names a file in an existing directory.
+fn check_out(out: &Path) -> anyhow::Result<()> {
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p,
+        _ => Path::new("."),
+    };
+    anyhow::ensure!(
+        parent.is_dir(),
+        "--trace {}: directory {} does not exist",
+        out.display(),
+        parent.display()
+    );
+    anyhow::ensure!(
+        !out.is_dir(),
+        "--trace {}: is a directory, give a file name",
+        out.display()
+    );
+    Ok(())
+}
+
+/// tprun's side of `--trace FILE.json`: one inheritable `O_APPEND` memfd (named to the ranks in
+/// [`ENV_TRACE_FD`]) that every rank appends its events to, merged into FILE.json when the job
+/// succeeds. It has no path: closing it (or tprun dying, even by SIGKILL, and then its ranks)
+/// frees it, so nothing can be left behind.
 pub struct JobTrace {
-    dir: PathBuf,
+    fd: File,
     out: PathBuf,
 }
 
 impl JobTrace {
-    /// Checks that `out`'s directory exists and makes the temporary directory.
+    /// Checks that `out`'s directory exists and makes the memfd.
     pub fn new(out: &Path) -> anyhow::Result<JobTrace> {
-        let parent = match out.parent() {
-            Some(p) if !p.as_os_str().is_empty() => p,
-            _ => Path::new("."),
-        };
-        anyhow::ensure!(
-            parent.is_dir(),
-            "--trace {}: directory {} does not exist",
-            out.display(),
-            parent.display()
-        );
-        anyhow::ensure!(
-            !out.is_dir(),
-            "--trace {}: is a directory, give a file name",
-            out.display()
-        );
-        let base = std::env::temp_dir();
-        let mut i = 0u32;
-        let dir = loop {
-            let d = base.join(format!("tprun-trace-{}-{i}", std::process::id()));
-            match std::fs::create_dir(&d) {
-                Ok(()) => break d,
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists && i < 100 => i += 1,
-                Err(e) => {
-                    return Err(e).with_context(|| {
-                        format!(
-                            "--trace: cannot make a temporary directory in {}",
-                            base.display()
-                        )
-                    })
-                }
-            }
-        };
+        check_out(out)?;
+        let fd = crate::shm::segment::inheritable_memfd("tprun-trace")
+            .context("--trace: cannot make the ranks' trace memfd")?;
+        nix::fcntl::fcntl(
+            fd.as_raw_fd(),
+            nix::fcntl::FcntlArg::F_SETFL(nix::fcntl::OFlag::O_RDWR | nix::fcntl::OFlag::O_APPEND),
+        )
+        .context("--trace: cannot put the trace memfd in append mode")?;
         Ok(JobTrace {
-            dir,
+            fd: File::from(fd),
             out: out.to_path_buf(),
         })
     }
 
-    /// The environment variable to give every rank.
-    pub fn env(&self) -> (&'static str, &Path) {
-        (ENV_TRACE_DIR, &self.dir)
+    /// The environment variable to give every rank (the fd is inherited).
+    pub fn env(&self) -> (&'static str, String) {
+        (ENV_TRACE_FD, self.fd.as_raw_fd().to_string())
     }
 
-    /// Merges the ranks' events into the output file (when `success`) and removes the
-    /// temporary directory.
+    /// Merges the ranks' events into the output file (when `success`) and closes the memfd.
     pub fn finish(self, success: bool) -> anyhow::Result<()> {
         if success {
-            merge(&self.dir, &self.out)?;
+            let len = self.fd.metadata().context("--trace: the memfd")?.len();
+            let mut b = vec![0u8; len as usize];
+            self.fd
+                .read_exact_at(&mut b, 0)
+                .context("--trace: cannot read the ranks' trace memfd")?;
+            merge(split_records(&b)?, &self.out)?;
         }
         Ok(())
-    }
-}
-
-impl Drop for JobTrace {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 
@@ -383,9 +447,11 @@ mod tests {
     use super::*;
 
     #[test]
-    fn spans_and_comm_events_round_trip_through_merge() {
+    fn spans_and_comm_events_round_trip_through_the_memfd() {
         let dir = std::env::temp_dir().join(format!("tprun-trace-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        let out = dir.join("t.json");
+        let job = JobTrace::new(&out).unwrap();
         set_enabled(true);
         {
             let _s = layer_span("attention", 3);
@@ -404,12 +470,12 @@ mod tests {
         set_enabled(false);
         drop(span("not recorded"));
         // Other tests of this process may have recorded too; the markers below are unique.
-        let ev = take_events(0);
-        std::fs::write(dir.join("rank0.json"), Value::Array(ev).to_string()).unwrap();
-        std::fs::write(dir.join("rank1.json"), "[]").unwrap();
-        let out = dir.join("t.json");
-        assert!(merge(&dir, &out).unwrap() >= 2);
+        // Rank 1 appends first: tprun orders by rank, not by arrival.
+        append_record(&job.fd, 1, &[]).unwrap();
+        append_record(&job.fd, 0, &take_events(0)).unwrap();
+        job.finish(true).unwrap();
         let v: Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+        assert_eq!(v["otherData"]["world_size"], 2);
         let evs = v["traceEvents"].as_array().unwrap();
         let ar: Vec<_> = evs
             .iter()
@@ -418,6 +484,7 @@ mod tests {
         assert_eq!(ar.len(), 1);
         assert_eq!(ar[0]["args"]["dtype"], "float");
         assert_eq!(ar[0]["tid"], TID_COMM);
+        assert_eq!(ar[0]["pid"], 0);
         let att = evs
             .iter()
             .find(|e| e["name"] == "attention" && e["args"]["layer"] == 3)
@@ -427,6 +494,33 @@ mod tests {
         assert!(evs
             .iter()
             .any(|e| e["ph"] == "M" && e["pid"] == 1 && e["args"]["name"] == "rank 1"));
+        // A failed job writes nothing.
+        std::fs::remove_file(&out).unwrap();
+        let job = JobTrace::new(&out).unwrap();
+        append_record(&job.fd, 0, &[]).unwrap();
+        job.finish(false).unwrap();
+        assert!(std::fs::read_dir(&dir).unwrap().next().is_none());
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn damaged_or_missing_records_are_errors() {
+        let rec = |rank: u32, body: &[u8], len: u64| {
+            let mut b = RECORD_MAGIC.to_vec();
+            b.extend_from_slice(&rank.to_le_bytes());
+            b.extend_from_slice(&len.to_le_bytes());
+            b.extend_from_slice(body);
+            b
+        };
+        let ok = split_records(&[rec(1, b"[]", 2), rec(0, b"[{}]", 4)].concat()).unwrap();
+        assert_eq!(ok.len(), 2);
+        assert_eq!((ok[0].0, ok[0].1.len(), ok[1].0), (0, 1, 1));
+        let err = |b: Vec<u8>| format!("{:#}", split_records(&b).unwrap_err());
+        assert!(err(rec(1, b"[]", 2)).contains("rank 0 wrote no trace"));
+        assert!(err(rec(0, b"[]", 9)).contains("cut short"));
+        assert!(err([rec(0, b"[]", 2), rec(0, b"[]", 2)].concat()).contains("twice"));
+        assert!(err(b"xx".to_vec()).contains("damaged"));
+        assert!(err(rec(0, b"{}", 2)).contains("not a JSON array"));
+        assert!(err(Vec::new()).contains("no rank"));
     }
 }

@@ -221,14 +221,18 @@ fn reserve(fd: BorrowedFd<'_>, len: usize, where_: &str, dir: Option<&Path>) -> 
     }
 }
 
+/// An inheritable (no CLOEXEC) memfd called `name` (shown in /proc/PID/fd only): it has no path,
+/// so nothing is left on disk however its holders die.
+pub(crate) fn inheritable_memfd(name: &str) -> Result<OwnedFd> {
+    let cname = CString::new(name).map_err(|_| setup(format!("memfd name {name:?} has a NUL")))?;
+    nix::sys::memfd::memfd_create(&cname, nix::sys::memfd::MemFdCreateFlag::empty())
+        .map_err(|e| setup(format!("memfd_create failed: {}", e.desc())))
+}
+
 /// An unnamed, inheritable (no CLOEXEC) file: a memfd, or an O_TMPFILE in `dir`.
 fn create_unnamed(dir: Option<&Path>) -> Result<OwnedFd> {
     match dir {
-        None => {
-            let name = CString::new("tprun-shm").expect("no NUL");
-            nix::sys::memfd::memfd_create(&name, nix::sys::memfd::MemFdCreateFlag::empty())
-                .map_err(|e| setup(format!("memfd_create failed: {}", e.desc())))
-        }
+        None => inheritable_memfd("tprun-shm"),
         Some(d) => {
             let mode = Mode::from_bits_truncate(0o600);
             match nix::fcntl::open(d, OFlag::O_TMPFILE | OFlag::O_RDWR, mode) {
@@ -372,21 +376,42 @@ impl JobSegment {
     }
 }
 
-/// Maps the segment tprun passed in `TPRUN_SHM_FD`.
-pub(crate) fn attach_fd(fd_s: &str, world: usize) -> Result<(Arc<Mapping>, Layout)> {
+/// Takes the fd that tprun passed in environment variable `var` = `fd_s`: checks it is open,
+/// marks it CLOEXEC (nothing this rank starts inherits it) and returns a dup of it (dropping that
+/// never closes the inherited number itself) with its fstat.
+pub(crate) fn claim_inherited_fd(var: &str, fd_s: &str) -> Result<(OwnedFd, libc::stat)> {
     let fd: RawFd = fd_s
         .trim()
         .parse()
         .ok()
         .filter(|&f| f >= 0)
-        .ok_or_else(|| setup(format!("{ENV_FD}={fd_s} is not a file descriptor number")))?;
-    let what = format!("{ENV_FD}={fd}");
+        .ok_or_else(|| setup(format!("{var}={fd_s} is not a file descriptor number")))?;
+    let what = format!("{var}={fd}");
     let st = nix::sys::stat::fstat(fd).map_err(|e| {
         setup(format!(
             "{what}: not an open file ({}); was this rank started by tprun?",
             e.desc()
         ))
     })?;
+    nix::fcntl::fcntl(
+        fd,
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| setup(format!("{what}: {}", e.desc())))?;
+    // SAFETY: the launcher handed this fd to the rank for exactly this purpose and fstat just
+    // showed it open; the caller makes sure only one owner per process takes it.
+    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
+        .try_clone_to_owned()
+        .map_err(|e| setup(format!("{what}: cannot dup: {e}")))?;
+    Ok((owned, st))
+}
+
+/// Maps the segment tprun passed in `TPRUN_SHM_FD`.
+pub(crate) fn attach_fd(fd_s: &str, world: usize) -> Result<(Arc<Mapping>, Layout)> {
+    // `from_env` makes sure only one live communicator per process takes it (see `TAKEN` in
+    // shm/mod.rs).
+    let (owned, st) = claim_inherited_fd(ENV_FD, fd_s)?;
+    let what = format!("{ENV_FD}={}", fd_s.trim());
     let len = st.st_size as usize;
     if let Ok(b) = std::env::var(ENV_BYTES) {
         if b.trim().parse::<usize>().ok() != Some(len) {
@@ -400,18 +425,6 @@ pub(crate) fn attach_fd(fd_s: &str, world: usize) -> Result<(Arc<Mapping>, Layou
             "{what} is too small ({len} bytes) to be a tprun segment"
         )));
     }
-    // Not inherited by anything this rank starts.
-    nix::fcntl::fcntl(
-        fd,
-        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
-    )
-    .map_err(|e| setup(format!("{what}: {}", e.desc())))?;
-    // SAFETY: the launcher handed this fd to the rank for exactly this purpose; `from_env` makes
-    // sure only one live communicator per process takes it (see `TAKEN` in shm/mod.rs). We dup it
-    // so that dropping the mapping never closes the inherited number itself.
-    let owned = unsafe { BorrowedFd::borrow_raw(fd) }
-        .try_clone_to_owned()
-        .map_err(|e| setup(format!("{what}: cannot dup: {e}")))?;
     let map = Mapping::map(owned, len, &what)?;
     let lay = validate(&map, world, &what)?;
     Ok((Arc::new(map), lay))
