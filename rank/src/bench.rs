@@ -209,6 +209,7 @@ pub fn run(args: &Args) -> Result<()> {
 
     let mut rounds = Vec::new();
     let mut tokens = Vec::with_capacity(k);
+    let wall0 = Instant::now();
     for _ in 0..args.rounds {
         model.truncate_cache(0);
         tokens.clear();
@@ -237,6 +238,9 @@ pub fn run(args: &Args) -> Result<()> {
             profile,
         });
     }
+    let wall_s = wall0.elapsed().as_secs_f64();
+    // Per-op totals of all rounds, taken before the bookkeeping all-gather below.
+    let ops = comm.stats();
     let weight_bytes = model.weight_bytes();
     // Every rank's resident bytes, for the per-rank maximum.
     let mut all = vec![0u64; comm.world_size()];
@@ -295,6 +299,8 @@ pub fn run(args: &Args) -> Result<()> {
                     "decode_s": best_d.decode_comm_s,
                     "prefill_share": best_p.prefill_comm_s / best_p.prefill_s.max(1e-12),
                     "decode_share": best_d.decode_comm_s / best_d.decode_s.max(1e-12),
+                    "ops": ops,
+                    "wall_s": wall_s,
                 },
                 "weight_bytes_per_rank": all,
                 "weight_bytes_rank0": weight_bytes,
@@ -303,7 +309,9 @@ pub fn run(args: &Args) -> Result<()> {
                 "decode_profile_s": best_d.profile.iter().map(|(n, s)| (n.to_string(), serde_json::json!(*s))).collect::<serde_json::Map<_, _>>(),
             });
             println!("{j}");
+            eprint!("{}", ops.summary(wall_s));
         } else {
+            eprint!("{}", ops.summary(wall_s));
             println!(
                 "tprun bench: {source}, {} rank(s) x {threads} thread(s), {isa}{}, prompt {p}, {k} new tokens, best of {}",
                 comm.world_size(),
