@@ -7,6 +7,9 @@
 
 use half::bf16;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
+
 /// Independent accumulators in a dot product: lets the compiler keep a vector register per lane
 /// instead of a serial chain of adds. Fixed, so results do not depend on the build.
 const LANES: usize = 16;
