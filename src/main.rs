@@ -76,6 +76,11 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
             return Ok(0);
         }
     }
+    // Built-in programs compute on the CPU only until issue 8; refuse before any rank starts, so
+    // the user sees one line (a rank inherits the same argv and would refuse the same way).
+    if cli.command.is_some() && cli.launch.device == Some(launcher::Device::Cuda) {
+        return Err(rank::device::cuda_unavailable());
+    }
     match (cli.command, in_rank) {
         (Some(cmd), true) => {
             if cli.trace.is_some() {

@@ -14,6 +14,8 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use half::bf16;
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod pool;
 pub mod portable;
 #[cfg(target_arch = "x86_64")]

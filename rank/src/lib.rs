@@ -4,6 +4,7 @@ pub mod bench;
 pub mod chat;
 pub mod compare;
 pub mod config;
+pub mod device;
 pub mod generate;
 pub mod loader;
 pub mod logits;
