@@ -300,8 +300,29 @@ pub(crate) unsafe fn gemm_packed_avx512<W: SimdWeight>(
         let mut kb = 0;
         while kb < k {
             let kc = (k - kb).min(PKC);
-            // Pack (widen + transpose); columns past `nr` stay zero (masked off on store).
-            for c in 0..PNR {
+            // Pack (widen + transpose): whole 16 x 16 blocks with SIMD, the rest one by one;
+            // columns past `nr` are zero (and masked off on store).
+            let mut c = 0;
+            while c + 16 <= nr {
+                let mut p = 0;
+                while p + 16 <= kc {
+                    let t = transpose16(core::array::from_fn(|i| {
+                        W::load16(wp.add((j + c + i) * k + kb + p))
+                    }));
+                    for q in 0..16 {
+                        _mm512_storeu_ps(pp.add((p + q) * PNR + c), t[q]);
+                    }
+                    p += 16;
+                }
+                for cc in c..c + 16 {
+                    let r = wp.add((j + cc) * k + kb);
+                    for p in p..kc {
+                        *pp.add(p * PNR + cc) = (*r.add(p)).to_f32();
+                    }
+                }
+                c += 16;
+            }
+            for c in c..PNR {
                 if c < nr {
                     let r = wp.add((j + c) * k + kb);
                     for p in 0..kc {
@@ -332,6 +353,45 @@ pub(crate) unsafe fn gemm_packed_avx512<W: SimdWeight>(
         }
         j += nr;
     }
+}
+
+/// The 16 x 16 transpose of `r` (row `i` of the result holds element `i` of every input).
+#[inline]
+#[target_feature(enable = "avx512f,avx512bw,avx512vl")]
+unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
+    // Pairs of rows interleaved within each 128-bit lane, then groups of four rows: u[4g + e]
+    // holds, in lane l, element 4l + e of rows 4g..4g + 4.
+    let t: [__m512; 16] = core::array::from_fn(|i| {
+        let (a, b) = (r[i & !1], r[i | 1]);
+        if i % 2 == 0 {
+            _mm512_unpacklo_ps(a, b)
+        } else {
+            _mm512_unpackhi_ps(a, b)
+        }
+    });
+    let u: [__m512; 16] = core::array::from_fn(|i| {
+        let (g, e) = (i / 4, i % 4);
+        let (a, b) = (t[4 * g + e / 2], t[4 * g + e / 2 + 2]);
+        if e % 2 == 0 {
+            _mm512_shuffle_ps::<0x44>(a, b)
+        } else {
+            _mm512_shuffle_ps::<0xEE>(a, b)
+        }
+    });
+    // Then a 4 x 4 transpose of 128-bit lanes across u[e], u[4 + e], u[8 + e], u[12 + e].
+    let mut out = [_mm512_setzero_ps(); 16];
+    for e in 0..4 {
+        let (a, b, c, d) = (u[e], u[4 + e], u[8 + e], u[12 + e]);
+        let v0 = _mm512_shuffle_f32x4::<0x44>(a, b);
+        let v1 = _mm512_shuffle_f32x4::<0xEE>(a, b);
+        let v2 = _mm512_shuffle_f32x4::<0x44>(c, d);
+        let v3 = _mm512_shuffle_f32x4::<0xEE>(c, d);
+        out[e] = _mm512_shuffle_f32x4::<0x88>(v0, v2);
+        out[4 + e] = _mm512_shuffle_f32x4::<0xDD>(v0, v2);
+        out[8 + e] = _mm512_shuffle_f32x4::<0x88>(v1, v3);
+        out[12 + e] = _mm512_shuffle_f32x4::<0xDD>(v1, v3);
+    }
+    out
 }
 
 /// `R` x rows (`ldx` apart) × one packed panel (`kc` deep, [`PNR`] wide) added into (or, when
