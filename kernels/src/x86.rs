@@ -306,9 +306,13 @@ pub(crate) unsafe fn gemm_packed_avx512<W: SimdWeight>(
             while c + 16 <= nr {
                 let mut p = 0;
                 while p + 16 <= kc {
-                    let t = transpose16(core::array::from_fn(|i| {
-                        W::load16(wp.add((j + c + i) * k + kb + p))
-                    }));
+                    // Plain loops, not `array::from_fn`: its closure does not inherit the
+                    // target features, so it would not be inlined (a call per load).
+                    let mut rows16 = [_mm512_setzero_ps(); 16];
+                    for i in 0..16 {
+                        rows16[i] = W::load16(wp.add((j + c + i) * k + kb + p));
+                    }
+                    let t = transpose16(rows16);
                     for q in 0..16 {
                         _mm512_storeu_ps(pp.add((p + q) * PNR + c), t[q]);
                     }
@@ -361,23 +365,18 @@ pub(crate) unsafe fn gemm_packed_avx512<W: SimdWeight>(
 unsafe fn transpose16(r: [__m512; 16]) -> [__m512; 16] {
     // Pairs of rows interleaved within each 128-bit lane, then groups of four rows: u[4g + e]
     // holds, in lane l, element 4l + e of rows 4g..4g + 4.
-    let t: [__m512; 16] = core::array::from_fn(|i| {
-        let (a, b) = (r[i & !1], r[i | 1]);
-        if i % 2 == 0 {
-            _mm512_unpacklo_ps(a, b)
-        } else {
-            _mm512_unpackhi_ps(a, b)
-        }
-    });
-    let u: [__m512; 16] = core::array::from_fn(|i| {
-        let (g, e) = (i / 4, i % 4);
-        let (a, b) = (t[4 * g + e / 2], t[4 * g + e / 2 + 2]);
-        if e % 2 == 0 {
-            _mm512_shuffle_ps::<0x44>(a, b)
-        } else {
-            _mm512_shuffle_ps::<0xEE>(a, b)
-        }
-    });
+    let mut t = [_mm512_setzero_ps(); 16];
+    for i in 0..8 {
+        t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+        t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    let mut u = [_mm512_setzero_ps(); 16];
+    for g in 0..4 {
+        u[4 * g] = _mm512_shuffle_ps::<0x44>(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 1] = _mm512_shuffle_ps::<0xEE>(t[4 * g], t[4 * g + 2]);
+        u[4 * g + 2] = _mm512_shuffle_ps::<0x44>(t[4 * g + 1], t[4 * g + 3]);
+        u[4 * g + 3] = _mm512_shuffle_ps::<0xEE>(t[4 * g + 1], t[4 * g + 3]);
+    }
     // Then a 4 x 4 transpose of 128-bit lanes across u[e], u[4 + e], u[8 + e], u[12 + e].
     let mut out = [_mm512_setzero_ps(); 16];
     for e in 0..4 {
