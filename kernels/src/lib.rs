@@ -263,6 +263,10 @@ pub fn matmul_with<W: Weight>(
     });
 }
 
+/// From this many x rows on, the AVX-512 GEMM packs weight panels (their widening and transpose
+/// then costs less than the products they feed).
+const PACKED_MIN_ROWS: usize = 4;
+
 /// Columns `cols` of `y = x · wᵀ`, `yp` pointing at column `cols.start` of row 0.
 ///
 /// # Safety
@@ -285,8 +289,14 @@ unsafe fn gemm_cols(
     // `[n, k]`, `yp` as this function's contract says.
     unsafe {
         match (isa, w) {
+            (Isa::Avx512, WeightSlice::F32(w)) if m >= PACKED_MIN_ROWS => {
+                return x86::gemm_packed_avx512(x, &w[span], yp, m, n, k, ldy)
+            }
             (Isa::Avx512, WeightSlice::F32(w)) => {
                 return x86::gemm_avx512(x, &w[span], yp, m, n, k, ldy)
+            }
+            (Isa::Avx512, WeightSlice::BF16(w)) if m >= PACKED_MIN_ROWS => {
+                return x86::gemm_packed_avx512(x, &w[span], yp, m, n, k, ldy)
             }
             (Isa::Avx512, WeightSlice::BF16(w)) => {
                 return x86::gemm_avx512(x, &w[span], yp, m, n, k, ldy)

@@ -83,6 +83,7 @@ fn check_matmul<W: Weight>(conv: impl Fn(f32) -> W) {
             (7, 17),
             (9, 33),
             (13, 6),
+            (29, 70),
         ] {
             let x = data(m * k, (m * 131 + k) as u32);
             let w: Vec<W> = data(n * k, (n * 17 + k) as u32)
