@@ -570,6 +570,12 @@ impl ShmComm {
             }
             let now = Instant::now();
             if ctl.gone.load(SeqCst) != 0 {
+                // The peer may have published this step just before it left: its seq store
+                // happens before its `gone` store, so this load sees it.
+                let v = ctl.seq.load(Acquire);
+                if reached(v, target) {
+                    return done(self, v);
+                }
                 return Err(CommError::PeerDied {
                     op: self.op_name(),
                     seq: self.op_seq,
@@ -581,6 +587,10 @@ impl ShmComm {
                 next_liveness = now + LIVENESS_PERIOD;
                 let pid = ctl.pid.load(SeqCst);
                 if ctl.pidns.load(SeqCst) == sys::pid_namespace() && !sys::pid_alive(pid) {
+                    let v = ctl.seq.load(Acquire);
+                    if reached(v, target) {
+                        return done(self, v);
+                    }
                     return Err(CommError::PeerDied {
                         op: self.op_name(),
                         seq: self.op_seq,
