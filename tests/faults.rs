@@ -14,24 +14,20 @@
 //! message (`CASE name: exit N: line`), which is the catalogue in the issue note.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{children_of, edit_header, edit_json, env_of, fixture, proc_stat, TempDir};
+
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");
 /// Deadline of one tprun run in this suite (a hang detector, far above any normal run).
 const RUN_LIMIT: Duration = Duration::from_secs(60);
 /// Everything must be gone this long after a fault (DESIGN section 1 plus the grace period).
 const GONE_LIMIT: Duration = Duration::from_secs(10);
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 // ---------------------------------------------------------------------------------------------
 // Running tprun.
@@ -243,36 +239,9 @@ fn summary_row(stderr: &str, r: usize) -> String {
 // ---------------------------------------------------------------------------------------------
 // /proc and /dev/shm.
 
-fn proc_stat(pid: u32) -> Option<(u32, char)> {
-    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    let after = &s[s.rfind(')')? + 1..];
-    let mut f = after.split_whitespace();
-    let state = f.next()?.chars().next()?;
-    let ppid = f.next()?.parse().ok()?;
-    Some((ppid, state))
-}
-
 /// Alive = exists and is not a zombie (a zombie has released everything but its pid).
 fn alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|(_, st)| !matches!(st, 'Z' | 'X' | 'x'))
-}
-
-fn children_of(ppid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
-            if proc_stat(pid).is_some_and(|(pp, _)| pp == ppid) {
-                out.push(pid);
-            }
-        }
-    }
-    out
-}
-
-fn env_of(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
-        .unwrap_or_default()
 }
 
 /// /dev/shm entries that belong to the job of tprun `pid` (its run id is `tprun-<pid>-<time>`,
@@ -842,54 +811,6 @@ fn shared_memory_that_cannot_be_had_is_a_clear_error_at_start() {
 // kv heads not dividing the heads and a missing shard for `logits`; these are the rest, and each
 // runs for `generate` and `logits` on 2 ranks).
 
-/// A scratch copy of a fixture, removed on drop.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn of(fixture_name: &str, tag: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("tprun-faults-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
-        std::fs::create_dir_all(&d).unwrap();
-        for e in std::fs::read_dir(fixture(fixture_name)).unwrap().flatten() {
-            if e.file_type().unwrap().is_file() {
-                std::fs::copy(e.path(), d.join(e.file_name())).unwrap();
-            }
-        }
-        Scratch(d)
-    }
-    fn path(&self, name: &str) -> PathBuf {
-        self.0.join(name)
-    }
-    fn s(&self) -> String {
-        self.0.to_str().unwrap().to_string()
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
-fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    f(v.as_object_mut().unwrap());
-    std::fs::write(path, v.to_string()).unwrap();
-}
-
-/// Rewrites the JSON header of a safetensors file, keeping its data bytes.
-fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let b = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let mut h: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
-    f(h.as_object_mut().unwrap());
-    let hs = h.to_string();
-    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(hs.as_bytes());
-    out.extend_from_slice(&b[8 + n..]);
-    std::fs::write(path, out).unwrap();
-}
-
 const TINY: &str = "tiny-hub-bf16-tied";
 
 /// Runs `generate` and `logits` at TP 2 on the model `m` and checks both fail cleanly with `want`
@@ -933,15 +854,15 @@ fn bad_model_directories_and_configs() {
         true,
     );
 
-    let m = Scratch::of(TINY, "nocfg");
-    std::fs::remove_file(m.path("config.json")).unwrap();
+    let m = TempDir::copy_of("faults", "nocfg", TINY, &[]);
+    std::fs::remove_file(m.join("config.json")).unwrap();
     bad_model(
         "config.json missing",
         &m.s(),
         &["cannot read", "config.json", "No such file or directory"],
         true,
     );
-    std::fs::create_dir(m.path("config.json")).unwrap();
+    std::fs::create_dir(m.join("config.json")).unwrap();
     bad_model(
         "config.json unreadable (a directory)",
         &m.s(),
@@ -949,17 +870,17 @@ fn bad_model_directories_and_configs() {
         true,
     );
 
-    let m = Scratch::of(TINY, "cfg");
-    let full = std::fs::read(m.path("config.json")).unwrap();
-    std::fs::write(m.path("config.json"), &full[..full.len() / 2]).unwrap();
+    let m = TempDir::copy_of("faults", "cfg", TINY, &[]);
+    let full = std::fs::read(m.join("config.json")).unwrap();
+    std::fs::write(m.join("config.json"), &full[..full.len() / 2]).unwrap();
     bad_model(
         "config.json truncated",
         &m.s(),
         &["config.json", "not valid JSON"],
         true,
     );
-    std::fs::write(m.path("config.json"), &full).unwrap();
-    edit_json(&m.path("config.json"), |c| {
+    std::fs::write(m.join("config.json"), &full).unwrap();
+    edit_json(&m.join("config.json"), |c| {
         c.insert("vocab_size".into(), "big".into());
     });
     bad_model(
@@ -968,7 +889,7 @@ fn bad_model_directories_and_configs() {
         &["config.json", "vocab_size"],
         true,
     );
-    edit_json(&m.path("config.json"), |c| {
+    edit_json(&m.join("config.json"), |c| {
         c.insert("vocab_size".into(), 448.into());
         c.insert("num_attention_heads".into(), 3.into());
         c.insert("num_key_value_heads".into(), 3.into());
@@ -982,7 +903,7 @@ fn bad_model_directories_and_configs() {
         ],
         true,
     );
-    edit_json(&m.path("config.json"), |c| {
+    edit_json(&m.join("config.json"), |c| {
         c.insert("num_attention_heads".into(), 4.into());
         c.insert("num_key_value_heads".into(), 2.into());
         c.insert("intermediate_size".into(), 100.into());
@@ -997,8 +918,8 @@ fn bad_model_directories_and_configs() {
 
 #[test]
 fn bad_weights_indexes_and_tokenizers() {
-    let m = Scratch::of(TINY, "st");
-    let st = m.path("model.safetensors");
+    let m = TempDir::copy_of("faults", "st", TINY, &[]);
+    let st = m.join("model.safetensors");
     let full = std::fs::read(&st).unwrap();
     std::fs::write(&st, b"abc").unwrap();
     bad_model(
@@ -1088,8 +1009,8 @@ fn bad_weights_indexes_and_tokenizers() {
         true,
     );
 
-    let m = Scratch::of("tiny-sharded", "idx");
-    let idx = m.path("model.safetensors.index.json");
+    let m = TempDir::copy_of("faults", "idx", "tiny-sharded", &[]);
+    let idx = m.join("model.safetensors.index.json");
     let full = std::fs::read(&idx).unwrap();
     std::fs::write(&idx, &full[..full.len() / 2]).unwrap();
     bad_model(
@@ -1127,8 +1048,8 @@ fn bad_weights_indexes_and_tokenizers() {
     );
 
     // The tokenizer: absent at TP 2 (tests/generate.rs covers one rank) and broken.
-    let m = Scratch::of(TINY, "tok");
-    std::fs::remove_file(m.path("tokenizer.json")).unwrap();
+    let m = TempDir::copy_of("faults", "tok", TINY, &[]);
+    std::fs::remove_file(m.join("tokenizer.json")).unwrap();
     bad_model(
         "tokenizer.json absent",
         &m.s(),
@@ -1136,12 +1057,12 @@ fn bad_weights_indexes_and_tokenizers() {
         false,
     );
     std::fs::write(
-        m.path("tokenizer.json"),
+        m.join("tokenizer.json"),
         "{\"version\": \"1.0\", \"model\": 3",
     )
     .unwrap();
     bad_model("tokenizer.json broken", &m.s(), &["tokenizer.json"], false);
-    let out = m.path("out.safetensors");
+    let out = m.join("out.safetensors");
     let o = run(
         &[
             "-n",
@@ -1318,10 +1239,10 @@ fn bad_inputs_for_bench_perf_and_compare() {
     }
 
     // compare runs in tprun itself: one line, no ranks.
-    let d = Scratch::of(TINY, "cmp");
+    let d = TempDir::copy_of("faults", "cmp", TINY, &[]);
     let good = fixture(TINY).join("model.safetensors");
     let g = good.to_str().unwrap();
-    let st = d.path("model.safetensors");
+    let st = d.join("model.safetensors");
     let s = st.to_str().unwrap();
     let full = std::fs::read(&st).unwrap();
     let check = |case: &str, want: &[&str]| {

@@ -4,10 +4,13 @@
 //! Runs with `TPRUN_ROLE=rank` execute the rank program directly (a world of one, exactly what
 //! a single rank does under the launcher); the others go through the launcher.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Output};
 
 use serde_json::Value;
+
+mod common;
+use common::{fixture, TempDir};
 
 const TPRUN: &str = env!("CARGO_BIN_EXE_tprun");
 
@@ -17,12 +20,6 @@ const FIXTURES: [&str; 4] = [
     "tiny-sharded",
     "qwen25-layout",
 ];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
 
 fn cases(dir: &Path) -> Vec<Value> {
     let text = std::fs::read_to_string(dir.join("reference/cases.json")).unwrap();
@@ -252,31 +249,6 @@ fn same_seed_same_text_at_tp2() {
     assert_eq!(a["output_ids"], b["output_ids"]);
 }
 
-/// A copy of a fixture in a fresh temporary directory, minus `drop`.
-struct TempModel(PathBuf);
-
-impl TempModel {
-    fn new(tag: &str, from: &str, drop: &[&str]) -> TempModel {
-        let dir = std::env::temp_dir().join(format!("tprun-gen-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).unwrap();
-        for e in std::fs::read_dir(fixture(from)).unwrap() {
-            let e = e.unwrap();
-            let name = e.file_name().into_string().unwrap();
-            if e.file_type().unwrap().is_file() && !drop.contains(&name.as_str()) {
-                std::fs::copy(e.path(), dir.join(&name)).unwrap();
-            }
-        }
-        TempModel(dir)
-    }
-}
-
-impl Drop for TempModel {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
-
 fn failure(out: &Output) -> String {
     assert!(
         !out.status.success(),
@@ -308,7 +280,7 @@ fn empty_prompt_is_a_clear_error() {
 
 #[test]
 fn missing_tokenizer_is_a_clear_error() {
-    let m = TempModel::new("notok", "tiny-hub-bf16-tied", &["tokenizer.json"]);
+    let m = TempDir::copy_of("gen", "notok", "tiny-hub-bf16-tied", &["tokenizer.json"]);
     let err = failure(&rank_generate(&args(&[
         "--model",
         m.0.to_str().unwrap(),
@@ -323,7 +295,7 @@ fn missing_tokenizer_is_a_clear_error() {
 
 #[test]
 fn a_chat_template_that_fails_is_a_clear_error() {
-    let m = TempModel::new("badtmpl", "tiny-t5-f32-untied", &[]);
+    let m = TempDir::copy_of("gen", "badtmpl", "tiny-t5-f32-untied", &[]);
     std::fs::write(
         m.0.join("chat_template.jinja"),
         "{%- if messages[0].role != 'system' %}{{ raise_exception('a system message is required') }}{% endif %}\n\

@@ -4,9 +4,11 @@
 //! "within 2 s" of tprun's SIGKILL); nothing asserts a tighter timing.
 
 use std::io::{BufRead, BufReader, Read};
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::TempDir;
 
 /// Upper bound for any single tprun run in these tests, so a bug fails instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(20);
@@ -18,25 +20,6 @@ fn tprun() -> Command {
         .stderr(Stdio::piped())
         .env_remove("OMP_NUM_THREADS");
     c
-}
-
-/// A scratch directory removed at the end of the test.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("tprun-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 struct Finished {
@@ -144,7 +127,7 @@ fn send(pid: u32, sig: i32) {
 
 #[test]
 fn three_ranks_get_the_environment_prefixes_and_logs() {
-    let dir = TempDir::new("env");
+    let dir = TempDir::new("test", "env");
     let logs = dir.path().join("logs");
     let script = r#"echo "env $RANK $LOCAL_RANK $WORLD_SIZE $LOCAL_WORLD_SIZE $GROUP_RANK $MASTER_ADDR $MASTER_PORT $TPRUN_RUN_ID $OMP_NUM_THREADS $TPRUN_DEVICE"; echo "err $RANK" >&2; printf "tail $RANK""#;
     let f = run(&[
@@ -258,7 +241,7 @@ printf "$RANK$RANK""#;
 
 #[test]
 fn a_failing_rank_stops_the_others_and_is_reported() {
-    let dir = TempDir::new("fail");
+    let dir = TempDir::new("test", "fail");
     // Every rank prints its pid and checks in; rank 1 fails once all three have checked in.
     let script = r#"echo "pid $$"; touch "$D/up.$RANK"
 if [ "$RANK" = 1 ]; then
@@ -412,7 +395,7 @@ fn timeout_ends_the_job_with_124() {
 
 #[test]
 fn bad_input_gets_a_clear_error() {
-    let dir = TempDir::new("bad");
+    let dir = TempDir::new("test", "bad");
     let not_exec = dir.path().join("not-executable");
     std::fs::write(&not_exec, "#!/bin/sh\necho hi\n").unwrap();
     let not_exec = not_exec.to_str().unwrap();

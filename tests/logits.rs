@@ -2,39 +2,17 @@
 //! the transformers references in tests/fixtures, and the one-line errors of bad inputs (broken
 //! files are written into a temp dir by each test).
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
+mod common;
+use common::{edit_header, edit_json, fixture, TempDir};
+
 /// Any single tprun run here is killed after this, so a bug fails the test instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
-
-/// A scratch directory removed at the end of the test.
-struct TempDir(PathBuf);
-impl TempDir {
-    fn new(tag: &str) -> TempDir {
-        let p = std::env::temp_dir().join(format!("tprun-logits-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&p);
-        std::fs::create_dir_all(&p).unwrap();
-        TempDir(p)
-    }
-    fn path(&self) -> &Path {
-        &self.0
-    }
-}
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
-}
 
 struct Run {
     code: i32,
@@ -44,10 +22,13 @@ struct Run {
 
 /// Runs `tprun -n N logits ARGS...` to completion (killing it after [`RUN_LIMIT`]).
 fn tprun_logits(n: usize, args: &[&str]) -> Run {
-    let out_dir = TempDir::new(&format!(
-        "io-{n}-{}",
-        COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-    ));
+    let out_dir = TempDir::new(
+        "logits",
+        &format!(
+            "io-{n}-{}",
+            COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ),
+    );
     let stdout_path = out_dir.path().join("stdout");
     let stderr_path = out_dir.path().join("stderr");
     let mut child = Command::new(env!("CARGO_BIN_EXE_tprun"))
@@ -121,7 +102,7 @@ fn ids_arg(case: &Value) -> String {
 
 #[test]
 fn every_fixture_at_tp_1_to_4_matches_transformers() {
-    let tmp = TempDir::new("fixtures");
+    let tmp = TempDir::new("logits", "fixtures");
     for name in [
         "tiny-hub-bf16-tied",
         "tiny-t5-f32-untied",
@@ -170,7 +151,7 @@ fn every_fixture_at_tp_1_to_4_matches_transformers() {
 
 #[test]
 fn default_model_text_prompt_hidden_states_and_json() {
-    let tmp = TempDir::new("text");
+    let tmp = TempDir::new("logits", "text");
     let dir = fixture("tiny-hub-bf16-tied");
     let c = cases(&dir);
     let hs = &c["hidden_states"];
@@ -220,37 +201,6 @@ fn default_model_text_prompt_hidden_states_and_json() {
     assert_eq!(j["input_ids"], case["input_ids"]);
     assert_eq!(j["world_size"], 2);
     assert!(j["weight_bytes"].as_u64().unwrap() > 0);
-}
-
-/// Copies `name`'s config, tokenizer and weights into a fresh temp dir for breaking.
-fn copy_fixture(name: &str, tag: &str) -> TempDir {
-    let t = TempDir::new(tag);
-    for e in std::fs::read_dir(fixture(name)).unwrap() {
-        let e = e.unwrap();
-        if e.file_type().unwrap().is_file() {
-            std::fs::copy(e.path(), t.path().join(e.file_name())).unwrap();
-        }
-    }
-    t
-}
-
-fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
-    f(v.as_object_mut().unwrap());
-    std::fs::write(path, v.to_string()).unwrap();
-}
-
-/// Rewrites the header of a safetensors file, keeping its data bytes.
-fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
-    let b = std::fs::read(path).unwrap();
-    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
-    let mut h: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
-    f(h.as_object_mut().unwrap());
-    let hs = h.to_string();
-    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
-    out.extend_from_slice(hs.as_bytes());
-    out.extend_from_slice(&b[8 + n..]);
-    std::fs::write(path, out).unwrap();
 }
 
 /// Runs logits on `model` expecting failure; returns stderr after checking it is a clean error.
@@ -307,7 +257,7 @@ fn bad_models_and_inputs_are_one_line_errors() {
     );
 
     // Missing config field; inconsistent heads.
-    let m = copy_fixture("tiny-hub-bf16-tied", "cfg");
+    let m = TempDir::copy_of("logits", "cfg", "tiny-hub-bf16-tied", &[]);
     edit_json(&m.path().join("config.json"), |c| {
         c.remove("num_attention_heads");
     });
@@ -330,7 +280,7 @@ fn bad_models_and_inputs_are_one_line_errors() {
 
     let st = |m: &TempDir| m.path().join("model.safetensors");
     // Unsupported dtype (I16 has the same size as BF16, so the header stays consistent).
-    let m = copy_fixture("tiny-hub-bf16-tied", "dtype");
+    let m = TempDir::copy_of("logits", "dtype", "tiny-hub-bf16-tied", &[]);
     edit_header(&st(&m), |h| {
         h["model.norm.weight"]["dtype"] = "I16".into();
     });
@@ -357,7 +307,7 @@ fn bad_models_and_inputs_are_one_line_errors() {
         ],
     );
     // Truncated file: the header length runs past the end; data offsets run past the end.
-    let m = copy_fixture("tiny-hub-bf16-tied", "trunc");
+    let m = TempDir::copy_of("logits", "trunc", "tiny-hub-bf16-tied", &[]);
     let full = std::fs::read(st(&m)).unwrap();
     std::fs::write(st(&m), &full[..100]).unwrap();
     expect_error(
@@ -377,14 +327,14 @@ fn bad_models_and_inputs_are_one_line_errors() {
         &["model.safetensors", "run past the end of the data"],
     );
     // Overlapping offsets: one norm weight pointed at another's bytes.
-    let m = copy_fixture("tiny-hub-bf16-tied", "overlap");
+    let m = TempDir::copy_of("logits", "overlap", "tiny-hub-bf16-tied", &[]);
     edit_header(&st(&m), |h| {
         let offs = h["model.layers.0.input_layernorm.weight"]["data_offsets"].clone();
         h["model.layers.1.input_layernorm.weight"]["data_offsets"] = offs;
     });
     expect_error(1, m.path(), "1", &["model.safetensors", "overlap"]);
     // Wrong tensor shape (transposed, same bytes); missing tensor.
-    let m = copy_fixture("tiny-hub-bf16-tied", "shape");
+    let m = TempDir::copy_of("logits", "shape", "tiny-hub-bf16-tied", &[]);
     edit_header(&st(&m), |h| {
         h["model.layers.2.mlp.up_proj.weight"]["shape"] = serde_json::json!([64, 160]);
     });
@@ -407,7 +357,7 @@ fn bad_models_and_inputs_are_one_line_errors() {
         &["tensor model.layers.2.mlp.up_proj.weight (expected shape [160, 64]) is missing"],
     );
     // index.json naming a shard that is not there.
-    let m = copy_fixture("tiny-sharded", "shard");
+    let m = TempDir::copy_of("logits", "shard", "tiny-sharded", &[]);
     std::fs::remove_file(m.path().join("model-00002-of-00003.safetensors")).unwrap();
     expect_error(2, m.path(), "1", &["model.safetensors.index.json names shard model-00002-of-00003.safetensors, which is missing"]);
 }

@@ -7,9 +7,12 @@
 //! /dev/shm rendezvous.
 
 use std::io::Read;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
+
+mod common;
+use common::{children_of, env_of};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");
 
@@ -487,37 +490,6 @@ fn tprun_perf_table() {
         "{out}"
     );
     assert_eq!(out.matches("# Avg bus bandwidth").count(), 4, "{out}");
-}
-
-/// Pids of the processes whose parent is `ppid`.
-fn children_of(ppid: u32) -> Vec<u32> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/proc").unwrap().flatten() {
-        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        let Ok(stat) =
-            std::fs::read_to_string(Path::new("/proc").join(pid.to_string()).join("stat"))
-        else {
-            continue;
-        };
-        let after = &stat[stat.rfind(')').unwrap_or(0) + 1..];
-        let parent: u32 = after
-            .split_whitespace()
-            .nth(1)
-            .and_then(|s| s.parse().ok())
-            .unwrap_or(0);
-        if parent == ppid {
-            out.push(pid);
-        }
-    }
-    out
-}
-
-fn env_of(pid: u32) -> String {
-    std::fs::read(format!("/proc/{pid}/environ"))
-        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
-        .unwrap_or_default()
 }
 
 /// `tprun -n 3 perf`, rank 1 killed mid-all-reduce: tprun ends within 10 s, non-zero, naming rank 1.

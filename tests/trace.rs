@@ -4,27 +4,23 @@
 //! `perf --plot` draws an SVG, from a live run and from saved `--json` results.
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::{Command, Output};
 
 use serde_json::Value;
 
-const TPRUN: &str = env!("CARGO_BIN_EXE_tprun");
+mod common;
+use common::{fixture, TempDir};
 
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures")
-        .join(name)
-}
+const TPRUN: &str = env!("CARGO_BIN_EXE_tprun");
 
 /// A scratch directory, also used as the job's TMPDIR (where nothing of the trace may appear),
 /// removed on drop.
-struct Scratch(PathBuf);
+struct Scratch(TempDir);
 
 impl Scratch {
     fn new(tag: &str) -> Scratch {
-        let d = std::env::temp_dir().join(format!("tprun-trace-test-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&d);
+        let d = TempDir::new("trace-test", tag);
         std::fs::create_dir_all(d.join("tmp")).unwrap();
         Scratch(d)
     }
@@ -34,20 +30,14 @@ impl Scratch {
     /// Every entry left in the directory, sorted (relative names).
     fn entries(&self) -> Vec<String> {
         let mut v = Vec::new();
-        for d in [&self.0, &self.tmp()] {
+        for d in [self.0.path(), &self.tmp()] {
             for e in std::fs::read_dir(d).unwrap() {
                 let p = e.unwrap().path();
-                v.push(p.strip_prefix(&self.0).unwrap().display().to_string());
+                v.push(p.strip_prefix(self.0.path()).unwrap().display().to_string());
             }
         }
         v.sort();
         v
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
     }
 }
 

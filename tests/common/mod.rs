@@ -1,0 +1,111 @@
+//! Helpers shared by the end-to-end tests (each test file has `mod common;`).
+//!
+//! Not every test file uses every helper, hence the module-wide `dead_code` allowance.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::Value;
+
+/// A model fixture under tests/fixtures.
+pub fn fixture(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name)
+}
+
+/// A scratch directory `<tmp>/tprun-<prefix>-<tag>-<pid>`, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    /// An empty directory (whatever a previous run left there is removed first).
+    pub fn new(prefix: &str, tag: &str) -> TempDir {
+        let p = std::env::temp_dir().join(format!("tprun-{prefix}-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&p);
+        std::fs::create_dir_all(&p).unwrap();
+        TempDir(p)
+    }
+
+    /// A copy of the files of fixture `from` (config, tokenizer, weights), minus `skip`, for
+    /// breaking.
+    pub fn copy_of(prefix: &str, tag: &str, from: &str, skip: &[&str]) -> TempDir {
+        let t = TempDir::new(prefix, tag);
+        for e in std::fs::read_dir(fixture(from)).unwrap() {
+            let e = e.unwrap();
+            let name = e.file_name().into_string().unwrap();
+            if e.file_type().unwrap().is_file() && !skip.contains(&name.as_str()) {
+                std::fs::copy(e.path(), t.0.join(&name)).unwrap();
+            }
+        }
+        t
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.0
+    }
+
+    pub fn join(&self, name: impl AsRef<Path>) -> PathBuf {
+        self.0.join(name)
+    }
+
+    /// The path as a command-line argument.
+    pub fn s(&self) -> String {
+        self.0.to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Rewrites a JSON object file in place.
+pub fn edit_json(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let mut v: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    f(v.as_object_mut().unwrap());
+    std::fs::write(path, v.to_string()).unwrap();
+}
+
+/// Rewrites the JSON header of a safetensors file, keeping its data bytes.
+pub fn edit_header(path: &Path, f: impl FnOnce(&mut serde_json::Map<String, Value>)) {
+    let b = std::fs::read(path).unwrap();
+    let n = u64::from_le_bytes(b[..8].try_into().unwrap()) as usize;
+    let mut h: Value = serde_json::from_slice(&b[8..8 + n]).unwrap();
+    f(h.as_object_mut().unwrap());
+    let hs = h.to_string();
+    let mut out = (hs.len() as u64).to_le_bytes().to_vec();
+    out.extend_from_slice(hs.as_bytes());
+    out.extend_from_slice(&b[8 + n..]);
+    std::fs::write(path, out).unwrap();
+}
+
+/// `(parent pid, state letter)` of a process from /proc/<pid>/stat; None once it is gone.
+pub fn proc_stat(pid: u32) -> Option<(u32, char)> {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    let after = &s[s.rfind(')')? + 1..];
+    let mut f = after.split_whitespace();
+    let state = f.next()?.chars().next()?;
+    let ppid = f.next()?.parse().ok()?;
+    Some((ppid, state))
+}
+
+/// Pids of the processes whose parent is `ppid`.
+pub fn children_of(ppid: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        if let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() {
+            if proc_stat(pid).is_some_and(|(pp, _)| pp == ppid) {
+                out.push(pid);
+            }
+        }
+    }
+    out
+}
+
+/// The environment of process `pid`, one `NAME=value` a line (empty once it is gone).
+pub fn env_of(pid: u32) -> String {
+    std::fs::read(format!("/proc/{pid}/environ"))
+        .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
+        .unwrap_or_default()
+}
