@@ -2,9 +2,12 @@
 //! launcher and shm collectives; the greedy tokens must not depend on the TP size.
 
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
+
+mod common;
+use common::wait_limited;
 
 /// Runs `tprun -n N bench ARGS... --json` and returns rank 0's JSON object.
 fn bench_json(n: usize, args: &[&str]) -> Value {
@@ -19,14 +22,8 @@ fn bench_json(n: usize, args: &[&str]) -> Value {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    while child.try_wait().unwrap().is_none() {
-        if t0.elapsed() > Duration::from_secs(120) {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tprun -n {n} bench did not finish within 120 s");
-        }
-        std::thread::sleep(Duration::from_millis(20));
+    if wait_limited(&mut child, Duration::from_secs(120)).is_none() {
+        panic!("tprun -n {n} bench did not finish within 120 s");
     }
     let out = child.wait_with_output().unwrap();
     assert!(out.status.success(), "tprun -n {n} bench failed");

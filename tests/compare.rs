@@ -2,8 +2,11 @@
 
 use std::collections::HashMap;
 use std::ffi::OsStr;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
+
+mod common;
+use common::TempDir;
 
 use safetensors::tensor::{Dtype, TensorView};
 
@@ -37,12 +40,6 @@ fn tprun<S: AsRef<OsStr>>(args: &[S]) -> (i32, String, String) {
     )
 }
 
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("tprun-compare-{tag}-{}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 fn base() -> Tensors {
     let h = |k: usize| (0..12).map(|i| (i * 7 + k) as f32 * 0.1).collect();
     vec![
@@ -55,7 +52,7 @@ fn base() -> Tensors {
 
 #[test]
 fn identical_files_give_zeros() {
-    let d = tmpdir("same");
+    let d = TempDir::new("compare", "same");
     let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));
     write(&a, &base());
     write(&b, &base());
@@ -85,12 +82,11 @@ fn identical_files_give_zeros() {
         assert!(r.contains("0.000e0"), "{r}");
         assert!(r.ends_with("ok"), "{r}");
     }
-    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
 fn perturbed_tensor_is_found_with_its_position() {
-    let d = tmpdir("perturb");
+    let d = TempDir::new("compare", "perturb");
     let (a, b) = (d.join("a.safetensors"), d.join("b.safetensors"));
     write(&a, &base());
     let mut t = base();
@@ -136,12 +132,11 @@ fn perturbed_tensor_is_found_with_its_position() {
         err.contains("1 of 4 tensors exceed --tol") && err.contains("hidden_states.2"),
         "{err}"
     );
-    std::fs::remove_dir_all(d).unwrap();
 }
 
 #[test]
 fn mismatched_names_and_shapes_are_clear_errors() {
-    let d = tmpdir("mismatch");
+    let d = TempDir::new("compare", "mismatch");
     let (a, b, c) = (
         d.join("a.safetensors"),
         d.join("b.safetensors"),
@@ -173,5 +168,4 @@ fn mismatched_names_and_shapes_are_clear_errors() {
     let (code, _, err) = tprun(&["compare".as_ref(), a.as_os_str(), missing.as_os_str()]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot read") && err.contains("nope"), "{err}");
-    std::fs::remove_dir_all(d).unwrap();
 }

@@ -2,16 +2,15 @@
 //! built-in program must refuse it before starting ranks, with one line that fits this build:
 //! no `cuda` feature, no driver or device, or (on a GPU machine) "not implemented yet".
 
-use std::path::Path;
 use std::process::Command;
+
+mod common;
+use common::fixture;
 
 const TPRUN: &str = env!("CARGO_BIN_EXE_tprun");
 
 fn model() -> String {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("tests/fixtures/tiny-hub-bf16-tied")
-        .display()
-        .to_string()
+    fixture("tiny-hub-bf16-tied").display().to_string()
 }
 
 /// Runs `tprun -n 2 --device cuda ARGS` and returns its stderr after checking it failed with

@@ -13,15 +13,17 @@
 //! The seed is printed; `TPRUN_FAULT_SEED=N` replays a run. `--nocapture` prints every case's
 //! message (`CASE name: exit N: line`), which is the catalogue in the issue note.
 
-use std::io::Read;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
 mod common;
-use common::{children_of, edit_header, edit_json, env_of, fixture, proc_stat, TempDir};
+use common::{
+    children_of, code_of, drain, edit_header, edit_json, env_of, fixture, proc_stat, wait_limited,
+    TempDir,
+};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");
 /// Deadline of one tprun run in this suite (a hang detector, far above any normal run).
@@ -53,14 +55,6 @@ struct Outcome {
     rank_pids: Vec<u32>,
 }
 
-fn reader(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
-    std::thread::spawn(move || {
-        let mut b = Vec::new();
-        let _ = r.read_to_end(&mut b);
-        String::from_utf8_lossy(&b).into_owned()
-    })
-}
-
 fn command(args: &[&str], env: &[(&str, &str)]) -> Command {
     // `ulimit -c 0`: a rank killed by SIGSEGV must not leave a core file in the checkout.
     let mut cmd = Command::new("sh");
@@ -87,8 +81,8 @@ impl Job {
 
     fn start_cmd(mut cmd: Command) -> Job {
         let mut child = cmd.spawn().expect("cannot start tprun");
-        let out = reader(child.stdout.take().unwrap());
-        let err = reader(child.stderr.take().unwrap());
+        let out = drain(child.stdout.take().unwrap());
+        let err = drain(child.stderr.take().unwrap());
         Job {
             child,
             out: Some(out),
@@ -137,22 +131,13 @@ impl Job {
 
     /// Waits for tprun (killing it and failing the test past `limit`) and collects its output.
     fn finish(&mut self, limit: Duration) -> Outcome {
-        let t = Instant::now();
-        let status = loop {
-            if let Some(st) = self.child.try_wait().unwrap() {
-                break st;
-            }
-            if t.elapsed() > limit {
-                let _ = self.child.kill();
-                let _ = self.child.wait();
-                let err = self
-                    .err
-                    .take()
-                    .map(|h| h.join().unwrap())
-                    .unwrap_or_default();
-                panic!("tprun did not end within {limit:?}: a hang\n{err}");
-            }
-            std::thread::sleep(Duration::from_millis(10));
+        let Some(status) = wait_limited(&mut self.child, limit) else {
+            let err = self
+                .err
+                .take()
+                .map(|h| h.join().unwrap())
+                .unwrap_or_default();
+            panic!("tprun did not end within {limit:?}: a hang\n{err}");
         };
         let stdout = self
             .out
@@ -191,11 +176,6 @@ fn run(args: &[&str], env: &[(&str, &str)]) -> Outcome {
     let o = Job::start(args, env).finish(RUN_LIMIT);
     assert_clean(&o);
     o
-}
-
-fn code_of(st: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    st.code().unwrap_or_else(|| 128 + st.signal().unwrap_or(0))
 }
 
 /// Pids in the launcher's summary table (the rows under `rank  pid  status  time_s  log`).

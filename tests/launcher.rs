@@ -8,7 +8,7 @@ use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::TempDir;
+use common::{code_of, drain, wait_limited, TempDir};
 
 /// Upper bound for any single tprun run in these tests, so a bug fails instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(20);
@@ -31,16 +31,9 @@ struct Finished {
 
 /// Waits for `child` (killing it after [`RUN_LIMIT`]) while draining its stdout and stderr.
 fn finish(mut child: Child, started: Instant) -> Finished {
-    let drain = |mut r: Box<dyn Read + Send>| {
-        std::thread::spawn(move || {
-            let mut s = String::new();
-            let _ = r.read_to_string(&mut s);
-            s
-        })
-    };
-    let out = drain(Box::new(child.stdout.take().unwrap()));
-    let err = drain(Box::new(child.stderr.take().unwrap()));
-    let status = wait_limited(&mut child);
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let status = wait_run(&mut child);
     Finished {
         code: code_of(status),
         elapsed: started.elapsed(),
@@ -49,24 +42,10 @@ fn finish(mut child: Child, started: Instant) -> Finished {
     }
 }
 
-fn wait_limited(child: &mut Child) -> ExitStatus {
-    let until = Instant::now() + RUN_LIMIT;
-    loop {
-        if let Some(st) = child.try_wait().unwrap() {
-            return st;
-        }
-        if Instant::now() > until {
-            let _ = child.kill();
-            panic!("tprun did not finish within {RUN_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-fn code_of(st: ExitStatus) -> i32 {
-    use std::os::unix::process::ExitStatusExt;
-    st.code()
-        .unwrap_or_else(|| 128 + st.signal().expect("exit code or signal"))
+/// Waits for `child`, killing it and failing the test past [`RUN_LIMIT`].
+fn wait_run(child: &mut Child) -> ExitStatus {
+    wait_limited(child, RUN_LIMIT)
+        .unwrap_or_else(|| panic!("tprun did not finish within {RUN_LIMIT:?}"))
 }
 
 fn run(args: &[&str]) -> Finished {
@@ -316,7 +295,7 @@ fn sigterm_to_tprun_reaches_every_rank_and_the_grace_period_ends_stragglers() {
         .unwrap()
         .read_to_string(&mut stderr)
         .unwrap();
-    let code = code_of(wait_limited(&mut child));
+    let code = code_of(wait_run(&mut child));
     assert_eq!(code, 128 + libc::SIGTERM, "stderr: {stderr}");
     assert!(signalled.elapsed() < Duration::from_secs(5));
     for pid in pids {
@@ -351,7 +330,7 @@ fn a_second_sigint_kills_at_once() {
     }
     send(child.id(), libc::SIGINT);
     err.read_to_string(&mut stderr).unwrap();
-    let code = code_of(wait_limited(&mut child));
+    let code = code_of(wait_run(&mut child));
     assert_eq!(code, 128 + libc::SIGINT, "stderr: {stderr}");
     assert!(stderr.contains("second SIGINT"), "{stderr}");
     for pid in pids {

@@ -4,12 +4,12 @@
 
 use std::path::Path;
 use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use serde_json::Value;
 
 mod common;
-use common::{edit_header, edit_json, fixture, TempDir};
+use common::{edit_header, edit_json, fixture, wait_limited, TempDir};
 
 /// Any single tprun run here is killed after this, so a bug fails the test instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(120);
@@ -43,18 +43,9 @@ fn tprun_logits(n: usize, args: &[&str]) -> Run {
         .stderr(std::fs::File::create(&stderr_path).unwrap())
         .spawn()
         .unwrap();
-    let t0 = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
-        }
-        if t0.elapsed() > RUN_LIMIT {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("tprun -n {n} logits {args:?} did not finish within {RUN_LIMIT:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = wait_limited(&mut child, RUN_LIMIT).unwrap_or_else(|| {
+        panic!("tprun -n {n} logits {args:?} did not finish within {RUN_LIMIT:?}")
+    });
     Run {
         code: status.code().unwrap_or(-1),
         stdout: std::fs::read_to_string(&stdout_path).unwrap(),

@@ -6,13 +6,13 @@
 //! processes with RANK / WORLD_SIZE / TPRUN_RUN_ID and TPRUN_ROLE=rank), which exercises the named
 //! /dev/shm rendezvous.
 
-use std::io::Read;
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{children_of, env_of};
+use common::{children_of, drain, env_of, wait_limited};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");
 
@@ -112,35 +112,11 @@ impl Drop for Ranks {
 
 /// Reads a child's output while waiting for it, at most `limit` (then kills it: None).
 fn wait_with_limit(child: &mut Child, limit: Duration) -> (Option<ExitStatus>, String, String) {
-    let mut out_pipe = child.stdout.take();
-    let mut err_pipe = child.stderr.take();
-    let out_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(p) = out_pipe.as_mut() {
-            let _ = p.read_to_string(&mut s);
-        }
-        s
-    });
-    let err_t = std::thread::spawn(move || {
-        let mut s = String::new();
-        if let Some(p) = err_pipe.as_mut() {
-            let _ = p.read_to_string(&mut s);
-        }
-        s
-    });
-    let start = Instant::now();
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait") {
-            break Some(s);
-        }
-        if start.elapsed() > limit {
-            let _ = child.kill();
-            let _ = child.wait();
-            break None;
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
-    (status, out_t.join().unwrap(), err_t.join().unwrap())
+    let out_t = child.stdout.take().map(drain);
+    let err_t = child.stderr.take().map(drain);
+    let status = wait_limited(child, limit);
+    let join = |t: Option<JoinHandle<String>>| t.map(|t| t.join().unwrap()).unwrap_or_default();
+    (status, join(out_t), join(err_t))
 }
 
 /// Parses perf's --json and returns (rows, total wrong); asserts every row was checked.

@@ -3,7 +3,11 @@
 //! Not every test file uses every helper, hence the module-wide `dead_code` allowance.
 #![allow(dead_code)]
 
+use std::io::Read;
 use std::path::{Path, PathBuf};
+use std::process::{Child, ExitStatus};
+use std::thread::JoinHandle;
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
@@ -108,4 +112,37 @@ pub fn env_of(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/environ"))
         .map(|b| String::from_utf8_lossy(&b).replace('\0', "\n"))
         .unwrap_or_default()
+}
+
+/// Collects everything `r` yields on a thread (so a chatty child never blocks on a full pipe).
+pub fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut b = Vec::new();
+        let _ = r.read_to_end(&mut b);
+        String::from_utf8_lossy(&b).into_owned()
+    })
+}
+
+/// Waits for `child` at most `limit`; past it kills and reaps it and returns None (the caller
+/// fails the test, so a hang is a failure rather than a stuck suite).
+pub fn wait_limited(child: &mut Child, limit: Duration) -> Option<ExitStatus> {
+    let t = Instant::now();
+    loop {
+        if let Some(st) = child.try_wait().unwrap() {
+            return Some(st);
+        }
+        if t.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// The exit code, or 128+N for signal N (what a shell reports).
+pub fn code_of(st: ExitStatus) -> i32 {
+    use std::os::unix::process::ExitStatusExt;
+    st.code()
+        .unwrap_or_else(|| 128 + st.signal().expect("exit code or signal"))
 }
