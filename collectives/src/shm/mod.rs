@@ -743,17 +743,28 @@ impl ShmComm {
         Ok(())
     }
 
+    /// The gathered/scattered side must be `world` times the per-rank side.
+    fn check_world_len(
+        &self,
+        big: &str,
+        big_len: usize,
+        small: &str,
+        small_len: usize,
+    ) -> Result<()> {
+        if big_len != small_len * self.world {
+            return Err(self.invalid(format!(
+                "{big} is {big_len} bytes, expected world size {} x {small} {small_len} = {}",
+                self.world,
+                small_len * self.world
+            )));
+        }
+        Ok(())
+    }
+
     fn all_gather_impl(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
         self.check_len(input.len(), dtype, "the input")?;
         let ib = input.len();
-        if output.len() != ib * self.world {
-            return Err(self.invalid(format!(
-                "output is {} bytes, expected world size {} x input {ib} = {}",
-                output.len(),
-                self.world,
-                ib * self.world
-            )));
-        }
+        self.check_world_len("output", output.len(), "input", ib)?;
         let me = self.rank;
         output[me * ib..(me + 1) * ib].copy_from_slice(input);
         if self.world == 1 || ib == 0 {
@@ -790,14 +801,7 @@ impl ShmComm {
         let e = dtype.size();
         let count = self.check_len(output.len(), dtype, "the output")?;
         let ob = output.len();
-        if input.len() != ob * self.world {
-            return Err(self.invalid(format!(
-                "input is {} bytes, expected world size {} x output {ob} = {}",
-                input.len(),
-                self.world,
-                ob * self.world
-            )));
-        }
+        self.check_world_len("input", input.len(), "output", ob)?;
         let me = self.rank;
         if self.world == 1 {
             output.copy_from_slice(input);
