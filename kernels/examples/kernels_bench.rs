@@ -28,6 +28,7 @@ fn main() {
         let w: Vec<bf16> = (0..n * k)
             .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
             .collect();
+        let pw = kernels::PackedWeight::pack(&w, n, k);
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31) % 100) as f32 / 100.0)
             .collect();
@@ -38,7 +39,7 @@ fn main() {
             for _ in 0..3 {
                 let t = Instant::now();
                 for _ in 0..reps {
-                    kernels::matvec_with(isa, &w, &x[..k], &mut y[..n]);
+                    kernels::matmul_with(isa, &x[..k], &pw, &mut y[..n], 1);
                 }
                 best = best.min(t.elapsed().as_secs_f64() / reps as f64);
             }
@@ -47,7 +48,7 @@ fn main() {
             if n * k < 10_000_000 {
                 for _ in 0..2 {
                     let t = Instant::now();
-                    kernels::matmul_with(isa, &x, &w, &mut y, m, n, k);
+                    kernels::matmul_with(isa, &x, &pw, &mut y, m);
                     bestm = bestm.min(t.elapsed().as_secs_f64());
                 }
             }

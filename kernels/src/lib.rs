@@ -1,21 +1,26 @@
 //! Compute kernels for the Qwen2 runtime. f32 activations and accumulation throughout.
 //!
-//! Weights are row-major `[out, in]` (the Hugging Face layout), f32 or bf16 ([`Weight`]). The
-//! matrix products pick an instruction set once at run time ([`isa`]): AVX-512 (F+BW+VL), AVX2+FMA,
-//! or the portable loops in [`portable`], which are the reference the tests compare against.
-//! bf16 weights are widened to f32 exactly (a shift), so every path computes the same products
-//! and differs only in summation order. The one exception is opt-in: [`set_bf16_dot`] lets the
+//! Weights arrive row-major `[out, in]` (the Hugging Face layout), f32 or bf16 ([`Weight`]), and
+//! are laid out once at load in 32-row panels ([`PackedWeight`]) that the products stream front
+//! to back. The products pick an instruction set once at run time ([`isa`]): AVX-512 (F+BW+VL),
+//! AVX2+FMA, or portable loops; the row-major loops in [`portable`] are the reference the tests
+//! compare every path against. bf16 weights are widened to f32 exactly (a shift), so every path
+//! computes the same products and differs only in summation order. The one exception is opt-in: [`set_bf16_dot`] lets the
 //! prefill GEMM round the activations to bf16 and use `vdpbf16ps` (twice the rate, ~3
 //! significant digits per activation).
 //!
-//! Products split their output rows over a persistent per-process thread pool ([`threads`]).
+//! Products split their panels over a persistent per-process thread pool ([`threads`]).
 
+use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use half::bf16;
 
+pub use packed::{PackedDtype, PackedWeight, PANEL};
+
 #[cfg(feature = "cuda")]
 pub mod cuda;
+pub mod packed;
 pub mod pool;
 pub mod portable;
 #[cfg(target_arch = "x86_64")]
@@ -137,24 +142,19 @@ pub fn bf16_dot() -> bool {
 pub fn threads() -> usize {
     pool::pool().threads()
 }
-
-/// Splits `rows` output rows into per-thread chunks of a multiple of 4 (the kernels' tile) and
-/// runs `f(range)` on each; small products run on the calling thread alone.
-fn split_rows(rows: usize, work: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sync)) {
+/// Splits `panels` weight panels into per-thread contiguous ranges and runs `f(range)` on each;
+/// small products run on the calling thread alone.
+fn split_panels(panels: usize, work: usize, f: &(dyn Fn(Range<usize>) + Sync)) {
     // Below this many multiply-adds a product is not worth waking other threads for.
     const MIN_WORK: usize = 1 << 15;
     let p = pool::pool();
-    let t = p
-        .threads()
-        .min(rows.div_ceil(4))
-        .min(work / MIN_WORK)
-        .max(1);
+    let t = p.threads().min(panels).min(work / MIN_WORK).max(1);
     if t == 1 {
-        return f(0..rows);
+        return f(0..panels);
     }
-    let chunk = rows.div_ceil(t).next_multiple_of(4);
+    let chunk = panels.div_ceil(t);
     p.run(t, &|i| {
-        let r = (i * chunk).min(rows)..((i + 1) * chunk).min(rows);
+        let r = (i * chunk).min(panels)..((i + 1) * chunk).min(panels);
         if !r.is_empty() {
             f(r)
         }
@@ -164,160 +164,85 @@ fn split_rows(rows: usize, work: usize, f: &(dyn Fn(std::ops::Range<usize>) + Sy
 /// A mutable pointer that threads writing disjoint ranges may share.
 #[derive(Clone, Copy)]
 struct SyncPtr(*mut f32);
-// SAFETY: users write disjoint index ranges only (split_rows' ranges are disjoint).
+// SAFETY: users write disjoint index ranges only (split_panels' ranges are disjoint, and a
+// panel's output rows belong to that panel alone).
 unsafe impl Sync for SyncPtr {}
 unsafe impl Send for SyncPtr {}
 
-/// `y[j] = Σ_i w[j, i]·x[i]`: `w` is `[n, k]` row-major, `x` is `[k]`, `y` is `[n]`.
-pub fn matvec<W: Weight>(w: &[W], x: &[f32], y: &mut [f32]) {
-    matvec_with(isa(), w, x, y)
-}
-
-/// [`matvec`] on a given path (tests and benchmarks); panics if the CPU lacks it.
-pub fn matvec_with<W: Weight>(isa: Isa, w: &[W], x: &[f32], y: &mut [f32]) {
-    let (n, k) = (y.len(), x.len());
-    assert_eq!(w.len(), n * k, "matvec: weight is not [{n}, {k}]");
-    assert!(
-        isa.supported(),
-        "matvec: this CPU cannot run {}",
-        isa.name()
-    );
-    if isa == Isa::Portable || k == 0 {
-        return portable::matvec(w, x, y);
-    }
-    let yp = SyncPtr(y.as_mut_ptr());
-    let ws = W::as_weights(w);
-    split_rows(n, n * k, &|r| {
-        // SAFETY: `r` is within 0..n and the ranges of different calls are disjoint.
-        let y = unsafe { std::slice::from_raw_parts_mut({ yp }.0.add(r.start), r.len()) };
-        gemv_rows(isa, ws, x, y, r.start, k);
-    });
-}
-
-fn gemv_rows(isa: Isa, w: WeightSlice, x: &[f32], y: &mut [f32], row0: usize, k: usize) {
-    let rows = row0 * k..(row0 + y.len()) * k;
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa.supported()` was asserted; the weight slice is exactly `[y.len(), k]`.
-    unsafe {
-        match (isa, w) {
-            (Isa::Avx512, WeightSlice::F32(w)) => return x86::gemv_avx512(&w[rows], x, y),
-            (Isa::Avx512, WeightSlice::BF16(w)) => return x86::gemv_avx512(&w[rows], x, y),
-            (Isa::Avx2, WeightSlice::F32(w)) => return x86::gemv_avx2(&w[rows], x, y),
-            (Isa::Avx2, WeightSlice::BF16(w)) => return x86::gemv_avx2(&w[rows], x, y),
-            _ => {}
-        }
-    }
-    match w {
-        WeightSlice::F32(w) => portable::matvec(&w[rows], x, y),
-        WeightSlice::BF16(w) => portable::matvec(&w[rows], x, y),
-    }
-}
-
-/// `y = x · wᵀ`: `x` is `[m, k]`, `w` is `[n, k]` (row-major `[out, in]`), `y` is `[m, n]`.
-pub fn matmul<W: Weight>(x: &[f32], w: &[W], y: &mut [f32], m: usize, n: usize, k: usize) {
-    matmul_with(isa(), x, w, y, m, n, k)
+/// `y = x · wᵀ`: `x` is `[m, k]`, `w` is `[n, k]` (packed), `y` is `[m, n]`. One x row is the
+/// decode GEMV; more rows are the prefill GEMM.
+pub fn matmul(x: &[f32], w: &PackedWeight, y: &mut [f32], m: usize) {
+    matmul_with(isa(), x, w, y, m)
 }
 
 /// [`matmul`] on a given path (tests and benchmarks); panics if the CPU lacks it.
-pub fn matmul_with<W: Weight>(
-    isa: Isa,
-    x: &[f32],
-    w: &[W],
-    y: &mut [f32],
-    m: usize,
-    n: usize,
-    k: usize,
-) {
+pub fn matmul_with(isa: Isa, x: &[f32], w: &PackedWeight, y: &mut [f32], m: usize) {
+    let (n, k) = (w.rows(), w.cols());
     assert_eq!(x.len(), m * k, "matmul: x is not [{m}, {k}]");
-    assert_eq!(w.len(), n * k, "matmul: weight is not [{n}, {k}]");
     assert_eq!(y.len(), m * n, "matmul: y is not [{m}, {n}]");
     assert!(
         isa.supported(),
         "matmul: this CPU cannot run {}",
         isa.name()
     );
-    if m == 1 {
-        return matvec_with(isa, w, x, y);
+    if k == 0 {
+        y.fill(0.0);
+        return;
     }
-    if isa == Isa::Portable || k == 0 {
-        return portable::matmul(x, w, y, m, n, k);
-    }
-    let ws = W::as_weights(w);
     let yp = SyncPtr(y.as_mut_ptr());
     #[cfg(target_arch = "x86_64")]
-    if let (Isa::Avx512, WeightSlice::BF16(wb), true) = (isa, ws, bf16_dot()) {
-        let mut xb = vec![bf16::ZERO; m * k];
-        // SAFETY: set_bf16_dot only turns this on when the CPU has AVX512_BF16.
-        unsafe { x86::to_bf16_avx512(x, &mut xb) };
-        split_rows(n, m * n * k, &|r| {
-            let w = &wb[r.start * k..r.end * k];
-            // SAFETY: AVX512_BF16 checked above; `y` rows are `n` apart and this call writes
-            // columns `r` only, disjoint from other calls; `xb` is `[m, k]`, `w` is `[r.len(), k]`.
-            unsafe { x86::gemm_dpbf16(&xb, w, { yp }.0.add(r.start), m, r.len(), k, n) };
+    if isa == Isa::Avx512 && m > 1 && w.dtype() == PackedDtype::BF16 && bf16_dot() {
+        let words = w.row_words();
+        let mut xw = vec![0u32; m * words];
+        // SAFETY: set_bf16_dot only turns this on when the CPU has AVX512_BF16; `xw` is
+        // `[m, words]` with `2 * words >= k`.
+        unsafe { x86::to_bf16_words(x, k, &mut xw, words) };
+        split_panels(w.panels(), m * n * k, &|r| {
+            // SAFETY: AVX512_BF16 checked above; `y` is `[m, n]` and this call writes only the
+            // output rows of panels `r`, disjoint from other calls.
+            unsafe { x86::gemm_dpbf16(w, r, &xw, m, { yp }.0, n) };
         });
         return;
     }
-    split_rows(n, m * n * k, &|r| {
-        // SAFETY: `y` is `[m, n]`; this call writes columns `r` only, disjoint from other calls.
-        unsafe { gemm_cols(isa, ws, x, { yp }.0.add(r.start), m, r, k, n) };
+    split_panels(w.panels(), m * n * k, &|r| {
+        // SAFETY: as above, for the path `isa`, which was asserted supported.
+        unsafe { panels_with(isa, w, r, x, m, { yp }.0, n) };
     });
 }
 
-/// From this many x rows on, the AVX-512 GEMM packs weight panels (their widening and transpose
-/// then costs less than the products they feed).
-const PACKED_MIN_ROWS: usize = 4;
-
-/// Columns `cols` of `y = x · wᵀ`, `yp` pointing at column `cols.start` of row 0.
+/// Output rows of `panels` for all `m` x rows.
 ///
 /// # Safety
-/// `yp.add(i * ldy + j)` is writable for `i < m`, `j < cols.len()`, by this call alone.
-#[allow(clippy::too_many_arguments)]
-unsafe fn gemm_cols(
+/// `isa` is supported; `y` (`[m, ldy]`) is writable at the output rows of `panels` by this call
+/// alone.
+unsafe fn panels_with(
     isa: Isa,
-    w: WeightSlice,
+    w: &PackedWeight,
+    panels: Range<usize>,
     x: &[f32],
-    yp: *mut f32,
     m: usize,
-    cols: std::ops::Range<usize>,
-    k: usize,
+    y: *mut f32,
     ldy: usize,
 ) {
-    let n = cols.len();
-    let span = cols.start * k..cols.end * k;
+    let k = w.cols();
     #[cfg(target_arch = "x86_64")]
-    // SAFETY: `isa.supported()` was asserted by the caller; `x` is `[m, k]`, the weight slice
-    // `[n, k]`, `yp` as this function's contract says.
+    // SAFETY: forwarded from this function's contract; `x` is `[m, k]` (asserted by the caller).
     unsafe {
-        match (isa, w) {
-            (Isa::Avx512, WeightSlice::F32(w)) if m >= PACKED_MIN_ROWS => {
-                return x86::gemm_packed_avx512(x, &w[span], yp, m, n, k, ldy)
-            }
-            (Isa::Avx512, WeightSlice::F32(w)) => {
-                return x86::gemm_avx512(x, &w[span], yp, m, n, k, ldy)
-            }
-            (Isa::Avx512, WeightSlice::BF16(w)) if m >= PACKED_MIN_ROWS => {
-                return x86::gemm_packed_avx512(x, &w[span], yp, m, n, k, ldy)
-            }
-            (Isa::Avx512, WeightSlice::BF16(w)) => {
-                return x86::gemm_avx512(x, &w[span], yp, m, n, k, ldy)
-            }
-            (Isa::Avx2, WeightSlice::F32(w)) => {
-                return x86::gemm_avx2(x, &w[span], yp, m, n, k, ldy)
-            }
-            (Isa::Avx2, WeightSlice::BF16(w)) => {
-                return x86::gemm_avx2(x, &w[span], yp, m, n, k, ldy)
-            }
+        match (isa, m) {
+            (Isa::Avx512, 1) => return x86::gemv_avx512(w, panels, x, y),
+            (Isa::Avx512, _) => return x86::gemm_avx512(w, panels, x, m, y, ldy),
+            (Isa::Avx2, 1) => return x86::gemv_avx2(w, panels, x, y),
+            (Isa::Avx2, _) => return x86::gemm_avx2(w, panels, x, m, y, ldy),
             _ => {}
         }
     }
-    // Portable: one x row at a time.
-    for i in 0..m {
-        // SAFETY: row `i`'s `n` columns are ours (contract above).
-        let yi = unsafe { std::slice::from_raw_parts_mut(yp.add(i * ldy), n) };
-        let xi = &x[i * k..(i + 1) * k];
-        match w {
-            WeightSlice::F32(w) => portable::matvec(&w[span.clone()], xi, yi),
-            WeightSlice::BF16(w) => portable::matvec(&w[span.clone()], xi, yi),
+    for p in panels {
+        let c0 = p * PANEL;
+        let valid = (w.rows() - c0).min(PANEL);
+        for i in 0..m {
+            // SAFETY: row `i`'s outputs `c0..c0 + valid` are ours (contract above).
+            let yi = unsafe { std::slice::from_raw_parts_mut(y.add(i * ldy + c0), valid) };
+            packed::panel_dot(w, p, &x[i * k..(i + 1) * k], yi);
         }
     }
 }

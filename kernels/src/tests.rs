@@ -33,77 +33,34 @@ fn abs_scale<W: Weight>(w: &[W], x: &[f32], n: usize) -> Vec<f32> {
         .collect()
 }
 
-const KS: [usize; 12] = [1, 7, 15, 16, 17, 31, 32, 33, 48, 100, 896, 4097];
-const NS: [usize; 7] = [1, 3, 4, 5, 9, 17, 33];
-
-fn check_matvec<W: Weight>(conv: impl Fn(f32) -> W) {
-    for &k in &KS {
-        for &n in &NS {
-            let x = data(k, (k * 31 + n) as u32);
-            let w: Vec<W> = data(n * k, (k + n * 7) as u32)
-                .into_iter()
-                .map(&conv)
-                .collect();
-            let mut r = vec![0f32; n];
-            portable::matvec(&w, &x, &mut r);
-            let scale = abs_scale(&w, &x, n);
-            for isa in Isa::all_supported() {
-                let mut y = vec![f32::NAN; n];
-                matvec_with(isa, &w, &x, &mut y);
-                for j in 0..n {
-                    close(
-                        y[j],
-                        r[j],
-                        scale[j],
-                        &format!("{isa:?} matvec n={n} k={k} j={j}"),
-                    );
-                }
-            }
-        }
-    }
+/// `w` row-major `[n, k]` from random data.
+fn weight<W: Weight>(n: usize, k: usize, seed: u32, conv: &impl Fn(f32) -> W) -> Vec<W> {
+    data(n * k, seed).into_iter().map(conv).collect()
 }
 
-#[test]
-fn matvec_simd_equals_portable_f32() {
-    check_matvec(|v| v);
-}
-
-#[test]
-fn matvec_simd_equals_portable_bf16() {
-    check_matvec(bf16::from_f32);
-}
-
-fn check_matmul<W: Weight>(conv: impl Fn(f32) -> W) {
-    for &k in &[1usize, 7, 17, 33, 64, 257] {
-        for &(m, n) in &[
-            (2usize, 1usize),
-            (3, 5),
-            (4, 4),
-            (5, 9),
-            (7, 17),
-            (9, 33),
-            (13, 6),
-            (29, 70),
-        ] {
-            let x = data(m * k, (m * 131 + k) as u32);
-            let w: Vec<W> = data(n * k, (n * 17 + k) as u32)
-                .into_iter()
-                .map(&conv)
-                .collect();
-            let mut r = vec![0f32; m * n];
-            portable::matmul(&x, &w, &mut r, m, n, k);
-            for isa in Isa::all_supported() {
-                let mut y = vec![f32::NAN; m * n];
-                matmul_with(isa, &x, &w, &mut y, m, n, k);
-                for i in 0..m {
-                    let scale = abs_scale(&w, &x[i * k..(i + 1) * k], n);
-                    for j in 0..n {
-                        close(
-                            y[i * n + j],
-                            r[i * n + j],
-                            scale[j],
-                            &format!("{isa:?} matmul m={m} n={n} k={k} [{i},{j}]"),
-                        );
+/// Every path's `matmul` on the packed `w` against the portable row-major product.
+fn check_shapes<W: Weight>(conv: impl Fn(f32) -> W, ms: &[usize], ns: &[usize], ks: &[usize]) {
+    for &k in ks {
+        for &n in ns {
+            let w = weight(n, k, (k + n * 7) as u32, &conv);
+            let pw = PackedWeight::pack(&w, n, k);
+            for &m in ms {
+                let x = data(m * k, (m * 131 + k * 31 + n) as u32);
+                let mut r = vec![0f32; m * n];
+                portable::matmul(&x, &w, &mut r, m, n, k);
+                for isa in Isa::all_supported() {
+                    let mut y = vec![f32::NAN; m * n];
+                    matmul_with(isa, &x, &pw, &mut y, m);
+                    for i in 0..m {
+                        let scale = abs_scale(&w, &x[i * k..(i + 1) * k], n);
+                        for j in 0..n {
+                            close(
+                                y[i * n + j],
+                                r[i * n + j],
+                                scale[j],
+                                &format!("{isa:?} m={m} n={n} k={k} [{i},{j}]"),
+                            );
+                        }
                     }
                 }
             }
@@ -111,14 +68,62 @@ fn check_matmul<W: Weight>(conv: impl Fn(f32) -> W) {
     }
 }
 
+const KS: [usize; 14] = [1, 2, 7, 15, 16, 17, 31, 32, 33, 48, 100, 257, 896, 4097];
+const NS: [usize; 9] = [1, 3, 4, 5, 17, 31, 32, 33, 70];
+
+#[test]
+fn matvec_simd_equals_portable_f32() {
+    check_shapes(|v| v, &[1], &NS, &KS);
+}
+
+#[test]
+fn matvec_simd_equals_portable_bf16() {
+    check_shapes(bf16::from_f32, &[1], &NS, &KS);
+}
+
+const MS: [usize; 7] = [2, 3, 4, 5, 12, 13, 29];
+
 #[test]
 fn matmul_simd_equals_portable_f32() {
-    check_matmul(|v| v);
+    check_shapes(
+        |v| v,
+        &MS,
+        &[1, 5, 17, 33, 70],
+        &[1, 2, 7, 17, 33, 64, 257, 300],
+    );
 }
 
 #[test]
 fn matmul_simd_equals_portable_bf16() {
-    check_matmul(bf16::from_f32);
+    check_shapes(
+        bf16::from_f32,
+        &MS,
+        &[1, 5, 17, 33, 70],
+        &[1, 2, 7, 17, 33, 64, 257, 300],
+    );
+}
+
+/// The panel layout keeps every element: rows come back bit for bit.
+#[test]
+fn packed_rows_round_trip() {
+    for &(n, k) in &[(1usize, 1usize), (5, 7), (33, 17), (70, 300), (32, 2)] {
+        let wf = data(n * k, (n * k) as u32);
+        let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+        let (pf, pb) = (PackedWeight::pack(&wf, n, k), PackedWeight::pack(&wb, n, k));
+        assert_eq!((pf.rows(), pf.cols(), pf.dtype()), (n, k, PackedDtype::F32));
+        assert_eq!(pb.dtype(), PackedDtype::BF16);
+        // No padding but the odd element of an odd bf16 row.
+        assert_eq!(pf.bytes(), n * k * 4);
+        assert_eq!(pb.bytes(), n * k.div_ceil(2) * 4);
+        let mut row = vec![0f32; k];
+        for r in 0..n {
+            pf.row_into(r, &mut row);
+            assert_eq!(row, wf[r * k..(r + 1) * k], "f32 row {r} of [{n}, {k}]");
+            pb.row_into(r, &mut row);
+            let want: Vec<f32> = wb[r * k..(r + 1) * k].iter().map(|v| v.to_f32()).collect();
+            assert_eq!(row, want, "bf16 row {r} of [{n}, {k}]");
+        }
+    }
 }
 
 /// Big enough to be split over the pool's threads (when there are several).
@@ -126,13 +131,14 @@ fn matmul_simd_equals_portable_bf16() {
 fn large_products_split_over_threads_match() {
     let (m, n, k) = (6, 1031, 300);
     let x = data(m * k, 9);
-    let w: Vec<bf16> = data(n * k, 10).into_iter().map(bf16::from_f32).collect();
+    let w = weight(n, k, 10, &bf16::from_f32);
+    let pw = PackedWeight::pack(&w, n, k);
     let mut r = vec![0f32; m * n];
     portable::matmul(&x, &w, &mut r, m, n, k);
     let mut y = vec![0f32; m * n];
-    matmul(&x, &w, &mut y, m, n, k);
+    matmul(&x, &pw, &mut y, m);
     let mut v = vec![0f32; n];
-    matvec(&w, &x[..k], &mut v);
+    matmul(&x[..k], &pw, &mut v, 1);
     for i in 0..m {
         let scale = abs_scale(&w, &x[i * k..(i + 1) * k], n);
         for j in 0..n {
@@ -150,35 +156,40 @@ fn large_products_split_over_threads_match() {
 fn bf16_dot_gemm_equals_portable_on_rounded_activations() {
     #[cfg(target_arch = "x86_64")]
     if has_bf16_dot() {
-        for &k in &[1usize, 7, 31, 32, 33, 100, 257] {
-            let (m, n) = (7, 9);
-            let x = data(m * k, k as u32);
-            let xr: Vec<f32> = x.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
-            let w: Vec<bf16> = data(n * k, 3 + k as u32)
-                .into_iter()
-                .map(bf16::from_f32)
-                .collect();
-            let mut r = vec![0f32; m * n];
-            portable::matmul(&xr, &w, &mut r, m, n, k);
-            let mut xb = vec![bf16::ZERO; m * k];
-            let mut y = vec![f32::NAN; m * n];
-            // SAFETY: has_bf16_dot() checked the CPU; `y` is `[m, n]`, owned here.
-            unsafe {
-                x86::to_bf16_avx512(&x, &mut xb);
-                x86::gemm_dpbf16(&xb, &w, y.as_mut_ptr(), m, n, k, n);
-            }
-            for (a, b) in xb.iter().zip(&xr) {
-                assert_eq!(a.to_f32(), *b, "rounding to bf16");
-            }
-            for i in 0..m {
-                let scale = abs_scale(&w, &xr[i * k..(i + 1) * k], n);
-                for j in 0..n {
-                    close(
-                        y[i * n + j],
-                        r[i * n + j],
-                        scale[j],
-                        &format!("dpbf16 k={k}"),
-                    );
+        for &k in &[1usize, 2, 7, 31, 32, 33, 100, 257, 300] {
+            for &(m, n) in &[(2usize, 1usize), (7, 9), (13, 33), (29, 70)] {
+                let x = data(m * k, k as u32);
+                let xr: Vec<f32> = x.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
+                let w = weight(n, k, 3 + k as u32, &bf16::from_f32);
+                let pw = PackedWeight::pack(&w, n, k);
+                let mut r = vec![0f32; m * n];
+                portable::matmul(&xr, &w, &mut r, m, n, k);
+                let words = pw.row_words();
+                let mut xw = vec![u32::MAX; m * words];
+                let mut y = vec![f32::NAN; m * n];
+                // SAFETY: has_bf16_dot() checked the CPU; `y` is `[m, n]`, owned here; `xw` is
+                // `[m, words]`.
+                unsafe {
+                    x86::to_bf16_words(&x, k, &mut xw, words);
+                    x86::gemm_dpbf16(&pw, 0..pw.panels(), &xw, m, y.as_mut_ptr(), n);
+                }
+                for i in 0..m {
+                    for j in 0..k {
+                        let h = (xw[i * words + j / 2] >> (16 * (j % 2))) as u16;
+                        assert_eq!(bf16::from_bits(h).to_f32(), xr[i * k + j], "rounding");
+                    }
+                    if k % 2 == 1 {
+                        assert_eq!(xw[i * words + k / 2] >> 16, 0, "padding");
+                    }
+                    let scale = abs_scale(&w, &xr[i * k..(i + 1) * k], n);
+                    for j in 0..n {
+                        close(
+                            y[i * n + j],
+                            r[i * n + j],
+                            scale[j],
+                            &format!("dpbf16 m={m} n={n} k={k}"),
+                        );
+                    }
                 }
             }
         }

@@ -11,7 +11,7 @@ use std::ops::Range;
 
 use anyhow::{bail, Context, Result};
 use collectives::{Communicator, DType, ReduceOp};
-use kernels::Weight;
+use kernels::PackedWeight;
 
 use crate::config::Config;
 use crate::loader::{Checkpoint, Slice, WeightDtype, Weights};
@@ -59,13 +59,29 @@ impl WeightSource for Checkpoint {
     }
 }
 
-/// `y = x · wᵀ` for `x` `[m, cols]` and a `[rows, cols]` weight, into `y` (`[m, rows]`).
-fn matmul_into(w: &Weights, x: &[f32], m: usize, rows: usize, cols: usize, y: &mut [f32]) {
-    let y = &mut y[..m * rows];
-    match w {
-        Weights::F32(w) => kernels::matmul(x, w, y, m, rows, cols),
-        Weights::BF16(w) => kernels::matmul(x, w, y, m, rows, cols),
-    }
+/// Tensor `name` (full shape `[rows, cols]`), this rank's `slice` of it, laid out for the
+/// kernels (the loader's row-major copy is dropped once packed).
+fn load_packed(
+    ck: &mut dyn WeightSource,
+    name: &str,
+    shape: [usize; 2],
+    slice: Slice,
+    dtype: WeightDtype,
+) -> Result<PackedWeight> {
+    let (n, k) = match &slice {
+        Slice::Rows(r) => (r.len(), shape[1]),
+        Slice::Cols(c) => (shape[0], c.len()),
+        Slice::All => (shape[0], shape[1]),
+    };
+    Ok(match ck.load(name, &shape, slice, dtype)? {
+        Weights::F32(w) => PackedWeight::pack(&w, n, k),
+        Weights::BF16(w) => PackedWeight::pack(&w, n, k),
+    })
+}
+
+/// `y[..m * rows] = x · wᵀ` for `x` `[m, cols]`.
+fn matmul_into(w: &PackedWeight, x: &[f32], m: usize, y: &mut [f32]) {
+    kernels::matmul(&x[..m * w.cols()], w, &mut y[..m * w.rows()], m);
 }
 
 /// Grows `v` to at least `n` elements (never shrinks, so steady-state decode does not allocate)
@@ -124,11 +140,9 @@ impl Scratch {
 /// Linear layer whose output features (weight rows) are split across ranks. No communication:
 /// each rank produces its own slice of the output.
 pub struct ColumnParallelLinear {
-    weight: Weights,
+    /// `[local output features, in]`.
+    weight: PackedWeight,
     bias: Option<Vec<f32>>,
-    /// Local output features.
-    rows: usize,
-    cols: usize,
 }
 
 impl ColumnParallelLinear {
@@ -140,9 +154,10 @@ impl ColumnParallelLinear {
         bias: bool,
         dtype: WeightDtype,
     ) -> Result<Self> {
-        let weight = ck.load(
+        let weight = load_packed(
+            ck,
             &format!("{name}.weight"),
-            &shape,
+            shape,
             Slice::Rows(rows.clone()),
             dtype,
         )?;
@@ -155,19 +170,14 @@ impl ColumnParallelLinear {
         } else {
             None
         };
-        Ok(Self {
-            weight,
-            bias,
-            rows: rows.len(),
-            cols: shape[1],
-        })
+        Ok(Self { weight, bias })
     }
 
     /// `y[..m * rows] = x · wᵀ + b`.
     fn forward_into(&self, x: &[f32], m: usize, y: &mut [f32]) {
-        matmul_into(&self.weight, x, m, self.rows, self.cols, y);
+        matmul_into(&self.weight, x, m, y);
         if let Some(b) = &self.bias {
-            kernels::add_bias(&mut y[..m * self.rows], b);
+            kernels::add_bias(&mut y[..m * self.weight.rows()], b);
         }
     }
 
@@ -180,10 +190,8 @@ impl ColumnParallelLinear {
 /// product is a partial sum over its columns, all-reduced (in rank order) into the full output.
 /// Qwen2's row-parallel layers (o_proj, down_proj) have no bias.
 pub struct RowParallelLinear {
-    weight: Weights,
-    rows: usize,
-    /// Local input features.
-    cols: usize,
+    /// `[out, local input features]`.
+    weight: PackedWeight,
 }
 
 impl RowParallelLinear {
@@ -194,17 +202,14 @@ impl RowParallelLinear {
         cols: Range<usize>,
         dtype: WeightDtype,
     ) -> Result<Self> {
-        let weight = ck.load(
+        let weight = load_packed(
+            ck,
             &format!("{name}.weight"),
-            &shape,
-            Slice::Cols(cols.clone()),
+            shape,
+            Slice::Cols(cols),
             dtype,
         )?;
-        Ok(Self {
-            weight,
-            rows: shape[0],
-            cols: cols.len(),
-        })
+        Ok(Self { weight })
     }
 
     /// `y[..m * rows]` = the all-reduced `x · wᵀ`.
@@ -215,16 +220,16 @@ impl RowParallelLinear {
         m: usize,
         y: &mut [f32],
     ) -> Result<()> {
-        let y = &mut y[..m * self.rows];
-        matmul_into(&self.weight, x, m, self.rows, self.cols, y);
-        all_reduce(comm, y)
+        matmul_into(&self.weight, x, m, y);
+        all_reduce(comm, &mut y[..m * self.weight.rows()])
     }
 }
 
 /// Embedding whose vocabulary rows are split across ranks: a rank looks up the ids in its range,
 /// leaves zeros for the others, and an all-reduce assembles the full rows.
 pub struct VocabParallelEmbedding {
-    weight: Weights,
+    /// `[local vocab, hidden]`, in the kernels' layout because tied embeddings are the LM head.
+    weight: PackedWeight,
     vocab: Range<usize>,
     hidden: usize,
 }
@@ -243,11 +248,7 @@ impl VocabParallelEmbedding {
             let id = id as usize;
             row.fill(0.0);
             if self.vocab.contains(&id) {
-                let i = (id - self.vocab.start) * h;
-                match &self.weight {
-                    Weights::F32(w) => f32::widen(&w[i..i + h], row),
-                    Weights::BF16(w) => half::bf16::widen(&w[i..i + h], row),
-                }
+                self.weight.row_into(id - self.vocab.start, row);
             }
         }
         all_reduce(comm, out)
@@ -259,7 +260,7 @@ impl VocabParallelEmbedding {
 /// the same size, all-gathered, and the padding dropped.
 pub struct ParallelLmHead {
     /// `None` when tied to the embedding.
-    weight: Option<Weights>,
+    weight: Option<PackedWeight>,
     vocab: usize,
     padded: usize,
 }
@@ -276,7 +277,7 @@ impl ParallelLmHead {
         let w = self.weight.as_ref().unwrap_or(&embed.weight);
         let local = embed.vocab.len();
         let mut y = vec![0f32; m * local];
-        matmul_into(w, x, m, local, embed.hidden, &mut y);
+        matmul_into(w, x, m, &mut y);
         let world = comm.world_size();
         if world == 1 {
             return Ok(y);
@@ -320,7 +321,7 @@ impl ParallelLmHead {
         let w = self.weight.as_ref().unwrap_or(&embed.weight);
         let local = embed.vocab.len();
         let y = buf(logits, local);
-        matmul_into(w, x, 1, local, embed.hidden, y);
+        matmul_into(w, x, 1, y);
         let mut best = (f32::NEG_INFINITY, u32::MAX);
         for (i, &v) in y.iter().enumerate() {
             if v > best.0 {
@@ -514,7 +515,7 @@ impl Attention {
             }
         }
         sc.lap(1, &mut t);
-        let proj = buf(&mut sc.proj, m * self.o_proj.rows);
+        let proj = buf(&mut sc.proj, m * self.o_proj.weight.rows());
         let out = &sc.attn[..m * nq * d];
         self.o_proj.forward_into(comm, out, m, proj)?;
         sc.lap(2, &mut t);
@@ -538,14 +539,14 @@ impl Mlp {
         sc: &mut Scratch,
     ) -> Result<()> {
         let mut t = sc.start();
-        let n = m * self.gate_proj.rows;
+        let n = m * self.gate_proj.weight.rows();
         let g = buf(&mut sc.gate, n);
         let u = buf(&mut sc.up, n);
         self.gate_proj.forward_into(x, m, g);
         self.up_proj.forward_into(x, m, u);
         kernels::silu_mul(g, u);
         sc.lap(3, &mut t);
-        let proj = buf(&mut sc.proj, m * self.down_proj.rows);
+        let proj = buf(&mut sc.proj, m * self.down_proj.weight.rows());
         let g = &sc.gate[..n];
         self.down_proj.forward_into(comm, g, m, proj)?;
         sc.lap(4, &mut t);
@@ -613,9 +614,10 @@ impl Qwen2 {
             c.num_key_value_heads,
             c.intermediate_size,
         );
-        let embed = ck.load(
+        let embed = load_packed(
+            ck,
             "model.embed_tokens.weight",
-            &[v, h],
+            [v, h],
             Slice::Rows(plan.vocab.clone()),
             dtype,
         )?;
@@ -701,9 +703,10 @@ impl Qwen2 {
         let weight = if c.tie_word_embeddings {
             None
         } else {
-            Some(ck.load(
+            Some(load_packed(
+                ck,
                 "lm_head.weight",
-                &[v, h],
+                [v, h],
                 Slice::Rows(plan.vocab.clone()),
                 dtype,
             )?)
@@ -728,7 +731,7 @@ impl Qwen2 {
     /// Bytes of weights resident on this rank (matrices, biases, norms).
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.embed_tokens.weight.bytes() + self.norm.len() * 4;
-        n += self.lm_head.weight.as_ref().map_or(0, Weights::bytes);
+        n += self.lm_head.weight.as_ref().map_or(0, PackedWeight::bytes);
         for l in &self.layers {
             let a = &l.self_attn;
             let m = &l.mlp;
