@@ -26,9 +26,7 @@ pub mod portable;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
-pub use portable::{
-    add_bias, add_inplace, attend, bf16_to_f32, dot, rmsnorm, rope, silu_mul, softmax, Weight,
-};
+pub use portable::{add_bias, add_inplace, bf16_to_f32, dot, rmsnorm, rope, Weight};
 
 /// A weight slice as one of the concrete element types.
 #[derive(Clone, Copy, Debug)]
@@ -245,6 +243,98 @@ unsafe fn panels_with(
             packed::panel_dot(w, p, &x[i * k..(i + 1) * k], yi);
         }
     }
+}
+
+/// `gate = silu(gate) · up` elementwise; `silu(v) = v / (1 + e^-v)`.
+pub fn silu_mul(gate: &mut [f32], up: &[f32]) {
+    assert_eq!(gate.len(), up.len());
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 (isa() checked it); the lengths are equal.
+        return unsafe { x86::silu_mul_avx512(gate, up) };
+    }
+    portable::silu_mul(gate, up)
+}
+
+/// Numerically stable softmax in place.
+pub fn softmax(x: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 {
+        // SAFETY: the CPU has AVX-512 (isa() checked it).
+        return unsafe { x86::softmax_avx512(x) };
+    }
+    portable::softmax(x)
+}
+
+/// Attention of one query head over `len` cached positions: `out = softmax(q·Kᵀ·scale)·V`.
+/// `k` and `v` are `[len, d]` (post-RoPE keys, values, read in place from the cache); `scores`
+/// is scratch of at least `len`. The caller passes only the positions the query may see.
+pub fn attend(q: &[f32], k: &[f32], v: &[f32], scale: f32, scores: &mut [f32], out: &mut [f32]) {
+    let d = q.len();
+    let len = k.len() / d.max(1);
+    assert!(k.len() == len * d && v.len() == len * d && out.len() == d && scores.len() >= len);
+    #[cfg(target_arch = "x86_64")]
+    if isa() == Isa::Avx512 && d > 0 {
+        // SAFETY: the CPU has AVX-512 (isa() checked it); lengths asserted above.
+        return unsafe { x86::attend_avx512(q, k, v, scale, scores, out) };
+    }
+    portable::attend(q, k, v, scale, scores, out)
+}
+
+/// Causal (GQA) attention of `m` query tokens at positions `start..start + m`: `q` and `out`
+/// are `[m, heads, d]`, query head `h` reads KV head `kv_of[h]` of the cache (`keys[j]`,
+/// `values[j]`: `[positions, d]`, read in place), and token `t` sees cached positions
+/// `0..=start + t`. Several tokens are spread over the pool's threads (each with its
+/// own scores); one token (decode) runs here with the caller's `scores` (`start + m` long), so
+/// decode does not allocate.
+#[allow(clippy::too_many_arguments)]
+pub fn causal_attention(
+    q: &[f32],
+    keys: &[Vec<f32>],
+    values: &[Vec<f32>],
+    kv_of: &[usize],
+    d: usize,
+    start: usize,
+    scale: f32,
+    scores: &mut [f32],
+    out: &mut [f32],
+) {
+    let heads = kv_of.len();
+    let m = q.len() / (heads * d).max(1);
+    assert!(q.len() == m * heads * d && out.len() == q.len() && scores.len() >= start + m);
+    let one = |pair: usize, scores: &mut [f32], out: &mut [f32]| {
+        let (t, h) = (pair / heads, pair % heads);
+        let len = start + t + 1;
+        let j = kv_of[h];
+        let s = pair * d;
+        attend(
+            &q[s..s + d],
+            &keys[j][..len * d],
+            &values[j][..len * d],
+            scale,
+            scores,
+            out,
+        );
+    };
+    let p = pool::pool();
+    let threads = p.threads().min(m * heads);
+    if m == 1 || threads == 1 {
+        for (pair, o) in out.chunks_exact_mut(d.max(1)).enumerate() {
+            one(pair, scores, o);
+        }
+        return;
+    }
+    let op = SyncPtr(out.as_mut_ptr());
+    // Pairs dealt round-robin, so every thread gets early (short) and late (long) tokens.
+    p.run(threads, &|i| {
+        let mut sc = vec![0f32; start + m];
+        for pair in (i..m * heads).step_by(threads) {
+            // SAFETY: pair `pair` owns out[pair * d..(pair + 1) * d]; pairs are dealt to one
+            // thread each.
+            let o = unsafe { std::slice::from_raw_parts_mut({ op }.0.add(pair * d), d) };
+            one(pair, &mut sc, o);
+        }
+    });
 }
 
 #[cfg(test)]

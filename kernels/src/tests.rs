@@ -204,3 +204,138 @@ fn the_best_path_is_detected() {
         assert_eq!(isa(), *all.last().unwrap());
     }
 }
+
+/// The AVX-512 `exp` against f64's, across the whole f32 range and at the edges.
+#[test]
+fn exp16_is_within_2_ulp() {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.supported() {
+        let mut xs: Vec<f32> = (0..200_000)
+            .map(|i| -104.0 + i as f32 * 0.000_965)
+            .collect();
+        xs.extend([
+            0.0,
+            -0.0,
+            1e-30,
+            -1e-30,
+            88.7,
+            -87.3,
+            -103.9,
+            f32::MIN_POSITIVE,
+        ]);
+        for c in xs.chunks(16) {
+            let mut v = [0f32; 16];
+            v[..c.len()].copy_from_slice(c);
+            let mut out = [0f32; 16];
+            // SAFETY: AVX-512 checked above.
+            unsafe {
+                use core::arch::x86_64::*;
+                _mm512_storeu_ps(out.as_mut_ptr(), x86::exp16(_mm512_loadu_ps(v.as_ptr())));
+            }
+            for (x, y) in c.iter().zip(out) {
+                let want = (*x as f64).exp();
+                let ulp = (want as f32).abs() * f32::EPSILON;
+                let tol = 2.0 * ulp.max(f32::from_bits(1)) as f64;
+                assert!(
+                    (y as f64 - want).abs() <= tol,
+                    "exp({x}) = {y}, want {want}"
+                );
+            }
+        }
+        let special = [f32::INFINITY, f32::NEG_INFINITY, f32::NAN, 100.0, -200.0];
+        let mut v = [0f32; 16];
+        v[..5].copy_from_slice(&special);
+        let mut out = [0f32; 16];
+        // SAFETY: AVX-512 checked above.
+        unsafe {
+            use core::arch::x86_64::*;
+            _mm512_storeu_ps(out.as_mut_ptr(), x86::exp16(_mm512_loadu_ps(v.as_ptr())));
+        }
+        assert_eq!(out[0], f32::INFINITY);
+        assert_eq!(out[1], 0.0);
+        assert!(out[2].is_nan());
+        assert_eq!(out[3], f32::INFINITY);
+        assert_eq!(out[4], 0.0);
+    }
+}
+
+#[test]
+fn silu_softmax_and_attention_simd_equal_portable() {
+    #[cfg(target_arch = "x86_64")]
+    if Isa::Avx512.supported() {
+        for n in [1usize, 5, 16, 17, 100, 2432] {
+            let g0: Vec<f32> = data(n, n as u32).iter().map(|v| v * 30.0).collect();
+            let u = data(n, 7 + n as u32);
+            let (mut a, mut b) = (g0.clone(), g0.clone());
+            portable::silu_mul(&mut a, &u);
+            // SAFETY: AVX-512 checked above; equal lengths.
+            unsafe { x86::silu_mul_avx512(&mut b, &u) };
+            for i in 0..n {
+                let tol = 1e-6 * a[i].abs().max(1e-30);
+                assert!(
+                    (a[i] - b[i]).abs() <= tol,
+                    "silu {}: {} vs {}",
+                    g0[i],
+                    a[i],
+                    b[i]
+                );
+            }
+            let s0: Vec<f32> = data(n, 3 * n as u32).iter().map(|v| v * 20.0).collect();
+            let (mut a, mut b) = (s0.clone(), s0.clone());
+            portable::softmax(&mut a);
+            // SAFETY: AVX-512 checked above.
+            unsafe { x86::softmax_avx512(&mut b) };
+            for i in 0..n {
+                assert!(
+                    (a[i] - b[i]).abs() <= 1e-5 * a[i].max(1e-30),
+                    "softmax n={n}"
+                );
+            }
+        }
+        for d in [1usize, 16, 24, 64, 128, 200] {
+            for len in [1usize, 2, 17, 130] {
+                let q = data(d, d as u32);
+                let k = data(len * d, len as u32);
+                let v = data(len * d, 5 + len as u32);
+                let (mut a, mut b) = (vec![0f32; d], vec![f32::NAN; d]);
+                let mut sc = vec![0f32; len];
+                portable::attend(&q, &k, &v, 0.3, &mut sc, &mut a);
+                // SAFETY: AVX-512 checked above; lengths as attend asserts.
+                unsafe { x86::attend_avx512(&q, &k, &v, 0.3, &mut sc, &mut b) };
+                for i in 0..d {
+                    assert!(
+                        (a[i] - b[i]).abs() <= 1e-5,
+                        "attend d={d} len={len}: {a:?} {b:?}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// The threaded causal attention equals one `attend` per (token, head) with the right prefix.
+#[test]
+fn causal_attention_matches_per_token_attend() {
+    let (d, heads, kvh, start, m) = (24, 6, 2, 5, 9);
+    let kv_of: Vec<usize> = (0..heads).map(|h| h / (heads / kvh)).collect();
+    let keys: Vec<Vec<f32>> = (0..kvh)
+        .map(|j| data((start + m) * d, 40 + j as u32))
+        .collect();
+    let values: Vec<Vec<f32>> = (0..kvh)
+        .map(|j| data((start + m) * d, 50 + j as u32))
+        .collect();
+    let q = data(m * heads * d, 60);
+    let mut out = vec![f32::NAN; m * heads * d];
+    let mut sc = vec![0f32; start + m];
+    causal_attention(&q, &keys, &values, &kv_of, d, start, 0.2, &mut sc, &mut out);
+    for t in 0..m {
+        for h in 0..heads {
+            let s = (t * heads + h) * d;
+            let len = start + t + 1;
+            let (k, v) = (&keys[kv_of[h]][..len * d], &values[kv_of[h]][..len * d]);
+            let mut want = vec![0f32; d];
+            attend(&q[s..s + d], k, v, 0.2, &mut sc, &mut want);
+            assert_eq!(&out[s..s + d], &want[..], "token {t} head {h}");
+        }
+    }
+}

@@ -157,7 +157,8 @@ struct Round {
     prefill_comm_s: f64,
     decode_comm_s: f64,
     decode_all_reduce_s: f64,
-    /// Decode seconds per model part (with --profile).
+    /// Prefill and decode seconds per model part (with --profile).
+    prefill_profile: Vec<(&'static str, f64)>,
     profile: Vec<(&'static str, f64)>,
 }
 
@@ -215,10 +216,12 @@ pub fn run(args: &Args) -> Result<()> {
         tokens.clear();
         comm.barrier().context("barrier before a round")?;
         let s0 = comm.stats();
+        model.set_profile(args.profile);
         let t0 = Instant::now();
         let mut tok = model.forward_argmax(comm, &prompt, 0)?;
         let prefill_s = t0.elapsed().as_secs_f64();
         let s1 = comm.stats();
+        let prefill_profile = model.profile().unwrap_or_default();
         model.set_profile(args.profile);
         let t1 = Instant::now();
         for i in 0..k {
@@ -235,6 +238,7 @@ pub fn run(args: &Args) -> Result<()> {
             decode_comm_s: comm_seconds(&s2) - comm_seconds(&s1),
             decode_all_reduce_s: s2.get(OpKind::AllReduce).seconds
                 - s1.get(OpKind::AllReduce).seconds,
+            prefill_profile,
             profile,
         });
     }
@@ -306,6 +310,7 @@ pub fn run(args: &Args) -> Result<()> {
                 "weight_bytes_rank0": weight_bytes,
                 "weight_bytes_max": max_bytes,
                 "output_ids": tokens,
+                "prefill_profile_s": best_p.prefill_profile.iter().map(|(n, s)| (n.to_string(), serde_json::json!(*s))).collect::<serde_json::Map<_, _>>(),
                 "decode_profile_s": best_d.profile.iter().map(|(n, s)| (n.to_string(), serde_json::json!(*s))).collect::<serde_json::Map<_, _>>(),
             });
             println!("{j}");
@@ -334,27 +339,32 @@ pub fn run(args: &Args) -> Result<()> {
                 max_bytes as f64 / (1 << 20) as f64
             );
             if !best_d.profile.is_empty() {
+                println!("  prefill profile (best round, rank 0, ms per prompt, % of prefill):");
+                print_profile(&best_p.prefill_profile, best_p.prefill_s, 1, None);
                 println!("  decode profile (best round, rank 0, ms per token, % of decode):");
-                let per = |s: f64| s * 1e3 / k.max(1) as f64;
-                let pct = |s: f64| 100.0 * s / best_d.decode_s.max(1e-12);
-                let mut rest = best_d.decode_s;
-                for (name, s) in &best_d.profile {
-                    println!("    {name:34} {:7.3} ms {:5.1}%", per(*s), pct(*s));
-                    rest -= s;
-                }
-                let ar = best_d.decode_all_reduce_s;
-                println!(
-                    "    {:34} {:7.3} ms {:5.1}%",
-                    "  of which all-reduce",
-                    per(ar),
-                    pct(ar)
-                );
-                println!("    {:34} {:7.3} ms {:5.1}%", "other", per(rest), pct(rest));
+                let ar = Some(best_d.decode_all_reduce_s);
+                print_profile(&best_d.profile, best_d.decode_s, k, ar);
             }
         }
     }
     comm.barrier().context("final barrier")?;
     Ok(())
+}
+
+/// One `--profile` table: each part's milliseconds per `per` steps and share of `total_s`.
+fn print_profile(parts: &[(&str, f64)], total_s: f64, per: usize, all_reduce_s: Option<f64>) {
+    let ms = |s: f64| s * 1e3 / per.max(1) as f64;
+    let pct = |s: f64| 100.0 * s / total_s.max(1e-12);
+    let mut rest = total_s;
+    for (name, s) in parts {
+        println!("    {name:34} {:7.3} ms {:5.1}%", ms(*s), pct(*s));
+        rest -= s;
+    }
+    if let Some(ar) = all_reduce_s {
+        let name = "  of which all-reduce";
+        println!("    {name:34} {:7.3} ms {:5.1}%", ms(ar), pct(ar));
+    }
+    println!("    {:34} {:7.3} ms {:5.1}%", "other", ms(rest), pct(rest));
 }
 
 #[cfg(test)]

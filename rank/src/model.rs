@@ -444,6 +444,8 @@ struct Step<'a> {
 }
 
 pub struct Attention {
+    /// The local KV head of each local query head.
+    kv_of: Vec<usize>,
     q_proj: ColumnParallelLinear,
     k_proj: ColumnParallelLinear,
     v_proj: ColumnParallelLinear,
@@ -494,26 +496,19 @@ impl Attention {
             }
         }
         sc.lap(0, &mut t);
-        let q = &sc.q[..m * nq * d];
         // Causal GQA attention: token t sees positions 0..=start_pos+t.
         let scale = 1.0 / (d as f32).sqrt();
-        let out = buf(&mut sc.attn, m * nq * d);
-        let scores = buf(&mut sc.scores, start_pos + m);
-        for t in 0..m {
-            let len = start_pos + t + 1;
-            for h in 0..nq {
-                let j = plan.local_kv_of(h);
-                let s = (t * nq + h) * d;
-                kernels::attend(
-                    &q[s..s + d],
-                    &cache.k[j][..len * d],
-                    &cache.v[j][..len * d],
-                    scale,
-                    scores,
-                    &mut out[s..s + d],
-                );
-            }
-        }
+        kernels::causal_attention(
+            &sc.q[..m * nq * d],
+            &cache.k,
+            &cache.v,
+            &self.kv_of,
+            d,
+            start_pos,
+            scale,
+            buf(&mut sc.scores, start_pos + m),
+            buf(&mut sc.attn, m * nq * d),
+        );
         sc.lap(1, &mut t);
         let proj = buf(&mut sc.proj, m * self.o_proj.weight.rows());
         let out = &sc.attn[..m * nq * d];
@@ -638,6 +633,9 @@ impl Qwen2 {
             layers.push(DecoderLayer {
                 input_layernorm: norm(ck, "input_layernorm")?,
                 self_attn: Attention {
+                    kv_of: (0..plan.q_heads.len())
+                        .map(|h| plan.local_kv_of(h))
+                        .collect(),
                     q_proj: ColumnParallelLinear::load(
                         ck,
                         &format!("{a}.q_proj"),
