@@ -140,6 +140,49 @@ fn every_fixture_at_tp_1_to_4_matches_transformers() {
     }
 }
 
+/// `--bf16-dot` is an opt-in: the default products stay within 1e-3 of transformers' f32, and
+/// the bf16-dot prefill (where the CPU has AVX512_BF16) changes the logits by about what
+/// bf16-rounded activations cost, without breaking them.
+#[test]
+fn bf16_dot_is_an_opt_in_that_trades_accuracy() {
+    let tmp = TempDir::new("logits", "bf16-dot");
+    let dir = fixture("tiny-hub-bf16-tied");
+    let case = &cases(&dir)["logits"][2];
+    let (_, reference) = read_f32(
+        &dir.join("reference").join(case["file"].as_str().unwrap()),
+        "logits",
+    );
+    let ids = ids_arg(case);
+    let run = |extra: &[&str], file: &str| {
+        let out = tmp.path().join(file);
+        let mut args = vec!["--model", dir.to_str().unwrap(), "--input-ids", &ids];
+        args.extend_from_slice(extra);
+        let out_s = out.to_str().unwrap().to_string();
+        args.extend(["--out", &out_s]);
+        let r = tprun_logits(2, &args);
+        assert_eq!(r.code, 0, "{extra:?}: {}", r.stderr);
+        (max_diff(&read_f32(&out, "logits").1, &reference), r.stderr)
+    };
+    let (exact, _) = run(&[], "exact.safetensors");
+    let (dot, stderr) = run(&["--bf16-dot"], "dot.safetensors");
+    let scale = reference.iter().fold(0f32, |m, v| m.max(v.abs()));
+    eprintln!("max |logits - transformers|: exact {exact:.2e}, --bf16-dot {dot:.2e} (max |logit| {scale:.2})");
+    assert!(exact <= 1e-3, "exact: {exact}");
+    if stderr.contains("no AVX512_BF16") {
+        assert_eq!(
+            dot, exact,
+            "without AVX512_BF16 --bf16-dot must change nothing"
+        );
+    } else {
+        // bf16 keeps ~3 significant digits per activation: a drift of a few percent of the
+        // largest logit, not noise.
+        assert!(
+            dot > 2.0 * exact && dot < 0.05 * scale,
+            "--bf16-dot: {dot} (exact {exact}, max |logit| {scale})"
+        );
+    }
+}
+
 #[test]
 fn default_model_text_prompt_hidden_states_and_json() {
     let tmp = TempDir::new("logits", "text");

@@ -9,9 +9,12 @@
 //! output row is one SIMD lane. The last panel is only as wide as the rows left (`n % 32`), so
 //! nothing is padded but the odd element past an odd `k` of a bf16 row (zero).
 //!
-//! The storage is an anonymous mapping with transparent huge pages requested: decode reads every
-//! weight once per token, and on the 4 KiB pages of a virtual machine the TLB misses cost a third
-//! of one core's read bandwidth (20 against 30 GB/s measured on the 2-core EPYC).
+//! The storage is anonymous memory with transparent huge pages requested, shared by the weights
+//! of a process in 64 MiB chunks: decode reads every weight once per token, and on the 4 KiB
+//! pages of a virtual machine the TLB misses cost a third of one core's read bandwidth (20
+//! against 30 GB/s measured on the 2-core EPYC).
+
+use std::sync::{Arc, Mutex};
 
 use crate::portable::Weight;
 use crate::WeightSlice;
@@ -144,28 +147,77 @@ impl PackedWeight {
     }
 }
 
-/// Zero-initialised 32-bit words in an anonymous mapping advised for huge pages.
+/// Zero-initialised 32-bit words for one weight, carved out of a shared [`Chunk`].
 struct WordBuf {
-    map: memmap2::MmapMut,
+    chunk: Arc<Chunk>,
+    /// Byte offset in the chunk (a multiple of 64).
+    offset: usize,
     len: usize,
+}
+
+/// An anonymous mapping advised for transparent huge pages, from which weights are
+/// bump-allocated: one mapping per tensor would leave every tensor under 2 MiB (q/k/v/o of a
+/// small model) and the tail of every other on 4 KiB pages.
+struct Chunk {
+    map: memmap2::MmapMut,
+    base: *mut u8,
+}
+
+// SAFETY: the mapping lives as long as the chunk; `base` is only dereferenced through WordBufs,
+// which own disjoint byte ranges of it (handed out once by `WordBuf::zeroed` under a lock).
+unsafe impl Send for Chunk {}
+unsafe impl Sync for Chunk {}
+
+/// Size of a shared chunk; tensors from half of it up get a mapping of their own.
+const CHUNK: usize = 64 << 20;
+
+/// The chunk being filled and its next free byte.
+static ARENA: Mutex<Option<(Arc<Chunk>, usize)>> = Mutex::new(None);
+
+impl Chunk {
+    fn new(bytes: usize) -> Arc<Chunk> {
+        // An anonymous mapping starts zeroed. A failed mapping is out of memory, which the
+        // global allocator would report the same way.
+        let mut map = memmap2::MmapMut::map_anon(bytes.max(1))
+            .unwrap_or_else(|e| panic!("cannot map {bytes} bytes for weights: {e}"));
+        // Huge pages are an optimisation: a kernel without THP refuses and nothing changes.
+        #[cfg(target_os = "linux")]
+        let _ = map.advise(memmap2::Advice::HugePage);
+        let base = map.as_mut_ptr();
+        Arc::new(Chunk { map, base })
+    }
 }
 
 impl WordBuf {
     fn zeroed(len: usize) -> WordBuf {
-        // An anonymous mapping starts zeroed. A failed mapping is out of memory, which the
-        // global allocator would report the same way.
-        let map = memmap2::MmapMut::map_anon((len * 4).max(1))
-            .unwrap_or_else(|e| panic!("cannot map {} bytes for a weight: {e}", len * 4));
-        // Huge pages are an optimisation: a kernel without THP refuses and nothing changes.
-        #[cfg(target_os = "linux")]
-        let _ = map.advise(memmap2::Advice::HugePage);
-        WordBuf { map, len }
+        let bytes = (len * 4).next_multiple_of(64);
+        if bytes >= CHUNK / 2 {
+            return WordBuf {
+                chunk: Chunk::new(bytes),
+                offset: 0,
+                len,
+            };
+        }
+        let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
+        let (chunk, used) = match arena.take() {
+            Some((c, used)) if used + bytes <= c.map.len() => (c, used),
+            _ => (Chunk::new(CHUNK), 0),
+        };
+        *arena = Some((chunk.clone(), used + bytes));
+        WordBuf {
+            chunk,
+            offset: used,
+            len,
+        }
     }
     fn as_slice(&self) -> &[u32] {
-        bytemuck::cast_slice(&self.map[..self.len * 4])
+        // SAFETY: `offset..offset + 4 * len` lies inside the chunk's mapping (checked when it
+        // was handed out), is 64-byte aligned, and belongs to this WordBuf alone.
+        unsafe { std::slice::from_raw_parts(self.chunk.base.add(self.offset).cast(), self.len) }
     }
     fn as_mut_slice(&mut self) -> &mut [u32] {
-        bytemuck::cast_slice_mut(&mut self.map[..self.len * 4])
+        // SAFETY: as in `as_slice`; `&mut self` makes this the only view of the range.
+        unsafe { std::slice::from_raw_parts_mut(self.chunk.base.add(self.offset).cast(), self.len) }
     }
 }
 

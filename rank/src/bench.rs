@@ -74,10 +74,6 @@ pub struct Args {
     /// Runs the whole measurement R times and reports the best (and the range).
     #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..))]
     pub rounds: u64,
-    /// Prefill GEMMs use AVX512_BF16 dot products on bf16-rounded activations (faster, less
-    /// accurate: logits no longer match transformers' f32 to 1e-3).
-    #[arg(long)]
-    pub bf16_dot: bool,
     /// Also time the parts of each decode step (per-kernel counters, rank 0's view) and print
     /// where decode time goes.
     #[arg(long)]
@@ -165,7 +161,7 @@ struct Round {
 pub fn run(args: &Args) -> Result<()> {
     let mut comm = collectives::from_env()?;
     let comm = &mut *comm;
-    kernels::set_bf16_dot(args.bf16_dot);
+    runtime::set_compute_options(&args.model, comm.rank());
     let (p, k) = (args.prompt_len as usize, args.new_tokens as usize);
     let (mut model, source) = match args.preset {
         Some(preset) => {

@@ -370,6 +370,7 @@ pub fn run(args: &Args) -> Result<()> {
     let input = Input::from_args(args)?;
     let mut comm = collectives::from_env()?;
     let started = Instant::now();
+    runtime::set_compute_options(&args.model, comm.rank());
     let p = runtime::prepare(&args.model, &*comm)?;
     let rank0 = p.plan.rank == 0;
     let tok = Tokenizer::load(&p.dir)?;
@@ -622,6 +623,7 @@ mod tests {
         let args = ModelArgs {
             model: Some(dir.to_path_buf()),
             dtype: WeightDtype::Auto,
+            bf16_dot: false,
         };
         let p = runtime::prepare(&args, comm)?;
         let (m, _) = runtime::load(&p, WeightDtype::Auto, "test")?;

@@ -39,6 +39,7 @@ pub struct Args {
 
 pub fn run(args: &Args) -> Result<()> {
     let mut comm = collectives::from_env()?;
+    runtime::set_compute_options(&args.model, comm.rank());
     let p = runtime::prepare(&args.model, &*comm)?;
     // Every rank checks the output directories after the model check and before the (slow)
     // load, so a typo fails at once and the same way on every rank.
