@@ -105,6 +105,12 @@ fn generate_trace_matches_the_readme_formula_and_the_json_comm() {
             "--max-new-tokens",
             &k.to_string(),
             "--ignore-eos",
+            // Sampling: rank 0 picks from the gathered logits and broadcasts (greedy uses the
+            // distributed argmax instead; tests/generate.rs checks that pattern).
+            "--temperature",
+            "0.8",
+            "--seed",
+            "7",
             "--json",
             "--trace",
             trace_path.to_str().unwrap(),
@@ -147,9 +153,9 @@ fn generate_trace_matches_the_readme_formula_and_the_json_comm() {
         assert!(e["ts"].as_f64().unwrap() >= 0.0 && e["dur"].as_f64().unwrap() >= 0.0);
     }
 
-    // The README's formula: K tokens = 1 prefill + (K-1) decode forwards, each with
-    // 1 + 2L all-reduces (embedding, o_proj and down_proj per layer) and one logits all-gather;
-    // one token broadcast per generated token.
+    // The README's formula for sampling: K tokens = 1 prefill + (K-1) decode forwards, each
+    // with 1 + 2L all-reduces (embedding, o_proj and down_proj per layer) and one logits
+    // all-gather; one token broadcast per generated token.
     let padded = vocab.div_ceil(n);
     let mut want = BTreeMap::new();
     for r in 0..n {

@@ -17,12 +17,14 @@ use std::sync::atomic::{AtomicU8, Ordering};
 use half::bf16;
 
 pub use packed::{PackedDtype, PackedWeight, PANEL};
+pub use screen::{argmax_screened, Screen, ScreenScratch, Screened};
 
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod packed;
 pub mod pool;
 pub mod portable;
+pub mod screen;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 
@@ -206,6 +208,17 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: &PackedWeight, y: &mut [f32], m: usiz
         // SAFETY: as above, for the path `isa`, which was asserted supported.
         unsafe { panels_with(isa, w, r, x, m, { yp }.0, n) };
     });
+}
+
+/// The rows of `panels` of `y = x · wᵀ` for one x row (`y` is `[n]`; other rows are left as
+/// they are), bit for bit what [`matmul`] writes there.
+pub(crate) fn matmul_panels(x: &[f32], w: &PackedWeight, panels: Range<usize>, y: &mut [f32]) {
+    assert!(x.len() == w.cols() && y.len() == w.rows() && panels.end <= w.panels());
+    if w.cols() == 0 {
+        return y.fill(0.0);
+    }
+    // SAFETY: isa() is supported by construction; `y` is `[1, n]` and ours alone.
+    unsafe { panels_with(isa(), w, panels, x, 1, y.as_mut_ptr(), w.rows()) }
 }
 
 /// Output rows of `panels` for all `m` x rows.

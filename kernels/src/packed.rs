@@ -148,7 +148,7 @@ impl PackedWeight {
 }
 
 /// Zero-initialised 32-bit words for one weight, carved out of a shared [`Chunk`].
-struct WordBuf {
+pub(crate) struct WordBuf {
     chunk: Arc<Chunk>,
     /// Byte offset in the chunk (a multiple of 64).
     offset: usize,
@@ -189,7 +189,7 @@ impl Chunk {
 }
 
 impl WordBuf {
-    fn zeroed(len: usize) -> WordBuf {
+    pub(crate) fn zeroed(len: usize) -> WordBuf {
         let bytes = (len * 4).next_multiple_of(64);
         if bytes >= CHUNK / 2 {
             return WordBuf {
@@ -210,12 +210,12 @@ impl WordBuf {
             len,
         }
     }
-    fn as_slice(&self) -> &[u32] {
+    pub(crate) fn as_slice(&self) -> &[u32] {
         // SAFETY: `offset..offset + 4 * len` lies inside the chunk's mapping (checked when it
         // was handed out), is 64-byte aligned, and belongs to this WordBuf alone.
         unsafe { std::slice::from_raw_parts(self.chunk.base.add(self.offset).cast(), self.len) }
     }
-    fn as_mut_slice(&mut self) -> &mut [u32] {
+    pub(crate) fn as_mut_slice(&mut self) -> &mut [u32] {
         // SAFETY: as in `as_slice`; `&mut self` makes this the only view of the range.
         unsafe { std::slice::from_raw_parts_mut(self.chunk.base.add(self.offset).cast(), self.len) }
     }

@@ -339,3 +339,161 @@ fn causal_attention_matches_per_token_attend() {
         }
     }
 }
+
+/// The screened argmax is the full product's argmax, bit for bit, on random rows, planted near
+/// ties, exact ties (lowest row wins), NaN rows and odd shapes, on every path.
+#[test]
+fn screened_argmax_equals_full_argmax() {
+    let full = |w: &PackedWeight, x: &[f32]| {
+        let mut y = vec![0f32; w.rows()];
+        matmul(x, w, &mut y, 1);
+        let mut best: Option<(f32, usize)> = None;
+        for (r, &v) in y.iter().enumerate() {
+            if !v.is_nan() && best.is_none_or(|(b, _)| v > b) {
+                best = Some((v, r));
+            }
+        }
+        best
+    };
+    let mut scratch = ScreenScratch::default();
+    for &(n, k) in &[(1usize, 1usize), (33, 7), (70, 17), (1000, 64), (4099, 200)] {
+        for variant in 0..5 {
+            let mut wf = data(n * k, (n + k + variant) as u32);
+            let x = data(k, 99 + variant as u32);
+            match variant {
+                // Row n/2 a copy of row n/3 nudged by one bf16 ulp in one weight: a near tie.
+                1 if n > 3 => {
+                    let (a, b) = (n / 3, n / 2);
+                    let row: Vec<f32> = wf[a * k..(a + 1) * k].to_vec();
+                    wf[b * k..(b + 1) * k].copy_from_slice(&row);
+                    wf[b * k] = f32::from_bits(wf[b * k].to_bits() + (1 << 16));
+                }
+                // Exact tie between rows 1 and n-1: the lower wins.
+                2 if n > 2 => {
+                    let row: Vec<f32> = wf[k..2 * k].to_vec();
+                    wf[(n - 1) * k..n * k].copy_from_slice(&row);
+                }
+                // A NaN weight in row 0 and an inf weight in the last row.
+                3 => {
+                    wf[0] = f32::NAN;
+                    wf[(n - 1) * k] = f32::INFINITY;
+                }
+                // Every row the same up to 0.1% noise: the logits differ by much less than the
+                // int8 error, so the approximate order is not the exact one.
+                4 => {
+                    let base: Vec<f32> = wf[..k].to_vec();
+                    for r in 1..n {
+                        for i in 0..k {
+                            wf[r * k + i] = base[i] * (1.0 + 1e-3 * wf[r * k + i]);
+                        }
+                    }
+                }
+                _ => {}
+            }
+            let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
+            for pw in [PackedWeight::pack(&wf, n, k), PackedWeight::pack(&wb, n, k)] {
+                let screen = Screen::new(&pw);
+                let got = argmax_screened(&pw, &screen, &x, &mut scratch);
+                assert_eq!(got.best, full(&pw, &x), "n={n} k={k} variant {variant}");
+                if n >= 1000 && variant == 0 {
+                    // Random rows: the bound leaves few candidates.
+                    assert!(
+                        got.panels_read * 4 < pw.panels(),
+                        "read {} panels",
+                        got.panels_read
+                    );
+                }
+            }
+        }
+    }
+}
+
+/// A row whose int8 copy under-estimates it by most of the bound is the true maximum by less
+/// than that error: only a bound that really covers the weights' error keeps it. (x is exact in
+/// int8 here: multiples of 1/64 with a 127/64 in each block.)
+#[test]
+fn screened_argmax_keeps_a_maximum_hidden_by_quantisation() {
+    let (n, k, a, b) = (70usize, 192usize, 5usize, 40usize);
+    let mut x: Vec<f32> = data(k, 5)
+        .iter()
+        .map(|v| (v * 127.0).round() / 64.0)
+        .collect();
+    for blk in 0..k / 64 {
+        x[64 * blk] = 127.0 / 64.0;
+    }
+    let sx = |i: usize| x[i].signum();
+    let s0 = 1.0f32 / 128.0;
+    let mut w = vec![0f32; n * k];
+    // Both rows start with ±127·s0, so each row's scale is exactly s0.
+    w[a * k] = sx(0) * 127.0 * s0;
+    w[b * k] = sx(0) * 127.0 * s0;
+    // Row b: 50.25 units (quantised to 50: its approximation is low by 0.25·s0·Σ|x|).
+    let rest: f32 = (1..k).map(|i| x[i].abs()).sum();
+    for i in 1..k {
+        w[b * k + i] = sx(i) * 50.25 * s0;
+    }
+    // Row a: exact multiples, 50 units plus one more on elements worth ~15% of Σ|x|: above
+    // b's approximation by more than 0.3 of b's bound, below b's exact value.
+    let mut bumped = 0.0;
+    for i in 1..k {
+        let extra = if bumped < 0.15 * rest { 1.0 } else { 0.0 };
+        bumped += extra * x[i].abs();
+        w[a * k + i] = sx(i) * (50.0 + extra) * s0;
+    }
+    let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+    let mut scratch = ScreenScratch::default();
+    for pw in [PackedWeight::pack(&w, n, k), PackedWeight::pack(&wb, n, k)] {
+        let mut y = vec![0f32; n];
+        matmul(&x, &pw, &mut y, 1);
+        assert!(
+            y[b] > y[a],
+            "row {b} must be the maximum: {} vs {}",
+            y[b],
+            y[a]
+        );
+        let got = argmax_screened(&pw, &Screen::new(&pw), &x, &mut scratch);
+        assert_eq!(got.best, Some((y[b], b)));
+    }
+}
+
+/// The same for x's int8 error: both rows are exact in int8, x is 1/4 unit off its int8 value
+/// on every element but the block's maximum, and the maximum row only wins through that.
+#[test]
+fn screened_argmax_keeps_a_maximum_hidden_by_the_activations_rounding() {
+    let (n, k, a, b) = (70usize, 64usize, 5usize, 40usize);
+    let s0 = 1.0f32 / 128.0;
+    // x: 127/64 (sets the block's scale to exactly 1/64), one 40.25/64, 36 of 1.25/64, zeros.
+    let mut x = vec![0f32; k];
+    x[0] = 127.0 / 64.0;
+    x[1] = 40.25 / 64.0;
+    for v in &mut x[2..38] {
+        *v = 1.25 / 64.0;
+    }
+    // Row b: 100 units everywhere; row a: 101 on x[1], 99 on the 36 small ones. In int8 units
+    // a leads by 40 - 36 = 4; exactly, b leads by 0.25 * 35 - 4 = 4.75 (times s0 / 64).
+    let mut w = vec![0f32; n * k];
+    for i in 0..k {
+        w[a * k + i] = 100.0 * s0;
+        w[b * k + i] = 100.0 * s0;
+    }
+    w[a * k] = 127.0 * s0;
+    w[b * k] = 127.0 * s0;
+    w[a * k + 1] = 101.0 * s0;
+    for i in 2..38 {
+        w[a * k + i] = 99.0 * s0;
+    }
+    let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+    let mut scratch = ScreenScratch::default();
+    for pw in [PackedWeight::pack(&w, n, k), PackedWeight::pack(&wb, n, k)] {
+        let mut y = vec![0f32; n];
+        matmul(&x, &pw, &mut y, 1);
+        assert!(
+            y[b] > y[a],
+            "row {b} must be the maximum: {} vs {}",
+            y[b],
+            y[a]
+        );
+        let got = argmax_screened(&pw, &Screen::new(&pw), &x, &mut scratch);
+        assert_eq!(got.best, Some((y[b], b)));
+    }
+}

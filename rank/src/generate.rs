@@ -302,11 +302,18 @@ pub fn generate(
         logits: Logits::Last,
         hidden_states: false,
     };
+    // Greedy steps use the model's distributed argmax (8 bytes per rank instead of the gathered
+    // vocabulary, and the screened LM head); every rank gets the same id from it.
+    let greedy = matches!(sampler.strategy, Strategy::Greedy);
+    let mut step = |model: &mut Qwen2, ids: &[u32], pos: usize| -> Result<u32> {
+        if greedy {
+            return model.forward_argmax(comm, ids, pos);
+        }
+        let out = model.forward_with(comm, ids, pos, last)?;
+        choose(comm, sampler, &out.logits)
+    };
     let t0 = Instant::now();
-    let out = model
-        .forward_with(comm, prompt, 0, last)
-        .context("prefill")?;
-    let mut next = choose(comm, sampler, &out.logits)?;
+    let mut next = step(model, prompt, 0).context("prefill")?;
     let prefill_s = t0.elapsed().as_secs_f64();
 
     let t1 = Instant::now();
@@ -325,10 +332,8 @@ pub fn generate(
         if pos + 1 >= context {
             break Stop::Context;
         }
-        let out = model
-            .forward_with(comm, &[next], pos, last)
-            .with_context(|| format!("decode step at position {pos}"))?;
-        next = choose(comm, sampler, &out.logits)?;
+        next =
+            step(model, &[next], pos).with_context(|| format!("decode step at position {pos}"))?;
         steps += 1;
     };
     Ok(Decoded {

@@ -106,7 +106,7 @@ struct Scratch {
     gate: Vec<f32>,
     up: Vec<f32>,
     scores: Vec<f32>,
-    logits: Vec<f32>,
+    screen: kernels::ScreenScratch,
     /// Seconds per [`PARTS`] entry, when profiling is on.
     profile: Option<[f64; PARTS.len()]>,
 }
@@ -261,6 +261,9 @@ impl VocabParallelEmbedding {
 pub struct ParallelLmHead {
     /// `None` when tied to the embedding.
     weight: Option<PackedWeight>,
+    /// An int8 copy of this rank's head rows, so a greedy step reads the bf16/f32 rows only
+    /// where the maximum may be (exact: see `kernels::screen`).
+    screen: kernels::Screen,
     vocab: usize,
     padded: usize,
 }
@@ -316,21 +319,17 @@ impl ParallelLmHead {
         comm: &mut dyn Communicator,
         embed: &VocabParallelEmbedding,
         x: &[f32],
-        logits: &mut Vec<f32>,
+        scratch: &mut kernels::ScreenScratch,
     ) -> Result<u32> {
         let w = self.weight.as_ref().unwrap_or(&embed.weight);
-        let local = embed.vocab.len();
-        let y = buf(logits, local);
-        matmul_into(w, x, 1, y);
-        let mut best = (f32::NEG_INFINITY, u32::MAX);
-        for (i, &v) in y.iter().enumerate() {
-            if v > best.0 {
-                best = (v, (embed.vocab.start + i) as u32);
-            }
-        }
+        let found = kernels::argmax_screened(w, &self.screen, x, scratch).best;
+        let best = match found {
+            Some((v, i)) => (v, (embed.vocab.start + i) as u32),
+            None => (f32::NEG_INFINITY, u32::MAX),
+        };
         let world = comm.world_size();
         if world == 1 {
-            return Ok(if best.1 == u32::MAX { 0 } else { best.1 });
+            return chosen(best.1);
         }
         let mine = [best.0.to_bits(), best.1];
         let mut all = [0u32; 2 * 64];
@@ -351,8 +350,16 @@ impl ParallelLmHead {
                 out = (v, p[1]);
             }
         }
-        Ok(if out.1 == u32::MAX { 0 } else { out.1 })
+        chosen(out.1)
     }
+}
+
+/// The greedy token, or an error when every logit was NaN (`u32::MAX`: nothing won).
+fn chosen(id: u32) -> Result<u32> {
+    if id == u32::MAX {
+        bail!("no token to pick: every logit is NaN");
+    }
+    Ok(id)
 }
 
 /// cos/sin tables of the default ("rotate half") RoPE, extended on demand.
@@ -709,6 +716,7 @@ impl Qwen2 {
                 dtype,
             )?)
         };
+        let screen = kernels::Screen::new(weight.as_ref().unwrap_or(&embed_tokens.weight));
         Ok(Qwen2 {
             config: c.clone(),
             plan: plan.clone(),
@@ -717,6 +725,7 @@ impl Qwen2 {
             norm,
             lm_head: ParallelLmHead {
                 weight,
+                screen,
                 vocab: v,
                 padded: plan.vocab_padded,
             },
@@ -730,6 +739,7 @@ impl Qwen2 {
     pub fn weight_bytes(&self) -> usize {
         let mut n = self.embed_tokens.weight.bytes() + self.norm.len() * 4;
         n += self.lm_head.weight.as_ref().map_or(0, PackedWeight::bytes);
+        n += self.lm_head.screen.bytes();
         for l in &self.layers {
             let a = &l.self_attn;
             let m = &l.mlp;
@@ -819,7 +829,7 @@ impl Qwen2 {
         let last = &self.scratch.normed[(m - 1) * h..m * h];
         let id = self
             .lm_head
-            .argmax(comm, &self.embed_tokens, last, &mut self.scratch.logits)?;
+            .argmax(comm, &self.embed_tokens, last, &mut self.scratch.screen)?;
         self.scratch.lap(6, &mut t);
         Ok(id)
     }
