@@ -408,6 +408,25 @@ fn screened_argmax_equals_full_argmax() {
     }
 }
 
+/// Row `b` of `w` (`[n, k]`, as f32 and as bf16) is the maximum of `x · wᵀ`, ahead of row `a`,
+/// and the screened argmax finds it.
+fn expect_screened_maximum(w: &[f32], x: &[f32], n: usize, k: usize, a: usize, b: usize) {
+    let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
+    let mut scratch = ScreenScratch::default();
+    for pw in [PackedWeight::pack(w, n, k), PackedWeight::pack(&wb, n, k)] {
+        let mut y = vec![0f32; n];
+        matmul(x, &pw, &mut y, 1);
+        assert!(
+            y[b] > y[a],
+            "row {b} must be the maximum: {} vs {}",
+            y[b],
+            y[a]
+        );
+        let got = argmax_screened(&pw, &Screen::new(&pw), x, &mut scratch);
+        assert_eq!(got.best, Some((y[b], b)));
+    }
+}
+
 /// A row whose int8 copy under-estimates it by most of the bound is the true maximum by less
 /// than that error: only a bound that really covers the weights' error keeps it. (x is exact in
 /// int8 here: multiples of 1/64 with a 127/64 in each block.)
@@ -440,20 +459,7 @@ fn screened_argmax_keeps_a_maximum_hidden_by_quantisation() {
         bumped += extra * x[i].abs();
         w[a * k + i] = sx(i) * (50.0 + extra) * s0;
     }
-    let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-    let mut scratch = ScreenScratch::default();
-    for pw in [PackedWeight::pack(&w, n, k), PackedWeight::pack(&wb, n, k)] {
-        let mut y = vec![0f32; n];
-        matmul(&x, &pw, &mut y, 1);
-        assert!(
-            y[b] > y[a],
-            "row {b} must be the maximum: {} vs {}",
-            y[b],
-            y[a]
-        );
-        let got = argmax_screened(&pw, &Screen::new(&pw), &x, &mut scratch);
-        assert_eq!(got.best, Some((y[b], b)));
-    }
+    expect_screened_maximum(&w, &x, n, k, a, b);
 }
 
 /// The same for x's int8 error: both rows are exact in int8, x is 1/4 unit off its int8 value
@@ -482,18 +488,5 @@ fn screened_argmax_keeps_a_maximum_hidden_by_the_activations_rounding() {
     for i in 2..38 {
         w[a * k + i] = 99.0 * s0;
     }
-    let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
-    let mut scratch = ScreenScratch::default();
-    for pw in [PackedWeight::pack(&w, n, k), PackedWeight::pack(&wb, n, k)] {
-        let mut y = vec![0f32; n];
-        matmul(&x, &pw, &mut y, 1);
-        assert!(
-            y[b] > y[a],
-            "row {b} must be the maximum: {} vs {}",
-            y[b],
-            y[a]
-        );
-        let got = argmax_screened(&pw, &Screen::new(&pw), &x, &mut scratch);
-        assert_eq!(got.best, Some((y[b], b)));
-    }
+    expect_screened_maximum(&w, &x, n, k, a, b);
 }
