@@ -395,11 +395,17 @@ unsafe fn mask8(valid: usize) -> __m256i {
     )
 }
 
-/// 8 words of a panel step at `p`; lanes outside `mask` are not read and are zero.
+/// 8 words of a panel step at `p`; in a panel that is not `full`, lanes outside `mask` are not
+/// read and are zero (`vpmaskmovd` is several times slower than a plain load on AMD, so full
+/// panels, all but the last, do not use it).
 #[inline]
 #[target_feature(enable = "avx2,fma")]
-unsafe fn load8(p: *const u32, mask: __m256i) -> __m256i {
-    _mm256_maskload_epi32(p as *const i32, mask)
+unsafe fn load8(p: *const u32, mask: __m256i, full: bool) -> __m256i {
+    if full {
+        _mm256_loadu_si256(p as *const __m256i)
+    } else {
+        _mm256_maskload_epi32(p as *const i32, mask)
+    }
 }
 
 /// Stores the first `valid` of 8 lanes.
@@ -427,6 +433,7 @@ pub(crate) unsafe fn gemv_avx2(w: &PackedWeight, panels: Range<usize>, x: &[f32]
     for pi in panels {
         let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
         let quarters = pw.div_ceil(8);
+        let full = pw == PANEL;
         let masks: [__m256i; 4] = [
             mask8(pw),
             mask8(pw.saturating_sub(8)),
@@ -445,7 +452,7 @@ pub(crate) unsafe fn gemv_avx2(w: &PackedWeight, panels: Range<usize>, x: &[f32]
                         0.0
                     });
                     for q in 0..quarters {
-                        let (we, wo) = widen_pair256(load8(wp.add(p * pw + 8 * q), masks[q]));
+                        let (we, wo) = widen_pair256(load8(wp.add(p * pw + 8 * q), masks[q], full));
                         e[q] = _mm256_fmadd_ps(we, xe, e[q]);
                         o[q] = _mm256_fmadd_ps(wo, xo, o[q]);
                     }
@@ -456,7 +463,7 @@ pub(crate) unsafe fn gemv_avx2(w: &PackedWeight, panels: Range<usize>, x: &[f32]
                     let xv = _mm256_set1_ps(*xp.add(p));
                     let a = if p % 2 == 0 { &mut e } else { &mut o };
                     for q in 0..quarters {
-                        let v = _mm256_castsi256_ps(load8(wp.add(p * pw + 8 * q), masks[q]));
+                        let v = _mm256_castsi256_ps(load8(wp.add(p * pw + 8 * q), masks[q], full));
                         a[q] = _mm256_fmadd_ps(v, xv, a[q]);
                     }
                 }
@@ -490,6 +497,7 @@ pub(crate) unsafe fn gemm_avx2(
     let bf = w.dtype() == PackedDtype::BF16;
     for pi in panels {
         let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
+        let full = pw == PANEL;
         for half in 0..pw.div_ceil(16) {
             let vh = (pw - 16 * half).min(16);
             let (m0, m1) = (mask8(vh), mask8(vh.saturating_sub(8)));
@@ -502,8 +510,8 @@ pub(crate) unsafe fn gemm_avx2(
                 if bf {
                     for p in 0..k.div_ceil(2) {
                         let base = wp.add(p * pw + 16 * half);
-                        let (e0, o0) = widen_pair256(load8(base, m0));
-                        let (e1, o1) = widen_pair256(load8(base.wrapping_add(8), m1));
+                        let (e0, o0) = widen_pair256(load8(base, m0, full));
+                        let (e1, o1) = widen_pair256(load8(base.wrapping_add(8), m1, full));
                         let odd = 2 * p + 1 < k;
                         for t in 0..4 {
                             let xe = _mm256_set1_ps(*xs[t].add(2 * p));
@@ -519,8 +527,8 @@ pub(crate) unsafe fn gemm_avx2(
                 } else {
                     for p in 0..k {
                         let base = wp.add(p * pw + 16 * half);
-                        let w0 = _mm256_castsi256_ps(load8(base, m0));
-                        let w1 = _mm256_castsi256_ps(load8(base.wrapping_add(8), m1));
+                        let w0 = _mm256_castsi256_ps(load8(base, m0, full));
+                        let w1 = _mm256_castsi256_ps(load8(base.wrapping_add(8), m1, full));
                         for t in 0..4 {
                             let xb = _mm256_set1_ps(*xs[t].add(p));
                             acc[t][0] = _mm256_fmadd_ps(xb, w0, acc[t][0]);
