@@ -4,6 +4,7 @@
 //! "within 2 s" of tprun's SIGKILL); nothing asserts a tighter timing.
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::time::{Duration, Instant};
 
@@ -19,6 +20,18 @@ fn tprun() -> Command {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .env_remove("OMP_NUM_THREADS");
+    // tprun keeps ignoring a forwarded signal it started with ignored (as a background job of a
+    // non-interactive shell starts with SIGINT ignored, or a nohup job with SIGHUP), so the
+    // signal tests start it with the defaults whatever context runs the test suite.
+    // SAFETY: signal(2) is async-signal-safe, the only kind of call allowed between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
     c
 }
 
