@@ -200,7 +200,7 @@ pub fn matmul_with(isa: Isa, x: &[f32], w: &PackedWeight, y: &mut [f32], m: usiz
         split_panels(w.panels(), m * n * k, &|r| {
             // SAFETY: AVX512_BF16 checked above; `y` is `[m, n]` and this call writes only the
             // output rows of panels `r`, disjoint from other calls.
-            unsafe { x86::gemm_dpbf16(w, r, &xw, m, { yp }.0, n) };
+            unsafe { x86::gemm_avx512(w, r, x86::Activations::Bf16Words(&xw), m, { yp }.0, n) };
         });
         return;
     }
@@ -241,7 +241,9 @@ unsafe fn panels_with(
     unsafe {
         match (isa, m) {
             (Isa::Avx512, 1) => return x86::gemv_avx512(w, panels, x, y),
-            (Isa::Avx512, _) => return x86::gemm_avx512(w, panels, x, m, y, ldy),
+            (Isa::Avx512, _) => {
+                return x86::gemm_avx512(w, panels, x86::Activations::F32(x), m, y, ldy)
+            }
             (Isa::Avx2, 1) => return x86::gemv_avx2(w, panels, x, y),
             (Isa::Avx2, _) => return x86::gemm_avx2(w, panels, x, m, y, ldy),
             _ => {}

@@ -171,7 +171,8 @@ fn bf16_dot_gemm_equals_portable_on_rounded_activations() {
                 // `[m, words]`.
                 unsafe {
                     x86::to_bf16_words(&x, k, &mut xw, words);
-                    x86::gemm_dpbf16(&pw, 0..pw.panels(), &xw, m, y.as_mut_ptr(), n);
+                    let xs = x86::Activations::Bf16Words(&xw);
+                    x86::gemm_avx512(&pw, 0..pw.panels(), xs, m, y.as_mut_ptr(), n);
                 }
                 for i in 0..m {
                     for j in 0..k {

@@ -110,53 +110,79 @@ pub(crate) unsafe fn gemv_avx512(w: &PackedWeight, panels: Range<usize>, x: &[f3
     }
 }
 
-/// `y[i, c] = Σ_k x[i, k]·w[c, k]` for `m` x rows and the rows of `panels` (AVX-512, exact f32
-/// products), register-blocked for prefill: for each 16 KiB block of a panel, every group of
-/// [`MR`] x rows is run over it as an outer product (each x element broadcast and multiplied
-/// into the two vectors of 16 output rows). Each output is a plain sequential sum over `k`,
-/// partial sums going through `y` between blocks, so the result does not depend on the thread
-/// split.
+/// The activations of the prefill GEMM: f32 (exact products), or bf16-rounded words from
+/// [`to_bf16_words`] for `vdpbf16ps`.
+#[derive(Clone, Copy)]
+pub(crate) enum Activations<'a> {
+    /// `[m, k]` f32.
+    F32(&'a [f32]),
+    /// `[m, row_words]` words of bf16 pairs (bf16 weights only).
+    Bf16Words(&'a [u32]),
+}
+
+/// `y[i, c] = Σ_k x[i, k]·w[c, k]` for `m` x rows and the rows of `panels` (AVX-512),
+/// register-blocked for prefill: for each 16 KiB block of a panel, every group of [`MR`] x rows
+/// is run over it as an outer product (each x element, or x pair for `vdpbf16ps`, broadcast and
+/// multiplied into the two vectors of 16 output rows). Each output is a plain sequential sum over
+/// `k`, partial sums going through `y` between blocks, so the result does not depend on the
+/// thread split.
 ///
 /// # Safety
-/// As for [`gemv_avx512`], with `x.len() == m * w.cols()` and `y` writable at `i * ldy + c`.
+/// As for [`gemv_avx512`], with `x` `[m, k]` (f32) or `[m, row_words]` (words), and `y` writable
+/// at `i * ldy + c`. `Bf16Words` needs a bf16 `w` and a CPU with AVX512_BF16.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn gemm_avx512(
     w: &PackedWeight,
     panels: Range<usize>,
-    x: &[f32],
+    x: Activations,
     m: usize,
     y: *mut f32,
     ldy: usize,
 ) {
     let (k, words) = (w.cols(), w.row_words());
     let bf = w.dtype() == PackedDtype::BF16;
+    // Block depth in words: 16 KiB of panel, and for exact bf16 128 of k (its x rows are f32).
+    let block = match x {
+        Activations::F32(_) if bf => KW / 2,
+        _ => KW,
+    };
     for pi in panels {
         let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
         let masks = lane_mask(pw);
         let mut kb = 0;
         while kb < words {
-            let kw = (words - kb).min(if bf { KW / 2 } else { KW });
-            // x elements of this block: `kw` words' worth, the last word maybe half (odd k).
-            let (x0, kx) = if bf {
-                (2 * kb, (2 * (kb + kw)).min(k) - 2 * kb)
-            } else {
-                (kb, kw)
-            };
+            let kw = (words - kb).min(block);
             let blk = wp.add(kb * pw);
             let mut i = 0;
             while i < m {
                 let r = (m - i).min(MR);
-                let (xs, ys) = (x.as_ptr().add(i * k + x0), y.add(i * ldy + pi * PANEL));
+                let ys = y.add(i * ldy + pi * PANEL);
+                let first = kb == 0;
                 macro_rules! go {
-                    ($($R:literal)*) => {
-                        match (r, bf) {
-                            $(($R, true) => micro_bf16::<$R>(xs, k, blk, pw, kx, ys, ldy, masks, kb == 0),)*
-                            $(($R, false) => micro_f32::<$R>(xs, k, blk, pw, kx, ys, ldy, masks, kb == 0),)*
+                    ($micro:ident, $xs:expr, $ldx:expr, $kx:expr; $($R:literal)*) => {
+                        match r {
+                            $($R => $micro::<$R>($xs, $ldx, blk, pw, $kx, ys, ldy, masks, first),)*
                             _ => unreachable!(),
                         }
                     };
                 }
-                go!(1 2 3 4 5 6 7 8 9 10 11 12);
+                match x {
+                    Activations::F32(x) if bf => {
+                        // x elements of this block; the last word may be half (odd k).
+                        let kx = (2 * (kb + kw)).min(k) - 2 * kb;
+                        let xs = x.as_ptr().add(i * k + 2 * kb);
+                        go!(micro_bf16, xs, k, kx; 1 2 3 4 5 6 7 8 9 10 11 12)
+                    }
+                    Activations::F32(x) => {
+                        let xs = x.as_ptr().add(i * k + kb);
+                        go!(micro_f32, xs, k, kw; 1 2 3 4 5 6 7 8 9 10 11 12)
+                    }
+                    Activations::Bf16Words(xw) => {
+                        let xs = xw.as_ptr().add(i * words + kb);
+                        // SAFETY (of the AVX512_BF16 call): the caller's contract.
+                        go!(micro_dpbf16, xs, words, kw; 1 2 3 4 5 6 7 8 9 10 11 12)
+                    }
+                }
                 i += r;
             }
             kb += kw;
@@ -301,49 +327,9 @@ pub(crate) unsafe fn to_bf16_words(x: &[f32], k: usize, out: &mut [u32], row_wor
     }
 }
 
-/// [`gemm_avx512`] with `vdpbf16ps` on bf16-rounded activations `xw` (`[m, row_words]` words
-/// from [`to_bf16_words`]): each instruction multiplies a broadcast x pair into the weight pairs
-/// of 16 output rows and adds both products in f32 (twice the f32 FMA rate).
-///
-/// # Safety
-/// As for [`gemm_avx512`], plus AVX512_BF16; `w` is bf16 and `xw.len() == m * w.row_words()`.
-#[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
-pub(crate) unsafe fn gemm_dpbf16(
-    w: &PackedWeight,
-    panels: Range<usize>,
-    xw: &[u32],
-    m: usize,
-    y: *mut f32,
-    ldy: usize,
-) {
-    let words = w.row_words();
-    for pi in panels {
-        let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
-        let masks = lane_mask(pw);
-        let mut kb = 0;
-        while kb < words {
-            let kw = (words - kb).min(KW);
-            let blk = wp.add(kb * pw);
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(MR);
-                let (xs, ys) = (xw.as_ptr().add(i * words + kb), y.add(i * ldy + pi * PANEL));
-                macro_rules! go {
-                    ($($R:literal)*) => {
-                        match r {
-                            $($R => micro_dpbf16::<$R>(xs, words, blk, pw, kw, ys, ldy, masks, kb == 0),)*
-                            _ => unreachable!(),
-                        }
-                    };
-                }
-                go!(1 2 3 4 5 6 7 8 9 10 11 12);
-                i += r;
-            }
-            kb += kw;
-        }
-    }
-}
-
+/// `R` rows of bf16 activation words (`ldx` apart) × one bf16 panel block with `vdpbf16ps`:
+/// each instruction multiplies a broadcast x pair into the weight pairs of 16 output rows and
+/// adds both products in f32 (twice the f32 FMA rate).
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
