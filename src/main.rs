@@ -33,15 +33,15 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Cmd {
     /// Generate text with a tensor-parallel Qwen2.
-    Generate(rank::generate::Args),
+    Generate(programs::generate::Args),
     /// Write the logits of every prompt position to a safetensors file.
-    Logits(rank::logits::Args),
+    Logits(programs::logits::Args),
     /// Prefill and decode speed, time in collectives, weight bytes per rank.
-    Bench(rank::bench::Args),
+    Bench(programs::bench::Args),
     /// nccl-tests-style table of the collectives.
-    Perf(collectives::perf::Args),
+    Perf(programs::perf::Args),
     /// Per-tensor diff table of two safetensors files (runs locally, no ranks).
-    Compare(rank::compare::Args),
+    Compare(programs::compare::Args),
 }
 
 const ROLE_VAR: &str = "TPRUN_ROLE";
@@ -66,20 +66,20 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
         if cli.trace.is_some() {
             return Err(usage("--trace works with generate, logits, bench and perf"));
         }
-        rank::compare::run(a)?;
+        programs::compare::run(a)?;
         return Ok(0);
     }
     if let Some(Cmd::Perf(a)) = &cli.command {
         if !a.from.is_empty() {
             // Plotting saved results runs here, without ranks.
-            collectives::perf::plot_saved(a)?;
+            programs::perf::plot_saved(a)?;
             return Ok(0);
         }
     }
     // Built-in programs compute on the CPU only until issue 8; refuse before any rank starts, so
     // the user sees one line (a rank inherits the same argv and would refuse the same way).
     if cli.command.is_some() && cli.launch.device == Some(launcher::Device::Cuda) {
-        return Err(rank::device::cuda_unavailable());
+        return Err(programs::device::cuda_unavailable());
     }
     match (cli.command, in_rank) {
         (Some(cmd), true) => {
@@ -87,10 +87,10 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 collectives::trace::start_rank()?;
             }
             match cmd {
-                Cmd::Generate(a) => rank::generate::run(&a)?,
-                Cmd::Logits(a) => rank::logits::run(&a)?,
-                Cmd::Bench(a) => rank::bench::run(&a)?,
-                Cmd::Perf(a) => collectives::perf::run(&a)?,
+                Cmd::Generate(a) => programs::generate::run(&a)?,
+                Cmd::Logits(a) => programs::logits::run(&a)?,
+                Cmd::Bench(a) => programs::bench::run(&a)?,
+                Cmd::Perf(a) => programs::perf::run(&a)?,
                 Cmd::Compare(_) => unreachable!("compare runs before dispatch"),
             }
             if let Some(out) = &cli.trace {

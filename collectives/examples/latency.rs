@@ -2,7 +2,7 @@
 //! `cargo run -p collectives --example latency -- RANKS BYTES ITERS [pin]`. A diagnostic for the
 //! wait policy; `tprun perf` is the real benchmark.
 
-use collectives::{Communicator, ReduceOp, ShmComm};
+use collectives::{CommExt, Communicator, ReduceOp, ShmComm};
 use std::time::Instant;
 
 fn main() {

@@ -3,9 +3,9 @@
 //! where CFG is `spin_us:one_shot_max:chunk_bytes[:slot_bytes]` (e.g. `1000:1G:256K:1M`). Prints the median and
 //! mean time per all-reduce for each setting. A diagnostic; `tprun perf` is the benchmark.
 
-use collectives::perf::parse_size;
 use collectives::shm::{CommOptions, SegmentOptions};
-use collectives::{Communicator, ReduceOp, ShmComm};
+use collectives::units::parse_size;
+use collectives::{CommExt, ReduceOp, ShmComm};
 use std::time::{Duration, Instant};
 
 fn main() {

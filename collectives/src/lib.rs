@@ -7,17 +7,17 @@
 
 pub mod error;
 pub mod local;
-pub mod plot;
 pub mod reduce;
 pub mod shm;
 pub mod stats;
 pub mod trace;
 pub mod types;
+pub mod units;
 
 pub use error::CommError;
 pub use shm::{JobSegment, ShmComm};
 pub use stats::{CommStats, OpKind, OpStats};
-pub use types::{DType, Element, ReduceOp};
+pub use types::{DType, Element, Float, ReduceOp};
 
 /// Result of a collective.
 pub type Result<T, E = CommError> = std::result::Result<T, E>;
@@ -53,32 +53,30 @@ pub trait Communicator: Send {
     fn stats(&self) -> CommStats {
         CommStats::default()
     }
+}
 
-    fn all_reduce<T: Element>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()>
-    where
-        Self: Sized,
-    {
+/// The typed collectives, for every communicator including `&mut dyn Communicator`: each casts
+/// its slice to bytes and tags it with the element's [`DType`], so no call site casts by hand.
+pub trait CommExt: Communicator {
+    /// In-place all-reduce (float types: the reduction is computed in f32).
+    fn all_reduce<T: Float>(&mut self, buf: &mut [T], op: ReduceOp) -> Result<()> {
         self.all_reduce_raw(bytemuck::cast_slice_mut(buf), T::DTYPE, op)
     }
-    fn all_gather<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()>
-    where
-        Self: Sized,
-    {
+    /// `output` = every rank's `input` in rank order (any element type).
+    fn all_gather<T: Element>(&mut self, input: &[T], output: &mut [T]) -> Result<()> {
         self.all_gather_raw(
             bytemuck::cast_slice(input),
             bytemuck::cast_slice_mut(output),
             T::DTYPE,
         )
     }
-    fn reduce_scatter<T: Element>(
+    /// `output` = this rank's chunk of the reduction of every rank's `input`.
+    fn reduce_scatter<T: Float>(
         &mut self,
         input: &[T],
         output: &mut [T],
         op: ReduceOp,
-    ) -> Result<()>
-    where
-        Self: Sized,
-    {
+    ) -> Result<()> {
         self.reduce_scatter_raw(
             bytemuck::cast_slice(input),
             bytemuck::cast_slice_mut(output),
@@ -86,13 +84,13 @@ pub trait Communicator: Send {
             op,
         )
     }
-    fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()>
-    where
-        Self: Sized,
-    {
+    /// Copies `root`'s `buf` into every other rank's `buf` (any element type).
+    fn broadcast<T: Element>(&mut self, buf: &mut [T], root: usize) -> Result<()> {
         self.broadcast_raw(bytemuck::cast_slice_mut(buf), root)
     }
 }
+
+impl<C: Communicator + ?Sized> CommExt for C {}
 
 impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn rank(&self) -> usize {
@@ -126,8 +124,6 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
         (**self).stats()
     }
 }
-
-pub mod perf;
 
 /// The communicator of this rank, from the environment tprun sets (world of one without it).
 pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {

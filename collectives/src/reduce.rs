@@ -137,6 +137,8 @@ pub unsafe fn reduce_raw(
                 (DType::BF16, ReduceOp::Max) => $f::<BF16, MAX>(dst, srcs, count),
                 (DType::F16, ReduceOp::Sum) => $f::<F16, SUM>(dst, srcs, count),
                 (DType::F16, ReduceOp::Max) => $f::<F16, MAX>(dst, srcs, count),
+                // Callers check `types::check_reducible` first; integers never get here.
+                (d, _) => unreachable!("reduce of {} (not a float type)", d.name()),
             }
         };
     }
@@ -593,6 +595,7 @@ mod tests {
                 DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
                 DType::BF16 => out.extend_from_slice(&f32_to_bf16(v).to_le_bytes()),
                 DType::F16 => out.extend_from_slice(&f32_to_f16(v).to_le_bytes()),
+                d => unreachable!("{d:?} is not reduced"),
             }
         }
         out
@@ -683,6 +686,7 @@ mod tests {
             DType::F32 => CANONICAL_NAN.to_le_bytes().to_vec(),
             DType::BF16 => 0x7FC0u16.to_le_bytes().to_vec(),
             DType::F16 => 0x7E00u16.to_le_bytes().to_vec(),
+            d => unreachable!("{d:?} is not reduced"),
         };
         for dtype in [DType::F32, DType::BF16, DType::F16] {
             let count = 37; // SIMD body and scalar tail

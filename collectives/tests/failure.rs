@@ -10,7 +10,7 @@ use std::sync::Barrier;
 use std::time::Duration;
 
 use collectives::shm::{CommOptions, JobSegment, SegmentOptions};
-use collectives::{CommError, Communicator, DType, ReduceOp, ShmComm};
+use collectives::{CommError, CommExt, Communicator, DType, ReduceOp, ShmComm};
 use common::on_ranks;
 
 fn opts(n: usize, timeout: Duration) -> CommOptions {
@@ -297,6 +297,18 @@ fn invalid_arguments() {
         let mut v = [c.rank() as f32 + 1.0];
         c.all_reduce(&mut v, ReduceOp::Max).unwrap();
         assert_eq!(v, [2.0]);
+        // Integers travel tagged as what they are: gathered and broadcast, never reduced.
+        let e = c
+            .all_reduce_raw(&mut [0u8; 8], DType::U32, ReduceOp::Sum)
+            .unwrap_err();
+        assert!(e.to_string().contains("uint32 cannot be reduced"), "{e}");
+        let mut ids = [0u64; 2];
+        c.all_gather(&[u64::MAX - c.rank() as u64], &mut ids)
+            .unwrap();
+        assert_eq!(ids, [u64::MAX, u64::MAX - 1]);
+        let mut tok = [if c.rank() == 1 { 151_643u32 } else { 0 }];
+        c.broadcast(&mut tok, 1).unwrap();
+        assert_eq!(tok, [151_643]);
     });
 }
 

@@ -6,7 +6,7 @@
 mod common;
 
 use collectives::shm::{CommOptions, SegmentOptions};
-use collectives::{Communicator, DType, ReduceOp, ShmComm};
+use collectives::{CommExt, Communicator, DType, ReduceOp, ShmComm};
 use common::*;
 
 #[derive(Clone, Copy, Debug)]

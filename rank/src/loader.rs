@@ -71,7 +71,7 @@ impl StDtype {
 }
 
 /// In-memory format of the weight matrices (`--dtype`); compute is always f32.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum WeightDtype {
     /// bf16 stays bf16, f32 stays f32, f16 becomes f32 (no f16 kernels; bf16 would lose bits).
     #[default]
@@ -81,12 +81,24 @@ pub enum WeightDtype {
 }
 
 impl WeightDtype {
+    pub const ALL: [WeightDtype; 3] = [WeightDtype::Auto, WeightDtype::F32, WeightDtype::Bf16];
+
     pub fn name(self) -> &'static str {
         match self {
             WeightDtype::Auto => "auto",
             WeightDtype::F32 => "f32",
             WeightDtype::Bf16 => "bf16",
         }
+    }
+}
+
+impl std::str::FromStr for WeightDtype {
+    type Err = String;
+    fn from_str(s: &str) -> Result<WeightDtype, String> {
+        WeightDtype::ALL
+            .into_iter()
+            .find(|d| d.name() == s)
+            .ok_or_else(|| format!("'{s}' is not a weight dtype (auto, f32, bf16)"))
     }
 }
 

@@ -10,7 +10,7 @@
 use std::ops::Range;
 
 use anyhow::{bail, Context, Result};
-use collectives::{Communicator, DType, ReduceOp};
+use collectives::{CommExt, Communicator, ReduceOp};
 use kernels::PackedWeight;
 
 use crate::config::Config;
@@ -19,8 +19,7 @@ use crate::plan::Plan;
 
 fn all_reduce(comm: &mut dyn Communicator, buf: &mut [f32]) -> Result<()> {
     if comm.world_size() > 1 {
-        comm.all_reduce_raw(bytemuck::cast_slice_mut(buf), DType::F32, ReduceOp::Sum)
-            .context("all-reduce")?;
+        comm.all_reduce(buf, ReduceOp::Sum).context("all-reduce")?;
     }
     Ok(())
 }
@@ -291,12 +290,8 @@ impl ParallelLmHead {
             dst[..local].copy_from_slice(&src[..local]);
         }
         let mut all = vec![0f32; world * m * p];
-        comm.all_gather_raw(
-            bytemuck::cast_slice(&send),
-            bytemuck::cast_slice_mut(&mut all),
-            DType::F32,
-        )
-        .context("all-gather of logits")?;
+        comm.all_gather(&send, &mut all)
+            .context("all-gather of logits")?;
         let mut logits = vec![0f32; m * self.vocab];
         for r in 0..world {
             let range = plan.vocab_of(r, self.vocab);
@@ -337,12 +332,8 @@ impl ParallelLmHead {
         if world > 64 {
             bail!("distributed argmax supports at most 64 ranks");
         }
-        comm.all_gather_raw(
-            bytemuck::cast_slice(&mine),
-            bytemuck::cast_slice_mut(all),
-            DType::F32,
-        )
-        .context("all-gather of the argmax")?;
+        comm.all_gather(&mine, all)
+            .context("all-gather of the argmax")?;
         let mut out = (f32::NEG_INFINITY, u32::MAX);
         for p in all.chunks_exact(2) {
             let v = f32::from_bits(p[0]);

@@ -6,6 +6,8 @@
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::{Duration, Instant};
 
+#[cfg(test)]
+use collectives::CommExt;
 use collectives::{CommError, Communicator, DType, ReduceOp};
 use half::{bf16, f16};
 
@@ -136,6 +138,7 @@ fn to_f32(b: &[u8], dtype: DType) -> Vec<f32> {
             .chunks_exact(2)
             .map(|c| f16::from_le_bytes(c.try_into().unwrap()).to_f32())
             .collect(),
+        d => unreachable!("{d:?} is not reduced (check_reducible ran first)"),
     }
 }
 
@@ -152,6 +155,7 @@ fn from_f32(v: &[f32], dtype: DType, out: &mut [u8]) {
                 o.copy_from_slice(&f16::from_f32(*x).to_le_bytes());
             }
         }
+        d => unreachable!("{d:?} is not reduced (check_reducible ran first)"),
     }
 }
 
@@ -181,6 +185,7 @@ impl Communicator for ThreadComm {
         dtype: DType,
         op: ReduceOp,
     ) -> collectives::Result<()> {
+        collectives::types::check_reducible("all_reduce", dtype)?;
         let r = self.exchange("all_reduce", buf, |s| reduce(s, dtype, op))?;
         from_f32(&r, dtype, buf);
         Ok(())
@@ -210,6 +215,7 @@ impl Communicator for ThreadComm {
         dtype: DType,
         op: ReduceOp,
     ) -> collectives::Result<()> {
+        collectives::types::check_reducible("reduce_scatter", dtype)?;
         let r = self.exchange("reduce_scatter", input, |s| reduce(s, dtype, op))?;
         let n = output.len() / dtype.size();
         from_f32(&r[self.rank * n..(self.rank + 1) * n], dtype, output);
@@ -262,13 +268,9 @@ mod tests {
     fn collectives_in_rank_order() {
         let out = run_world(3, |r, c| {
             let mut v = vec![r as f32 + 0.5, 1.0];
-            c.all_reduce_raw(bytemuck::cast_slice_mut(&mut v), DType::F32, ReduceOp::Sum)?;
+            c.all_reduce(&mut v, ReduceOp::Sum)?;
             let mut g = vec![0f32; 3];
-            c.all_gather_raw(
-                bytemuck::cast_slice(&[r as f32]),
-                bytemuck::cast_slice_mut(&mut g),
-                DType::F32,
-            )?;
+            c.all_gather(&[r as f32], &mut g)?;
             Ok((v, g))
         });
         for o in out {

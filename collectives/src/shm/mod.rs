@@ -137,12 +137,12 @@ impl CommOptions {
                 .map_err(|_| bad(ENV_YIELDS, &v, "a count"))?;
         }
         if let Ok(v) = std::env::var(ENV_ONE_SHOT) {
-            o.one_shot_max = crate::perf::parse_size(&v)
+            o.one_shot_max = crate::units::parse_size(&v)
                 .map_err(|e| bad(ENV_ONE_SHOT, &v, &format!("a size ({e})")))?
                 as usize;
         }
         if let Ok(v) = std::env::var(ENV_CHUNK) {
-            o.chunk_bytes = crate::perf::parse_size(&v)
+            o.chunk_bytes = crate::units::parse_size(&v)
                 .map_err(|e| bad(ENV_CHUNK, &v, &format!("a size ({e})")))?
                 as usize;
         }
@@ -643,6 +643,7 @@ impl ShmComm {
     }
 
     fn all_reduce_impl(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        crate::types::check_reducible("all_reduce", dtype)?;
         let e = dtype.size();
         let count = self.check_len(buf.len(), dtype, "the buffer")?;
         if self.world == 1 || count == 0 {
@@ -798,6 +799,7 @@ impl ShmComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
+        crate::types::check_reducible("reduce_scatter", dtype)?;
         let e = dtype.size();
         let count = self.check_len(output.len(), dtype, "the output")?;
         let ob = output.len();

@@ -162,7 +162,7 @@ impl SegmentOptions {
             o.dir = Some(PathBuf::from(d));
         }
         if let Ok(s) = std::env::var(ENV_SLOT) {
-            o.slot_bytes = crate::perf::parse_size(&s)
+            o.slot_bytes = crate::units::parse_size(&s)
                 .map_err(|e| setup(format!("{ENV_SLOT}={s}: {e}")))?
                 as usize;
             if o.slot_bytes == 0 || !o.slot_bytes.is_multiple_of(PAGE) {

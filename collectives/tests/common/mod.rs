@@ -44,6 +44,7 @@ pub fn to_f32(dtype: DType, b: &[u8]) -> f32 {
         DType::F32 => f32::from_le_bytes(b.try_into().unwrap()),
         DType::BF16 => bf16::from_le_bytes(b.try_into().unwrap()).to_f32(),
         DType::F16 => f16::from_le_bytes(b.try_into().unwrap()).to_f32(),
+        d => unreachable!("{d:?} is not reduced"),
     }
 }
 
@@ -52,6 +53,7 @@ pub fn from_f32(dtype: DType, v: f32, out: &mut Vec<u8>) {
         DType::F32 => out.extend_from_slice(&v.to_le_bytes()),
         DType::BF16 => out.extend_from_slice(&bf16::from_f32(v).to_le_bytes()),
         DType::F16 => out.extend_from_slice(&f16::from_f32(v).to_le_bytes()),
+        d => unreachable!("{d:?} is not reduced"),
     }
 }
 

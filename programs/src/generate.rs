@@ -24,14 +24,14 @@ use std::path::Path;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use collectives::Communicator;
+use collectives::{CommExt, Communicator};
 
-use crate::chat::{self, ChatTemplate};
-use crate::config::Config;
-use crate::model::{ForwardOptions, Logits, Qwen2};
 use crate::runtime::{self, ModelArgs};
-use crate::sampling::{Sampler, Strategy};
-use crate::tokenize::{StreamDecoder, Tokenizer};
+use rank::chat::{self, ChatTemplate};
+use rank::config::Config;
+use rank::model::{ForwardOptions, Logits, Qwen2};
+use rank::sampling::{Sampler, Strategy};
+use rank::tokenize::{StreamDecoder, Tokenizer};
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "input_ids"])))]
@@ -357,7 +357,7 @@ fn choose(comm: &mut dyn Communicator, sampler: &mut Sampler, logits: &[f32]) ->
         id[0] = sampler.sample(logits)?;
     }
     if comm.world_size() > 1 {
-        comm.broadcast_raw(bytemuck::cast_slice_mut(&mut id), 0)
+        comm.broadcast(&mut id, 0)
             .context("broadcast of the next token")?;
     }
     Ok(id[0])
@@ -500,8 +500,8 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use crate::loader::WeightDtype;
-    use crate::testing::run_world;
+    use rank::loader::WeightDtype;
+    use rank::testing::run_world;
 
     const FIXTURES: [&str; 4] = [
         "tiny-hub-bf16-tied",

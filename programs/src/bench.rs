@@ -5,13 +5,13 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use collectives::{CommStats, OpKind};
+use collectives::{CommExt, CommStats, OpKind};
 
-use crate::config::Config;
-use crate::loader::{Slice, WeightDtype, Weights};
-use crate::model::{Qwen2, WeightSource};
-use crate::plan::Plan;
 use crate::runtime::{self, ModelArgs};
+use rank::config::Config;
+use rank::loader::{Slice, WeightDtype, Weights};
+use rank::model::{Qwen2, WeightSource};
+use rank::plan::Plan;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
@@ -244,12 +244,8 @@ pub fn run(args: &Args) -> Result<()> {
     let weight_bytes = model.weight_bytes();
     // Every rank's resident bytes, for the per-rank maximum.
     let mut all = vec![0u64; comm.world_size()];
-    comm.all_gather_raw(
-        bytemuck::cast_slice(&[weight_bytes as u64]),
-        bytemuck::cast_slice_mut(&mut all),
-        collectives::DType::F32,
-    )
-    .context("all-gather of the weight bytes")?;
+    comm.all_gather(&[weight_bytes as u64], &mut all)
+        .context("all-gather of the weight bytes")?;
 
     if comm.rank() == 0 {
         let best_p = rounds
@@ -366,8 +362,8 @@ fn print_profile(parts: &[(&str, f64)], total_s: f64, per: usize, all_reduce_s: 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{ForwardOptions, Logits};
-    use crate::testing::run_world;
+    use rank::model::{ForwardOptions, Logits};
+    use rank::testing::run_world;
 
     fn tiny() -> Config {
         Config {

@@ -125,8 +125,8 @@ fn check_accepted(buf: &[u8]) {
 fn read_both_ways(buf: &[u8]) {
     check_accepted(buf);
     let good = st_file();
-    let _ = rank::compare::compare_files(Path::new("a"), good, Path::new("b"), buf);
-    let _ = rank::compare::compare_files(Path::new("b"), buf, Path::new("b"), buf);
+    let _ = programs::compare::compare_files(Path::new("a"), good, Path::new("b"), buf);
+    let _ = programs::compare::compare_files(Path::new("b"), buf, Path::new("b"), buf);
 }
 
 /// A config that passes must give a valid sharding plan, or a clean error, for every TP degree.

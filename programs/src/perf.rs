@@ -10,7 +10,8 @@
 use anyhow::{bail, ensure, Context};
 use half::{bf16, f16};
 
-use crate::{Communicator, DType, Element, ReduceOp};
+use collectives::units::parse_size;
+use collectives::{CommExt, Communicator, DType, Float, ReduceOp};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PerfOp {
@@ -110,30 +111,6 @@ pub struct Args {
     pub from: Vec<std::path::PathBuf>,
 }
 
-/// Parses a byte count with an optional K/M/G suffix (powers of 1024; `KiB`, `KB`, `k` also
-/// accepted).
-pub fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let digits = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-    let (num, suffix) = t.split_at(digits);
-    let n: u64 = num
-        .parse()
-        .map_err(|_| format!("'{s}' is not a size (a number with an optional K/M/G suffix)"))?;
-    let mult: u64 = match suffix.trim().to_ascii_lowercase().as_str() {
-        "" | "b" => 1,
-        "k" | "kb" | "kib" => 1 << 10,
-        "m" | "mb" | "mib" => 1 << 20,
-        "g" | "gb" | "gib" => 1 << 30,
-        _ => {
-            return Err(format!(
-                "'{s}': unknown size suffix '{suffix}' (use K, M or G)"
-            ))
-        }
-    };
-    n.checked_mul(mult)
-        .ok_or_else(|| format!("'{s}' is too large"))
-}
-
 /// One line of the table.
 #[derive(Debug, Clone, serde::Serialize)]
 pub struct Row {
@@ -164,7 +141,7 @@ fn value(r: usize, i: usize) -> f32 {
 
 /// Typed view of the buffers, so that fill/check use the `half` crate's conversions (an
 /// implementation independent of the transport's).
-trait Pattern: Element {
+trait Pattern: Float {
     fn fill(buf: &mut [u8], r: usize, base: usize) {
         for (i, x) in bytemuck::cast_slice_mut::<u8, Self>(buf)
             .iter_mut()
@@ -297,7 +274,7 @@ impl Case {
         T::fill(self.bufs.a(), r, 0);
     }
 
-    fn run(&mut self, comm: &mut dyn Communicator) -> crate::Result<()> {
+    fn run(&mut self, comm: &mut dyn Communicator) -> collectives::Result<()> {
         let dt = self.dtype.dtype();
         match self.op {
             PerfOp::AllReduce => comm.all_reduce_raw(self.bufs.a(), dt, ReduceOp::Sum),
@@ -338,12 +315,9 @@ impl Case {
 /// Every rank's `x`, in rank order (8 bytes each, moved by an all-gather).
 fn gather_u64(comm: &mut dyn Communicator, x: u64) -> anyhow::Result<Vec<u64>> {
     let n = comm.world_size();
-    let mut out = vec![0u8; 8 * n];
-    comm.all_gather_raw(&x.to_le_bytes(), &mut out, DType::F32)?;
-    Ok(out
-        .chunks_exact(8)
-        .map(|c| u64::from_le_bytes(c.try_into().expect("8 bytes")))
-        .collect())
+    let mut out = vec![0u64; n];
+    comm.all_gather(&[x], &mut out)?;
+    Ok(out)
 }
 
 fn bench_size(comm: &mut dyn Communicator, case: &mut Case, args: &Args) -> anyhow::Result<Row> {
@@ -445,7 +419,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.max_bytes
     );
     ensure!(args.iters >= 1, "--iters must be at least 1");
-    let mut comm = crate::from_env().context("perf: cannot set up the collectives")?;
+    let mut comm = collectives::from_env().context("perf: cannot set up the collectives")?;
     let n = comm.world_size();
     let rank = comm.rank();
     ensure!(
@@ -658,18 +632,6 @@ fn total_memory_bytes() -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn sizes_parse() {
-        assert_eq!(parse_size("8"), Ok(8));
-        assert_eq!(parse_size("64M"), Ok(64 << 20));
-        assert_eq!(parse_size("4k"), Ok(4096));
-        assert_eq!(parse_size("1GiB"), Ok(1 << 30));
-        assert_eq!(parse_size("2 MB"), Ok(2 << 20));
-        assert!(parse_size("x").is_err());
-        assert!(parse_size("5T").is_err());
-        assert!(parse_size("").is_err());
-    }
 
     #[test]
     fn bus_factors() {

@@ -8,10 +8,10 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use collectives::Communicator;
 
-use crate::config::Config;
-use crate::loader::{Checkpoint, WeightDtype};
-use crate::model::Qwen2;
-use crate::plan::Plan;
+use rank::config::Config;
+use rank::loader::{Checkpoint, WeightDtype};
+use rank::model::Qwen2;
+use rank::plan::Plan;
 
 /// `--model` and `--dtype`, common to generate, logits and bench.
 #[derive(clap::Args, Debug, Clone)]
@@ -22,13 +22,21 @@ pub struct ModelArgs {
     pub model: Option<PathBuf>,
     /// In-memory format of the weights; compute is always f32. auto keeps bf16 as bf16 and f32
     /// as f32, and widens f16 to f32.
-    #[arg(long, value_enum, default_value_t = WeightDtype::Auto)]
+    #[arg(long, default_value = "auto", value_parser = dtype_parser())]
     pub dtype: WeightDtype,
     /// Prefill products of bf16 weights use AVX512_BF16 dot products on bf16-rounded
     /// activations, as llama.cpp's BF16 and torch's bf16 paths do: about twice the f32 rate,
     /// but logits drift past 1e-3 of transformers' f32 ones. Decode is exact either way.
     #[arg(long)]
     pub bf16_dot: bool,
+}
+
+fn dtype_parser() -> impl clap::builder::TypedValueParser<Value = WeightDtype> {
+    use clap::builder::TypedValueParser;
+    clap::builder::PossibleValuesParser::new(WeightDtype::ALL.map(WeightDtype::name)).map(|s| {
+        s.parse::<WeightDtype>()
+            .expect("one of the possible values")
+    })
 }
 
 /// Applies the compute options of `args` (`--bf16-dot`) to this process's kernels, saying on

@@ -6,8 +6,8 @@ use std::time::Instant;
 
 use anyhow::{Context, Result};
 
-use crate::model::{ForwardOptions, Logits};
 use crate::runtime::{self, ModelArgs};
+use rank::model::{ForwardOptions, Logits};
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
