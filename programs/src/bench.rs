@@ -49,7 +49,8 @@ impl Preset {
         }
     }
 
-    fn name(self) -> &'static str {
+    /// The `--preset` value naming this preset.
+    pub fn name(self) -> &'static str {
         match self {
             Preset::Qwen25_0_5b => "qwen2.5-0.5b",
             Preset::Qwen25_1_5b => "qwen2.5-1.5b",
@@ -163,7 +164,67 @@ pub fn run(args: &Args) -> Result<()> {
     let comm = &mut *comm;
     runtime::set_compute_options(&args.model, comm.rank());
     let (p, k) = (args.prompt_len as usize, args.new_tokens as usize);
-    let (mut model, source) = match args.preset {
+    let (mut model, source) = load_model(args, comm)?;
+    let config = model.config.clone();
+    if p + k > config.max_position_embeddings {
+        bail!(
+            "--prompt-len {p} + --new-tokens {k} is longer than the model's context ({})",
+            config.max_position_embeddings
+        );
+    }
+    let prompt = random_prompt(p, config.vocab_size);
+    model.reserve(p + k + 1);
+
+    let mut rounds = Vec::new();
+    let mut tokens = Vec::with_capacity(k);
+    let wall0 = Instant::now();
+    for _ in 0..args.rounds {
+        rounds.push(measure_round(
+            &mut model,
+            comm,
+            &prompt,
+            k,
+            args.profile,
+            &mut tokens,
+        )?);
+    }
+    let wall_s = wall0.elapsed().as_secs_f64();
+    // Per-op totals of all rounds, taken before the bookkeeping all-gather below.
+    let ops = comm.stats();
+    let weight_bytes = model.weight_bytes();
+    // Every rank's resident bytes, for the per-rank maximum.
+    let mut all = vec![0u64; comm.world_size()];
+    comm.all_gather(&[weight_bytes as u64], &mut all)
+        .context("all-gather of the weight bytes")?;
+
+    if comm.rank() == 0 {
+        let report = Report {
+            args,
+            source: &source,
+            world_size: comm.world_size(),
+            p,
+            k,
+            rounds: &rounds,
+            tokens: &tokens,
+            ops: &ops,
+            wall_s,
+            weight_bytes,
+            all: &all,
+        };
+        if args.json {
+            report.print_json();
+        } else {
+            report.print_text();
+        }
+    }
+    comm.barrier().context("final barrier")?;
+    Ok(())
+}
+
+/// The model to measure and how the report names it: random preset weights (each rank builds
+/// only its shard) or the checkpoint of `--model`.
+fn load_model(args: &Args, comm: &mut dyn collectives::Communicator) -> Result<(Qwen2, String)> {
+    Ok(match args.preset {
         Some(preset) => {
             let config = preset.config();
             let plan = Plan::new(&config.shapes(), comm.world_size(), comm.rank())
@@ -184,70 +245,94 @@ pub fn run(args: &Args) -> Result<()> {
             let (model, _) = runtime::load(&prep, args.model.dtype, "bench")?;
             (model, prep.dir.display().to_string())
         }
-    };
-    let config = model.config.clone();
-    if p + k > config.max_position_embeddings {
-        bail!(
-            "--prompt-len {p} + --new-tokens {k} is longer than the model's context ({})",
-            config.max_position_embeddings
-        );
-    }
-    // Random prompt ids, the same on every rank.
+    })
+}
+
+/// `p` random prompt ids below `vocab`, the same on every rank.
+fn random_prompt(p: usize, vocab: usize) -> Vec<u32> {
     let mut s = 0x9e3779b97f4a7c15u64;
-    let prompt: Vec<u32> = (0..p)
+    (0..p)
         .map(|_| {
             s = s
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
-            ((s >> 33) % config.vocab_size as u64) as u32
+            ((s >> 33) % vocab as u64) as u32
         })
-        .collect();
-    model.reserve(p + k + 1);
+        .collect()
+}
 
-    let mut rounds = Vec::new();
-    let mut tokens = Vec::with_capacity(k);
-    let wall0 = Instant::now();
-    for _ in 0..args.rounds {
-        model.truncate_cache(0);
-        tokens.clear();
-        comm.barrier().context("barrier before a round")?;
-        let s0 = comm.stats();
-        model.set_profile(args.profile);
-        let t0 = Instant::now();
-        let mut tok = model.forward_argmax(comm, &prompt, 0)?;
-        let prefill_s = t0.elapsed().as_secs_f64();
-        let s1 = comm.stats();
-        let prefill_profile = model.profile().unwrap_or_default();
-        model.set_profile(args.profile);
-        let t1 = Instant::now();
-        for i in 0..k {
-            tokens.push(tok);
-            tok = model.forward_argmax(comm, &[tok], p + i)?;
-        }
-        let decode_s = t1.elapsed().as_secs_f64();
-        let s2 = comm.stats();
-        let profile = model.profile().unwrap_or_default();
-        rounds.push(Round {
-            prefill_s,
-            decode_s,
-            prefill_comm_s: comm_seconds(&s1) - comm_seconds(&s0),
-            decode_comm_s: comm_seconds(&s2) - comm_seconds(&s1),
-            decode_all_reduce_s: s2.get(OpKind::AllReduce).seconds
-                - s1.get(OpKind::AllReduce).seconds,
-            prefill_profile,
-            profile,
-        });
+/// One timed round: a prefill of `prompt` and `k` greedy decode steps from an empty cache; the
+/// decoded ids are left in `tokens`.
+fn measure_round(
+    model: &mut Qwen2,
+    comm: &mut dyn collectives::Communicator,
+    prompt: &[u32],
+    k: usize,
+    profile: bool,
+    tokens: &mut Vec<u32>,
+) -> Result<Round> {
+    let p = prompt.len();
+    model.truncate_cache(0);
+    tokens.clear();
+    comm.barrier().context("barrier before a round")?;
+    let s0 = comm.stats();
+    model.set_profile(profile);
+    let t0 = Instant::now();
+    let mut tok = model.forward_argmax(comm, prompt, 0)?;
+    let prefill_s = t0.elapsed().as_secs_f64();
+    let s1 = comm.stats();
+    let prefill_profile = model.profile().unwrap_or_default();
+    model.set_profile(profile);
+    let t1 = Instant::now();
+    for i in 0..k {
+        tokens.push(tok);
+        tok = model.forward_argmax(comm, &[tok], p + i)?;
     }
-    let wall_s = wall0.elapsed().as_secs_f64();
-    // Per-op totals of all rounds, taken before the bookkeeping all-gather below.
-    let ops = comm.stats();
-    let weight_bytes = model.weight_bytes();
-    // Every rank's resident bytes, for the per-rank maximum.
-    let mut all = vec![0u64; comm.world_size()];
-    comm.all_gather(&[weight_bytes as u64], &mut all)
-        .context("all-gather of the weight bytes")?;
+    let decode_s = t1.elapsed().as_secs_f64();
+    let s2 = comm.stats();
+    let profile = model.profile().unwrap_or_default();
+    Ok(Round {
+        prefill_s,
+        decode_s,
+        prefill_comm_s: comm_seconds(&s1) - comm_seconds(&s0),
+        decode_comm_s: comm_seconds(&s2) - comm_seconds(&s1),
+        decode_all_reduce_s: s2.get(OpKind::AllReduce).seconds - s1.get(OpKind::AllReduce).seconds,
+        prefill_profile,
+        profile,
+    })
+}
 
-    if comm.rank() == 0 {
+/// Everything rank 0 prints about a bench run.
+struct Report<'a> {
+    args: &'a Args,
+    source: &'a str,
+    world_size: usize,
+    p: usize,
+    k: usize,
+    rounds: &'a [Round],
+    tokens: &'a [u32],
+    ops: &'a CommStats,
+    wall_s: f64,
+    weight_bytes: usize,
+    /// Every rank's resident weight bytes.
+    all: &'a [u64],
+}
+
+/// The best rounds and the token rates of all rounds.
+struct Rates {
+    best_p: Round,
+    best_d: Round,
+    prefill: Vec<f64>,
+    decode: Vec<f64>,
+    pmin: f64,
+    pmax: f64,
+    dmin: f64,
+    dmax: f64,
+}
+
+impl Report<'_> {
+    fn rates(&self) -> Rates {
+        let (p, k, rounds) = (self.p, self.k, self.rounds);
         let best_p = rounds
             .iter()
             .min_by(|a, b| a.prefill_s.total_cmp(&b.prefill_s))
@@ -269,78 +354,118 @@ pub fn run(args: &Args) -> Result<()> {
         };
         let (pmin, pmax) = range(&prefill);
         let (dmin, dmax) = range(&decode);
-        let max_bytes = all.iter().copied().max().unwrap_or(0);
-        let isa = kernels::isa().name();
-        let threads = kernels::threads();
-        if args.json {
-            let j = serde_json::json!({
-                "model": source,
-                "world_size": comm.world_size(),
-                "threads_per_rank": threads,
-                "isa": isa,
-                "bf16_dot": kernels::bf16_dot(),
-                "prompt_len": p,
-                "new_tokens": k,
-                "rounds": args.rounds,
-                "timings": {
-                    "prefill_tok_s": pmax,
-                    "decode_tok_s": dmax,
-                    "prefill_s": best_p.prefill_s,
-                    "decode_s": best_d.decode_s,
-                    "prefill_tok_s_all": prefill,
-                    "decode_tok_s_all": decode,
-                },
-                "comm": {
-                    "prefill_s": best_p.prefill_comm_s,
-                    "decode_s": best_d.decode_comm_s,
-                    "prefill_share": best_p.prefill_comm_s / best_p.prefill_s.max(1e-12),
-                    "decode_share": best_d.decode_comm_s / best_d.decode_s.max(1e-12),
-                    "ops": ops,
-                    "wall_s": wall_s,
-                },
-                "weight_bytes_per_rank": all,
-                "weight_bytes_rank0": weight_bytes,
-                "weight_bytes_max": max_bytes,
-                "output_ids": tokens,
-                "prefill_profile_s": best_p.prefill_profile.iter().map(|(n, s)| (n.to_string(), serde_json::json!(*s))).collect::<serde_json::Map<_, _>>(),
-                "decode_profile_s": best_d.profile.iter().map(|(n, s)| (n.to_string(), serde_json::json!(*s))).collect::<serde_json::Map<_, _>>(),
-            });
-            println!("{j}");
-            eprint!("{}", ops.summary(wall_s));
-        } else {
-            eprint!("{}", ops.summary(wall_s));
-            println!(
-                "tprun bench: {source}, {} rank(s) x {threads} thread(s), {isa}{}, prompt {p}, {k} new tokens, best of {}",
-                comm.world_size(),
-                if kernels::bf16_dot() { " (bf16 dot prefill)" } else { "" },
-                args.rounds
-            );
-            println!(
-                "  prefill  {pmax:9.1} tok/s   (range {pmin:.1}..{pmax:.1})   collectives {:.1} ms ({:.1}%)",
-                best_p.prefill_comm_s * 1e3,
-                100.0 * best_p.prefill_comm_s / best_p.prefill_s.max(1e-12)
-            );
-            println!(
-                "  decode   {dmax:9.1} tok/s   (range {dmin:.1}..{dmax:.1})   collectives {:.1} ms ({:.1}%)",
-                best_d.decode_comm_s * 1e3,
-                100.0 * best_d.decode_comm_s / best_d.decode_s.max(1e-12)
-            );
-            println!(
-                "  weights  {:.1} MiB per rank (max over ranks {:.1} MiB)",
-                weight_bytes as f64 / (1 << 20) as f64,
-                max_bytes as f64 / (1 << 20) as f64
-            );
-            if !best_d.profile.is_empty() {
-                println!("  prefill profile (best round, rank 0, ms per prompt, % of prefill):");
-                print_profile(&best_p.prefill_profile, best_p.prefill_s, 1, None);
-                println!("  decode profile (best round, rank 0, ms per token, % of decode):");
-                let ar = Some(best_d.decode_all_reduce_s);
-                print_profile(&best_d.profile, best_d.decode_s, k, ar);
-            }
+        Rates {
+            best_p,
+            best_d,
+            prefill,
+            decode,
+            pmin,
+            pmax,
+            dmin,
+            dmax,
         }
     }
-    comm.barrier().context("final barrier")?;
-    Ok(())
+
+    fn max_bytes(&self) -> u64 {
+        self.all.iter().copied().max().unwrap_or(0)
+    }
+
+    /// `--json`: one object on stdout, the collectives summary on stderr.
+    fn print_json(&self) {
+        let Rates {
+            best_p,
+            best_d,
+            prefill,
+            decode,
+            pmax,
+            dmax,
+            ..
+        } = self.rates();
+        let profile_map = |parts: &[(&str, f64)]| {
+            parts
+                .iter()
+                .map(|(n, s)| (n.to_string(), serde_json::json!(*s)))
+                .collect::<serde_json::Map<_, _>>()
+        };
+        let j = serde_json::json!({
+            "model": self.source,
+            "world_size": self.world_size,
+            "threads_per_rank": kernels::threads(),
+            "isa": kernels::isa().name(),
+            "bf16_dot": kernels::bf16_dot(),
+            "prompt_len": self.p,
+            "new_tokens": self.k,
+            "rounds": self.args.rounds,
+            "timings": {
+                "prefill_tok_s": pmax,
+                "decode_tok_s": dmax,
+                "prefill_s": best_p.prefill_s,
+                "decode_s": best_d.decode_s,
+                "prefill_tok_s_all": prefill,
+                "decode_tok_s_all": decode,
+            },
+            "comm": {
+                "prefill_s": best_p.prefill_comm_s,
+                "decode_s": best_d.decode_comm_s,
+                "prefill_share": best_p.prefill_comm_s / best_p.prefill_s.max(1e-12),
+                "decode_share": best_d.decode_comm_s / best_d.decode_s.max(1e-12),
+                "ops": self.ops,
+                "wall_s": self.wall_s,
+            },
+            "weight_bytes_per_rank": self.all,
+            "weight_bytes_rank0": self.weight_bytes,
+            "weight_bytes_max": self.max_bytes(),
+            "output_ids": self.tokens,
+            "prefill_profile_s": profile_map(&best_p.prefill_profile),
+            "decode_profile_s": profile_map(&best_d.profile),
+        });
+        println!("{j}");
+        eprint!("{}", self.ops.summary(self.wall_s));
+    }
+
+    /// The human-readable report: the collectives summary on stderr, the table on stdout.
+    fn print_text(&self) {
+        let Rates {
+            best_p,
+            best_d,
+            pmin,
+            pmax,
+            dmin,
+            dmax,
+            ..
+        } = self.rates();
+        let (p, k, source) = (self.p, self.k, self.source);
+        let (isa, threads) = (kernels::isa().name(), kernels::threads());
+        eprint!("{}", self.ops.summary(self.wall_s));
+        println!(
+            "tprun bench: {source}, {} rank(s) x {threads} thread(s), {isa}{}, prompt {p}, {k} new tokens, best of {}",
+            self.world_size,
+            if kernels::bf16_dot() { " (bf16 dot prefill)" } else { "" },
+            self.args.rounds
+        );
+        println!(
+            "  prefill  {pmax:9.1} tok/s   (range {pmin:.1}..{pmax:.1})   collectives {:.1} ms ({:.1}%)",
+            best_p.prefill_comm_s * 1e3,
+            100.0 * best_p.prefill_comm_s / best_p.prefill_s.max(1e-12)
+        );
+        println!(
+            "  decode   {dmax:9.1} tok/s   (range {dmin:.1}..{dmax:.1})   collectives {:.1} ms ({:.1}%)",
+            best_d.decode_comm_s * 1e3,
+            100.0 * best_d.decode_comm_s / best_d.decode_s.max(1e-12)
+        );
+        println!(
+            "  weights  {:.1} MiB per rank (max over ranks {:.1} MiB)",
+            self.weight_bytes as f64 / (1 << 20) as f64,
+            self.max_bytes() as f64 / (1 << 20) as f64
+        );
+        if !best_d.profile.is_empty() {
+            println!("  prefill profile (best round, rank 0, ms per prompt, % of prefill):");
+            print_profile(&best_p.prefill_profile, best_p.prefill_s, 1, None);
+            println!("  decode profile (best round, rank 0, ms per token, % of decode):");
+            let ar = Some(best_d.decode_all_reduce_s);
+            print_profile(&best_d.profile, best_d.decode_s, k, ar);
+        }
+    }
 }
 
 /// One `--profile` table: each part's milliseconds per `per` steps and share of `total_s`.

@@ -411,6 +411,40 @@ fn avg_busbw(rows: &[Row]) -> f64 {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
+    check_sizes(args)?;
+    let mut comm = collectives::from_env().context("perf: cannot set up the collectives")?;
+    let n = comm.world_size();
+    let rank = comm.rank();
+    check_fits(args, n)?;
+    let ops = ops_of(args.op);
+    let sizes = doubling_sizes(args.min_bytes, args.max_bytes);
+    let mut all_rows = Vec::new();
+    for &op in &ops {
+        let rows = measure_op(comm.as_mut(), op, &sizes, args)?;
+        if rank == 0 && !args.json {
+            print_table(op, &rows, n, args);
+        }
+        all_rows.extend(rows);
+    }
+    if rank == 0 && args.json {
+        print_json(&ops, &all_rows, n, args);
+    }
+    if rank == 0 {
+        if let Some(path) = &args.plot {
+            let series = series_of(&all_rows);
+            crate::plot::busbw_svg(path, &plot_title(args.dtype.cli_name(), &[n]), &series)?;
+            eprintln!("tprun perf: wrote {}", path.display());
+        }
+    }
+    let wrong: u64 = all_rows.iter().filter_map(|r| r.wrong).sum();
+    if wrong > 0 {
+        bail!("perf --check: {wrong} wrong elements");
+    }
+    Ok(())
+}
+
+/// The size and iteration options make sense on their own (checked before the collectives start).
+fn check_sizes(args: &Args) -> anyhow::Result<()> {
     ensure!(args.min_bytes >= 1, "--min-bytes must be at least 1");
     ensure!(
         args.min_bytes <= args.max_bytes,
@@ -419,9 +453,11 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         args.max_bytes
     );
     ensure!(args.iters >= 1, "--iters must be at least 1");
-    let mut comm = collectives::from_env().context("perf: cannot set up the collectives")?;
-    let n = comm.world_size();
-    let rank = comm.rank();
+    Ok(())
+}
+
+/// `--root` names a rank of `n`, and the buffers of `n` ranks fit in this machine's memory.
+fn check_fits(args: &Args, n: usize) -> anyhow::Result<()> {
     ensure!(
         args.root < n,
         "--root {} is out of range for {n} ranks",
@@ -440,7 +476,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             ram as f64 / GIB
         );
     }
-    let ops: Vec<PerfOp> = match args.op {
+    Ok(())
+}
+
+/// The ops `--op` stands for, in table order.
+fn ops_of(op: PerfOp) -> Vec<PerfOp> {
+    match op {
         PerfOp::All => vec![
             PerfOp::AllReduce,
             PerfOp::AllGather,
@@ -448,71 +489,70 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
             PerfOp::Broadcast,
         ],
         op => vec![op],
-    };
+    }
+}
+
+/// `min`, `2 min`, `4 min`, ... up to `max` (and no further than u64 reaches).
+fn doubling_sizes(min: u64, max: u64) -> Vec<u64> {
     let mut sizes = Vec::new();
-    let mut s = args.min_bytes;
-    while s <= args.max_bytes {
+    let mut s = min;
+    while s <= max {
         sizes.push(s);
         s = match s.checked_mul(2) {
             Some(v) => v,
             None => break,
         };
     }
-    let mut all_rows = Vec::new();
-    for &op in &ops {
-        let mut rows: Vec<Row> = Vec::new();
-        for &size in &sizes {
-            let Some(mut case) = Case::new(op, args.dtype, size, n, rank, args.root) else {
-                continue;
-            };
-            // Sizes that round to an already measured one (all-gather on 3 ranks) are skipped.
-            if rows.last().is_some_and(|r| r.bytes == case.bytes_count().0) {
-                continue;
-            }
-            let row = bench_size(comm.as_mut(), &mut case, args)
-                .with_context(|| format!("perf {} at {size} bytes", op.name()))?;
-            rows.push(row);
+    sizes
+}
+
+/// One table: `op` at every size (on every rank, in step).
+fn measure_op(
+    comm: &mut dyn Communicator,
+    op: PerfOp,
+    sizes: &[u64],
+    args: &Args,
+) -> anyhow::Result<Vec<Row>> {
+    let (n, rank) = (comm.world_size(), comm.rank());
+    let mut rows: Vec<Row> = Vec::new();
+    for &size in sizes {
+        let Some(mut case) = Case::new(op, args.dtype, size, n, rank, args.root) else {
+            continue;
+        };
+        // Sizes that round to an already measured one (all-gather on 3 ranks) are skipped.
+        if rows.last().is_some_and(|r| r.bytes == case.bytes_count().0) {
+            continue;
         }
-        if rank == 0 && !args.json {
-            print_table(op, &rows, n, args);
-        }
-        all_rows.extend(rows);
+        let row = bench_size(comm, &mut case, args)
+            .with_context(|| format!("perf {} at {size} bytes", op.name()))?;
+        rows.push(row);
     }
-    if rank == 0 && args.json {
-        let avg: serde_json::Map<String, serde_json::Value> = ops
-            .iter()
-            .map(|op| {
-                let rows: Vec<Row> = all_rows
-                    .iter()
-                    .filter(|r| r.op == op.name())
-                    .cloned()
-                    .collect();
-                (op.name().to_string(), serde_json::json!(avg_busbw(&rows)))
-            })
-            .collect();
-        let out = serde_json::json!({
-            "world_size": n,
-            "dtype": args.dtype.cli_name(),
-            "iters": args.iters,
-            "warmup": args.warmup,
-            "check": args.check,
-            "avg_busbw_gbps": avg,
-            "rows": all_rows,
-        });
-        println!("{out}");
-    }
-    if rank == 0 {
-        if let Some(path) = &args.plot {
-            let series = series_of(&all_rows);
-            crate::plot::busbw_svg(path, &plot_title(args.dtype.cli_name(), &[n]), &series)?;
-            eprintln!("tprun perf: wrote {}", path.display());
-        }
-    }
-    let wrong: u64 = all_rows.iter().filter_map(|r| r.wrong).sum();
-    if wrong > 0 {
-        bail!("perf --check: {wrong} wrong elements");
-    }
-    Ok(())
+    Ok(rows)
+}
+
+/// `--json`: one object with every row and each op's average bus bandwidth.
+fn print_json(ops: &[PerfOp], all_rows: &[Row], n: usize, args: &Args) {
+    let avg: serde_json::Map<String, serde_json::Value> = ops
+        .iter()
+        .map(|op| {
+            let rows: Vec<Row> = all_rows
+                .iter()
+                .filter(|r| r.op == op.name())
+                .cloned()
+                .collect();
+            (op.name().to_string(), serde_json::json!(avg_busbw(&rows)))
+        })
+        .collect();
+    let out = serde_json::json!({
+        "world_size": n,
+        "dtype": args.dtype.cli_name(),
+        "iters": args.iters,
+        "warmup": args.warmup,
+        "check": args.check,
+        "avg_busbw_gbps": avg,
+        "rows": all_rows,
+    });
+    println!("{out}");
 }
 
 /// One plot line per op of one run.
