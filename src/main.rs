@@ -5,7 +5,7 @@
 //! that process runs the built-in program.
 
 use std::ffi::OsString;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
@@ -61,20 +61,8 @@ fn main() -> ExitCode {
 
 fn real_main(cli: Cli) -> anyhow::Result<i32> {
     let in_rank = std::env::var_os(ROLE_VAR).is_some_and(|v| v == "rank");
-    let usage = |m: &str| -> anyhow::Error { launcher::LaunchError::Usage(m.into()).into() };
-    if let Some(Cmd::Compare(a)) = &cli.command {
-        if cli.trace.is_some() {
-            return Err(usage("--trace works with generate, logits, bench and perf"));
-        }
-        programs::compare::run(a)?;
-        return Ok(0);
-    }
-    if let Some(Cmd::Perf(a)) = &cli.command {
-        if !a.from.is_empty() {
-            // Plotting saved results runs here, without ranks.
-            programs::perf::plot_saved(a)?;
-            return Ok(0);
-        }
+    if let Some(code) = run_local(&cli)? {
+        return Ok(code);
     }
     // Built-in programs compute on the CPU only until issue 8; refuse before any rank starts, so
     // the user sees one line (a rank inherits the same argv and would refuse the same way).
@@ -82,68 +70,154 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
         return Err(programs::device::cuda_unavailable());
     }
     match (cli.command, in_rank) {
-        (Some(cmd), true) => {
+        (Some(cmd), true) => run_rank(cmd, cli.trace.as_deref()),
+        (Some(cmd), false) => launch_builtin(&cli.launch, &cmd, cli.trace.as_deref()),
+        (None, _) => launch_program(&cli.launch, cli.program, cli.trace.is_some()),
+    }
+}
+
+fn usage(m: &str) -> anyhow::Error {
+    launcher::LaunchError::Usage(m.into()).into()
+}
+
+/// The commands that run here, without ranks: `compare`, and `perf --from` (plotting saved
+/// results). `Some(exit code)` when the command was one of them.
+fn run_local(cli: &Cli) -> anyhow::Result<Option<i32>> {
+    match &cli.command {
+        Some(Cmd::Compare(a)) => {
             if cli.trace.is_some() {
-                collectives::trace::start_rank()?;
+                return Err(usage("--trace works with generate, logits, bench and perf"));
             }
-            match cmd {
-                Cmd::Generate(a) => programs::generate::run(&a)?,
-                Cmd::Logits(a) => programs::logits::run(&a)?,
-                Cmd::Bench(a) => programs::bench::run(&a)?,
-                Cmd::Perf(a) => programs::perf::run(&a)?,
-                Cmd::Compare(_) => unreachable!("compare runs before dispatch"),
-            }
-            if let Some(out) = &cli.trace {
-                let rank = std::env::var("RANK")
-                    .ok()
-                    .and_then(|r| r.parse().ok())
-                    .unwrap_or(0);
-                collectives::trace::finish_rank(out, rank)?;
-            }
-            Ok(0)
+            programs::compare::run(a)?;
+            Ok(Some(0))
         }
-        (Some(_), false) => {
-            let exe = std::env::current_exe()?;
-            let mut job = launcher::Job {
-                program: exe.into_os_string(),
-                args: std::env::args_os().skip(1).collect(),
-                env: vec![(ROLE_VAR.into(), "rank".into())],
-            };
-            // The ranks append their events to one memfd they inherit; merged here on success.
-            // It has no path, so nothing is left on disk even if tprun is killed.
-            let trace = match &cli.trace {
-                Some(out) => Some(collectives::trace::JobTrace::new(out)?),
-                None => None,
-            };
-            if let Some(t) = &trace {
-                let (k, v) = t.env();
-                job.env.push((k.into(), v.into()));
-            }
-            let res = launcher::run(&cli.launch, &job);
-            if let Some(t) = trace {
-                t.finish(matches!(res, Ok(0)))?;
-            }
-            res
+        Some(Cmd::Perf(a)) if !a.from.is_empty() => {
+            programs::perf::plot_saved(a)?;
+            Ok(Some(0))
         }
-        (None, _) => {
-            if cli.trace.is_some() {
-                return Err(usage(
-                    "--trace works with the built-in programs (generate, logits, bench, perf), not with `-- PROGRAM`",
-                ));
-            }
-            let mut it = cli.program.into_iter();
-            let Some(program) = it.next() else {
-                return Err(launcher::LaunchError::Usage(
-                    "nothing to run: give a built-in program (generate, logits, bench, perf) or `-- PROGRAM [ARGS]`".into(),
-                )
-                .into());
-            };
-            let job = launcher::Job {
-                program,
-                args: it.collect(),
-                env: Vec::new(),
-            };
-            launcher::run(&cli.launch, &job)
+        _ => Ok(None),
+    }
+}
+
+/// Inside a rank process: runs the built-in program, recording its trace when asked.
+fn run_rank(cmd: Cmd, trace: Option<&Path>) -> anyhow::Result<i32> {
+    if trace.is_some() {
+        collectives::trace::start_rank()?;
+    }
+    match cmd {
+        Cmd::Generate(a) => programs::generate::run(&a)?,
+        Cmd::Logits(a) => programs::logits::run(&a)?,
+        Cmd::Bench(a) => programs::bench::run(&a)?,
+        Cmd::Perf(a) => programs::perf::run(&a)?,
+        Cmd::Compare(_) => unreachable!("compare runs before dispatch"),
+    }
+    if let Some(out) = trace {
+        let rank = std::env::var("RANK")
+            .ok()
+            .and_then(|r| r.parse().ok())
+            .unwrap_or(0);
+        collectives::trace::finish_rank(out, rank)?;
+    }
+    Ok(0)
+}
+
+/// The launcher side of a built-in program: checks the model against the TP degree, then
+/// re-executes tprun once per rank with `TPRUN_ROLE=rank`.
+fn launch_builtin(
+    launch: &launcher::LaunchArgs,
+    cmd: &Cmd,
+    trace: Option<&Path>,
+) -> anyhow::Result<i32> {
+    check_model(launch, cmd)?;
+    let exe = std::env::current_exe()?;
+    let mut job = launcher::Job {
+        program: exe.into_os_string(),
+        args: std::env::args_os().skip(1).collect(),
+        env: vec![(ROLE_VAR.into(), "rank".into())],
+    };
+    // The ranks append their events to one memfd they inherit; merged here on success.
+    // It has no path, so nothing is left on disk even if tprun is killed.
+    let trace = match trace {
+        Some(out) => Some(collectives::trace::JobTrace::new(out)?),
+        None => None,
+    };
+    if let Some(t) = &trace {
+        let (k, v) = t.env();
+        job.env.push((k.into(), v.into()));
+    }
+    let res = launcher::run(launch, &job);
+    if let Some(t) = trace {
+        t.finish(matches!(res, Ok(0)))?;
+    }
+    res
+}
+
+/// `tprun [OPTIONS] -- PROGRAM [ARGS]`.
+fn launch_program(
+    launch: &launcher::LaunchArgs,
+    program: Vec<OsString>,
+    trace: bool,
+) -> anyhow::Result<i32> {
+    if trace {
+        return Err(usage(
+            "--trace works with the built-in programs (generate, logits, bench, perf), not with `-- PROGRAM`",
+        ));
+    }
+    let mut it = program.into_iter();
+    let Some(program) = it.next() else {
+        return Err(usage(
+            "nothing to run: give a built-in program (generate, logits, bench, perf) or `-- PROGRAM [ARGS]`",
+        ));
+    };
+    let job = launcher::Job {
+        program,
+        args: it.collect(),
+        env: Vec::new(),
+    };
+    launcher::run(launch, &job)
+}
+
+/// The number of ranks `-n` asks for, `auto` resolved as the launcher resolves it on the CPU
+/// (one rank per physical core; built-in programs refuse `--device cuda` before this).
+fn world_size(launch: &launcher::LaunchArgs) -> usize {
+    match launch.nproc_per_node {
+        launcher::Nproc::Count(n) => n,
+        launcher::Nproc::Auto => {
+            launcher::cpus::physical_cores(&launcher::cpus::allowed_cpus())
+                .len()
+                .max(1)
         }
     }
+}
+
+/// Reads the model's config.json once, here, and checks that it can be split over the requested
+/// ranks, so that a bad model or TP degree is one line before any rank starts rather than one
+/// per rank (docs/DESIGN.md, "Tensor-parallel layout"). A missing or corrupt config is a setup
+/// error (exit 1), a TP degree the model does not allow a usage error (exit 2).
+fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
+    let (what, config) = match cmd {
+        Cmd::Bench(a) if a.preset.is_some() => {
+            let preset = a.preset.expect("checked");
+            (format!("preset {}", preset.name()), preset.config())
+        }
+        Cmd::Generate(programs::generate::Args { model, .. })
+        | Cmd::Logits(programs::logits::Args { model, .. })
+        | Cmd::Bench(programs::bench::Args { model, .. }) => {
+            let dir = programs::runtime::model_dir(model);
+            if !dir.is_dir() {
+                if dir.exists() {
+                    anyhow::bail!("model directory {} is not a directory", dir.display());
+                }
+                anyhow::bail!("model directory {} does not exist", dir.display());
+            }
+            let config = rank::config::Config::from_dir(&dir)?;
+            (format!("model directory {}", dir.display()), config)
+        }
+        Cmd::Perf(_) | Cmd::Compare(_) => return Ok(()),
+    };
+    let n = world_size(launch);
+    if let Err(e) = rank::plan::Plan::new(&config.shapes(), n, 0) {
+        return Err(usage(&format!("{what}: {e:#}")));
+    }
+    Ok(())
 }

@@ -823,65 +823,93 @@ fn bad_model(case: &str, m: &str, want: &[&str], for_logits: bool) {
     }
 }
 
+/// Like [`bad_model`] for a model whose directory or config.json is bad: tprun reads config.json
+/// before any rank starts (docs/DESIGN.md, "Command line"), so the error is one line from tprun
+/// itself, exit 1, and no rank runs.
+fn bad_config(case: &str, m: &str, want: &[&str]) {
+    let out = std::env::temp_dir().join(format!("tprun-faults-cfg-{}.st", std::process::id()));
+    let logits = [
+        "-n",
+        "2",
+        "logits",
+        "--model",
+        m,
+        "--input-ids",
+        "1,2",
+        "--out",
+        out.to_str().unwrap(),
+    ];
+    let generate = ["-n", "2", "generate", "--model", m, "--prompt", "hi"];
+    for (program, args) in [("generate", &generate[..]), ("logits", &logits[..])] {
+        let case = format!("{program}: {case}");
+        let o = run(args, &[]);
+        clear_error(&case, &o, want);
+        assert_eq!(o.code, 1, "{case}: {}", o.stderr);
+        let lines: Vec<&str> = o.stderr.lines().collect();
+        assert!(
+            lines.len() == 1 && lines[0].starts_with("tprun: error: "),
+            "{case}: not one line from tprun:\n{}",
+            o.stderr
+        );
+        assert!(summary_pids(&o.stderr).is_empty(), "{case}: no rank may start");
+        assert!(o.stdout.is_empty(), "{case}: {}", o.stdout);
+        assert!(!out.exists(), "{case}: logits wrote {}", out.display());
+    }
+}
+
 #[test]
 fn bad_model_directories_and_configs() {
     let file = fixture(TINY).join("config.json");
     let f = file.to_str().unwrap();
-    bad_model(
+    bad_config(
         "model path is a file",
         f,
         &["model directory", f, "is not a directory"],
-        true,
     );
 
     let m = TempDir::copy_of("faults", "nocfg", TINY, &[]);
     std::fs::remove_file(m.join("config.json")).unwrap();
-    bad_model(
+    bad_config(
         "config.json missing",
         &m.s(),
         &["cannot read", "config.json", "No such file or directory"],
-        true,
     );
     std::fs::create_dir(m.join("config.json")).unwrap();
-    bad_model(
+    bad_config(
         "config.json unreadable (a directory)",
         &m.s(),
         &["cannot read", "config.json", "Is a directory"],
-        true,
     );
 
     let m = TempDir::copy_of("faults", "cfg", TINY, &[]);
     let full = std::fs::read(m.join("config.json")).unwrap();
     std::fs::write(m.join("config.json"), &full[..full.len() / 2]).unwrap();
-    bad_model(
+    bad_config(
         "config.json truncated",
         &m.s(),
         &["config.json", "not valid JSON"],
-        true,
     );
     std::fs::write(m.join("config.json"), &full).unwrap();
     edit_json(&m.join("config.json"), |c| {
         c.insert("vocab_size".into(), "big".into());
     });
-    bad_model(
+    bad_config(
         "config.json vocab_size a string",
         &m.s(),
         &["config.json", "vocab_size"],
-        true,
     );
     edit_json(&m.join("config.json"), |c| {
         c.insert("vocab_size".into(), 448.into());
         c.insert("num_attention_heads".into(), 3.into());
         c.insert("num_key_value_heads".into(), 3.into());
     });
-    bad_model(
+    bad_config(
         "config.json heads not dividing hidden_size",
         &m.s(),
         &[
             "config.json",
             "hidden_size (64) is not divisible by num_attention_heads (3)",
         ],
-        true,
     );
     edit_json(&m.join("config.json"), |c| {
         c.insert("num_attention_heads".into(), 4.into());
