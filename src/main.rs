@@ -182,11 +182,9 @@ fn launch_program(
 fn world_size(launch: &launcher::LaunchArgs) -> usize {
     match launch.nproc_per_node {
         launcher::Nproc::Count(n) => n,
-        launcher::Nproc::Auto => {
-            launcher::cpus::physical_cores(&launcher::cpus::allowed_cpus())
-                .len()
-                .max(1)
-        }
+        launcher::Nproc::Auto => launcher::cpus::physical_cores(&launcher::cpus::allowed_cpus())
+            .len()
+            .max(1),
     }
 }
 

@@ -28,7 +28,8 @@ use common::{
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");
 /// Deadline of one tprun run in this suite (a hang detector, far above any normal run).
 const RUN_LIMIT: Duration = Duration::from_secs(60);
-/// Everything must be gone this long after a fault (DESIGN section 1 plus the grace period).
+/// Everything must be gone this long after a fault (docs/DESIGN.md, "Command line": teardown
+/// starts within 1 s, plus the grace period).
 const GONE_LIMIT: Duration = Duration::from_secs(10);
 
 // ---------------------------------------------------------------------------------------------
@@ -851,7 +852,10 @@ fn bad_config(case: &str, m: &str, want: &[&str]) {
             "{case}: not one line from tprun:\n{}",
             o.stderr
         );
-        assert!(summary_pids(&o.stderr).is_empty(), "{case}: no rank may start");
+        assert!(
+            summary_pids(&o.stderr).is_empty(),
+            "{case}: no rank may start"
+        );
         assert!(o.stdout.is_empty(), "{case}: {}", o.stdout);
         assert!(!out.exists(), "{case}: logits wrote {}", out.display());
     }

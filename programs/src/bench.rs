@@ -1,6 +1,7 @@
 //! `tprun bench`: prefill and greedy-decode throughput of the TP model, time in collectives and
-//! resident weight bytes per rank (DESIGN section 2). `--preset` builds random weights of a real
-//! Qwen2.5 model's shapes in memory, each rank only its shard, so no download is needed.
+//! resident weight bytes per rank (docs/DESIGN.md, "Command line"). `--preset` builds random
+//! weights of a real Qwen2.5 model's shapes in memory, each rank only its shard, so no download
+//! is needed.
 
 use std::time::Instant;
 

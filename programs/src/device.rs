@@ -2,8 +2,9 @@
 //! written, so `--device cuda` fails up front with one line saying what is missing on this
 //! machine and build, in the order a user would fix it (build feature, driver, the code itself).
 //!
-//! The default stays `cpu` even where a GPU is usable (DESIGN says cuda then): defaulting to a
-//! path that can only refuse would break every plain `tprun generate` on a GPU machine.
+//! The default stays `cpu` even where a GPU is usable (the contract says cuda then; see
+//! docs/DESIGN.md, "Command line"): defaulting to a path that can only refuse would break every
+//! plain `tprun generate` on a GPU machine.
 
 /// The error for a build without the `cuda` feature.
 pub const NO_CUDA_BUILD: &str =
