@@ -6,6 +6,7 @@
 //! rank gets bit-identical results whatever the algorithm.
 
 pub mod error;
+pub mod files;
 pub mod local;
 pub mod reduce;
 pub mod shm;

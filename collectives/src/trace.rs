@@ -357,23 +357,10 @@ pub fn merge(ranks: Vec<(usize, Vec<Value>)>, out: &Path) -> anyhow::Result<usiz
         "otherData": {"clock": "CLOCK_MONOTONIC, microseconds since the job's first event",
                        "world_size": world},
     });
-    let tmp = {
-        let mut s = out.as_os_str().to_owned();
-        s.push(".tmp");
-        PathBuf::from(s)
-    };
-    let res = (|| -> anyhow::Result<()> {
-        let mut f = std::io::BufWriter::new(std::fs::File::create(&tmp)?);
-        serde_json::to_writer(&mut f, &doc)?;
-        f.flush()?;
-        drop(f);
-        std::fs::rename(&tmp, out)?;
-        Ok(())
-    })();
-    if let Err(e) = res {
-        let _ = std::fs::remove_file(&tmp);
-        return Err(e).with_context(|| format!("cannot write trace {}", out.display()));
-    }
+    // Replaced atomically, or written in place when it is a device or pipe (`/dev/stdout`).
+    let bytes = serde_json::to_vec(&doc)?;
+    crate::files::write_output(out, &bytes)
+        .with_context(|| format!("cannot write trace {}", out.display()))?;
     Ok(n)
 }
 

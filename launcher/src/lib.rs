@@ -8,6 +8,7 @@
 
 pub mod cpus;
 mod output;
+mod reaper;
 mod signals;
 mod spawn;
 mod supervise;
@@ -76,28 +77,39 @@ pub enum CpuBind {
     Cores,
 }
 
+/// Most ranks `-n` accepts: far beyond any machine, small enough that the per-rank tables tprun
+/// builds before starting them cannot exhaust memory.
+pub const MAX_RANKS: usize = 4096;
+/// Longest `--grace-period` / `--timeout` (about 3 years): later deadlines would overflow the clock.
+pub const MAX_SECS: f64 = 1e8;
+
 fn parse_nproc(s: &str) -> Result<Nproc, String> {
     if s == "auto" {
         return Ok(Nproc::Auto);
     }
     match s.parse::<usize>() {
-        Ok(0) => Err("must be at least 1".into()),
-        Ok(n) => Ok(Nproc::Count(n)),
-        Err(_) => Err("expected a positive number or `auto`".into()),
+        Ok(n @ 1..=MAX_RANKS) => Ok(Nproc::Count(n)),
+        _ => Err(format!(
+            "expected `auto` or a number of ranks in 1..={MAX_RANKS}"
+        )),
     }
 }
 
 fn parse_secs(s: &str) -> Result<Duration, String> {
-    let v: f64 = s
-        .parse()
-        .map_err(|_| "expected a number of seconds".to_string())?;
-    Duration::try_from_secs_f64(v).map_err(|_| "expected a non-negative number of seconds".into())
+    let range = || format!("expected a number of seconds in 0..={MAX_SECS:.0}");
+    let v: f64 = s.trim().parse().map_err(|_| range())?;
+    if !(0.0..=MAX_SECS).contains(&v) {
+        return Err(range());
+    }
+    Duration::try_from_secs_f64(v).map_err(|_| range())
 }
 
 fn parse_timeout(s: &str) -> Result<Duration, String> {
     let d = parse_secs(s)?;
     if d.is_zero() {
-        return Err("must be more than 0".into());
+        return Err(format!(
+            "expected a number of seconds in 0..={MAX_SECS:.0}, more than 0"
+        ));
     }
     Ok(d)
 }
@@ -144,7 +156,9 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
 /// Must be called from the thread that lives for the whole job (normally main): PR_SET_PDEATHSIG
 /// fires when the thread that spawned a rank exits.
 pub fn run(launch: &LaunchArgs, job: &Job) -> anyhow::Result<i32> {
-    let plan = spawn::Plan::new(launch, job)?;
+    // Before anything that can hit an inherited limit or disposition (the segment, the logs).
+    signals::reset_inherited()?;
+    let plan = spawn::LaunchPlan::new(launch, job)?;
     let segment = collectives::shm::JobSegment::create(plan.world_size).map_err(|e| {
         anyhow::anyhow!(
             "cannot set up the job's shared memory for {} ranks: {e}",
@@ -153,4 +167,24 @@ pub fn run(launch: &LaunchArgs, job: &Job) -> anyhow::Result<i32> {
     })?;
     supervise::run(plan, launch, &segment)
     // `segment` drops here, after every rank has been reaped.
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_numbers_are_refused_with_the_range() {
+        for bad in ["1e19", "inf", "NaN", "-1", "1e300", "100000001"] {
+            let e = parse_secs(bad).unwrap_err();
+            assert!(e.contains("0..=100000000"), "{bad}: {e}");
+            assert!(parse_timeout(bad).is_err(), "{bad}");
+        }
+        assert_eq!(parse_secs("1e8").unwrap(), Duration::from_secs(100_000_000));
+        assert!(parse_timeout("0").is_err());
+        for bad in ["0", "4097", "18446744073709551615", "99999999999999999999"] {
+            assert!(parse_nproc(bad).unwrap_err().contains("1..=4096"), "{bad}");
+        }
+        assert_eq!(parse_nproc("4096"), Ok(Nproc::Count(4096)));
+    }
 }

@@ -10,7 +10,9 @@
 use std::collections::VecDeque;
 use std::fs::File;
 use std::io::{self, Read, Write};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
+use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -44,24 +46,39 @@ enum Msg {
     Abandon,
 }
 
+/// Console bytes counted on both sides of the channel, to tell how many never reached it.
+#[derive(Default)]
+struct Counts {
+    /// Bytes readers took from the ranks for the console, and tprun notes offered.
+    offered: AtomicU64,
+    /// Of those, bytes the writer took off the channel.
+    taken: AtomicU64,
+    /// Tells the writer to stop at its next wake-up (set when tprun stops waiting on it).
+    abandon: AtomicBool,
+}
+
 /// The running relay: hand it each rank's pipes with [`Relay::attach`].
 pub(crate) struct Relay {
     tx: SyncSender<Msg>,
     show_rank: Option<usize>,
     writer: JoinHandle<()>,
+    counts: Arc<Counts>,
 }
 
 impl Relay {
     pub fn start(world_size: usize, prefix: bool, show_rank: Option<usize>) -> io::Result<Relay> {
         // Bounded, so a slow console slows the ranks down instead of growing tprun's memory.
         let (tx, rx) = sync_channel(256);
+        let counts = Arc::new(Counts::default());
+        let c = Arc::clone(&counts);
         let writer = std::thread::Builder::new()
             .name("tprun-output".into())
-            .spawn(move || Writer::new(world_size, prefix).run(rx))?;
+            .spawn(move || Writer::new(world_size, prefix).run(rx, &c))?;
         Ok(Relay {
             tx,
             show_rank,
             writer,
+            counts,
         })
     }
 
@@ -76,30 +93,62 @@ impl Relay {
         let show = self.show_rank.unwrap_or(rank) == rank;
         let _ = self.tx.send(Msg::Opened);
         let tx = self.tx.clone();
+        let counts = Arc::clone(&self.counts);
         let started = std::thread::Builder::new()
             .name(format!("tprun-rank{rank}-{stream}"))
-            .spawn(move || read_pipe(rank, stream, pipe, log, show, tx));
+            .spawn(move || read_pipe(rank, stream, pipe, log, show, tx, &counts));
         if started.is_err() {
             let _ = self.tx.send(Msg::Eof { rank, stream });
         }
         started.map(drop)
     }
 
-    /// Prints one line of tprun's own on stderr, in order with the ranks' output.
+    /// Prints one line of tprun's own on stderr, in order with the ranks' output. Never blocks:
+    /// the supervisor calls it, and a console nobody reads must not stop the job's teardown.
     pub fn note(&self, line: String) {
-        let _ = self.tx.send(Msg::Note(line));
+        self.counts
+            .offered
+            .fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+        let _ = self.tx.try_send(Msg::Note(line));
     }
 
-    /// Waits (at most `drain` plus a second) until every pipe is drained and printed.
-    pub fn finish(self, drain: Duration) {
-        let _ = self.tx.send(Msg::Close);
-        if !wait_finished(&self.writer, drain) {
-            // A full channel means the console itself is stuck; then don't wait on it either.
+    /// Waits (at most `drain` plus a second) until every pipe is drained and printed; never
+    /// blocks longer, even on a stuck console. Returns how many console bytes were not printed
+    /// (at least; bytes still in a rank's pipe are not counted).
+    pub fn finish(self, drain: Duration) -> u64 {
+        let closed = self.tx.try_send(Msg::Close).is_ok();
+        if !closed || !wait_finished(&self.writer, drain) {
+            // The console itself is stuck (or the pipes are held by escaped descendants).
+            self.counts.abandon.store(true, Ordering::SeqCst);
             let _ = self.tx.try_send(Msg::Abandon);
             wait_finished(&self.writer, Duration::from_secs(1));
         }
+        let c = &self.counts;
+        let dropped =
+            (c.offered.load(Ordering::SeqCst)).saturating_sub(c.taken.load(Ordering::SeqCst));
         if self.writer.is_finished() {
             let _ = self.writer.join();
+        }
+        // A writer still blocked in write(2) is left behind: tprun exits without joining it.
+        dropped
+    }
+}
+
+/// Writes tprun's final report to stderr, giving up after `limit` when stderr is stuck (a pipe
+/// nobody reads): the job's end must not wait on the console.
+pub(crate) fn write_stderr_bounded(bytes: &[u8], limit: Duration) {
+    if bytes.is_empty() {
+        return;
+    }
+    let bytes = bytes.to_vec();
+    let done = std::thread::Builder::new()
+        .name("tprun-report".into())
+        .spawn(move || {
+            let _ = io::stderr().lock().write_all(&bytes);
+        });
+    if let Ok(h) = done {
+        if wait_finished(&h, limit) {
+            let _ = h.join();
         }
     }
 }
@@ -122,6 +171,7 @@ fn read_pipe(
     mut log: Option<File>,
     show: bool,
     tx: SyncSender<Msg>,
+    counts: &Counts,
 ) {
     let mut buf = vec![0u8; 64 * 1024];
     loop {
@@ -134,11 +184,18 @@ fn read_pipe(
         if let Some(f) = &mut log {
             if let Err(e) = f.write_all(&buf[..n]) {
                 let name = if stream == STDOUT { "stdout" } else { "stderr" };
-                let _ = tx.send(Msg::Note(format!(
+                let line = format!(
                     "tprun: warning: cannot write rank {rank}'s {name}.log ({e}); it stops here"
-                )));
+                );
+                counts
+                    .offered
+                    .fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
+                let _ = tx.send(Msg::Note(line));
                 log = None;
             }
+        }
+        if show {
+            counts.offered.fetch_add(n as u64, Ordering::Relaxed);
         }
         if show
             && tx
@@ -209,16 +266,24 @@ impl Writer {
         }
     }
 
-    fn run(mut self, rx: Receiver<Msg>) {
+    fn run(mut self, rx: Receiver<Msg>, counts: &Counts) {
         let (mut readers, mut closed) = (0usize, false);
         loop {
+            if counts.abandon.load(Ordering::SeqCst) {
+                break;
+            }
             match rx.recv_timeout(TICK) {
                 Ok(Msg::Opened) => readers += 1,
                 Ok(Msg::Data {
                     rank,
                     stream,
                     bytes,
-                }) => self.on_data(rank, stream, &bytes),
+                }) => {
+                    counts
+                        .taken
+                        .fetch_add(bytes.len() as u64, Ordering::Relaxed);
+                    self.on_data(rank, stream, &bytes)
+                }
                 Ok(Msg::Eof { rank, stream }) => {
                     readers -= 1;
                     // A last line without newline is ended here.
@@ -230,6 +295,9 @@ impl Writer {
                     }
                 }
                 Ok(Msg::Note(line)) => {
+                    counts
+                        .taken
+                        .fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
                     self.break_line(STDERR);
                     self.sinks[STDERR].write(format!("{line}\n").as_bytes());
                     self.release(STDERR);

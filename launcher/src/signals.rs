@@ -72,6 +72,30 @@ impl Handlers {
     }
 }
 
+/// Undoes dispositions tprun may inherit that would break it: SIGCHLD ignored (children are then
+/// reaped by the kernel and waiting for a rank fails with ECHILD), the forwarded signals or
+/// SIGCHLD blocked (tprun would never see them). SIGXFSZ is ignored, so a file-size limit
+/// (RLIMIT_FSIZE) hit by the shared-memory segment, a log or the trace fails the write with EFBIG,
+/// which tprun reports, instead of killing tprun without a word. Ranks get SIGXFSZ's default back
+/// (spawn's pre_exec).
+pub(crate) fn reset_inherited() -> anyhow::Result<()> {
+    let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
+    let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: default and ignore dispositions run no code of ours.
+    unsafe {
+        sigaction(Signal::SIGCHLD, &dfl)
+            .map_err(|e| anyhow::anyhow!("cannot reset SIGCHLD: {e}"))?;
+        sigaction(Signal::SIGXFSZ, &ign)
+            .map_err(|e| anyhow::anyhow!("cannot ignore SIGXFSZ: {e}"))?;
+    }
+    let mut set = SigSet::empty();
+    for sig in FORWARDED.into_iter().chain([Signal::SIGCHLD]) {
+        set.add(sig);
+    }
+    set.thread_unblock()
+        .map_err(|e| anyhow::anyhow!("cannot unblock the forwarded signals: {e}"))
+}
+
 impl Drop for Handlers {
     fn drop(&mut self) {
         for (sig, prev) in self.old.drain(..) {

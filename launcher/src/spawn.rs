@@ -6,6 +6,7 @@ use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::IsTerminal;
 use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
@@ -26,7 +27,7 @@ pub(crate) struct RankSpec {
 }
 
 /// The resolved job: what to run, where, with which environment.
-pub(crate) struct Plan {
+pub(crate) struct LaunchPlan {
     pub world_size: usize,
     /// The program as the user named it (argv[0] and error messages) and as resolved on PATH.
     pub program: OsString,
@@ -41,33 +42,12 @@ pub(crate) struct Plan {
     pub ranks: Vec<RankSpec>,
 }
 
-impl Plan {
-    pub fn new(launch: &LaunchArgs, job: &Job) -> anyhow::Result<Plan> {
+impl LaunchPlan {
+    pub fn new(launch: &LaunchArgs, job: &Job) -> anyhow::Result<LaunchPlan> {
         let device = launch.device.unwrap_or(Device::Cpu);
         let allowed = cpus::allowed_cpus();
         let cores = cpus::physical_cores(&allowed);
-        let world_size = match launch.nproc_per_node {
-            Nproc::Count(n) => n,
-            Nproc::Auto if device == Device::Cuda => match cpus::gpu_count() {
-                0 => {
-                    return Err(LaunchError::Usage(
-                        "-n auto with --device cuda: no GPU is visible".into(),
-                    )
-                    .into())
-                }
-                n => n,
-            },
-            Nproc::Auto => cores.len().max(1),
-        };
-        if let Some(r) = launch.only_rank {
-            if r >= world_size {
-                return Err(LaunchError::Usage(format!(
-                    "--only-rank {r} is out of range: the job has {world_size} rank(s), 0..={}",
-                    world_size - 1
-                ))
-                .into());
-            }
-        }
+        let world_size = world_size(launch, device, &cores)?;
 
         let path_var = job
             .env
@@ -77,42 +57,11 @@ impl Plan {
             .map(|(_, v)| v.clone())
             .or_else(|| std::env::var_os("PATH"));
         let program_path = resolve_program(&job.program, path_var.as_deref())?;
-
-        let bind = launch.cpu_bind.unwrap_or(if world_size <= cores.len() {
-            CpuBind::Cores
-        } else {
-            CpuBind::None
-        });
-        if bind == CpuBind::Cores && world_size > cores.len() {
-            eprintln!(
-                "tprun: warning: {world_size} ranks share {} physical core(s) (--cpu-bind cores)",
-                cores.len()
-            );
-        }
-        let shares = cpus::shares(&cores, world_size);
-        let mut ranks = Vec::with_capacity(world_size);
-        for (r, share) in shares.into_iter().enumerate() {
-            let (cpus, omp_threads) = match bind {
-                CpuBind::Cores if !share.is_empty() => {
-                    let n = share.len();
-                    (Some(share.into_iter().flatten().collect()), n)
-                }
-                _ => (None, (cores.len() / world_size).max(1)),
-            };
-            let log = match &launch.log_dir {
-                Some(dir) => Some(open_logs(dir, r)?),
-                None => None,
-            };
-            ranks.push(RankSpec {
-                cpus,
-                omp_threads,
-                log,
-            });
-        }
+        let ranks = rank_specs(launch, &cores, world_size)?;
 
         let user_omp = std::env::var_os("OMP_NUM_THREADS").is_some()
             || job.env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
-        Ok(Plan {
+        Ok(LaunchPlan {
             world_size,
             program: job.program.clone(),
             program_path,
@@ -179,8 +128,8 @@ impl Plan {
         };
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: the closure runs in the child between fork and exec, where only
-        // async-signal-safe calls are allowed: it makes three raw syscalls (prctl, getppid,
-        // sched_setaffinity) on data prepared before the fork, and builds errors from raw errno
+        // async-signal-safe calls are allowed: it makes four raw syscalls (prctl, getppid,
+        // signal, sched_setaffinity) on data prepared before the fork, and builds errors from raw errno
         // values without allocating.
         unsafe {
             cmd.pre_exec(move || {
@@ -198,6 +147,10 @@ impl Plan {
                 if libc::getppid() != parent {
                     return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
                 }
+                // tprun ignores SIGXFSZ for itself (signals.rs); the program gets the default.
+                if libc::signal(libc::SIGXFSZ, libc::SIG_DFL) == libc::SIG_ERR {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if let Some(set) = &cpuset {
                     nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
                         .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
@@ -207,6 +160,73 @@ impl Plan {
         }
         Ok(cmd)
     }
+}
+
+/// The number of ranks `-n` asks for, checked against `--only-rank`.
+fn world_size(launch: &LaunchArgs, device: Device, cores: &[Vec<usize>]) -> anyhow::Result<usize> {
+    let world_size = match launch.nproc_per_node {
+        Nproc::Count(n) => n,
+        Nproc::Auto if device == Device::Cuda => match cpus::gpu_count() {
+            0 => {
+                return Err(LaunchError::Usage(
+                    "-n auto with --device cuda: no GPU is visible".into(),
+                )
+                .into())
+            }
+            n => n,
+        },
+        Nproc::Auto => cores.len().max(1),
+    };
+    if let Some(r) = launch.only_rank {
+        if r >= world_size {
+            return Err(LaunchError::Usage(format!(
+                "--only-rank {r} is out of range: the job has {world_size} rank(s), 0..={}",
+                world_size - 1
+            ))
+            .into());
+        }
+    }
+    Ok(world_size)
+}
+
+/// Each rank's CPUs, thread count and log files.
+fn rank_specs(
+    launch: &LaunchArgs,
+    cores: &[Vec<usize>],
+    world_size: usize,
+) -> anyhow::Result<Vec<RankSpec>> {
+    let bind = launch.cpu_bind.unwrap_or(if world_size <= cores.len() {
+        CpuBind::Cores
+    } else {
+        CpuBind::None
+    });
+    if bind == CpuBind::Cores && world_size > cores.len() {
+        eprintln!(
+            "tprun: warning: {world_size} ranks share {} physical core(s) (--cpu-bind cores)",
+            cores.len()
+        );
+    }
+    let shares = cpus::shares(cores, world_size);
+    let mut ranks = Vec::with_capacity(world_size);
+    for (r, share) in shares.into_iter().enumerate() {
+        let (cpus, omp_threads) = match bind {
+            CpuBind::Cores if !share.is_empty() => {
+                let n = share.len();
+                (Some(share.into_iter().flatten().collect()), n)
+            }
+            _ => (None, (cores.len() / world_size).max(1)),
+        };
+        let log = match &launch.log_dir {
+            Some(dir) => Some(open_logs(dir, r)?),
+            None => None,
+        };
+        ranks.push(RankSpec {
+            cpus,
+            omp_threads,
+            log,
+        });
+    }
+    Ok(ranks)
 }
 
 /// Finds `program` the way execvp would (a name with a `/` is a path, else searched on PATH) and
@@ -261,19 +281,28 @@ pub(crate) fn resolve_program(
     }))
 }
 
+/// Creates DIR/rank{r} and truncates its two logs. Neither the rank directory nor a log may be a
+/// symlink: a link planted there would make tprun overwrite whatever it points to.
 fn open_logs(dir: &Path, r: usize) -> anyhow::Result<(PathBuf, File, File)> {
     let rank_dir = dir.join(format!("rank{r}"));
-    std::fs::create_dir_all(&rank_dir).with_context(|| {
-        format!(
-            "--log-dir {}: cannot create {}",
-            dir.display(),
-            rank_dir.display()
-        )
-    })?;
+    let fail = |p: &Path| format!("--log-dir {}: cannot create {}", dir.display(), p.display());
+    std::fs::create_dir_all(&rank_dir).with_context(|| fail(&rank_dir))?;
+    let is_link = std::fs::symlink_metadata(&rank_dir).is_ok_and(|m| m.is_symlink());
+    if is_link {
+        anyhow::bail!("{}: it is a symbolic link", fail(&rank_dir));
+    }
     let open = |name: &str| {
         let p = rank_dir.join(name);
-        File::create(&p)
-            .with_context(|| format!("--log-dir {}: cannot create {}", dir.display(), p.display()))
+        std::fs::OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&p)
+            .map_err(|e| match e.raw_os_error() {
+                Some(libc::ELOOP) => anyhow::anyhow!("{}: it is a symbolic link", fail(&p)),
+                _ => anyhow::Error::new(e).context(fail(&p)),
+            })
     };
     let out = open("stdout.log")?;
     let err = open("stderr.log")?;

@@ -12,9 +12,10 @@ use collectives::shm::JobSegment;
 use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
-use crate::output::{Relay, STDERR, STDOUT};
+use crate::output::{self, Relay, STDERR, STDOUT};
+use crate::reaper;
 use crate::signals::Handlers;
-use crate::spawn::Plan;
+use crate::spawn::LaunchPlan;
 use crate::{LaunchArgs, LaunchError};
 
 /// How often the loop checks ranks, signals and deadlines (well under the 1 s reaction bound).
@@ -42,37 +43,125 @@ enum Cause {
     Timeout,
 }
 
+/// The monitor's state between ticks.
+struct Monitor<'a> {
+    launch: &'a LaunchArgs,
+    segment: &'a JobSegment,
+    relay: &'a Relay,
+    ranks: Vec<Rank>,
+    start: Instant,
+    cause: Option<Cause>,
+    /// Set once ranks got their first stop signal: when to send SIGKILL.
+    kill_at: Option<Instant>,
+    killed_at: Option<Instant>,
+}
+
 pub(crate) fn run(
-    mut plan: Plan,
+    mut plan: LaunchPlan,
     launch: &LaunchArgs,
     segment: &JobSegment,
 ) -> anyhow::Result<i32> {
     let mut handlers = Handlers::install()?;
+    reaper::become_subreaper()?;
     let relay = Relay::start(plan.world_size, !launch.no_prefix, launch.only_rank)
         .context("cannot start the output thread")?;
     let start = Instant::now();
+    let ranks = match start_all(&mut plan, segment, &relay) {
+        Ok(ranks) => ranks,
+        Err(e) => {
+            reaper::sweep(KILL_WAIT);
+            relay.finish(DRAIN_WAIT);
+            return Err(e);
+        }
+    };
+    let mut m = Monitor {
+        launch,
+        segment,
+        relay: &relay,
+        ranks,
+        start,
+        cause: None,
+        kill_at: None,
+        killed_at: None,
+    };
+    let res = m.watch(&mut handlers);
+    let code = m.exit_code();
+    let Monitor { ranks, cause, .. } = m;
+    // Unreaped ranks' groups (only those: a reaped rank's pid may be reused), then whatever the
+    // ranks left behind anywhere in the tree.
+    signal_groups(running(&ranks), Signal::SIGKILL);
+    let left = reaper::sweep(KILL_WAIT);
+    if left > 0 {
+        relay.note(format!(
+            "tprun: killed {left} process(es) the ranks left behind"
+        ));
+    }
+    let dropped = relay.finish(DRAIN_WAIT);
+    drop(handlers);
+    res?;
+    let mut report = String::new();
+    if dropped > 0 {
+        report = format!(
+            "tprun: the console was not reading: dropped at least {dropped} bytes of output\n"
+        );
+    }
+    if let Some(cause) = &cause {
+        report.push_str(&summary(cause, &ranks, launch));
+    }
+    output::write_stderr_bounded(report.as_bytes(), DRAIN_WAIT);
+    Ok(code)
+}
 
+/// Starts every rank; on an error kills the ones already started.
+fn start_all(
+    plan: &mut LaunchPlan,
+    segment: &JobSegment,
+    relay: &Relay,
+) -> anyhow::Result<Vec<Rank>> {
     let mut ranks: Vec<Rank> = Vec::with_capacity(plan.world_size);
     for r in 0..plan.world_size {
-        if let Err(e) = start_rank(&mut plan, r, segment, &relay, &mut ranks) {
+        if let Err(e) = start_rank(plan, r, segment, relay, &mut ranks) {
+            // None was reaped yet, so every pid here is still a rank's.
             signal_groups(&ranks, Signal::SIGKILL);
             for rk in &mut ranks {
                 let _ = rk.child.wait();
             }
-            relay.finish(DRAIN_WAIT);
             return Err(e);
         }
     }
+    Ok(ranks)
+}
 
-    let grace = launch.grace_period;
-    let mut cause: Option<Cause> = None;
-    // Set once ranks got their first stop signal: when to send SIGKILL.
-    let mut kill_at: Option<Instant> = None;
-    let mut killed_at: Option<Instant> = None;
-    loop {
-        let mut newly_failed = false;
-        let mut failed_now: Vec<usize> = Vec::new();
-        for (i, rk) in ranks.iter_mut().enumerate() {
+impl Monitor<'_> {
+    /// Ticks until every rank is reaped, or they outlived SIGKILL by [`KILL_WAIT`]. Never blocks
+    /// on output: notes to a stuck console are dropped, not waited for.
+    fn watch(&mut self, handlers: &mut Handlers) -> anyhow::Result<()> {
+        loop {
+            let failed_now = self.reap()?;
+            let newly_failed = self.on_failures(&failed_now);
+            if self.ranks.iter().all(|rk| rk.exit.is_some()) {
+                return Ok(());
+            }
+            if newly_failed {
+                self.stop(Signal::SIGTERM);
+            }
+            for (sig, nth) in handlers.poll() {
+                self.on_signal(sig, nth);
+            }
+            self.check_timeout();
+            if self.escalate() {
+                return Ok(());
+            }
+            std::thread::sleep(TICK);
+        }
+    }
+
+    /// Collects the exit status of ranks that ended; returns the indices of those that failed.
+    fn reap(&mut self) -> anyhow::Result<Vec<usize>> {
+        let unreaped: Vec<i32> = running(&self.ranks).map(|rk| rk.pid).collect();
+        reaper::reap_orphans(&unreaped);
+        let mut failed_now = Vec::new();
+        for (i, rk) in self.ranks.iter_mut().enumerate() {
             if rk.exit.is_some() {
                 continue;
             }
@@ -81,116 +170,126 @@ pub(crate) fn run(
                 .try_wait()
                 .with_context(|| format!("cannot wait for rank {} (pid {})", rk.rank, rk.pid))?;
             if let Some(st) = status {
-                rk.exit = Some((st, start.elapsed().as_secs_f64()));
+                rk.exit = Some((st, self.start.elapsed().as_secs_f64()));
                 if !st.success() {
                     failed_now.push(i);
                 }
             }
         }
+        Ok(failed_now)
+    }
+
+    /// Records the job's first failure; true when this tick found it.
+    fn on_failures(&mut self, failed_now: &[usize]) -> bool {
         // Of the ranks found dead in one tick, one killed by a signal is the likelier first
         // failure: the others may only have noticed it die (a collective reports a dead peer
         // within 0.1 s) and exited with an error of their own in the same tick.
+        let ranks = &self.ranks;
         let first = failed_now
             .iter()
             .copied()
             .find(|&i| ranks[i].exit.is_some_and(|(st, _)| st.signal().is_some()))
             .or(failed_now.first().copied());
-        if let (Some(i), None) = (first, &cause) {
-            let (rank, st) = (ranks[i].rank, ranks[i].exit.map(|(st, _)| st));
-            // Wake ranks blocked in a collective first, then stop them.
-            segment.abort(rank);
-            cause = Some(Cause::Failed(i));
-            if let Some(st) = st {
-                relay.note(format!(
-                    "tprun: rank {rank} failed ({}); stopping the other ranks",
-                    describe(st)
-                ));
-            }
-            newly_failed = true;
-        }
-        if ranks.iter().all(|rk| rk.exit.is_some()) {
-            break;
-        }
-        if newly_failed {
-            signal_groups(running(&ranks), Signal::SIGTERM);
-            kill_at.get_or_insert(Instant::now() + grace);
-        }
-
-        for (sig, nth) in handlers.poll() {
-            if sig == Signal::SIGINT && nth >= 2 {
-                if killed_at.is_none() {
-                    relay.note("tprun: second SIGINT: killing every rank".into());
-                    signal_groups(running(&ranks), Signal::SIGKILL);
-                    killed_at = Some(Instant::now());
-                }
-                continue;
-            }
-            let again = if sig == Signal::SIGINT {
-                "; Ctrl-C again to kill them now"
-            } else {
-                ""
-            };
-            relay.note(format!(
-                "tprun: got {sig}: forwarding it to every rank (SIGKILL after {}s{again})",
-                grace.as_secs_f64()
+        let (Some(i), None) = (first, &self.cause) else {
+            return false;
+        };
+        let (rank, st) = (ranks[i].rank, ranks[i].exit.map(|(st, _)| st));
+        // Wake ranks blocked in a collective first, then stop them.
+        self.segment.abort(rank);
+        self.cause = Some(Cause::Failed(i));
+        if let Some(st) = st {
+            self.relay.note(format!(
+                "tprun: rank {rank} failed ({}); stopping the other ranks",
+                describe(st)
             ));
-            signal_groups(running(&ranks), sig);
-            cause.get_or_insert(Cause::Signal(sig));
-            kill_at.get_or_insert(Instant::now() + grace);
         }
+        true
+    }
 
-        if let Some(limit) = launch.timeout {
-            if cause.is_none() && start.elapsed() >= limit {
-                relay.note(format!(
-                    "tprun: timeout: the job was still running after --timeout {}s; stopping every rank",
-                    limit.as_secs_f64()
-                ));
-                cause = Some(Cause::Timeout);
-                signal_groups(running(&ranks), Signal::SIGTERM);
-                kill_at.get_or_insert(Instant::now() + grace);
+    /// Sends `sig` to the running ranks and starts the grace period if it has not started.
+    fn stop(&mut self, sig: Signal) {
+        signal_groups(running(&self.ranks), sig);
+        let grace = self.launch.grace_period;
+        self.kill_at
+            .get_or_insert_with(|| Instant::now().checked_add(grace).unwrap_or_else(far_future));
+    }
+
+    fn on_signal(&mut self, sig: Signal, nth: usize) {
+        if sig == Signal::SIGINT && nth >= 2 {
+            if self.killed_at.is_none() {
+                self.relay
+                    .note("tprun: second SIGINT: killing every rank".into());
+                signal_groups(running(&self.ranks), Signal::SIGKILL);
+                self.killed_at = Some(Instant::now());
             }
+            return;
         }
+        let again = if sig == Signal::SIGINT {
+            "; Ctrl-C again to kill them now"
+        } else {
+            ""
+        };
+        self.relay.note(format!(
+            "tprun: got {sig}: forwarding it to every rank (SIGKILL after {}s{again})",
+            self.launch.grace_period.as_secs_f64()
+        ));
+        self.cause.get_or_insert(Cause::Signal(sig));
+        self.stop(sig);
+    }
 
-        if killed_at.is_none() && kill_at.is_some_and(|t| Instant::now() >= t) {
-            relay.note(format!(
+    fn check_timeout(&mut self) {
+        let Some(limit) = self.launch.timeout else {
+            return;
+        };
+        if self.cause.is_none() && self.start.elapsed() >= limit {
+            self.relay.note(format!(
+                "tprun: timeout: the job was still running after --timeout {}s; stopping every rank",
+                limit.as_secs_f64()
+            ));
+            self.cause = Some(Cause::Timeout);
+            self.stop(Signal::SIGTERM);
+        }
+    }
+
+    /// SIGKILL once the grace period is over; true when ranks outlived even that.
+    fn escalate(&mut self) -> bool {
+        if self.killed_at.is_none() && self.kill_at.is_some_and(|t| Instant::now() >= t) {
+            self.relay.note(format!(
                 "tprun: ranks still running {}s after SIGTERM: sending SIGKILL",
-                grace.as_secs_f64()
+                self.launch.grace_period.as_secs_f64()
             ));
-            signal_groups(running(&ranks), Signal::SIGKILL);
-            killed_at = Some(Instant::now());
+            signal_groups(running(&self.ranks), Signal::SIGKILL);
+            self.killed_at = Some(Instant::now());
         }
-        if killed_at.is_some_and(|t| t.elapsed() >= KILL_WAIT) {
-            let stuck: Vec<String> = running(&ranks).map(|rk| rk.rank.to_string()).collect();
-            relay.note(format!(
+        if self.killed_at.is_some_and(|t| t.elapsed() >= KILL_WAIT) {
+            let stuck: Vec<String> = running(&self.ranks).map(|rk| rk.rank.to_string()).collect();
+            self.relay.note(format!(
                 "tprun: rank(s) {} did not die after SIGKILL (uninterruptible?); giving up on them",
                 stuck.join(", ")
             ));
-            break;
+            return true;
         }
-        std::thread::sleep(TICK);
+        false
     }
 
-    // Processes a rank left behind in its process group go too (ranks are reaped by now, so
-    // their group ids are not reused while such members exist).
-    signal_groups(&ranks, Signal::SIGKILL);
-    relay.finish(DRAIN_WAIT);
-    drop(handlers);
-
-    let code = match &cause {
-        None => 0,
-        Some(Cause::Failed(r)) => ranks[*r].exit.map_or(1, |(st, _)| exit_code(st)),
-        Some(Cause::Signal(sig)) => 128 + *sig as i32,
-        Some(Cause::Timeout) => TIMEOUT_EXIT,
-    };
-    if let Some(cause) = &cause {
-        eprint!("{}", summary(cause, &ranks, launch));
+    fn exit_code(&self) -> i32 {
+        match &self.cause {
+            None => 0,
+            Some(Cause::Failed(r)) => self.ranks[*r].exit.map_or(1, |(st, _)| exit_code(st)),
+            Some(Cause::Signal(sig)) => 128 + *sig as i32,
+            Some(Cause::Timeout) => TIMEOUT_EXIT,
+        }
     }
-    Ok(code)
+}
+
+/// A deadline that never comes (for a grace period too long to add to the clock).
+fn far_future() -> Instant {
+    Instant::now() + Duration::from_secs(86_400 * 365 * 30)
 }
 
 /// Spawns rank `r` and hands its pipes to the relay; it joins `ranks` as soon as it runs.
 fn start_rank(
-    plan: &mut Plan,
+    plan: &mut LaunchPlan,
     r: usize,
     segment: &JobSegment,
     relay: &Relay,
@@ -226,15 +325,16 @@ fn running(ranks: &[Rank]) -> impl Iterator<Item = &Rank> {
     ranks.iter().filter(|rk| rk.exit.is_none())
 }
 
-/// Sends `sig` to each rank's process group (the rank and its children). Groups that are gone
-/// already are skipped silently.
+/// Sends `sig` to each rank's process group (the rank and its children). Only for unreaped
+/// ranks: the zombie holds the pid, so the group id cannot belong to anyone else.
 fn signal_groups<'a>(ranks: impl IntoIterator<Item = &'a Rank>, sig: Signal) {
     for rk in ranks {
+        debug_assert!(rk.exit.is_none(), "signalling reaped rank {}", rk.rank);
         let _ = killpg(Pid::from_raw(rk.pid), sig);
     }
 }
 
-fn spawn_error(plan: &Plan, r: usize, e: std::io::Error) -> anyhow::Error {
+fn spawn_error(plan: &LaunchPlan, r: usize, e: std::io::Error) -> anyhow::Error {
     let program = plan.program.to_string_lossy().into_owned();
     match e.raw_os_error() {
         Some(libc::ENOENT | libc::EACCES | libc::ENOEXEC | libc::ENOTDIR | libc::EISDIR) => {

@@ -40,8 +40,10 @@ pub fn busbw_svg(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<
     anyhow::ensure!(x0.is_finite(), "nothing to plot: no perf rows");
     let (x0, x1) = (x0.floor(), x1.ceil().max(x0.floor() + 1.0));
     let y1 = if y1 > 0.0 { y1 * 1.08 } else { 1.0 };
-    let draw = || -> Result<(), Box<dyn std::error::Error>> {
-        let root = SVGBackend::new(path, (960, 600)).into_drawing_area();
+    // Drawn into memory, then written by write_output (atomic replace, no partial file).
+    let mut svg = String::new();
+    let draw = |svg: &mut String| -> Result<(), Box<dyn std::error::Error>> {
+        let root = SVGBackend::with_string(svg, (960, 600)).into_drawing_area();
         root.fill(&WHITE)?;
         let mut chart = ChartBuilder::on(&root)
             .caption(title, ("sans-serif", 22))
@@ -86,8 +88,9 @@ pub fn busbw_svg(path: &Path, title: &str, series: &[Series]) -> anyhow::Result<
         root.present()?;
         Ok(())
     };
-    draw()
+    draw(&mut svg)
         .map_err(|e| anyhow::anyhow!("{e}"))
+        .and_then(|()| Ok(collectives::files::write_output(path, svg.as_bytes())?))
         .with_context(|| format!("cannot write plot {}", path.display()))
 }
 

@@ -182,5 +182,6 @@ pub fn write_f32_safetensors(path: &Path, tensors: &[(String, Vec<usize>, &[f32]
     // serialize + fs::write rather than serialize_to_file, whose I/O errors print as Debug.
     let bytes = safetensors::serialize(views, &None)
         .with_context(|| format!("cannot serialize {}", path.display()))?;
-    std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()))
+    collectives::files::write_output(path, &bytes)
+        .with_context(|| format!("cannot write {}", path.display()))
 }
