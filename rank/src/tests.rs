@@ -633,3 +633,19 @@ fn sharded_checkpoint_with_index() {
         assert_eq!(sharded, single[world - 1]);
     }
 }
+
+/// Before the fallible reserve this panicked ("capacity overflow") or aborted the process.
+#[test]
+fn a_kv_cache_too_large_is_an_error_with_its_size() {
+    let t = SHAPES[0];
+    let dir = tmpdir("kv-oom");
+    write_tiny(&dir, &t, 5);
+    let config = Config::from_dir(&dir).unwrap();
+    let plan = ShardPlan::new(&config.shapes(), 1, 0).unwrap();
+    let mut ck = Checkpoint::open(&dir).unwrap();
+    let mut model =
+        Qwen2::load(&mut ck, &config, &plan, WeightDtype::Auto, &mut |_, _| {}).unwrap();
+    let e = format!("{:#}", model.reserve(1 << 56).unwrap_err());
+    assert!(e.starts_with("KV cache: cannot allocate "), "{e}");
+    assert!(e.contains(" bytes"), "{e}");
+}
