@@ -202,19 +202,13 @@ fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
         | Cmd::Logits(programs::logits::Args { model, .. })
         | Cmd::Bench(programs::bench::Args { model, .. }) => {
             let dir = programs::runtime::model_dir(model);
-            if !dir.is_dir() {
-                if dir.exists() {
-                    anyhow::bail!("model directory {} is not a directory", dir.display());
-                }
-                anyhow::bail!("model directory {} does not exist", dir.display());
-            }
-            let config = rank::config::Config::from_dir(&dir)?;
+            let config = rank::ModelDir::open(&dir)?.config().clone();
             (format!("model directory {}", dir.display()), config)
         }
         Cmd::Perf(_) | Cmd::Compare(_) => return Ok(()),
     };
     let n = world_size(launch);
-    if let Err(e) = rank::plan::Plan::new(&config.shapes(), n, 0) {
+    if let Err(e) = rank::ShardPlan::new(&config.shapes(), n, 0) {
         return Err(usage(&format!("{what}: {e:#}")));
     }
     Ok(())

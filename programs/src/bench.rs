@@ -9,10 +9,10 @@ use anyhow::{bail, Context, Result};
 use collectives::{CommExt, CommStats, OpKind};
 
 use crate::runtime::{self, ModelArgs};
-use rank::config::Config;
-use rank::loader::{Slice, WeightDtype, Weights};
+use rank::model::config::Config;
+use rank::model::loader::{Slice, WeightDtype, Weights};
+use rank::model::plan::ShardPlan;
 use rank::model::{Qwen2, WeightSource};
-use rank::plan::Plan;
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
@@ -174,7 +174,7 @@ pub fn run(args: &Args) -> Result<()> {
         );
     }
     let prompt = random_prompt(p, config.vocab_size);
-    model.reserve(p + k + 1);
+    model.reserve(p + k + 1)?;
 
     let mut rounds = Vec::new();
     let mut tokens = Vec::with_capacity(k);
@@ -228,7 +228,7 @@ fn load_model(args: &Args, comm: &mut dyn collectives::Communicator) -> Result<(
     Ok(match args.preset {
         Some(preset) => {
             let config = preset.config();
-            let plan = Plan::new(&config.shapes(), comm.world_size(), comm.rank())
+            let plan = ShardPlan::new(&config.shapes(), comm.world_size(), comm.rank())
                 .with_context(|| format!("preset {}", preset.name()))?;
             let dtype = match args.model.dtype {
                 WeightDtype::F32 => WeightDtype::F32,
@@ -515,11 +515,11 @@ mod tests {
         let mut per_world = Vec::new();
         for world in [1, 2, 3] {
             let out = run_world(world, |r, comm| {
-                let plan = Plan::new(&config.shapes(), world, r)?;
+                let plan = ShardPlan::new(&config.shapes(), world, r)?;
                 let mut src = RandomWeights { seed: 7 };
                 let mut model =
                     Qwen2::load(&mut src, &config, &plan, WeightDtype::Bf16, &mut |_, _| {})?;
-                model.reserve(prompt.len() + 6);
+                model.reserve(prompt.len() + 6)?;
                 let opts = ForwardOptions {
                     logits: Logits::Last,
                     hidden_states: false,

@@ -92,7 +92,7 @@ pub fn compare_files(
     // The loader's header check first: its errors say what is wrong (safetensors' own errors
     // are bare names such as `HeaderTooLarge`).
     for (path, bytes) in [(a_path, a_bytes), (b_path, b_bytes)] {
-        rank::loader::parse_header(bytes)
+        rank::model::loader::parse_header(bytes)
             .with_context(|| format!("{} is not a valid safetensors file", path.display()))?;
     }
     let a = SafeTensors::deserialize(a_bytes)

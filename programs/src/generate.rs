@@ -27,11 +27,10 @@ use anyhow::{bail, Context, Result};
 use collectives::{CommExt, Communicator};
 
 use crate::runtime::{self, ModelArgs};
-use rank::chat::{self, ChatTemplate};
-use rank::config::Config;
 use rank::model::{ForwardOptions, Logits, Qwen2};
-use rank::sampling::{Sampler, Strategy};
-use rank::tokenize::{StreamDecoder, Tokenizer};
+use rank::text::chat::{self, ChatTemplate};
+use rank::text::sampling::{Sampler, Strategy};
+use rank::text::tokenizer::{StreamDecoder, Tokenizer};
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "input_ids"])))]
@@ -199,40 +198,6 @@ pub fn strategy(args: &Args) -> Strategy {
     }
 }
 
-/// End-of-sequence ids: `eos_token_id` of generation_config.json (an int or a list) when the
-/// file has one, else config.json's.
-pub fn eos_ids(dir: &Path, config: &Config) -> Result<Vec<u32>> {
-    let path = dir.join("generation_config.json");
-    if path.is_file() {
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("reading {}", path.display()))?;
-        let v: serde_json::Value =
-            serde_json::from_str(&text).with_context(|| format!("parsing {}", path.display()))?;
-        match v.get("eos_token_id") {
-            None | Some(serde_json::Value::Null) => {}
-            Some(e) => {
-                let ids: Option<Vec<u32>> = match e {
-                    serde_json::Value::Array(a) => a
-                        .iter()
-                        .map(|x| x.as_u64().and_then(|n| u32::try_from(n).ok()))
-                        .collect(),
-                    x => x
-                        .as_u64()
-                        .and_then(|n| u32::try_from(n).ok())
-                        .map(|n| vec![n]),
-                };
-                return ids.with_context(|| {
-                    format!(
-                        "{}: eos_token_id must be a token id or a list of them, not {e}",
-                        path.display()
-                    )
-                });
-            }
-        }
-    }
-    Ok(config.eos_token_ids.clone())
-}
-
 /// Why generation ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Stop {
@@ -378,12 +343,12 @@ pub fn run(args: &Args) -> Result<()> {
     runtime::set_compute_options(&args.model, comm.rank());
     let p = runtime::prepare(&args.model, &*comm)?;
     let rank0 = p.plan.rank == 0;
-    let tok = Tokenizer::load(&p.dir)?;
+    let tok = p.model.tokenizer()?;
     let prompt = encode_input(&p.dir, &tok, &input)?;
-    runtime::check_ids(&prompt.ids, &p.config)?;
+    p.config.check_ids(&prompt.ids, 0)?;
     let settings = Settings {
         max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
-        eos: eos_ids(&p.dir, &p.config)?,
+        eos: p.model.eos_ids()?,
         ignore_eos: args.ignore_eos,
     };
     let strategy = strategy(args);
@@ -500,7 +465,8 @@ mod tests {
     use std::path::PathBuf;
 
     use super::*;
-    use rank::loader::WeightDtype;
+    use rank::model::config::Config;
+    use rank::model::loader::WeightDtype;
     use rank::testing::run_world;
 
     const FIXTURES: [&str; 4] = [
@@ -639,8 +605,8 @@ mod tests {
     fn greedy_outputs(dir: &Path, world: usize) -> Vec<Vec<u32>> {
         let cs = cases(dir);
         let outs = run_world(world, |_, comm| {
-            let (mut model, config) = load(dir, comm)?;
-            let eos = eos_ids(dir, &config)?;
+            let (mut model, _config) = load(dir, comm)?;
+            let eos = rank::ModelDir::open(dir)?.eos_ids()?;
             let mut all = Vec::new();
             for c in &cs {
                 let settings = Settings {
@@ -770,7 +736,10 @@ mod tests {
         let dir = fixture("tiny-hub-bf16-tied");
         let config = Config::from_dir(&dir).unwrap();
         assert_eq!(config.eos_token_ids, vec![389]);
-        assert_eq!(eos_ids(&dir, &config).unwrap(), vec![389, 387]);
+        assert_eq!(
+            rank::ModelDir::open(&dir).unwrap().eos_ids().unwrap(),
+            vec![389, 387]
+        );
     }
 
     fn parse(argv: &[&str]) -> Result<Args, clap::Error> {

@@ -61,10 +61,10 @@ pub fn run(args: &Args) -> Result<()> {
     }
     let ids = match (&args.input_ids, &args.text) {
         (Some(ids), _) => ids.clone(),
-        (None, Some(text)) => runtime::tokenize(&p.dir, text)?,
+        (None, Some(text)) => p.model.tokenizer()?.encode(text, false)?,
         (None, None) => anyhow::bail!("give --input-ids or --text"),
     };
-    runtime::check_ids(&ids, &p.config)?;
+    p.config.check_ids(&ids, 0)?;
     let (mut model, load) = runtime::load(&p, args.model.dtype, "logits")?;
 
     let t0 = Instant::now();

@@ -1,17 +1,19 @@
 //! What every built-in rank program shares: the `--model`/`--dtype` options, finding the model,
-//! loading this rank's shard with a progress line, tokenising, and writing safetensors outputs.
+//! loading this rank's shard with a progress line, and writing safetensors outputs. Every file
+//! of the checkpoint is read through [`rank::ModelDir`].
 
 use std::io::{IsTerminal, Write};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use collectives::Communicator;
 
-use rank::config::Config;
-use rank::loader::{Checkpoint, WeightDtype};
+use rank::model::config::Config;
+use rank::model::loader::WeightDtype;
+use rank::model::plan::ShardPlan;
 use rank::model::Qwen2;
-use rank::plan::Plan;
+use rank::ModelDir;
 
 /// `--model` and `--dtype`, common to generate, logits and bench.
 #[derive(clap::Args, Debug, Clone)]
@@ -64,22 +66,23 @@ pub fn model_dir(args: &ModelArgs) -> PathBuf {
 /// A checkpoint's validated config and this rank's plan, before any weights are read.
 pub struct Prepared {
     pub dir: PathBuf,
+    pub model: ModelDir,
     pub config: Config,
-    pub plan: Plan,
+    pub plan: ShardPlan,
 }
 
 pub fn prepare(args: &ModelArgs, comm: &dyn Communicator) -> Result<Prepared> {
     let dir = model_dir(args);
-    if !dir.is_dir() {
-        if dir.exists() {
-            bail!("model directory {} is not a directory", dir.display());
-        }
-        bail!("model directory {} does not exist", dir.display());
-    }
-    let config = Config::from_dir(&dir)?;
-    let plan = Plan::new(&config.shapes(), comm.world_size(), comm.rank())
+    let model = ModelDir::open(&dir)?;
+    let config = model.config().clone();
+    let plan = ShardPlan::new(&config.shapes(), comm.world_size(), comm.rank())
         .with_context(|| format!("{}", dir.display()))?;
-    Ok(Prepared { dir, config, plan })
+    Ok(Prepared {
+        dir,
+        model,
+        config,
+        plan,
+    })
 }
 
 /// What loading cost this rank.
@@ -103,7 +106,7 @@ pub fn load(p: &Prepared, dtype: WeightDtype, program: &str) -> Result<(Qwen2, L
             dtype.name()
         );
     }
-    let mut ck = Checkpoint::open(&p.dir)?;
+    let mut ck = p.model.weights()?;
     let mut progress = |done: usize, total: usize| {
         if show && tty {
             eprint!("\rtprun {program}: layer {done}/{total}");
@@ -127,42 +130,6 @@ pub fn load(p: &Prepared, dtype: WeightDtype, program: &str) -> Result<(Qwen2, L
         );
     }
     Ok((model, stats))
-}
-
-/// Token ids of `text` with the checkpoint's `tokenizer.json`, without special tokens added.
-pub fn tokenize(dir: &Path, text: &str) -> Result<Vec<u32>> {
-    let path = dir.join("tokenizer.json");
-    let tok = tokenizers::Tokenizer::from_file(&path)
-        .map_err(|e| anyhow::anyhow!("cannot load {}: {e}", path.display()))?;
-    let enc = tok
-        .encode(text, false)
-        .map_err(|e| anyhow::anyhow!("cannot tokenize the text with {}: {e}", path.display()))?;
-    Ok(enc.get_ids().to_vec())
-}
-
-/// Checks prompt ids against the config before anything heavy happens.
-pub fn check_ids(ids: &[u32], config: &Config) -> Result<()> {
-    if ids.is_empty() {
-        bail!("the prompt is empty: give at least one token");
-    }
-    if let Some((i, &id)) = ids
-        .iter()
-        .enumerate()
-        .find(|(_, &id)| id as usize >= config.vocab_size)
-    {
-        bail!(
-            "token id {id} (position {i}) is outside the vocabulary (vocab_size {})",
-            config.vocab_size
-        );
-    }
-    if ids.len() > config.max_position_embeddings {
-        bail!(
-            "the prompt has {} tokens, more than the model's context (max_position_embeddings {})",
-            ids.len(),
-            config.max_position_embeddings
-        );
-    }
-    Ok(())
 }
 
 /// Writes f32 tensors `(name, shape, data)` to a safetensors file.

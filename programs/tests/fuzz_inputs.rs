@@ -8,9 +8,9 @@ use std::path::Path;
 use std::sync::OnceLock;
 
 use proptest::prelude::*;
-use rank::config::Config;
-use rank::loader::parse_header;
-use rank::plan::Plan;
+use rank::model::config::Config;
+use rank::model::loader::parse_header;
+use rank::model::plan::ShardPlan;
 use serde_json::{Map, Value};
 
 fn fixture(path: &str) -> Vec<u8> {
@@ -134,7 +134,7 @@ fn plans_for(c: &Config) {
     let s = c.shapes();
     for world in 1..=6 {
         for r in 0..world {
-            if let Ok(p) = Plan::new(&s, world, r) {
+            if let Ok(p) = ShardPlan::new(&s, world, r) {
                 assert!(p.q_heads.end <= s.heads, "{p:?}");
                 assert!(p.intermediate.end <= s.intermediate, "{p:?}");
                 assert!(p.vocab.end <= s.vocab, "{p:?}");

@@ -6,10 +6,10 @@ use std::path::{Path, PathBuf};
 
 use serde_json::Value;
 
-use crate::config::Config;
-use crate::loader::{Checkpoint, WeightDtype};
+use crate::model::config::Config;
+use crate::model::loader::{Checkpoint, WeightDtype};
+use crate::model::plan::ShardPlan;
 use crate::model::{ForwardOptions, Logits, Qwen2};
-use crate::plan::Plan;
 use crate::testing::run_world;
 use crate::tests::max_diff;
 
@@ -61,7 +61,7 @@ fn run_cases(dir: &Path, world: usize) -> (Vec<Vec<f32>>, Vec<Vec<f32>>) {
     let hs_case = c["hidden_states"]["case"].as_str().unwrap().to_string();
     let out = run_world(world, |r, comm| {
         let config = Config::from_dir(dir)?;
-        let plan = Plan::new(&config.shapes(), world, r)?;
+        let plan = ShardPlan::new(&config.shapes(), world, r)?;
         let mut model = Qwen2::load(
             &mut Checkpoint::open(dir)?,
             &config,
@@ -165,7 +165,7 @@ fn text_tokenizes_to_the_reference_ids() {
     for name in FIXTURES {
         let dir = fixture(name);
         for case in cases(&dir)["logits"].as_array().unwrap() {
-            let tok = crate::tokenize::Tokenizer::load(&dir).unwrap();
+            let tok = crate::text::tokenizer::Tokenizer::load(&dir).unwrap();
             let ids = tok.encode(case["text"].as_str().unwrap(), false).unwrap();
             assert_eq!(ids, ids_of(case), "{name} {}", case["name"]);
         }
@@ -193,7 +193,7 @@ fn tp2_ranks_hold_and_read_about_half_of_each_fixture() {
         let sizes = |world: usize| -> Vec<(usize, u64)> {
             run_world(world, |r, _comm| {
                 let config = Config::from_dir(&dir)?;
-                let plan = Plan::new(&config.shapes(), world, r)?;
+                let plan = ShardPlan::new(&config.shapes(), world, r)?;
                 let mut ck = Checkpoint::open(&dir)?;
                 let model =
                     Qwen2::load(&mut ck, &config, &plan, WeightDtype::Auto, &mut |_, _| {})?;

@@ -9,10 +9,10 @@ use std::path::{Path, PathBuf};
 use half::bf16;
 use serde_json::json;
 
-use crate::config::Config;
-use crate::loader::{Checkpoint, WeightDtype};
+use crate::model::config::Config;
+use crate::model::loader::{Checkpoint, WeightDtype};
+use crate::model::plan::ShardPlan;
 use crate::model::{ForwardOptions, Logits, Qwen2};
-use crate::plan::Plan;
 use crate::testing::run_world;
 
 pub(crate) struct Rng(u64);
@@ -345,7 +345,7 @@ fn run_tp(
 ) -> Vec<(Vec<f32>, usize, u64)> {
     run_world(world, |r, comm| {
         let config = Config::from_dir(dir)?;
-        let plan = Plan::new(&config.shapes(), world, r)?;
+        let plan = ShardPlan::new(&config.shapes(), world, r)?;
         let mut ck = Checkpoint::open(dir)?;
         let mut model = Qwen2::load(&mut ck, &config, &plan, dtype, &mut |_, _| {})?;
         let logits = model.forward(comm, ids, 0)?;
@@ -439,7 +439,7 @@ fn decode_step_by_step_equals_prefill() {
     for world in [1, 3] {
         let out = run_world(world, |r, comm| {
             let config = Config::from_dir(&dir)?;
-            let plan = Plan::new(&config.shapes(), world, r)?;
+            let plan = ShardPlan::new(&config.shapes(), world, r)?;
             let mut model = Qwen2::load(
                 &mut Checkpoint::open(&dir)?,
                 &config,
@@ -523,7 +523,7 @@ fn bf16_storage_of_f32_checkpoint_is_close() {
 fn load_err(dir: &Path, world: usize) -> String {
     let r = run_world(world, |r, _comm| {
         let config = Config::from_dir(dir)?;
-        let plan = Plan::new(&config.shapes(), world, r)?;
+        let plan = ShardPlan::new(&config.shapes(), world, r)?;
         Qwen2::load(
             &mut Checkpoint::open(dir)?,
             &config,
@@ -544,7 +544,7 @@ fn bad_inputs_are_clear_errors() {
     // Token out of range, prompt past the context.
     let errs = run_world(2, |r, comm| {
         let config = Config::from_dir(&dir)?;
-        let plan = Plan::new(&config.shapes(), 2, r)?;
+        let plan = ShardPlan::new(&config.shapes(), 2, r)?;
         let mut model = Qwen2::load(
             &mut Checkpoint::open(&dir)?,
             &config,
@@ -558,7 +558,7 @@ fn bad_inputs_are_clear_errors() {
     });
     let (e1, e2) = errs.into_iter().next().unwrap().unwrap();
     assert!(
-        e1.contains("token id 37 at position 1 is outside the vocabulary (vocab_size 37)"),
+        e1.contains("token id 37 (position 1) is outside the vocabulary (vocab_size 37)"),
         "{e1}"
     );
     assert!(
@@ -566,7 +566,7 @@ fn bad_inputs_are_clear_errors() {
         "{e2}"
     );
     // TP degree larger than the number of heads.
-    let e = Plan::new(&Config::from_dir(&dir).unwrap().shapes(), 5, 0)
+    let e = ShardPlan::new(&Config::from_dir(&dir).unwrap().shapes(), 5, 0)
         .unwrap_err()
         .to_string();
     assert!(
@@ -632,4 +632,20 @@ fn sharded_checkpoint_with_index() {
         let sharded = run_tp(&dir, world, &ids, WeightDtype::Auto).remove(0).0;
         assert_eq!(sharded, single[world - 1]);
     }
+}
+
+/// Before the fallible reserve this panicked ("capacity overflow") or aborted the process.
+#[test]
+fn a_kv_cache_too_large_is_an_error_with_its_size() {
+    let t = SHAPES[0];
+    let dir = tmpdir("kv-oom");
+    write_tiny(&dir, &t, 5);
+    let config = Config::from_dir(&dir).unwrap();
+    let plan = ShardPlan::new(&config.shapes(), 1, 0).unwrap();
+    let mut ck = Checkpoint::open(&dir).unwrap();
+    let mut model =
+        Qwen2::load(&mut ck, &config, &plan, WeightDtype::Auto, &mut |_, _| {}).unwrap();
+    let e = format!("{:#}", model.reserve(1 << 56).unwrap_err());
+    assert!(e.starts_with("KV cache: cannot allocate "), "{e}");
+    assert!(e.contains(" bytes"), "{e}");
 }

@@ -8,7 +8,6 @@
 //! one short range per row. Every copied byte is counted in [`Checkpoint::bytes_read`].
 
 use std::collections::{BTreeMap, HashMap};
-use std::fs::File;
 use std::ops::Range;
 use std::path::{Path, PathBuf};
 
@@ -16,6 +15,8 @@ use anyhow::{bail, Context, Result};
 use half::{bf16, f16};
 use memmap2::{Advice, Mmap};
 use serde_json::Value;
+
+use crate::checkpoint::exists_or_cause;
 
 /// Element type named in a safetensors header.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -146,7 +147,7 @@ pub struct SafetensorsFile {
 
 impl SafetensorsFile {
     pub fn open(path: &Path) -> Result<SafetensorsFile> {
-        let file = File::open(path).with_context(|| format!("cannot open {}", path.display()))?;
+        let file = crate::checkpoint::open_regular(path)?;
         // SAFETY: the mapping is read-only and private to this process. Like every mmap-based
         // checkpoint loader we rely on the file not being truncated or rewritten while the rank
         // runs (that would be a user error; the worst case is SIGBUS, not silent corruption of
@@ -286,9 +287,8 @@ impl Checkpoint {
         let single = dir.join("model.safetensors");
         let mut files = Vec::new();
         let mut location = HashMap::new();
-        if index_path.exists() {
-            let text = std::fs::read_to_string(&index_path)
-                .with_context(|| format!("cannot read {}", index_path.display()))?;
+        if exists_or_cause(&index_path)? {
+            let text = crate::checkpoint::read_text(&index_path)?;
             let index: Value = serde_json::from_str(&text)
                 .with_context(|| format!("{}: not valid JSON", index_path.display()))?;
             let map = index
@@ -307,7 +307,7 @@ impl Checkpoint {
                     );
                 }
                 let path = dir.join(shard);
-                if !path.exists() {
+                if !exists_or_cause(&path)? {
                     bail!(
                         "{} names shard {shard}, which is missing from {}",
                         index_path.display(),
@@ -333,7 +333,7 @@ impl Checkpoint {
                 }
                 location.insert(tensor.clone(), i);
             }
-        } else if single.exists() {
+        } else if exists_or_cause(&single)? {
             let f = SafetensorsFile::open(&single)?;
             for name in f.tensors.keys() {
                 location.insert(name.clone(), 0);
@@ -436,7 +436,7 @@ impl Checkpoint {
         let n = total / es;
         let out = match (t.dtype, want) {
             (StDtype::BF16, WeightDtype::Auto | WeightDtype::Bf16) => {
-                let mut v = Vec::with_capacity(n);
+                let mut v = try_vec(n, &format!("loading tensor {name}"))?;
                 for c in &chunks {
                     v.extend(
                         f.map[c.clone()]
@@ -447,14 +447,14 @@ impl Checkpoint {
                 Weights::BF16(v)
             }
             (src, WeightDtype::Bf16) => {
-                let mut v = Vec::with_capacity(n);
+                let mut v = try_vec(n, &format!("loading tensor {name}"))?;
                 for c in &chunks {
                     v.extend(to_f32(src, &f.map[c.clone()]).map(bf16::from_f32));
                 }
                 Weights::BF16(v)
             }
             (src, WeightDtype::Auto | WeightDtype::F32) => {
-                let mut v = Vec::with_capacity(n);
+                let mut v = try_vec(n, &format!("loading tensor {name}"))?;
                 for c in &chunks {
                     v.extend(to_f32(src, &f.map[c.clone()]));
                 }
@@ -472,6 +472,19 @@ impl Checkpoint {
             Weights::BF16(_) => unreachable!("F32 requested"),
         }
     }
+}
+
+/// An empty vector with room for `n` elements, or an error naming `what` and the bytes when
+/// the memory is not there (instead of aborting the process).
+pub fn try_vec<T>(n: usize, what: &str) -> Result<Vec<T>> {
+    let mut v = Vec::new();
+    v.try_reserve_exact(n).map_err(|_| {
+        anyhow::anyhow!(
+            "{what}: cannot allocate {} bytes",
+            n.saturating_mul(std::mem::size_of::<T>())
+        )
+    })?;
+    Ok(v)
 }
 
 fn to_f32(src: StDtype, bytes: &[u8]) -> impl Iterator<Item = f32> + '_ {
@@ -651,5 +664,15 @@ mod tests {
         let gone = d.join("no-such-model");
         let e = format!("{:#}", Checkpoint::open(&gone).err().unwrap());
         assert!(e.contains("no-such-model does not exist"), "{e}");
+    }
+
+    /// Before try_vec this aborted the process ("memory allocation of N bytes failed").
+    #[test]
+    fn an_allocation_too_large_is_an_error_with_its_size() {
+        let e = format!("{:#}", try_vec::<f32>(1 << 61, "tensor w").err().unwrap());
+        assert_eq!(
+            e,
+            format!("tensor w: cannot allocate {} bytes", 1usize << 63)
+        );
     }
 }

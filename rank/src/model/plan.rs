@@ -28,7 +28,7 @@ pub struct Shapes {
 
 /// Rank `rank`'s share of the model.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Plan {
+pub struct ShardPlan {
     pub world: usize,
     pub rank: usize,
     /// Global query heads computed here.
@@ -53,8 +53,8 @@ pub fn split(n: usize, world: usize, r: usize) -> Range<usize> {
     start..start + base + usize::from(r < rem)
 }
 
-impl Plan {
-    pub fn new(s: &Shapes, world: usize, rank: usize) -> Result<Plan> {
+impl ShardPlan {
+    pub fn new(s: &Shapes, world: usize, rank: usize) -> Result<ShardPlan> {
         if world == 0 || rank >= world {
             bail!("rank {rank} out of range for {world} ranks");
         }
@@ -75,7 +75,7 @@ impl Plan {
         let group = s.heads / s.kv_heads;
         let q_heads = split(s.heads, world, rank);
         let kv_heads = q_heads.start / group..(q_heads.end - 1) / group + 1;
-        Ok(Plan {
+        Ok(ShardPlan {
             world,
             rank,
             q_heads,
@@ -153,7 +153,8 @@ mod tests {
             for (inter, vocab) in [(1, 1), (37, 100), (4864, 151936), (96, 152064)] {
                 let s = shapes(heads, kv, inter.max(heads), vocab.max(heads));
                 for n in 1..=heads {
-                    let plans: Vec<Plan> = (0..n).map(|r| Plan::new(&s, n, r).unwrap()).collect();
+                    let plans: Vec<ShardPlan> =
+                        (0..n).map(|r| ShardPlan::new(&s, n, r).unwrap()).collect();
                     let q: Vec<_> = plans.iter().map(|p| p.q_heads.clone()).collect();
                     let i: Vec<_> = plans.iter().map(|p| p.intermediate.clone()).collect();
                     let v: Vec<_> = plans.iter().map(|p| p.vocab.clone()).collect();
@@ -194,7 +195,7 @@ mod tests {
     #[test]
     fn qwen_05b_at_4_ranks() {
         let s = shapes(14, 2, 4864, 151936);
-        let p: Vec<Plan> = (0..4).map(|r| Plan::new(&s, 4, r).unwrap()).collect();
+        let p: Vec<ShardPlan> = (0..4).map(|r| ShardPlan::new(&s, 4, r).unwrap()).collect();
         assert_eq!(p[0].q_heads, 0..4);
         assert_eq!(p[1].q_heads, 4..8);
         assert_eq!(p[1].kv_heads, 0..2); // heads 4..7 use KV 0, head 7 uses KV 1
@@ -205,7 +206,7 @@ mod tests {
 
     #[test]
     fn too_many_ranks_is_an_error() {
-        let e = Plan::new(&shapes(4, 2, 8, 8), 5, 0)
+        let e = ShardPlan::new(&shapes(4, 2, 8, 8), 5, 0)
             .unwrap_err()
             .to_string();
         assert!(

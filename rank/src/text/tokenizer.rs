@@ -15,14 +15,16 @@ impl Tokenizer {
     /// Loads `DIR/tokenizer.json`.
     pub fn load(model_dir: &Path) -> Result<Tokenizer> {
         let path = model_dir.join("tokenizer.json");
-        if !path.is_file() {
-            anyhow::bail!("missing tokenizer: {} does not exist", path.display());
-        }
         Tokenizer::from_file(&path)
     }
 
+    /// Loads a tokenizer.json; a missing file, a FIFO or a symlink loop is a clear error.
     pub fn from_file(path: &Path) -> Result<Tokenizer> {
-        let inner = tokenizers::Tokenizer::from_file(path)
+        let Some(json) = crate::checkpoint::read_optional_text(path)? else {
+            anyhow::bail!("missing tokenizer: {} does not exist", path.display());
+        };
+        let inner: tokenizers::Tokenizer = json
+            .parse()
             .map_err(|e| anyhow!("reading tokenizer {}: {e}", path.display()))?;
         Ok(Tokenizer {
             inner,

@@ -34,8 +34,7 @@ impl Config {
     /// Reads and validates `dir/config.json`.
     pub fn from_dir(dir: &Path) -> Result<Config> {
         let path = dir.join("config.json");
-        let text = std::fs::read_to_string(&path)
-            .with_context(|| format!("cannot read {}", path.display()))?;
+        let text = crate::checkpoint::read_text(&path)?;
         Config::from_json(&text).with_context(|| format!("{}", path.display()))
     }
 
@@ -48,9 +47,36 @@ impl Config {
         from_map(&m)
     }
 
+    /// The one check of token ids against the model, before anything heavy happens (programs)
+    /// and in every forward: `ids` non-empty, inside the vocabulary, and positions
+    /// `start_pos..start_pos + ids.len()` inside the context.
+    pub fn check_ids(&self, ids: &[u32], start_pos: usize) -> Result<()> {
+        if ids.is_empty() {
+            bail!("no input tokens: give at least one token");
+        }
+        if let Some((i, &id)) = ids
+            .iter()
+            .enumerate()
+            .find(|(_, &id)| id as usize >= self.vocab_size)
+        {
+            bail!(
+                "token id {id} (position {i}) is outside the vocabulary (vocab_size {})",
+                self.vocab_size
+            );
+        }
+        if start_pos + ids.len() > self.max_position_embeddings {
+            bail!(
+                "sequence of {} tokens is longer than the model's context (max_position_embeddings {})",
+                start_pos + ids.len(),
+                self.max_position_embeddings
+            );
+        }
+        Ok(())
+    }
+
     /// The model's shapes, as the sharding plan needs them.
-    pub fn shapes(&self) -> crate::plan::Shapes {
-        crate::plan::Shapes {
+    pub fn shapes(&self) -> crate::model::plan::Shapes {
+        crate::model::plan::Shapes {
             hidden: self.hidden_size,
             heads: self.num_attention_heads,
             kv_heads: self.num_key_value_heads,
@@ -129,16 +155,7 @@ fn from_map(m: &Map<String, Value>) -> Result<Config> {
         None => opt_str(m, "torch_dtype")?.map(str::to_string),
     };
     let bos_token_id = opt_u32(m, "bos_token_id")?;
-    let eos_token_ids = match m.get("eos_token_id") {
-        None | Some(Value::Null) => Vec::new(),
-        Some(Value::Array(a)) => a
-            .iter()
-            .map(|v| token_id(v).context("eos_token_id: expected a list of token ids"))
-            .collect::<Result<_>>()?,
-        Some(v) => {
-            vec![token_id(v).context("eos_token_id: expected a token id or a list of them")?]
-        }
-    };
+    let eos_token_ids = eos_token_ids(m)?.unwrap_or_default();
 
     Ok(Config {
         hidden_size,
@@ -218,6 +235,21 @@ fn opt_u32(m: &Map<String, Value>, field: &str) -> Result<Option<u32>> {
         None | Some(Value::Null) => Ok(None),
         Some(v) => Ok(Some(token_id(v).context(field.to_string())?)),
     }
+}
+
+/// `eos_token_id` of config.json or generation_config.json: an int or a list (`None` when
+/// absent or null). The one parser of it.
+pub(crate) fn eos_token_ids(m: &Map<String, Value>) -> Result<Option<Vec<u32>>> {
+    Ok(Some(match m.get("eos_token_id") {
+        None | Some(Value::Null) => return Ok(None),
+        Some(Value::Array(a)) => a
+            .iter()
+            .map(|v| token_id(v).context("eos_token_id: expected a list of token ids"))
+            .collect::<Result<_>>()?,
+        Some(v) => {
+            vec![token_id(v).context("eos_token_id: expected a token id or a list of them")?]
+        }
+    }))
 }
 
 fn token_id(v: &Value) -> Result<u32> {

@@ -16,6 +16,12 @@ use minijinja::value::{Kwargs, ValueKind};
 use minijinja::{Environment, Error, ErrorKind, Value};
 use serde::Serialize;
 
+use crate::checkpoint::read_optional_text;
+
+/// Template instructions one render may execute: thousands for any real chat, so a template
+/// with runaway nested loops stops in well under a second instead of running for hours.
+pub const RENDER_FUEL: u64 = 5_000_000;
+
 /// One chat turn.
 #[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Message {
@@ -79,18 +85,13 @@ impl ChatTemplate {
     /// list of `{name, template}` of which "default" is used).
     pub fn load(model_dir: &Path) -> Result<ChatTemplate> {
         let config_path = model_dir.join("tokenizer_config.json");
-        let config: serde_json::Value = if config_path.is_file() {
-            let text = std::fs::read_to_string(&config_path)
-                .with_context(|| format!("reading {}", config_path.display()))?;
-            serde_json::from_str(&text)
-                .with_context(|| format!("parsing {}", config_path.display()))?
-        } else {
-            serde_json::Value::Null
+        let config: serde_json::Value = match read_optional_text(&config_path)? {
+            Some(text) => serde_json::from_str(&text)
+                .with_context(|| format!("parsing {}", config_path.display()))?,
+            None => serde_json::Value::Null,
         };
         let jinja_path = model_dir.join("chat_template.jinja");
-        let (source, origin) = if jinja_path.is_file() {
-            let text = std::fs::read_to_string(&jinja_path)
-                .with_context(|| format!("reading {}", jinja_path.display()))?;
+        let (source, origin) = if let Some(text) = read_optional_text(&jinja_path)? {
             (text, jinja_path)
         } else {
             (template_from_config(&config, &config_path)?, config_path)
@@ -106,6 +107,7 @@ impl ChatTemplate {
     ) -> Result<ChatTemplate> {
         let origin = origin.display().to_string();
         let mut env = Environment::new();
+        env.set_fuel(Some(RENDER_FUEL));
         env.set_trim_blocks(true);
         env.set_lstrip_blocks(true);
         env.set_unknown_method_callback(minijinja_contrib::pycompat::unknown_method_callback);
@@ -142,6 +144,13 @@ impl ChatTemplate {
             .get_template(TEMPLATE_NAME)
             .map_err(|e| anyhow::anyhow!("chat template from {}: {e}", self.origin))?;
         tmpl.render(ctx).map_err(|e| {
+            if e.kind() == ErrorKind::OutOfFuel {
+                return anyhow::anyhow!(
+                    "rendering the chat template from {}: stopped after {RENDER_FUEL} template \
+                     steps (a runaway loop?)",
+                    self.origin
+                );
+            }
             anyhow::anyhow!(
                 "rendering the chat template from {}: {}",
                 self.origin,
@@ -640,5 +649,16 @@ mod tests {
         let t = tmpl("{{ strftime_now('%Y') }}", serde_json::Value::Null);
         let year: i32 = t.render(&[], true).unwrap().parse().unwrap();
         assert!(year >= 2024);
+    }
+
+    /// Without fuel this renders 10^8 loop bodies (minutes, 100 MB of output).
+    #[test]
+    fn a_runaway_template_stops_with_a_clear_error() {
+        let src = "{% for i in range(10000) %}{% for j in range(10000) %}x{% endfor %}{% endfor %}";
+        let t = tmpl(src, serde_json::Value::Null);
+        let start = std::time::Instant::now();
+        let e = format!("{:#}", t.render(&messages("hi", None), true).err().unwrap());
+        assert!(e.contains("template steps (a runaway loop?)"), "{e}");
+        assert!(start.elapsed().as_secs() < 20);
     }
 }
