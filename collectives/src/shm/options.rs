@@ -4,7 +4,7 @@
 use std::time::Duration;
 
 use super::sys;
-use crate::{CommError, Result};
+use crate::{env, CommError, Result};
 
 /// Environment variables a rank reads (besides RANK / WORLD_SIZE and the segment's).
 pub const ENV_TIMEOUT: &str = "TPRUN_COMM_TIMEOUT_S";
@@ -63,45 +63,78 @@ impl CommOptions {
         }
     }
 
-    /// Defaults overridden by `TPRUN_COMM_TIMEOUT_S`, `TPRUN_COMM_SPIN_US`, `TPRUN_COMM_YIELDS`
-    /// and `TPRUN_COMM_ONESHOT_MAX`.
+    /// Defaults overridden by `TPRUN_COMM_TIMEOUT_S`, `TPRUN_COMM_SPIN_US`, `TPRUN_COMM_YIELDS`,
+    /// `TPRUN_COMM_ONESHOT_MAX` and `TPRUN_COMM_CHUNK_BYTES`, each checked against its range.
     pub fn from_env(world: usize) -> Result<CommOptions> {
         let mut o = CommOptions::for_world(world);
-        let bad =
-            |var: &str, v: &str, want: &str| CommError::Setup(format!("{var}={v} is not {want}"));
-        if let Ok(v) = std::env::var(ENV_TIMEOUT) {
-            let s: f64 = v
-                .trim()
-                .parse()
-                .map_err(|_| bad(ENV_TIMEOUT, &v, "a number of seconds"))?;
-            if !(s > 0.0 && s.is_finite()) {
-                return Err(bad(ENV_TIMEOUT, &v, "a positive number of seconds"));
-            }
-            o.timeout = Duration::from_secs_f64(s);
+        let get = |var| env::var(var).map_err(CommError::Setup);
+        if let Some(v) = get(ENV_TIMEOUT)? {
+            o.timeout =
+                env::parse_secs(ENV_TIMEOUT, &v, TIMEOUT_RANGE_S).map_err(CommError::Setup)?;
         }
-        if let Ok(v) = std::env::var(ENV_SPIN) {
-            let us: u64 = v
-                .trim()
-                .parse()
-                .map_err(|_| bad(ENV_SPIN, &v, "whole microseconds"))?;
+        if let Some(v) = get(ENV_SPIN)? {
+            let us = env::parse_count(ENV_SPIN, &v, "whole microseconds", SPIN_RANGE_US)
+                .map_err(CommError::Setup)?;
             o.spin = Duration::from_micros(us);
         }
-        if let Ok(v) = std::env::var(ENV_YIELDS) {
-            o.yields = v
-                .trim()
-                .parse()
-                .map_err(|_| bad(ENV_YIELDS, &v, "a count"))?;
+        if let Some(v) = get(ENV_YIELDS)? {
+            o.yields = env::parse_count(ENV_YIELDS, &v, "a count", YIELDS_RANGE)
+                .map_err(CommError::Setup)? as u32;
         }
-        if let Ok(v) = std::env::var(ENV_ONE_SHOT) {
-            o.one_shot_max = crate::units::parse_size(&v)
-                .map_err(|e| bad(ENV_ONE_SHOT, &v, &format!("a size ({e})")))?
-                as usize;
+        if let Some(v) = get(ENV_ONE_SHOT)? {
+            o.one_shot_max = env::parse_bytes(ENV_ONE_SHOT, &v, ONE_SHOT_RANGE)
+                .map_err(CommError::Setup)? as usize;
         }
-        if let Ok(v) = std::env::var(ENV_CHUNK) {
-            o.chunk_bytes = crate::units::parse_size(&v)
-                .map_err(|e| bad(ENV_CHUNK, &v, &format!("a size ({e})")))?
-                as usize;
+        if let Some(v) = get(ENV_CHUNK)? {
+            o.chunk_bytes =
+                env::parse_bytes(ENV_CHUNK, &v, CHUNK_RANGE).map_err(CommError::Setup)? as usize;
         }
         Ok(o)
+    }
+}
+
+/// Accepted `TPRUN_COMM_TIMEOUT_S`: a millisecond to a year (a deadline past `Instant`'s range
+/// would panic).
+const TIMEOUT_RANGE_S: std::ops::RangeInclusive<f64> = 0.001..=31_536_000.0;
+/// Accepted `TPRUN_COMM_SPIN_US`: up to one second of busy-waiting.
+const SPIN_RANGE_US: std::ops::RangeInclusive<u64> = 0..=1_000_000;
+/// Accepted `TPRUN_COMM_YIELDS`.
+const YIELDS_RANGE: std::ops::RangeInclusive<u64> = 0..=1_000_000;
+/// Accepted `TPRUN_COMM_ONESHOT_MAX` (0: never one-shot).
+const ONE_SHOT_RANGE: std::ops::RangeInclusive<u64> = 0..=1 << 30;
+/// Accepted `TPRUN_COMM_CHUNK_BYTES`.
+const CHUNK_RANGE: std::ops::RangeInclusive<u64> = 1..=1 << 30;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The one test in this binary that sets these variables (the environment is per process).
+    #[test]
+    fn absurd_environment_values_are_setup_errors() {
+        let cases = [
+            (ENV_TIMEOUT, "1e20"),
+            (ENV_TIMEOUT, "1e19"),
+            (ENV_TIMEOUT, "inf"),
+            (ENV_TIMEOUT, "nan"),
+            (ENV_TIMEOUT, "-5"),
+            (ENV_SPIN, "1e19"),
+            (ENV_SPIN, "-1"),
+            (ENV_YIELDS, "99999999999"),
+            (ENV_ONE_SHOT, "1e19"),
+            (ENV_CHUNK, "0"),
+            (ENV_CHUNK, "garbage"),
+        ];
+        for (var, value) in cases {
+            std::env::set_var(var, value);
+            let e = CommOptions::from_env(2).unwrap_err().to_string();
+            std::env::remove_var(var);
+            assert!(e.contains(&format!("{var}={value}")), "{e}");
+            assert!(e.contains(" in "), "no accepted range in: {e}");
+        }
+        std::env::set_var(ENV_TIMEOUT, "2.5");
+        let o = CommOptions::from_env(2).unwrap();
+        std::env::remove_var(ENV_TIMEOUT);
+        assert_eq!(o.timeout, Duration::from_millis(2500));
     }
 }

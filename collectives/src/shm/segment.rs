@@ -154,6 +154,9 @@ impl Default for SegmentOptions {
     }
 }
 
+/// Largest accepted `TPRUN_SHM_SLOT_BYTES` (each rank maps two halves of it per peer).
+const MAX_SLOT_BYTES: u64 = 1 << 30;
+
 impl SegmentOptions {
     /// Defaults overridden by `TPRUN_SHM_DIR` and `TPRUN_SHM_SLOT_BYTES`.
     pub fn from_env() -> Result<SegmentOptions> {
@@ -161,10 +164,9 @@ impl SegmentOptions {
         if let Some(d) = std::env::var_os(ENV_DIR).filter(|d| !d.is_empty()) {
             o.dir = Some(PathBuf::from(d));
         }
-        if let Ok(s) = std::env::var(ENV_SLOT) {
-            o.slot_bytes = crate::units::parse_size(&s)
-                .map_err(|e| setup(format!("{ENV_SLOT}={s}: {e}")))?
-                as usize;
+        if let Some(s) = crate::env::var(ENV_SLOT).map_err(setup)? {
+            o.slot_bytes = crate::env::parse_bytes(ENV_SLOT, &s, PAGE as u64..=MAX_SLOT_BYTES)
+                .map_err(setup)? as usize;
             if o.slot_bytes == 0 || !o.slot_bytes.is_multiple_of(PAGE) {
                 return Err(setup(format!(
                     "{ENV_SLOT}={s}: must be a positive multiple of {PAGE} bytes"
