@@ -11,6 +11,7 @@ pub mod local;
 pub mod reduce;
 pub mod shm;
 pub mod stats;
+pub mod thread;
 pub mod trace;
 pub mod types;
 pub mod units;
