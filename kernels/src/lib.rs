@@ -16,7 +16,7 @@ use std::sync::atomic::{AtomicU8, Ordering};
 
 use half::bf16;
 
-pub use packed::{PackedDtype, PackedWeight, PANEL};
+pub use packed::{AllocError, PackedDtype, PackedWeight, PANEL};
 pub use screen::{argmax_screened, Screen, ScreenScratch, Screened};
 
 #[cfg(feature = "cuda")]

@@ -72,10 +72,11 @@ fn load_packed(
         Slice::Cols(c) => (shape[0], c.len()),
         Slice::All => (shape[0], shape[1]),
     };
-    Ok(match ck.load(name, &shape, slice, dtype)? {
+    let packed = match ck.load(name, &shape, slice, dtype)? {
         Weights::F32(w) => PackedWeight::pack(&w, n, k),
         Weights::BF16(w) => PackedWeight::pack(&w, n, k),
-    })
+    };
+    packed.with_context(|| format!("packing {name} ([{n}, {k}] on this rank)"))
 }
 
 /// `y[..m * rows] = x · wᵀ` for `x` `[m, cols]`.
@@ -707,7 +708,8 @@ impl Qwen2 {
                 dtype,
             )?)
         };
-        let screen = kernels::Screen::new(weight.as_ref().unwrap_or(&embed_tokens.weight));
+        let screen = kernels::Screen::new(weight.as_ref().unwrap_or(&embed_tokens.weight))
+            .context("quantising the LM head for the argmax screen")?;
         Ok(Qwen2 {
             config: c.clone(),
             plan: plan.clone(),
