@@ -5,6 +5,8 @@
 //! (feature `cuda`) keeps the same trait. Reduction is always in rank order 0..N-1, in f32, so every
 //! rank gets bit-identical results whatever the algorithm.
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 mod env;
 pub mod error;
 pub mod local;

@@ -11,6 +11,8 @@
 //!
 //! Products split their panels over a persistent per-process thread pool ([`threads`]).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 
