@@ -10,6 +10,11 @@
 //! significant digits per activation).
 //!
 //! Products split their panels over a persistent per-process thread pool ([`threads`]).
+//!
+//! **Where to start reading.** [`PackedWeight`] (the weight layout, [`packed`]) and
+//! [`matmul`] (the product the model calls); then `x86` for the SIMD paths and [`portable`] for
+//! the reference loops; [`Screen`] is the int8 screen that finds the argmax of the LM head
+//! without computing every logit. Weight storage is fallible ([`AllocError`]).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
