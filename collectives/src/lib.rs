@@ -4,13 +4,26 @@
 //! shared-memory segment that the launcher creates before the ranks start; the CUDA IPC transport
 //! (feature `cuda`) keeps the same trait. Reduction is always in rank order 0..N-1, in f32, so every
 //! rank gets bit-identical results whatever the algorithm.
+//!
+//! **Where to start reading.** [`Communicator`] (the five collectives on byte buffers) and
+//! [`CommExt`] (the typed calls everyone uses); [`from_env`] picks this rank's communicator.
+//! The communicators: [`ShmComm`] ([`shm`], the production transport: [`shm::CommOptions`] for its
+//! settings, the protocol and algorithms in the module docs), [`local::SoloComm`] (a world of
+//! one, a program run without tprun) and [`thread::ThreadComm`] (test ranks as threads).
+//! [`JobSegment`] is the launcher's side of the segment; [`reduce`] the rank-ordered f32
+//! reduction every communicator shares; [`stats`] and [`trace`] what a run reports. The
+//! segment's bytes and the protocol are described in docs/DESIGN.md, "Shared-memory protocol".
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
+mod env;
 pub mod error;
 pub mod files;
 pub mod local;
 pub mod reduce;
 pub mod shm;
 pub mod stats;
+pub mod thread;
 pub mod trace;
 pub mod types;
 pub mod units;

@@ -1,7 +1,11 @@
-//! A world of one: every collective is the identity. Lets rank programs run without a launcher.
+//! A world of one: every collective is the identity. This is the production path of a program
+//! run without tprun ([`crate::from_env`] with WORLD_SIZE unset or 1): it needs no segment, no
+//! threads and no waits, which [`crate::ShmComm`] (one per rank over shared memory) and
+//! [`crate::thread::ThreadComm`] (test ranks as threads) would add for nothing.
 
 use crate::{CommError, Communicator, DType, ReduceOp, Result};
 
+/// The communicator of a world of one (see the module docs).
 #[derive(Debug, Default)]
 pub struct SoloComm;
 

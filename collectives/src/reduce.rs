@@ -125,31 +125,34 @@ pub unsafe fn reduce_raw(
     srcs: &[*const u8],
     count: usize,
 ) {
-    if count == 0 {
-        return;
-    }
-    macro_rules! dispatch {
-        ($f:ident) => {
-            match (dtype, op) {
-                (DType::F32, ReduceOp::Sum) => $f::<F32, SUM>(dst, srcs, count),
-                (DType::F32, ReduceOp::Max) => $f::<F32, MAX>(dst, srcs, count),
-                (DType::BF16, ReduceOp::Sum) => $f::<BF16, SUM>(dst, srcs, count),
-                (DType::BF16, ReduceOp::Max) => $f::<BF16, MAX>(dst, srcs, count),
-                (DType::F16, ReduceOp::Sum) => $f::<F16, SUM>(dst, srcs, count),
-                (DType::F16, ReduceOp::Max) => $f::<F16, MAX>(dst, srcs, count),
-                // Callers check `types::check_reducible` first; integers never get here.
-                (d, _) => unreachable!("reduce of {} (not a float type)", d.name()),
-            }
-        };
-    }
-    match simd {
-        Simd::Scalar => dispatch!(kernel_scalar),
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx2 => dispatch!(kernel_avx2),
-        #[cfg(target_arch = "x86_64")]
-        Simd::Avx512 => dispatch!(kernel_avx512),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => dispatch!(kernel_scalar),
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        if count == 0 {
+            return;
+        }
+        macro_rules! dispatch {
+            ($f:ident) => {
+                match (dtype, op) {
+                    (DType::F32, ReduceOp::Sum) => $f::<F32, SUM>(dst, srcs, count),
+                    (DType::F32, ReduceOp::Max) => $f::<F32, MAX>(dst, srcs, count),
+                    (DType::BF16, ReduceOp::Sum) => $f::<BF16, SUM>(dst, srcs, count),
+                    (DType::BF16, ReduceOp::Max) => $f::<BF16, MAX>(dst, srcs, count),
+                    (DType::F16, ReduceOp::Sum) => $f::<F16, SUM>(dst, srcs, count),
+                    (DType::F16, ReduceOp::Max) => $f::<F16, MAX>(dst, srcs, count),
+                    // Callers check `types::check_reducible` first; integers never get here.
+                    (d, _) => unreachable!("reduce of {} (not a float type)", d.name()),
+                }
+            };
+        }
+        match simd {
+            Simd::Scalar => dispatch!(kernel_scalar),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx2 => dispatch!(kernel_avx2),
+            #[cfg(target_arch = "x86_64")]
+            Simd::Avx512 => dispatch!(kernel_avx512),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => dispatch!(kernel_scalar),
+        }
     }
 }
 
@@ -233,29 +236,41 @@ pub fn f32_to_f16(v: f32) -> u16 {
     sign | q as u16
 }
 
+/// # Safety
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline(always)]
 unsafe fn ld_s<const D: u8>(p: *const u8, i: usize) -> f32 {
-    match D {
-        F32 => (p as *const f32).add(i).read_unaligned(),
-        BF16 => bf16_to_f32((p as *const u16).add(i).read_unaligned()),
-        _ => f16_to_f32((p as *const u16).add(i).read_unaligned()),
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        match D {
+            F32 => (p as *const f32).add(i).read_unaligned(),
+            BF16 => bf16_to_f32((p as *const u16).add(i).read_unaligned()),
+            _ => f16_to_f32((p as *const u16).add(i).read_unaligned()),
+        }
     }
 }
 
 /// Canonical quiet NaN every kernel stores for a NaN result.
 pub const CANONICAL_NAN: u32 = 0x7FC0_0000;
 
+/// # Safety
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline(always)]
 unsafe fn st_s<const D: u8>(p: *mut u8, i: usize, v: f32) {
-    let v = if v.is_nan() {
-        f32::from_bits(CANONICAL_NAN)
-    } else {
-        v
-    };
-    match D {
-        F32 => (p as *mut f32).add(i).write_unaligned(v),
-        BF16 => (p as *mut u16).add(i).write_unaligned(f32_to_bf16(v)),
-        _ => (p as *mut u16).add(i).write_unaligned(f32_to_f16(v)),
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let v = if v.is_nan() {
+            f32::from_bits(CANONICAL_NAN)
+        } else {
+            v
+        };
+        match D {
+            F32 => (p as *mut f32).add(i).write_unaligned(v),
+            BF16 => (p as *mut u16).add(i).write_unaligned(f32_to_bf16(v)),
+            _ => (p as *mut u16).add(i).write_unaligned(f32_to_f16(v)),
+        }
     }
 }
 
@@ -272,6 +287,10 @@ fn comb_s<const OP: u8>(acc: f32, x: f32) -> f32 {
 }
 
 /// Scalar kernel over `[start, count)`, blocked so the accumulators stay in L1.
+///
+/// # Safety
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline(always)]
 unsafe fn scalar_range<const D: u8, const OP: u8>(
     dst: *mut u8,
@@ -279,28 +298,35 @@ unsafe fn scalar_range<const D: u8, const OP: u8>(
     start: usize,
     count: usize,
 ) {
-    const B: usize = 64;
-    let mut acc = [0f32; B];
-    let mut i = start;
-    while i < count {
-        let n = B.min(count - i);
-        for (j, a) in acc[..n].iter_mut().enumerate() {
-            *a = ld_s::<D>(srcs[0], i + j);
-        }
-        for &s in &srcs[1..] {
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        const B: usize = 64;
+        let mut acc = [0f32; B];
+        let mut i = start;
+        while i < count {
+            let n = B.min(count - i);
             for (j, a) in acc[..n].iter_mut().enumerate() {
-                *a = comb_s::<OP>(*a, ld_s::<D>(s, i + j));
+                *a = ld_s::<D>(srcs[0], i + j);
             }
+            for &s in &srcs[1..] {
+                for (j, a) in acc[..n].iter_mut().enumerate() {
+                    *a = comb_s::<OP>(*a, ld_s::<D>(s, i + j));
+                }
+            }
+            for (j, a) in acc[..n].iter().enumerate() {
+                st_s::<D>(dst, i + j, *a);
+            }
+            i += n;
         }
-        for (j, a) in acc[..n].iter().enumerate() {
-            st_s::<D>(dst, i + j, *a);
-        }
-        i += n;
     }
 }
 
+/// # Safety
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 unsafe fn kernel_scalar<const D: u8, const OP: u8>(dst: *mut u8, srcs: &[*const u8], count: usize) {
-    scalar_range::<D, OP>(dst, srcs, 0, count)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { scalar_range::<D, OP>(dst, srcs, 0, count) }
 }
 
 const fn esize(d: u8) -> usize {
@@ -319,45 +345,61 @@ mod x512 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// The CPU must support `avx512f`.
+    /// Every pointer must be valid for the elements read or written through it here, and a
+    /// written range must not overlap a range another live reference uses.
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub unsafe fn ld<const D: u8>(p: *const u8) -> __m512 {
-        match D {
-            F32 => _mm512_loadu_ps(p as *const f32),
-            BF16 => {
-                let h = _mm256_loadu_si256(p as *const __m256i);
-                _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            match D {
+                F32 => _mm512_loadu_ps(p as *const f32),
+                BF16 => {
+                    let h = _mm256_loadu_si256(p as *const __m256i);
+                    _mm512_castsi512_ps(_mm512_slli_epi32::<16>(_mm512_cvtepu16_epi32(h)))
+                }
+                _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
             }
-            _ => _mm512_cvtph_ps(_mm256_loadu_si256(p as *const __m256i)),
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx512f`.
+    /// Every pointer must be valid for the elements read or written through it here, and a
+    /// written range must not overlap a range another live reference uses.
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub unsafe fn st<const D: u8>(p: *mut u8, v: __m512) {
-        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
-        let v = _mm512_mask_blend_ps(
-            nan,
-            v,
-            _mm512_castsi512_ps(_mm512_set1_epi32(CANONICAL_NAN as i32)),
-        );
-        match D {
-            F32 => _mm512_storeu_ps(p as *mut f32, v),
-            BF16 => {
-                // Round to nearest even; the canonical NaN has zero low bits, so it maps to 0x7FC0.
-                let b = _mm512_castps_si512(v);
-                let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
-                let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
-                let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
-                _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r));
-            }
-            _ => {
-                let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
-                _mm256_storeu_si256(p as *mut __m256i, h);
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, v);
+            let v = _mm512_mask_blend_ps(
+                nan,
+                v,
+                _mm512_castsi512_ps(_mm512_set1_epi32(CANONICAL_NAN as i32)),
+            );
+            match D {
+                F32 => _mm512_storeu_ps(p as *mut f32, v),
+                BF16 => {
+                    // Round to nearest even; the canonical NaN has zero low bits, so it maps to 0x7FC0.
+                    let b = _mm512_castps_si512(v);
+                    let lsb = _mm512_and_si512(_mm512_srli_epi32::<16>(b), _mm512_set1_epi32(1));
+                    let bias = _mm512_add_epi32(lsb, _mm512_set1_epi32(0x7FFF));
+                    let r = _mm512_srli_epi32::<16>(_mm512_add_epi32(b, bias));
+                    _mm256_storeu_si256(p as *mut __m256i, _mm512_cvtepi32_epi16(r));
+                }
+                _ => {
+                    let h = _mm512_cvtps_ph::<{ _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC }>(v);
+                    _mm256_storeu_si256(p as *mut __m256i, h);
+                }
             }
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx512f`.
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub unsafe fn comb<const OP: u8>(acc: __m512, x: __m512) -> __m512 {
@@ -370,50 +412,61 @@ mod x512 {
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx512f`.
+    /// Every pointer must be valid for the elements read or written through it here, and a
+    /// written range must not overlap a range another live reference uses.
     #[target_feature(enable = "avx512f")]
     pub unsafe fn kernel<const D: u8, const OP: u8>(
         dst: *mut u8,
         srcs: &[*const u8],
         count: usize,
     ) {
-        let vb = 16 * esize(D);
-        let s0 = srcs[0];
-        let rest = &srcs[1..];
-        let mut i = 0;
-        while i + 64 <= count {
-            let o = i * esize(D);
-            let mut a0 = ld::<D>(s0.add(o));
-            let mut a1 = ld::<D>(s0.add(o + vb));
-            let mut a2 = ld::<D>(s0.add(o + 2 * vb));
-            let mut a3 = ld::<D>(s0.add(o + 3 * vb));
-            for &s in rest {
-                a0 = comb::<OP>(a0, ld::<D>(s.add(o)));
-                a1 = comb::<OP>(a1, ld::<D>(s.add(o + vb)));
-                a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
-                a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let vb = 16 * esize(D);
+            let s0 = srcs[0];
+            let rest = &srcs[1..];
+            let mut i = 0;
+            while i + 64 <= count {
+                let o = i * esize(D);
+                let mut a0 = ld::<D>(s0.add(o));
+                let mut a1 = ld::<D>(s0.add(o + vb));
+                let mut a2 = ld::<D>(s0.add(o + 2 * vb));
+                let mut a3 = ld::<D>(s0.add(o + 3 * vb));
+                for &s in rest {
+                    a0 = comb::<OP>(a0, ld::<D>(s.add(o)));
+                    a1 = comb::<OP>(a1, ld::<D>(s.add(o + vb)));
+                    a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
+                    a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
+                }
+                st::<D>(dst.add(o), a0);
+                st::<D>(dst.add(o + vb), a1);
+                st::<D>(dst.add(o + 2 * vb), a2);
+                st::<D>(dst.add(o + 3 * vb), a3);
+                i += 64;
             }
-            st::<D>(dst.add(o), a0);
-            st::<D>(dst.add(o + vb), a1);
-            st::<D>(dst.add(o + 2 * vb), a2);
-            st::<D>(dst.add(o + 3 * vb), a3);
-            i += 64;
-        }
-        while i + 16 <= count {
-            let o = i * esize(D);
-            let mut a = ld::<D>(s0.add(o));
-            for &s in rest {
-                a = comb::<OP>(a, ld::<D>(s.add(o)));
+            while i + 16 <= count {
+                let o = i * esize(D);
+                let mut a = ld::<D>(s0.add(o));
+                for &s in rest {
+                    a = comb::<OP>(a, ld::<D>(s.add(o)));
+                }
+                st::<D>(dst.add(o), a);
+                i += 16;
             }
-            st::<D>(dst.add(o), a);
-            i += 16;
+            scalar_range::<D, OP>(dst, srcs, i, count);
         }
-        scalar_range::<D, OP>(dst, srcs, i, count);
     }
 }
 
+/// # Safety
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[cfg(target_arch = "x86_64")]
 unsafe fn kernel_avx512<const D: u8, const OP: u8>(dst: *mut u8, srcs: &[*const u8], count: usize) {
-    x512::kernel::<D, OP>(dst, srcs, count)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { x512::kernel::<D, OP>(dst, srcs, count) }
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -424,48 +477,64 @@ mod x256 {
     use super::*;
     use std::arch::x86_64::*;
 
+    /// # Safety
+    /// The CPU must support `avx2,f16c`.
+    /// Every pointer must be valid for the elements read or written through it here, and a
+    /// written range must not overlap a range another live reference uses.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
     pub unsafe fn ld<const D: u8>(p: *const u8) -> __m256 {
-        match D {
-            F32 => _mm256_loadu_ps(p as *const f32),
-            BF16 => {
-                let h = _mm_loadu_si128(p as *const __m128i);
-                _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            match D {
+                F32 => _mm256_loadu_ps(p as *const f32),
+                BF16 => {
+                    let h = _mm_loadu_si128(p as *const __m128i);
+                    _mm256_castsi256_ps(_mm256_slli_epi32::<16>(_mm256_cvtepu16_epi32(h)))
+                }
+                _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
             }
-            _ => _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)),
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx2,f16c`.
+    /// Every pointer must be valid for the elements read or written through it here, and a
+    /// written range must not overlap a range another live reference uses.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
     pub unsafe fn st<const D: u8>(p: *mut u8, v: __m256) {
-        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
-        let v = _mm256_blendv_ps(
-            v,
-            _mm256_castsi256_ps(_mm256_set1_epi32(CANONICAL_NAN as i32)),
-            nan,
-        );
-        match D {
-            F32 => _mm256_storeu_ps(p as *mut f32, v),
-            BF16 => {
-                // Round to nearest even; the canonical NaN has zero low bits, so it maps to 0x7FC0.
-                let b = _mm256_castps_si256(v);
-                let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
-                let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
-                let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, bias));
-                // Every lane is <= 0xFFFF, so unsigned saturation packs exactly.
-                let lo = _mm256_castsi256_si128(r);
-                let hi = _mm256_extracti128_si256::<1>(r);
-                _mm_storeu_si128(p as *mut __m128i, _mm_packus_epi32(lo, hi));
-            }
-            _ => {
-                let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
-                _mm_storeu_si128(p as *mut __m128i, h);
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(v, v);
+            let v = _mm256_blendv_ps(
+                v,
+                _mm256_castsi256_ps(_mm256_set1_epi32(CANONICAL_NAN as i32)),
+                nan,
+            );
+            match D {
+                F32 => _mm256_storeu_ps(p as *mut f32, v),
+                BF16 => {
+                    // Round to nearest even; the canonical NaN has zero low bits, so it maps to 0x7FC0.
+                    let b = _mm256_castps_si256(v);
+                    let lsb = _mm256_and_si256(_mm256_srli_epi32::<16>(b), _mm256_set1_epi32(1));
+                    let bias = _mm256_add_epi32(lsb, _mm256_set1_epi32(0x7FFF));
+                    let r = _mm256_srli_epi32::<16>(_mm256_add_epi32(b, bias));
+                    // Every lane is <= 0xFFFF, so unsigned saturation packs exactly.
+                    let lo = _mm256_castsi256_si128(r);
+                    let hi = _mm256_extracti128_si256::<1>(r);
+                    _mm_storeu_si128(p as *mut __m128i, _mm_packus_epi32(lo, hi));
+                }
+                _ => {
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(v);
+                    _mm_storeu_si128(p as *mut __m128i, h);
+                }
             }
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx2,f16c`.
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
     pub unsafe fn comb<const OP: u8>(acc: __m256, x: __m256) -> __m256 {
@@ -478,50 +547,61 @@ mod x256 {
         }
     }
 
+    /// # Safety
+    /// The CPU must support `avx2,f16c`.
+    /// Every pointer must be valid for the elements read or written through it here, and a
+    /// written range must not overlap a range another live reference uses.
     #[target_feature(enable = "avx2,f16c")]
     pub unsafe fn kernel<const D: u8, const OP: u8>(
         dst: *mut u8,
         srcs: &[*const u8],
         count: usize,
     ) {
-        let vb = 8 * esize(D);
-        let s0 = srcs[0];
-        let rest = &srcs[1..];
-        let mut i = 0;
-        while i + 32 <= count {
-            let o = i * esize(D);
-            let mut a0 = ld::<D>(s0.add(o));
-            let mut a1 = ld::<D>(s0.add(o + vb));
-            let mut a2 = ld::<D>(s0.add(o + 2 * vb));
-            let mut a3 = ld::<D>(s0.add(o + 3 * vb));
-            for &s in rest {
-                a0 = comb::<OP>(a0, ld::<D>(s.add(o)));
-                a1 = comb::<OP>(a1, ld::<D>(s.add(o + vb)));
-                a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
-                a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
+        // SAFETY: the caller upholds this function's `# Safety` contract.
+        unsafe {
+            let vb = 8 * esize(D);
+            let s0 = srcs[0];
+            let rest = &srcs[1..];
+            let mut i = 0;
+            while i + 32 <= count {
+                let o = i * esize(D);
+                let mut a0 = ld::<D>(s0.add(o));
+                let mut a1 = ld::<D>(s0.add(o + vb));
+                let mut a2 = ld::<D>(s0.add(o + 2 * vb));
+                let mut a3 = ld::<D>(s0.add(o + 3 * vb));
+                for &s in rest {
+                    a0 = comb::<OP>(a0, ld::<D>(s.add(o)));
+                    a1 = comb::<OP>(a1, ld::<D>(s.add(o + vb)));
+                    a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
+                    a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
+                }
+                st::<D>(dst.add(o), a0);
+                st::<D>(dst.add(o + vb), a1);
+                st::<D>(dst.add(o + 2 * vb), a2);
+                st::<D>(dst.add(o + 3 * vb), a3);
+                i += 32;
             }
-            st::<D>(dst.add(o), a0);
-            st::<D>(dst.add(o + vb), a1);
-            st::<D>(dst.add(o + 2 * vb), a2);
-            st::<D>(dst.add(o + 3 * vb), a3);
-            i += 32;
-        }
-        while i + 8 <= count {
-            let o = i * esize(D);
-            let mut a = ld::<D>(s0.add(o));
-            for &s in rest {
-                a = comb::<OP>(a, ld::<D>(s.add(o)));
+            while i + 8 <= count {
+                let o = i * esize(D);
+                let mut a = ld::<D>(s0.add(o));
+                for &s in rest {
+                    a = comb::<OP>(a, ld::<D>(s.add(o)));
+                }
+                st::<D>(dst.add(o), a);
+                i += 8;
             }
-            st::<D>(dst.add(o), a);
-            i += 8;
+            scalar_range::<D, OP>(dst, srcs, i, count);
         }
-        scalar_range::<D, OP>(dst, srcs, i, count);
     }
 }
 
+/// # Safety
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[cfg(target_arch = "x86_64")]
 unsafe fn kernel_avx2<const D: u8, const OP: u8>(dst: *mut u8, srcs: &[*const u8], count: usize) {
-    x256::kernel::<D, OP>(dst, srcs, count)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe { x256::kernel::<D, OP>(dst, srcs, count) }
 }
 
 #[cfg(test)]

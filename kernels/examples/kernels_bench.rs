@@ -28,7 +28,7 @@ fn main() {
         let w: Vec<bf16> = (0..n * k)
             .map(|i| bf16::from_f32(((i * 7919) % 1000) as f32 / 1000.0 - 0.5))
             .collect();
-        let pw = kernels::PackedWeight::pack(&w, n, k);
+        let pw = kernels::PackedWeight::pack(&w, n, k).unwrap();
         let x: Vec<f32> = (0..m * k)
             .map(|i| ((i * 31) % 100) as f32 / 100.0)
             .collect();

@@ -18,8 +18,8 @@ fn main() {
     };
     let w: Vec<bf16> = (0..n * k).map(|_| bf16::from_f32(rnd() * 0.04)).collect();
     let x: Vec<f32> = (0..k).map(|_| rnd() * 4.0).collect();
-    let pw = PackedWeight::pack(&w, n, k);
-    let screen = Screen::new(&pw);
+    let pw = PackedWeight::pack(&w, n, k).unwrap();
+    let screen = Screen::new(&pw).unwrap();
     let mut scratch = ScreenScratch::default();
     let mut y = vec![0f32; n];
     for round in 0..3 {

@@ -10,13 +10,20 @@
 //! significant digits per activation).
 //!
 //! Products split their panels over a persistent per-process thread pool ([`threads`]).
+//!
+//! **Where to start reading.** [`PackedWeight`] (the weight layout, [`packed`]) and
+//! [`matmul`] (the product the model calls); then `x86` for the SIMD paths and [`portable`] for
+//! the reference loops; [`Screen`] is the int8 screen that finds the argmax of the LM head
+//! without computing every logit. Weight storage is fallible ([`AllocError`]).
+
+#![deny(unsafe_op_in_unsafe_fn)]
 
 use std::ops::Range;
 use std::sync::atomic::{AtomicU8, Ordering};
 
 use half::bf16;
 
-pub use packed::{PackedDtype, PackedWeight, PANEL};
+pub use packed::{AllocError, PackedDtype, PackedWeight, PANEL};
 pub use screen::{argmax_screened, Screen, ScreenScratch, Screened};
 
 #[cfg(feature = "cuda")]

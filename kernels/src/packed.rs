@@ -44,15 +44,15 @@ impl std::fmt::Debug for PackedWeight {
 }
 
 impl PackedWeight {
-    /// Lays out the row-major `[n, k]` weight `w`.
-    pub fn pack<W: Weight>(w: &[W], n: usize, k: usize) -> PackedWeight {
+    /// Lays out the row-major `[n, k]` weight `w`; fails only if its storage cannot be mapped.
+    pub fn pack<W: Weight>(w: &[W], n: usize, k: usize) -> Result<PackedWeight, AllocError> {
         assert_eq!(w.len(), n * k, "pack: weight is not [{n}, {k}]");
         let (dtype, per_word) = match W::as_weights(w) {
             WeightSlice::F32(_) => (PackedDtype::F32, 1),
             WeightSlice::BF16(_) => (PackedDtype::BF16, 2),
         };
         let row_words = k.div_ceil(per_word);
-        let mut words = WordBuf::zeroed(n * row_words);
+        let mut words = WordBuf::zeroed(n * row_words)?;
         let out = words.as_mut_slice();
         // Rows of 32-bit words: an f32 row as is, a bf16 row as pairs (little-endian, so the
         // even element lands in the low half), padded with a zero element when `k` is odd.
@@ -77,7 +77,7 @@ impl PackedWeight {
                 out[base + p * width + lane] = word_of(row, p);
             }
         }
-        PackedWeight { n, k, dtype, words }
+        Ok(PackedWeight { n, k, dtype, words })
     }
 
     /// Output rows (`n`).
@@ -174,41 +174,77 @@ const CHUNK: usize = 64 << 20;
 /// The chunk being filled and its next free byte.
 static ARENA: Mutex<Option<(Arc<Chunk>, usize)>> = Mutex::new(None);
 
+/// Weight storage that could not be mapped (out of memory or address space): an error, not an
+/// abort, so a loader can say which tensor of which model did not fit.
+#[derive(Debug)]
+pub struct AllocError {
+    /// Bytes asked for (`None` when the size itself overflowed).
+    pub bytes: Option<usize>,
+    source: Option<std::io::Error>,
+}
+
+impl std::fmt::Display for AllocError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match (&self.bytes, &self.source) {
+            (Some(b), Some(e)) => write!(f, "cannot map {b} bytes for weights: {e}"),
+            (Some(b), None) => write!(f, "cannot map {b} bytes for weights"),
+            (None, _) => write!(
+                f,
+                "cannot map weights: the size overflows the address space"
+            ),
+        }
+    }
+}
+
+impl std::error::Error for AllocError {
+    fn source(&self) -> Option<&(dyn std::error::Error + 'static)> {
+        self.source.as_ref().map(|e| e as _)
+    }
+}
+
 impl Chunk {
-    fn new(bytes: usize) -> Arc<Chunk> {
-        // An anonymous mapping starts zeroed. A failed mapping is out of memory, which the
-        // global allocator would report the same way.
-        let mut map = memmap2::MmapMut::map_anon(bytes.max(1))
-            .unwrap_or_else(|e| panic!("cannot map {bytes} bytes for weights: {e}"));
+    fn new(bytes: usize) -> Result<Arc<Chunk>, AllocError> {
+        // An anonymous mapping starts zeroed.
+        let mut map = memmap2::MmapMut::map_anon(bytes.max(1)).map_err(|e| AllocError {
+            bytes: Some(bytes),
+            source: Some(e),
+        })?;
         // Huge pages are an optimisation: a kernel without THP refuses and nothing changes.
         #[cfg(target_os = "linux")]
         let _ = map.advise(memmap2::Advice::HugePage);
         let base = map.as_mut_ptr();
-        Arc::new(Chunk { map, base })
+        Ok(Arc::new(Chunk { map, base }))
     }
 }
 
 impl WordBuf {
-    pub(crate) fn zeroed(len: usize) -> WordBuf {
-        let bytes = (len * 4).next_multiple_of(64);
+    /// `len` zero words, from the shared chunk or (large tensors) a mapping of their own.
+    pub(crate) fn zeroed(len: usize) -> Result<WordBuf, AllocError> {
+        let bytes = len
+            .checked_mul(4)
+            .and_then(|b| b.checked_next_multiple_of(64))
+            .ok_or(AllocError {
+                bytes: None,
+                source: None,
+            })?;
         if bytes >= CHUNK / 2 {
-            return WordBuf {
-                chunk: Chunk::new(bytes),
+            return Ok(WordBuf {
+                chunk: Chunk::new(bytes)?,
                 offset: 0,
                 len,
-            };
+            });
         }
         let mut arena = ARENA.lock().unwrap_or_else(|e| e.into_inner());
         let (chunk, used) = match arena.take() {
             Some((c, used)) if used + bytes <= c.map.len() => (c, used),
-            _ => (Chunk::new(CHUNK), 0),
+            _ => (Chunk::new(CHUNK)?, 0),
         };
         *arena = Some((chunk.clone(), used + bytes));
-        WordBuf {
+        Ok(WordBuf {
             chunk,
             offset: used,
             len,
-        }
+        })
     }
     pub(crate) fn as_slice(&self) -> &[u32] {
         // SAFETY: `offset..offset + 4 * len` lies inside the chunk's mapping (checked when it
@@ -249,4 +285,24 @@ pub(crate) fn panel_dot(w: &PackedWeight, panel: usize, x: &[f32], out: &mut [f3
     }
     let n = out.len();
     out.copy_from_slice(&acc[..n]);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn absurd_sizes_are_errors_not_aborts() {
+        let e = WordBuf::zeroed(1 << 60).err().expect("2^62 bytes mapped");
+        assert_eq!(e.bytes, Some(1 << 62));
+        assert!(
+            e.to_string()
+                .contains("cannot map 4611686018427387904 bytes"),
+            "{e}"
+        );
+        let e = WordBuf::zeroed(usize::MAX)
+            .err()
+            .expect("overflowing size mapped");
+        assert!(e.to_string().contains("overflows"), "{e}");
+    }
 }

@@ -10,7 +10,7 @@
 //! kernel the full product uses. So the result is the full product's argmax bit for bit (ties
 //! to the lowest index), not an approximation.
 
-use crate::packed::{PackedWeight, WordBuf, PANEL};
+use crate::packed::{AllocError, PackedWeight, WordBuf, PANEL};
 
 /// Elements of `x` per quantisation block (one `vpdpbusd` of 64 byte pairs).
 const BLOCK: usize = 64;
@@ -36,10 +36,11 @@ pub struct Screen {
 
 impl Screen {
     /// Quantises `w` row by row (symmetric int8, scale = max |w| / 127).
-    pub fn new(w: &PackedWeight) -> Screen {
+    /// Fails only if the quantised copy cannot be mapped.
+    pub fn new(w: &PackedWeight) -> Result<Screen, AllocError> {
         let (n, k) = (w.rows(), w.cols());
         let kp = k.next_multiple_of(BLOCK);
-        let mut words = WordBuf::zeroed(n * kp / 4);
+        let mut words = WordBuf::zeroed(n * kp / 4)?;
         let qu: &mut [u8] = bytemuck::cast_slice_mut(words.as_mut_slice());
         qu.fill(128);
         let (mut scale, mut err) = (vec![0f32; n], vec![0f32; n]);
@@ -70,7 +71,7 @@ impl Screen {
             };
             (scale[r], err[r], amax[r], q1[r]) = (s, e, m, a1 as f32);
         }
-        Screen {
+        Ok(Screen {
             n,
             k,
             kp,
@@ -79,7 +80,7 @@ impl Screen {
             err,
             amax,
             q1,
-        }
+        })
     }
 
     /// Resident bytes.

@@ -43,7 +43,7 @@ fn check_shapes<W: Weight>(conv: impl Fn(f32) -> W, ms: &[usize], ns: &[usize], 
     for &k in ks {
         for &n in ns {
             let w = weight(n, k, (k + n * 7) as u32, &conv);
-            let pw = PackedWeight::pack(&w, n, k);
+            let pw = PackedWeight::pack(&w, n, k).unwrap();
             for &m in ms {
                 let x = data(m * k, (m * 131 + k * 31 + n) as u32);
                 let mut r = vec![0f32; m * n];
@@ -109,7 +109,10 @@ fn packed_rows_round_trip() {
     for &(n, k) in &[(1usize, 1usize), (5, 7), (33, 17), (70, 300), (32, 2)] {
         let wf = data(n * k, (n * k) as u32);
         let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
-        let (pf, pb) = (PackedWeight::pack(&wf, n, k), PackedWeight::pack(&wb, n, k));
+        let (pf, pb) = (
+            PackedWeight::pack(&wf, n, k).unwrap(),
+            PackedWeight::pack(&wb, n, k).unwrap(),
+        );
         assert_eq!((pf.rows(), pf.cols(), pf.dtype()), (n, k, PackedDtype::F32));
         assert_eq!(pb.dtype(), PackedDtype::BF16);
         // No padding but the odd element of an odd bf16 row.
@@ -132,7 +135,7 @@ fn large_products_split_over_threads_match() {
     let (m, n, k) = (6, 1031, 300);
     let x = data(m * k, 9);
     let w = weight(n, k, 10, &bf16::from_f32);
-    let pw = PackedWeight::pack(&w, n, k);
+    let pw = PackedWeight::pack(&w, n, k).unwrap();
     let mut r = vec![0f32; m * n];
     portable::matmul(&x, &w, &mut r, m, n, k);
     let mut y = vec![0f32; m * n];
@@ -161,7 +164,7 @@ fn bf16_dot_gemm_equals_portable_on_rounded_activations() {
                 let x = data(m * k, k as u32);
                 let xr: Vec<f32> = x.iter().map(|v| bf16::from_f32(*v).to_f32()).collect();
                 let w = weight(n, k, 3 + k as u32, &bf16::from_f32);
-                let pw = PackedWeight::pack(&w, n, k);
+                let pw = PackedWeight::pack(&w, n, k).unwrap();
                 let mut r = vec![0f32; m * n];
                 portable::matmul(&xr, &w, &mut r, m, n, k);
                 let words = pw.row_words();
@@ -392,8 +395,11 @@ fn screened_argmax_equals_full_argmax() {
                 _ => {}
             }
             let wb: Vec<bf16> = wf.iter().map(|v| bf16::from_f32(*v)).collect();
-            for pw in [PackedWeight::pack(&wf, n, k), PackedWeight::pack(&wb, n, k)] {
-                let screen = Screen::new(&pw);
+            for pw in [
+                PackedWeight::pack(&wf, n, k).unwrap(),
+                PackedWeight::pack(&wb, n, k).unwrap(),
+            ] {
+                let screen = Screen::new(&pw).unwrap();
                 let got = argmax_screened(&pw, &screen, &x, &mut scratch);
                 assert_eq!(got.best, full(&pw, &x), "n={n} k={k} variant {variant}");
                 if n >= 1000 && variant == 0 {
@@ -414,7 +420,10 @@ fn screened_argmax_equals_full_argmax() {
 fn expect_screened_maximum(w: &[f32], x: &[f32], n: usize, k: usize, a: usize, b: usize) {
     let wb: Vec<bf16> = w.iter().map(|v| bf16::from_f32(*v)).collect();
     let mut scratch = ScreenScratch::default();
-    for pw in [PackedWeight::pack(w, n, k), PackedWeight::pack(&wb, n, k)] {
+    for pw in [
+        PackedWeight::pack(w, n, k).unwrap(),
+        PackedWeight::pack(&wb, n, k).unwrap(),
+    ] {
         let mut y = vec![0f32; n];
         matmul(x, &pw, &mut y, 1);
         assert!(
@@ -423,7 +432,7 @@ fn expect_screened_maximum(w: &[f32], x: &[f32], n: usize, k: usize, a: usize, b
             y[b],
             y[a]
         );
-        let got = argmax_screened(&pw, &Screen::new(&pw), x, &mut scratch);
+        let got = argmax_screened(&pw, &Screen::new(&pw).unwrap(), x, &mut scratch);
         assert_eq!(got.best, Some((y[b], b)));
     }
 }

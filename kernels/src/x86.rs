@@ -39,16 +39,27 @@ fn lane_mask(valid: usize) -> [u16; 2] {
 
 /// One step of a panel `width` words wide as two vectors of 16 words; lanes past the width are
 /// masked off (not read) and zero.
+///
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn load_step(p: *const u32, m: [u16; 2]) -> (__m512i, __m512i) {
-    (
-        _mm512_maskz_loadu_epi32(m[0], p as *const i32),
-        _mm512_maskz_loadu_epi32(m[1], p.wrapping_add(16) as *const i32),
-    )
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        (
+            _mm512_maskz_loadu_epi32(m[0], p as *const i32),
+            _mm512_maskz_loadu_epi32(m[1], p.wrapping_add(16) as *const i32),
+        )
+    }
 }
 
 /// The even (`w << 16`) and odd (`w & 0xffff0000`) bf16 elements of 16 words as f32.
+///
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn widen_pair(v: __m512i) -> (__m512, __m512) {
@@ -69,44 +80,47 @@ unsafe fn widen_pair(v: __m512i) -> (__m512, __m512) {
 /// `c` for every valid row `c` of those panels, by this call alone.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn gemv_avx512(w: &PackedWeight, panels: Range<usize>, x: &[f32], y: *mut f32) {
-    let (k, words) = (w.cols(), w.row_words());
-    let xp = x.as_ptr();
-    for pi in panels {
-        let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
-        let m = lane_mask(pw);
-        let mut a = [_mm512_setzero_ps(); 4];
-        match w.dtype() {
-            PackedDtype::BF16 => {
-                for p in 0..k / 2 {
-                    let (v0, v1) = load_step(wp.add(p * pw), m);
-                    let ((e0, o0), (e1, o1)) = (widen_pair(v0), widen_pair(v1));
-                    let xe = _mm512_set1_ps(*xp.add(2 * p));
-                    let xo = _mm512_set1_ps(*xp.add(2 * p + 1));
-                    a[0] = _mm512_fmadd_ps(e0, xe, a[0]);
-                    a[1] = _mm512_fmadd_ps(e1, xe, a[1]);
-                    a[2] = _mm512_fmadd_ps(o0, xo, a[2]);
-                    a[3] = _mm512_fmadd_ps(o1, xo, a[3]);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (k, words) = (w.cols(), w.row_words());
+        let xp = x.as_ptr();
+        for pi in panels {
+            let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
+            let m = lane_mask(pw);
+            let mut a = [_mm512_setzero_ps(); 4];
+            match w.dtype() {
+                PackedDtype::BF16 => {
+                    for p in 0..k / 2 {
+                        let (v0, v1) = load_step(wp.add(p * pw), m);
+                        let ((e0, o0), (e1, o1)) = (widen_pair(v0), widen_pair(v1));
+                        let xe = _mm512_set1_ps(*xp.add(2 * p));
+                        let xo = _mm512_set1_ps(*xp.add(2 * p + 1));
+                        a[0] = _mm512_fmadd_ps(e0, xe, a[0]);
+                        a[1] = _mm512_fmadd_ps(e1, xe, a[1]);
+                        a[2] = _mm512_fmadd_ps(o0, xo, a[2]);
+                        a[3] = _mm512_fmadd_ps(o1, xo, a[3]);
+                    }
+                    if k % 2 == 1 {
+                        let (v0, v1) = load_step(wp.add((words - 1) * pw), m);
+                        let xe = _mm512_set1_ps(*xp.add(k - 1));
+                        a[0] = _mm512_fmadd_ps(widen_pair(v0).0, xe, a[0]);
+                        a[1] = _mm512_fmadd_ps(widen_pair(v1).0, xe, a[1]);
+                    }
                 }
-                if k % 2 == 1 {
-                    let (v0, v1) = load_step(wp.add((words - 1) * pw), m);
-                    let xe = _mm512_set1_ps(*xp.add(k - 1));
-                    a[0] = _mm512_fmadd_ps(widen_pair(v0).0, xe, a[0]);
-                    a[1] = _mm512_fmadd_ps(widen_pair(v1).0, xe, a[1]);
+                PackedDtype::F32 => {
+                    for p in 0..k {
+                        let (v0, v1) = load_step(wp.add(p * pw), m);
+                        let xv = _mm512_set1_ps(*xp.add(p));
+                        let s = 2 * (p % 2);
+                        a[s] = _mm512_fmadd_ps(_mm512_castsi512_ps(v0), xv, a[s]);
+                        a[s + 1] = _mm512_fmadd_ps(_mm512_castsi512_ps(v1), xv, a[s + 1]);
+                    }
                 }
             }
-            PackedDtype::F32 => {
-                for p in 0..k {
-                    let (v0, v1) = load_step(wp.add(p * pw), m);
-                    let xv = _mm512_set1_ps(*xp.add(p));
-                    let s = 2 * (p % 2);
-                    a[s] = _mm512_fmadd_ps(_mm512_castsi512_ps(v0), xv, a[s]);
-                    a[s + 1] = _mm512_fmadd_ps(_mm512_castsi512_ps(v1), xv, a[s + 1]);
-                }
-            }
+            let yp = y.add(pi * PANEL);
+            _mm512_mask_storeu_ps(yp, m[0], _mm512_add_ps(a[0], a[2]));
+            _mm512_mask_storeu_ps(yp.wrapping_add(16), m[1], _mm512_add_ps(a[1], a[3]));
         }
-        let yp = y.add(pi * PANEL);
-        _mm512_mask_storeu_ps(yp, m[0], _mm512_add_ps(a[0], a[2]));
-        _mm512_mask_storeu_ps(yp.wrapping_add(16), m[1], _mm512_add_ps(a[1], a[3]));
     }
 }
 
@@ -139,58 +153,66 @@ pub(crate) unsafe fn gemm_avx512(
     y: *mut f32,
     ldy: usize,
 ) {
-    let (k, words) = (w.cols(), w.row_words());
-    let bf = w.dtype() == PackedDtype::BF16;
-    // Block depth in words: 16 KiB of panel, and for exact bf16 128 of k (its x rows are f32).
-    let block = match x {
-        Activations::F32(_) if bf => KW / 2,
-        _ => KW,
-    };
-    for pi in panels {
-        let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
-        let masks = lane_mask(pw);
-        let mut kb = 0;
-        while kb < words {
-            let kw = (words - kb).min(block);
-            let blk = wp.add(kb * pw);
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(MR);
-                let ys = y.add(i * ldy + pi * PANEL);
-                let first = kb == 0;
-                macro_rules! go {
-                    ($micro:ident, $xs:expr, $ldx:expr, $kx:expr; $($R:literal)*) => {
-                        match r {
-                            $($R => $micro::<$R>($xs, $ldx, blk, pw, $kx, ys, ldy, masks, first),)*
-                            _ => unreachable!(),
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (k, words) = (w.cols(), w.row_words());
+        let bf = w.dtype() == PackedDtype::BF16;
+        // Block depth in words: 16 KiB of panel, and for exact bf16 128 of k (its x rows are f32).
+        let block = match x {
+            Activations::F32(_) if bf => KW / 2,
+            _ => KW,
+        };
+        for pi in panels {
+            let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
+            let masks = lane_mask(pw);
+            let mut kb = 0;
+            while kb < words {
+                let kw = (words - kb).min(block);
+                let blk = wp.add(kb * pw);
+                let mut i = 0;
+                while i < m {
+                    let r = (m - i).min(MR);
+                    let ys = y.add(i * ldy + pi * PANEL);
+                    let first = kb == 0;
+                    macro_rules! go {
+                        ($micro:ident, $xs:expr, $ldx:expr, $kx:expr; $($R:literal)*) => {
+                            match r {
+                                $($R => $micro::<$R>($xs, $ldx, blk, pw, $kx, ys, ldy, masks, first),)*
+                                _ => unreachable!(),
+                            }
+                        };
+                    }
+                    match x {
+                        Activations::F32(x) if bf => {
+                            // x elements of this block; the last word may be half (odd k).
+                            let kx = (2 * (kb + kw)).min(k) - 2 * kb;
+                            let xs = x.as_ptr().add(i * k + 2 * kb);
+                            go!(micro_bf16, xs, k, kx; 1 2 3 4 5 6 7 8 9 10 11 12)
                         }
-                    };
+                        Activations::F32(x) => {
+                            let xs = x.as_ptr().add(i * k + kb);
+                            go!(micro_f32, xs, k, kw; 1 2 3 4 5 6 7 8 9 10 11 12)
+                        }
+                        Activations::Bf16Words(xw) => {
+                            let xs = xw.as_ptr().add(i * words + kb);
+                            // SAFETY (of the AVX512_BF16 call): the caller's contract.
+                            go!(micro_dpbf16, xs, words, kw; 1 2 3 4 5 6 7 8 9 10 11 12)
+                        }
+                    }
+                    i += r;
                 }
-                match x {
-                    Activations::F32(x) if bf => {
-                        // x elements of this block; the last word may be half (odd k).
-                        let kx = (2 * (kb + kw)).min(k) - 2 * kb;
-                        let xs = x.as_ptr().add(i * k + 2 * kb);
-                        go!(micro_bf16, xs, k, kx; 1 2 3 4 5 6 7 8 9 10 11 12)
-                    }
-                    Activations::F32(x) => {
-                        let xs = x.as_ptr().add(i * k + kb);
-                        go!(micro_f32, xs, k, kw; 1 2 3 4 5 6 7 8 9 10 11 12)
-                    }
-                    Activations::Bf16Words(xw) => {
-                        let xs = xw.as_ptr().add(i * words + kb);
-                        // SAFETY (of the AVX512_BF16 call): the caller's contract.
-                        go!(micro_dpbf16, xs, words, kw; 1 2 3 4 5 6 7 8 9 10 11 12)
-                    }
-                }
-                i += r;
+                kb += kw;
             }
-            kb += kw;
         }
     }
 }
 
 /// Loads (or zeroes, for the first block) `R` rows × 32 outputs of `y`.
+///
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn acc_init<const R: usize>(
@@ -199,17 +221,24 @@ unsafe fn acc_init<const R: usize>(
     masks: [u16; 2],
     first: bool,
 ) -> [[__m512; 2]; R] {
-    let mut acc = [[_mm512_setzero_ps(); 2]; R];
-    if !first {
-        for r in 0..R {
-            for h in 0..2 {
-                acc[r][h] = _mm512_maskz_loadu_ps(masks[h], y.wrapping_add(r * ldy + 16 * h));
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let mut acc = [[_mm512_setzero_ps(); 2]; R];
+        if !first {
+            for r in 0..R {
+                for h in 0..2 {
+                    acc[r][h] = _mm512_maskz_loadu_ps(masks[h], y.wrapping_add(r * ldy + 16 * h));
+                }
             }
         }
+        acc
     }
-    acc
 }
 
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 unsafe fn acc_store<const R: usize>(
@@ -218,14 +247,22 @@ unsafe fn acc_store<const R: usize>(
     ldy: usize,
     masks: [u16; 2],
 ) {
-    for r in 0..R {
-        for h in 0..2 {
-            _mm512_mask_storeu_ps(y.wrapping_add(r * ldy + 16 * h), masks[h], acc[r][h]);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        for r in 0..R {
+            for h in 0..2 {
+                _mm512_mask_storeu_ps(y.wrapping_add(r * ldy + 16 * h), masks[h], acc[r][h]);
+            }
         }
     }
 }
 
 /// `R` x rows (`ldx` apart, `kx` elements from `x`) × one bf16 panel block, into `y`.
+///
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
@@ -240,33 +277,41 @@ unsafe fn micro_bf16<const R: usize>(
     masks: [u16; 2],
     first: bool,
 ) {
-    let mut acc = acc_init::<R>(y, ldy, masks, first);
-    for p in 0..kx / 2 {
-        let (v0, v1) = load_step(panel.add(p * pw), masks);
-        let ((e0, o0), (e1, o1)) = (widen_pair(v0), widen_pair(v1));
-        for r in 0..R {
-            let xe = _mm512_set1_ps(*x.add(r * ldx + 2 * p));
-            acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
-            let xo = _mm512_set1_ps(*x.add(r * ldx + 2 * p + 1));
-            acc[r][0] = _mm512_fmadd_ps(xo, o0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xo, o1, acc[r][1]);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let mut acc = acc_init::<R>(y, ldy, masks, first);
+        for p in 0..kx / 2 {
+            let (v0, v1) = load_step(panel.add(p * pw), masks);
+            let ((e0, o0), (e1, o1)) = (widen_pair(v0), widen_pair(v1));
+            for r in 0..R {
+                let xe = _mm512_set1_ps(*x.add(r * ldx + 2 * p));
+                acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
+                let xo = _mm512_set1_ps(*x.add(r * ldx + 2 * p + 1));
+                acc[r][0] = _mm512_fmadd_ps(xo, o0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xo, o1, acc[r][1]);
+            }
         }
-    }
-    if kx % 2 == 1 {
-        let p = kx / 2;
-        let (v0, v1) = load_step(panel.add(p * pw), masks);
-        let (e0, e1) = (widen_pair(v0).0, widen_pair(v1).0);
-        for r in 0..R {
-            let xe = _mm512_set1_ps(*x.add(r * ldx + 2 * p));
-            acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
+        if kx % 2 == 1 {
+            let p = kx / 2;
+            let (v0, v1) = load_step(panel.add(p * pw), masks);
+            let (e0, e1) = (widen_pair(v0).0, widen_pair(v1).0);
+            for r in 0..R {
+                let xe = _mm512_set1_ps(*x.add(r * ldx + 2 * p));
+                acc[r][0] = _mm512_fmadd_ps(xe, e0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xe, e1, acc[r][1]);
+            }
         }
+        acc_store::<R>(&acc, y, ldy, masks);
     }
-    acc_store::<R>(&acc, y, ldy, masks);
 }
 
 /// [`micro_bf16`] for an f32 panel block (one element per word).
+///
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 #[allow(clippy::too_many_arguments)]
@@ -281,17 +326,20 @@ unsafe fn micro_f32<const R: usize>(
     masks: [u16; 2],
     first: bool,
 ) {
-    let mut acc = acc_init::<R>(y, ldy, masks, first);
-    for p in 0..kx {
-        let (v0, v1) = load_step(panel.add(p * pw), masks);
-        let (w0, w1) = (_mm512_castsi512_ps(v0), _mm512_castsi512_ps(v1));
-        for r in 0..R {
-            let xb = _mm512_set1_ps(*x.add(r * ldx + p));
-            acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
-            acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let mut acc = acc_init::<R>(y, ldy, masks, first);
+        for p in 0..kx {
+            let (v0, v1) = load_step(panel.add(p * pw), masks);
+            let (w0, w1) = (_mm512_castsi512_ps(v0), _mm512_castsi512_ps(v1));
+            for r in 0..R {
+                let xb = _mm512_set1_ps(*x.add(r * ldx + p));
+                acc[r][0] = _mm512_fmadd_ps(xb, w0, acc[r][0]);
+                acc[r][1] = _mm512_fmadd_ps(xb, w1, acc[r][1]);
+            }
         }
+        acc_store::<R>(&acc, y, ldy, masks);
     }
-    acc_store::<R>(&acc, y, ldy, masks);
 }
 
 /// f32 → bf16 with round-to-nearest-even (as `half::bf16::from_f32`) into 32-bit words, a row
@@ -302,27 +350,30 @@ unsafe fn micro_f32<const R: usize>(
 /// `out.len() == m * row_words`, `2 * row_words >= k`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 pub(crate) unsafe fn to_bf16_words(x: &[f32], k: usize, out: &mut [u32], row_words: usize) {
-    let m = out.len() / row_words.max(1);
-    for i in 0..m {
-        let src = x.as_ptr().add(i * k);
-        let dst = out.as_mut_ptr().add(i * row_words) as *mut u16;
-        let mut j = 0;
-        while j < k {
-            let mk: __mmask16 = if k - j >= 16 {
-                0xffff
-            } else {
-                ((1u32 << (k - j)) - 1) as u16
-            };
-            let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src.add(j)));
-            _mm256_mask_storeu_epi16(
-                dst.add(j) as *mut i16,
-                mk,
-                core::mem::transmute::<__m256bh, __m256i>(v),
-            );
-            j += 16;
-        }
-        if k % 2 == 1 {
-            *dst.add(k) = 0;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let m = out.len() / row_words.max(1);
+        for i in 0..m {
+            let src = x.as_ptr().add(i * k);
+            let dst = out.as_mut_ptr().add(i * row_words) as *mut u16;
+            let mut j = 0;
+            while j < k {
+                let mk: __mmask16 = if k - j >= 16 {
+                    0xffff
+                } else {
+                    ((1u32 << (k - j)) - 1) as u16
+                };
+                let v = _mm512_cvtneps_pbh(_mm512_maskz_loadu_ps(mk, src.add(j)));
+                _mm256_mask_storeu_epi16(
+                    dst.add(j) as *mut i16,
+                    mk,
+                    core::mem::transmute::<__m256bh, __m256i>(v),
+                );
+                j += 16;
+            }
+            if k % 2 == 1 {
+                *dst.add(k) = 0;
+            }
         }
     }
 }
@@ -330,6 +381,11 @@ pub(crate) unsafe fn to_bf16_words(x: &[f32], k: usize, out: &mut [u32], row_wor
 /// `R` rows of bf16 activation words (`ldx` apart) × one bf16 panel block with `vdpbf16ps`:
 /// each instruction multiplies a broadcast x pair into the weight pairs of 16 output rows and
 /// adds both products in f32 (twice the f32 FMA rate).
+///
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl,avx512bf16`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl,avx512bf16")]
 #[allow(clippy::too_many_arguments)]
@@ -344,21 +400,28 @@ unsafe fn micro_dpbf16<const R: usize>(
     masks: [u16; 2],
     first: bool,
 ) {
-    let mut acc = acc_init::<R>(y, ldy, masks, first);
-    for p in 0..kw {
-        let (v0, v1) = load_step(panel.add(p * pw), masks);
-        let w0: __m512bh = core::mem::transmute(v0);
-        let w1: __m512bh = core::mem::transmute(v1);
-        for r in 0..R {
-            let xb: __m512bh = core::mem::transmute(_mm512_set1_epi32(*xw.add(r * ldx + p) as i32));
-            acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
-            acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let mut acc = acc_init::<R>(y, ldy, masks, first);
+        for p in 0..kw {
+            let (v0, v1) = load_step(panel.add(p * pw), masks);
+            let w0: __m512bh = core::mem::transmute(v0);
+            let w1: __m512bh = core::mem::transmute(v1);
+            for r in 0..R {
+                let xb: __m512bh =
+                    core::mem::transmute(_mm512_set1_epi32(*xw.add(r * ldx + p) as i32));
+                acc[r][0] = _mm512_dpbf16_ps(acc[r][0], xb, w0);
+                acc[r][1] = _mm512_dpbf16_ps(acc[r][1], xb, w1);
+            }
         }
+        acc_store::<R>(&acc, y, ldy, masks);
     }
-    acc_store::<R>(&acc, y, ldy, masks);
 }
 
 /// The even and odd bf16 elements of 8 words as f32 (AVX2).
+///
+/// # Safety
+/// The CPU must support `avx2,fma`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn widen_pair256(v: __m256i) -> (__m256, __m256) {
@@ -372,6 +435,9 @@ unsafe fn widen_pair256(v: __m256i) -> (__m256, __m256) {
 }
 
 /// A mask of the first `valid` (clamped to 0..=8) of 8 lanes, for `maskload`.
+///
+/// # Safety
+/// The CPU must support `avx2,fma`.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn mask8(valid: usize) -> __m256i {
@@ -384,26 +450,42 @@ unsafe fn mask8(valid: usize) -> __m256i {
 /// 8 words of a panel step at `p`; in a panel that is not `full`, lanes outside `mask` are not
 /// read and are zero (`vpmaskmovd` is several times slower than a plain load on AMD, so full
 /// panels, all but the last, do not use it).
+///
+/// # Safety
+/// The CPU must support `avx2,fma`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn load8(p: *const u32, mask: __m256i, full: bool) -> __m256i {
-    if full {
-        _mm256_loadu_si256(p as *const __m256i)
-    } else {
-        _mm256_maskload_epi32(p as *const i32, mask)
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        if full {
+            _mm256_loadu_si256(p as *const __m256i)
+        } else {
+            _mm256_maskload_epi32(p as *const i32, mask)
+        }
     }
 }
 
 /// Stores the first `valid` of 8 lanes.
+///
+/// # Safety
+/// The CPU must support `avx2,fma`.
+/// Every pointer must be valid for the elements read or written through it here, and a
+/// written range must not overlap a range another live reference uses.
 #[inline]
 #[target_feature(enable = "avx2,fma")]
 unsafe fn store8(y: *mut f32, v: __m256, valid: usize) {
-    if valid >= 8 {
-        _mm256_storeu_ps(y, v);
-    } else {
-        let mut t = [0f32; 8];
-        _mm256_storeu_ps(t.as_mut_ptr(), v);
-        core::ptr::copy_nonoverlapping(t.as_ptr(), y, valid);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        if valid >= 8 {
+            _mm256_storeu_ps(y, v);
+        } else {
+            let mut t = [0f32; 8];
+            _mm256_storeu_ps(t.as_mut_ptr(), v);
+            core::ptr::copy_nonoverlapping(t.as_ptr(), y, valid);
+        }
     }
 }
 
@@ -414,53 +496,58 @@ unsafe fn store8(y: *mut f32, v: __m256, valid: usize) {
 /// AVX2 and FMA available; otherwise as for [`gemv_avx512`].
 #[target_feature(enable = "avx2,fma")]
 pub(crate) unsafe fn gemv_avx2(w: &PackedWeight, panels: Range<usize>, x: &[f32], y: *mut f32) {
-    let k = w.cols();
-    let xp = x.as_ptr();
-    for pi in panels {
-        let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
-        let quarters = pw.div_ceil(8);
-        let full = pw == PANEL;
-        let masks: [__m256i; 4] = [
-            mask8(pw),
-            mask8(pw.saturating_sub(8)),
-            mask8(pw.saturating_sub(16)),
-            mask8(pw.saturating_sub(24)),
-        ];
-        let mut e = [_mm256_setzero_ps(); 4];
-        let mut o = [_mm256_setzero_ps(); 4];
-        match w.dtype() {
-            PackedDtype::BF16 => {
-                for p in 0..k.div_ceil(2) {
-                    let xe = _mm256_set1_ps(*xp.add(2 * p));
-                    let xo = _mm256_set1_ps(if 2 * p + 1 < k {
-                        *xp.add(2 * p + 1)
-                    } else {
-                        0.0
-                    });
-                    for q in 0..quarters {
-                        let (we, wo) = widen_pair256(load8(wp.add(p * pw + 8 * q), masks[q], full));
-                        e[q] = _mm256_fmadd_ps(we, xe, e[q]);
-                        o[q] = _mm256_fmadd_ps(wo, xo, o[q]);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let k = w.cols();
+        let xp = x.as_ptr();
+        for pi in panels {
+            let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
+            let quarters = pw.div_ceil(8);
+            let full = pw == PANEL;
+            let masks: [__m256i; 4] = [
+                mask8(pw),
+                mask8(pw.saturating_sub(8)),
+                mask8(pw.saturating_sub(16)),
+                mask8(pw.saturating_sub(24)),
+            ];
+            let mut e = [_mm256_setzero_ps(); 4];
+            let mut o = [_mm256_setzero_ps(); 4];
+            match w.dtype() {
+                PackedDtype::BF16 => {
+                    for p in 0..k.div_ceil(2) {
+                        let xe = _mm256_set1_ps(*xp.add(2 * p));
+                        let xo = _mm256_set1_ps(if 2 * p + 1 < k {
+                            *xp.add(2 * p + 1)
+                        } else {
+                            0.0
+                        });
+                        for q in 0..quarters {
+                            let (we, wo) =
+                                widen_pair256(load8(wp.add(p * pw + 8 * q), masks[q], full));
+                            e[q] = _mm256_fmadd_ps(we, xe, e[q]);
+                            o[q] = _mm256_fmadd_ps(wo, xo, o[q]);
+                        }
+                    }
+                }
+                PackedDtype::F32 => {
+                    for p in 0..k {
+                        let xv = _mm256_set1_ps(*xp.add(p));
+                        let a = if p % 2 == 0 { &mut e } else { &mut o };
+                        for q in 0..quarters {
+                            let v =
+                                _mm256_castsi256_ps(load8(wp.add(p * pw + 8 * q), masks[q], full));
+                            a[q] = _mm256_fmadd_ps(v, xv, a[q]);
+                        }
                     }
                 }
             }
-            PackedDtype::F32 => {
-                for p in 0..k {
-                    let xv = _mm256_set1_ps(*xp.add(p));
-                    let a = if p % 2 == 0 { &mut e } else { &mut o };
-                    for q in 0..quarters {
-                        let v = _mm256_castsi256_ps(load8(wp.add(p * pw + 8 * q), masks[q], full));
-                        a[q] = _mm256_fmadd_ps(v, xv, a[q]);
-                    }
-                }
+            for q in 0..quarters {
+                store8(
+                    y.add(pi * PANEL + 8 * q),
+                    _mm256_add_ps(e[q], o[q]),
+                    pw - 8 * q,
+                );
             }
-        }
-        for q in 0..quarters {
-            store8(
-                y.add(pi * PANEL + 8 * q),
-                _mm256_add_ps(e[q], o[q]),
-                pw - 8 * q,
-            );
         }
     }
 }
@@ -479,57 +566,60 @@ pub(crate) unsafe fn gemm_avx2(
     y: *mut f32,
     ldy: usize,
 ) {
-    let k = w.cols();
-    let bf = w.dtype() == PackedDtype::BF16;
-    for pi in panels {
-        let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
-        let full = pw == PANEL;
-        for half in 0..pw.div_ceil(16) {
-            let vh = (pw - 16 * half).min(16);
-            let (m0, m1) = (mask8(vh), mask8(vh.saturating_sub(8)));
-            let mut i = 0;
-            while i < m {
-                let r = (m - i).min(4);
-                let mut acc = [[_mm256_setzero_ps(); 2]; 4];
-                let xr = |t: usize| x.as_ptr().add((i + t.min(r - 1)) * k);
-                let xs = [xr(0), xr(1), xr(2), xr(3)];
-                if bf {
-                    for p in 0..k.div_ceil(2) {
-                        let base = wp.add(p * pw + 16 * half);
-                        let (e0, o0) = widen_pair256(load8(base, m0, full));
-                        let (e1, o1) = widen_pair256(load8(base.wrapping_add(8), m1, full));
-                        let odd = 2 * p + 1 < k;
-                        for t in 0..4 {
-                            let xe = _mm256_set1_ps(*xs[t].add(2 * p));
-                            acc[t][0] = _mm256_fmadd_ps(xe, e0, acc[t][0]);
-                            acc[t][1] = _mm256_fmadd_ps(xe, e1, acc[t][1]);
-                            if odd {
-                                let xo = _mm256_set1_ps(*xs[t].add(2 * p + 1));
-                                acc[t][0] = _mm256_fmadd_ps(xo, o0, acc[t][0]);
-                                acc[t][1] = _mm256_fmadd_ps(xo, o1, acc[t][1]);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let k = w.cols();
+        let bf = w.dtype() == PackedDtype::BF16;
+        for pi in panels {
+            let (wp, pw) = (w.panel(pi).as_ptr(), w.panel_width(pi));
+            let full = pw == PANEL;
+            for half in 0..pw.div_ceil(16) {
+                let vh = (pw - 16 * half).min(16);
+                let (m0, m1) = (mask8(vh), mask8(vh.saturating_sub(8)));
+                let mut i = 0;
+                while i < m {
+                    let r = (m - i).min(4);
+                    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
+                    let xr = |t: usize| x.as_ptr().add((i + t.min(r - 1)) * k);
+                    let xs = [xr(0), xr(1), xr(2), xr(3)];
+                    if bf {
+                        for p in 0..k.div_ceil(2) {
+                            let base = wp.add(p * pw + 16 * half);
+                            let (e0, o0) = widen_pair256(load8(base, m0, full));
+                            let (e1, o1) = widen_pair256(load8(base.wrapping_add(8), m1, full));
+                            let odd = 2 * p + 1 < k;
+                            for t in 0..4 {
+                                let xe = _mm256_set1_ps(*xs[t].add(2 * p));
+                                acc[t][0] = _mm256_fmadd_ps(xe, e0, acc[t][0]);
+                                acc[t][1] = _mm256_fmadd_ps(xe, e1, acc[t][1]);
+                                if odd {
+                                    let xo = _mm256_set1_ps(*xs[t].add(2 * p + 1));
+                                    acc[t][0] = _mm256_fmadd_ps(xo, o0, acc[t][0]);
+                                    acc[t][1] = _mm256_fmadd_ps(xo, o1, acc[t][1]);
+                                }
+                            }
+                        }
+                    } else {
+                        for p in 0..k {
+                            let base = wp.add(p * pw + 16 * half);
+                            let w0 = _mm256_castsi256_ps(load8(base, m0, full));
+                            let w1 = _mm256_castsi256_ps(load8(base.wrapping_add(8), m1, full));
+                            for t in 0..4 {
+                                let xb = _mm256_set1_ps(*xs[t].add(p));
+                                acc[t][0] = _mm256_fmadd_ps(xb, w0, acc[t][0]);
+                                acc[t][1] = _mm256_fmadd_ps(xb, w1, acc[t][1]);
                             }
                         }
                     }
-                } else {
-                    for p in 0..k {
-                        let base = wp.add(p * pw + 16 * half);
-                        let w0 = _mm256_castsi256_ps(load8(base, m0, full));
-                        let w1 = _mm256_castsi256_ps(load8(base.wrapping_add(8), m1, full));
-                        for t in 0..4 {
-                            let xb = _mm256_set1_ps(*xs[t].add(p));
-                            acc[t][0] = _mm256_fmadd_ps(xb, w0, acc[t][0]);
-                            acc[t][1] = _mm256_fmadd_ps(xb, w1, acc[t][1]);
+                    for t in 0..r {
+                        let yp = y.add((i + t) * ldy + pi * PANEL + 16 * half);
+                        store8(yp, acc[t][0], vh);
+                        if vh > 8 {
+                            store8(yp.add(8), acc[t][1], vh - 8);
                         }
                     }
+                    i += r;
                 }
-                for t in 0..r {
-                    let yp = y.add((i + t) * ldy + pi * PANEL + 16 * half);
-                    store8(yp, acc[t][0], vh);
-                    if vh > 8 {
-                        store8(yp.add(8), acc[t][1], vh - 8);
-                    }
-                }
-                i += r;
             }
         }
     }
@@ -539,6 +629,9 @@ pub(crate) unsafe fn gemm_avx2(
 /// split in two so `r` is exact to f32), `p` the degree-7 Taylor polynomial (truncation below
 /// 1e-8 relative for `|r| ≤ ln 2 / 2`), scaled by `vscalefps` (which over- and underflows like
 /// `exp`). Within 2 ulp of libm's `expf`; NaN stays NaN.
+///
+/// # Safety
+/// The CPU must support `avx512f,avx512bw,avx512vl`.
 #[inline]
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn exp16(x: __m512) -> __m512 {
@@ -578,19 +671,22 @@ fn mask16(n: usize) -> __mmask16 {
 /// AVX-512F/BW/VL available; `gate.len() == up.len()`.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
-    let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
-    let mut i = 0;
-    while i < gate.len() {
-        let m = mask16(gate.len() - i);
-        let gv = _mm512_maskz_loadu_ps(m, g.add(i));
-        let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
-        let s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0), e));
-        _mm512_mask_storeu_ps(
-            g.add(i),
-            m,
-            _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u.add(i))),
-        );
-        i += 16;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (g, u) = (gate.as_mut_ptr(), up.as_ptr());
+        let mut i = 0;
+        while i < gate.len() {
+            let m = mask16(gate.len() - i);
+            let gv = _mm512_maskz_loadu_ps(m, g.add(i));
+            let e = exp16(_mm512_sub_ps(_mm512_setzero_ps(), gv));
+            let s = _mm512_div_ps(gv, _mm512_add_ps(_mm512_set1_ps(1.0), e));
+            _mm512_mask_storeu_ps(
+                g.add(i),
+                m,
+                _mm512_mul_ps(s, _mm512_maskz_loadu_ps(m, u.add(i))),
+            );
+            i += 16;
+        }
     }
 }
 
@@ -600,34 +696,37 @@ pub(crate) unsafe fn silu_mul_avx512(gate: &mut [f32], up: &[f32]) {
 /// AVX-512F/BW/VL available.
 #[target_feature(enable = "avx512f,avx512bw,avx512vl")]
 pub(crate) unsafe fn softmax_avx512(x: &mut [f32]) {
-    let (p, n) = (x.as_mut_ptr(), x.len());
-    let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
-    let mut i = 0;
-    while i < n {
-        let m = mask16(n - i);
-        mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(i)));
-        i += 16;
-    }
-    let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
-    let mut sum = _mm512_setzero_ps();
-    i = 0;
-    while i < n {
-        let m = mask16(n - i);
-        let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), mx));
-        _mm512_mask_storeu_ps(p.add(i), m, e);
-        sum = _mm512_mask_add_ps(sum, m, sum, e);
-        i += 16;
-    }
-    let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
-    i = 0;
-    while i < n {
-        let m = mask16(n - i);
-        _mm512_mask_storeu_ps(
-            p.add(i),
-            m,
-            _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv),
-        );
-        i += 16;
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let (p, n) = (x.as_mut_ptr(), x.len());
+        let mut mx = _mm512_set1_ps(f32::NEG_INFINITY);
+        let mut i = 0;
+        while i < n {
+            let m = mask16(n - i);
+            mx = _mm512_mask_max_ps(mx, m, mx, _mm512_maskz_loadu_ps(m, p.add(i)));
+            i += 16;
+        }
+        let mx = _mm512_set1_ps(_mm512_reduce_max_ps(mx));
+        let mut sum = _mm512_setzero_ps();
+        i = 0;
+        while i < n {
+            let m = mask16(n - i);
+            let e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p.add(i)), mx));
+            _mm512_mask_storeu_ps(p.add(i), m, e);
+            sum = _mm512_mask_add_ps(sum, m, sum, e);
+            i += 16;
+        }
+        let inv = _mm512_set1_ps(1.0 / _mm512_reduce_add_ps(sum));
+        i = 0;
+        while i < n {
+            let m = mask16(n - i);
+            _mm512_mask_storeu_ps(
+                p.add(i),
+                m,
+                _mm512_mul_ps(_mm512_maskz_loadu_ps(m, p.add(i)), inv),
+            );
+            i += 16;
+        }
     }
 }
 
@@ -645,43 +744,46 @@ pub(crate) unsafe fn attend_avx512(
     scores: &mut [f32],
     out: &mut [f32],
 ) {
-    let d = q.len();
-    let len = k.len() / d;
-    let chunks = d.div_ceil(16);
-    let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
-    for (i, s) in scores[..len].iter_mut().enumerate() {
-        let kr = kp.add(i * d);
-        let mut acc = _mm512_setzero_ps();
-        for c in 0..chunks {
-            let m = mask16(d - 16 * c);
-            acc = _mm512_fmadd_ps(
-                _mm512_maskz_loadu_ps(m, qp.add(16 * c)),
-                _mm512_maskz_loadu_ps(m, kr.add(16 * c)),
-                acc,
-            );
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let d = q.len();
+        let len = k.len() / d;
+        let chunks = d.div_ceil(16);
+        let (qp, kp, vp) = (q.as_ptr(), k.as_ptr(), v.as_ptr());
+        for (i, s) in scores[..len].iter_mut().enumerate() {
+            let kr = kp.add(i * d);
+            let mut acc = _mm512_setzero_ps();
+            for c in 0..chunks {
+                let m = mask16(d - 16 * c);
+                acc = _mm512_fmadd_ps(
+                    _mm512_maskz_loadu_ps(m, qp.add(16 * c)),
+                    _mm512_maskz_loadu_ps(m, kr.add(16 * c)),
+                    acc,
+                );
+            }
+            *s = _mm512_reduce_add_ps(acc) * scale;
         }
-        *s = _mm512_reduce_add_ps(acc) * scale;
-    }
-    softmax_avx512(&mut scores[..len]);
-    let op = out.as_mut_ptr();
-    let mut c0 = 0;
-    while c0 < chunks {
-        let cn = (chunks - c0).min(8);
-        let mut acc = [_mm512_setzero_ps(); 8];
-        for (i, &p) in scores[..len].iter().enumerate() {
-            let pv = _mm512_set1_ps(p);
-            let vr = vp.add(i * d);
+        softmax_avx512(&mut scores[..len]);
+        let op = out.as_mut_ptr();
+        let mut c0 = 0;
+        while c0 < chunks {
+            let cn = (chunks - c0).min(8);
+            let mut acc = [_mm512_setzero_ps(); 8];
+            for (i, &p) in scores[..len].iter().enumerate() {
+                let pv = _mm512_set1_ps(p);
+                let vr = vp.add(i * d);
+                for c in 0..cn {
+                    let at = 16 * (c0 + c);
+                    let m = mask16(d - at);
+                    acc[c] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, vr.add(at)), acc[c]);
+                }
+            }
             for c in 0..cn {
                 let at = 16 * (c0 + c);
-                let m = mask16(d - at);
-                acc[c] = _mm512_fmadd_ps(pv, _mm512_maskz_loadu_ps(m, vr.add(at)), acc[c]);
+                _mm512_mask_storeu_ps(op.add(at), mask16(d - at), acc[c]);
             }
+            c0 += cn;
         }
-        for c in 0..cn {
-            let at = 16 * (c0 + c);
-            _mm512_mask_storeu_ps(op.add(at), mask16(d - at), acc[c]);
-        }
-        c0 += cn;
     }
 }
 
@@ -702,24 +804,27 @@ pub(crate) unsafe fn dot_u8_rows_vnni(
     corr: &[i32],
     out: &mut [f32],
 ) {
-    let nb = kp / 64;
-    let (qp, xp) = (qu.as_ptr(), xq.as_ptr());
-    for (r, o) in out.iter_mut().enumerate() {
-        let row = qp.add(r * kp);
-        // Even and odd blocks in two accumulators: two dependency chains per row.
-        let mut acc = [_mm512_setzero_ps(); 2];
-        for b in 0..nb {
-            let init = _mm512_maskz_set1_epi32(1, -*corr.get_unchecked(b));
-            let w = _mm512_loadu_si512(row.add(64 * b) as *const __m512i);
-            let xv = _mm512_loadu_si512(xp.add(64 * b) as *const __m512i);
-            let t = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, w, xv));
-            let s = _mm512_set1_ps(*sx.get_unchecked(b));
-            if b % 2 == 0 {
-                acc[0] = _mm512_fmadd_ps(t, s, acc[0]);
-            } else {
-                acc[1] = _mm512_fmadd_ps(t, s, acc[1]);
+    // SAFETY: the caller upholds this function's `# Safety` contract.
+    unsafe {
+        let nb = kp / 64;
+        let (qp, xp) = (qu.as_ptr(), xq.as_ptr());
+        for (r, o) in out.iter_mut().enumerate() {
+            let row = qp.add(r * kp);
+            // Even and odd blocks in two accumulators: two dependency chains per row.
+            let mut acc = [_mm512_setzero_ps(); 2];
+            for b in 0..nb {
+                let init = _mm512_maskz_set1_epi32(1, -*corr.get_unchecked(b));
+                let w = _mm512_loadu_si512(row.add(64 * b) as *const __m512i);
+                let xv = _mm512_loadu_si512(xp.add(64 * b) as *const __m512i);
+                let t = _mm512_cvtepi32_ps(_mm512_dpbusd_epi32(init, w, xv));
+                let s = _mm512_set1_ps(*sx.get_unchecked(b));
+                if b % 2 == 0 {
+                    acc[0] = _mm512_fmadd_ps(t, s, acc[0]);
+                } else {
+                    acc[1] = _mm512_fmadd_ps(t, s, acc[1]);
+                }
             }
+            *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
         }
-        *o = _mm512_reduce_add_ps(_mm512_add_ps(acc[0], acc[1]));
     }
 }

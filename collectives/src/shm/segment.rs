@@ -154,6 +154,9 @@ impl Default for SegmentOptions {
     }
 }
 
+/// Largest accepted `TPRUN_SHM_SLOT_BYTES` (each rank maps two halves of it per peer).
+const MAX_SLOT_BYTES: u64 = 1 << 30;
+
 impl SegmentOptions {
     /// Defaults overridden by `TPRUN_SHM_DIR` and `TPRUN_SHM_SLOT_BYTES`.
     pub fn from_env() -> Result<SegmentOptions> {
@@ -161,10 +164,9 @@ impl SegmentOptions {
         if let Some(d) = std::env::var_os(ENV_DIR).filter(|d| !d.is_empty()) {
             o.dir = Some(PathBuf::from(d));
         }
-        if let Ok(s) = std::env::var(ENV_SLOT) {
-            o.slot_bytes = crate::units::parse_size(&s)
-                .map_err(|e| setup(format!("{ENV_SLOT}={s}: {e}")))?
-                as usize;
+        if let Some(s) = crate::env::var(ENV_SLOT).map_err(setup)? {
+            o.slot_bytes = crate::env::parse_bytes(ENV_SLOT, &s, PAGE as u64..=MAX_SLOT_BYTES)
+                .map_err(setup)? as usize;
             if o.slot_bytes == 0 || !o.slot_bytes.is_multiple_of(PAGE) {
                 return Err(setup(format!(
                     "{ENV_SLOT}={s}: must be a positive multiple of {PAGE} bytes"
@@ -453,9 +455,33 @@ pub(crate) fn named_path(key: &str) -> PathBuf {
 }
 
 fn open_existing(path: &Path) -> std::result::Result<OwnedFd, Errno> {
-    let fd = nix::fcntl::open(path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())?;
+    let flags = OFlag::O_RDWR | OFlag::O_CLOEXEC | OFlag::O_NOFOLLOW;
+    let fd = nix::fcntl::open(path, flags, Mode::empty())?;
     // SAFETY: fresh fd from `open`.
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+/// Refuses a named segment that another user could have made or can read: in a shared
+/// directory (`TPRUN_SHM_DIR`) anyone may create our name first and then see or forge every
+/// rank's tensors.
+fn check_private(fd: &OwnedFd, path: &Path) -> Result<()> {
+    let st = nix::sys::stat::fstat(fd.as_raw_fd())
+        .map_err(|e| setup(format!("cannot stat {}: {}", path.display(), e.desc())))?;
+    // SAFETY: getuid cannot fail and touches no memory of ours.
+    let me = unsafe { libc::getuid() };
+    owner_and_mode_ok(path, st.st_uid, st.st_mode, me)
+}
+
+/// The test of [`check_private`], apart from the fstat.
+fn owner_and_mode_ok(path: &Path, uid: u32, mode: u32, me: u32) -> Result<()> {
+    if uid == me && mode & 0o077 == 0 {
+        return Ok(());
+    }
+    Err(setup(format!(
+        "{} is owned by uid {uid} with mode {:03o}, but a named segment must belong to this user (uid {me}) with mode 600: remove it, or give this job another TPRUN_RUN_ID / MASTER_PORT",
+        path.display(),
+        mode & 0o777
+    )))
 }
 
 /// Is the segment at `fd` left over from a dead job (creator gone)?
@@ -490,6 +516,7 @@ fn create_named(path: &Path, lay: &Layout) -> Result<Mapping> {
             Err(Errno::EEXIST) if !replaced => {
                 replaced = true;
                 if let Ok(old) = open_existing(path) {
+                    check_private(&old, path)?;
                     if stale(&old) {
                         let _ = nix::unistd::unlink(path);
                         continue;
@@ -533,6 +560,7 @@ fn open_named(path: &Path, world: usize, deadline: Instant) -> Result<Mapping> {
     loop {
         match open_existing(path) {
             Ok(fd) => {
+                check_private(&fd, path)?;
                 let size = nix::sys::stat::fstat(fd.as_raw_fd()).map_or(0, |s| s.st_size as usize);
                 if size >= PAGE {
                     let mut m = Mapping::map(fd, size, &path.display().to_string())?;
@@ -596,4 +624,42 @@ pub(crate) fn attach_named(
         let _ = nix::unistd::unlink(&path);
     }
     Ok((Arc::new(map), lay))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    #[test]
+    fn a_named_segment_others_can_read_is_refused() {
+        let dir = std::env::temp_dir().join(format!("tprun-seg-test-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("tprun-0-shared");
+        std::fs::write(&path, [0u8; PAGE]).unwrap();
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let deadline = Instant::now() + Duration::from_millis(200);
+        let e = open_named(&path, 2, deadline)
+            .err()
+            .expect("opened")
+            .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert!(e.contains(&path.display().to_string()), "{e}");
+        assert!(e.contains("mode 644") && e.contains("owned by uid"), "{e}");
+    }
+
+    #[test]
+    fn a_named_segment_of_another_user_is_refused() {
+        let p = Path::new("/dev/shm/tprun-1000-x");
+        let e = owner_and_mode_ok(p, 1001, 0o100600, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/shm/tprun-1000-x is owned by uid 1001 with mode 600"),
+            "{e}"
+        );
+        assert!(e.contains("this user (uid 1000)"), "{e}");
+        assert!(owner_and_mode_ok(p, 1000, 0o100600, 1000).is_ok());
+        assert!(owner_and_mode_ok(p, 1000, 0o100660, 1000).is_err());
+    }
 }

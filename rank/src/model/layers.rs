@@ -107,10 +107,11 @@ impl<'a> Prefixed<'a> {
             Slice::All => (shape[0], shape[1]),
         };
         let name = self.name(name);
-        Ok(match self.src.load(&name, &shape, slice, self.dtype)? {
+        let packed = match self.src.load(&name, &shape, slice, self.dtype)? {
             Weights::F32(w) => PackedWeight::pack(&w, n, k),
             Weights::BF16(w) => PackedWeight::pack(&w, n, k),
-        })
+        };
+        packed.with_context(|| format!("packing {name} ([{n}, {k}] on this rank)"))
     }
 }
 

@@ -157,7 +157,8 @@ impl Qwen2 {
             true => None,
             false => Some(w.packed("lm_head.weight", [v, h], Slice::Rows(plan.vocab.clone()))?),
         };
-        let screen = kernels::Screen::new(weight.as_ref().unwrap_or(&embed_tokens.weight));
+        let screen = kernels::Screen::new(weight.as_ref().unwrap_or(&embed_tokens.weight))
+            .context("quantising the LM head for the argmax screen")?;
         Ok(Qwen2 {
             config: c.clone(),
             plan: plan.clone(),

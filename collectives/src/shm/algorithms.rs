@@ -1,0 +1,306 @@
+//! The five collectives over the protocol steps (see the [module docs](super) for which
+//! algorithm runs when). Each checks its arguments before its first step, so a bad call leaves
+//! the communicator usable.
+
+use super::protocol::Desc;
+use super::ShmComm;
+use crate::reduce::reduce_raw;
+use crate::stats::OpKind;
+use crate::{DType, ReduceOp, Result};
+
+/// Splits `m` elements into `n` slices on 64-byte boundaries; slice `k` is `[lo, hi)`.
+fn slice_bounds(m: usize, n: usize, k: usize, elem: usize) -> (usize, usize) {
+    let unit = (64 / elem).max(1);
+    let units = m.div_ceil(unit);
+    let lo = (k * units / n * unit).min(m);
+    let hi = ((k + 1) * units / n * unit).min(m);
+    (lo, hi)
+}
+
+impl ShmComm {
+    pub(super) fn check_len(&self, len: usize, dtype: DType, what: &str) -> Result<usize> {
+        if !len.is_multiple_of(dtype.size()) {
+            return Err(self.invalid(format!(
+                "{what} is {len} bytes, not a whole number of {} elements",
+                dtype.name()
+            )));
+        }
+        Ok(len / dtype.size())
+    }
+
+    pub(super) fn all_reduce_impl(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        crate::types::check_reducible("all_reduce", dtype)?;
+        let e = dtype.size();
+        let count = self.check_len(buf.len(), dtype, "the buffer")?;
+        if self.world == 1 || count == 0 {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::AllReduce, Some(dtype), Some(op), 0, buf.len());
+        let unit = 64 / e;
+        let chunk = (self.lay.slot.min(self.opts.chunk_bytes) / e / unit * unit).max(unit);
+        let one_shot = buf.len() <= self.opts.one_shot_max;
+        let base = buf.as_mut_ptr();
+        let mut c0 = 0;
+        while c0 < count {
+            let m = chunk.min(count - c0);
+            // SAFETY: c0 + m <= count, so the chunk is inside `buf`.
+            let p = unsafe { base.add(c0 * e) };
+            if one_shot {
+                self.all_reduce_one_shot(p, m, dtype, op, &desc)?;
+            } else {
+                self.all_reduce_rs_ag(p, m, dtype, op, &desc)?;
+            }
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    /// One step: copy in, wait for everyone, reduce all N slots in rank order into `buf`.
+    pub(super) fn all_reduce_one_shot(
+        &mut self,
+        buf: *mut u8,
+        m: usize,
+        dtype: DType,
+        op: ReduceOp,
+        desc: &Desc,
+    ) -> Result<()> {
+        let (s, h) = self.begin_step(desc)?;
+        let me = self.rank;
+        // SAFETY: `buf` holds m elements (caller); our half holds slot >= m * size bytes and no
+        // peer reads it until we publish (begin_step waited for that).
+        unsafe { std::ptr::copy_nonoverlapping(buf, self.data(me, h), m * dtype.size()) };
+        self.publish();
+        self.wait_all(s, h, desc)?;
+        for p in 0..self.world {
+            self.srcs[p] = if p == me { buf } else { self.data(p, h) };
+        }
+        // SAFETY: every source holds m elements: peers' halves were published for step s and stay
+        // untouched until we publish step s + 2; dst == srcs[me] exactly, which reduce_raw allows.
+        unsafe { reduce_raw(self.simd, dtype, op, buf, &self.srcs, m) };
+        Ok(())
+    }
+
+    /// Two steps: reduce our 1/N of the chunk from every slot, then gather the others' slices.
+    pub(super) fn all_reduce_rs_ag(
+        &mut self,
+        buf: *mut u8,
+        m: usize,
+        dtype: DType,
+        op: ReduceOp,
+        desc: &Desc,
+    ) -> Result<()> {
+        let e = dtype.size();
+        let me = self.rank;
+        let (s, h) = self.begin_step(desc)?;
+        // SAFETY: as in all_reduce_one_shot.
+        unsafe { std::ptr::copy_nonoverlapping(buf, self.data(me, h), m * e) };
+        self.publish();
+        self.wait_all(s, h, desc)?;
+        let (s2, h2) = self.begin_step(desc)?;
+        let (lo, hi) = slice_bounds(m, self.world, me, e);
+        if hi > lo {
+            for p in 0..self.world {
+                let src = if p == me { buf } else { self.data(p, h) };
+                // SAFETY: lo < hi <= m, inside every chunk-sized source.
+                self.srcs[p] = unsafe { src.add(lo * e) };
+            }
+            // SAFETY: sources as in all_reduce_one_shot; dst == srcs[me]. Our half h2 is free
+            // (begin_step), and [lo, hi) fits in it.
+            unsafe {
+                let dst = buf.add(lo * e);
+                reduce_raw(self.simd, dtype, op, dst, &self.srcs, hi - lo);
+                std::ptr::copy_nonoverlapping(dst, self.data(me, h2).add(lo * e), (hi - lo) * e);
+            }
+        }
+        self.publish();
+        for k in 1..self.world {
+            let p = (me + k) % self.world;
+            self.wait_seq(p, (s2 + 1) as u32)?;
+            self.check_hdr(p, h2, s2, desc)?;
+            let (lo, hi) = slice_bounds(m, self.world, p, e);
+            // SAFETY: peer p published its reduced [lo, hi) of step s2 in its half h2.
+            unsafe {
+                std::ptr::copy_nonoverlapping(
+                    self.data(p, h2).add(lo * e),
+                    buf.add(lo * e),
+                    (hi - lo) * e,
+                )
+            };
+        }
+        Ok(())
+    }
+
+    /// The gathered/scattered side must be `world` times the per-rank side.
+    pub(super) fn check_world_len(
+        &self,
+        big: &str,
+        big_len: usize,
+        small: &str,
+        small_len: usize,
+    ) -> Result<()> {
+        if big_len != small_len * self.world {
+            return Err(self.invalid(format!(
+                "{big} is {big_len} bytes, expected world size {} x {small} {small_len} = {}",
+                self.world,
+                small_len * self.world
+            )));
+        }
+        Ok(())
+    }
+
+    pub(super) fn all_gather_impl(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+    ) -> Result<()> {
+        self.check_len(input.len(), dtype, "the input")?;
+        let ib = input.len();
+        self.check_world_len("output", output.len(), "input", ib)?;
+        let me = self.rank;
+        output[me * ib..(me + 1) * ib].copy_from_slice(input);
+        if self.world == 1 || ib == 0 {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::AllGather, Some(dtype), None, 0, ib);
+        let mut c0 = 0;
+        while c0 < ib {
+            let m = self.lay.slot.min(ib - c0);
+            let (s, h) = self.begin_step(&desc)?;
+            // SAFETY: [c0, c0+m) is inside `input`; our half is free and holds slot >= m bytes.
+            unsafe { std::ptr::copy_nonoverlapping(input.as_ptr().add(c0), self.data(me, h), m) };
+            self.publish();
+            for k in 1..self.world {
+                let p = (me + k) % self.world;
+                self.wait_seq(p, (s + 1) as u32)?;
+                self.check_hdr(p, h, s, &desc)?;
+                let dst = &mut output[p * ib + c0..p * ib + c0 + m];
+                // SAFETY: peer p published m bytes of step s in its half h.
+                unsafe { std::ptr::copy_nonoverlapping(self.data(p, h), dst.as_mut_ptr(), m) };
+            }
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    pub(super) fn reduce_scatter_impl(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        crate::types::check_reducible("reduce_scatter", dtype)?;
+        let e = dtype.size();
+        let count = self.check_len(output.len(), dtype, "the output")?;
+        let ob = output.len();
+        self.check_world_len("input", input.len(), "output", ob)?;
+        let me = self.rank;
+        if self.world == 1 {
+            output.copy_from_slice(input);
+            return Ok(());
+        }
+        if count == 0 {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::ReduceScatter, Some(dtype), Some(op), 0, ob);
+        let unit = 64 / e;
+        let chunk = ((self.lay.slot / self.world / e) / unit * unit).max(1);
+        let inp = input.as_ptr();
+        let mut c0 = 0;
+        while c0 < count {
+            let m = chunk.min(count - c0);
+            let (s, h) = self.begin_step(&desc)?;
+            let mine = self.data(me, h);
+            for q in 0..self.world {
+                if q != me {
+                    // SAFETY: segment q's [c0, c0+m) is inside `input`; slot piece q (m elements
+                    // at q*m) fits because m <= slot / world / e.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            inp.add((q * count + c0) * e),
+                            mine.add(q * m * e),
+                            m * e,
+                        )
+                    };
+                }
+            }
+            self.publish();
+            self.wait_all(s, h, &desc)?;
+            for p in 0..self.world {
+                self.srcs[p] = if p == me {
+                    // SAFETY: inside `input` (our own segment).
+                    unsafe { inp.add((me * count + c0) * e) }
+                } else {
+                    // SAFETY: peer p's piece for us, published for step s.
+                    unsafe { self.data(p, h).add(me * m * e) }
+                };
+            }
+            // SAFETY: m elements in every source and in output[c0..]; output is a distinct &mut.
+            unsafe {
+                reduce_raw(
+                    self.simd,
+                    dtype,
+                    op,
+                    output.as_mut_ptr().add(c0 * e),
+                    &self.srcs,
+                    m,
+                )
+            };
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    pub(super) fn broadcast_impl(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        if root >= self.world {
+            return Err(self.invalid(format!(
+                "root {root} out of range for world size {}",
+                self.world
+            )));
+        }
+        if self.world == 1 || buf.is_empty() {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::Broadcast, None, None, root, buf.len());
+        let n = buf.len();
+        let mut c0 = 0;
+        while c0 < n {
+            let m = self.lay.slot.min(n - c0);
+            let (s, h) = self.begin_step(&desc)?;
+            if self.rank == root {
+                // SAFETY: [c0, c0+m) inside buf; our half is free.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(buf.as_ptr().add(c0), self.data(root, h), m)
+                };
+                self.publish();
+                self.unverified = Some((s, desc));
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                // SAFETY: the root published m bytes of step s in its half h.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(self.data(root, h), buf.as_mut_ptr().add(c0), m)
+                };
+            }
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    pub(super) fn barrier_impl(&mut self) -> Result<()> {
+        if self.world == 1 {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::Barrier, None, None, 0, 0);
+        let (s, h) = self.begin_step(&desc)?;
+        self.publish();
+        self.wait_all(s, h, &desc)
+    }
+}

@@ -1,0 +1,145 @@
+//! Steps 1-4 of the protocol described in the [module docs](super): claiming a half, publishing,
+//! and checking that a peer's half holds the same step of the same operation.
+
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+
+use super::{sys, ShmComm};
+use crate::stats::OpKind;
+use crate::{CommError, DType, ReduceOp, Result};
+
+/// What a step carries; peers must agree on it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) struct Desc {
+    kind: OpKind,
+    /// DType index, or 0xFF for untyped (broadcast, barrier).
+    dtype: u8,
+    redop: u8,
+    root: u32,
+    bytes: u64,
+}
+
+impl Desc {
+    pub(super) fn new(
+        kind: OpKind,
+        dtype: Option<DType>,
+        redop: Option<ReduceOp>,
+        root: usize,
+        bytes: usize,
+    ) -> Desc {
+        Desc {
+            kind,
+            dtype: dtype.map_or(0xFF, |d| d as u8),
+            redop: redop.map_or(0xFF, |o| o as u8),
+            root: root as u32,
+            bytes: bytes as u64,
+        }
+    }
+    pub(super) fn code(&self) -> u32 {
+        self.kind.index() as u32 | (self.dtype as u32) << 8 | (self.redop as u32) << 16
+    }
+    fn describe(code: u32, root: u32, bytes: u64) -> String {
+        let kind = OpKind::ALL
+            .get((code & 0xFF) as usize)
+            .map_or("?", |k| k.name());
+        let dtype = match (code >> 8) & 0xFF {
+            0 => " float",
+            1 => " bfloat16",
+            2 => " half",
+            _ => "",
+        };
+        let redop = match (code >> 16) & 0xFF {
+            0 => " sum",
+            1 => " max",
+            _ => "",
+        };
+        let root = if code & 0xFF == OpKind::Broadcast.index() as u32 {
+            format!(" root {root}")
+        } else {
+            String::new()
+        };
+        format!("{kind}({bytes} bytes{dtype}{redop}{root})")
+    }
+}
+
+impl ShmComm {
+    /// Steps 1-2 of the protocol: make sure our half `s % 2` is free, then describe it.
+    pub(super) fn begin_step(&mut self, desc: &Desc) -> Result<(u64, usize)> {
+        let s = self.step;
+        for p in 0..self.world {
+            if p != self.rank {
+                self.wait_seq(p, s as u32)?;
+            }
+        }
+        if let Some((us, ud)) = self.unverified.take() {
+            for p in 0..self.world {
+                if p != self.rank {
+                    self.check_hdr(p, (us % 2) as usize, us, &ud)?;
+                }
+            }
+        }
+        let half = (s % 2) as usize;
+        let h = self.slot_hdr(self.rank, half);
+        h.step.store(s, Relaxed);
+        h.op_seq.store(self.op_seq, Relaxed);
+        h.bytes.store(desc.bytes, Relaxed);
+        h.code.store(desc.code(), Relaxed);
+        h.root.store(desc.root, Relaxed);
+        Ok((s, half))
+    }
+
+    /// Step 3: publish, waking sleepers only if there are any.
+    #[inline]
+    pub(super) fn publish(&mut self) {
+        self.step += 1;
+        let c = self.map.ctl(&self.lay, self.rank);
+        c.cpu.store(sys::current_cpu(), Relaxed);
+        // SeqCst store + SeqCst load of `waiters` pairs with the waiter's increment + re-check,
+        // so either we see the sleeper or it sees the new value.
+        c.seq.store(self.step as u32, SeqCst);
+        if c.waiters.load(SeqCst) != 0 {
+            sys::futex_wake_all(&c.seq);
+        }
+    }
+
+    /// Checks that peer `p`'s half holds step `s` of the same operation.
+    pub(super) fn check_hdr(&self, p: usize, half: usize, s: u64, desc: &Desc) -> Result<()> {
+        let h = self.slot_hdr(p, half);
+        let step = h.step.load(Relaxed);
+        let code = h.code.load(Relaxed);
+        let bytes = h.bytes.load(Relaxed);
+        let root = h.root.load(Relaxed);
+        if step == s && code == desc.code() && bytes == desc.bytes && root == desc.root {
+            return Ok(());
+        }
+        let mine = Desc::describe(desc.code(), desc.root, desc.bytes);
+        let theirs = Desc::describe(code, root, bytes);
+        let msg = if step != s {
+            format!(
+                "rank {p} is at step {step} but rank {} at step {s} (this rank called {mine}; rank {p}'s last was {theirs}): the ranks made different sequences of collective calls",
+                self.rank
+            )
+        } else {
+            format!(
+                "rank {} called {mine} but rank {p} called {theirs} (call #{} there)",
+                self.rank,
+                h.op_seq.load(Relaxed)
+            )
+        };
+        Err(CommError::Mismatch {
+            op: self.op_name(),
+            seq: self.op_seq,
+            msg,
+        })
+    }
+
+    /// Step 4 for collectives that read every peer: wait for each, check its header.
+    pub(super) fn wait_all(&mut self, s: u64, half: usize, desc: &Desc) -> Result<()> {
+        for p in 0..self.world {
+            if p != self.rank {
+                self.wait_seq(p, (s + 1) as u32)?;
+                self.check_hdr(p, half, s, desc)?;
+            }
+        }
+        Ok(())
+    }
+}

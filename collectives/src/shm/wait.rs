@@ -1,0 +1,176 @@
+//! Waiting for a peer: spin, yield, then sleep on the peer's futex, with a deadline, the
+//! launcher's abort flag, the peer's `gone` flag and a periodic check that its process exists.
+
+use std::sync::atomic::Ordering::{Acquire, Relaxed, SeqCst};
+use std::time::{Duration, Instant};
+
+use super::{sys, ShmComm};
+use crate::{CommError, Result};
+
+/// After a spin that failed, the next budget is halved (down to this); a success doubles it back
+/// up to the configured spin. Covers peers the CPU check misses (e.g. just woken onto our CPU).
+pub(super) const SPIN_FLOOR: Duration = Duration::from_micros(10);
+/// How often a sleeping waiter re-checks that the peer's process still exists.
+pub(super) const LIVENESS_PERIOD: Duration = Duration::from_millis(100);
+
+/// Wrapping "has `v` reached `target`" for u32 step counters.
+#[inline(always)]
+pub(super) fn reached(v: u32, target: u32) -> bool {
+    v.wrapping_sub(target) as i32 >= 0
+}
+
+impl ShmComm {
+    /// Waits until peer `p` has published `target` steps.
+    #[inline]
+    pub(super) fn wait_seq(&mut self, p: usize, target: u32) -> Result<()> {
+        if reached(self.known[p], target) {
+            return Ok(());
+        }
+        let v = self.ctl(p).seq.load(Acquire);
+        if reached(v, target) {
+            self.known[p] = v;
+            return Ok(());
+        }
+        self.wait_slow(p, target)
+    }
+
+    /// The slow path of [`ShmComm::wait_seq`]: spin, yield, then sleep until the deadline.
+    #[cold]
+    #[inline(never)]
+    pub(super) fn wait_slow(&mut self, p: usize, target: u32) -> Result<()> {
+        let start = Instant::now();
+        let v = match self.spin(p, target, start) {
+            Some(v) => v,
+            None => match self.yield_wait(p, target) {
+                Some(v) => v,
+                None => self.sleep_wait(p, target, start)?,
+            },
+        };
+        self.known[p] = v;
+        self.wait_s += start.elapsed().as_secs_f64();
+        Ok(())
+    }
+
+    /// Busy-waits for up to the spin budget; adapts the budget to whether that paid off.
+    fn spin(&mut self, p: usize, target: u32, start: Instant) -> Option<u32> {
+        let map = self.map.clone();
+        let ctl = map.ctl(&self.lay, p);
+        // Spinning only helps if the peer can run meanwhile: not if it last ran on our CPU.
+        let peer_cpu = ctl.cpu.load(Relaxed);
+        let budget = if peer_cpu != 0 && peer_cpu == sys::current_cpu() {
+            Duration::ZERO
+        } else {
+            self.spin_budget
+        };
+        if budget.is_zero() {
+            return None;
+        }
+        let mut i = 0u32;
+        loop {
+            // A few pauses between loads: the load hits L1 until the peer writes the line.
+            for _ in 0..4 {
+                std::hint::spin_loop();
+            }
+            let v = ctl.seq.load(Acquire);
+            if reached(v, target) {
+                self.spin_budget = (self.spin_budget * 2).min(self.opts.spin);
+                return Some(v);
+            }
+            i += 1;
+            if i.is_multiple_of(32) && start.elapsed() >= budget {
+                break;
+            }
+        }
+        self.spin_budget = (self.spin_budget / 2).max(SPIN_FLOOR.min(self.opts.spin));
+        None
+    }
+
+    /// `sched_yield`s up to `opts.yields` times.
+    fn yield_wait(&self, p: usize, target: u32) -> Option<u32> {
+        let ctl = self.ctl(p);
+        for _ in 0..self.opts.yields {
+            std::thread::yield_now();
+            let v = ctl.seq.load(Acquire);
+            if reached(v, target) {
+                return Some(v);
+            }
+        }
+        None
+    }
+
+    /// Sleeps on the peer's futex in slices of at most [`LIVENESS_PERIOD`], checking between
+    /// slices for an abort, a peer that left or died, and the deadline.
+    fn sleep_wait(&self, p: usize, target: u32, start: Instant) -> Result<u32> {
+        let ctl = self.ctl(p);
+        let deadline = start + self.opts.timeout;
+        let mut next_liveness = start + LIVENESS_PERIOD;
+        loop {
+            let now = Instant::now();
+            let check_pid = now >= next_liveness;
+            if check_pid {
+                next_liveness = now + LIVENESS_PERIOD;
+            }
+            if let Some(v) = self.check_peer(p, target, check_pid)? {
+                return Ok(v);
+            }
+            if now >= deadline {
+                return Err(CommError::Timeout {
+                    op: self.op_name(),
+                    seq: self.op_seq,
+                    missing: p,
+                    waited_s: (now - start).as_secs_f64(),
+                });
+            }
+            ctl.waiters.fetch_add(1, SeqCst);
+            let v = ctl.seq.load(SeqCst);
+            if !reached(v, target) {
+                let slice = (deadline - now).min(LIVENESS_PERIOD);
+                sys::futex_wait(&ctl.seq, v, slice);
+            }
+            ctl.waiters.fetch_sub(1, SeqCst);
+            let v = ctl.seq.load(Acquire);
+            if reached(v, target) {
+                return Ok(v);
+            }
+        }
+    }
+
+    /// Fails if the job was aborted or peer `p` is gone (its process too, with `check_pid`),
+    /// unless it published `target` before leaving: then returns its `seq`.
+    fn check_peer(&self, p: usize, target: u32, check_pid: bool) -> Result<Option<u32>> {
+        let ctl = self.ctl(p);
+        let a = self.map.header().abort.load(SeqCst);
+        if a != 0 {
+            return Err(CommError::Aborted {
+                op: self.op_name(),
+                seq: self.op_seq,
+                failed: a as usize - 1,
+                missing: p,
+            });
+        }
+        let how = if ctl.gone.load(SeqCst) != 0 {
+            "left the job (dropped its communicator)".to_string()
+        } else {
+            let pid = ctl.pid.load(SeqCst);
+            if !(check_pid
+                && ctl.pidns.load(SeqCst) == sys::pid_namespace()
+                && !sys::pid_alive(pid))
+            {
+                return Ok(None);
+            }
+            format!("died (process {pid} is gone)")
+        };
+        // The peer may have published this step just before it left: its seq store happens
+        // before its `gone` store (or its exit), so this load sees it.
+        let v = ctl.seq.load(Acquire);
+        if reached(v, target) {
+            return Ok(Some(v));
+        }
+        Err(CommError::PeerDied {
+            op: self.op_name(),
+            seq: self.op_seq,
+            missing: p,
+            how,
+        })
+    }
+}
