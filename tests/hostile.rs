@@ -368,10 +368,10 @@ fn absurd_numbers_are_usage_errors() {
 #[test]
 fn absurd_perf_numbers_are_usage_errors() {
     for (flag, v, bound) in [
-        ("--iters", "1000001", "up to 1000000"),
-        ("--warmup", "99999999999999999999", "up to 1000000"),
-        ("--min-bytes", "17G", "up to 17179869184"),
-        ("--max-bytes", "1000000000000", "up to 17179869184"),
+        ("--iters", "1000000001", "up to 1000000000"),
+        ("--warmup", "99999999999999999999", "up to 1000000000"),
+        ("--min-bytes", "1025G", "up to 1099511627776"),
+        ("--max-bytes", "2000000000000", "up to 1099511627776"),
     ] {
         let r = run(tprun().args(["-n", "1", "perf", flag, v]));
         assert_eq!(r.code, 2, "{flag} {v}: {}", r.stderr);

@@ -443,18 +443,18 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Largest `--min-bytes` / `--max-bytes`: far above any collective the runtime does, low enough
-/// that the size arithmetic (buffers for every rank, bytes per second) cannot overflow.
-pub const MAX_SIZE: u64 = 16 << 30;
-/// Largest `--iters` / `--warmup`: a million calls of even the smallest size take minutes; more is
-/// a typo, not a measurement.
-pub const MAX_COUNT: usize = 1_000_000;
+/// Largest `--min-bytes` / `--max-bytes` (1 TiB): above any machine's memory, low enough that
+/// the size arithmetic (buffers for every rank, bytes per second) cannot overflow.
+pub const MAX_SIZE: u64 = 1 << 40;
+/// Largest `--iters` / `--warmup`: a billion calls already run for hours (tests use it as
+/// "forever"); more is a typo, not a measurement.
+pub const MAX_COUNT: usize = 1_000_000_000;
 
 /// A byte count up to [`MAX_SIZE`] (clap names the flag and the value in its error).
 fn parse_bounded_size(s: &str) -> Result<u64, String> {
     let n = parse_size(s)?;
     if n > MAX_SIZE {
-        return Err(format!("expected a size up to {MAX_SIZE} bytes (16G)"));
+        return Err(format!("expected a size up to {MAX_SIZE} bytes (1024G)"));
     }
     Ok(n)
 }
