@@ -7,7 +7,6 @@
 //! (SIGINT/SIGTERM/SIGHUP counters), `supervise` (the monitor loop and the summary table).
 
 pub mod cpus;
-pub mod guard;
 mod output;
 mod reaper;
 mod signals;

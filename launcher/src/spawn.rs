@@ -78,13 +78,8 @@ impl LaunchPlan {
     /// The command for rank `r`: torchrun environment, own process group, dies with tprun.
     pub fn command(&self, r: usize, extra_env: &[(String, String)]) -> anyhow::Result<Command> {
         let spec = &self.ranks[r];
-        // The rank is this binary in guard mode (guard.rs), which runs the program under it.
-        let mut cmd = Command::new("/proc/self/exe");
-        cmd.arg0("tprun-guard")
-            .arg(&self.program_path)
-            .arg(&self.program)
-            .args(&self.args);
-        cmd.env(crate::guard::GUARD_VAR, std::process::id().to_string());
+        let mut cmd = Command::new(&self.program_path);
+        cmd.arg0(&self.program).args(&self.args);
         cmd.envs(self.job_env.iter().map(|(k, v)| (k, v)));
         let n = self.world_size.to_string();
         let r_s = r.to_string();
@@ -140,7 +135,7 @@ impl LaunchPlan {
             cmd.pre_exec(move || {
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,
-                    crate::guard::DEATH_SIGNAL as libc::c_ulong,
+                    libc::SIGKILL as libc::c_ulong,
                     0,
                     0,
                     0,
