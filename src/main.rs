@@ -101,6 +101,7 @@ fn run_local(cli: &Cli) -> anyhow::Result<Option<i32>> {
 
 /// Inside a rank process: runs the built-in program, recording its trace when asked.
 fn run_rank(cmd: Cmd, trace: Option<&Path>) -> anyhow::Result<i32> {
+    launcher::builtin_rank_setup()?;
     if trace.is_some() {
         collectives::trace::start_rank()?;
     }

@@ -362,3 +362,57 @@ fn absurd_numbers_are_usage_errors() {
         );
     }
 }
+
+/// Class 9: perf's sizes and call counts have upper bounds; past them clap names the flag, the
+/// value and the bound (exit 2) instead of a job that overflows or never ends.
+#[test]
+fn absurd_perf_numbers_are_usage_errors() {
+    for (flag, v, bound) in [
+        ("--iters", "1000000001", "up to 1000000000"),
+        ("--warmup", "99999999999999999999", "up to 1000000000"),
+        ("--min-bytes", "1025G", "up to 1099511627776"),
+        ("--max-bytes", "2000000000000", "up to 1099511627776"),
+    ] {
+        let r = run(tprun().args(["-n", "1", "perf", flag, v]));
+        assert_eq!(r.code, 2, "{flag} {v}: {}", r.stderr);
+        assert!(
+            r.stderr.contains(flag) && r.stderr.contains(v) && r.stderr.contains(bound),
+            "{flag} {v}: {}",
+            r.stderr
+        );
+    }
+}
+
+/// Class 8: a built-in rank whose output hits the file-size limit ignores SIGXFSZ, so the write
+/// fails (EFBIG): one error naming the file, and neither the temp file nor a partial output left.
+#[test]
+fn a_builtin_output_past_the_file_size_limit_is_an_error() {
+    let d = TempDir::new("hostile", "fsizeout");
+    let out = d.join("logits.safetensors");
+    let model = common::fixture("tiny-hub-bf16-tied");
+    let mut c = tprun();
+    // 2000 positions x 448 logits x 4 bytes: about 3.4 MiB.
+    let ids: Vec<String> = (0..2000).map(|i| (i % 400 + 1).to_string()).collect();
+    c.args(["-n", "1", "logits", "--model", model.to_str().unwrap()])
+        .args([
+            "--input-ids",
+            &ids.join(","),
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .env_remove("TPRUN_MODEL")
+        .env_remove("TPRUN_ROLE");
+    // Above the job's 2 MiB shared-memory segment, below the logits.
+    with_fsize(&mut c, 3 << 20);
+    let r = run(&mut c);
+    assert_ne!(r.code, 0, "{}", r.stderr);
+    assert!(!r.stderr.contains("SIGXFSZ"), "{}", r.stderr);
+    let named: Vec<_> = r
+        .stderr
+        .lines()
+        .filter(|l| l.contains("logits.safetensors") && l.contains("File too large"))
+        .collect();
+    assert_eq!(named.len(), 1, "{}", r.stderr);
+    let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
+    assert!(left.is_empty(), "left behind: {left:?}\n{}", r.stderr);
+}

@@ -149,6 +149,13 @@ pub fn exit_code(err: &anyhow::Error) -> i32 {
         .map_or(1, LaunchError::exit_code)
 }
 
+/// For a built-in program's rank (tprun re-executed): SIGXFSZ ignored, so an output that hits
+/// RLIMIT_FSIZE fails its write with EFBIG, which the program reports and cleans up after, instead
+/// of dying mid-write and leaving a temp file behind. `-- PROGRAM` ranks keep the default.
+pub fn builtin_rank_setup() -> anyhow::Result<()> {
+    signals::ignore_sigxfsz()
+}
+
 /// Runs the job to completion and returns tprun's exit code: 0 when every rank exited 0, else the
 /// first failing rank's code (128+N for signal N), 128+N when tprun got signal N, 124 on
 /// `--timeout`. Errors before any rank starts (bad options, missing program, log dir) are `Err`.

@@ -80,20 +80,27 @@ impl Handlers {
 /// (spawn's pre_exec).
 pub(crate) fn reset_inherited() -> anyhow::Result<()> {
     let dfl = SigAction::new(SigHandler::SigDfl, SaFlags::empty(), SigSet::empty());
-    let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
-    // SAFETY: default and ignore dispositions run no code of ours.
+    // SAFETY: the default disposition runs no code of ours.
     unsafe {
         sigaction(Signal::SIGCHLD, &dfl)
             .map_err(|e| anyhow::anyhow!("cannot reset SIGCHLD: {e}"))?;
-        sigaction(Signal::SIGXFSZ, &ign)
-            .map_err(|e| anyhow::anyhow!("cannot ignore SIGXFSZ: {e}"))?;
     }
+    ignore_sigxfsz()?;
     let mut set = SigSet::empty();
     for sig in FORWARDED.into_iter().chain([Signal::SIGCHLD]) {
         set.add(sig);
     }
     set.thread_unblock()
         .map_err(|e| anyhow::anyhow!("cannot unblock the forwarded signals: {e}"))
+}
+
+/// SIGXFSZ ignored: hitting RLIMIT_FSIZE is then a write error (EFBIG), not death.
+pub(crate) fn ignore_sigxfsz() -> anyhow::Result<()> {
+    let ign = SigAction::new(SigHandler::SigIgn, SaFlags::empty(), SigSet::empty());
+    // SAFETY: the ignore disposition runs no code of ours.
+    unsafe { sigaction(Signal::SIGXFSZ, &ign) }
+        .map(drop)
+        .map_err(|e| anyhow::anyhow!("cannot ignore SIGXFSZ: {e}"))
 }
 
 impl Drop for Handlers {

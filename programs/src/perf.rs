@@ -82,16 +82,16 @@ pub struct Args {
     #[arg(long, value_enum, default_value = "f32")]
     pub dtype: PerfDType,
     /// Smallest size in bytes (K/M/G suffixes, powers of 1024).
-    #[arg(long, default_value = "8", value_parser = parse_size)]
+    #[arg(long, default_value = "8", value_parser = parse_bounded_size)]
     pub min_bytes: u64,
     /// Largest size in bytes (K/M/G suffixes, powers of 1024).
-    #[arg(long, default_value = "64M", value_parser = parse_size)]
+    #[arg(long, default_value = "64M", value_parser = parse_bounded_size)]
     pub max_bytes: u64,
     /// Timed calls per size.
-    #[arg(long, default_value_t = 20)]
+    #[arg(long, default_value_t = 20, value_parser = parse_count)]
     pub iters: usize,
     /// Untimed calls per size before timing.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, default_value_t = 5, value_parser = parse_count)]
     pub warmup: usize,
     /// Check every element against a serial rank-order reference (#wrong column).
     #[arg(long)]
@@ -441,6 +441,30 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         bail!("perf --check: {wrong} wrong elements");
     }
     Ok(())
+}
+
+/// Largest `--min-bytes` / `--max-bytes` (1 TiB): above any machine's memory, low enough that
+/// the size arithmetic (buffers for every rank, bytes per second) cannot overflow.
+pub const MAX_SIZE: u64 = 1 << 40;
+/// Largest `--iters` / `--warmup`: a billion calls already run for hours (tests use it as
+/// "forever"); more is a typo, not a measurement.
+pub const MAX_COUNT: usize = 1_000_000_000;
+
+/// A byte count up to [`MAX_SIZE`] (clap names the flag and the value in its error).
+fn parse_bounded_size(s: &str) -> Result<u64, String> {
+    let n = parse_size(s)?;
+    if n > MAX_SIZE {
+        return Err(format!("expected a size up to {MAX_SIZE} bytes (1024G)"));
+    }
+    Ok(n)
+}
+
+/// A call count up to [`MAX_COUNT`].
+fn parse_count(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<u64>() {
+        Ok(n) if n <= MAX_COUNT as u64 => Ok(n as usize),
+        _ => Err(format!("expected a whole number up to {MAX_COUNT}")),
+    }
 }
 
 /// The size and iteration options make sense on their own (checked before the collectives start).
