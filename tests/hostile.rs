@@ -4,61 +4,20 @@
 //!
 //! `TPRUN_TEST_BIN` runs these against another tprun binary (to show a fix is needed).
 
-use std::ffi::OsString;
 use std::os::unix::fs::{symlink, FileTypeExt};
 use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{code_of, drain, proc_stat, wait_limited, TempDir};
+use common::{
+    code_of, drain, finish, proc_stat, run_cmd, tprun, tprun_bin, wait_limited, Finished, TempDir,
+};
 
 const RUN_LIMIT: Duration = Duration::from_secs(30);
 
-fn bin() -> OsString {
-    std::env::var_os("TPRUN_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_tprun").into())
-}
-
-fn tprun() -> Command {
-    let mut c = Command::new(bin());
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("OMP_NUM_THREADS");
-    // SAFETY: signal(2) is async-signal-safe, the only kind of call allowed between fork and exec.
-    unsafe {
-        c.pre_exec(|| {
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-            Ok(())
-        });
-    }
-    c
-}
-
-struct Done {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-fn finish(mut child: Child) -> Done {
-    let t = Instant::now();
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let st = wait_limited(&mut child, RUN_LIMIT).expect("tprun hung");
-    Done {
-        code: code_of(st),
-        elapsed: t.elapsed(),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
-
-fn run(c: &mut Command) -> Done {
-    finish(c.spawn().unwrap())
+fn run(c: &mut Command) -> Finished {
+    run_cmd(c, RUN_LIMIT)
 }
 
 const PERF: &[&str] = &[
@@ -75,7 +34,7 @@ const PERF: &[&str] = &[
     "0",
 ];
 
-fn traced(path: &std::path::Path) -> Done {
+fn traced(path: &std::path::Path) -> Finished {
     let mut c = tprun();
     c.args(["-n", "1", "--trace", path.to_str().unwrap()])
         .args(PERF);
@@ -209,7 +168,7 @@ fn a_reaped_ranks_pid_is_never_signalled() {
     );
     let out = Command::new("unshare")
         .args(["--pid", "--fork", "--mount-proc", "sh", "-c", &script])
-        .env("T", bin())
+        .env("T", tprun_bin())
         .stdin(Stdio::null())
         .output()
         .unwrap();
@@ -259,11 +218,12 @@ fn a_blocked_sigterm_is_unblocked() {
             Ok(())
         });
     }
+    let started = Instant::now();
     let child = c.spawn().unwrap();
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: kill on our own child's pid.
     unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
-    let r = finish(child);
+    let r = finish(child, started, RUN_LIMIT);
     assert_eq!(r.code, 143, "{}", r.stderr);
     assert!(r.elapsed < Duration::from_secs(10));
 }

@@ -4,56 +4,14 @@
 //! "within 2 s" of tprun's SIGKILL); nothing asserts a tighter timing.
 
 use std::io::{BufRead, BufReader, Read};
-use std::os::unix::process::CommandExt;
-use std::process::{Child, Command, ExitStatus, Stdio};
+use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{code_of, drain, wait_limited, TempDir};
+use common::{code_of, run_cmd, tprun, wait_limited, Finished, TempDir};
 
 /// Upper bound for any single tprun run in these tests, so a bug fails instead of hanging.
 const RUN_LIMIT: Duration = Duration::from_secs(20);
-
-fn tprun() -> Command {
-    let mut c = Command::new(env!("CARGO_BIN_EXE_tprun"));
-    c.stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .env_remove("OMP_NUM_THREADS");
-    // tprun keeps ignoring a forwarded signal it started with ignored (as a background job of a
-    // non-interactive shell starts with SIGINT ignored, or a nohup job with SIGHUP), so the
-    // signal tests start it with the defaults whatever context runs the test suite.
-    // SAFETY: signal(2) is async-signal-safe, the only kind of call allowed between fork and exec.
-    unsafe {
-        c.pre_exec(|| {
-            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-                libc::signal(sig, libc::SIG_DFL);
-            }
-            Ok(())
-        });
-    }
-    c
-}
-
-struct Finished {
-    code: i32,
-    stdout: String,
-    stderr: String,
-    elapsed: Duration,
-}
-
-/// Waits for `child` (killing it after [`RUN_LIMIT`]) while draining its stdout and stderr.
-fn finish(mut child: Child, started: Instant) -> Finished {
-    let out = drain(child.stdout.take().unwrap());
-    let err = drain(child.stderr.take().unwrap());
-    let status = wait_run(&mut child);
-    Finished {
-        code: code_of(status),
-        elapsed: started.elapsed(),
-        stdout: out.join().unwrap(),
-        stderr: err.join().unwrap(),
-    }
-}
 
 /// Waits for `child`, killing it and failing the test past [`RUN_LIMIT`].
 fn wait_run(child: &mut Child) -> ExitStatus {
@@ -62,12 +20,7 @@ fn wait_run(child: &mut Child) -> ExitStatus {
 }
 
 fn run(args: &[&str]) -> Finished {
-    run_cmd(tprun().args(args))
-}
-
-fn run_cmd(cmd: &mut Command) -> Finished {
-    let started = Instant::now();
-    finish(cmd.spawn().expect("start tprun"), started)
+    run_cmd(tprun().args(args), RUN_LIMIT)
 }
 
 /// Pids printed by ranks as `pid N` lines.
@@ -185,17 +138,20 @@ fn three_ranks_get_the_environment_prefixes_and_logs() {
 
 #[test]
 fn only_rank_and_no_prefix_and_a_user_omp_setting() {
-    let f = run_cmd(tprun().env("OMP_NUM_THREADS", "3").args([
-        "-n",
-        "3",
-        "--only-rank",
-        "1",
-        "--no-prefix",
-        "--",
-        "sh",
-        "-c",
-        r#"echo "hi $RANK $OMP_NUM_THREADS"; echo "e $RANK" >&2"#,
-    ]));
+    let f = run_cmd(
+        tprun().env("OMP_NUM_THREADS", "3").args([
+            "-n",
+            "3",
+            "--only-rank",
+            "1",
+            "--no-prefix",
+            "--",
+            "sh",
+            "-c",
+            r#"echo "hi $RANK $OMP_NUM_THREADS"; echo "e $RANK" >&2"#,
+        ]),
+        RUN_LIMIT,
+    );
     assert_eq!(f.code, 0, "stderr: {}", f.stderr);
     assert_eq!(f.stdout, "hi 1 3\n");
     assert_eq!(f.stderr, "e 1\n");
@@ -245,6 +201,7 @@ exec sleep 30"#;
         tprun()
             .env("D", dir.path())
             .args(["-n", "3", "--", "sh", "-c", script]),
+        RUN_LIMIT,
     );
     assert_eq!(f.code, 7, "stderr: {}", f.stderr);
     assert!(f.elapsed < Duration::from_secs(5), "took {:?}", f.elapsed);

@@ -3,9 +3,11 @@
 //! Not every test file uses every helper, hence the module-wide `dead_code` allowance.
 #![allow(dead_code)]
 
+use std::ffi::OsString;
 use std::io::Read;
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
-use std::process::{Child, ExitStatus};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
@@ -145,4 +147,62 @@ pub fn code_of(st: ExitStatus) -> i32 {
     use std::os::unix::process::ExitStatusExt;
     st.code()
         .unwrap_or_else(|| 128 + st.signal().expect("exit code or signal"))
+}
+
+/// The tprun binary under test; `TPRUN_TEST_BIN` points the tests at another build (to show that
+/// a test fails without a fix).
+pub fn tprun_bin() -> OsString {
+    std::env::var_os("TPRUN_TEST_BIN").unwrap_or_else(|| env!("CARGO_BIN_EXE_tprun").into())
+}
+
+/// `tprun` with no stdin, piped output and the default disposition for the signals it forwards.
+///
+/// tprun keeps ignoring a forwarded signal it started with ignored (as a background job of a
+/// non-interactive shell starts with SIGINT ignored, or a nohup job with SIGHUP), so the signal
+/// tests start it with the defaults whatever context runs the test suite.
+pub fn tprun() -> Command {
+    let mut c = Command::new(tprun_bin());
+    c.stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .env_remove("OMP_NUM_THREADS");
+    // SAFETY: signal(2) is async-signal-safe, the only kind of call allowed between fork and exec.
+    unsafe {
+        c.pre_exec(|| {
+            for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+                libc::signal(sig, libc::SIG_DFL);
+            }
+            Ok(())
+        });
+    }
+    c
+}
+
+/// How a tprun run ended.
+pub struct Finished {
+    pub code: i32,
+    pub stdout: String,
+    pub stderr: String,
+    pub elapsed: Duration,
+}
+
+/// Waits for `child` (started at `started`) while draining its stdout and stderr; kills it and
+/// fails the test past `limit`.
+pub fn finish(mut child: Child, started: Instant, limit: Duration) -> Finished {
+    let out = drain(child.stdout.take().unwrap());
+    let err = drain(child.stderr.take().unwrap());
+    let status = wait_limited(&mut child, limit)
+        .unwrap_or_else(|| panic!("tprun did not finish within {limit:?}"));
+    Finished {
+        code: code_of(status),
+        elapsed: started.elapsed(),
+        stdout: out.join().unwrap(),
+        stderr: err.join().unwrap(),
+    }
+}
+
+/// Runs `cmd` to the end (at most `limit`).
+pub fn run_cmd(cmd: &mut Command, limit: Duration) -> Finished {
+    let started = Instant::now();
+    finish(cmd.spawn().expect("start tprun"), started, limit)
 }
