@@ -33,9 +33,20 @@ pub struct ModelArgs {
     pub bf16_dot: bool,
 }
 
+/// `--dtype`'s values, each with its help line (the model crate carries no command line).
 fn dtype_parser() -> impl clap::builder::TypedValueParser<Value = WeightDtype> {
-    use clap::builder::TypedValueParser;
-    clap::builder::PossibleValuesParser::new(WeightDtype::ALL.map(WeightDtype::name)).map(|s| {
+    use clap::builder::{PossibleValue, TypedValueParser};
+    let help = |d: WeightDtype| match d {
+        WeightDtype::Auto => {
+            "bf16 stays bf16, f32 stays f32, f16 becomes f32 (no f16 kernels; bf16 would lose bits)"
+        }
+        WeightDtype::F32 | WeightDtype::Bf16 => "",
+    };
+    let values = WeightDtype::ALL.map(|d| match help(d) {
+        "" => PossibleValue::new(d.name()),
+        h => PossibleValue::new(d.name()).help(h),
+    });
+    clap::builder::PossibleValuesParser::new(values).map(|s| {
         s.parse::<WeightDtype>()
             .expect("one of the possible values")
     })
