@@ -6,6 +6,8 @@
 //! setup between fork and exec), `output` (line-whole console relay and log files), `signals`
 //! (SIGINT/SIGTERM/SIGHUP counters), `supervise` (the monitor loop and the summary table).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod cpus;
 mod output;
 mod reaper;

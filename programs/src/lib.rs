@@ -9,6 +9,8 @@
 //! - [`compare`]: per-tensor diff of two safetensors files (no ranks).
 //! - [`runtime`]: what the model programs share (`--model`, loading with progress).
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod bench;
 pub mod compare;
 pub mod device;

@@ -18,6 +18,8 @@
 //! The layout and why it is so: docs/DESIGN.md, sections "Parts", "On disk" and
 //! "Tensor-parallel layout".
 
+#![deny(unsafe_op_in_unsafe_fn)]
+
 pub mod checkpoint;
 pub mod model;
 pub mod testing;
