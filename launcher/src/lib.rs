@@ -19,7 +19,7 @@ use std::ffi::OsString;
 use std::path::PathBuf;
 use std::time::Duration;
 
-/// Launch options shared by `tprun -- PROGRAM` and the built-in programs (DESIGN section 1).
+/// Launch options shared by `tprun -- PROGRAM` and the built-in programs (docs/DESIGN.md, "Command line").
 #[derive(clap::Args, Debug, Clone)]
 pub struct LaunchArgs {
     /// Ranks to start: a number, or `auto` (one per GPU with --device cuda, else one per physical

@@ -1,4 +1,4 @@
-//! The sharding plan: which slice of every weight rank `r` of `N` owns (DESIGN section 3).
+//! The sharding plan: which slice of every weight rank `r` of `N` owns (docs/DESIGN.md, "Tensor-parallel layout").
 //!
 //! Everything here is a pure function of (shapes, N, r), and this is the only place that decides
 //! a split. Every split is a contiguous range, balanced so ranks differ by at most one unit:
