@@ -9,6 +9,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cpus;
+mod errors;
 mod output;
 mod reaper;
 mod signals;
@@ -17,7 +18,7 @@ mod supervise;
 
 use std::ffi::OsString;
 use std::path::PathBuf;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Launch options shared by `tprun -- PROGRAM` and the built-in programs (docs/DESIGN.md, "Command line").
 #[derive(clap::Args, Debug, Clone)]
@@ -49,6 +50,15 @@ pub struct LaunchArgs {
     /// Stop the whole job after SECS seconds; tprun then exits 124 (like timeout(1)).
     #[arg(long, value_name = "SECS", value_parser = parse_timeout)]
     pub timeout: Option<Duration>,
+    /// Restart the whole job up to N times after a rank fails (torchrun's --max-restarts); the
+    /// ranks see TORCHELASTIC_RESTART_COUNT and TORCHELASTIC_MAX_RESTARTS.
+    #[arg(long, value_name = "N", default_value = "0",
+          value_parser = clap::value_parser!(u32).range(0..=MAX_RESTARTS as i64))]
+    pub max_restarts: u32,
+    /// The job's id, passed to the ranks as TORCHELASTIC_RUN_ID and TPRUN_RUN_ID [default: a
+    /// fresh one].
+    #[arg(long, value_name = "ID")]
+    pub run_id: Option<String>,
 }
 
 /// `-n`: a rank count or `auto`.
@@ -82,6 +92,8 @@ pub enum CpuBind {
 /// Most ranks `-n` accepts: far beyond any machine, small enough that the per-rank tables tprun
 /// builds before starting them cannot exhaust memory.
 pub const MAX_RANKS: usize = 4096;
+/// Most `--max-restarts`: enough for any flaky job, and a typo cannot loop for days.
+pub const MAX_RESTARTS: u32 = 1000;
 /// Longest `--grace-period` / `--timeout` (about 3 years): later deadlines would overflow the clock.
 pub const MAX_SECS: f64 = 1e8;
 
@@ -123,6 +135,20 @@ pub struct Job {
     pub args: Vec<OsString>,
     /// Extra environment for every rank, on top of the torchrun variables (which win on a clash).
     pub env: Vec<(OsString, OsString)>,
+    /// How the ranks' output reaches the console.
+    pub output: Output,
+}
+
+/// Where the ranks' output goes on tprun's console.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Output {
+    /// `-- PROGRAM`: every line of every rank, `[rank{r}]: `-prefixed, on the stream it came on.
+    #[default]
+    Relay,
+    /// Built-in programs: rank 0's stdout is the result (text, `--json`, tables) and goes to
+    /// stdout as is, so it can be piped to `jq` or a file; everything else (logs, progress,
+    /// other ranks' stdout) goes to stderr, prefixed only when the job has several ranks.
+    Results,
 }
 
 /// A launch error that maps to a specific exit code (anything else exits 1).
@@ -161,21 +187,51 @@ pub fn builtin_rank_setup() -> anyhow::Result<()> {
 /// Runs the job to completion and returns tprun's exit code: 0 when every rank exited 0, else the
 /// first failing rank's code (128+N for signal N), 128+N when tprun got signal N, 124 on
 /// `--timeout`. Errors before any rank starts (bad options, missing program, log dir) are `Err`.
+/// After a rank failure the whole group starts again, up to `--max-restarts` times, each time
+/// with a fresh shared-memory segment; `--timeout` counts from the first start.
 ///
 /// Must be called from the thread that lives for the whole job (normally main): PR_SET_PDEATHSIG
 /// fires when the thread that spawned a rank exits.
 pub fn run(launch: &LaunchArgs, job: &Job) -> anyhow::Result<i32> {
     // Before anything that can hit an inherited limit or disposition (the segment, the logs).
     signals::reset_inherited()?;
-    let plan = spawn::LaunchPlan::new(launch, job)?;
-    let segment = collectives::shm::JobSegment::create(plan.world_size).map_err(|e| {
-        anyhow::anyhow!(
-            "cannot set up the job's shared memory for {} ranks: {e}",
-            plan.world_size
-        )
-    })?;
-    supervise::run(plan, launch, &segment)
-    // `segment` drops here, after every rank has been reaped.
+    // Once for every attempt, so a signal between two attempts is not lost (or fatal).
+    let mut handlers = signals::Handlers::install()?;
+    let errors = errors::ErrorDir::create()?;
+    let run_id = launch.run_id.clone().unwrap_or_else(spawn::run_id);
+    let deadline = launch.timeout.map(|t| {
+        let now = Instant::now();
+        now.checked_add(t)
+            .unwrap_or(now + Duration::from_secs(86_400 * 365 * 30))
+    });
+    let mut attempt = 0;
+    loop {
+        let elastic = spawn::Elastic {
+            run_id: run_id.clone(),
+            restart: attempt,
+            max_restarts: launch.max_restarts,
+            errors: &errors,
+        };
+        let plan = spawn::LaunchPlan::new(launch, job, elastic)?;
+        let segment = collectives::shm::JobSegment::create(plan.world_size).map_err(|e| {
+            anyhow::anyhow!(
+                "cannot set up the job's shared memory for {} ranks: {e}",
+                plan.world_size
+            )
+        })?;
+        let end = supervise::run(plan, launch, job.output, &segment, &mut handlers, deadline)?;
+        // The segment goes here, after every rank of this attempt has been reaped.
+        drop(segment);
+        if !end.rank_failed || attempt >= launch.max_restarts {
+            return Ok(end.code);
+        }
+        attempt += 1;
+        let line = format!(
+            "tprun: restarting the job (restart {attempt} of {})\n",
+            launch.max_restarts
+        );
+        output::write_stderr_bounded(line.as_bytes(), Duration::from_secs(1));
+    }
 }
 
 #[cfg(test)]

@@ -12,9 +12,11 @@ use std::fs::File;
 use std::io::{self, Read, Write};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, RecvTimeoutError, SyncSender};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
+
+use crate::Output;
 
 /// Longest time complete lines wait behind another rank's unfinished line.
 const HOLD_LIMIT: Duration = Duration::from_millis(500);
@@ -57,29 +59,53 @@ struct Counts {
     abandon: AtomicBool,
 }
 
+/// Most bytes of each rank's stderr kept for the failure summary.
+const TAIL_BYTES: usize = 4096;
+
+/// The last [`TAIL_BYTES`] of each rank's stderr.
+pub(crate) type Tails = Arc<Vec<Mutex<VecDeque<u8>>>>;
+
 /// The running relay: hand it each rank's pipes with [`Relay::attach`].
 pub(crate) struct Relay {
     tx: SyncSender<Msg>,
     show_rank: Option<usize>,
+    mode: Output,
     writer: JoinHandle<()>,
     counts: Arc<Counts>,
+    tails: Tails,
 }
 
 impl Relay {
-    pub fn start(world_size: usize, prefix: bool, show_rank: Option<usize>) -> io::Result<Relay> {
+    pub fn start(
+        world_size: usize,
+        prefix: bool,
+        show_rank: Option<usize>,
+        mode: Output,
+    ) -> io::Result<Relay> {
         // Bounded, so a slow console slows the ranks down instead of growing tprun's memory.
         let (tx, rx) = sync_channel(256);
         let counts = Arc::new(Counts::default());
         let c = Arc::clone(&counts);
+        let prefixes = match mode {
+            Output::Relay => [prefix; 2],
+            Output::Results => [false, prefix && world_size > 1],
+        };
         let writer = std::thread::Builder::new()
             .name("tprun-output".into())
-            .spawn(move || Writer::new(world_size, prefix).run(rx, &c))?;
+            .spawn(move || Writer::new(world_size, prefixes).run(rx, &c))?;
         Ok(Relay {
             tx,
             show_rank,
+            mode,
             writer,
             counts,
+            tails: Arc::new((0..world_size).map(|_| Mutex::default()).collect()),
         })
+    }
+
+    /// The ranks' stderr tails, readable after [`Relay::finish`].
+    pub fn tails(&self) -> Tails {
+        Arc::clone(&self.tails)
     }
 
     /// Starts a reader for one pipe of `rank`; `log` gets every byte, unprefixed.
@@ -87,18 +113,37 @@ impl Relay {
         &self,
         rank: usize,
         stream: usize,
-        pipe: impl Read + Send + 'static,
+        input: impl Read + Send + 'static,
         log: Option<File>,
     ) -> io::Result<()> {
-        let show = self.show_rank.unwrap_or(rank) == rank;
+        let mut show = self.show_rank.unwrap_or(rank) == rank;
+        // Where this pipe goes on the console.
+        let mut console = stream;
+        if self.mode == Output::Results && stream == STDOUT {
+            // The result is always shown; any other rank's stdout is a log line like stderr.
+            show |= rank == 0;
+            if rank != 0 {
+                console = STDERR;
+            }
+        }
         let _ = self.tx.send(Msg::Opened);
         let tx = self.tx.clone();
         let counts = Arc::clone(&self.counts);
+        let tails = Arc::clone(&self.tails);
+        let pipe = Pipe {
+            rank,
+            stream,
+            console,
+            show,
+        };
         let started = std::thread::Builder::new()
             .name(format!("tprun-rank{rank}-{stream}"))
-            .spawn(move || read_pipe(rank, stream, pipe, log, show, tx, &counts));
+            .spawn(move || read_pipe(pipe, input, log, tx, &counts, &tails));
         if started.is_err() {
-            let _ = self.tx.send(Msg::Eof { rank, stream });
+            let _ = self.tx.send(Msg::Eof {
+                rank,
+                stream: console,
+            });
         }
         started.map(drop)
     }
@@ -164,23 +209,39 @@ fn wait_finished(h: &JoinHandle<()>, limit: Duration) -> bool {
     true
 }
 
-fn read_pipe(
+/// One rank pipe: whose, which stream, where it goes on the console, and whether it is shown.
+struct Pipe {
     rank: usize,
     stream: usize,
-    mut pipe: impl Read,
-    mut log: Option<File>,
+    console: usize,
     show: bool,
+}
+
+fn read_pipe(
+    p: Pipe,
+    mut input: impl Read,
+    mut log: Option<File>,
     tx: SyncSender<Msg>,
     counts: &Counts,
+    tails: &Tails,
 ) {
+    let Pipe {
+        rank,
+        stream,
+        console,
+        show,
+    } = p;
     let mut buf = vec![0u8; 64 * 1024];
     loop {
-        let n = match pipe.read(&mut buf) {
+        let n = match input.read(&mut buf) {
             Ok(0) => break,
             Ok(n) => n,
             Err(e) if e.kind() == std::io::ErrorKind::Interrupted => continue,
             Err(_) => break,
         };
+        if stream == STDERR {
+            keep_tail(&tails[rank], &buf[..n]);
+        }
         if let Some(f) = &mut log {
             if let Err(e) = f.write_all(&buf[..n]) {
                 let name = if stream == STDOUT { "stdout" } else { "stderr" };
@@ -201,7 +262,7 @@ fn read_pipe(
             && tx
                 .send(Msg::Data {
                     rank,
-                    stream,
+                    stream: console,
                     bytes: buf[..n].to_vec(),
                 })
                 .is_err()
@@ -209,7 +270,34 @@ fn read_pipe(
             break;
         }
     }
-    let _ = tx.send(Msg::Eof { rank, stream });
+    let _ = tx.send(Msg::Eof {
+        rank,
+        stream: console,
+    });
+}
+
+fn keep_tail(tail: &Mutex<VecDeque<u8>>, bytes: &[u8]) {
+    let Ok(mut t) = tail.lock() else { return };
+    let bytes = &bytes[bytes.len().saturating_sub(TAIL_BYTES)..];
+    let over = (t.len() + bytes.len()).saturating_sub(TAIL_BYTES);
+    t.drain(..over);
+    t.extend(bytes);
+}
+
+/// The last `n` lines of a rank's stderr tail (the first, possibly cut, line of a full tail
+/// dropped).
+pub(crate) fn last_lines(tails: &Tails, rank: usize, n: usize) -> Vec<String> {
+    let Some(Ok(t)) = tails.get(rank).map(|t| t.lock()) else {
+        return Vec::new();
+    };
+    let bytes: Vec<u8> = t.iter().copied().collect();
+    let text = String::from_utf8_lossy(&bytes);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if bytes.len() >= TAIL_BYTES && lines.len() > 1 {
+        lines.remove(0);
+    }
+    let from = lines.len().saturating_sub(n);
+    lines[from..].iter().map(|l| l.to_string()).collect()
 }
 
 /// One console stream.
@@ -243,11 +331,12 @@ struct Writer {
     pending: Vec<[Vec<u8>; 2]>,
     /// Per rank and stream: its last line on the console was ended by [`Writer::break_line`].
     broken: Vec<[bool; 2]>,
-    prefix: bool,
+    /// Per console stream: whether lines get the `[rank{r}]: ` prefix.
+    prefix: [bool; 2],
 }
 
 impl Writer {
-    fn new(world_size: usize, prefix: bool) -> Writer {
+    fn new(world_size: usize, prefix: [bool; 2]) -> Writer {
         let sink = |out: Box<dyn Write + Send>| Sink {
             out,
             ok: true,
@@ -367,7 +456,7 @@ impl Writer {
         debug_assert!(!matches!(sink.open, Some(o) if o != rank));
         let mut buf = Vec::with_capacity(bytes.len() + 16);
         for piece in bytes.split_inclusive(|&b| b == b'\n') {
-            if sink.open != Some(rank) && self.prefix {
+            if sink.open != Some(rank) && self.prefix[s] {
                 buf.extend_from_slice(format!("[rank{rank}]: ").as_bytes());
             }
             buf.extend_from_slice(piece);
@@ -422,7 +511,6 @@ impl Writer {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::sync::{Arc, Mutex};
 
     #[derive(Clone, Default)]
     struct Shared(Arc<Mutex<Vec<u8>>>);
@@ -437,7 +525,7 @@ mod tests {
     }
 
     fn writer(n: usize) -> (Writer, Shared) {
-        let mut w = Writer::new(n, true);
+        let mut w = Writer::new(n, [true; 2]);
         let out = Shared::default();
         w.sinks[STDOUT].out = Box::new(out.clone());
         (w, out)

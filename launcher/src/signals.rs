@@ -1,18 +1,21 @@
-//! SIGINT, SIGTERM and SIGHUP sent to tprun: the handler only counts them; the supervisor loop
+//! SIGINT, SIGTERM, SIGHUP, SIGUSR1 and SIGUSR2 sent to tprun: the handler only counts them; the supervisor loop
 //! polls the counters and does the forwarding (nothing else is safe inside a handler).
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use nix::sys::signal::{sigaction, SaFlags, SigAction, SigHandler, SigSet, Signal};
 
-/// The signals tprun forwards to every rank.
-pub(crate) const FORWARDED: [Signal; 3] = [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP];
-
-static COUNTS: [AtomicUsize; 3] = [
-    AtomicUsize::new(0),
-    AtomicUsize::new(0),
-    AtomicUsize::new(0),
+/// The signals tprun forwards to every rank. SIGUSR1 and SIGUSR2 are only passed on (Slurm
+/// sends them before preemption, for the program to checkpoint); the others stop the job.
+pub(crate) const FORWARDED: [Signal; 5] = [
+    Signal::SIGINT,
+    Signal::SIGTERM,
+    Signal::SIGHUP,
+    Signal::SIGUSR1,
+    Signal::SIGUSR2,
 ];
+
+static COUNTS: [AtomicUsize; 5] = [const { AtomicUsize::new(0) }; 5];
 
 extern "C" fn on_signal(sig: libc::c_int) {
     if let Some(i) = FORWARDED.iter().position(|&s| s as libc::c_int == sig) {
@@ -24,8 +27,8 @@ extern "C" fn on_signal(sig: libc::c_int) {
 pub(crate) struct Handlers {
     old: Vec<(Signal, SigAction)>,
     /// Counter values at install time, and at the last poll.
-    base: [usize; 3],
-    seen: [usize; 3],
+    base: [usize; 5],
+    seen: [usize; 5],
 }
 
 impl Handlers {

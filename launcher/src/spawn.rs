@@ -15,6 +15,7 @@ use anyhow::Context;
 use nix::sched::CpuSet;
 use nix::unistd::{access, AccessFlags};
 
+use crate::errors::ErrorDir;
 use crate::{cpus, CpuBind, Device, Job, LaunchArgs, LaunchError, Nproc};
 
 /// One rank's share of the machine and its log files.
@@ -26,8 +27,19 @@ pub(crate) struct RankSpec {
     pub log: Option<(PathBuf, File, File)>,
 }
 
+/// torchrun's elastic state of one attempt of the job, shared by its ranks.
+pub(crate) struct Elastic<'a> {
+    /// TORCHELASTIC_RUN_ID (and TPRUN_RUN_ID): the same across restarts.
+    pub run_id: String,
+    /// TORCHELASTIC_RESTART_COUNT: 0 for the first start.
+    pub restart: u32,
+    pub max_restarts: u32,
+    /// Where each rank's TORCHELASTIC_ERROR_FILE goes.
+    pub errors: &'a ErrorDir,
+}
+
 /// The resolved job: what to run, where, with which environment.
-pub(crate) struct LaunchPlan {
+pub(crate) struct LaunchPlan<'a> {
     pub world_size: usize,
     /// The program as the user named it (argv[0] and error messages) and as resolved on PATH.
     pub program: OsString,
@@ -38,12 +50,12 @@ pub(crate) struct LaunchPlan {
     /// True when the user set OMP_NUM_THREADS (in tprun's env or the job's), which then stays.
     pub user_omp: bool,
     pub master_port: u16,
-    pub run_id: String,
+    pub elastic: Elastic<'a>,
     pub ranks: Vec<RankSpec>,
 }
 
-impl LaunchPlan {
-    pub fn new(launch: &LaunchArgs, job: &Job) -> anyhow::Result<LaunchPlan> {
+impl<'a> LaunchPlan<'a> {
+    pub fn new(launch: &LaunchArgs, job: &Job, elastic: Elastic<'a>) -> anyhow::Result<Self> {
         let device = launch.device.unwrap_or(Device::Cpu);
         let allowed = cpus::allowed_cpus();
         let cores = cpus::physical_cores(&allowed);
@@ -57,7 +69,8 @@ impl LaunchPlan {
             .map(|(_, v)| v.clone())
             .or_else(|| std::env::var_os("PATH"));
         let program_path = resolve_program(&job.program, path_var.as_deref())?;
-        let ranks = rank_specs(launch, &cores, world_size)?;
+        // A restart appends to the logs, so the failure that caused it stays readable.
+        let ranks = rank_specs(launch, &cores, world_size, elastic.restart > 0)?;
 
         let user_omp = std::env::var_os("OMP_NUM_THREADS").is_some()
             || job.env.iter().any(|(k, _)| k == "OMP_NUM_THREADS");
@@ -70,7 +83,7 @@ impl LaunchPlan {
             job_env: job.env.clone(),
             user_omp,
             master_port: free_port()?,
-            run_id: run_id(),
+            elastic,
             ranks,
         })
     }
@@ -83,7 +96,11 @@ impl LaunchPlan {
         cmd.envs(self.job_env.iter().map(|(k, v)| (k, v)));
         let n = self.world_size.to_string();
         let r_s = r.to_string();
-        let vars: [(&str, &str); 10] = [
+        let e = &self.elastic;
+        let error_file = e.errors.file(e.restart, r);
+        cmd.env("TORCHELASTIC_ERROR_FILE", &error_file);
+        let (restart, max) = (e.restart.to_string(), e.max_restarts.to_string());
+        let vars: [(&str, &str); 16] = [
             ("RANK", &r_s),
             ("LOCAL_RANK", &r_s),
             ("WORLD_SIZE", &n),
@@ -92,8 +109,15 @@ impl LaunchPlan {
             ("GROUP_WORLD_SIZE", "1"),
             ("MASTER_ADDR", "127.0.0.1"),
             ("MASTER_PORT", &self.master_port.to_string()),
-            ("TPRUN_RUN_ID", &self.run_id),
+            ("TPRUN_RUN_ID", &e.run_id),
             ("TPRUN_DEVICE", self.device.as_str()),
+            // What torchrun's single role ("default") gives scripts that read them.
+            ("ROLE_NAME", "default"),
+            ("ROLE_RANK", &r_s),
+            ("ROLE_WORLD_SIZE", &n),
+            ("TORCHELASTIC_RUN_ID", &e.run_id),
+            ("TORCHELASTIC_RESTART_COUNT", &restart),
+            ("TORCHELASTIC_MAX_RESTARTS", &max),
         ];
         cmd.envs(vars);
         if !self.user_omp {
@@ -194,6 +218,7 @@ fn rank_specs(
     launch: &LaunchArgs,
     cores: &[Vec<usize>],
     world_size: usize,
+    append_logs: bool,
 ) -> anyhow::Result<Vec<RankSpec>> {
     let bind = launch.cpu_bind.unwrap_or(if world_size <= cores.len() {
         CpuBind::Cores
@@ -217,7 +242,7 @@ fn rank_specs(
             _ => (None, (cores.len() / world_size).max(1)),
         };
         let log = match &launch.log_dir {
-            Some(dir) => Some(open_logs(dir, r)?),
+            Some(dir) => Some(open_logs(dir, r, append_logs)?),
             None => None,
         };
         ranks.push(RankSpec {
@@ -281,9 +306,9 @@ pub(crate) fn resolve_program(
     }))
 }
 
-/// Creates DIR/rank{r} and truncates its two logs. Neither the rank directory nor a log may be a
+/// Creates DIR/rank{r} and truncates its two logs (or appends to them, on a restart). Neither the rank directory nor a log may be a
 /// symlink: a link planted there would make tprun overwrite whatever it points to.
-fn open_logs(dir: &Path, r: usize) -> anyhow::Result<(PathBuf, File, File)> {
+fn open_logs(dir: &Path, r: usize, append: bool) -> anyhow::Result<(PathBuf, File, File)> {
     let rank_dir = dir.join(format!("rank{r}"));
     let fail = |p: &Path| format!("--log-dir {}: cannot create {}", dir.display(), p.display());
     std::fs::create_dir_all(&rank_dir).with_context(|| fail(&rank_dir))?;
@@ -296,7 +321,8 @@ fn open_logs(dir: &Path, r: usize) -> anyhow::Result<(PathBuf, File, File)> {
         std::fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(true)
+            .append(append)
+            .truncate(!append)
             .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
             .open(&p)
             .map_err(|e| match e.raw_os_error() {
@@ -318,7 +344,7 @@ fn free_port() -> anyhow::Result<u16> {
 }
 
 /// Unique enough per host and time: tprun's pid and the start time in microseconds.
-fn run_id() -> String {
+pub(crate) fn run_id() -> String {
     let us = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_micros());

@@ -13,10 +13,10 @@ use nix::sys::signal::{killpg, Signal};
 use nix::unistd::Pid;
 
 use crate::output::{self, Relay, STDERR, STDOUT};
-use crate::reaper;
 use crate::signals::Handlers;
 use crate::spawn::LaunchPlan;
-use crate::{LaunchArgs, LaunchError};
+use crate::{errors, reaper};
+use crate::{LaunchArgs, LaunchError, Output};
 
 /// How often the loop checks ranks, signals and deadlines (well under the 1 s reaction bound).
 const TICK: Duration = Duration::from_millis(20);
@@ -26,6 +26,8 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 /// tprun's exit code on `--timeout`, the same as timeout(1).
 pub(crate) const TIMEOUT_EXIT: i32 = 124;
+/// Lines of a failing rank's stderr shown under the summary when it wrote no error file.
+const TAIL_LINES: usize = 10;
 
 struct Rank {
     rank: usize,
@@ -34,6 +36,16 @@ struct Rank {
     /// Exit status and seconds since the job started when it was reaped.
     exit: Option<(ExitStatus, f64)>,
     log_dir: Option<PathBuf>,
+    /// Its TORCHELASTIC_ERROR_FILE.
+    error_file: PathBuf,
+}
+
+/// How one attempt of the job ended.
+pub(crate) struct End {
+    /// tprun's exit code if the job ends here.
+    pub code: i32,
+    /// A rank failed (not a signal to tprun, nor the timeout): `--max-restarts` may start again.
+    pub rank_failed: bool,
 }
 
 /// Why the job is being torn down.
@@ -50,6 +62,8 @@ struct Monitor<'a> {
     relay: &'a Relay,
     ranks: Vec<Rank>,
     start: Instant,
+    /// `--timeout`'s deadline, counted from the job's first start.
+    deadline: Option<Instant>,
     cause: Option<Cause>,
     /// Set once ranks got their first stop signal: when to send SIGKILL.
     kill_at: Option<Instant>,
@@ -59,12 +73,15 @@ struct Monitor<'a> {
 pub(crate) fn run(
     mut plan: LaunchPlan,
     launch: &LaunchArgs,
+    mode: Output,
     segment: &JobSegment,
-) -> anyhow::Result<i32> {
-    let mut handlers = Handlers::install()?;
+    handlers: &mut Handlers,
+    deadline: Option<Instant>,
+) -> anyhow::Result<End> {
     reaper::become_subreaper()?;
-    let relay = Relay::start(plan.world_size, !launch.no_prefix, launch.only_rank)
+    let relay = Relay::start(plan.world_size, !launch.no_prefix, launch.only_rank, mode)
         .context("cannot start the output thread")?;
+    let tails = relay.tails();
     let start = Instant::now();
     let ranks = match start_all(&mut plan, segment, &relay) {
         Ok(ranks) => ranks,
@@ -80,11 +97,12 @@ pub(crate) fn run(
         relay: &relay,
         ranks,
         start,
+        deadline,
         cause: None,
         kill_at: None,
         killed_at: None,
     };
-    let res = m.watch(&mut handlers);
+    let res = m.watch(handlers);
     let code = m.exit_code();
     let Monitor { ranks, cause, .. } = m;
     // Unreaped ranks' groups (only those: a reaped rank's pid may be reused), then whatever the
@@ -97,7 +115,6 @@ pub(crate) fn run(
         ));
     }
     let dropped = relay.finish(DRAIN_WAIT);
-    drop(handlers);
     res?;
     let mut report = String::new();
     if dropped > 0 {
@@ -108,8 +125,35 @@ pub(crate) fn run(
     if let Some(cause) = &cause {
         report.push_str(&summary(cause, &ranks, launch));
     }
+    if let Some(Cause::Failed(i)) = &cause {
+        report.push_str(&failure_detail(&ranks[*i], &tails));
+    }
     output::write_stderr_bounded(report.as_bytes(), DRAIN_WAIT);
-    Ok(code)
+    Ok(End {
+        code,
+        rank_failed: matches!(cause, Some(Cause::Failed(_))),
+    })
+}
+
+/// Why the failing rank failed: the message and frame of its error file (torch's `@record`),
+/// else the last lines of its stderr.
+fn failure_detail(rk: &Rank, tails: &output::Tails) -> String {
+    let mut s = String::new();
+    if let Some(e) = errors::read_error_file(&rk.error_file) {
+        let _ = writeln!(s, "tprun: rank {} error: {}", rk.rank, e.message);
+        if let Some(frame) = e.frame {
+            let _ = writeln!(s, "tprun:   at {frame}");
+        }
+        return s;
+    }
+    let lines = output::last_lines(tails, rk.rank, TAIL_LINES);
+    if !lines.is_empty() {
+        let _ = writeln!(s, "tprun: last lines of rank {}'s stderr:", rk.rank);
+        for l in lines {
+            let _ = writeln!(s, "  {l}");
+        }
+    }
+    s
 }
 
 /// Starts every rank; on an error kills the ones already started.
@@ -215,6 +259,13 @@ impl Monitor<'_> {
     }
 
     fn on_signal(&mut self, sig: Signal, nth: usize) {
+        if matches!(sig, Signal::SIGUSR1 | Signal::SIGUSR2) {
+            // A warning for the program (Slurm: preemption is coming), not a stop.
+            self.relay
+                .note(format!("tprun: got {sig}: forwarding it to every rank"));
+            signal_groups(running(&self.ranks), sig);
+            return;
+        }
         if sig == Signal::SIGINT && nth >= 2 {
             if self.killed_at.is_none() {
                 self.relay
@@ -238,10 +289,10 @@ impl Monitor<'_> {
     }
 
     fn check_timeout(&mut self) {
-        let Some(limit) = self.launch.timeout else {
+        let (Some(limit), Some(deadline)) = (self.launch.timeout, self.deadline) else {
             return;
         };
-        if self.cause.is_none() && self.start.elapsed() >= limit {
+        if self.cause.is_none() && Instant::now() >= deadline {
             self.relay.note(format!(
                 "tprun: timeout: the job was still running after --timeout {}s; stopping every rank",
                 limit.as_secs_f64()
@@ -304,12 +355,14 @@ fn start_rank(
         None => (None, None, None),
     };
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+    let e = &plan.elastic;
     ranks.push(Rank {
         rank: r,
         pid: child.id() as i32,
         child,
         exit: None,
         log_dir,
+        error_file: e.errors.file(e.restart, r),
     });
     let ctx = || format!("cannot start an output thread for rank {r}");
     if let Some(p) = stdout {
