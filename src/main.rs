@@ -1,8 +1,9 @@
 //! `tprun`: command-line parsing and dispatch only.
 //!
 //! `tprun [LAUNCH OPTIONS] -- PROGRAM [ARGS]` launches any program; `tprun [LAUNCH OPTIONS]
-//! generate|logits|bench|perf` re-executes tprun itself once per rank with `TPRUN_ROLE=rank`, and
-//! that process runs the built-in program.
+//! SCRIPT.py [ARGS]` runs a Python script the way torchrun does (`-m MODULE`, `--no-python`);
+//! `tprun [LAUNCH OPTIONS] generate|logits|bench|perf` re-executes tprun itself once per rank
+//! with `TPRUN_ROLE=rank`, and that process runs the built-in program.
 
 use std::ffi::OsString;
 use std::path::{Path, PathBuf};
@@ -23,11 +24,36 @@ struct Cli {
     /// (generate, logits, bench, perf).
     #[arg(long, global = true, value_name = "FILE.json")]
     trace: Option<PathBuf>,
+    /// Run the script's name as a Python module: `python3 -u -m MODULE ARGS` (torchrun's -m).
+    #[arg(short = 'm', long)]
+    module: bool,
+    /// Run SCRIPT as an executable, without Python (torchrun's --no-python).
+    #[arg(long, conflicts_with_all = ["module", "python"])]
+    no_python: bool,
+    /// The Python interpreter for SCRIPT and -m [default: python3 on PATH].
+    #[arg(long, value_name = "PYTHON")]
+    python: Option<OsString>,
     #[command(subcommand)]
     command: Option<Cmd>,
-    /// The program to run on every rank, and its arguments (after `--`).
-    #[arg(last = true, value_name = "PROGRAM")]
+    /// After `--`: the program to run on every rank as is, and its arguments. Without `--`,
+    /// torchrun-style: the Python script (with -m a module, with --no-python an executable) and
+    /// its arguments. A built-in program's name takes priority over a file of that name.
+    #[arg(
+        value_name = "PROGRAM|SCRIPT",
+        trailing_var_arg = true,
+        allow_hyphen_values = true
+    )]
     program: Vec<OsString>,
+}
+
+/// True when `program` (what clap collected) came after a `--`: clap drops that `--`, so look
+/// for it in argv, followed by exactly these words. (`tprun train.py -- x` keeps its `--` as an
+/// argument of train.py, so it does not match.)
+fn after_dashdash(program: &[OsString]) -> bool {
+    let argv: Vec<OsString> = std::env::args_os().skip(1).collect();
+    argv.iter()
+        .position(|a| a == "--")
+        .is_some_and(|i| argv[i + 1..] == *program)
 }
 
 #[derive(Subcommand, Debug)]
@@ -69,11 +95,78 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     if cli.command.is_some() && cli.launch.device == Some(launcher::Device::Cuda) {
         return Err(programs::device::cuda_unavailable());
     }
+    let dashdash = after_dashdash(&cli.program);
+    let script_mode = cli.module || cli.no_python || cli.python.is_some();
+    if script_mode && (cli.program.is_empty() || dashdash) {
+        return Err(usage(
+            "-m/--module, --no-python and --python go with `tprun [OPTIONS] SCRIPT [ARGS]`, not with a built-in program or `-- PROGRAM`",
+        ));
+    }
     match (cli.command, in_rank) {
         (Some(cmd), true) => run_rank(cmd, cli.trace.as_deref()),
         (Some(cmd), false) => launch_builtin(&cli.launch, &cmd, cli.trace.as_deref()),
-        (None, _) => launch_program(&cli.launch, cli.program, cli.trace.is_some()),
+        (None, _) if !cli.program.is_empty() && !dashdash => {
+            let job = script_job(&cli.program, cli.module, cli.no_python, cli.python)?;
+            launch_program(&cli.launch, job, cli.trace.is_some())
+        }
+        (None, _) => {
+            let mut it = cli.program.into_iter();
+            let Some(program) = it.next() else {
+                return Err(usage(
+                    "nothing to run: give a built-in program (generate, logits, bench, perf), a SCRIPT.py or `-- PROGRAM [ARGS]`",
+                ));
+            };
+            let job = launcher::Job {
+                program,
+                args: it.collect(),
+                env: Vec::new(),
+                output: launcher::Output::Relay,
+            };
+            launch_program(&cli.launch, job, cli.trace.is_some())
+        }
     }
+}
+
+/// torchrun's way of running `SCRIPT ARGS`: `python3 -u SCRIPT ARGS`, `python3 -u -m MODULE ARGS`
+/// with `-m`, or `SCRIPT ARGS` itself with `--no-python`. A SCRIPT that is no file is refused
+/// here: a bare name is most likely a mistyped built-in program (exit 2), a path a missing script
+/// (exit 127, like a missing program).
+fn script_job(
+    script: &[OsString],
+    module: bool,
+    no_python: bool,
+    python: Option<OsString>,
+) -> anyhow::Result<launcher::Job> {
+    let (first, rest) = script.split_first().expect("checked non-empty");
+    let job = |program: OsString, args: Vec<OsString>| launcher::Job {
+        program,
+        args,
+        env: Vec::new(),
+        output: launcher::Output::Relay,
+    };
+    if no_python {
+        return Ok(job(first.clone(), rest.to_vec()));
+    }
+    let name = first.to_string_lossy();
+    if !module && !Path::new(first).is_file() {
+        if name.contains('/') || name.ends_with(".py") {
+            return Err(launcher::LaunchError::Program {
+                program: name.into_owned(),
+                reason: "no such script file".into(),
+            }
+            .into());
+        }
+        return Err(usage(&format!(
+            "'{name}' is neither a built-in program (generate, logits, bench, perf, compare) nor a script file; run an executable with `tprun --no-python {name}` or `tprun -- {name}`"
+        )));
+    }
+    let mut args: Vec<OsString> = vec!["-u".into()];
+    if module {
+        args.push("-m".into());
+    }
+    args.push(first.clone());
+    args.extend(rest.iter().cloned());
+    Ok(job(python.unwrap_or_else(|| "python3".into()), args))
 }
 
 fn usage(m: &str) -> anyhow::Error {
@@ -135,6 +228,7 @@ fn launch_builtin(
         program: exe.into_os_string(),
         args: std::env::args_os().skip(1).collect(),
         env: vec![(ROLE_VAR.into(), "rank".into())],
+        output: launcher::Output::Results,
     };
     // The ranks append their events to one memfd they inherit; merged here on success.
     // It has no path, so nothing is left on disk even if tprun is killed.
@@ -153,28 +247,17 @@ fn launch_builtin(
     res
 }
 
-/// `tprun [OPTIONS] -- PROGRAM [ARGS]`.
+/// `tprun [OPTIONS] -- PROGRAM [ARGS]` and `tprun [OPTIONS] SCRIPT [ARGS]`.
 fn launch_program(
     launch: &launcher::LaunchArgs,
-    program: Vec<OsString>,
+    job: launcher::Job,
     trace: bool,
 ) -> anyhow::Result<i32> {
     if trace {
         return Err(usage(
-            "--trace works with the built-in programs (generate, logits, bench, perf), not with `-- PROGRAM`",
+            "--trace works with the built-in programs (generate, logits, bench, perf), not with `-- PROGRAM` or a script",
         ));
     }
-    let mut it = program.into_iter();
-    let Some(program) = it.next() else {
-        return Err(usage(
-            "nothing to run: give a built-in program (generate, logits, bench, perf) or `-- PROGRAM [ARGS]`",
-        ));
-    };
-    let job = launcher::Job {
-        program,
-        args: it.collect(),
-        env: Vec::new(),
-    };
     launcher::run(launch, &job)
 }
 
