@@ -121,13 +121,9 @@ fn wait_with_limit(child: &mut Child, limit: Duration) -> (Option<ExitStatus>, S
 
 /// Parses perf's --json and returns (rows, total wrong); asserts every row was checked.
 fn rows_and_wrong(json: &str) -> (Vec<serde_json::Value>, u64) {
-    // The launcher may prefix each line with "[rank0]: ".
-    let line = json
-        .lines()
-        .find(|l| l.contains("\"rows\""))
-        .and_then(|l| l.find('{').map(|i| &l[i..]))
-        .unwrap_or_else(|| panic!("no JSON in output:\n{json}"));
-    let v: serde_json::Value = serde_json::from_str(line).expect("perf --json output");
+    // Through tprun or by hand, stdout is exactly one JSON object, unprefixed.
+    let v: serde_json::Value = serde_json::from_str(json)
+        .unwrap_or_else(|e| panic!("stdout is not one JSON object ({e}):\n{json}"));
     let rows = v["rows"].as_array().expect("rows").clone();
     let wrong = rows
         .iter()

@@ -72,9 +72,9 @@ pub(crate) fn read_error_file(path: &Path) -> Option<RankError> {
     };
     let frame = stack.and_then(|s| {
         s.lines()
+            .rev()
             .map(str::trim)
-            .filter(|l| l.starts_with("File \""))
-            .last()
+            .find(|l| l.starts_with("File \""))
             .map(String::from)
     });
     Some(RankError {

@@ -38,7 +38,8 @@ pub struct LaunchArgs {
     /// Also write rank r's output, unprefixed, to DIR/rank{r}/stdout.log and stderr.log.
     #[arg(long, value_name = "DIR")]
     pub log_dir: Option<PathBuf>,
-    /// Show only rank R's output on the console (log files still get every rank's).
+    /// Show only rank R's output on the console (log files still get every rank's; a built-in
+    /// program's result on stdout is always shown).
     #[arg(long, value_name = "R")]
     pub only_rank: Option<usize>,
     /// Console lines without the `[rank{r}]: ` prefix.
