@@ -1,49 +1,41 @@
-//! torchrun's error files: each rank gets its own TORCHELASTIC_ERROR_FILE path in a temporary
-//! directory, where torch's `@record` writes the exception of a failing rank as JSON; after a
-//! failure tprun shows that error's message and the frame it came from.
+//! torchrun's error files: each rank gets its own TORCHELASTIC_ERROR_FILE, where torch's
+//! `@record` writes the exception of a failing rank as JSON; after a failure tprun shows that
+//! error's message and the frame it came from.
+//!
+//! The files are memfds of tprun's, named to the ranks as `/proc/<tprun pid>/fd/<fd>`: they have
+//! no path on disk, so nothing is left behind on any exit of tprun, kill -9 included.
 
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 
-/// The job's temporary directory of error files, removed (with whatever the ranks wrote there)
-/// when the job ends, whether it succeeded, failed or was stopped by a signal.
-pub(crate) struct ErrorDir(PathBuf);
+/// One attempt's error files, one per rank; closed (and gone) when dropped.
+pub(crate) struct ErrorFiles(Vec<File>);
 
-impl ErrorDir {
-    /// A new private directory (mode 0700, created exclusively, so nobody else's) in $TMPDIR.
-    pub fn create() -> anyhow::Result<ErrorDir> {
-        use std::os::unix::fs::DirBuilderExt;
-        let base = std::env::temp_dir();
-        let mut last = None;
-        for i in 0..100u32 {
-            let t = std::time::SystemTime::now()
-                .duration_since(std::time::UNIX_EPOCH)
-                .map_or(0, |d| d.as_nanos());
-            let dir = base.join(format!("tprun-errors-{}-{t:x}-{i}", std::process::id()));
-            match std::fs::DirBuilder::new().mode(0o700).create(&dir) {
-                Ok(()) => return Ok(ErrorDir(dir)),
-                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => last = Some(e),
-                Err(e) => {
-                    last = Some(e);
-                    break;
-                }
+impl ErrorFiles {
+    pub fn create(world_size: usize) -> anyhow::Result<ErrorFiles> {
+        let mut files = Vec::with_capacity(world_size);
+        for _ in 0..world_size {
+            // SAFETY: memfd_create reads a NUL-terminated name and returns a new fd or -1.
+            let fd = unsafe { libc::memfd_create(c"tprun-error-file".as_ptr(), libc::MFD_CLOEXEC) };
+            if fd < 0 {
+                let e = std::io::Error::last_os_error();
+                anyhow::bail!("cannot create the ranks' error files (memfd_create): {e}");
             }
+            // SAFETY: `fd` was just created and is owned by nothing else.
+            files.push(unsafe { File::from_raw_fd(fd) });
         }
-        let e = last.map_or_else(|| "unknown error".into(), |e| e.to_string());
-        anyhow::bail!(
-            "cannot create a directory for the ranks' error files in {}: {e}",
-            base.display()
-        )
+        Ok(ErrorFiles(files))
     }
 
-    /// Rank `rank`'s error file in restart `attempt` (not created: the rank writes it or not).
-    pub fn file(&self, attempt: u32, rank: usize) -> PathBuf {
-        self.0.join(format!("attempt{attempt}-rank{rank}.json"))
-    }
-}
-
-impl Drop for ErrorDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
+    /// Rank `rank`'s TORCHELASTIC_ERROR_FILE: opening it opens the memfd (O_CLOEXEC keeps the
+    /// fd itself out of the ranks).
+    pub fn path(&self, rank: usize) -> PathBuf {
+        PathBuf::from(format!(
+            "/proc/{}/fd/{}",
+            std::process::id(),
+            self.0[rank].as_raw_fd()
+        ))
     }
 }
 
@@ -60,6 +52,9 @@ pub(crate) struct RankError {
 /// None when the rank wrote none or it is not in that form.
 pub(crate) fn read_error_file(path: &Path) -> Option<RankError> {
     let text = std::fs::read_to_string(path).ok()?;
+    if text.is_empty() {
+        return None;
+    }
     let v: serde_json::Value = serde_json::from_str(&text).ok()?;
     let m = v.get("message")?;
     let (message, stack) = match m {
@@ -89,8 +84,8 @@ mod tests {
 
     #[test]
     fn reads_records_json_and_refuses_other_files() {
-        let d = ErrorDir::create().unwrap();
-        let f = d.file(0, 1);
+        let files = ErrorFiles::create(2).unwrap();
+        let f = files.path(1);
         let stack = "Traceback (most recent call last):\n  File \"a.py\", line 9, in <module>\n    main()\n  File \"a.py\", line 3, in main\n    raise ValueError(\"boom\")\nValueError: boom\n";
         let j = serde_json::json!({"message": {"message": "ValueError: boom",
             "extraInfo": {"py_callstack": stack, "timestamp": "1700000000"}}});
@@ -100,9 +95,9 @@ mod tests {
         assert_eq!(e.frame.as_deref(), Some("File \"a.py\", line 3, in main"));
         std::fs::write(&f, "not json").unwrap();
         assert!(read_error_file(&f).is_none());
-        assert!(read_error_file(&d.file(0, 7)).is_none());
-        let path = d.0.clone();
-        drop(d);
-        assert!(!path.exists(), "the error directory is removed on drop");
+        assert!(
+            read_error_file(&files.path(0)).is_none(),
+            "an empty file is no error"
+        );
     }
 }

@@ -198,7 +198,6 @@ pub fn run(launch: &LaunchArgs, job: &Job) -> anyhow::Result<i32> {
     signals::reset_inherited()?;
     // Once for every attempt, so a signal between two attempts is not lost (or fatal).
     let mut handlers = signals::Handlers::install()?;
-    let errors = errors::ErrorDir::create()?;
     let run_id = launch.run_id.clone().unwrap_or_else(spawn::run_id);
     let deadline = launch.timeout.map(|t| {
         let now = Instant::now();
@@ -211,7 +210,6 @@ pub fn run(launch: &LaunchArgs, job: &Job) -> anyhow::Result<i32> {
             run_id: run_id.clone(),
             restart: attempt,
             max_restarts: launch.max_restarts,
-            errors: &errors,
         };
         let plan = spawn::LaunchPlan::new(launch, job, elastic)?;
         let segment = collectives::shm::JobSegment::create(plan.world_size).map_err(|e| {

@@ -15,7 +15,7 @@ use anyhow::Context;
 use nix::sched::CpuSet;
 use nix::unistd::{access, AccessFlags};
 
-use crate::errors::ErrorDir;
+use crate::errors::ErrorFiles;
 use crate::{cpus, CpuBind, Device, Job, LaunchArgs, LaunchError, Nproc};
 
 /// One rank's share of the machine and its log files.
@@ -28,18 +28,16 @@ pub(crate) struct RankSpec {
 }
 
 /// torchrun's elastic state of one attempt of the job, shared by its ranks.
-pub(crate) struct Elastic<'a> {
+pub(crate) struct Elastic {
     /// TORCHELASTIC_RUN_ID (and TPRUN_RUN_ID): the same across restarts.
     pub run_id: String,
     /// TORCHELASTIC_RESTART_COUNT: 0 for the first start.
     pub restart: u32,
     pub max_restarts: u32,
-    /// Where each rank's TORCHELASTIC_ERROR_FILE goes.
-    pub errors: &'a ErrorDir,
 }
 
 /// The resolved job: what to run, where, with which environment.
-pub(crate) struct LaunchPlan<'a> {
+pub(crate) struct LaunchPlan {
     pub world_size: usize,
     /// The program as the user named it (argv[0] and error messages) and as resolved on PATH.
     pub program: OsString,
@@ -50,12 +48,14 @@ pub(crate) struct LaunchPlan<'a> {
     /// True when the user set OMP_NUM_THREADS (in tprun's env or the job's), which then stays.
     pub user_omp: bool,
     pub master_port: u16,
-    pub elastic: Elastic<'a>,
+    pub elastic: Elastic,
+    /// Each rank's TORCHELASTIC_ERROR_FILE, new for every attempt.
+    pub errors: ErrorFiles,
     pub ranks: Vec<RankSpec>,
 }
 
-impl<'a> LaunchPlan<'a> {
-    pub fn new(launch: &LaunchArgs, job: &Job, elastic: Elastic<'a>) -> anyhow::Result<Self> {
+impl LaunchPlan {
+    pub fn new(launch: &LaunchArgs, job: &Job, elastic: Elastic) -> anyhow::Result<Self> {
         let device = launch.device.unwrap_or(Device::Cpu);
         let allowed = cpus::allowed_cpus();
         let cores = cpus::physical_cores(&allowed);
@@ -84,6 +84,7 @@ impl<'a> LaunchPlan<'a> {
             user_omp,
             master_port: free_port()?,
             elastic,
+            errors: ErrorFiles::create(world_size)?,
             ranks,
         })
     }
@@ -97,8 +98,7 @@ impl<'a> LaunchPlan<'a> {
         let n = self.world_size.to_string();
         let r_s = r.to_string();
         let e = &self.elastic;
-        let error_file = e.errors.file(e.restart, r);
-        cmd.env("TORCHELASTIC_ERROR_FILE", &error_file);
+        cmd.env("TORCHELASTIC_ERROR_FILE", self.errors.path(r));
         let (restart, max) = (e.restart.to_string(), e.max_restarts.to_string());
         let vars: [(&str, &str); 16] = [
             ("RANK", &r_s),

@@ -355,14 +355,13 @@ fn start_rank(
         None => (None, None, None),
     };
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
-    let e = &plan.elastic;
     ranks.push(Rank {
         rank: r,
         pid: child.id() as i32,
         child,
         exit: None,
         log_dir,
-        error_file: e.errors.file(e.restart, r),
+        error_file: plan.errors.path(r),
     });
     let ctx = || format!("cannot start an output thread for rank {r}");
     if let Some(p) = stdout {
