@@ -38,11 +38,7 @@ struct Cli {
     /// After `--`: the program to run on every rank as is, and its arguments. Without `--`,
     /// torchrun-style: the Python script (with -m a module, with --no-python an executable) and
     /// its arguments. A built-in program's name takes priority over a file of that name.
-    #[arg(
-        value_name = "PROGRAM|SCRIPT",
-        trailing_var_arg = true,
-        allow_hyphen_values = true
-    )]
+    #[arg(value_name = "PROGRAM|SCRIPT", trailing_var_arg = true)]
     program: Vec<OsString>,
 }
 
