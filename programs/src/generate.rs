@@ -36,6 +36,10 @@ use rank::ModelDir;
 
 #[derive(clap::Args, Debug, Clone)]
 #[command(group(clap::ArgGroup::new("input").args(["prompt", "chat", "messages", "input_ids"])))]
+#[command(
+    after_help = "Without --prompt, --chat, --messages or --input-ids, in a terminal: an \
+interactive chat (each line a user turn, the whole conversation rendered each turn; Ctrl-D ends)."
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,

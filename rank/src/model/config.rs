@@ -153,7 +153,7 @@ fn kv_heads(m: &Map<String, Value>, num_attention_heads: usize) -> Result<usize>
         Some(k) => k,
         None => num_attention_heads,
     };
-    if num_attention_heads % k != 0 {
+    if !num_attention_heads.is_multiple_of(k) {
         bail!(
             "num_attention_heads ({num_attention_heads}) is not divisible by num_key_value_heads ({k})"
         );
@@ -167,7 +167,7 @@ fn head_dim(m: &Map<String, Value>, hidden_size: usize, heads: usize) -> Result<
         Some(0) => bail!("head_dim must be positive, got 0"),
         Some(d) => d,
         None => {
-            if hidden_size % heads != 0 {
+            if !hidden_size.is_multiple_of(heads) {
                 bail!(
                     "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({heads}) and head_dim is not given"
                 );
