@@ -281,9 +281,8 @@ fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
         Cmd::Generate(programs::generate::Args { model, .. })
         | Cmd::Logits(programs::logits::Args { model, .. })
         | Cmd::Bench(programs::bench::Args { model, .. }) => {
-            let dir = programs::runtime::model_dir(model);
-            let config = rank::ModelDir::open(&dir)?.config().clone();
-            (format!("model directory {}", dir.display()), config)
+            let m = programs::runtime::open_model(model)?;
+            (format!("model {}", m.path().display()), m.config().clone())
         }
         Cmd::Perf(_) | Cmd::Compare(_) => return Ok(()),
     };

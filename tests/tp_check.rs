@@ -69,11 +69,13 @@ fn tp_degree_past_the_default_model_is_refused_before_any_rank_starts() {
             out.to_str().unwrap(),
         ],
     );
-    // The default model is the bundled tiny-hub fixture (4 attention heads).
-    let model = fixture("tiny-hub-bf16-tied");
-    let name = model.file_name().unwrap().to_str().unwrap();
-    refused(&r, name, 64, "at most 4 ranks");
-    assert!(r.stderr.contains("model directory"), "{}", r.stderr);
+    // The default model is the tiny-hub fixture compiled into tprun (4 attention heads).
+    refused(&r, "tiny-hub-bf16-tied", 64, "at most 4 ranks");
+    assert!(
+        r.stderr.contains("model (bundled) tiny-hub-bf16-tied"),
+        "{}",
+        r.stderr
+    );
     assert!(!out.exists(), "logits wrote {}", out.display());
     assert!(r.stdout.is_empty(), "{}", r.stdout);
 }

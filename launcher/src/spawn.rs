@@ -125,12 +125,18 @@ impl LaunchPlan {
         }
         cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
 
-        // Rank 0 gets tprun's stdin (like mpirun) unless it is a terminal: a rank in its own
-        // process group that read from the terminal would be stopped by SIGTTIN.
-        let stdin = if r == 0 && !std::io::stdin().is_terminal() {
-            Stdio::inherit()
-        } else {
-            Stdio::null()
+        // Rank 0 gets tprun's stdin (like mpirun). A terminal is not handed over (a rank in its
+        // own process group that read it would be stopped by SIGTTIN): while tprun is in the
+        // foreground, tprun reads it and relays the lines to rank 0 through a pipe, and every
+        // rank sees TPRUN_STDIN_TERMINAL=1 (interactive chat keys on it).
+        let terminal = std::io::stdin().is_terminal() && foreground();
+        if terminal {
+            cmd.env(STDIN_TERMINAL, "1");
+        }
+        let stdin = match (r, terminal) {
+            (0, false) if !std::io::stdin().is_terminal() => Stdio::inherit(),
+            (0, true) => terminal_relay()?,
+            _ => Stdio::null(),
         };
         cmd.stdin(stdin)
             .stdout(Stdio::piped())
@@ -187,6 +193,49 @@ impl LaunchPlan {
 }
 
 /// The number of ranks `-n` asks for, checked against `--only-rank`.
+/// Set to 1 in every rank when rank 0's stdin is the relayed terminal.
+pub(crate) const STDIN_TERMINAL: &str = "TPRUN_STDIN_TERMINAL";
+
+/// Whether tprun's process group owns its terminal (a background job must not read it).
+fn foreground() -> bool {
+    // SAFETY: plain syscalls without pointers.
+    unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+/// The write end of the newest rank 0's stdin pipe; the one relay thread feeds it.
+static RELAY_TO: std::sync::Mutex<Option<File>> = std::sync::Mutex::new(None);
+
+/// A pipe for rank 0's stdin, fed line by line from tprun's terminal by one thread (started
+/// once; a restarted rank 0 gets the next lines). End of input closes the pipe.
+fn terminal_relay() -> anyhow::Result<Stdio> {
+    use std::io::{BufRead, Write};
+    static STARTED: std::sync::Once = std::sync::Once::new();
+    let (read, write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC)
+        .context("cannot make a pipe for rank 0's stdin")?;
+    *RELAY_TO.lock().unwrap_or_else(|e| e.into_inner()) = Some(File::from(write));
+    STARTED.call_once(|| {
+        std::thread::spawn(|| {
+            let mut line = Vec::new();
+            let mut input = std::io::stdin().lock();
+            loop {
+                line.clear();
+                let n = input.read_until(b'\n', &mut line).unwrap_or(0);
+                let mut to = RELAY_TO.lock().unwrap_or_else(|e| e.into_inner());
+                if n == 0 {
+                    to.take(); // EOF (Ctrl-D): rank 0 sees its stdin end.
+                    return;
+                }
+                if let Some(f) = to.as_mut() {
+                    if f.write_all(&line).is_err() {
+                        to.take();
+                    }
+                }
+            }
+        });
+    });
+    Ok(Stdio::from(read))
+}
+
 fn world_size(launch: &LaunchArgs, device: Device, cores: &[Vec<usize>]) -> anyhow::Result<usize> {
     let world_size = match launch.nproc_per_node {
         Nproc::Count(n) => n,

@@ -20,7 +20,7 @@
 //!   room is an error, and generation stops at the context limit.
 
 use std::io::Write;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -28,12 +28,18 @@ use collectives::{CommExt, Communicator};
 
 use crate::runtime::{self, ModelArgs};
 use rank::model::{ForwardOptions, Logits, Qwen2};
-use rank::text::chat::{self, ChatTemplate};
+use rank::text::chat;
+use rank::text::chat::Message;
 use rank::text::sampling::{Sampler, Strategy};
 use rank::text::tokenizer::{StreamDecoder, Tokenizer};
+use rank::ModelDir;
 
 #[derive(clap::Args, Debug, Clone)]
-#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "chat", "input_ids"])))]
+#[command(group(clap::ArgGroup::new("input").args(["prompt", "chat", "messages", "input_ids"])))]
+#[command(
+    after_help = "Without --prompt, --chat, --messages or --input-ids, in a terminal: an \
+interactive chat (each line a user turn, the whole conversation rendered each turn; Ctrl-D ends)."
+)]
 pub struct Args {
     #[command(flatten)]
     pub model: ModelArgs,
@@ -43,10 +49,16 @@ pub struct Args {
     /// A user message, rendered with the checkpoint's chat template.
     #[arg(long)]
     pub chat: Option<String>,
-    /// Prompt token ids, comma-separated.
+    /// A conversation to continue: a JSON list of {"role": "system"|"user"|"assistant",
+    /// "content": "..."} (OpenAI style), rendered with the chat template.
+    #[arg(long, value_name = "FILE.json")]
+    pub messages: Option<PathBuf>,
+    /// Prompt token ids, comma-separated (no tokenizer needed; the text of the output is
+    /// printed only when the checkpoint has one, else the ids).
     #[arg(long, value_name = "1,2,3", value_delimiter = ',')]
     pub input_ids: Option<Vec<u32>>,
-    /// A system message before the --chat message (default: the template's own, if any).
+    /// A system message before the --chat message or the interactive chat (default: the
+    /// template's own, if any).
     #[arg(long)]
     pub system: Option<String>,
     /// Stop after this many new tokens.
@@ -109,13 +121,26 @@ pub enum Input {
         user: String,
         system: Option<String>,
     },
+    /// `--messages FILE.json`: the file's conversation.
+    Messages(PathBuf, Vec<Message>),
     Ids(Vec<u32>),
+    /// No input option and a terminal on rank 0's stdin: chat turn by turn.
+    Interactive {
+        system: Option<String>,
+    },
 }
 
 impl Input {
     pub fn from_args(args: &Args) -> Result<Input> {
-        if args.system.is_some() && args.chat.is_none() {
-            bail!("--system goes with --chat (a plain --prompt or --input-ids has no system turn)");
+        let chatty = args.chat.is_some() || !args.any_input();
+        if args.system.is_some() && !chatty {
+            bail!(
+                "--system goes with --chat or the interactive chat (a --prompt, --messages or \
+                 --input-ids input has no separate system turn)"
+            );
+        }
+        if let Some(path) = &args.messages {
+            return Ok(Input::Messages(path.clone(), read_messages(path)?));
         }
         Ok(match (&args.prompt, &args.chat, &args.input_ids) {
             (Some(p), None, None) => Input::Prompt(p.clone()),
@@ -124,9 +149,61 @@ impl Input {
                 system: args.system.clone(),
             },
             (None, None, Some(ids)) => Input::Ids(ids.clone()),
-            _ => bail!("give exactly one of --prompt, --chat, --input-ids"),
+            (None, None, None) if std::env::var_os(STDIN_TERMINAL).is_some() => {
+                Input::Interactive {
+                    system: args.system.clone(),
+                }
+            }
+            (None, None, None) => bail!(
+                "give one of --prompt, --chat, --messages, --input-ids (or run tprun in a \
+                 terminal for an interactive chat)"
+            ),
+            _ => bail!("give exactly one of --prompt, --chat, --messages, --input-ids"),
         })
     }
+}
+
+impl Args {
+    fn any_input(&self) -> bool {
+        self.prompt.is_some()
+            || self.chat.is_some()
+            || self.messages.is_some()
+            || self.input_ids.is_some()
+    }
+}
+
+/// What tprun's launcher sets in every rank when rank 0's stdin is the relayed terminal
+/// (launcher/src/spawn.rs, `STDIN_TERMINAL`).
+const STDIN_TERMINAL: &str = "TPRUN_STDIN_TERMINAL";
+
+/// Reads `--messages FILE.json`: a non-empty JSON list of `{"role", "content"}` objects, role
+/// system, user or assistant; an error names the file and the entry.
+pub fn read_messages(path: &Path) -> Result<Vec<Message>> {
+    let text = rank::checkpoint::read_text(path).context("--messages")?;
+    parse_messages(&text).with_context(|| format!("--messages {}", path.display()))
+}
+
+fn parse_messages(text: &str) -> Result<Vec<Message>> {
+    let v: serde_json::Value = serde_json::from_str(text).context("not valid JSON")?;
+    let Some(list) = v.as_array() else {
+        bail!("expected a JSON list of {{\"role\", \"content\"}} objects");
+    };
+    if list.is_empty() {
+        bail!("the list is empty: give at least one message");
+    }
+    list.iter()
+        .enumerate()
+        .map(|(i, m)| {
+            let field = |k: &str| m.get(k).and_then(|v| v.as_str());
+            let role = field("role").with_context(|| format!("entry {i}: no \"role\" string"))?;
+            if !["system", "user", "assistant"].contains(&role) {
+                bail!("entry {i}: role {role:?} is not one of system, user, assistant");
+            }
+            let content =
+                field("content").with_context(|| format!("entry {i}: no \"content\" string"))?;
+            Ok(Message::new(role, content))
+        })
+        .collect()
 }
 
 /// The prompt's ids, and for a chat the rendered text they came from.
@@ -136,15 +213,23 @@ pub struct Prompt {
     pub text: Option<String>,
 }
 
-/// Encodes the input with the checkpoint in `dir` (chat template from `dir` too).
-pub fn encode_input(dir: &Path, tok: &Tokenizer, input: &Input) -> Result<Prompt> {
+/// Encodes the input with `model`'s chat template; `tok` may be `None` only for token ids.
+pub fn encode_input(model: &ModelDir, tok: Option<&Tokenizer>, input: &Input) -> Result<Prompt> {
+    let need_tok = || {
+        tok.with_context(|| {
+            format!(
+                "missing tokenizer: {} does not exist",
+                model.path().join("tokenizer.json").display()
+            )
+        })
+    };
     let prompt = match input {
         Input::Prompt(text) => {
             if text.is_empty() {
                 bail!("--prompt is empty: give some text");
             }
             Prompt {
-                ids: tok.encode(text, true)?,
+                ids: need_tok()?.encode(text, true)?,
                 text: None,
             }
         }
@@ -152,19 +237,9 @@ pub fn encode_input(dir: &Path, tok: &Tokenizer, input: &Input) -> Result<Prompt
             if user.is_empty() {
                 bail!("--chat is empty: give a message");
             }
-            let template = ChatTemplate::load(dir)?;
-            let text = template.render(&chat::messages(user, system.as_deref()), true)?;
-            if text.is_empty() {
-                bail!(
-                    "the chat template from {} rendered an empty prompt",
-                    template.origin()
-                );
-            }
-            Prompt {
-                ids: tok.encode(&text, false)?,
-                text: Some(text),
-            }
+            render_chat(model, need_tok()?, &chat::messages(user, system.as_deref()))?
         }
+        Input::Messages(_, messages) => render_chat(model, need_tok()?, messages)?,
         Input::Ids(ids) => {
             if ids.is_empty() {
                 bail!("--input-ids is empty: give at least one id");
@@ -174,11 +249,29 @@ pub fn encode_input(dir: &Path, tok: &Tokenizer, input: &Input) -> Result<Prompt
                 text: None,
             }
         }
+        Input::Interactive { .. } => bail!("an interactive chat has no prompt up front"),
     };
     if prompt.ids.is_empty() {
         bail!("the prompt encodes to no tokens");
     }
     Ok(prompt)
+}
+
+/// A conversation rendered with the chat template (ending with the assistant header) and its
+/// ids, encoded like `apply_chat_template` (no special tokens added: the template wrote them).
+pub fn render_chat(model: &ModelDir, tok: &Tokenizer, messages: &[Message]) -> Result<Prompt> {
+    let template = model.chat_template()?;
+    let text = template.render(messages, true)?;
+    if text.is_empty() {
+        bail!(
+            "the chat template from {} rendered an empty prompt",
+            template.origin()
+        );
+    }
+    Ok(Prompt {
+        ids: tok.encode(&text, false)?,
+        text: Some(text),
+    })
 }
 
 /// The token choice from the command line (see the module docs for the rules).
@@ -336,21 +429,62 @@ fn default_seed() -> u64 {
     nanos ^ ((std::process::id() as u64) << 32)
 }
 
+/// Everything a generation needs besides the prompt, set up once per run.
+struct Session {
+    comm: Box<dyn Communicator>,
+    model: Qwen2,
+    p: runtime::Prepared,
+    tok: Option<Tokenizer>,
+    settings: Settings,
+    sampler: Sampler,
+    load: runtime::LoadStats,
+    started: Instant,
+}
+
 pub fn run(args: &Args) -> Result<()> {
     let input = Input::from_args(args)?;
-    let mut comm = collectives::from_env()?;
+    let comm = collectives::from_env()?;
     let started = Instant::now();
     runtime::set_compute_options(&args.model, comm.rank());
     let p = runtime::prepare(&args.model, &*comm)?;
-    let rank0 = p.plan.rank == 0;
-    let tok = p.model.tokenizer()?;
-    let prompt = encode_input(&p.dir, &tok, &input)?;
-    p.config.check_ids(&prompt.ids, 0)?;
+    // Token ids need no tokenizer: only the text of the output does.
+    let tok = match input {
+        Input::Ids(_) => p.model.tokenizer_if_present()?,
+        _ => Some(p.model.tokenizer()?),
+    };
+    let prompt = match input {
+        Input::Interactive { .. } => None,
+        _ => Some(encode_input(&p.model, tok.as_ref(), &input)?),
+    };
+    if let Some(prompt) = &prompt {
+        p.config.check_ids(&prompt.ids, 0)?;
+    }
     let settings = Settings {
         max_new_tokens: usize::try_from(args.max_new_tokens).unwrap_or(usize::MAX),
         eos: p.model.eos_ids()?,
         ignore_eos: args.ignore_eos,
     };
+    let sampler = make_sampler(args, p.plan.rank == 0);
+    let (model, load) = runtime::load(&p, args.model.dtype, "generate")?;
+    let mut s = Session {
+        comm,
+        model,
+        p,
+        tok,
+        settings,
+        sampler,
+        load,
+        started,
+    };
+    match (prompt, input) {
+        (Some(prompt), _) => one_shot(&mut s, &prompt, args.json),
+        (None, Input::Interactive { system }) => interactive(&mut s, system),
+        (None, _) => unreachable!("every other input has a prompt"),
+    }
+}
+
+/// The sampler of the command line; rank 0 says on stderr how tokens are chosen.
+fn make_sampler(args: &Args, rank0: bool) -> Sampler {
     let strategy = strategy(args);
     let seed = args.seed.unwrap_or_else(default_seed);
     if rank0 {
@@ -367,42 +501,59 @@ pub fn run(args: &Args) -> Result<()> {
             ),
         }
     }
-    let mut sampler = Sampler::new(strategy, seed);
-    let (mut model, load) = runtime::load(&p, args.model.dtype, "generate")?;
+    Sampler::new(strategy, seed)
+}
 
-    let stream = rank0 && !args.json;
-    let mut dec = StreamDecoder::new(&tok, true);
+/// Generates a reply to `prompt`, rank 0 streaming it to stdout when `stream`: its text, or
+/// without a tokenizer its ids, space-separated.
+fn reply(s: &mut Session, prompt: &[u32], stream: bool) -> Result<Decoded> {
+    let mut dec = s.tok.as_ref().map(|t| StreamDecoder::new(t, true));
     let stdout = std::io::stdout();
     let mut on_token = |id: u32| -> Result<()> {
         if stream {
-            let piece = dec.push(id)?;
-            if !piece.is_empty() {
-                let mut out = stdout.lock();
-                out.write_all(piece.as_bytes())?;
-                out.flush()?;
-            }
+            let piece = match dec.as_mut() {
+                Some(d) => d.push(id)?,
+                None => format!("{id} "),
+            };
+            let mut out = stdout.lock();
+            out.write_all(piece.as_bytes())?;
+            out.flush()?;
         }
         Ok(())
     };
     let d = generate(
-        &mut model,
-        &mut *comm,
-        &prompt.ids,
-        &settings,
-        &mut sampler,
+        &mut s.model,
+        &mut *s.comm,
+        prompt,
+        &s.settings,
+        &mut s.sampler,
         &mut on_token,
     )?;
     if stream {
-        let rest = dec.finish()?;
+        let rest = match dec.as_mut() {
+            Some(d) => d.finish()?,
+            None => String::new(),
+        };
         let mut out = stdout.lock();
         out.write_all(rest.as_bytes())?;
         out.write_all(b"\n")?;
         out.flush()?;
     }
-    if !rank0 {
-        return Ok(());
-    }
+    Ok(d)
+}
 
+/// `--prompt`, `--chat`, `--messages`, `--input-ids`: one reply, then the statistics.
+fn one_shot(s: &mut Session, prompt: &Prompt, json: bool) -> Result<()> {
+    let rank0 = s.p.plan.rank == 0;
+    let d = reply(s, &prompt.ids, rank0 && !json)?;
+    if rank0 {
+        report(s, prompt, &d, json)?;
+    }
+    Ok(())
+}
+
+/// Rank 0's statistics on stderr, and with `json` the one JSON object on stdout.
+fn report(s: &Session, prompt: &Prompt, d: &Decoded, json: bool) -> Result<()> {
     let prefill_tok_s = prompt.ids.len() as f64 / d.prefill_s.max(1e-12);
     let decode_tok_s = if d.decode_steps > 0 {
         d.decode_steps as f64 / d.decode_s.max(1e-12)
@@ -412,13 +563,13 @@ pub fn run(args: &Args) -> Result<()> {
     if d.stop == Stop::Context {
         eprintln!(
             "tprun generate: stopped at the model's context limit ({} tokens)",
-            p.config.max_position_embeddings
+            s.p.config.max_position_embeddings
         );
     }
     eprintln!(
         "tprun generate: load {:.2} s, prefill {} tok {:.1} tok/s, decode {} tok {:.1} tok/s, \
          stop: {}",
-        load.seconds,
+        s.load.seconds,
         prompt.ids.len(),
         prefill_tok_s,
         d.decode_steps,
@@ -427,22 +578,26 @@ pub fn run(args: &Args) -> Result<()> {
     );
     // Collectives since the communicator was made (load, prefill, decode) against the wall
     // time since then.
-    let wall_s = started.elapsed().as_secs_f64();
-    let stats = comm.stats();
+    let wall_s = s.started.elapsed().as_secs_f64();
+    let stats = s.comm.stats();
     eprint!(
         "tprun generate: collectives on rank 0\n{}",
         stats.summary(wall_s)
     );
-    if args.json {
-        let text = tok.decode(&d.output_ids, true)?;
+    if json {
+        // Without a tokenizer (--input-ids) there is no text: null.
+        let text = match &s.tok {
+            Some(t) => Some(t.decode(&d.output_ids, true)?),
+            None => None,
+        };
         let j = serde_json::json!({
             "prompt_ids": prompt.ids,
             "output_ids": d.output_ids,
             "text": text,
             "stop": d.stop.as_str(),
-            "world_size": p.plan.world,
+            "world_size": s.p.plan.world,
             "timings": {
-                "load_s": load.seconds,
+                "load_s": s.load.seconds,
                 "prefill_tok_s": prefill_tok_s,
                 "decode_tok_s": decode_tok_s,
                 "prefill_s": d.prefill_s,
@@ -453,11 +608,78 @@ pub fn run(args: &Args) -> Result<()> {
             "comm": stats,
             "wall_s": wall_s,
         });
-        let mut out = stdout.lock();
+        let mut out = std::io::stdout().lock();
         writeln!(out, "{j}")?;
         out.flush()?;
     }
     Ok(())
+}
+
+/// The interactive chat: rank 0 reads a user turn per line from its stdin (tprun's terminal),
+/// renders the whole conversation and broadcasts its ids (length, then the ids); every rank
+/// prefills the conversation and decodes the reply, which joins the history. End of input
+/// (Ctrl-D) is a length of 0: every rank ends cleanly.
+fn interactive(s: &mut Session, system: Option<String>) -> Result<()> {
+    let rank0 = s.p.plan.rank == 0;
+    let mut history: Vec<Message> = system.iter().map(|t| Message::new("system", t)).collect();
+    if rank0 {
+        eprintln!("tprun generate: interactive chat: type a message and Enter; Ctrl-D ends");
+    }
+    let mut lines = std::io::stdin().lines();
+    loop {
+        let mut ids = Vec::new();
+        if rank0 {
+            ids = next_turn(s, &mut lines, &mut history)?;
+        }
+        let mut len = [ids.len() as u32];
+        s.comm
+            .broadcast(&mut len, 0)
+            .context("broadcast of the turn's length")?;
+        if len[0] == 0 {
+            return Ok(());
+        }
+        ids.resize(len[0] as usize, 0);
+        s.comm
+            .broadcast(&mut ids, 0)
+            .context("broadcast of the turn's ids")?;
+        let d = reply(s, &ids, rank0)?;
+        if rank0 {
+            let tok = s.tok.as_ref().expect("a chat has a tokenizer");
+            history.push(Message::new("assistant", &tok.decode(&d.output_ids, true)?));
+        }
+    }
+}
+
+/// Rank 0: the next user line appended to `history` and the conversation's ids; empty at the
+/// end of input, or when the conversation no longer fits the context (said on stderr).
+fn next_turn(
+    s: &Session,
+    lines: &mut std::io::Lines<std::io::StdinLock<'static>>,
+    history: &mut Vec<Message>,
+) -> Result<Vec<u32>> {
+    let tok = s.tok.as_ref().expect("a chat has a tokenizer");
+    loop {
+        let Some(line) = lines.next() else {
+            return Ok(Vec::new());
+        };
+        let line = line.context("reading the chat from stdin")?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        history.push(Message::new("user", line.trim_end()));
+        let prompt = render_chat(&s.p.model, tok, history)?;
+        let context = s.p.config.max_position_embeddings;
+        if prompt.ids.len() >= context {
+            eprintln!(
+                "tprun generate: the conversation has {} tokens, the model's context is {context}: \
+                 ending the chat",
+                prompt.ids.len()
+            );
+            return Ok(Vec::new());
+        }
+        s.p.config.check_ids(&prompt.ids, 0)?;
+        return Ok(prompt.ids);
+    }
 }
 
 #[cfg(test)]
@@ -541,7 +763,8 @@ mod tests {
             let dir = fixture(name);
             let tok = Tokenizer::load(&dir).unwrap();
             for c in cases(&dir) {
-                let p = encode_input(&dir, &tok, &c.input).unwrap();
+                let p = encode_input(&rank::ModelDir::open(&dir).unwrap(), Some(&tok), &c.input)
+                    .unwrap();
                 assert_eq!(p.ids, c.prompt_ids, "{name}/{}: prompt ids", c.name);
                 assert_eq!(p.text, c.prompt_text, "{name}/{}: rendered chat", c.name);
                 assert_eq!(
@@ -593,6 +816,7 @@ mod tests {
     fn load(dir: &Path, comm: &dyn Communicator) -> Result<(Qwen2, Config)> {
         let args = ModelArgs {
             model: Some(dir.to_path_buf()),
+            revision: None,
             dtype: WeightDtype::Auto,
             bf16_dot: false,
         };
@@ -792,10 +1016,18 @@ mod tests {
             &["--prompt", "x", "--greedy", "--temperature", "1"],
             &["--prompt", "x", "--chat", "y"],
             &["--input-ids", "1,x"],
-            &[],
         ] {
             assert!(parse(bad).is_err(), "{bad:?} should be refused");
         }
+        // No input: an interactive chat on a relayed terminal, else an error saying what to give
+        // (this test process is not started by tprun: no TPRUN_STDIN_TERMINAL).
+        let err = Input::from_args(&parse(&[]).unwrap())
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("give one of --prompt, --chat, --messages"),
+            "{err}"
+        );
         let a = parse(&["--prompt", "x", "--system", "y"]).unwrap();
         let err = Input::from_args(&a).unwrap_err().to_string();
         assert!(err.contains("--system goes with --chat"), "{err}");
@@ -820,8 +1052,60 @@ mod tests {
             ),
             (Input::Ids(vec![]), "--input-ids is empty"),
         ] {
-            let err = encode_input(&dir, &tok, &input).unwrap_err().to_string();
+            let m = rank::ModelDir::open(&dir).unwrap();
+            let err = encode_input(&m, Some(&tok), &input)
+                .unwrap_err()
+                .to_string();
             assert!(err.contains(want), "{err}");
         }
+    }
+
+    /// Each kind of mistake in a --messages file is named with its entry.
+    #[test]
+    fn bad_messages_name_the_entry() {
+        for (text, want) in [
+            (r#"{"role": "user"}"#, "expected a JSON list"),
+            ("[]", "the list is empty"),
+            (
+                r#"[{"role": "user", "content": "a"}, {"role": "bot", "content": "b"}]"#,
+                "entry 1: role \"bot\" is not one of system, user, assistant",
+            ),
+            (r#"[{"role": "user"}]"#, "entry 0: no \"content\" string"),
+            (r#"[{"content": "x"}]"#, "entry 0: no \"role\" string"),
+            ("[", "not valid JSON"),
+        ] {
+            let e = format!("{:#}", parse_messages(text).unwrap_err());
+            assert!(e.contains(want), "{text}: {e}");
+        }
+        let ok = parse_messages(
+            r#"[{"role": "system", "content": "s"}, {"role": "user", "content": "u"}]"#,
+        )
+        .unwrap();
+        assert_eq!(
+            ok,
+            vec![Message::new("system", "s"), Message::new("user", "u")]
+        );
+    }
+
+    /// The bundled model reads exactly as its fixture directory does.
+    #[test]
+    fn the_bundled_model_is_the_fixture() {
+        let b = rank::ModelDir::bundled();
+        let d = rank::ModelDir::open(&fixture("tiny-hub-bf16-tied")).unwrap();
+        assert_eq!(format!("{:?}", b.config()), format!("{:?}", d.config()));
+        assert_eq!(b.eos_ids().unwrap(), d.eos_ids().unwrap());
+        let chat = Input::Chat {
+            user: "hi".into(),
+            system: None,
+        };
+        let (tb, td) = (b.tokenizer().unwrap(), d.tokenizer().unwrap());
+        assert_eq!(
+            encode_input(&b, Some(&tb), &chat).unwrap().ids,
+            encode_input(&d, Some(&td), &chat).unwrap().ids
+        );
+        assert_eq!(
+            b.weights().unwrap().total_bytes(),
+            d.weights().unwrap().total_bytes()
+        );
     }
 }

@@ -18,10 +18,15 @@ use rank::ModelDir;
 /// `--model` and `--dtype`, common to generate, logits and bench.
 #[derive(clap::Args, Debug, Clone)]
 pub struct ModelArgs {
-    /// Hugging Face Qwen2 checkpoint directory (default: $TPRUN_MODEL, else the small model
-    /// bundled in the repository).
-    #[arg(long, value_name = "DIR")]
+    /// Qwen2 checkpoint: a directory, or ORG/NAME found offline in the Hugging Face cache
+    /// ($HF_HUB_CACHE, else $HF_HOME/hub, else ~/.cache/huggingface/hub); an existing directory
+    /// wins over a repo id. Default: $TPRUN_MODEL, else the tiny random-weight test model
+    /// compiled into tprun (tiny-hub-bf16-tied).
+    #[arg(long, value_name = "DIR|ORG/NAME")]
     pub model: Option<PathBuf>,
+    /// Branch, tag or commit hash of --model ORG/NAME in the cache (default: main).
+    #[arg(long, value_name = "REV")]
+    pub revision: Option<String>,
     /// In-memory format of the weights; compute is always f32. auto keeps bf16 as bf16 and f32
     /// as f32, and widens f16 to f32.
     #[arg(long, default_value = "auto", value_parser = dtype_parser())]
@@ -60,22 +65,25 @@ pub fn set_compute_options(args: &ModelArgs, rank: usize) {
     }
 }
 
-/// The model directory: `--model`, else `$TPRUN_MODEL`, else the bundled tiny model.
-pub fn model_dir(args: &ModelArgs) -> PathBuf {
+/// What `--model` names: itself, else `$TPRUN_MODEL`, else `None` (the bundled model).
+pub fn model_spec(args: &ModelArgs) -> Option<PathBuf> {
     if let Some(m) = &args.model {
-        return m.clone();
+        return Some(m.clone());
     }
-    match std::env::var_os("TPRUN_MODEL") {
-        Some(m) if !m.is_empty() => PathBuf::from(m),
-        _ => Path::new(env!("CARGO_MANIFEST_DIR"))
-            .parent()
-            .unwrap_or(Path::new(".."))
-            .join("tests/fixtures/tiny-hub-bf16-tied"),
-    }
+    std::env::var_os("TPRUN_MODEL")
+        .filter(|m| !m.is_empty())
+        .map(PathBuf::from)
+}
+
+/// Opens the model of `args` (see [`rank::ModelDir::resolve`]); the launcher's check and every
+/// rank go through here, so they open the same model.
+pub fn open_model(args: &ModelArgs) -> Result<ModelDir> {
+    ModelDir::resolve(model_spec(args).as_deref(), args.revision.as_deref())
 }
 
 /// A checkpoint's validated config and this rank's plan, before any weights are read.
 pub struct Prepared {
+    /// The model's directory, or [`rank::checkpoint::BUNDLED_NAME`].
     pub dir: PathBuf,
     pub model: ModelDir,
     pub config: Config,
@@ -83,8 +91,8 @@ pub struct Prepared {
 }
 
 pub fn prepare(args: &ModelArgs, comm: &dyn Communicator) -> Result<Prepared> {
-    let dir = model_dir(args);
-    let model = ModelDir::open(&dir)?;
+    let model = open_model(args)?;
+    let dir = model.path().to_path_buf();
     let config = model.config().clone();
     let plan = ShardPlan::new(&config.shapes(), comm.world_size(), comm.rank())
         .with_context(|| format!("{}", dir.display()))?;

@@ -15,12 +15,42 @@ use crate::model::loader::Checkpoint;
 use crate::text::chat::ChatTemplate;
 use crate::text::Tokenizer;
 
-/// A checkpoint directory and its parsed config.json.
+/// A checkpoint directory (or the bundled model's files in memory) and its parsed config.json.
 #[derive(Debug, Clone)]
 pub struct ModelDir {
     path: PathBuf,
+    /// `Some` for the bundled model: its files are compiled in, nothing is read from disk.
+    files: Option<&'static [(&'static str, &'static [u8])]>,
     config: Config,
 }
+
+/// Name under which the bundled model appears in messages (it has no directory).
+pub const BUNDLED_NAME: &str = "(bundled) tiny-hub-bf16-tied";
+
+/// The bundled tiny model's files (tests/fixtures/tiny-hub-bf16-tied), compiled into the binary
+/// so that the default model works from any directory and any install.
+static BUNDLED: &[(&str, &[u8])] = &[
+    (
+        "config.json",
+        include_bytes!("../../tests/fixtures/tiny-hub-bf16-tied/config.json"),
+    ),
+    (
+        "generation_config.json",
+        include_bytes!("../../tests/fixtures/tiny-hub-bf16-tied/generation_config.json"),
+    ),
+    (
+        "tokenizer.json",
+        include_bytes!("../../tests/fixtures/tiny-hub-bf16-tied/tokenizer.json"),
+    ),
+    (
+        "tokenizer_config.json",
+        include_bytes!("../../tests/fixtures/tiny-hub-bf16-tied/tokenizer_config.json"),
+    ),
+    (
+        "model.safetensors",
+        include_bytes!("../../tests/fixtures/tiny-hub-bf16-tied/model.safetensors"),
+    ),
+];
 
 impl ModelDir {
     /// Checks that `path` is a directory and reads its config.json.
@@ -36,8 +66,44 @@ impl ModelDir {
         let config = Config::from_dir(path)?;
         Ok(ModelDir {
             path: path.to_path_buf(),
+            files: None,
             config,
         })
+    }
+
+    /// The tiny model compiled into the binary (the default when no model is named).
+    pub fn bundled() -> ModelDir {
+        let (_, text) = BUNDLED
+            .iter()
+            .find(|(n, _)| *n == "config.json")
+            .expect("bundled");
+        let text = std::str::from_utf8(text).expect("bundled config.json is UTF-8");
+        ModelDir {
+            path: PathBuf::from(BUNDLED_NAME),
+            files: Some(BUNDLED),
+            config: Config::from_json(text).expect("the bundled config.json is valid"),
+        }
+    }
+
+    /// The model `--model SPEC [--revision REV]` names (a directory or a repo id in the Hugging
+    /// Face cache, see [`crate::hub::resolve_dir`]), or the bundled model when `spec` is `None`.
+    /// The launcher and every rank call this one function, so they agree on the model.
+    pub fn resolve(spec: Option<&Path>, revision: Option<&str>) -> Result<ModelDir> {
+        match spec {
+            Some(s) => ModelDir::open(&crate::hub::resolve_dir(s, revision)?),
+            None => match revision {
+                Some(r) => bail!(
+                    "--revision {r}: goes with --model ORG/NAME (a Hugging Face repo id), not \
+                     the bundled model"
+                ),
+                None => Ok(ModelDir::bundled()),
+            },
+        }
+    }
+
+    /// Whether this is the bundled in-memory model.
+    pub fn is_bundled(&self) -> bool {
+        self.files.is_some()
     }
 
     pub fn path(&self) -> &Path {
@@ -49,11 +115,28 @@ impl ModelDir {
         &self.config
     }
 
+    /// The text of file `name` of the checkpoint, `None` when absent.
+    fn read_optional(&self, name: &str) -> Result<Option<String>> {
+        self.read_path(&self.path.join(name))
+    }
+
+    /// [`read_optional_text`], or for the bundled model a lookup of the compiled-in file.
+    fn read_path(&self, path: &Path) -> Result<Option<String>> {
+        let Some(files) = self.files else {
+            return read_optional_text(path);
+        };
+        let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("");
+        Ok(files
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, b)| String::from_utf8(b.to_vec()).expect("bundled text files are UTF-8")))
+    }
+
     /// End-of-sequence ids: `eos_token_id` of generation_config.json when the file has one,
     /// else config.json's (both parsed by [`Config`]'s one token-id parser).
     pub fn eos_ids(&self) -> Result<Vec<u32>> {
         let path = self.path.join("generation_config.json");
-        let Some(text) = read_optional_text(&path)? else {
+        let Some(text) = self.read_optional("generation_config.json")? else {
             return Ok(self.config.eos_token_ids.clone());
         };
         let v: serde_json::Map<String, serde_json::Value> =
@@ -65,18 +148,42 @@ impl ModelDir {
 
     /// tokenizer.json.
     pub fn tokenizer(&self) -> Result<Tokenizer> {
-        Tokenizer::load(&self.path)
+        match self.tokenizer_if_present()? {
+            Some(t) => Ok(t),
+            None => bail!(
+                "missing tokenizer: {} does not exist",
+                self.path.join("tokenizer.json").display()
+            ),
+        }
+    }
+
+    /// tokenizer.json, or `None` when the checkpoint has none (token ids need no tokenizer).
+    pub fn tokenizer_if_present(&self) -> Result<Option<Tokenizer>> {
+        let path = self.path.join("tokenizer.json");
+        match self.read_optional("tokenizer.json")? {
+            Some(json) => Tokenizer::from_json_at(&json, &path).map(Some),
+            None => Ok(None),
+        }
     }
 
     /// The chat template: chat_template.jinja when present (it wins, as in transformers 5),
     /// else `chat_template` of tokenizer_config.json.
     pub fn chat_template(&self) -> Result<ChatTemplate> {
-        ChatTemplate::load(&self.path)
+        ChatTemplate::load_with(&self.path, &|p| self.read_path(p))
     }
 
     /// The weights: model.safetensors, or the shards of model.safetensors.index.json.
     pub fn weights(&self) -> Result<Checkpoint> {
-        Checkpoint::open(&self.path)
+        match self.files {
+            Some(files) => {
+                let (_, bytes) = files
+                    .iter()
+                    .find(|(n, _)| *n == "model.safetensors")
+                    .expect("the bundled model has weights");
+                Checkpoint::from_static(&self.path, bytes)
+            }
+            None => Checkpoint::open(&self.path),
+        }
     }
 }
 

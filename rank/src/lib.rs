@@ -7,6 +7,7 @@
 //! - [`ModelDir`] ([`checkpoint`]): the one owner of a checkpoint directory. It opens
 //!   config.json, generation_config.json, the tokenizer, the chat template and the weights, each
 //!   error naming the file.
+//! - [`hub`]: `--model ORG/NAME` found offline in the local Hugging Face cache.
 //! - [`model`]: [`Config`] (config.json), [`ShardPlan`] (which slice of every weight this rank
 //!   owns), the safetensors [`model::loader`], the parallel layers ([`model::layers`]) and the
 //!   blocks [`model::Attention`], [`model::Mlp`], [`model::DecoderLayer`] that make up
@@ -21,6 +22,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod checkpoint;
+pub mod hub;
 pub mod model;
 pub mod testing;
 pub mod text;

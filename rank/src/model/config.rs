@@ -88,6 +88,40 @@ impl Config {
 }
 
 fn from_map(m: &Map<String, Value>) -> Result<Config> {
+    check_supported(m)?;
+    let hidden_size = positive(m, "hidden_size")?;
+    let num_attention_heads = positive(m, "num_attention_heads")?;
+    let num_key_value_heads = kv_heads(m, num_attention_heads)?;
+    let head_dim = head_dim(m, hidden_size, num_attention_heads)?;
+    let rms_norm_eps = match opt_f64(m, "rms_norm_eps")? {
+        Some(e) if e.is_finite() && e >= 0.0 => e,
+        Some(e) => bail!("rms_norm_eps must be a non-negative number, got {e}"),
+        None => 1e-6,
+    };
+    let dtype = match opt_str(m, "dtype")? {
+        Some(d) => Some(d.to_string()),
+        None => opt_str(m, "torch_dtype")?.map(str::to_string),
+    };
+    Ok(Config {
+        hidden_size,
+        intermediate_size: positive(m, "intermediate_size")?,
+        num_hidden_layers: positive(m, "num_hidden_layers")?,
+        num_attention_heads,
+        num_key_value_heads,
+        head_dim,
+        vocab_size: positive(m, "vocab_size")?,
+        max_position_embeddings: positive(m, "max_position_embeddings")?,
+        rms_norm_eps,
+        rope_theta: rope_theta(m)?,
+        tie_word_embeddings: opt_bool(m, "tie_word_embeddings")?.unwrap_or(false),
+        dtype,
+        bos_token_id: opt_u32(m, "bos_token_id")?,
+        eos_token_ids: eos_token_ids(m)?.unwrap_or_default(),
+    })
+}
+
+/// Refuses architectures this runtime does not implement, rather than running them wrongly.
+fn check_supported(m: &Map<String, Value>) -> Result<()> {
     if let Some(t) = opt_str(m, "model_type")? {
         if t != "qwen2" {
             bail!("model_type {t:?} is not supported (only \"qwen2\")");
@@ -109,70 +143,42 @@ fn from_map(m: &Map<String, Value>) -> Result<Config> {
             bail!("layer_types contains {t}: only \"full_attention\" layers are supported");
         }
     }
+    Ok(())
+}
 
-    let hidden_size = positive(m, "hidden_size")?;
-    let intermediate_size = positive(m, "intermediate_size")?;
-    let num_hidden_layers = positive(m, "num_hidden_layers")?;
-    let num_attention_heads = positive(m, "num_attention_heads")?;
-    let num_key_value_heads = match opt_usize(m, "num_key_value_heads")? {
+/// `num_key_value_heads` (default: one per attention head), which must divide the heads.
+fn kv_heads(m: &Map<String, Value>, num_attention_heads: usize) -> Result<usize> {
+    let k = match opt_usize(m, "num_key_value_heads")? {
         Some(0) => bail!("num_key_value_heads must be positive, got 0"),
         Some(k) => k,
         None => num_attention_heads,
     };
-    let vocab_size = positive(m, "vocab_size")?;
-    let max_position_embeddings = positive(m, "max_position_embeddings")?;
-    if num_attention_heads % num_key_value_heads != 0 {
+    if !num_attention_heads.is_multiple_of(k) {
         bail!(
-            "num_attention_heads ({num_attention_heads}) is not divisible by num_key_value_heads ({num_key_value_heads})"
+            "num_attention_heads ({num_attention_heads}) is not divisible by num_key_value_heads ({k})"
         );
     }
+    Ok(k)
+}
+
+/// `head_dim`, else hidden_size / heads; even, for rotary embeddings.
+fn head_dim(m: &Map<String, Value>, hidden_size: usize, heads: usize) -> Result<usize> {
     let head_dim = match opt_usize(m, "head_dim")? {
         Some(0) => bail!("head_dim must be positive, got 0"),
         Some(d) => d,
         None => {
-            if hidden_size % num_attention_heads != 0 {
+            if !hidden_size.is_multiple_of(heads) {
                 bail!(
-                    "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({num_attention_heads}) and head_dim is not given"
+                    "hidden_size ({hidden_size}) is not divisible by num_attention_heads ({heads}) and head_dim is not given"
                 );
             }
-            hidden_size / num_attention_heads
+            hidden_size / heads
         }
     };
     if head_dim % 2 != 0 {
         bail!("head_dim ({head_dim}) must be even for rotary embeddings");
     }
-
-    let rms_norm_eps = match opt_f64(m, "rms_norm_eps")? {
-        Some(e) if e.is_finite() && e >= 0.0 => e,
-        Some(e) => bail!("rms_norm_eps must be a non-negative number, got {e}"),
-        None => 1e-6,
-    };
-    let rope_theta = rope_theta(m)?;
-
-    let tie_word_embeddings = opt_bool(m, "tie_word_embeddings")?.unwrap_or(false);
-    let dtype = match opt_str(m, "dtype")? {
-        Some(d) => Some(d.to_string()),
-        None => opt_str(m, "torch_dtype")?.map(str::to_string),
-    };
-    let bos_token_id = opt_u32(m, "bos_token_id")?;
-    let eos_token_ids = eos_token_ids(m)?.unwrap_or_default();
-
-    Ok(Config {
-        hidden_size,
-        intermediate_size,
-        num_hidden_layers,
-        num_attention_heads,
-        num_key_value_heads,
-        head_dim,
-        vocab_size,
-        max_position_embeddings,
-        rms_norm_eps,
-        rope_theta,
-        tie_word_embeddings,
-        dtype,
-        bos_token_id,
-        eos_token_ids,
-    })
+    Ok(head_dim)
 }
 
 /// `rope_theta` from the top level (hub form) or `rope_parameters` (transformers 5); only the

@@ -138,10 +138,36 @@ pub struct TensorInfo {
     pub bytes: Range<usize>,
 }
 
-/// One mmap'd safetensors file and its validated header.
+/// The bytes of a safetensors file: mapped from disk, or compiled into the binary (the bundled
+/// model, which must load with no file around).
+enum Bytes {
+    Map(Mmap),
+    Static(&'static [u8]),
+}
+
+impl std::ops::Deref for Bytes {
+    type Target = [u8];
+    fn deref(&self) -> &[u8] {
+        match self {
+            Bytes::Map(m) => m,
+            Bytes::Static(b) => b,
+        }
+    }
+}
+
+impl Bytes {
+    /// Read-ahead hint for a mapping; static bytes are already in memory.
+    fn will_need(&self, range: &Range<usize>) {
+        if let Bytes::Map(m) = self {
+            let _ = m.advise_range(Advice::WillNeed, range.start, range.len());
+        }
+    }
+}
+
+/// One mmap'd (or static) safetensors file and its validated header.
 pub struct SafetensorsFile {
     pub path: PathBuf,
-    map: Mmap,
+    map: Bytes,
     pub tensors: HashMap<String, TensorInfo>,
 }
 
@@ -159,7 +185,17 @@ impl SafetensorsFile {
         let tensors = parse_header(&map).with_context(|| format!("{}", path.display()))?;
         Ok(SafetensorsFile {
             path: path.to_path_buf(),
-            map,
+            map: Bytes::Map(map),
+            tensors,
+        })
+    }
+
+    /// A safetensors file held in static memory; `path` names it in errors.
+    pub fn from_static(path: &Path, bytes: &'static [u8]) -> Result<SafetensorsFile> {
+        let tensors = parse_header(bytes).with_context(|| format!("{}", path.display()))?;
+        Ok(SafetensorsFile {
+            path: path.to_path_buf(),
+            map: Bytes::Static(bytes),
             tensors,
         })
     }
@@ -353,6 +389,18 @@ impl Checkpoint {
         })
     }
 
+    /// A single-file checkpoint whose model.safetensors is `bytes` (the bundled model).
+    pub fn from_static(dir: &Path, bytes: &'static [u8]) -> Result<Checkpoint> {
+        let f = SafetensorsFile::from_static(&dir.join("model.safetensors"), bytes)?;
+        let location = f.tensors.keys().map(|n| (n.clone(), 0)).collect();
+        Ok(Checkpoint {
+            dir: dir.to_path_buf(),
+            files: vec![f],
+            location,
+            bytes_read: 0,
+        })
+    }
+
     pub fn contains(&self, name: &str) -> bool {
         self.location.contains_key(name)
     }
@@ -431,7 +479,7 @@ impl Checkpoint {
         }
         let total: usize = chunks.iter().map(|c| c.len()).sum();
         if let (Slice::All | Slice::Rows(_), Some(c)) = (&slice, chunks.first()) {
-            let _ = f.map.advise_range(Advice::WillNeed, c.start, c.len());
+            f.map.will_need(c);
         }
         let n = total / es;
         let out = match (t.dtype, want) {

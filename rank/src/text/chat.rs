@@ -84,14 +84,23 @@ impl ChatTemplate {
     /// as in transformers 5), else `chat_template` of `DIR/tokenizer_config.json` (a string, or a
     /// list of `{name, template}` of which "default" is used).
     pub fn load(model_dir: &Path) -> Result<ChatTemplate> {
+        ChatTemplate::load_with(model_dir, &read_optional_text)
+    }
+
+    /// [`ChatTemplate::load`] with the files read by `read` (`None` = absent), so that the
+    /// bundled model's in-memory files go through the same rules.
+    pub fn load_with(
+        model_dir: &Path,
+        read: &dyn Fn(&Path) -> Result<Option<String>>,
+    ) -> Result<ChatTemplate> {
         let config_path = model_dir.join("tokenizer_config.json");
-        let config: serde_json::Value = match read_optional_text(&config_path)? {
+        let config: serde_json::Value = match read(&config_path)? {
             Some(text) => serde_json::from_str(&text)
                 .with_context(|| format!("parsing {}", config_path.display()))?,
             None => serde_json::Value::Null,
         };
         let jinja_path = model_dir.join("chat_template.jinja");
-        let (source, origin) = if let Some(text) = read_optional_text(&jinja_path)? {
+        let (source, origin) = if let Some(text) = read(&jinja_path)? {
             (text, jinja_path)
         } else {
             (template_from_config(&config, &config_path)?, config_path)

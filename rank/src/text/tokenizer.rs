@@ -23,6 +23,11 @@ impl Tokenizer {
         let Some(json) = crate::checkpoint::read_optional_text(path)? else {
             anyhow::bail!("missing tokenizer: {} does not exist", path.display());
         };
+        Tokenizer::from_json_at(&json, path)
+    }
+
+    /// From the JSON text of a tokenizer.json that `path` names (in errors and [`Self::path`]).
+    pub fn from_json_at(json: &str, path: &Path) -> Result<Tokenizer> {
         let inner: tokenizers::Tokenizer = json
             .parse()
             .map_err(|e| anyhow!("reading tokenizer {}: {e}", path.display()))?;
