@@ -9,6 +9,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod cpus;
+pub mod guard;
 mod output;
 mod reaper;
 mod signals;
