@@ -21,7 +21,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    code_of, drain, edit_header, edit_json, env_of, fixture, proc_stat, wait_limited, TempDir,
+    code_of, drain, edit_header, edit_json, env_of, fixture, proc_stat, rank_programs_of,
+    wait_limited, TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");

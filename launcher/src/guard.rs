@@ -63,9 +63,16 @@ fn run(parent: i32, report: OwnedFd, path: OsString, arg0: OsString, args: Vec<O
     let me = std::process::id() as libc::pid_t;
     let mut cmd = Command::new(&path);
     cmd.arg0(&arg0).args(&args).env_remove(GUARD_VAR);
-    // SAFETY: between fork and exec the closure makes two raw syscalls (prctl, getppid) only.
+    let blocked: libc::sigset_t = *set.as_ref();
+    // SAFETY: between fork and exec the closure makes three raw syscalls (sigprocmask, prctl,
+    // getppid) on data prepared before the fork, and builds errors from raw errno values only.
     unsafe {
         cmd.pre_exec(move || {
+            // The signal mask survives exec: the program must not start with ours blocked (a
+            // program that cannot get SIGTERM would outlast tprun's teardown until SIGKILL).
+            if libc::sigprocmask(libc::SIG_UNBLOCK, &blocked, std::ptr::null_mut()) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
             let sig = libc::SIGKILL as libc::c_ulong;
             if libc::prctl(libc::PR_SET_PDEATHSIG, sig, 0, 0, 0) != 0 {
                 return Err(std::io::Error::last_os_error());
