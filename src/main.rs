@@ -69,6 +69,9 @@ enum Cmd {
 const ROLE_VAR: &str = "TPRUN_ROLE";
 
 fn main() -> ExitCode {
+    if let Some(code) = launcher::guard::main_if_guard() {
+        return ExitCode::from(code.clamp(0, 255) as u8);
+    }
     let cli = Cli::parse();
     match real_main(cli) {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),

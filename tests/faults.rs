@@ -21,8 +21,8 @@ use serde_json::Value;
 
 mod common;
 use common::{
-    children_of, code_of, drain, edit_header, edit_json, env_of, fixture, proc_stat, wait_limited,
-    TempDir,
+    code_of, drain, edit_header, edit_json, env_of, fixture, proc_stat, rank_programs_of,
+    wait_limited, TempDir,
 };
 
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");
@@ -97,12 +97,12 @@ impl Job {
     }
 
     /// The pids of ranks 0..n, once every one of them runs (they are found by RANK=r among
-    /// tprun's children).
+    /// tprun's children, under their guards).
     fn rank_pids(&mut self, n: usize) -> Vec<u32> {
         let t = Instant::now();
         loop {
             let mut found = vec![None; n];
-            for p in children_of(self.pid()) {
+            for p in rank_programs_of(self.pid()) {
                 let env = env_of(p);
                 if let Some(r) = env
                     .lines()

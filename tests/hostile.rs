@@ -380,3 +380,66 @@ fn a_builtin_output_past_the_file_size_limit_is_an_error() {
     let left: Vec<_> = std::fs::read_dir(d.path()).unwrap().flatten().collect();
     assert!(left.is_empty(), "left behind: {left:?}\n{}", r.stderr);
 }
+
+/// Pids of `sleep MARKER` processes.
+fn pids_with(marker: &str) -> Vec<u32> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc").unwrap().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let alive = proc_stat(pid).is_some_and(|(_, s)| s != 'Z');
+        if alive && cmdline == format!("sleep\0{marker}\0").as_bytes() {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// Class 5: kill -9 of tprun itself ends the job's whole tree: the ranks' children, in their
+/// process group or `setsid` out of it, and the job's /dev/shm entries.
+#[test]
+fn kill_9_of_tprun_ends_every_descendant() {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    let marker = format!("1000.{}{nanos}", std::process::id());
+    let script =
+        format!("sleep {marker} & setsid sleep {marker} </dev/null >/dev/null 2>&1 & wait");
+    let mut child = tprun()
+        .args(["-n", "2", "--", "sh", "-c", &script])
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while pids_with(&marker).len() < 4 && t.elapsed() < Duration::from_secs(10) {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert_eq!(
+        pids_with(&marker).len(),
+        4,
+        "the job did not start its sleeps"
+    );
+    let tag = format!("tprun-{}-", child.id());
+    child.kill().unwrap(); // SIGKILL
+    child.wait().unwrap();
+    let t = Instant::now();
+    let mut left = pids_with(&marker);
+    while !left.is_empty() && t.elapsed() < Duration::from_secs(5) {
+        std::thread::sleep(Duration::from_millis(50));
+        left = pids_with(&marker);
+    }
+    for &p in &left {
+        // SAFETY: kill of a leftover test process (its command line has our marker).
+        unsafe { libc::kill(p as i32, libc::SIGKILL) };
+    }
+    assert!(left.is_empty(), "outlived kill -9 of tprun: {left:?}");
+    let shm: Vec<_> = std::fs::read_dir("/dev/shm")
+        .map(|d| d.flatten().map(|e| e.file_name()).collect())
+        .unwrap_or_default();
+    assert!(
+        !shm.iter().any(|n| n.to_string_lossy().contains(&tag)),
+        "{shm:?}"
+    );
+}

@@ -12,7 +12,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{children_of, drain, env_of, wait_limited};
+use common::{drain, env_of, rank_programs_of, wait_limited};
 
 const BIN: &str = env!("CARGO_BIN_EXE_tprun");
 
@@ -489,10 +489,10 @@ fn tprun_killed_rank() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
-    // Find rank 1 among tprun's children.
+    // Find rank 1 among tprun's children (under its guard).
     let start = Instant::now();
     let victim = loop {
-        let found = children_of(child.id())
+        let found = rank_programs_of(child.id())
             .into_iter()
             .find(|&p| env_of(p).lines().any(|l| l == "RANK=1"));
         if let Some(p) = found {

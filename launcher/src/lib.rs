@@ -10,6 +10,7 @@
 
 pub mod cpus;
 mod errors;
+pub mod guard;
 mod output;
 mod reaper;
 mod signals;

@@ -5,6 +5,7 @@
 use std::ffi::{OsStr, OsString};
 use std::fs::File;
 use std::io::IsTerminal;
+use std::os::fd::AsRawFd;
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::OpenOptionsExt;
 use std::os::unix::process::CommandExt;
@@ -89,11 +90,26 @@ impl LaunchPlan {
         })
     }
 
-    /// The command for rank `r`: torchrun environment, own process group, dies with tprun.
-    pub fn command(&self, r: usize, extra_env: &[(String, String)]) -> anyhow::Result<Command> {
+    /// The command for rank `r`: torchrun environment, own process group, dies with tprun; and
+    /// the (non-blocking) pipe where its guard writes the program's pid.
+    pub fn command(
+        &self,
+        r: usize,
+        extra_env: &[(String, String)],
+    ) -> anyhow::Result<(Command, std::fs::File)> {
         let spec = &self.ranks[r];
-        let mut cmd = Command::new(&self.program_path);
-        cmd.arg0(&self.program).args(&self.args);
+        // The rank is this binary in guard mode (guard.rs), which runs the program under it.
+        let mut cmd = Command::new("/proc/self/exe");
+        cmd.arg0("tprun-guard")
+            .arg(&self.program_path)
+            .arg(&self.program)
+            .args(&self.args);
+        let flags = nix::fcntl::OFlag::O_CLOEXEC | nix::fcntl::OFlag::O_NONBLOCK;
+        let (pid_read, pid_write) =
+            nix::unistd::pipe2(flags).context("cannot create a pipe for a rank")?;
+        let report_fd = pid_write.as_raw_fd();
+        let guard_var = format!("{}:{report_fd}", std::process::id());
+        cmd.env(crate::guard::GUARD_VAR, guard_var);
         cmd.envs(self.job_env.iter().map(|(k, v)| (k, v)));
         let n = self.world_size.to_string();
         let r_s = r.to_string();
@@ -163,9 +179,15 @@ impl LaunchPlan {
         // values without allocating.
         unsafe {
             cmd.pre_exec(move || {
+                // Owned by the closure, so tprun's copy closes when the Command is dropped.
+                let report = &pid_write;
+                // Only this rank's guard inherits the write end.
+                if libc::fcntl(report.as_raw_fd(), libc::F_SETFD, 0) != 0 {
+                    return Err(std::io::Error::last_os_error());
+                }
                 if libc::prctl(
                     libc::PR_SET_PDEATHSIG,
-                    libc::SIGKILL as libc::c_ulong,
+                    crate::guard::DEATH_SIGNAL as libc::c_ulong,
                     0,
                     0,
                     0,
@@ -188,7 +210,7 @@ impl LaunchPlan {
                 Ok(())
             });
         }
-        Ok(cmd)
+        Ok((cmd, std::fs::File::from(pid_read)))
     }
 }
 

@@ -1,7 +1,9 @@
 //! The monitor loop: start the ranks, watch them, tear the job down on the first failure, a
 //! signal or the timeout, and report.
 
+use std::cell::Cell;
 use std::fmt::Write as _;
+use std::io::Read as _;
 use std::os::unix::process::ExitStatusExt;
 use std::path::PathBuf;
 use std::process::{Child, ExitStatus};
@@ -31,7 +33,11 @@ const TAIL_LINES: usize = 10;
 
 struct Rank {
     rank: usize,
+    /// The guard's pid, which is also the rank's process group (what tprun waits for and signals).
     pid: i32,
+    /// The program's pid under the guard, once read from `pid_pipe` (shown in the summary).
+    program_pid: Cell<Option<i32>>,
+    pid_pipe: std::fs::File,
     child: Child,
     /// Exit status and seconds since the job started when it was reaped.
     exit: Option<(ExitStatus, f64)>,
@@ -46,6 +52,25 @@ pub(crate) struct End {
     pub code: i32,
     /// A rank failed (not a signal to tprun, nor the timeout): `--max-restarts` may start again.
     pub rank_failed: bool,
+}
+
+impl Rank {
+    /// The program's pid as its guard reported it (the guard's own when it reported none: the
+    /// program could not start). The pipe is non-blocking, so this never waits.
+    fn shown_pid(&self) -> i32 {
+        if let Some(p) = self.program_pid.get() {
+            return p;
+        }
+        let mut b = [0u8; 4];
+        match (&self.pid_pipe).read(&mut b) {
+            Ok(4) => {
+                let p = i32::from_ne_bytes(b);
+                self.program_pid.set(Some(p));
+                p
+            }
+            _ => self.pid,
+        }
+    }
 }
 
 /// Why the job is being torn down.
@@ -346,10 +371,10 @@ fn start_rank(
     relay: &Relay,
     ranks: &mut Vec<Rank>,
 ) -> anyhow::Result<()> {
-    let mut child = plan
-        .command(r, &segment.env())?
-        .spawn()
-        .map_err(|e| spawn_error(plan, r, e))?;
+    let (mut cmd, pid_pipe) = plan.command(r, &segment.env())?;
+    let mut child = cmd.spawn().map_err(|e| spawn_error(plan, r, e))?;
+    drop(cmd); // closes tprun's copy of the pid pipe's write end
+    let pid = child.id() as i32;
     let (log_dir, out_log, err_log) = match plan.ranks[r].log.take() {
         Some((d, o, e)) => (Some(d), Some(o), Some(e)),
         None => (None, None, None),
@@ -357,7 +382,9 @@ fn start_rank(
     let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
     ranks.push(Rank {
         rank: r,
-        pid: child.id() as i32,
+        pid,
+        program_pid: Cell::new(None),
+        pid_pipe,
         child,
         exit: None,
         log_dir,
@@ -457,7 +484,13 @@ fn summary(cause: &Cause, ranks: &[Rank], launch: &LaunchArgs) -> String {
                 .log_dir
                 .as_ref()
                 .map_or("-".into(), |d| d.display().to_string());
-            [rk.rank.to_string(), rk.pid.to_string(), status, time, log]
+            [
+                rk.rank.to_string(),
+                rk.shown_pid().to_string(),
+                status,
+                time,
+                log,
+            ]
         })
         .collect();
     let header = ["rank", "pid", "status", "time_s", "log"].map(String::from);

@@ -109,6 +109,20 @@ pub fn children_of(ppid: u32) -> Vec<u32> {
     out
 }
 
+/// The rank programs among tprun's children: each rank is a guard (TPRUN_GUARD in its
+/// environment) with the program as its child, so this looks one level under a guard.
+pub fn rank_programs_of(tprun: u32) -> Vec<u32> {
+    let mut out = Vec::new();
+    for p in children_of(tprun) {
+        if env_of(p).lines().any(|l| l.starts_with("TPRUN_GUARD=")) {
+            out.extend(children_of(p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
 /// The environment of process `pid`, one `NAME=value` a line (empty once it is gone).
 pub fn env_of(pid: u32) -> String {
     std::fs::read(format!("/proc/{pid}/environ"))
