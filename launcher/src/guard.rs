@@ -1,6 +1,7 @@
 //! The rank guard: each rank runs as `tprun` re-executed in guard mode, which starts the real
 //! program as its only child and is a subreaper over it. When tprun dies, even by SIGKILL, the
-//! guard gets PR_SET_PDEATHSIG (SIGUSR2), kills every process under it and exits, so no
+//! guard gets PR_SET_PDEATHSIG (SIGUSR2) and sees its parent change, kills every process under
+//! it and exits, so no
 //! descendant of a rank outlives the job. Otherwise it is invisible: it passes on signals that
 //! did not come from tprun, and exits with the program's own status.
 
@@ -49,6 +50,7 @@ fn run(parent: i32, report: OwnedFd, path: OsString, arg0: OsString, args: Vec<O
         Signal::SIGINT,
         Signal::SIGTERM,
         Signal::SIGHUP,
+        Signal::SIGUSR1,
         Signal::SIGCHLD,
     ] {
         set.add(s);
@@ -118,7 +120,9 @@ fn watch(parent: i32, child: i32, set: &SigSet) -> Option<i32> {
         let mut info: libc::siginfo_t = unsafe { std::mem::zeroed() };
         // SAFETY: `set`, `info` and `tick` are valid for the duration of the call.
         let sig = unsafe { libc::sigtimedwait(set.as_ref(), &mut info, &tick) };
-        if sig == DEATH_SIGNAL as i32 || nix::unistd::getppid().as_raw() != parent {
+        // tprun's death reparents us before the death signal is sent, so the parent check alone
+        // tells death from a SIGUSR2 that tprun forwarded (Slurm's pre-emption warning).
+        if nix::unistd::getppid().as_raw() != parent {
             return None;
         }
         // SAFETY: si_pid is set for signals sent by kill(2); 0 otherwise.
