@@ -1,8 +1,7 @@
 //! The rank guard: each rank runs as `tprun` re-executed in guard mode, which starts the real
 //! program as its only child and is a subreaper over it. When tprun dies, even by SIGKILL, the
 //! guard gets PR_SET_PDEATHSIG (SIGUSR2) and sees its parent change, kills every process under
-//! it and exits, so no
-//! descendant of a rank outlives the job. Otherwise it is invisible: it passes on signals that
+//! it and exits, so no descendant of a rank outlives the job. Otherwise it is invisible: it passes on signals that
 //! did not come from tprun, and exits with the program's own status.
 
 use std::ffi::OsString;
