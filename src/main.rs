@@ -19,9 +19,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     launch: launcher::LaunchArgs,
-    /// Write a Chrome/Perfetto trace of every rank's compute and collectives to FILE.json
-    /// (generate, logits, bench, perf).
-    #[arg(long, global = true, value_name = "FILE.json")]
+    /// Write a Chrome/Perfetto trace of every rank's compute and collectives to FILE.json; with
+    /// DIR/, DIR/trace.json plus one PyTorch-profiler-style DIR/rank{r}.json per rank (for HTA).
+    /// Built-ins and any `-- PROGRAM` that links the collectives.
+    #[arg(long, global = true, value_name = "FILE.json|DIR/")]
     trace: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
@@ -42,6 +43,8 @@ enum Cmd {
     Perf(programs::perf::Args),
     /// Per-tensor diff table of two safetensors files (runs locally, no ranks).
     Compare(programs::compare::Args),
+    /// Stragglers, arrival skew, exposed communication and per-layer waits of a `--trace`.
+    Analyze(programs::analyze::Args),
 }
 
 const ROLE_VAR: &str = "TPRUN_ROLE";
@@ -72,7 +75,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     match (cli.command, in_rank) {
         (Some(cmd), true) => run_rank(cmd, cli.trace.as_deref()),
         (Some(cmd), false) => launch_builtin(&cli.launch, &cmd, cli.trace.as_deref()),
-        (None, _) => launch_program(&cli.launch, cli.program, cli.trace.is_some()),
+        (None, _) => launch_program(&cli.launch, cli.program, cli.trace.as_deref()),
     }
 }
 
@@ -89,6 +92,10 @@ fn run_local(cli: &Cli) -> anyhow::Result<Option<i32>> {
                 return Err(usage("--trace works with generate, logits, bench and perf"));
             }
             programs::compare::run(a)?;
+            Ok(Some(0))
+        }
+        Some(Cmd::Analyze(a)) => {
+            programs::analyze::run(a)?;
             Ok(Some(0))
         }
         Some(Cmd::Perf(a)) if !a.from.is_empty() => {
@@ -110,7 +117,7 @@ fn run_rank(cmd: Cmd, trace: Option<&Path>) -> anyhow::Result<i32> {
         Cmd::Logits(a) => programs::logits::run(&a)?,
         Cmd::Bench(a) => programs::bench::run(&a)?,
         Cmd::Perf(a) => programs::perf::run(&a)?,
-        Cmd::Compare(_) => unreachable!("compare runs before dispatch"),
+        Cmd::Compare(_) | Cmd::Analyze(_) => unreachable!("runs before dispatch"),
     }
     if let Some(out) = trace {
         let rank = std::env::var("RANK")
@@ -146,7 +153,8 @@ fn launch_builtin(
         let (k, v) = t.env();
         job.env.push((k.into(), v.into()));
     }
-    let res = launcher::run(launch, &job);
+    let flight = trace.as_ref().map(|t| t.flight_path());
+    let res = launcher::run_recording(launch, &job, flight.as_deref());
     if let Some(t) = trace {
         t.finish(matches!(res, Ok(0)))?;
     }
@@ -157,25 +165,31 @@ fn launch_builtin(
 fn launch_program(
     launch: &launcher::LaunchArgs,
     program: Vec<OsString>,
-    trace: bool,
+    trace: Option<&Path>,
 ) -> anyhow::Result<i32> {
-    if trace {
-        return Err(usage(
-            "--trace works with the built-in programs (generate, logits, bench, perf), not with `-- PROGRAM`",
-        ));
-    }
     let mut it = program.into_iter();
     let Some(program) = it.next() else {
         return Err(usage(
             "nothing to run: give a built-in program (generate, logits, bench, perf) or `-- PROGRAM [ARGS]`",
         ));
     };
-    let job = launcher::Job {
+    let mut job = launcher::Job {
         program,
         args: it.collect(),
         env: Vec::new(),
     };
-    launcher::run(launch, &job)
+    // A program that links the collectives records from its communicator (collectives::trace).
+    let trace = trace.map(collectives::trace::JobTrace::new).transpose()?;
+    if let Some(t) = &trace {
+        let (k, v) = t.env();
+        job.env.push((k.into(), v.into()));
+    }
+    let flight = trace.as_ref().map(|t| t.flight_path());
+    let res = launcher::run_recording(launch, &job, flight.as_deref());
+    if let Some(t) = trace {
+        t.finish(matches!(res, Ok(0)))?;
+    }
+    res
 }
 
 /// The number of ranks `-n` asks for, `auto` resolved as the launcher resolves it on the CPU
@@ -206,7 +220,7 @@ fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
             let config = rank::ModelDir::open(&dir)?.config().clone();
             (format!("model directory {}", dir.display()), config)
         }
-        Cmd::Perf(_) | Cmd::Compare(_) => return Ok(()),
+        Cmd::Perf(_) | Cmd::Compare(_) | Cmd::Analyze(_) => return Ok(()),
     };
     let n = world_size(launch);
     if let Err(e) = rank::ShardPlan::new(&config.shapes(), n, 0) {
