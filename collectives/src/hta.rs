@@ -123,14 +123,16 @@ pub fn rank_trace(rank: usize, world: usize, events: &[Value]) -> Value {
             "Process Group Ranks": format!("{group:?}"), "Rank": rank, "External id": k + 1,
             "tprun op": op, "wait_us": e["args"]["wait_us"],
         });
-        let mut cpu = json!({"ph": "X", "cat": "cpu_op", "name": "record_param_comms",
-            "pid": rank, "tid": 1, "ts": e["ts"], "dur": e["dur"], "args": args.clone()});
-        cpu["args"]["correlation"] = json!(k + 1);
-        out.push(cpu);
+        // No `correlation` link to the kernel: HTA's linking fails on small traces (it narrows
+        // the index column to int8), and nothing of what it computes here needs it.
+        out.push(
+            json!({"ph": "X", "cat": "cpu_op", "name": "record_param_comms",
+            "pid": rank, "tid": 1, "ts": e["ts"], "dur": e["dur"], "args": args.clone()}),
+        );
         let mut ka = args;
         ka["stream"] = json!(STREAM);
         ka["device"] = json!(rank);
-        ka["correlation"] = json!(k + 1);
+        ka["correlation"] = json!(-1);
         out.push(json!({"ph": "X", "cat": "kernel",
             "name": format!("ncclDevKernel_{kernel}_{}_SHM", dtype),
             "pid": rank, "tid": STREAM, "ts": e["ts"], "dur": e["dur"], "args": ka}));

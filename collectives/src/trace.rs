@@ -413,7 +413,8 @@ fn write_rank_files(dir: &Path, ranks: &[(usize, Vec<Value>)]) -> anyhow::Result
             .collect();
         let doc = crate::hta::rank_trace(*r, ranks.len(), &shifted);
         let path = dir.join(format!("rank{r}.json"));
-        crate::files::write_output(&path, &serde_json::to_vec(&doc)?)
+        // Pretty: HTA finds the rank with the regex `"rank":\s+(\d+)`, which needs the space.
+        crate::files::write_output(&path, &serde_json::to_vec_pretty(&doc)?)
             .with_context(|| format!("cannot write trace {}", path.display()))?;
     }
     Ok(())
