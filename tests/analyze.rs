@@ -42,8 +42,15 @@ fn analyze_names_the_slowed_rank_and_rank_traces_have_what_hta_needs() {
         LIMIT,
     );
     assert_eq!(f.code, 0, "{}", f.stderr);
+    // The per-rank traces have a folder of their own: HTA takes every *.json in it for a rank.
+    let mut names: Vec<String> = std::fs::read_dir(dir.path().join("t/ranks"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().into_string().unwrap())
+        .collect();
+    names.sort();
+    assert_eq!(names, ["rank0.json", "rank1.json", "rank2.json"]);
     for r in 0..3 {
-        let p = dir.path().join(format!("t/rank{r}.json"));
+        let p = dir.path().join(format!("t/ranks/rank{r}.json"));
         let v: Value = serde_json::from_str(&std::fs::read_to_string(p).unwrap()).unwrap();
         assert_eq!(v["distributedInfo"]["rank"], r);
         assert_eq!(v["distributedInfo"]["world_size"], 3);
@@ -57,8 +64,15 @@ fn analyze_names_the_slowed_rank_and_rank_traces_have_what_hta_needs() {
         assert_eq!(c["args"]["In msg nelems"], 1024);
         assert_eq!(c["args"]["Out msg nelems"], 1024);
         assert_eq!(c["args"]["Group size"], 3);
-        let k = evs.iter().filter(|e| e["cat"] == "kernel").count();
-        assert_eq!(k, 40, "one nccl-named kernel per call");
+        let k: Vec<&Value> = evs.iter().filter(|e| e["cat"] == "kernel").collect();
+        assert_eq!(k.len(), 40, "one nccl-named kernel per call");
+        // Whole microseconds: HTA rounds float times into negative durations.
+        assert!(
+            k.iter()
+                .all(|e| e["ts"].is_i64() && e["dur"].as_i64() >= Some(0)),
+            "{:?}",
+            k[0]
+        );
     }
     let f = run_cmd(tprun().args(["analyze", "--json", &out]), LIMIT);
     assert_eq!(f.code, 0, "{}", f.stderr);
@@ -89,6 +103,11 @@ fn a_stopped_rank_is_named_by_the_flight_recorder() {
     let dir = TempDir::new("analyze", "flight");
     let out = format!("{}/t/", dir.path().display());
     let exe = straggler();
+    // An earlier job's trace in the folder: a failed job must not leave it beside its records.
+    std::fs::create_dir_all(dir.path().join("t/ranks")).unwrap();
+    for old in ["t/trace.json", "t/ranks/rank0.json"] {
+        std::fs::write(dir.path().join(old), "{}").unwrap();
+    }
     let f = run_cmd(
         tprun().env("TPRUN_COMM_TIMEOUT_S", "2").args([
             "-n",
@@ -118,4 +137,7 @@ fn a_stopped_rank_is_named_by_the_flight_recorder() {
             .unwrap();
     assert_eq!(v["ranks"][2]["entered"], 17);
     assert_eq!(v["ranks"][0]["entered"], 18);
+    // A failed job writes no trace, neither merged nor per rank, only the flight records.
+    assert!(!dir.path().join("t/trace.json").exists());
+    assert!(!dir.path().join("t/ranks/rank0.json").exists());
 }

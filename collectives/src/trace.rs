@@ -393,9 +393,14 @@ pub fn merge(ranks: Vec<(usize, Vec<Value>)>, out: &Path) -> anyhow::Result<usiz
     Ok(n)
 }
 
-/// Writes `dir/rank{r}.json` for every rank in the PyTorch profiler's layout ([`crate::hta`]),
-/// times from the job's first event as in the merged file.
+/// Writes `dir/ranks/rank{r}.json` for every rank in the PyTorch profiler's layout
+/// ([`crate::hta`]), times from the job's first event as in the merged file. A folder of their
+/// own: HTA takes every `*.json` of the folder it is given for a rank's trace.
 fn write_rank_files(dir: &Path, ranks: &[(usize, Vec<Value>)]) -> anyhow::Result<()> {
+    let dir = dir.join(RANKS_DIR);
+    if !dir.is_dir() {
+        std::fs::create_dir(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    }
     let t0 = ranks
         .iter()
         .flat_map(|(_, evs)| evs.iter().filter_map(|e| e["ts"].as_f64()))
@@ -451,13 +456,40 @@ pub struct JobTrace {
     dir: Option<PathBuf>,
 }
 
+/// The subfolder of `--trace DIR/` that holds the per-rank traces (and nothing else).
+pub const RANKS_DIR: &str = "ranks";
+
+/// Removes what an earlier `--trace DIR/` job left in `dir` (the merged trace, the flight records,
+/// the per-rank traces), so that a failed job cannot leave a stale trace beside its flight records.
+fn clear_old_outputs(dir: &Path) -> anyhow::Result<()> {
+    let mut old = vec![dir.join("trace.json"), dir.join("flight.json")];
+    if let Ok(rd) = std::fs::read_dir(dir.join(RANKS_DIR)) {
+        for f in rd.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.starts_with("rank") && name.ends_with(".json") {
+                old.push(f.path());
+            }
+        }
+    }
+    for p in old {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("--trace: cannot remove {}", p.display()))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
 /// Whether `--trace` names a folder (ends with `/` or is one): per-rank traces go there.
 pub fn is_dir_target(out: &Path) -> bool {
     out.as_os_str().as_encoded_bytes().ends_with(b"/") || out.is_dir()
 }
 
 impl JobTrace {
-    /// Checks that `out`'s directory exists (or, for `DIR/`, makes DIR) and makes the memfd.
+    /// Checks that `out`'s directory exists (or, for `DIR/`, makes DIR and removes an earlier
+    /// job's outputs there) and makes the memfd.
     pub fn new(out: &Path) -> anyhow::Result<JobTrace> {
         let dir = is_dir_target(out).then(|| out.to_path_buf());
         let out = match &dir {
@@ -466,6 +498,7 @@ impl JobTrace {
                     std::fs::create_dir(d)
                         .with_context(|| format!("--trace {}: cannot make it", d.display()))?;
                 }
+                clear_old_outputs(d)?;
                 d.join("trace.json")
             }
             None => out.to_path_buf(),
@@ -500,7 +533,9 @@ impl JobTrace {
         (ENV_TRACE_FD, self.fd.as_raw_fd().to_string())
     }
 
-    /// Merges the ranks' events into the output file (when `success`) and closes the memfd.
+    /// Merges the ranks' events into the output file (when `success`) and closes the memfd. A
+    /// failed job writes no trace at all (no partial per-rank files); its flight records are
+    /// written by the launcher at teardown ([`JobTrace::flight_path`]).
     pub fn finish(self, success: bool) -> anyhow::Result<()> {
         if success {
             let len = self.fd.metadata().context("--trace: the memfd")?.len();
