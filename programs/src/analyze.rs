@@ -3,7 +3,8 @@
 //! wait time; per collective call the arrival skew across ranks and who arrived last; the top
 //! stragglers; the communication exposed per forward (all of it: tprun's collectives are
 //! synchronous, nothing overlaps them); and, for the TP model, the all-reduce wait per layer
-//! (attention vs MLP). `--json` for scripts, `--svg` for a per-rank timeline.
+//! (attention vs MLP). `--json` for scripts, `--svg` for a per-rank timeline and a rank × layer
+//! wait heat map.
 
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -20,7 +21,8 @@ pub struct Args {
     /// Print one JSON object instead of the tables.
     #[arg(long)]
     pub json: bool,
-    /// Also draw a per-rank timeline (compute grey, collectives red) to FILE.svg.
+    /// Also draw a per-rank timeline (compute grey, collectives red) and, for the TP model, a
+    /// rank × layer heat map of the all-reduce wait to FILE.svg.
     #[arg(long, value_name = "FILE.svg")]
     pub svg: Option<PathBuf>,
     /// A rank counts as a call's straggler when it arrived last by at least this much.
@@ -175,20 +177,36 @@ fn forwards(ranks: &[RankEvents]) -> Value {
            "exposed_comm_us": comm / m, "wait_us": wait / m})
 }
 
+/// One rank's all-reduce wait and time inside each layer's attention and MLP spans (µs):
+/// `[attention wait, attention comm, mlp wait, mlp comm]` per layer.
+fn layer_sums(r: &RankEvents) -> BTreeMap<u64, [f64; 4]> {
+    let mut t: BTreeMap<u64, [f64; 4]> = BTreeMap::new();
+    for s in r.compute.iter() {
+        let (Some(layer), col) = (s.layer, s.name.as_str()) else {
+            continue;
+        };
+        let col = match col {
+            "attention" => 0,
+            "mlp" => 2,
+            _ => continue,
+        };
+        let row = t.entry(layer).or_default();
+        for c in inside(&r.comm, s) {
+            row[col] += c.wait;
+            row[col + 1] += c.dur;
+        }
+    }
+    t
+}
+
 /// Per layer: the all-reduce wait inside its attention and MLP spans, mean per rank (µs).
 fn layers(ranks: &[RankEvents]) -> Vec<Value> {
     let mut t: BTreeMap<u64, [f64; 4]> = BTreeMap::new();
     for r in ranks {
-        for s in r.compute.iter().filter(|e| e.layer.is_some()) {
-            let col = match s.name.as_str() {
-                "attention" => 0,
-                "mlp" => 2,
-                _ => continue,
-            };
-            let row = t.entry(s.layer.expect("filtered")).or_default();
-            for c in inside(&r.comm, s) {
-                row[col] += c.wait;
-                row[col + 1] += c.dur;
+        for (l, v) in layer_sums(r) {
+            let row = t.entry(l).or_default();
+            for (a, b) in row.iter_mut().zip(v) {
+                *a += b;
             }
         }
     }
@@ -313,70 +331,13 @@ fn print_tables(r: &Value) -> String {
     s
 }
 
-/// Per-rank timeline: one row per rank, innermost compute grey, collectives red (wait darker).
-fn svg(ranks: &[RankEvents]) -> String {
-    let (w, row, left) = (1200.0, 40.0, 70.0);
-    let t0 = ranks
-        .iter()
-        .flat_map(|r| r.compute.iter().chain(&r.comm))
-        .map(|e| e.ts)
-        .fold(f64::INFINITY, f64::min);
-    let t1 = ranks
-        .iter()
-        .flat_map(|r| r.compute.iter().chain(&r.comm))
-        .map(|e| e.end())
-        .fold(f64::NEG_INFINITY, f64::max);
-    let scale = (w - left - 10.0) / (t1 - t0).max(1.0);
-    let h = 50.0 + row * ranks.len() as f64;
-    let mut s = format!(
-        r#"<svg xmlns="http://www.w3.org/2000/svg" width="{w}" height="{h}" font-family="sans-serif" font-size="12"><rect width="100%" height="100%" fill="white"/>"#
-    );
-    let _ = write!(
-        s,
-        r#"<text x="{left}" y="16">per-rank timeline, {:.1} ms: compute grey, collective red (dark = waiting for peers)</text>"#,
-        (t1 - t0) / 1e3
-    );
-    for (i, r) in ranks.iter().enumerate() {
-        let y = 30.0 + row * i as f64;
-        let _ = write!(s, r#"<text x="4" y="{}">rank {i}</text>"#, y + row / 2.0);
-        let leafs = r
-            .compute
-            .iter()
-            .filter(|e| e.layer.is_some() || e.name != "forward");
-        for e in leafs {
-            let _ = write!(
-                s,
-                r##"<rect x="{:.2}" y="{y}" width="{:.2}" height="{}" fill="#bbb"/>"##,
-                left + (e.ts - t0) * scale,
-                (e.dur * scale).max(0.3),
-                row - 8.0
-            );
-        }
-        for c in &r.comm {
-            let x = left + (c.ts - t0) * scale;
-            let _ = write!(
-                s,
-                r##"<rect x="{x:.2}" y="{y}" width="{:.2}" height="{}" fill="#e55"/>"##,
-                (c.dur * scale).max(0.3),
-                row - 8.0
-            );
-            let _ = write!(
-                s,
-                r##"<rect x="{x:.2}" y="{y}" width="{:.2}" height="{}" fill="#800"/>"##,
-                (c.wait * scale).max(0.3),
-                row - 8.0
-            );
-        }
-    }
-    s.push_str("</svg>\n");
-    s
-}
+mod svg;
 
 pub fn run(a: &Args) -> anyhow::Result<()> {
     let ranks = load(&a.trace)?;
     let r = report(&ranks, a.min_skew_us);
     if let Some(out) = &a.svg {
-        collectives::files::write_output(out, svg(&ranks).as_bytes())
+        collectives::files::write_output(out, svg::draw(&ranks).as_bytes())
             .with_context(|| format!("cannot write {}", out.display()))?;
     }
     let text = if a.json {
