@@ -257,6 +257,11 @@ fn ms(v: &Value) -> String {
     format!("{:.3}", v.as_f64().unwrap_or(0.0) / 1e3)
 }
 
+/// A count for a padded column (`Value`'s Display ignores width).
+fn int(v: &Value) -> u64 {
+    v.as_u64().unwrap_or(0)
+}
+
 fn print_tables(r: &Value) -> String {
     let mut s = String::new();
     let _ = writeln!(s, "rank  compute_ms  comm_ms  wait_ms  calls");
@@ -264,11 +269,11 @@ fn print_tables(r: &Value) -> String {
         let _ = writeln!(
             s,
             "{:>4}  {:>10}  {:>7}  {:>7}  {:>5}",
-            x["rank"],
+            int(&x["rank"]),
             ms(&x["compute_us"]),
             ms(&x["comm_us"]),
             ms(&x["wait_us"]),
-            x["calls"]
+            int(&x["calls"])
         );
     }
     let _ = writeln!(
@@ -282,10 +287,10 @@ fn print_tables(r: &Value) -> String {
         let _ = writeln!(
             s,
             "            {:>6}  {:<14}  {:>7}  {:>9}",
-            c["call"],
+            int(&c["call"]),
             c["op"].as_str().unwrap_or("?"),
             ms(&c["skew_us"]),
-            c["last_rank"]
+            int(&c["last_rank"])
         );
     }
     let _ = writeln!(s, "stragglers (last by >= the minimum skew), worst first:");
@@ -321,7 +326,7 @@ fn print_tables(r: &Value) -> String {
         let _ = writeln!(
             s,
             "{:>5}  {:>12}  {:>12}  {:>11}  {:>11}",
-            l["layer"],
+            int(&l["layer"]),
             ms(&l["attention_wait_us"]),
             ms(&l["attention_comm_us"]),
             ms(&l["mlp_wait_us"]),
