@@ -20,7 +20,7 @@ struct Cli {
     #[command(flatten)]
     launch: launcher::LaunchArgs,
     /// Write a Chrome/Perfetto trace of every rank's compute and collectives to FILE.json; with
-    /// DIR/, DIR/trace.json plus one PyTorch-profiler-style DIR/rank{r}.json per rank (for HTA).
+    /// DIR/, DIR/trace.json plus one PyTorch-profiler-style DIR/ranks/rank{r}.json per rank (HTA).
     /// Built-ins and any `-- PROGRAM` that links the collectives.
     #[arg(long, global = true, value_name = "FILE.json|DIR/")]
     trace: Option<PathBuf>,
