@@ -20,9 +20,10 @@ use clap::{Parser, Subcommand};
 struct Cli {
     #[command(flatten)]
     launch: launcher::LaunchArgs,
-    /// Write a Chrome/Perfetto trace of every rank's compute and collectives to FILE.json
-    /// (generate, logits, bench, perf).
-    #[arg(long, global = true, value_name = "FILE.json")]
+    /// Write a Chrome/Perfetto trace of every rank's compute and collectives to FILE.json; with
+    /// DIR/, DIR/trace.json plus one PyTorch-profiler-style DIR/ranks/rank{r}.json per rank (HTA).
+    /// Built-ins and any `-- PROGRAM` that links the collectives.
+    #[arg(long, global = true, value_name = "FILE.json|DIR/")]
     trace: Option<PathBuf>,
     /// Run the script's name as a Python module: `python3 -u -m MODULE ARGS` (torchrun's -m).
     #[arg(short = 'm', long)]
@@ -64,6 +65,8 @@ enum Cmd {
     Perf(programs::perf::Args),
     /// Per-tensor diff table of two safetensors files (runs locally, no ranks).
     Compare(programs::compare::Args),
+    /// Stragglers, arrival skew, exposed communication and per-layer waits of a `--trace`.
+    Analyze(programs::analyze::Args),
 }
 
 const ROLE_VAR: &str = "TPRUN_ROLE";
@@ -106,7 +109,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
         (Some(cmd), false) => launch_builtin(&cli.launch, &cmd, cli.trace.as_deref()),
         (None, _) if !cli.program.is_empty() && !dashdash => {
             let job = script_job(&cli.program, cli.module, cli.no_python, cli.python)?;
-            launch_program(&cli.launch, job, cli.trace.is_some())
+            launch_program(&cli.launch, job, cli.trace.as_deref())
         }
         (None, _) => {
             let mut it = cli.program.into_iter();
@@ -121,7 +124,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
                 env: Vec::new(),
                 output: launcher::Output::Relay,
             };
-            launch_program(&cli.launch, job, cli.trace.is_some())
+            launch_program(&cli.launch, job, cli.trace.as_deref())
         }
     }
 }
@@ -183,6 +186,10 @@ fn run_local(cli: &Cli) -> anyhow::Result<Option<i32>> {
             programs::compare::run(a)?;
             Ok(Some(0))
         }
+        Some(Cmd::Analyze(a)) => {
+            programs::analyze::run(a)?;
+            Ok(Some(0))
+        }
         Some(Cmd::Perf(a)) if !a.from.is_empty() => {
             programs::perf::plot_saved(a)?;
             Ok(Some(0))
@@ -202,7 +209,7 @@ fn run_rank(cmd: Cmd, trace: Option<&Path>) -> anyhow::Result<i32> {
         Cmd::Logits(a) => programs::logits::run(&a)?,
         Cmd::Bench(a) => programs::bench::run(&a)?,
         Cmd::Perf(a) => programs::perf::run(&a)?,
-        Cmd::Compare(_) => unreachable!("compare runs before dispatch"),
+        Cmd::Compare(_) | Cmd::Analyze(_) => unreachable!("runs before dispatch"),
     }
     if let Some(out) = trace {
         let rank = std::env::var("RANK")
@@ -239,7 +246,8 @@ fn launch_builtin(
         let (k, v) = t.env();
         job.env.push((k.into(), v.into()));
     }
-    let res = launcher::run(launch, &job);
+    let flight = trace.as_ref().map(|t| t.flight_path());
+    let res = launcher::run_recording(launch, &job, flight.as_deref());
     if let Some(t) = trace {
         t.finish(matches!(res, Ok(0)))?;
     }
@@ -249,15 +257,21 @@ fn launch_builtin(
 /// `tprun [OPTIONS] -- PROGRAM [ARGS]` and `tprun [OPTIONS] SCRIPT [ARGS]`.
 fn launch_program(
     launch: &launcher::LaunchArgs,
-    job: launcher::Job,
-    trace: bool,
+    mut job: launcher::Job,
+    trace: Option<&Path>,
 ) -> anyhow::Result<i32> {
-    if trace {
-        return Err(usage(
-            "--trace works with the built-in programs (generate, logits, bench, perf), not with `-- PROGRAM` or a script",
-        ));
+    // A program that links the collectives records from its communicator (collectives::trace).
+    let trace = trace.map(collectives::trace::JobTrace::new).transpose()?;
+    if let Some(t) = &trace {
+        let (k, v) = t.env();
+        job.env.push((k.into(), v.into()));
     }
-    launcher::run(launch, &job)
+    let flight = trace.as_ref().map(|t| t.flight_path());
+    let res = launcher::run_recording(launch, &job, flight.as_deref());
+    if let Some(t) = trace {
+        t.finish(matches!(res, Ok(0)))?;
+    }
+    res
 }
 
 /// The number of ranks `-n` asks for, `auto` resolved as the launcher resolves it on the CPU
@@ -287,7 +301,7 @@ fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
             let m = programs::runtime::open_model(model)?;
             (format!("model {}", m.path().display()), m.config().clone())
         }
-        Cmd::Perf(_) | Cmd::Compare(_) => return Ok(()),
+        Cmd::Perf(_) | Cmd::Compare(_) | Cmd::Analyze(_) => return Ok(()),
     };
     let n = world_size(launch);
     if let Err(e) = rank::ShardPlan::new(&config.shapes(), n, 0) {

@@ -6,7 +6,9 @@ use std::path::Path;
 use std::process::Command;
 
 /// `tprun` itself, then every subcommand, in the README's order.
-const PROGRAMS: &[&str] = &["", "generate", "logits", "bench", "perf", "compare"];
+const PROGRAMS: &[&str] = &[
+    "", "generate", "logits", "bench", "perf", "analyze", "compare",
+];
 
 fn help(program: &str) -> String {
     let mut c = Command::new(env!("CARGO_BIN_EXE_tprun"));

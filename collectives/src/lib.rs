@@ -19,6 +19,7 @@
 mod env;
 pub mod error;
 pub mod files;
+pub mod hta;
 pub mod local;
 pub mod reduce;
 pub mod shm;

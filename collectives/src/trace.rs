@@ -212,6 +212,35 @@ pub fn start_rank() -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Set when [`start_from_env`] (not the program) started recording: the communicator then
+/// hands the events to tprun when it is dropped.
+static AUTO: AtomicBool = AtomicBool::new(false);
+
+/// Starts recording in a program that links the collectives and runs under `tprun --trace` (any
+/// `-- PROGRAM`, not only the built-ins): called when its communicator is made. True when it
+/// started recording here, so that [`finish_auto`] is this caller's job.
+pub fn start_from_env() -> anyhow::Result<bool> {
+    if enabled() || std::env::var_os(ENV_TRACE_FD).is_none_or(|v| v.is_empty()) {
+        return Ok(false);
+    }
+    start_rank()?;
+    AUTO.store(true, Relaxed);
+    Ok(true)
+}
+
+/// Hands the events recorded since [`start_from_env`] to tprun (once; later calls do nothing).
+pub fn finish_auto(rank: usize) -> anyhow::Result<()> {
+    if !AUTO.swap(false, Relaxed) {
+        return Ok(());
+    }
+    set_enabled(false);
+    let fd = RANK_FD.lock().ok().and_then(|mut g| g.take());
+    match fd {
+        Some(f) => append_record(&f, rank, &take_events(rank)),
+        None => Ok(()),
+    }
+}
+
 /// The memfd named in [`ENV_TRACE_FD`], if set: checked to be open and in append mode.
 fn claim_trace_fd() -> anyhow::Result<Option<File>> {
     let Some(s) = std::env::var(ENV_TRACE_FD).ok().filter(|s| !s.is_empty()) else {
@@ -364,6 +393,38 @@ pub fn merge(ranks: Vec<(usize, Vec<Value>)>, out: &Path) -> anyhow::Result<usiz
     Ok(n)
 }
 
+/// Writes `dir/ranks/rank{r}.json` for every rank in the PyTorch profiler's layout
+/// ([`crate::hta`]), times from the job's first event as in the merged file. A folder of their
+/// own: HTA takes every `*.json` of the folder it is given for a rank's trace.
+fn write_rank_files(dir: &Path, ranks: &[(usize, Vec<Value>)]) -> anyhow::Result<()> {
+    let dir = dir.join(RANKS_DIR);
+    if !dir.is_dir() {
+        std::fs::create_dir(&dir).with_context(|| format!("cannot make {}", dir.display()))?;
+    }
+    let t0 = ranks
+        .iter()
+        .flat_map(|(_, evs)| evs.iter().filter_map(|e| e["ts"].as_f64()))
+        .fold(f64::INFINITY, f64::min);
+    for (r, evs) in ranks {
+        let shifted: Vec<Value> = evs
+            .iter()
+            .map(|e| {
+                let mut e = e.clone();
+                if let Some(ts) = e["ts"].as_f64() {
+                    e["ts"] = json!(ts - t0);
+                }
+                e
+            })
+            .collect();
+        let doc = crate::hta::rank_trace(*r, ranks.len(), &shifted);
+        let path = dir.join(format!("rank{r}.json"));
+        // Pretty: HTA finds the rank with the regex `"rank":\s+(\d+)`, which needs the space.
+        crate::files::write_output(&path, &serde_json::to_vec_pretty(&doc)?)
+            .with_context(|| format!("cannot write trace {}", path.display()))?;
+    }
+    Ok(())
+}
+
 /// Checks that `--trace` names a file in an existing directory.
 fn check_out(out: &Path) -> anyhow::Result<()> {
     let parent = match out.parent() {
@@ -391,11 +452,58 @@ fn check_out(out: &Path) -> anyhow::Result<()> {
 pub struct JobTrace {
     fd: File,
     out: PathBuf,
+    /// `--trace DIR/`: also one PyTorch-profiler-style file per rank (for HTA) in this folder.
+    dir: Option<PathBuf>,
+}
+
+/// The subfolder of `--trace DIR/` that holds the per-rank traces (and nothing else).
+pub const RANKS_DIR: &str = "ranks";
+
+/// Removes what an earlier `--trace DIR/` job left in `dir` (the merged trace, the flight records,
+/// the per-rank traces), so that a failed job cannot leave a stale trace beside its flight records.
+fn clear_old_outputs(dir: &Path) -> anyhow::Result<()> {
+    let mut old = vec![dir.join("trace.json"), dir.join("flight.json")];
+    if let Ok(rd) = std::fs::read_dir(dir.join(RANKS_DIR)) {
+        for f in rd.flatten() {
+            let name = f.file_name().to_string_lossy().into_owned();
+            if name.starts_with("rank") && name.ends_with(".json") {
+                old.push(f.path());
+            }
+        }
+    }
+    for p in old {
+        match std::fs::remove_file(&p) {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
+                return Err(e).with_context(|| format!("--trace: cannot remove {}", p.display()))
+            }
+            _ => {}
+        }
+    }
+    Ok(())
+}
+
+/// Whether `--trace` names a folder (ends with `/` or is one): per-rank traces go there.
+pub fn is_dir_target(out: &Path) -> bool {
+    out.as_os_str().as_encoded_bytes().ends_with(b"/") || out.is_dir()
 }
 
 impl JobTrace {
-    /// Checks that `out`'s directory exists and makes the memfd.
+    /// Checks that `out`'s directory exists (or, for `DIR/`, makes DIR and removes an earlier
+    /// job's outputs there) and makes the memfd.
     pub fn new(out: &Path) -> anyhow::Result<JobTrace> {
+        let dir = is_dir_target(out).then(|| out.to_path_buf());
+        let out = match &dir {
+            Some(d) => {
+                if !d.is_dir() {
+                    std::fs::create_dir(d)
+                        .with_context(|| format!("--trace {}: cannot make it", d.display()))?;
+                }
+                clear_old_outputs(d)?;
+                d.join("trace.json")
+            }
+            None => out.to_path_buf(),
+        };
+        let out = out.as_path();
         check_out(out)?;
         let fd = crate::shm::segment::inheritable_memfd("tprun-trace")
             .context("--trace: cannot make the ranks' trace memfd")?;
@@ -407,7 +515,17 @@ impl JobTrace {
         Ok(JobTrace {
             fd: File::from(fd),
             out: out.to_path_buf(),
+            dir,
         })
+    }
+
+    /// Where tprun writes the flight records if the job is torn down: `DIR/flight.json`, or
+    /// FILE.json's name with `.flight.json`.
+    pub fn flight_path(&self) -> PathBuf {
+        match &self.dir {
+            Some(d) => d.join("flight.json"),
+            None => self.out.with_extension("flight.json"),
+        }
     }
 
     /// The environment variable to give every rank (the fd is inherited).
@@ -415,7 +533,9 @@ impl JobTrace {
         (ENV_TRACE_FD, self.fd.as_raw_fd().to_string())
     }
 
-    /// Merges the ranks' events into the output file (when `success`) and closes the memfd.
+    /// Merges the ranks' events into the output file (when `success`) and closes the memfd. A
+    /// failed job writes no trace at all (no partial per-rank files); its flight records are
+    /// written by the launcher at teardown ([`JobTrace::flight_path`]).
     pub fn finish(self, success: bool) -> anyhow::Result<()> {
         if success {
             let len = self.fd.metadata().context("--trace: the memfd")?.len();
@@ -423,7 +543,11 @@ impl JobTrace {
             self.fd
                 .read_exact_at(&mut b, 0)
                 .context("--trace: cannot read the ranks' trace memfd")?;
-            merge(split_records(&b)?, &self.out)?;
+            let ranks = split_records(&b)?;
+            if let Some(dir) = &self.dir {
+                write_rank_files(dir, &ranks)?;
+            }
+            merge(ranks, &self.out)?;
         }
         Ok(())
     }

@@ -195,6 +195,16 @@ pub fn builtin_rank_setup() -> anyhow::Result<()> {
 /// Must be called from the thread that lives for the whole job (normally main): PR_SET_PDEATHSIG
 /// fires when the thread that spawned a rank exits.
 pub fn run(launch: &LaunchArgs, job: &Job) -> anyhow::Result<i32> {
+    run_recording(launch, job, None)
+}
+
+/// [`run`], and when the job is torn down (a rank failed, a signal, `--timeout`) writes every
+/// rank's flight recorder (its last collective calls) as JSON to `flight_out`, if given.
+pub fn run_recording(
+    launch: &LaunchArgs,
+    job: &Job,
+    flight_out: Option<&std::path::Path>,
+) -> anyhow::Result<i32> {
     // Before anything that can hit an inherited limit or disposition (the segment, the logs).
     signals::reset_inherited()?;
     // Once for every attempt, so a signal between two attempts is not lost (or fatal).
@@ -219,7 +229,15 @@ pub fn run(launch: &LaunchArgs, job: &Job) -> anyhow::Result<i32> {
                 plan.world_size
             )
         })?;
-        let end = supervise::run(plan, launch, job.output, &segment, &mut handlers, deadline)?;
+        let end = supervise::run(
+            plan,
+            launch,
+            job.output,
+            &segment,
+            &mut handlers,
+            deadline,
+            flight_out,
+        )?;
         // The segment goes here, after every rank of this attempt has been reaped.
         drop(segment);
         if !end.rank_failed || attempt >= launch.max_restarts {

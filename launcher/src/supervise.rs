@@ -5,7 +5,7 @@ use std::cell::Cell;
 use std::fmt::Write as _;
 use std::io::Read as _;
 use std::os::unix::process::ExitStatusExt;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -93,6 +93,9 @@ struct Monitor<'a> {
     /// Set once ranks got their first stop signal: when to send SIGKILL.
     kill_at: Option<Instant>,
     killed_at: Option<Instant>,
+    /// Where to write the flight records at teardown (`--trace`), and whether that was done.
+    flight_out: Option<&'a Path>,
+    flight_noted: bool,
 }
 
 pub(crate) fn run(
@@ -102,6 +105,7 @@ pub(crate) fn run(
     segment: &JobSegment,
     handlers: &mut Handlers,
     deadline: Option<Instant>,
+    flight_out: Option<&Path>,
 ) -> anyhow::Result<End> {
     reaper::become_subreaper()?;
     let relay = Relay::start(plan.world_size, !launch.no_prefix, launch.only_rank, mode)
@@ -126,6 +130,8 @@ pub(crate) fn run(
         cause: None,
         kill_at: None,
         killed_at: None,
+        flight_out,
+        flight_noted: false,
     };
     let res = m.watch(handlers);
     let code = m.exit_code();
@@ -263,6 +269,8 @@ impl Monitor<'_> {
             return false;
         };
         let (rank, st) = (ranks[i].rank, ranks[i].exit.map(|(st, _)| st));
+        // Read where every rank is before the abort makes the others leave their calls.
+        self.note_flight();
         // Wake ranks blocked in a collective first, then stop them.
         self.segment.abort(rank);
         self.cause = Some(Cause::Failed(i));
@@ -273,6 +281,32 @@ impl Monitor<'_> {
             ));
         }
         true
+    }
+
+    /// Once per job, at teardown: says which rank is behind at which collective call (from the
+    /// flight recorders in the segment) and writes the records to `flight_out`.
+    fn note_flight(&mut self) {
+        if std::mem::replace(&mut self.flight_noted, true) {
+            return;
+        }
+        let flights = self.segment.flight_records();
+        let alive: Vec<bool> = self.ranks.iter().map(|rk| rk.exit.is_none()).collect();
+        let now = collectives::shm::flight::now_ns();
+        if let Some(line) = collectives::shm::flight::behind_line(&flights, &alive, now) {
+            self.relay.note(format!("tprun: {line}"));
+        }
+        if let Some(out) = self.flight_out {
+            let doc = serde_json::json!({ "now_ns": now, "ranks": flights });
+            let res = serde_json::to_vec_pretty(&doc)
+                .map_err(anyhow::Error::from)
+                .and_then(|b| Ok(collectives::files::write_output(out, &b)?));
+            if let Err(e) = res {
+                self.relay.note(format!(
+                    "tprun: cannot write the flight records to {}: {e:#}",
+                    out.display()
+                ));
+            }
+        }
     }
 
     /// Sends `sig` to the running ranks and starts the grace period if it has not started.
@@ -309,6 +343,9 @@ impl Monitor<'_> {
             "tprun: got {sig}: forwarding it to every rank (SIGKILL after {}s{again})",
             self.launch.grace_period.as_secs_f64()
         ));
+        if self.cause.is_none() {
+            self.note_flight();
+        }
         self.cause.get_or_insert(Cause::Signal(sig));
         self.stop(sig);
     }
@@ -322,6 +359,7 @@ impl Monitor<'_> {
                 "tprun: timeout: the job was still running after --timeout {}s; stopping every rank",
                 limit.as_secs_f64()
             ));
+            self.note_flight();
             self.cause = Some(Cause::Timeout);
             self.stop(Signal::SIGTERM);
         }

@@ -6,11 +6,13 @@
 //! - [`logits`]: every prompt position's logits to a safetensors file.
 //! - [`bench`]: prefill/decode throughput, collective time, weight bytes per rank.
 //! - [`perf`]: the nccl-tests-style table of the collectives (and [`plot`] for its SVG).
+//! - [`analyze`]: stragglers, skew and per-layer waits of a `--trace` (no ranks).
 //! - [`compare`]: per-tensor diff of two safetensors files (no ranks).
 //! - [`runtime`]: what the model programs share (`--model`, loading with progress).
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod analyze;
 pub mod bench;
 pub mod compare;
 pub mod device;

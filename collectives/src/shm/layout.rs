@@ -11,16 +11,18 @@
 //! hdr_off (page)      SlotHdr[world][2], 128 B each: what the rank's data half holds (step, op,
 //!                     dtype, reduce op, root, bytes), checked by readers to catch ranks that
 //!                     called different collectives.
+//! flight_off (page)   Flight[world]: each rank's flight recorder, a 128-B header (calls
+//!                     entered) and the last FLIGHT_K collective records of 64 B (shm/flight.rs).
 //! data_off (page)     Data[world][2], `slot` bytes each: rank r's two halves (double buffer);
 //!                     step s uses half s % 2.
 //! ```
-//! Total = ~12 KiB + world x 2 x slot: with the default 1 MiB slot, 16 MiB for 8 ranks and
+//! Total = ~12 KiB + world x 2.2 KiB + world x 2 x slot: with the default 1 MiB slot, 16 MiB for 8 ranks and
 //! 32 MiB for 16.
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"TPRUNSHM");
-pub(crate) const VERSION: u32 = 1;
+pub(crate) const VERSION: u32 = 2;
 pub(crate) const PAGE: usize = 4096;
 /// Value of `Header::ready` once the creator has filled the header (named path).
 pub(crate) const READY: u32 = 0x5EAD_1E55;
@@ -80,7 +82,36 @@ pub(crate) struct SlotHdr {
     pub root: AtomicU32,
 }
 
+/// Collective records each rank's flight recorder keeps.
+pub const FLIGHT_K: usize = 32;
+
+/// Head of one rank's flight recorder: the number of the last call it entered.
+#[repr(C, align(128))]
+pub(crate) struct FlightHdr {
+    pub entered: AtomicU64,
+}
+
+/// One collective call in the flight recorder, written only by its rank.
+#[repr(C, align(64))]
+pub(crate) struct FlightRec {
+    /// Call number (1-based; 0 = empty).
+    pub seq: AtomicU64,
+    /// kind | dtype << 8 (dtype 0xff = none).
+    pub code: AtomicU32,
+    _r0: u32,
+    pub bytes: AtomicU64,
+    /// CLOCK_MONOTONIC nanoseconds at entry and exit (0 = not yet left).
+    pub enter_ns: AtomicU64,
+    pub exit_ns: AtomicU64,
+}
+
+/// Bytes of one rank's flight recorder.
+pub(crate) const FLIGHT_BYTES: usize =
+    std::mem::size_of::<FlightHdr>() + FLIGHT_K * std::mem::size_of::<FlightRec>();
+
 const _: () = assert!(std::mem::size_of::<Header>() <= PAGE);
+const _: () = assert!(std::mem::size_of::<FlightHdr>() == 128);
+const _: () = assert!(std::mem::size_of::<FlightRec>() == 64);
 const _: () = assert!(std::mem::size_of::<Ctl>() == 256);
 const _: () = assert!(std::mem::size_of::<SlotHdr>() == 128);
 
@@ -91,6 +122,7 @@ pub(crate) struct Layout {
     pub slot: usize,
     pub ctl_off: usize,
     pub hdr_off: usize,
+    pub flight_off: usize,
     pub data_off: usize,
     pub total: usize,
 }
@@ -103,13 +135,15 @@ impl Layout {
     pub fn new(world: usize, slot: usize) -> Layout {
         let ctl_off = PAGE;
         let hdr_off = round_up(ctl_off + world * std::mem::size_of::<Ctl>(), PAGE);
-        let data_off = round_up(hdr_off + world * 2 * std::mem::size_of::<SlotHdr>(), PAGE);
+        let flight_off = round_up(hdr_off + world * 2 * std::mem::size_of::<SlotHdr>(), PAGE);
+        let data_off = round_up(flight_off + world * FLIGHT_BYTES, PAGE);
         let total = data_off + world * 2 * slot;
         Layout {
             world,
             slot,
             ctl_off,
             hdr_off,
+            flight_off,
             data_off,
             total,
         }
@@ -119,6 +153,9 @@ impl Layout {
     }
     pub fn slot_hdr(&self, r: usize, half: usize) -> usize {
         self.hdr_off + (r * 2 + half) * std::mem::size_of::<SlotHdr>()
+    }
+    pub fn flight(&self, r: usize) -> usize {
+        self.flight_off + r * FLIGHT_BYTES
     }
     pub fn data(&self, r: usize, half: usize) -> usize {
         self.data_off + (r * 2 + half) * self.slot

@@ -28,6 +28,7 @@
 //! identical bits whatever the algorithm or chunking.
 
 mod algorithms;
+pub mod flight;
 pub mod layout;
 mod options;
 mod protocol;
@@ -38,7 +39,7 @@ mod wait;
 use std::sync::atomic::AtomicBool;
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use anyhow::Context;
 
@@ -82,6 +83,9 @@ pub struct ShmComm {
     release_taken: bool,
     /// Current spin budget (adapted between SPIN_FLOOR and `opts.spin`).
     spin_budget: Duration,
+    /// This communicator started the trace recording (`from_env` under `tprun --trace`) and
+    /// hands the events to tprun when dropped.
+    trace_owner: bool,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -156,6 +160,7 @@ impl ShmComm {
             srcs: vec![std::ptr::null(); world],
             release_taken: false,
             spin_budget,
+            trace_owner: false,
         })
     }
 
@@ -207,8 +212,11 @@ impl ShmComm {
                 msg: format!("this communicator failed earlier ({first}) and cannot be used again"),
             });
         }
-        let t0 = Instant::now();
-        let trace_start = crate::trace::enabled().then(crate::trace::now_us);
+        // One clock read serves the statistics, the trace and the flight recorder.
+        let t0 = flight::now_ns();
+        let trace_start = crate::trace::enabled().then_some(t0 as f64 / 1e3);
+        let fr = self.map.flight(&self.lay, self.rank);
+        flight::enter(fr, self.op_seq, kind, dtype, bytes, t0);
         let step0 = self.step;
         self.wait_s = 0.0;
         let a = self.map.header().abort.load(Relaxed);
@@ -222,10 +230,12 @@ impl ShmComm {
         } else {
             f(self)
         };
+        let t1 = flight::now_ns();
+        flight::exit(self.map.flight(&self.lay, self.rank), self.op_seq, t1);
         match &res {
             Ok(()) => {
-                self.stats
-                    .record(kind, bytes, t0.elapsed().as_secs_f64(), self.wait_s);
+                let secs = t1.saturating_sub(t0) as f64 / 1e9;
+                self.stats.record(kind, bytes, secs, self.wait_s);
                 if let Some(start) = trace_start {
                     self.trace(start, kind, bytes, dtype, self.step - step0);
                 }
@@ -308,6 +318,10 @@ impl Communicator for ShmComm {
 
 impl Drop for ShmComm {
     fn drop(&mut self) {
+        if self.trace_owner {
+            // Nobody to tell from a destructor; tprun reports the rank's missing trace.
+            let _ = crate::trace::finish_auto(self.rank);
+        }
         let c = self.map.ctl(&self.lay, self.rank);
         c.gone.store(1, SeqCst);
         sys::futex_wake_all(&c.seq);
@@ -381,6 +395,7 @@ pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
         };
         let mut c = ShmComm::attach(map, lay, rank, opts)?;
         c.release_taken = true;
+        c.trace_owner = crate::trace::start_from_env()?;
         Ok(c)
     })();
     if res.is_err() {

@@ -29,7 +29,8 @@ use nix::sys::mman::{MapFlags, ProtFlags};
 use nix::sys::stat::Mode;
 
 use super::layout::{
-    Ctl, Header, Layout, SlotHdr, DEFAULT_SLOT_BYTES, MAGIC, MAX_WORLD, PAGE, READY, VERSION,
+    Ctl, FlightHdr, FlightRec, Header, Layout, SlotHdr, DEFAULT_SLOT_BYTES, FLIGHT_K, MAGIC,
+    MAX_WORLD, PAGE, READY, VERSION,
 };
 use super::sys;
 use super::{CommOptions, ShmComm};
@@ -103,6 +104,21 @@ impl Mapping {
     pub fn slot_hdr(&self, lay: &Layout, r: usize, half: usize) -> &SlotHdr {
         // SAFETY: as for `ctl`; 128-aligned.
         unsafe { &*(self.ptr.as_ptr().add(lay.slot_hdr(r, half)) as *const SlotHdr) }
+    }
+    /// Rank `r`'s flight recorder: its header and its FLIGHT_K records.
+    pub fn flight(&self, lay: &Layout, r: usize) -> (&FlightHdr, &[FlightRec]) {
+        debug_assert!(r < lay.world);
+        // SAFETY: in bounds (validated layout); the region is page-aligned and FLIGHT_BYTES (a
+        // multiple of 128) apart, the header is 128 B so the records that follow are 64-aligned;
+        // all are atomics and padding, zeroed when the segment was made.
+        unsafe {
+            let p = self.ptr.as_ptr().add(lay.flight(r));
+            let recs = p.add(std::mem::size_of::<FlightHdr>()) as *const FlightRec;
+            (
+                &*(p as *const FlightHdr),
+                std::slice::from_raw_parts(recs, FLIGHT_K),
+            )
+        }
     }
     pub fn data(&self, lay: &Layout, r: usize, half: usize) -> *mut u8 {
         // SAFETY: in bounds, see `ctl`.
@@ -368,6 +384,13 @@ impl JobSegment {
             0 => None,
             v => Some(v as usize - 1),
         }
+    }
+
+    /// Every rank's flight recorder as it is now (see [`super::flight`]).
+    pub fn flight_records(&self) -> Vec<super::flight::RankFlight> {
+        (0..self.lay.world)
+            .map(|r| super::flight::read(&self.map, &self.lay, r))
+            .collect()
     }
 
     /// One communicator per rank, sharing this process's mapping (ranks as threads).
