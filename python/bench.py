@@ -34,11 +34,11 @@ def worker(backend):
             n = max(1, size // 4)
             if op == "all_reduce":
                 buf = torch.ones(n)
-                call = lambda: dist.all_reduce(buf)  # noqa: E731
+                call = lambda buf=buf: dist.all_reduce(buf)
             else:
                 out = torch.empty(max(world, n - n % world))
                 inp = torch.ones(out.numel() // world)
-                call = lambda: dist.all_gather_into_tensor(out, inp)  # noqa: E731
+                call = lambda out=out, inp=inp: dist.all_gather_into_tensor(out, inp)
             iters = max(5, min(2000, (64 << 20) // max(size, 1) // 8))
             for _ in range(3):
                 call()
@@ -56,8 +56,13 @@ def worker(backend):
 
 
 def launch(tprun, ranks, args):
-    p = subprocess.run([tprun, "-n", str(ranks), "--only-rank", "0", "--no-prefix", *args],
-                       capture_output=True, text=True, timeout=900)
+    p = subprocess.run(
+        [tprun, "-n", str(ranks), "--only-rank", "0", "--no-prefix", *args],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
     if p.returncode != 0:
         sys.exit(f"{' '.join(args)} failed:\n{p.stdout}{p.stderr}")
     return [json.loads(line) for line in p.stdout.splitlines() if line.startswith("{")]
@@ -73,7 +78,8 @@ def main():
         return worker(a.worker)
     root = Path(__file__).resolve().parents[1]
     tprun = os.environ.get("TPRUN_BIN") or next(
-        (str(p) for p in [root / "target/release/tprun", root / "target/debug/tprun"] if p.exists()), "tprun")
+        (str(p) for p in [root / "target/release/tprun", root / "target/debug/tprun"] if p.exists()), "tprun"
+    )
     best = {}
     for _ in range(a.rounds):
         for backend in ["gloo", "tprun"]:
@@ -81,8 +87,11 @@ def main():
                 k = (backend, r["op"], r["bytes"])
                 best[k] = min(best.get(k, float("inf")), r["us"])
         for op in OPS:
-            out = launch(tprun, a.ranks, ["perf", "--op", op.replace("_", "-"), "--json",
-                                          "--min-bytes", "8", "--max-bytes", "32M"])
+            out = launch(
+                tprun,
+                a.ranks,
+                ["perf", "--op", op.replace("_", "-"), "--json", "--min-bytes", "8", "--max-bytes", "32M"],
+            )
             for r in out[0]["rows"]:
                 k = ("rust", op, r["bytes"])
                 best[k] = min(best.get(k, float("inf")), r["time_us"])

@@ -22,7 +22,7 @@ def shm_names():
 
 def run(cmd, timeout=300):
     before = shm_names()
-    p = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd="/tmp")
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd="/tmp")
     out = p.stdout + p.stderr
     assert shm_names() <= before, f"left in /dev/shm: {shm_names() - before}\n{out}"
     return p.returncode, out
@@ -90,18 +90,66 @@ def test_killed_rank_is_named_within_10_s():
 def test_unsupported_calls_fail_clearly():
     rc, out = tprun(2, "unsupported", timeout=120)
     assert rc == 0, out[-4000:]
-    for what, needle in [("send", "send is not supported"), ("recv", "recv is not supported"),
-                         ("scatter", "scatter is not supported"),
-                         ("all_reduce of int64", "all_reduce cannot reduce torch.int64"),
-                         ("BAND", "does not support ReduceOp.BAND"),
-                         ("meta device", "only CPU tensors")]:
+    for what, needle in [
+        ("send", "send is not supported"),
+        ("recv", "recv is not supported"),
+        ("scatter", "scatter is not supported"),
+        ("all_reduce of int64", "all_reduce cannot reduce torch.int64"),
+        ("BAND", "does not support ReduceOp.BAND"),
+        ("meta device", "only CPU tensors"),
+    ]:
         assert f"UNSUPPORTED {what}: RuntimeError: tprun backend: " in out, out[-4000:]
         assert needle in out, needle
 
 
 def test_numpy_api_without_a_launcher_is_a_world_of_one():
-    code = ("import numpy as np, tprun; c = tprun.Communicator.from_env(); a = np.ones(3, np.float32); "
-            "c.all_reduce(a); print(c.world_size, a.tolist())")
+    code = (
+        "import numpy as np, tprun; c = tprun.Communicator.from_env(); a = np.ones(3, np.float32); "
+        "c.all_reduce(a); print(c.world_size, a.tolist())"
+    )
     env = {k: v for k, v in os.environ.items() if k not in ("WORLD_SIZE", "RANK", "TPRUN_SHM_FD")}
-    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=60)
+    p = subprocess.run([sys.executable, "-c", code], check=False, capture_output=True, text=True, env=env, timeout=60)
     assert p.stdout.strip() == "1 [1.0, 1.0, 1.0]", p.stdout + p.stderr
+
+
+def test_stale_segment_of_a_crashed_run_does_not_block_a_new_one():
+    """Ranks started by hand (as torchrun does): rank 0 of a first run creates the named segment
+    and is killed before rank 1 maps it; a new run with the same key replaces the stale one."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TPRUN_", "TORCHELASTIC_"))}
+    env.update(
+        WORLD_SIZE="2", LOCAL_WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(40000 + os.getpid() % 20000)
+    )
+    code = (
+        "import sys, numpy as np, tprun; c = tprun.Communicator.from_env(); print('mapped', flush=True); "
+        "sys.stdin.read() if c.rank == 0 and len(sys.argv) > 1 else None; "
+        "a = np.full(3, c.rank + 1.0, np.float32); c.all_reduce(a); print('sum', a.tolist(), flush=True)"
+    )
+    before = shm_names()
+    crashed = subprocess.Popen(
+        [sys.executable, "-c", code, "crash"],
+        env={**env, "RANK": "0"},
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert crashed.stdout.readline().strip() == "mapped"
+        left = shm_names() - before
+        assert len(left) == 1 and "torchrun-127.0.0.1-" in left.pop(), shm_names()
+    finally:
+        crashed.kill()
+        crashed.wait()
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, "-c", code],
+            env={**env, "RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )
+        for r in (0, 1)
+    ]
+    outs = [p.communicate(timeout=60)[0] for p in ranks]
+    assert [p.returncode for p in ranks] == [0, 0], outs
+    assert all("sum [3.0, 3.0, 3.0]" in o for o in outs), outs
+    assert shm_names() == before, shm_names()

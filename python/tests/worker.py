@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 import tprun
-import tprun.torch  # noqa: F401  (registers the backend)
+import tprun.torch
 
 MODE = sys.argv[1]
 digest = hashlib.sha256()
@@ -38,16 +38,23 @@ def reduce_ref(xs, op):
     acc = xs[0].float()
     for x in xs[1:]:
         x = x.float()
-        acc = {"sum": acc + x, "avg": acc + x, "product": acc * x,
-               "max": torch.where(acc > x, acc, x), "min": torch.where(acc < x, acc, x)}[op]
+        acc = {
+            "sum": acc + x,
+            "avg": acc + x,
+            "product": acc * x,
+            "max": torch.where(acc > x, acc, x),
+            "min": torch.where(acc < x, acc, x),
+        }[op]
     out = acc.to(xs[0].dtype)
     return out / len(xs) if op == "avg" else out
 
 
 def same(got, want, what, everywhere=True):
     assert got.dtype == want.dtype and got.shape == want.shape, (what, got.dtype, got.shape, want.shape)
-    if not torch.equal(got.view(torch.uint8) if got.dtype != torch.bool else got,
-                       want.view(torch.uint8) if want.dtype != torch.bool else want):
+    if not torch.equal(
+        got.view(torch.uint8) if got.dtype != torch.bool else got,
+        want.view(torch.uint8) if want.dtype != torch.bool else want,
+    ):
         bad = (got != want).nonzero()[:5].flatten().tolist()
         raise AssertionError(f"{what}: differs at {bad}: {got.flatten()[bad]} vs {want.flatten()[bad]}")
     if everywhere:  # a result every rank holds: goes into the digest compared across ranks
@@ -74,9 +81,17 @@ def check_numpy_api(comm):
             big = inputs(world, world * m, dt, seed + 50)
             out = torch.empty(m, dtype=dt)
             comm.reduce_scatter(np_view(big[rank]), np_view(out), dtype=name)
-            same(out, reduce_ref(big, "sum")[rank * m:(rank + 1) * m], f"numpy reduce_scatter {dt} n={n}", False)
-        for dt in [torch.float32, torch.bfloat16, torch.float16, torch.uint8, torch.int32, torch.int64,
-                   torch.float64, torch.int8]:
+            same(out, reduce_ref(big, "sum")[rank * m : (rank + 1) * m], f"numpy reduce_scatter {dt} n={n}", False)
+        for dt in [
+            torch.float32,
+            torch.bfloat16,
+            torch.float16,
+            torch.uint8,
+            torch.int32,
+            torch.int64,
+            torch.float64,
+            torch.int8,
+        ]:
             xs = inputs(world, n, dt, seed + 7)
             out = torch.empty(world * n, dtype=dt)
             name = "bfloat16" if dt == torch.bfloat16 else None
@@ -90,9 +105,11 @@ def check_numpy_api(comm):
     b = bytearray(np.full(5, rank + 1, np.float32).tobytes())
     comm.all_reduce(memoryview(b).cast("f"))
     same(torch.frombuffer(b, dtype=torch.float32).clone(), torch.full((5,), world * (world + 1) / 2), "memoryview")
-    for bad, kind in [(lambda: comm.all_reduce(np.zeros(4, np.int32)), TypeError),
-                      (lambda: comm.all_reduce(np.zeros((4, 4), np.float32)[:, 0]), ValueError),
-                      (lambda: comm.all_reduce(bytes(16), dtype="float32"), ValueError)]:
+    for bad, kind in [
+        (lambda: comm.all_reduce(np.zeros(4, np.int32)), TypeError),
+        (lambda: comm.all_reduce(np.zeros((4, 4), np.float32)[:, 0]), ValueError),
+        (lambda: comm.all_reduce(bytes(16), dtype="float32"), ValueError),
+    ]:
         try:
             bad()
         except kind:
@@ -107,8 +124,13 @@ def check_numpy_api(comm):
 def check_torch_api():
     world, rank = dist.get_world_size(), dist.get_rank()
     assert dist.get_backend() == "tprun", dist.get_backend()
-    ops = {"sum": dist.ReduceOp.SUM, "avg": dist.ReduceOp.AVG, "max": dist.ReduceOp.MAX,
-           "min": dist.ReduceOp.MIN, "product": dist.ReduceOp.PRODUCT}
+    ops = {
+        "sum": dist.ReduceOp.SUM,
+        "avg": dist.ReduceOp.AVG,
+        "max": dist.ReduceOp.MAX,
+        "min": dist.ReduceOp.MIN,
+        "product": dist.ReduceOp.PRODUCT,
+    }
     for seed, n in enumerate([1, 33, 100_000]):
         for dt in [torch.float32, torch.bfloat16, torch.float16]:
             xs = inputs(world, n, dt, seed + 20)
@@ -119,7 +141,7 @@ def check_torch_api():
             big = inputs(world, world * n, dt, seed + 30)
             out = torch.empty(n, dtype=dt)
             dist.reduce_scatter_tensor(out, big[rank])
-            same(out, reduce_ref(big, "sum")[rank * n:(rank + 1) * n], f"torch reduce_scatter_tensor {dt}", False)
+            same(out, reduce_ref(big, "sum")[rank * n : (rank + 1) * n], f"torch reduce_scatter_tensor {dt}", False)
         for dt in [torch.float32, torch.bfloat16, torch.int64, torch.int32, torch.uint8, torch.bool]:
             xs = [x.reshape(-1, 1) for x in inputs(world, n, dt, seed + 40)]
             out = torch.empty(world * n, 1, dtype=dt)
@@ -189,12 +211,14 @@ def main():
     elif MODE == "unsupported":
         dist.init_process_group("tprun")
         t = torch.ones(4)
-        calls = {"send": lambda: dist.send(t, dst=(rank + 1) % 2),
-                 "recv": lambda: dist.recv(t, src=(rank + 1) % 2),
-                 "scatter": lambda: dist.scatter(t, [t, t] if rank == 0 else None, src=0),
-                 "all_reduce of int64": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int64)),
-                 "BAND": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
-                 "meta device": lambda: dist.all_reduce(torch.ones(4, device="meta"))}
+        calls = {
+            "send": lambda: dist.send(t, dst=(rank + 1) % 2),
+            "recv": lambda: dist.recv(t, src=(rank + 1) % 2),
+            "scatter": lambda: dist.scatter(t, [t, t] if rank == 0 else None, src=0),
+            "all_reduce of int64": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int64)),
+            "BAND": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
+            "meta device": lambda: dist.all_reduce(torch.ones(4, device="meta")),
+        }
         for what, call in calls.items():
             try:
                 call()

@@ -14,7 +14,7 @@ import numpy as np
 
 from ._native import CommError, NativeComm
 
-__all__ = ["CommError", "Communicator", "DTYPES", "OPS", "native_comm", "set_rendezvous_key"]
+__all__ = ["DTYPES", "OPS", "CommError", "Communicator", "native_comm", "set_rendezvous_key"]
 
 # Codes of the collectives' DType and ReduceOp (python/src/lib.rs).
 DTYPES = {

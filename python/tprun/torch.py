@@ -13,7 +13,7 @@ from torch.futures import Future
 
 from . import CommError, native_comm
 
-__all__ = ["ProcessGroupTprun", "CommError"]
+__all__ = ["CommError", "ProcessGroupTprun"]
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3, torch.int32: 4, torch.int64: 6}
 _OPS = {dist.ReduceOp.SUM: 0, dist.ReduceOp.MAX: 1, dist.ReduceOp.MIN: 2, dist.ReduceOp.PRODUCT: 3}
@@ -74,8 +74,10 @@ def _nbytes(t):
 
 def _unsupported(name):
     def call(self, *args, **kwargs):
-        raise RuntimeError(f"tprun backend: {name} is not supported (supported: all_reduce, all_gather, "
-                           "all_gather_into_tensor, reduce_scatter_tensor, broadcast, barrier)")
+        raise RuntimeError(
+            f"tprun backend: {name} is not supported (supported: all_reduce, all_gather, "
+            "all_gather_into_tensor, reduce_scatter_tensor, broadcast, barrier)"
+        )
 
     call.__name__ = name
     return call
@@ -122,8 +124,9 @@ class ProcessGroupTprun(dist.ProcessGroup):
         _check("all_gather_into_tensor", output)
         if output.dtype != input.dtype:
             raise RuntimeError("tprun backend: all_gather_into_tensor needs output and input of one dtype")
-        self._c.all_gather(input.data_ptr(), _nbytes(input), output.data_ptr(), _nbytes(output),
-                           _code("all_gather", input, False))
+        self._c.all_gather(
+            input.data_ptr(), _nbytes(input), output.data_ptr(), _nbytes(output), _code("all_gather", input, False)
+        )
         return _done([output])
 
     _allgather_base = all_gather_single
@@ -146,8 +149,14 @@ class ProcessGroupTprun(dist.ProcessGroup):
         _check("reduce_scatter_tensor", input)
         _check("reduce_scatter_tensor", output)
         code, avg = self._reduce_op("reduce_scatter_tensor", opts or dist.ReduceScatterOptions())
-        self._c.reduce_scatter(input.data_ptr(), _nbytes(input), output.data_ptr(), _nbytes(output),
-                               _code("reduce_scatter_tensor", input, True), code)
+        self._c.reduce_scatter(
+            input.data_ptr(),
+            _nbytes(input),
+            output.data_ptr(),
+            _nbytes(output),
+            _code("reduce_scatter_tensor", input, True),
+            code,
+        )
         if avg:
             output.div_(self._world)
         return _done([output])
