@@ -16,7 +16,15 @@ from . import CommError, native_comm
 __all__ = ["CommError", "ProcessGroupTprun"]
 
 _CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3, torch.int32: 4, torch.int64: 6}
-_OPS = {dist.ReduceOp.SUM: 0, dist.ReduceOp.MAX: 1, dist.ReduceOp.MIN: 2, dist.ReduceOp.PRODUCT: 3}
+# (op code, then divide by the world size): AVG is the sum, divided.
+_SUM = dist.ReduceOp.SUM
+_OPS = {
+    dist.ReduceOp.SUM: (0, False),
+    dist.ReduceOp.AVG: (0, True),
+    dist.ReduceOp.MAX: (1, False),
+    dist.ReduceOp.MIN: (2, False),
+    dist.ReduceOp.PRODUCT: (3, False),
+}
 
 
 def _comm(rank, size):
@@ -34,12 +42,11 @@ def _done(result):
 
 
 class _Work(dist._Work):
-    """A finished collective (the calls are synchronous)."""
+    """A finished collective (the calls are synchronous); its Future is made only if asked for."""
 
     def __init__(self, result):
         super().__init__()
-        self._fut = Future()
-        self._fut.set_result(result)
+        self._result = result
 
     def wait(self, timeout=None):
         return True
@@ -51,7 +58,9 @@ class _Work(dist._Work):
         return True
 
     def get_future(self):
-        return self._fut
+        fut = Future()
+        fut.set_result(self._result)
+        return fut
 
 
 def _check(op, t):
@@ -94,12 +103,12 @@ class ProcessGroupTprun(dist.ProcessGroup):
 
     def _reduce_op(self, op, opts):
         r = opts.reduceOp
-        if r == dist.ReduceOp.AVG:
-            return 0, True
-        for k, v in _OPS.items():
-            if r == k:
-                return v, False
-        name = next((n for n in ("BAND", "BOR", "BXOR", "PREMUL_SUM") if r == getattr(dist.ReduceOp, n, None)), r)
+        if r == _SUM:  # the common case, cheapest test first
+            return 0, False
+        code = _OPS.get(getattr(r, "op", r))  # ReduceOp wraps a RedOpType (hashable) since torch 1.13
+        if code is not None:
+            return code
+        name = getattr(getattr(r, "op", r), "name", r)
         raise RuntimeError(f"tprun backend: {op} does not support ReduceOp.{name} (sum, avg, max, min, product)")
 
     def _all_reduce(self, t, code, avg):
