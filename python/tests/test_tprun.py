@@ -62,11 +62,12 @@ def losses(out, n):
     return by_rank
 
 
-def test_ddp_matches_gloo():
-    rc, out_t = tprun(2, "ddp-tprun")
+@pytest.mark.parametrize("kind", ["ddp", "fsdp"])
+def test_training_matches_gloo(kind):
+    rc, out_t = tprun(2, f"{kind}-tprun")
     assert rc == 0, out_t[-4000:]
     oks(out_t, 2)  # identical parameters on every rank (also asserted inside the worker)
-    rc, out_g = tprun(2, "ddp-gloo")
+    rc, out_g = tprun(2, f"{kind}-gloo")
     assert rc == 0, out_g[-4000:]
     lt, lg = losses(out_t, 2), losses(out_g, 2)
     for r in range(2):

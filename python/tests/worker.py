@@ -158,11 +158,17 @@ def check_torch_api():
     dist.barrier()
 
 
-def ddp(backend):
+def train(kind, backend):
+    """20 steps of a small model under DDP or FSDP (CPU); prints the losses."""
     dist.init_process_group(backend)
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.Tanh(), torch.nn.Linear(32, 1))
-    ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    if kind == "ddp":
+        ddp_model = torch.nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        ddp_model = model = FullyShardedDataParallel(model, device_id=torch.device("cpu"))
     opt = torch.optim.SGD(ddp_model.parameters(), lr=0.05)
     g = torch.Generator().manual_seed(100 + dist.get_rank())
     losses = []
@@ -174,7 +180,13 @@ def ddp(backend):
         loss.backward()
         opt.step()
         losses.append(loss.item())
-    params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    if kind == "fsdp":  # each rank holds its shard: check the full parameters
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        with FullyShardedDataParallel.summon_full_params(model):
+            params = torch.cat([p.detach().reshape(-1).clone() for p in model.parameters()])
+    else:
+        params = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(params) for _ in range(dist.get_world_size())]
     dist.all_gather(gathered, params)
     assert all(torch.equal(p, params) for p in gathered), "parameters differ between ranks"
@@ -190,8 +202,8 @@ def main():
         check_numpy_api(comm)
         dist.init_process_group("tprun")
         check_torch_api()
-    elif MODE in ("ddp-tprun", "ddp-gloo"):
-        ddp(MODE.split("-")[1])
+    elif MODE.split("-")[0] in ("ddp", "fsdp"):
+        train(*MODE.split("-"))
     elif MODE == "kill":
         # The launcher's SIGTERM (it tears the job down) must not end this rank before it reports.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -227,7 +239,7 @@ def main():
             else:
                 raise AssertionError(f"{what} did not fail")
         dist.barrier()
-    if MODE == "ddp-gloo":
+    if MODE.endswith("-gloo"):
         # torch 2.15's gloo aborts the process at exit ("terminate called without an active
         # exception") after destroy_process_group: not what this test is about.
         print(f"OK {rank} {digest.hexdigest()}", flush=True)
