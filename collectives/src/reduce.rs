@@ -2,8 +2,8 @@
 //! `acc = x0; acc = op(acc, x1); ...` in f32, rounded once to the storage type (round to nearest
 //! even). The AVX-512 and AVX2 paths do exactly the same f32 operations in the same order as the
 //! scalar path, so every path (and every chunking of a buffer into SIMD body and scalar tail)
-//! gives the same bits. `Max` propagates NaN (the first NaN in rank order wins), identically in
-//! every path. A NaN result is always stored as the canonical quiet NaN (f32 0x7FC00000, bf16
+//! gives the same bits. `Max` and `Min` propagate NaN (the first NaN in rank order wins),
+//! identically in every path; `Product` multiplies in rank order like `Sum` adds. A NaN result is always stored as the canonical quiet NaN (f32 0x7FC00000, bf16
 //! 0x7FC0, f16 0x7E00): which NaN operand's payload survives an add is not something the compiler
 //! or the ISA keeps fixed, and this way NaN outputs are bit-identical too.
 //!
@@ -110,6 +110,8 @@ const BF16: u8 = 1;
 const F16: u8 = 2;
 const SUM: u8 = 0;
 const MAX: u8 = 1;
+const MIN: u8 = 2;
+const PROD: u8 = 3;
 
 /// Raw reduction used by the transport.
 ///
@@ -135,10 +137,16 @@ pub unsafe fn reduce_raw(
                 match (dtype, op) {
                     (DType::F32, ReduceOp::Sum) => $f::<F32, SUM>(dst, srcs, count),
                     (DType::F32, ReduceOp::Max) => $f::<F32, MAX>(dst, srcs, count),
+                    (DType::F32, ReduceOp::Min) => $f::<F32, MIN>(dst, srcs, count),
+                    (DType::F32, ReduceOp::Product) => $f::<F32, PROD>(dst, srcs, count),
                     (DType::BF16, ReduceOp::Sum) => $f::<BF16, SUM>(dst, srcs, count),
                     (DType::BF16, ReduceOp::Max) => $f::<BF16, MAX>(dst, srcs, count),
+                    (DType::BF16, ReduceOp::Min) => $f::<BF16, MIN>(dst, srcs, count),
+                    (DType::BF16, ReduceOp::Product) => $f::<BF16, PROD>(dst, srcs, count),
                     (DType::F16, ReduceOp::Sum) => $f::<F16, SUM>(dst, srcs, count),
                     (DType::F16, ReduceOp::Max) => $f::<F16, MAX>(dst, srcs, count),
+                    (DType::F16, ReduceOp::Min) => $f::<F16, MIN>(dst, srcs, count),
+                    (DType::F16, ReduceOp::Product) => $f::<F16, PROD>(dst, srcs, count),
                     // Callers check `types::check_reducible` first; integers never get here.
                     (d, _) => unreachable!("reduce of {} (not a float type)", d.name()),
                 }
@@ -274,15 +282,17 @@ unsafe fn st_s<const D: u8>(p: *mut u8, i: usize, v: f32) {
     }
 }
 
-/// The combine step, written so that it matches `maxps(acc, x)` + "keep acc if acc is NaN".
+/// The combine step, written so that it matches `maxps(acc, x)` / `minps(acc, x)` + "keep acc
+/// if acc is NaN" (so the first NaN in rank order wins, and of two equal values, e.g. -0 and +0,
+/// the later rank's).
 #[inline(always)]
 fn comb_s<const OP: u8>(acc: f32, x: f32) -> f32 {
-    if OP == SUM {
-        acc + x
-    } else if acc.is_nan() || acc > x {
-        acc
-    } else {
-        x
+    match OP {
+        SUM => acc + x,
+        PROD => acc * x,
+        MAX if acc.is_nan() || acc > x => acc,
+        MIN if acc.is_nan() || acc < x => acc,
+        _ => x,
     }
 }
 
@@ -403,13 +413,14 @@ mod x512 {
     #[target_feature(enable = "avx512f")]
     #[inline]
     pub unsafe fn comb<const OP: u8>(acc: __m512, x: __m512) -> __m512 {
-        if OP == SUM {
-            _mm512_add_ps(acc, x)
-        } else {
-            let m = _mm512_max_ps(acc, x);
-            let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(acc, acc);
-            _mm512_mask_blend_ps(nan, m, acc)
-        }
+        let m = match OP {
+            SUM => return _mm512_add_ps(acc, x),
+            PROD => return _mm512_mul_ps(acc, x),
+            MAX => _mm512_max_ps(acc, x),
+            _ => _mm512_min_ps(acc, x),
+        };
+        let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(acc, acc);
+        _mm512_mask_blend_ps(nan, m, acc)
     }
 
     /// # Safety
@@ -538,13 +549,14 @@ mod x256 {
     #[target_feature(enable = "avx2,f16c")]
     #[inline]
     pub unsafe fn comb<const OP: u8>(acc: __m256, x: __m256) -> __m256 {
-        if OP == SUM {
-            _mm256_add_ps(acc, x)
-        } else {
-            let m = _mm256_max_ps(acc, x);
-            let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(acc, acc);
-            _mm256_blendv_ps(m, acc, nan)
-        }
+        let m = match OP {
+            SUM => return _mm256_add_ps(acc, x),
+            PROD => return _mm256_mul_ps(acc, x),
+            MAX => _mm256_max_ps(acc, x),
+            _ => _mm256_min_ps(acc, x),
+        };
+        let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(acc, acc);
+        _mm256_blendv_ps(m, acc, nan)
     }
 
     /// # Safety
@@ -702,7 +714,12 @@ mod tests {
             -1.0,
         ];
         for dtype in [DType::F32, DType::BF16, DType::F16] {
-            for op in [ReduceOp::Sum, ReduceOp::Max] {
+            for op in [
+                ReduceOp::Sum,
+                ReduceOp::Max,
+                ReduceOp::Min,
+                ReduceOp::Product,
+            ] {
                 for n in 1..=9usize {
                     for &count in &[0usize, 1, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 200, 1000] {
                         let srcs: Vec<Vec<u8>> = (0..n)
@@ -774,12 +791,17 @@ mod tests {
             let neg = encode(dtype, &vec![f32::NEG_INFINITY; count]);
             let odd_nan = encode(dtype, &vec![f32::from_bits(0xFFC0_1234); count]);
             let one = encode(dtype, &vec![1.0; count]);
+            let zero = encode(dtype, &vec![0.0; count]);
             for simd in Simd::available() {
                 for (op, srcs) in [
                     (ReduceOp::Sum, vec![&pos[..], &neg[..]]),
                     (ReduceOp::Sum, vec![&odd_nan[..], &one[..]]),
                     (ReduceOp::Max, vec![&one[..], &odd_nan[..], &pos[..]]),
                     (ReduceOp::Max, vec![&odd_nan[..], &pos[..]]),
+                    (ReduceOp::Min, vec![&one[..], &odd_nan[..], &neg[..]]),
+                    (ReduceOp::Min, vec![&odd_nan[..], &neg[..]]),
+                    (ReduceOp::Product, vec![&pos[..], &one[..], &zero[..]]),
+                    (ReduceOp::Product, vec![&one[..], &odd_nan[..]]),
                 ] {
                     let mut out = vec![0u8; one.len()];
                     reduce_into(simd, dtype, op, &mut out, &srcs);
@@ -803,6 +825,49 @@ mod tests {
             assert_eq!(f32::from_le_bytes(out), 0.0);
             reduce_into(simd, DType::F32, ReduceOp::Sum, &mut out, &[&a, &c, &b]);
             assert_eq!(f32::from_le_bytes(out), 1.0);
+        }
+    }
+
+    /// Min and Product: the values, rank order in f32 (product rounds once per rank), NaN first
+    /// in rank order wins for min as for max, and the SIMD paths agree (checked above too).
+    #[test]
+    fn min_and_product_are_rank_ordered_f32() {
+        let f = |v: &[f32]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let a = f(&[3.0, -0.0, 1e30, 2.0, f32::NAN, 5.0, 7.0, 1.5]);
+        let b = f(&[-1.0, 0.0, 1e30, f32::NEG_INFINITY, 1.0, f32::NAN, -7.0, 3.0]);
+        let c = f(&[2.0, 1.0, 1e-30, 4.0, -1.0, 1.0, 0.0, 2.0]);
+        for simd in Simd::available() {
+            let mut out = [0u8; 32];
+            reduce_into(simd, DType::F32, ReduceOp::Min, &mut out, &[&a, &b, &c]);
+            let got: Vec<f32> = out
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(
+                &got[..4],
+                &[-1.0, 0.0, 1e-30, f32::NEG_INFINITY],
+                "{simd:?}"
+            );
+            assert!(got[4].is_nan() && got[5].is_nan(), "{simd:?}");
+            assert_eq!(&got[6..], &[-7.0, 1.5], "{simd:?}");
+            // Of -0 and +0 the later rank's wins, as minps does.
+            assert!(got[1].is_sign_positive(), "{simd:?}");
+            reduce_into(simd, DType::F32, ReduceOp::Product, &mut out, &[&a, &b, &c]);
+            let got: Vec<f32> = out
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            // 1e30 * 1e30 overflows to inf before * 1e-30: rank order, in f32.
+            assert_eq!(got[2], f32::INFINITY, "{simd:?}");
+            assert_eq!(got[0], -6.0, "{simd:?}");
+            assert_eq!(got[7], 9.0, "{simd:?}");
+            assert_eq!(got[6].to_bits(), (-0.0f32).to_bits(), "{simd:?}");
+            reduce_into(simd, DType::F32, ReduceOp::Product, &mut out, &[&c, &a, &b]);
+            let got: Vec<f32> = out
+                .chunks(4)
+                .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
+                .collect();
+            assert_eq!(got[2], 1e30, "{simd:?}");
         }
     }
 }

@@ -45,10 +45,13 @@ impl DType {
     }
 }
 
+/// Element-wise operator of all-reduce and reduce-scatter (always applied in rank order, in f32).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum ReduceOp {
     Sum,
     Max,
+    Min,
+    Product,
 }
 
 /// A Rust element type that maps to a [`DType`]: what all-gather and broadcast move.

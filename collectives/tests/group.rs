@@ -38,10 +38,11 @@ fn script(seed: u64, n: usize, len: usize, counts: &[usize]) -> Vec<Spec> {
     for _ in 0..len {
         let r = next();
         let dtype = all_dtypes()[(r % 3) as usize];
-        let op = if (r >> 8) % 3 == 0 {
-            ReduceOp::Max
-        } else {
-            ReduceOp::Sum
+        let op = match (r >> 8) % 6 {
+            0 => ReduceOp::Max,
+            1 => ReduceOp::Min,
+            2 => ReduceOp::Product,
+            _ => ReduceOp::Sum,
         };
         let count = counts[((r >> 16) % counts.len() as u64) as usize];
         let seed = next();

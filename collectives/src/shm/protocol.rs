@@ -50,6 +50,8 @@ impl Desc {
         let redop = match (code >> 16) & 0xFF {
             0 => " sum",
             1 => " max",
+            2 => " min",
+            3 => " product",
             _ => "",
         };
         let root = if code & 0xFF == OpKind::Broadcast.index() as u32 {

@@ -66,17 +66,15 @@ pub fn input(seed: u64, rank: usize, dtype: DType, count: usize) -> Vec<u8> {
     out
 }
 
-/// acc = x0; acc = op(acc, x1); ... in f32, rounded once. `Max` keeps acc on ties and NaN.
+/// acc = x0; acc = op(acc, x1); ... in f32, rounded once. `Max` and `Min` keep acc on NaN
+/// (and take x on ties, as maxps/minps do).
 pub fn combine(op: ReduceOp, acc: f32, x: f32) -> f32 {
     match op {
         ReduceOp::Sum => acc + x,
-        ReduceOp::Max => {
-            if acc.is_nan() || acc > x {
-                acc
-            } else {
-                x
-            }
-        }
+        ReduceOp::Product => acc * x,
+        ReduceOp::Max if acc.is_nan() || acc > x => acc,
+        ReduceOp::Min if acc.is_nan() || acc < x => acc,
+        ReduceOp::Max | ReduceOp::Min => x,
     }
 }
 
