@@ -137,7 +137,7 @@ impl HierComm {
                 let k = crate::env::parse_count(ENV_PRETEND_NODES, &k, "a node count", 1..=n as u64)
                     .map_err(anyhow::Error::msg)? as usize;
                 anyhow::ensure!(
-                    n % k == 0,
+                    n.is_multiple_of(k),
                     "{ENV_PRETEND_NODES}={k} does not divide the {n} ranks into equal nodes"
                 );
                 world
