@@ -3,11 +3,11 @@
 //! MPI's mpirun with `TPRUN_PRETEND_NODES` splitting this host into pretend nodes and the leaders'
 //! traffic forced onto TCP (`--mca btl tcp,self`).
 
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{finish, run_cmd, tprun, tprun_bin, Finished, TempDir};
+use common::{finish, run_cmd, tprun, Finished};
 
 const LIMIT: Duration = Duration::from_secs(180);
 
@@ -128,6 +128,8 @@ fn two_nodes_without_the_mpi_feature_is_one_clear_error() {
 #[cfg(feature = "mpi")]
 mod mpi {
     use super::*;
+    use common::{tprun_bin, TempDir};
+    use std::process::Stdio;
 
     /// `mpirun -np N` on pretend nodes, leaders over TCP, running `args` (a program and its
     /// arguments).
