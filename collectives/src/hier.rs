@@ -238,7 +238,7 @@ impl HierComm {
     /// A node-local error with the peer's local rank replaced by its global rank and host.
     fn globalize(&self, e: CommError) -> CommError {
         let base = self.node * self.per_node;
-        let on = format!(" (host {}, node {})", self.host, self.node);
+        let on = format!("(host {}, node {})", self.host, self.node);
         match e {
             CommError::Timeout {
                 op,
