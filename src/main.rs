@@ -67,6 +67,30 @@ enum Cmd {
     Compare(programs::compare::Args),
     /// Stragglers, arrival skew, exposed communication and per-layer waits of a `--trace`.
     Analyze(programs::analyze::Args),
+    /// Run one built-in program as the rank an outside launcher started (`srun -n 8 tprun rank
+    /// generate ...`, `mpirun -np 8 tprun rank bench ...`), without starting other ranks.
+    #[command(subcommand)]
+    Rank(RankCmd),
+}
+
+/// The programs `tprun rank` runs.
+#[derive(Subcommand, Debug)]
+enum RankCmd {
+    Generate(programs::generate::Args),
+    Logits(programs::logits::Args),
+    Bench(programs::bench::Args),
+    Perf(programs::perf::Args),
+}
+
+impl From<RankCmd> for Cmd {
+    fn from(r: RankCmd) -> Cmd {
+        match r {
+            RankCmd::Generate(a) => Cmd::Generate(a),
+            RankCmd::Logits(a) => Cmd::Logits(a),
+            RankCmd::Bench(a) => Cmd::Bench(a),
+            RankCmd::Perf(a) => Cmd::Perf(a),
+        }
+    }
 }
 
 const ROLE_VAR: &str = "TPRUN_ROLE";
@@ -97,6 +121,9 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     if cli.command.is_some() && cli.launch.device == Some(launcher::Device::Cuda) {
         return Err(programs::device::cuda_unavailable());
     }
+    if !in_rank && !matches!(cli.command, Some(Cmd::Rank(_))) {
+        refuse_nesting()?;
+    }
     let dashdash = after_dashdash(&cli.program);
     let script_mode = cli.module || cli.no_python || cli.python.is_some();
     if script_mode && (cli.program.is_empty() || dashdash) {
@@ -105,6 +132,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
         ));
     }
     match (cli.command, in_rank) {
+        (Some(Cmd::Rank(cmd)), _) => rank_of_outside_launcher(cmd.into(), cli.trace.as_deref()),
         (Some(cmd), true) => run_rank(cmd, cli.trace.as_deref()),
         (Some(cmd), false) => launch_builtin(&cli.launch, &cmd, cli.trace.as_deref()),
         (None, _) if !cli.program.is_empty() && !dashdash => {
@@ -198,6 +226,49 @@ fn run_local(cli: &Cli) -> anyhow::Result<Option<i32>> {
     }
 }
 
+/// A tprun job inside an MPI or Slurm job of several tasks would run one independent job per
+/// task (each tprun's ranks take tprun's numbering first), which is never what was meant.
+fn refuse_nesting() -> anyhow::Result<()> {
+    use collectives::identity::{from_env, Source};
+    if let Ok(Some(id)) = from_env() {
+        if id.source != Source::Torchrun && id.world > 1 {
+            return Err(usage(&format!(
+                "tprun is one of {} tasks of {}: nesting tprun's launcher in mpirun/srun is not supported; start the ranks with `tprun rank PROGRAM ...` under that launcher instead",
+                id.world,
+                id.source.name()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// `tprun rank PROGRAM`: this process is one rank that srun, mpirun or a person started; its
+/// identity comes from their variables (collectives::identity). A failure is printed here and
+/// then ends the whole job where MPI is in charge (MPI_Abort).
+fn rank_of_outside_launcher(cmd: Cmd, trace: Option<&Path>) -> anyhow::Result<i32> {
+    if matches!(cmd, Cmd::Perf(ref a) if !a.from.is_empty()) {
+        return Err(usage("tprun rank perf: --from plots saved results: run `tprun perf --from ...` without `rank`"));
+    }
+    let id = collectives::identity::from_env().map_err(|e| anyhow::anyhow!(e))?;
+    if id.is_none() {
+        return Err(usage(
+            "tprun rank: no launcher variables (RANK/WORLD_SIZE, OMPI_COMM_WORLD_RANK/_SIZE, PMIX_RANK/PMI_RANK with PMI_SIZE, SLURM_PROCID/SLURM_NTASKS): start it with srun or mpirun, or use `tprun -n N PROGRAM`",
+        ));
+    }
+    match run_rank(cmd, trace) {
+        Ok(code) => {
+            collectives::end_job(true);
+            Ok(code)
+        }
+        Err(e) => {
+            let line = format!("tprun: error: {e:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+            collectives::end_job(false);
+            Ok(launcher::exit_code(&e).clamp(1, 255))
+        }
+    }
+}
+
 /// Inside a rank process: runs the built-in program, recording its trace when asked.
 fn run_rank(cmd: Cmd, trace: Option<&Path>) -> anyhow::Result<i32> {
     launcher::builtin_rank_setup()?;
@@ -209,13 +280,15 @@ fn run_rank(cmd: Cmd, trace: Option<&Path>) -> anyhow::Result<i32> {
         Cmd::Logits(a) => programs::logits::run(&a)?,
         Cmd::Bench(a) => programs::bench::run(&a)?,
         Cmd::Perf(a) => programs::perf::run(&a)?,
-        Cmd::Compare(_) | Cmd::Analyze(_) => unreachable!("runs before dispatch"),
+        Cmd::Compare(_) | Cmd::Analyze(_) | Cmd::Rank(_) => {
+            unreachable!("compare, analyze and rank run before dispatch")
+        }
     }
     if let Some(out) = trace {
-        let rank = std::env::var("RANK")
+        let rank = collectives::identity::from_env()
             .ok()
-            .and_then(|r| r.parse().ok())
-            .unwrap_or(0);
+            .flatten()
+            .map_or(0, |id| id.rank);
         collectives::trace::finish_rank(out, rank)?;
     }
     Ok(0)
@@ -301,7 +374,7 @@ fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
             let m = programs::runtime::open_model(model)?;
             (format!("model {}", m.path().display()), m.config().clone())
         }
-        Cmd::Perf(_) | Cmd::Compare(_) | Cmd::Analyze(_) => return Ok(()),
+        Cmd::Perf(_) | Cmd::Compare(_) | Cmd::Analyze(_) | Cmd::Rank(_) => return Ok(()),
     };
     let n = world_size(launch);
     if let Err(e) = rank::ShardPlan::new(&config.shapes(), n, 0) {

@@ -19,7 +19,10 @@
 mod env;
 pub mod error;
 pub mod files;
+#[cfg(feature = "mpi")]
+pub mod hier;
 pub mod hta;
+pub mod identity;
 pub mod local;
 pub mod reduce;
 pub mod shm;
@@ -68,6 +71,20 @@ pub trait Communicator: Send {
     fn stats(&self) -> CommStats {
         CommStats::default()
     }
+
+    /// Nodes and ranks per node of a multi-node communicator (feature `mpi`); `None` for one
+    /// host. Reports show it (perf's table header).
+    fn hierarchy(&self) -> Option<Hierarchy> {
+        None
+    }
+}
+
+/// The shape of a multi-node job: `nodes` nodes of `per_node` ranks, global rank
+/// `node * per_node + local`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Hierarchy {
+    pub nodes: usize,
+    pub per_node: usize,
 }
 
 /// The typed collectives, for every communicator including `&mut dyn Communicator`: each casts
@@ -138,9 +155,22 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     fn stats(&self) -> CommStats {
         (**self).stats()
     }
+    fn hierarchy(&self) -> Option<Hierarchy> {
+        (**self).hierarchy()
+    }
 }
 
 /// The communicator of this rank, from the environment tprun sets (world of one without it).
 pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
     shm::from_env()
+}
+
+/// Called once by a rank process when its program is done, after its communicator is dropped:
+/// where MPI is in charge (feature `mpi`, a multi-node job) it finalizes MPI on success and
+/// calls MPI_Abort on failure, so no other rank waits for this one. Nothing otherwise.
+pub fn end_job(ok: bool) {
+    #[cfg(feature = "mpi")]
+    hier::end(ok);
+    #[cfg(not(feature = "mpi"))]
+    let _ = ok;
 }

@@ -11,7 +11,7 @@ use anyhow::{bail, ensure, Context};
 use half::{bf16, f16};
 
 use collectives::units::parse_size;
-use collectives::{CommExt, Communicator, DType, Float, ReduceOp};
+use collectives::{CommExt, Communicator, DType, Float, Hierarchy, ReduceOp};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PerfOp {
@@ -358,7 +358,7 @@ fn bench_size(comm: &mut dyn Communicator, case: &mut Case, args: &Args) -> anyh
     })
 }
 
-fn print_table(op: PerfOp, rows: &[Row], n: usize, args: &Args) {
+fn print_table(op: PerfOp, rows: &[Row], n: usize, hier: Option<Hierarchy>, args: &Args) {
     let dt = args.dtype.dtype();
     println!(
         "# tprun perf: {} on {n} ranks, {} ({}), {} iters after {} warmup, check {}",
@@ -369,6 +369,12 @@ fn print_table(op: PerfOp, rows: &[Row], n: usize, args: &Args) {
         args.warmup,
         if args.check { "on" } else { "off" }
     );
+    if let Some(h) = hier {
+        println!(
+            "# hierarchy: {} nodes x {} ranks per node (shared memory in a node, MPI between nodes)",
+            h.nodes, h.per_node
+        );
+    }
     println!("#");
     println!(
         "# {:>10}  {:>12}  {:>8}  {:>10}  {:>8}  {:>8}  {:>6}",
@@ -422,7 +428,7 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     for &op in &ops {
         let rows = measure_op(comm.as_mut(), op, &sizes, args)?;
         if rank == 0 && !args.json {
-            print_table(op, &rows, n, args);
+            print_table(op, &rows, n, comm.hierarchy(), args);
         }
         all_rows.extend(rows);
     }

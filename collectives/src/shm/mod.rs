@@ -331,27 +331,18 @@ impl Drop for ShmComm {
     }
 }
 
-fn env_usize(var: &str) -> anyhow::Result<Option<usize>> {
-    match std::env::var(var) {
-        Ok(v) => v
-            .trim()
-            .parse()
-            .map(Some)
-            .with_context(|| format!("{var}={v} is not a whole number")),
-        Err(std::env::VarError::NotPresent) => Ok(None),
-        Err(e) => Err(anyhow::anyhow!("{var}: {e}")),
-    }
-}
-
-/// This rank's communicator from the environment tprun sets; a [`crate::local::SoloComm`] when
-/// WORLD_SIZE is unset or 1.
+/// This rank's communicator from the launcher's environment; a [`crate::local::SoloComm`] when
+/// no launcher variable is set or the world is one rank.
 ///
-/// With `TPRUN_SHM_FD` (started by tprun) it maps the inherited segment; otherwise, with
-/// WORLD_SIZE > 1 and a shared `TPRUN_RUN_ID` (or `MASTER_PORT`), it meets the other ranks
-/// through a named segment in /dev/shm (or `TPRUN_SHM_DIR`) that exists only during start-up.
+/// The identity comes from [`crate::identity`] (tprun/torchrun, Open MPI, PMI, Slurm, in that
+/// order). With `TPRUN_SHM_FD` (started by tprun) it maps the inherited segment. Ranks on more
+/// than one node (or `TPRUN_PRETEND_NODES`) get the hierarchical communicator of feature `mpi`.
+/// Otherwise every rank must be on this host, and they meet through a named segment in /dev/shm
+/// (or `TPRUN_SHM_DIR`) that exists only during start-up, keyed by a job id every rank shares:
+/// `TPRUN_RUN_ID`, `MASTER_PORT`, Slurm's job and step id, Open MPI's job id or the PMIx namespace.
 pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
-    let world = env_usize("WORLD_SIZE")?.unwrap_or(1);
-    if world <= 1 {
+    let id = crate::identity::from_env().map_err(|e| anyhow::anyhow!(e))?;
+    let Some(id) = id.filter(|id| id.world > 1) else {
         if let Ok(fd) = std::env::var(segment::ENV_FD) {
             if let Ok(fd) = fd.trim().parse::<i32>() {
                 // Nothing this program starts needs the job's memory.
@@ -362,17 +353,19 @@ pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
             }
         }
         return Ok(Box::new(crate::local::SoloComm));
+    };
+    let (rank, world) = (id.rank, id.world);
+    let inherited = std::env::var(segment::ENV_FD).ok();
+    let many_nodes =
+        id.local_world.is_some_and(|l| l < world) || std::env::var_os(ENV_PRETEND_NODES).is_some();
+    if inherited.is_none() && many_nodes {
+        return multi_node(&id);
     }
-    let rank =
-        env_usize("RANK")?.with_context(|| format!("WORLD_SIZE={world} but RANK is not set"))?;
-    anyhow::ensure!(
-        rank < world,
-        "RANK={rank} is out of range for WORLD_SIZE={world}"
-    );
-    if let Some(local) = env_usize("LOCAL_WORLD_SIZE")? {
+    if let Some(local) = id.local_world {
         anyhow::ensure!(
             local == world,
-            "LOCAL_WORLD_SIZE={local} but WORLD_SIZE={world}: the shared-memory collectives need every rank on this host"
+            "{}: {local} ranks on this host but {world} in the job: the shared-memory collectives need every rank on this host",
+            id.source.name()
         );
     }
     let opts = CommOptions::from_env(world)?;
@@ -381,16 +374,12 @@ pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
         "collectives::from_env() was already called in this process and its communicator is still alive"
     );
     let res = (|| -> anyhow::Result<ShmComm> {
-        let (map, lay) = if let Ok(fd) = std::env::var(segment::ENV_FD) {
+        let (map, lay) = if let Some(fd) = inherited {
             segment::attach_fd(&fd, world)?
         } else {
-            let key = match (std::env::var("TPRUN_RUN_ID"), std::env::var("MASTER_PORT")) {
-                (Ok(id), _) if !id.is_empty() => id,
-                (_, Ok(port)) if !port.is_empty() => format!("port{port}"),
-                _ => anyhow::bail!(
-                    "WORLD_SIZE={world} but no shared memory to meet in: start the ranks with tprun (TPRUN_SHM_FD), or give every rank the same TPRUN_RUN_ID or MASTER_PORT"
-                ),
-            };
+            let key = job_key().with_context(|| format!(
+                "WORLD_SIZE={world} but no shared memory to meet in: start the ranks with tprun (TPRUN_SHM_FD), or give every rank the same TPRUN_RUN_ID or MASTER_PORT"
+            ))?;
             segment::attach_named(&key, world, rank, opts.timeout)?
         };
         let mut c = ShmComm::attach(map, lay, rank, opts)?;
@@ -402,4 +391,79 @@ pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
         TAKEN.store(false, SeqCst);
     }
     Ok(Box::new(res?))
+}
+
+/// `TPRUN_PRETEND_NODES=K`: split this host's ranks into K pretend nodes (feature `mpi`), so the
+/// inter-node stage runs over MPI on one machine.
+pub const ENV_PRETEND_NODES: &str = "TPRUN_PRETEND_NODES";
+
+/// A name every rank of this job on this host agrees on without talking: the first of
+/// `TPRUN_RUN_ID`, `MASTER_PORT`, `SLURM_JOB_ID.SLURM_STEP_ID`, `OMPI_MCA_ess_base_jobid`,
+/// `PMIX_NAMESPACE` that is set.
+pub(crate) fn job_key() -> Option<String> {
+    let get = |v: &str| std::env::var(v).ok().filter(|s| !s.is_empty());
+    if let Some(id) = get("TPRUN_RUN_ID") {
+        return Some(id);
+    }
+    if let Some(port) = get("MASTER_PORT") {
+        return Some(format!("port{port}"));
+    }
+    if let Some(job) = get("SLURM_JOB_ID") {
+        let step = get("SLURM_STEP_ID").unwrap_or_default();
+        return Some(format!("slurm{job}.{step}"));
+    }
+    let raw = get("OMPI_MCA_ess_base_jobid").or_else(|| get("PMIX_NAMESPACE"))?;
+    // Only characters a file name can hold.
+    Some(format!(
+        "mpi{}",
+        raw.replace(
+            |c: char| !c.is_ascii_alphanumeric() && c != '-' && c != '.',
+            "_"
+        )
+    ))
+}
+
+/// The node-local communicator of a multi-node job: local rank 0 creates the named segment
+/// `key`, `barrier` (over MPI) lets the others open it only then, the last to map it unlinks it.
+#[cfg(feature = "mpi")]
+pub(crate) fn attach_node_local(
+    key: &str,
+    world: usize,
+    rank: usize,
+    barrier: &dyn Fn(),
+) -> Result<ShmComm> {
+    let opts = CommOptions::from_env(world).map_err(|e| CommError::Setup(format!("{e:#}")))?;
+    if rank != 0 {
+        barrier();
+    }
+    let (map, lay) = segment::attach_named(key, world, rank, opts.timeout)?;
+    if rank == 0 {
+        barrier();
+    }
+    let mut c = ShmComm::attach(map, lay, rank, opts)?;
+    c.release_taken = true;
+    Ok(c)
+}
+
+#[cfg(feature = "mpi")]
+fn multi_node(id: &crate::identity::Identity) -> anyhow::Result<Box<dyn Communicator>> {
+    anyhow::ensure!(
+        !TAKEN.swap(true, SeqCst),
+        "collectives::from_env() was already called in this process and its communicator is still alive"
+    );
+    let res = crate::hier::HierComm::from_env(id);
+    if res.is_err() {
+        TAKEN.store(false, SeqCst);
+    }
+    Ok(Box::new(res?))
+}
+
+#[cfg(not(feature = "mpi"))]
+fn multi_node(id: &crate::identity::Identity) -> anyhow::Result<Box<dyn Communicator>> {
+    anyhow::bail!(
+        "{}: {} of the job's {} ranks run on this host (or {ENV_PRETEND_NODES} is set): ranks on more than one node need the hierarchical communicator, which this tprun was built without: rebuild with `cargo build --release --features mpi` (needs Open MPI and libclang) and start it with mpirun or srun",
+        id.source.name(),
+        id.local_world.map_or("some".to_string(), |l| l.to_string()),
+        id.world
+    )
 }

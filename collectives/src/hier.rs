@@ -1,0 +1,474 @@
+//! The hierarchical communicator (feature `mpi`): ranks on one host share a node-local
+//! shared-memory segment ([`ShmComm`]); between hosts, MPI moves bytes only.
+//!
+//! **Layout.** K nodes of L ranks each, numbered in blocks: global rank `g = node * L + local`
+//! (mpirun's and srun's default block placement; anything else is refused at start-up). Rail
+//! `local` is the MPI communicator of the ranks with that local index, one per node, in node
+//! order: each rail carries 1/L of the inter-node traffic, and its members are the "leaders" of
+//! their shard.
+//!
+//! **Algorithms.** All-reduce: the buffer is cut into L shards of ceil(count / L) elements (the
+//! last padded); a node-local all-gather gives local rank l shard l of every local input -> on
+//! rail l an MPI_Allgather of those raw bytes gives shard l of all N inputs, which rail member
+//! reduces with [`crate::reduce`] -> node-local all-gather of the reduced shards.
+//! Reduce-scatter: likewise with an MPI_Alltoall (each rank receives only its own chunk of every
+//! input). All-gather: rail MPI_Allgather, then node-local all-gather, then a reorder into global
+//! rank order. Broadcast: the root's rail broadcasts from the root's node, then each node
+//! broadcasts locally.
+//!
+//! **Reduction order.** Each element is reduced from the N raw inputs in global rank order
+//! 0..N-1, in f32, rounded once to the storage type: exactly what the flat shm path computes, so
+//! the bits are the same as `tprun -n N` on one host, and the same on every rank. MPI never adds
+//! floats (MPI_Allreduce's order is not ours to fix). The price: raw inputs cross the network
+//! instead of node partial sums, L times the inter-node bytes of a partial-sum scheme, which
+//! pre-added sums would avoid only by giving up the flat path's bits.
+//!
+//! **Failures.** An error in any stage (a local peer died or timed out) prints one line naming
+//! this rank's global number and host, the operation and the peer's global rank, then calls
+//! MPI_Abort, so mpirun/srun ends every rank; a rank that dies is reported by mpirun itself
+//! (rank, PID and node). A rank's program that fails calls [`crate::end_job`] with `false`.
+
+use std::sync::Mutex;
+use std::time::Instant;
+
+use anyhow::Context;
+use mpi::topology::{Color, SimpleCommunicator};
+use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Root as _};
+use mpi::Threading;
+
+use crate::identity::Identity;
+use crate::reduce::{reduce_into, Simd};
+use crate::shm::{ShmComm, ENV_PRETEND_NODES};
+use crate::stats::{CommStats, OpKind};
+use crate::{CommError, Communicator, DType, ReduceOp, Result};
+
+/// MPI's universe, finalized by [`end`] (not when the communicator is dropped: a rank whose
+/// program failed must abort the job instead of waiting in MPI_Finalize for ranks that wait
+/// for it).
+static UNIVERSE: Mutex<Option<mpi::environment::Universe>> = Mutex::new(None);
+
+/// Ends MPI for this process: MPI_Finalize after success, MPI_Abort (the whole job) after a
+/// failure. Nothing when MPI was never started.
+pub fn end(ok: bool) {
+    let mut u = UNIVERSE.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some(universe) = u.take() {
+        if !ok {
+            universe.world().abort(1);
+        }
+        drop(universe);
+    }
+}
+
+/// One rank of a multi-node job (see the module docs).
+pub struct HierComm {
+    local: ShmComm,
+    rail: SimpleCommunicator,
+    world_comm: SimpleCommunicator,
+    rank: usize,
+    world: usize,
+    nodes: usize,
+    per_node: usize,
+    node: usize,
+    lr: usize,
+    host: String,
+    simd: Simd,
+    stats: CommStats,
+    /// Scratch buffers, kept between calls.
+    a: Vec<u8>,
+    b: Vec<u8>,
+    c: Vec<u8>,
+}
+
+// SAFETY: MPI is initialized with MPI_THREAD_SERIALIZED (checked in `from_env`), so MPI calls may
+// come from any thread as long as no two run at once; `&mut self` on every collective ensures
+// that, and the communicator handles are owned values, not tied to the creating thread.
+unsafe impl Send for HierComm {}
+
+fn host_name() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_else(|_| "unknown-host".into())
+}
+
+/// Prints `e` as this rank's error line and aborts the MPI job (never returns).
+fn abort_with(world: &SimpleCommunicator, rank: usize, host: &str, e: &dyn std::fmt::Display) -> ! {
+    let line = format!("tprun: error: global rank {rank} on host {host}: {e}\n");
+    let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), line.as_bytes());
+    world.abort(1)
+}
+
+impl HierComm {
+    /// Starts MPI and builds the node and rail communicators and the node-local segment. A
+    /// failure after MPI started aborts the job (one line first), so no rank waits forever.
+    pub(crate) fn from_env(id: &Identity) -> anyhow::Result<HierComm> {
+        let (universe, level) = mpi::initialize_with_threading(Threading::Serialized)
+            .context("MPI was already initialized in this process")?;
+        let world = universe.world();
+        *UNIVERSE.lock().unwrap_or_else(|e| e.into_inner()) = Some(universe);
+        let host = host_name();
+        let (g, n) = (world.rank() as usize, world.size() as usize);
+        if (g, n) != (id.rank, id.world) {
+            end(true);
+            anyhow::bail!(
+                "{} says rank {} of {}, but MPI says rank {g} of {n}: start the ranks with mpirun or srun (an MPI launcher), not by hand",
+                id.source.name(),
+                id.rank,
+                id.world
+            );
+        }
+        let setup = || -> anyhow::Result<HierComm> {
+            anyhow::ensure!(
+                level >= Threading::Serialized,
+                "this MPI library offers no MPI_THREAD_SERIALIZED"
+            );
+            Self::build(world.duplicate(), g, n, host.clone())
+        };
+        setup().map_err(|e| abort_with(&world, g, &host, &format!("{e:#}")))
+    }
+
+    fn build(
+        world: SimpleCommunicator,
+        g: usize,
+        n: usize,
+        host: String,
+    ) -> anyhow::Result<HierComm> {
+        let node_comm = match crate::env::var(ENV_PRETEND_NODES).map_err(anyhow::Error::msg)? {
+            Some(k) => {
+                let k = crate::env::parse_count(ENV_PRETEND_NODES, &k, "a node count", 1..=n as u64)
+                    .map_err(anyhow::Error::msg)? as usize;
+                anyhow::ensure!(
+                    n.is_multiple_of(k),
+                    "{ENV_PRETEND_NODES}={k} does not divide the {n} ranks into equal nodes"
+                );
+                world
+                    .split_by_color(Color::with_value((g / (n / k)) as i32))
+                    .context("MPI_Comm_split")?
+            }
+            None => world.split_shared(g as i32),
+        };
+        let (lr, l) = (node_comm.rank() as usize, node_comm.size() as usize);
+        let mut leader = [g as u64];
+        node_comm.process_at_rank(0).broadcast_into(&mut leader[..]);
+        let mut sizes = vec![0u64; n];
+        world.all_gather_into(&[l as u64][..], &mut sizes[..]);
+        anyhow::ensure!(
+            sizes.iter().all(|&s| s as usize == l) && leader[0] as usize + lr == g && g % l == lr,
+            "the ranks are not placed in equal blocks of consecutive ranks per node (rank {g} is local rank {lr} of {l} on {host}); use block placement (mpirun --map-by slot, srun --distribution=block) with the same number of ranks on every node"
+        );
+        let node = g / l;
+        let rail = world
+            .split_by_color(Color::with_value(lr as i32))
+            .context("MPI_Comm_split")?;
+        let local = Self::node_segment(&node_comm, lr, l, node, &host)?;
+        Ok(HierComm {
+            local,
+            rail,
+            world_comm: world,
+            rank: g,
+            world: n,
+            nodes: n / l,
+            per_node: l,
+            node,
+            lr,
+            host,
+            simd: Simd::detect(),
+            stats: CommStats::default(),
+            a: Vec::new(),
+            b: Vec::new(),
+            c: Vec::new(),
+        })
+    }
+
+    /// The node-local segment: named by job id, host, node and the leader's pid (broadcast by
+    /// the leader, so a stale segment of a crashed run never matches); created 0600 by local
+    /// rank 0 before the others open it, unlinked by the last one to map it.
+    fn node_segment(
+        node_comm: &SimpleCommunicator,
+        lr: usize,
+        l: usize,
+        node: usize,
+        host: &str,
+    ) -> anyhow::Result<ShmComm> {
+        let mut name = [0u8; 200];
+        if lr == 0 {
+            let job = crate::shm::job_key().unwrap_or_else(|| "job".into());
+            let host: String = host
+                .chars()
+                .map(|c| {
+                    if c.is_ascii_alphanumeric() || c == '-' {
+                        c
+                    } else {
+                        '_'
+                    }
+                })
+                .collect();
+            let key = format!("{job}.{host}.n{node}.{}", std::process::id());
+            let n = key.len().min(name.len());
+            name[..n].copy_from_slice(&key.as_bytes()[..n]);
+        }
+        node_comm.process_at_rank(0).broadcast_into(&mut name[..]);
+        let end = name.iter().position(|&b| b == 0).unwrap_or(name.len());
+        let key = String::from_utf8_lossy(&name[..end]).into_owned();
+        crate::shm::attach_node_local(&key, l, lr, &|| node_comm.barrier())
+            .map_err(anyhow::Error::from)
+    }
+
+    /// Runs one collective; an error other than bad arguments aborts the job (module docs).
+    fn op(
+        &mut self,
+        kind: OpKind,
+        bytes: usize,
+        f: impl FnOnce(&mut HierComm) -> Result<()>,
+    ) -> Result<()> {
+        let t0 = Instant::now();
+        match f(self) {
+            Ok(()) => {
+                self.stats
+                    .record(kind, bytes, t0.elapsed().as_secs_f64(), 0.0);
+                Ok(())
+            }
+            Err(e @ CommError::Invalid { .. }) => Err(e),
+            Err(e) => {
+                let e = self.globalize(e);
+                abort_with(&self.world_comm, self.rank, &self.host, &e)
+            }
+        }
+    }
+
+    /// A node-local error with the peer's local rank replaced by its global rank and host.
+    fn globalize(&self, e: CommError) -> CommError {
+        let base = self.node * self.per_node;
+        let on = format!("(host {}, node {})", self.host, self.node);
+        match e {
+            CommError::Timeout {
+                op,
+                seq,
+                missing,
+                waited_s,
+            } => CommError::PeerDied {
+                op,
+                seq,
+                missing: base + missing,
+                how: format!("{on} did not arrive within {waited_s:.1} s (TPRUN_COMM_TIMEOUT_S)"),
+            },
+            CommError::PeerDied {
+                op,
+                seq,
+                missing,
+                how,
+            } => CommError::PeerDied {
+                op,
+                seq,
+                missing: base + missing,
+                how: format!("{on} {how}"),
+            },
+            CommError::Aborted {
+                op,
+                seq,
+                failed,
+                missing,
+            } => CommError::Aborted {
+                op,
+                seq,
+                failed: base + failed,
+                missing: base + missing,
+            },
+            other => other,
+        }
+    }
+
+    fn invalid(op: OpKind, msg: String) -> CommError {
+        CommError::Invalid { op: op.name(), msg }
+    }
+}
+
+/// `buf` split into `k` equal pieces.
+fn pieces(buf: &[u8], k: usize) -> Vec<&[u8]> {
+    buf.chunks_exact(buf.len() / k.max(1)).collect()
+}
+
+impl HierComm {
+    fn all_reduce_impl(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let esz = dtype.size();
+        if !buf.len().is_multiple_of(esz) {
+            let msg = format!(
+                "{} bytes is not a whole number of {}",
+                buf.len(),
+                dtype.name()
+            );
+            return Err(Self::invalid(OpKind::AllReduce, msg));
+        }
+        let (l, k, lr) = (self.per_node, self.nodes, self.lr);
+        let shard = (buf.len() / esz).div_ceil(l) * esz;
+        let mut pad = std::mem::take(&mut self.a);
+        let mut all = std::mem::take(&mut self.b);
+        let mut got = std::mem::take(&mut self.c);
+        pad.clear();
+        pad.extend_from_slice(buf);
+        pad.resize(l * shard, 0);
+        all.resize(l * l * shard, 0);
+        got.resize(k * l * shard, 0);
+        let res = (|| {
+            // Every local rank's input; keep shard `lr` of each, in local rank order.
+            self.local.all_gather_raw(&pad, &mut all, dtype)?;
+            let mine: Vec<u8> = (0..l)
+                .flat_map(|j| &all[(j * l + lr) * shard..][..shard])
+                .copied()
+                .collect();
+            if shard > 0 {
+                self.rail.all_gather_into(&mine[..], &mut got[..]);
+                // got = shard `lr` of every rank, in global rank order: the flat path's order.
+                reduce_into(
+                    self.simd,
+                    dtype,
+                    op,
+                    &mut pad[..shard],
+                    &pieces(&got, k * l),
+                );
+            }
+            let reduced = pad[..shard].to_vec();
+            self.local.all_gather_raw(&reduced, &mut pad, dtype)
+        })();
+        buf.copy_from_slice(&pad[..buf.len()]);
+        (self.a, self.b, self.c) = (pad, all, got);
+        res
+    }
+
+    fn all_gather_impl(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
+        let (l, k, len) = (self.per_node, self.nodes, input.len());
+        if output.len() != self.world * len {
+            return Err(Self::invalid(
+                OpKind::AllGather,
+                format!(
+                    "output is {} bytes, want {} x {len}",
+                    output.len(),
+                    self.world
+                ),
+            ));
+        }
+        let (mut rail, mut node) = (std::mem::take(&mut self.a), std::mem::take(&mut self.b));
+        rail.resize(k * len, 0);
+        node.resize(l * k * len, 0);
+        if len > 0 {
+            self.rail.all_gather_into(input, &mut rail[..]);
+        }
+        let res = self.local.all_gather_raw(&rail, &mut node, dtype);
+        // node holds, per local rank j, the inputs of ranks n * L + j for n in 0..K.
+        for j in 0..l {
+            for n in 0..k {
+                let src = &node[(j * k + n) * len..][..len];
+                output[(n * l + j) * len..][..len].copy_from_slice(src);
+            }
+        }
+        (self.a, self.b) = (rail, node);
+        res
+    }
+
+    fn reduce_scatter_impl(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let (l, k, lr, len) = (self.per_node, self.nodes, self.lr, output.len());
+        if input.len() != self.world * len || !len.is_multiple_of(dtype.size()) {
+            let msg = format!(
+                "input is {} bytes, want {} x {len} (whole {})",
+                input.len(),
+                self.world,
+                dtype.name()
+            );
+            return Err(Self::invalid(OpKind::ReduceScatter, msg));
+        }
+        let mut all = std::mem::take(&mut self.a);
+        let mut send = std::mem::take(&mut self.b);
+        let mut got = std::mem::take(&mut self.c);
+        all.resize(l * input.len(), 0);
+        send.resize(k * l * len, 0);
+        got.resize(k * l * len, 0);
+        let res = (|| {
+            self.local.all_gather_raw(input, &mut all, dtype)?;
+            // For node m: local rank j's chunk of global rank m * L + lr, for j in 0..L.
+            for m in 0..k {
+                for j in 0..l {
+                    let src = &all[j * input.len() + (m * l + lr) * len..][..len];
+                    send[(m * l + j) * len..][..len].copy_from_slice(src);
+                }
+            }
+            if len > 0 {
+                self.rail.all_to_all_into(&send[..], &mut got[..]);
+                // got = every rank's chunk for this rank, in global rank order.
+                reduce_into(self.simd, dtype, op, output, &pieces(&got, k * l));
+            }
+            Ok(())
+        })();
+        (self.a, self.b, self.c) = (all, send, got);
+        res
+    }
+
+    fn broadcast_impl(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        if root >= self.world {
+            return Err(Self::invalid(
+                OpKind::Broadcast,
+                format!("root {root} out of range for {} ranks", self.world),
+            ));
+        }
+        let (rn, rl) = (root / self.per_node, root % self.per_node);
+        if self.lr == rl && !buf.is_empty() {
+            self.rail.process_at_rank(rn as i32).broadcast_into(buf);
+        }
+        self.local.broadcast_raw(buf, rl)
+    }
+}
+
+impl Communicator for HierComm {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let n = buf.len();
+        self.op(OpKind::AllReduce, n, |c| c.all_reduce_impl(buf, dtype, op))
+    }
+    fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
+        let n = output.len();
+        self.op(OpKind::AllGather, n, |c| {
+            c.all_gather_impl(input, output, dtype)
+        })
+    }
+    fn reduce_scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = input.len();
+        self.op(OpKind::ReduceScatter, n, |c| {
+            c.reduce_scatter_impl(input, output, dtype, op)
+        })
+    }
+    fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        let n = buf.len();
+        self.op(OpKind::Broadcast, n, |c| c.broadcast_impl(buf, root))
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.op(OpKind::Barrier, 0, |c| {
+            c.local.barrier()?;
+            c.world_comm.barrier();
+            Ok(())
+        })
+    }
+    fn stats(&self) -> CommStats {
+        self.stats.clone()
+    }
+    fn hierarchy(&self) -> Option<crate::Hierarchy> {
+        Some(crate::Hierarchy {
+            nodes: self.nodes,
+            per_node: self.per_node,
+        })
+    }
+}
