@@ -76,9 +76,13 @@ enum Cmd {
 /// The programs `tprun rank` runs.
 #[derive(Subcommand, Debug)]
 enum RankCmd {
+    /// Generate text with a tensor-parallel Qwen2.
     Generate(programs::generate::Args),
+    /// Write the logits of every prompt position to a safetensors file.
     Logits(programs::logits::Args),
+    /// Prefill and decode speed, time in collectives, weight bytes per rank.
     Bench(programs::bench::Args),
+    /// nccl-tests-style table of the collectives.
     Perf(programs::perf::Args),
 }
 

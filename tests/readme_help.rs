@@ -7,7 +7,7 @@ use std::process::Command;
 
 /// `tprun` itself, then every subcommand, in the README's order.
 const PROGRAMS: &[&str] = &[
-    "", "generate", "logits", "bench", "perf", "analyze", "compare",
+    "", "generate", "logits", "bench", "perf", "analyze", "compare", "rank",
 ];
 
 fn help(program: &str) -> String {
