@@ -165,7 +165,8 @@ impl Nvrtc {
 
 /// Compiles `module` for `target` once per process and returns the PTX or CUBIN.
 pub fn compile(module: &Module, target: Target) -> Result<Arc<Vec<u8>>, String> {
-    static CACHE: OnceLock<Mutex<HashMap<(&'static str, Target), Arc<Vec<u8>>>>> = OnceLock::new();
+    type Images = HashMap<(&'static str, Target), Arc<Vec<u8>>>;
+    static CACHE: OnceLock<Mutex<Images>> = OnceLock::new();
     let cache = CACHE.get_or_init(Default::default);
     if let Some(hit) = cache.lock().unwrap().get(&(module.name, target)) {
         return Ok(hit.clone());
