@@ -16,6 +16,7 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+pub mod cuda_plan;
 mod env;
 pub mod error;
 pub mod files;

@@ -1,11 +1,18 @@
-//! CUDA device discovery (feature `cuda`). The device path itself (NVRTC kernels, cuBLAS, CUDA IPC
-//! collectives) is issue 8 and not written yet; this is the part every later call goes through.
+//! CUDA (feature `cuda`): device discovery (here), the libraries' search path ([`libs`]), NVRTC
+//! ([`nvrtc`]), the kernels' sources ([`sources`]) and the CUBIN resource reader ([`cubin`]).
 //!
 //! cudarc opens libcuda lazily on its first call and panics if the library is missing or lacks a
 //! symbol of the API version it was built against (`cuda-12020`, see the root Cargo.toml). So
 //! [`cuda_available`] first opens libcuda itself and asks the driver's version, and only then lets
 //! cudarc initialise the driver: on a machine without a GPU, or with a too-old driver, the caller
 //! gets an error string instead of a panic.
+
+pub mod cubin;
+pub mod libs;
+pub mod nvrtc;
+#[cfg(test)]
+mod nvrtc_tests;
+pub mod sources;
 
 use std::ffi::c_int;
 

@@ -1,0 +1,428 @@
+//! The host-side logic of the CUDA IPC transport, in plain Rust so it is unit-tested on machines
+//! without a GPU: the slab layout the kernels in kernels/src/cuda/comm.cu index, flag and sequence
+//! arithmetic, the choice of algorithm by message size, the launch grid, the handle-exchange
+//! record each rank publishes through the job's shm segment, the IPC-or-host-staged decision from
+//! every rank's peer-access probe, and the device error word turned into a [`CommError`].
+
+use crate::{CommError, DType};
+
+/// Bytes before the flags: the error word (offset 0) and room to grow; flags start aligned.
+pub const HEADER_BYTES: u64 = 256;
+/// Flag arrays per slab: staged (0), reduced (1), done (2), as in comm.cu's `PHASE_*`.
+pub const PHASES: u64 = 3;
+/// cuMemAlloc rounds to 2 MiB pages and an IPC handle maps whole allocations, so we do too.
+pub const SLAB_ALIGN: u64 = 2 << 20;
+/// Default staging capacity per rank: the perf sweep's largest message (64 MiB) in one piece.
+pub const DEFAULT_DATA_BYTES: u64 = 64 << 20;
+/// Threads per block of every collective kernel.
+pub const THREADS: u32 = 512;
+
+/// Where things are in one rank's device slab (every rank's slab has the same layout).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct SlabLayout {
+    pub world: u32,
+    pub max_blocks: u32,
+    pub flags_off: u64,
+    pub data_off: u64,
+    pub data_bytes: u64,
+    pub total_bytes: u64,
+}
+
+fn round_up(x: u64, to: u64) -> u64 {
+    x.div_ceil(to) * to
+}
+
+impl SlabLayout {
+    pub fn new(world: u32, max_blocks: u32, data_bytes: u64) -> SlabLayout {
+        let flags = PHASES * u64::from(world) * u64::from(max_blocks) * 4;
+        let data_off = round_up(HEADER_BYTES + flags, 256);
+        let data_bytes = round_up(data_bytes, 256);
+        SlabLayout {
+            world,
+            max_blocks,
+            flags_off: HEADER_BYTES,
+            data_off,
+            data_bytes,
+            total_bytes: round_up(data_off + data_bytes, SLAB_ALIGN),
+        }
+    }
+
+    /// Byte offset of the flag block `block` of rank `src` writes for `phase` (comm.cu's
+    /// `flag_at`).
+    pub fn flag_offset(&self, phase: u64, src: u32, block: u32) -> u64 {
+        assert!(phase < PHASES && src < self.world && block < self.max_blocks);
+        let index = (phase * u64::from(self.world) + u64::from(src)) * u64::from(self.max_blocks)
+            + u64::from(block);
+        self.flags_off + 4 * index
+    }
+}
+
+/// The per-communicator operation counter every flag is compared with. Starts at 1 so the zeroed
+/// slab (flags 0) never counts as arrived; wraps at 2^32, which [`reached`] tolerates.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Seq(pub u32);
+
+impl Default for Seq {
+    fn default() -> Seq {
+        Seq(1)
+    }
+}
+
+impl Seq {
+    /// This operation's value; advances the counter. Every rank calls collectives in the same
+    /// order, so every rank uses the same value for the same operation.
+    pub fn take(&mut self) -> u32 {
+        let v = self.0;
+        self.0 = self.0.wrapping_add(1);
+        v
+    }
+}
+
+/// Whether a flag showing `flag` means the peer has reached operation `seq`: flags only grow
+/// (mod 2^32), so this is `flag >= seq` on the circle, as comm.cu's wait computes it.
+pub fn reached(flag: u32, seq: u32) -> bool {
+    (flag.wrapping_sub(seq) as i32) >= 0
+}
+
+/// How one all-reduce runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Algo {
+    /// World size 1: nothing to exchange.
+    Local,
+    /// Every rank reads every peer's whole message (latency-bound sizes).
+    OneShot,
+    /// Reduce-scatter then all-gather (bandwidth-bound sizes): each rank reads 2/world of it.
+    TwoShot,
+}
+
+/// Largest all-reduce that runs one-shot. vLLM's custom all-reduce switches near 256-512 KiB;
+/// `TPRUN_CUDA_ONESHOT_MAX` (bytes) overrides it until a GPU sweep measures ours.
+pub const DEFAULT_ONESHOT_MAX: u64 = 512 << 10;
+
+pub fn oneshot_max_from_env() -> u64 {
+    std::env::var("TPRUN_CUDA_ONESHOT_MAX")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(DEFAULT_ONESHOT_MAX)
+}
+
+/// The algorithm for an all-reduce of `bytes` (of `elems` elements) over `world` ranks.
+pub fn choose(world: u32, bytes: u64, elems: u64, oneshot_max: u64) -> Algo {
+    if world <= 1 {
+        Algo::Local
+    } else if bytes <= oneshot_max || elems < u64::from(world) {
+        Algo::OneShot
+    } else {
+        Algo::TwoShot
+    }
+}
+
+/// Two-shot segment length in elements (rank r reduces [r*seg, (r+1)*seg)), a multiple of 64
+/// elements so segments start on 128-byte lines for 2- and 4-byte types.
+pub fn segment(elems: u64, world: u32) -> u64 {
+    round_up(elems.div_ceil(u64::from(world.max(1))), 64)
+}
+
+/// Blocks to launch for `bytes`: one per 64 KiB, at least one, at most the layout's flag blocks.
+pub fn blocks(bytes: u64, max_blocks: u32) -> u32 {
+    bytes.div_ceil(64 << 10).clamp(1, u64::from(max_blocks)) as u32
+}
+
+/// Pieces of a `bytes`-long message that each fit `capacity` staging bytes, cut on element
+/// boundaries: `(offset, len)` in bytes. An empty message is no piece.
+pub fn pieces(bytes: u64, capacity: u64, dtype: DType) -> Vec<(u64, u64)> {
+    let step = (capacity / dtype.size() as u64).max(1) * dtype.size() as u64;
+    (0..bytes)
+        .step_by(step as usize)
+        .map(|o| (o, step.min(bytes - o)))
+        .collect()
+}
+
+/// The record each rank publishes (all-gathered over the shm communicator) before any peer
+/// opens its slab. Fixed 128 bytes, little-endian.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct HandleRecord {
+    pub rank: u32,
+    /// CUDA device ordinal in this rank's process, and the GPU's UUID (ranks on one GPU share it).
+    pub device: u32,
+    pub uuid: [u8; 16],
+    pub layout: SlabLayout,
+    /// `cuIpcGetMemHandle` of the slab, or `None` when export failed (fallback).
+    pub handle: Option<[u8; 64]>,
+}
+
+pub const RECORD_BYTES: usize = 128;
+const MAGIC: &[u8; 4] = b"TPCU";
+const RECORD_VERSION: u16 = 1;
+
+impl HandleRecord {
+    pub fn encode(&self) -> [u8; RECORD_BYTES] {
+        let mut b = [0u8; RECORD_BYTES];
+        b[0..4].copy_from_slice(MAGIC);
+        b[4..6].copy_from_slice(&RECORD_VERSION.to_le_bytes());
+        b[6..8].copy_from_slice(&u16::from(self.handle.is_some()).to_le_bytes());
+        b[8..12].copy_from_slice(&self.rank.to_le_bytes());
+        b[12..16].copy_from_slice(&self.device.to_le_bytes());
+        b[16..20].copy_from_slice(&self.layout.world.to_le_bytes());
+        b[20..24].copy_from_slice(&self.layout.max_blocks.to_le_bytes());
+        b[24..32].copy_from_slice(&self.layout.data_bytes.to_le_bytes());
+        b[32..48].copy_from_slice(&self.uuid);
+        b[48..112].copy_from_slice(self.handle.as_ref().unwrap_or(&[0; 64]));
+        b
+    }
+
+    /// Decodes the record found in rank `expect_rank`'s place; a stale, foreign or mismatched
+    /// record is an error naming that rank.
+    pub fn decode(b: &[u8], expect_rank: u32) -> Result<HandleRecord, String> {
+        let bad = |what: &str| format!("rank {expect_rank}'s CUDA handle record: {what}");
+        if b.len() != RECORD_BYTES || &b[0..4] != MAGIC {
+            return Err(bad("not a tprun record"));
+        }
+        let u16_at = |o: usize| u16::from_le_bytes(b[o..o + 2].try_into().unwrap());
+        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
+        if u16_at(4) != RECORD_VERSION {
+            return Err(bad(&format!(
+                "version {} (this build writes {RECORD_VERSION})",
+                u16_at(4)
+            )));
+        }
+        let rank = u32_at(8);
+        if rank != expect_rank {
+            return Err(bad(&format!("written by rank {rank}")));
+        }
+        let data = u64::from_le_bytes(b[24..32].try_into().unwrap());
+        let handle = (u16_at(6) == 1).then(|| b[48..112].try_into().unwrap());
+        Ok(HandleRecord {
+            rank,
+            device: u32_at(12),
+            uuid: b[32..48].try_into().unwrap(),
+            layout: SlabLayout::new(u32_at(16), u32_at(20), data),
+            handle,
+        })
+    }
+}
+
+/// What rank `rank` found when it opened every peer's slab: for each peer, `Ok` if
+/// `cuIpcOpenMemHandle` worked and a pattern the peer wrote was read back through the mapping
+/// (drivers can report peer access that does not work), else why not.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Probe {
+    pub rank: u32,
+    pub peers: Vec<Result<(), String>>,
+}
+
+/// How the job's ranks move data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Transport {
+    /// Kernels read and write peers' slabs directly.
+    Ipc,
+    /// Device → host, the shm transport, host → device; `reason` is printed once at start.
+    HostStaged { reason: String },
+}
+
+/// One decision for the whole job from every rank's probe (each rank sees the same probes, so
+/// each decides the same). `TPRUN_CUDA_TRANSPORT=host` forces the fallback; `ipc` forbids it.
+pub fn decide(probes: &[Probe], force: Option<&str>) -> Result<Transport, String> {
+    let failure = probes.iter().find_map(|p| {
+        p.peers.iter().enumerate().find_map(|(q, r)| {
+            r.as_ref().err().map(|why| {
+                format!(
+                    "rank {} cannot use rank {q}'s memory over CUDA IPC: {why}",
+                    p.rank
+                )
+            })
+        })
+    });
+    match (force, failure) {
+        (Some("host"), _) => Ok(Transport::HostStaged {
+            reason: "TPRUN_CUDA_TRANSPORT=host".into(),
+        }),
+        (Some("ipc"), Some(why)) => Err(format!("TPRUN_CUDA_TRANSPORT=ipc, but {why}")),
+        (Some(other), _) if other != "ipc" && other != "auto" => Err(format!(
+            "TPRUN_CUDA_TRANSPORT={other}: expected auto, ipc or host"
+        )),
+        (_, Some(why)) => Ok(Transport::HostStaged { reason: why }),
+        (_, None) => Ok(Transport::Ipc),
+    }
+}
+
+/// comm.cu's op ids in the error word.
+const OPS: [&str; 6] = [
+    "?",
+    "all_reduce",
+    "all_gather",
+    "reduce_scatter",
+    "broadcast",
+    "barrier",
+];
+
+/// The error a device-side wait left in the slab's error word (0: none), as the shm
+/// transport's timeout error: the op, this operation's sequence number and the missing rank.
+pub fn device_error(word: u32, seq: u64, waited_s: f64) -> Option<CommError> {
+    if word & 0x8000_0000 == 0 {
+        return None;
+    }
+    let op = OPS
+        .get(((word >> 16) & 0x7fff) as usize)
+        .copied()
+        .unwrap_or("?");
+    Some(CommError::Timeout {
+        op,
+        seq,
+        missing: (word & 0xff) as usize,
+        waited_s,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layout_puts_flags_after_the_header_and_data_after_the_flags() {
+        let l = SlabLayout::new(4, 64, DEFAULT_DATA_BYTES);
+        assert_eq!(l.flags_off, 256);
+        assert_eq!(l.data_off, 256 + 3 * 4 * 64 * 4);
+        assert_eq!(l.data_off % 256, 0);
+        assert_eq!(l.total_bytes % SLAB_ALIGN, 0);
+        assert!(l.total_bytes >= l.data_off + l.data_bytes);
+        let last = l.flag_offset(PHASES - 1, 3, 63);
+        assert_eq!(last + 4, l.data_off);
+        assert_eq!(l.flag_offset(0, 0, 0), l.flags_off);
+        assert_eq!(l.flag_offset(1, 0, 0) - l.flag_offset(0, 0, 0), 4 * 4 * 64);
+    }
+
+    #[test]
+    fn every_flag_has_its_own_word() {
+        let l = SlabLayout::new(3, 5, 1000);
+        let mut seen = std::collections::HashSet::new();
+        for p in 0..PHASES {
+            for s in 0..3 {
+                for b in 0..5 {
+                    assert!(seen.insert(l.flag_offset(p, s, b)));
+                }
+            }
+        }
+        assert_eq!(l.data_bytes, 1024);
+    }
+
+    #[test]
+    fn sequence_comparison_survives_wraparound() {
+        assert!(!reached(0, 1), "a zeroed slab is not an arrival");
+        assert!(reached(5, 5) && reached(6, 5) && !reached(4, 5));
+        assert!(reached(2, u32::MAX), "flag wrapped past seq");
+        assert!(!reached(u32::MAX, 2));
+        let mut s = Seq(u32::MAX);
+        assert_eq!((s.take(), s.take(), s.take()), (u32::MAX, 0, 1));
+        assert_eq!(Seq::default().take(), 1);
+    }
+
+    #[test]
+    fn algorithm_by_size() {
+        let m = DEFAULT_ONESHOT_MAX;
+        assert_eq!(choose(1, 1 << 30, 1 << 28, m), Algo::Local);
+        assert_eq!(choose(2, 8, 2, m), Algo::OneShot);
+        assert_eq!(choose(2, m, m / 4, m), Algo::OneShot);
+        assert_eq!(choose(2, m + 4, m / 4 + 1, m), Algo::TwoShot);
+        assert_eq!(
+            choose(8, 1 << 20, 4, 0),
+            Algo::OneShot,
+            "fewer elements than ranks"
+        );
+    }
+
+    #[test]
+    fn segments_cover_the_message_and_start_aligned() {
+        for (n, w) in [(1u64, 2u32), (1000, 3), (1 << 20, 4), (65, 2)] {
+            let s = segment(n, w);
+            assert_eq!(s % 64, 0);
+            assert!(s * u64::from(w) >= n && s * u64::from(w - 1) < n + 64 * u64::from(w));
+        }
+    }
+
+    #[test]
+    fn grid_and_pieces() {
+        assert_eq!(blocks(0, 64), 1);
+        assert_eq!(blocks(64 << 10, 64), 1);
+        assert_eq!(blocks((64 << 10) + 1, 64), 2);
+        assert_eq!(blocks(1 << 30, 64), 64);
+        assert!(pieces(0, 1024, DType::F32).is_empty());
+        assert_eq!(pieces(10, 4, DType::F32), [(0, 4), (4, 4), (8, 2)]);
+        assert_eq!(pieces(12, 7, DType::BF16), [(0, 6), (6, 6)]);
+        let total: u64 = pieces(1 << 27, DEFAULT_DATA_BYTES, DType::F32)
+            .iter()
+            .map(|p| p.1)
+            .sum();
+        assert_eq!(total, 1 << 27);
+    }
+
+    fn record(rank: u32, handle: bool) -> HandleRecord {
+        HandleRecord {
+            rank,
+            device: 0,
+            uuid: [7; 16],
+            layout: SlabLayout::new(2, 64, DEFAULT_DATA_BYTES),
+            handle: handle.then_some([rank as u8 + 1; 64]),
+        }
+    }
+
+    #[test]
+    fn handle_records_round_trip_and_reject_strangers() {
+        for h in [true, false] {
+            let r = record(1, h);
+            assert_eq!(HandleRecord::decode(&r.encode(), 1), Ok(r));
+        }
+        let b = record(1, true).encode();
+        assert!(HandleRecord::decode(&b, 0)
+            .unwrap_err()
+            .contains("written by rank 1"));
+        assert!(HandleRecord::decode(&[0; RECORD_BYTES], 0)
+            .unwrap_err()
+            .contains("not a tprun"));
+        let mut v2 = b;
+        v2[4] = 2;
+        assert!(HandleRecord::decode(&v2, 1)
+            .unwrap_err()
+            .contains("version 2"));
+        assert!(HandleRecord::decode(&b[..64], 1).is_err());
+    }
+
+    #[test]
+    fn fallback_when_any_rank_cannot_reach_any_peer() {
+        let ok = |rank| Probe {
+            rank,
+            peers: vec![Ok(()), Ok(())],
+        };
+        assert_eq!(decide(&[ok(0), ok(1)], None), Ok(Transport::Ipc));
+        assert_eq!(decide(&[ok(0), ok(1)], Some("auto")), Ok(Transport::Ipc));
+        let refused = Probe {
+            rank: 1,
+            peers: vec![Err("CUDA_ERROR_INVALID_VALUE".into()), Ok(())],
+        };
+        let d = decide(&[ok(0), refused.clone()], None).unwrap();
+        assert_eq!(
+            d,
+            Transport::HostStaged {
+                reason: "rank 1 cannot use rank 0's memory over CUDA IPC: CUDA_ERROR_INVALID_VALUE"
+                    .into()
+            }
+        );
+        assert!(decide(&[ok(0), refused], Some("ipc")).is_err());
+        assert!(matches!(
+            decide(&[ok(0), ok(1)], Some("host")),
+            Ok(Transport::HostStaged { .. })
+        ));
+        assert!(decide(&[ok(0)], Some("nvlink")).is_err());
+    }
+
+    #[test]
+    fn the_error_word_names_the_op_and_the_rank() {
+        assert!(device_error(0, 1, 1.0).is_none());
+        let word = 0x8000_0000 | (1 << 16) | (2 << 8) | 3;
+        let e = device_error(word, 42, 30.0).unwrap().to_string();
+        assert!(
+            e.starts_with("all_reduce #42: rank 3 did not arrive"),
+            "{e}"
+        );
+    }
+}

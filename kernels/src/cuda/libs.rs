@@ -1,0 +1,167 @@
+//! Finding the CUDA libraries where CUDA 12 and 13 put them: `$TPRUN_CUDA_LIB_PATH` first, then
+//! the NVIDIA pip wheels' folders (`nvidia/cu13/lib`, `nvidia/*/lib` under every site-packages
+//! we can name without running Python), then the toolkit folders, then the loader's own search
+//! (`LD_LIBRARY_PATH`, ldconfig). Every library opened is recorded so a program can say which
+//! files it loaded ([`loaded`]).
+//!
+//! cudarc opens libraries by file name only. Opening the full path here first makes its later
+//! `dlopen("libcublas.so.12")` return the same, already loaded object (glibc matches loaded
+//! objects by SONAME), which is how a wheel's library reaches cudarc without `LD_LIBRARY_PATH`.
+
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+/// (library, what was opened) for every successful [`open`], in order.
+static LOADED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
+
+/// File names tried for `lib` ("nvrtc", "cublas", ...), newest major first.
+pub fn file_names(lib: &str) -> Vec<String> {
+    ["13", "12"]
+        .iter()
+        .map(|v| format!("lib{lib}.so.{v}"))
+        .chain([format!("lib{lib}.so")])
+        .collect()
+}
+
+/// Folders searched before the loader's default search, in order, existing ones only.
+pub fn search_dirs() -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = std::env::var("TPRUN_CUDA_LIB_PATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    for site in site_packages() {
+        dirs.push(site.join("nvidia/cu13/lib"));
+        dirs.extend(
+            subdirs(&site.join("nvidia"))
+                .into_iter()
+                .map(|d| d.join("lib")),
+        );
+    }
+    for var in ["CUDA_HOME", "CUDA_PATH"] {
+        if let Ok(root) = std::env::var(var) {
+            dirs.push(Path::new(&root).join("lib64"));
+            dirs.push(Path::new(&root).join("lib"));
+        }
+    }
+    dirs.push("/usr/local/cuda/lib64".into());
+    let mut versioned: Vec<PathBuf> = subdirs(Path::new("/usr/local"))
+        .into_iter()
+        .filter(|d| {
+            d.file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("cuda-"))
+        })
+        .map(|d| d.join("lib64"))
+        .collect();
+    versioned.sort();
+    dirs.extend(versioned.into_iter().rev());
+    let mut seen = std::collections::HashSet::new();
+    dirs.retain(|d| d.is_dir() && seen.insert(d.clone()));
+    dirs
+}
+
+/// site-packages folders of the active venv/conda env, the user's and the system's Pythons.
+fn site_packages() -> Vec<PathBuf> {
+    let mut roots: Vec<PathBuf> = Vec::new();
+    for var in ["VIRTUAL_ENV", "CONDA_PREFIX"] {
+        if let Ok(p) = std::env::var(var) {
+            roots.push(Path::new(&p).join("lib"));
+        }
+    }
+    if let Ok(home) = std::env::var("HOME") {
+        roots.push(Path::new(&home).join(".local/lib"));
+    }
+    roots.extend(["/usr/local/lib".into(), "/usr/lib".into()]);
+    let mut out: Vec<PathBuf> = std::env::var("PYTHONPATH")
+        .unwrap_or_default()
+        .split(':')
+        .filter(|s| !s.is_empty())
+        .map(PathBuf::from)
+        .collect();
+    for root in roots {
+        for py in subdirs(&root) {
+            if py
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("python3"))
+            {
+                out.push(py.join("site-packages"));
+                out.push(py.join("dist-packages"));
+            }
+        }
+    }
+    out
+}
+
+fn subdirs(dir: &Path) -> Vec<PathBuf> {
+    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.is_dir())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Every existing file that could be `lib`, in search order.
+pub fn candidates(lib: &str) -> Vec<PathBuf> {
+    let names = file_names(lib);
+    search_dirs()
+        .iter()
+        .flat_map(|d| names.iter().map(move |n| d.join(n)))
+        .filter(|p| p.is_file())
+        .collect()
+}
+
+/// Opens `lib`: the first candidate file that loads, else the loader's own search by name.
+/// The error lists what was tried, on one line.
+pub fn open(lib: &str) -> Result<libloading::Library, String> {
+    let mut tried = Vec::new();
+    let by_path = candidates(lib).into_iter().map(|p| p.display().to_string());
+    for what in by_path.chain(file_names(lib)) {
+        // SAFETY: loading a CUDA library runs only its initialisers, which are safe to run in
+        // any process; the file is one of NVIDIA's, found by name.
+        match unsafe { libloading::Library::new(&what) } {
+            Ok(l) => {
+                LOADED.lock().unwrap().push((lib.to_string(), what));
+                return Ok(l);
+            }
+            Err(e) => tried.push(format!("{what} ({e})")),
+        }
+    }
+    if tried.is_empty() {
+        return Err(format!("lib{lib} not found"));
+    }
+    Err(format!(
+        "lib{lib} could not be loaded; tried {}",
+        tried.join(", ")
+    ))
+}
+
+/// `(library, file)` for every library opened so far.
+pub fn loaded() -> Vec<(String, String)> {
+    LOADED.lock().unwrap().clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_cover_cuda_12_and_13() {
+        assert_eq!(
+            file_names("nvrtc"),
+            ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
+        );
+    }
+
+    #[test]
+    fn search_dirs_exist_and_are_unique() {
+        let d = search_dirs();
+        assert!(d.iter().all(|p| p.is_dir()));
+        println!("CUDA library search path: {d:?}");
+    }
+}

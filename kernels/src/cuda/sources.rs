@@ -1,0 +1,67 @@
+//! The CUDA C++ sources of every device kernel, as strings compiled at run time by NVRTC
+//! ([`super::nvrtc`]). Each module is the shared prelude (bf16 bits, block reductions) plus one
+//! `.cu` file; `entries` lists its `extern "C"` kernels, which the NVRTC tests look for in the
+//! CUBIN so a renamed or dropped kernel fails offline, not on a GPU.
+
+/// One NVRTC compilation unit.
+#[derive(Clone, Copy, Debug)]
+pub struct Module {
+    pub name: &'static str,
+    /// The module's own file; [`Module::source`] prepends the prelude.
+    pub body: &'static str,
+    pub entries: &'static [&'static str],
+}
+
+const PRELUDE: &str = include_str!("prelude.cuh");
+
+impl Module {
+    /// The full text NVRTC compiles (no include path is given, so nothing is `#include`d).
+    pub fn source(&self) -> String {
+        format!("{PRELUDE}\n#line 1 \"{}.cu\"\n{}", self.name, self.body)
+    }
+}
+
+/// Embedding gather, RMSNorm, RoPE, SiLU-gate, bias add, bf16 conversions, argmax, sampling.
+pub const MODEL: Module = Module {
+    name: "model",
+    body: include_str!("model.cu"),
+    entries: &[
+        "embedding_gather",
+        "rms_norm",
+        "rope",
+        "silu_gate",
+        "bias_add",
+        "bf16_to_f32_kernel",
+        "f32_to_bf16_kernel",
+        "argmax",
+        "softmax_temperature",
+        "sample_inverse_cdf",
+    ],
+};
+
+/// KV-cache append and attention for prefill and decode.
+pub const ATTENTION: Module = Module {
+    name: "attention",
+    body: include_str!("attention.cu"),
+    entries: &["kv_append", "attention_prefill", "attention_decode"],
+};
+
+/// The CUDA IPC collectives (slab layout: collectives::cuda_plan).
+pub const COMM: Module = Module {
+    name: "comm",
+    body: include_str!("comm.cu"),
+    entries: &[
+        "all_reduce_oneshot_f32",
+        "all_reduce_oneshot_bf16",
+        "all_reduce_twoshot_f32",
+        "all_reduce_twoshot_bf16",
+        "reduce_scatter_f32",
+        "reduce_scatter_bf16",
+        "all_gather",
+        "broadcast",
+        "barrier",
+    ],
+};
+
+/// Every module, in the order the runtime compiles them.
+pub const MODULES: [Module; 3] = [MODEL, ATTENTION, COMM];

@@ -1,0 +1,128 @@
+#!/usr/bin/env bash
+# GPU acceptance for `--device cuda` (issue 20), for a machine with a GPU and no Rust toolchain:
+# it takes a prebuilt `cargo build --release --features cuda` binary and the test fixtures.
+#
+#   tools/gpu-acceptance.sh --bin target/release/tprun --fixtures tests/fixtures [--out FILE.json]
+#
+# Prints what the GPU run loaded, then checks (every step bounded by `timeout`, ~5 min in all on
+# one GPU): `perf --check` for every op, f32 and bf16, at 2 and 4 ranks on one GPU (0 wrong);
+# `logits` on cuda against cpu at TP 1 and 2 (max |diff| <= 1e-3 on the f32 fixture, <= 2e-2 on
+# bf16); `generate`'s greedy tokens equal on cuda and cpu (f32 fixture); the perf sweep 8 B -
+# 64 MiB; `bench --preset qwen2.5-0.5b` at TP 1 and 2. Writes one JSON summary (default
+# gpu-acceptance.json) and exits 0 only if every check passed. Needs bash and python3 (stdlib).
+set -euo pipefail
+bin=target/release/tprun fixtures=tests/fixtures out=gpu-acceptance.json
+while [ $# -gt 0 ]; do
+    case "$1" in
+        --bin) bin=$2; shift 2 ;;
+        --fixtures) fixtures=$2; shift 2 ;;
+        --out) out=$2; shift 2 ;;
+        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        *) echo "gpu-acceptance: unknown argument $1 (see --help)" >&2; exit 2 ;;
+    esac
+done
+[ -x "$bin" ] || { echo "gpu-acceptance: no executable at $bin (--bin)" >&2; exit 2; }
+[ -d "$fixtures/tiny-t5-f32-untied" ] || { echo "gpu-acceptance: no fixtures at $fixtures" >&2; exit 2; }
+command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "gpu-acceptance: no nvidia-smi"
+exec python3 - "$bin" "$fixtures" "$out" <<'PY'
+import json, os, struct, subprocess, sys, tempfile, time
+
+BIN, FIX, OUT = sys.argv[1:4]
+F32, BF16 = f"{FIX}/tiny-t5-f32-untied", f"{FIX}/tiny-hub-bf16-tied"
+checks, started = [], time.time()
+
+def run(args, limit=120):
+    """tprun ARGS -> (rc, stdout, stderr); a timeout is rc 124."""
+    try:
+        p = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=limit)
+        return p.returncode, p.stdout, p.stderr
+    except subprocess.TimeoutExpired as e:
+        return 124, e.stdout or "", e.stderr or ""
+
+def record(name, ok, **detail):
+    checks.append({"check": name, "ok": bool(ok), **detail})
+    print(f"{'PASS' if ok else 'FAIL'} {name} {json.dumps(detail)[:300]}", flush=True)
+
+def last_json(text):
+    for line in reversed(text.strip().splitlines()):
+        line = line.split("]: ", 1)[-1] if line.startswith("[rank") else line
+        try:
+            return json.loads(line)
+        except ValueError:
+            continue
+    return None
+
+def read_logits(path):
+    """The f32 `logits` tensor of a safetensors file, as a flat list (stdlib only)."""
+    with open(path, "rb") as f:
+        b = f.read()
+    n = struct.unpack("<Q", b[:8])[0]
+    meta = json.loads(b[8:8 + n])["logits"]
+    lo, hi = meta["data_offsets"]
+    assert meta["dtype"] == "F32", meta["dtype"]
+    return struct.unpack(f"<{(hi - lo) // 4}f", b[8 + n + lo:8 + n + hi])
+
+# What the CUDA path loaded (libraries, device, transport) is on the first run's stderr.
+rc, so, se = run(["-n", "2", "--device", "cuda", "perf", "--max-bytes", "8", "--iters", "1"])
+print(se, end="")
+record("cuda_starts", rc == 0, rc=rc, stderr=se.strip()[-2000:])
+
+for world in (2, 4):
+    for dtype in ("f32", "bf16"):
+        rc, so, se = run(["-n", str(world), "--device", "cuda", "--only-rank", "0", "perf",
+                          "--op", "all", "--dtype", dtype, "--check", "--json",
+                          "--max-bytes", "16M", "--iters", "2", "--warmup", "1"], 180)
+        res = last_json(so) or {}
+        wrong = sum(r.get("wrong", 0) for r in res.get("rows", [])) if res else None
+        record(f"perf_check_n{world}_{dtype}", rc == 0 and wrong == 0 and res.get("rows"),
+               rc=rc, wrong=wrong, rows=len(res.get("rows", [])), stderr=se.strip()[-500:])
+
+with tempfile.TemporaryDirectory() as tmp:
+    for model, tol in ((F32, 1e-3), (BF16, 2e-2)):
+        for tp in (1, 2):
+            got = {}
+            for dev in ("cpu", "cuda"):
+                path = f"{tmp}/{dev}.safetensors"
+                rc, so, se = run(["-n", str(tp), "--device", dev, "logits", "--model", model,
+                                  "--input-ids", "1,2,3,4,5,6,7,8", "--out", path])
+                got[dev] = read_logits(path) if rc == 0 else None
+                if rc:
+                    got[dev + "_err"] = se.strip()[-500:]
+            diff = None
+            if got["cpu"] and got["cuda"] and len(got["cpu"]) == len(got["cuda"]):
+                diff = max(abs(a - b) for a, b in zip(got["cpu"], got["cuda"]))
+            record(f"logits_{os.path.basename(model)}_tp{tp}", diff is not None and diff <= tol,
+                   max_abs_diff=diff, tol=tol, err=got.get("cuda_err") or got.get("cpu_err"))
+
+for tp in (1, 2):
+    ids = {}
+    for dev in ("cpu", "cuda"):
+        rc, so, se = run(["-n", str(tp), "--device", dev, "--only-rank", "0", "generate",
+                          "--model", F32, "--input-ids", "1,2,3", "--greedy", "--ignore-eos",
+                          "--max-new-tokens", "16", "--json"])
+        ids[dev] = (last_json(so) or {}).get("output_ids") if rc == 0 else se.strip()[-500:]
+    record(f"generate_greedy_f32_tp{tp}", isinstance(ids["cpu"], list) and ids["cpu"] == ids["cuda"],
+           cpu=ids["cpu"], cuda=ids["cuda"])
+
+rc, so, se = run(["-n", "2", "--device", "cuda", "--only-rank", "0", "perf", "--op", "all",
+                  "--min-bytes", "8", "--max-bytes", "64M", "--json"], 240)
+sweep = last_json(so)
+record("perf_sweep_8B_64MiB_n2", rc == 0 and sweep is not None, rc=rc, stderr=se.strip()[-500:])
+
+bench = {}
+for tp in (1, 2):
+    rc, so, se = run(["-n", str(tp), "--device", "cuda", "--only-rank", "0", "bench", "--preset",
+                      "qwen2.5-0.5b", "--prompt-len", "128", "--new-tokens", "32", "--json"], 180)
+    bench[f"tp{tp}"] = last_json(so)
+    record(f"bench_qwen2.5-0.5b_tp{tp}", rc == 0 and bench[f"tp{tp}"] is not None, rc=rc,
+           stderr=se.strip()[-500:])
+
+summary = {"binary": BIN, "fixtures": FIX, "seconds": round(time.time() - started, 1),
+           "passed": sum(c["ok"] for c in checks), "failed": sum(not c["ok"] for c in checks),
+           "checks": checks, "perf_sweep": sweep, "bench": bench}
+with open(OUT, "w") as f:
+    json.dump(summary, f, indent=1)
+print(f"gpu-acceptance: {summary['passed']} passed, {summary['failed']} failed in "
+      f"{summary['seconds']} s; summary in {OUT}")
+sys.exit(1 if summary["failed"] else 0)
+PY
