@@ -901,8 +901,12 @@ pub(crate) unsafe fn dpbf16_chains_avx512(n: usize) -> f64 {
     // SAFETY: plain bit reinterpretations of 512-bit vectors.
     let (x, y): (__m512bh, __m512bh) = unsafe {
         (
-            core::mem::transmute(_mm512_set1_epi32(std::hint::black_box(0x3f80_3f80))),
-            core::mem::transmute(_mm512_set1_epi32(std::hint::black_box(0x3380_3380))),
+            core::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(std::hint::black_box(
+                0x3f80_3f80,
+            ))),
+            core::mem::transmute::<__m512i, __m512bh>(_mm512_set1_epi32(std::hint::black_box(
+                0x3380_3380,
+            ))),
         )
     };
     let mut a = [_mm512_setzero_ps(); 12];

@@ -290,8 +290,11 @@ struct Roof {
     peak_gflops: f64,
     /// Per profile part: (name, % of floor in decode, % of peak in prefill); parts without
     /// bytes or flops are left out.
-    parts: Vec<(&'static str, Option<f64>, Option<f64>)>,
+    parts: Vec<PartRoof>,
 }
+
+/// A profile part's name, % of the read floor in decode and % of peak in prefill.
+type PartRoof = (&'static str, Option<f64>, Option<f64>);
 
 /// [`Roof`] from the ceilings, the costs and the best rounds' times (`k` decode steps, `p`
 /// prompt tokens, `world` ranks; the profiles are rank 0's, so a part's cost is one rank's
@@ -516,6 +519,12 @@ impl Report<'_> {
 
     /// `--json`: one object on stdout, the collectives summary on stderr.
     fn print_json(&self) {
+        println!("{}", self.json());
+        eprint!("{}", self.ops.summary(self.wall_s));
+    }
+
+    /// The `--json` object.
+    fn json(&self) -> serde_json::Value {
         let rates = self.rates();
         let roof = self.roof(&rates);
         let Rates {
@@ -576,7 +585,7 @@ impl Report<'_> {
             });
             j["timings"]["decode_floor_pct"] = roof.decode_floor_pct.into();
             j["timings"]["prefill_peak_pct"] = roof.prefill_peak_pct.into();
-            let part = |f: fn(&(&str, Option<f64>, Option<f64>)) -> Option<f64>| {
+            let part = |f: fn(&PartRoof) -> Option<f64>| {
                 roof.parts
                     .iter()
                     .filter_map(|x| Some((x.0.to_string(), serde_json::json!(f(x)?))))
@@ -585,8 +594,7 @@ impl Report<'_> {
             j["timings"]["decode_floor_pct_parts"] = part(|x| x.1).into();
             j["timings"]["prefill_peak_pct_parts"] = part(|x| x.2).into();
         }
-        println!("{j}");
-        eprint!("{}", self.ops.summary(self.wall_s));
+        j
     }
 
     /// The human-readable report: the collectives summary on stderr, the table on stdout.
@@ -742,6 +750,65 @@ mod tests {
             per_world.iter().all(|t| *t == per_world[0]),
             "{per_world:?}"
         );
+    }
+
+    /// `--roofline`'s JSON fields exist, are positive, and the percentages are the costs over
+    /// the best rounds' times over the ceilings (synthetic figures: nothing here is timed).
+    #[test]
+    fn roofline_json_fields_come_from_the_figures() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: Args,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["bench", "--roofline"]).bench;
+        let (p, k) = (128, 32);
+        let mut costs = vec![(0.0, 0.0); PARTS.len()];
+        costs[3] = (600e6, 4e8);
+        costs[6] = (200e6, 0.0);
+        let round = Round {
+            prefill_s: 0.25,
+            decode_s: 1.0,
+            ..Round::default()
+        };
+        let rl = kernels::roofline::Roofline {
+            read_gbps: 40.0,
+            f32_gflops: 400.0,
+            bf16_gflops: 800.0,
+        };
+        let ops = CommStats::default();
+        let report = Report {
+            args: &args,
+            source: "test",
+            world_size: 2,
+            p,
+            k,
+            rounds: std::slice::from_ref(&round),
+            tokens: &[],
+            ops: &ops,
+            wall_s: 1.0,
+            weight_bytes: 1,
+            all: &[1, 1],
+            costs,
+            roofline: Some(rl),
+        };
+        let j = report.json();
+        let r = &j["roofline"];
+        for f in ["read_gbps", "f32_gflops", "bf16_gflops"] {
+            assert!(r[f].as_f64().unwrap() > 0.0, "{f}: {r}");
+        }
+        let t = &j["timings"];
+        let (floor, peak) = (
+            t["decode_floor_pct"].as_f64().unwrap(),
+            t["prefill_peak_pct"].as_f64().unwrap(),
+        );
+        assert!(floor > 0.0 && peak > 0.0);
+        // 800 MB per token at 32 tok/s over 40 GB/s.
+        let want_floor = 100.0 * 800e6 * (k as f64 / 1.0) / (40.0 * 1e9);
+        assert!((floor - want_floor).abs() < 1e-9, "{floor} vs {want_floor}");
+        let peak_gflops = if kernels::bf16_dot() { 800.0 } else { 400.0 };
+        let want_peak = 100.0 * 2.0 * p as f64 * 4e8 / 0.25 / (peak_gflops * 1e9);
+        assert!((peak - want_peak).abs() < 1e-9, "{peak} vs {want_peak}");
     }
 
     #[test]
