@@ -100,8 +100,9 @@ ISSUE = {
     "hf-f32": (198, 8.5),
 }
 
-PROMPT_LEN = 128
-NEW_TOKENS = 32
+# The case; tools/bench_quiet.py sets these (and its workers inherit them) for the long cases.
+PROMPT_LEN = int(os.environ.get("BENCH_PROMPT_LEN", "128"))
+NEW_TOKENS = int(os.environ.get("BENCH_NEW_TOKENS", "32"))
 PROMPT_SEED = 1234
 
 # Qwen2.5-0.5B, as in its config.json (with this repo's test tokenizer's special-token ids).
@@ -230,7 +231,7 @@ class LlamaPeer:
             model_path=str(path),
             n_threads=threads,
             n_threads_batch=threads,
-            n_ctx=512,
+            n_ctx=max(512, PROMPT_LEN + NEW_TOKENS + 8),
             n_batch=512,
             verbose=False,
         )
@@ -402,6 +403,8 @@ class Tprun:
                 "--rounds", "2", "--json"]
         if name == "tprun-n2-bf16dot":
             cmd.append("--bf16-dot")
+        if os.environ.get("BENCH_TPRUN_ROOFLINE") == "1":
+            cmd.append("--roofline")
         env = dict(os.environ)
         env.pop("OMP_NUM_THREADS", None)  # the launcher gives each rank its cores' worth
         if n == 1:
@@ -434,7 +437,10 @@ class Tprun:
             "tprun": {k: j.get(k) for k in ("model", "world_size", "threads_per_rank", "isa",
                                             "bf16_dot", "rounds")}
             | {"prefill_tok_s_all": tm["prefill_tok_s_all"],
-               "decode_tok_s_all": tm["decode_tok_s_all"]},
+               "decode_tok_s_all": tm["decode_tok_s_all"],
+               "roofline": j.get("roofline"),
+               "decode_floor_pct": tm.get("decode_floor_pct"),
+               "prefill_peak_pct": tm.get("prefill_peak_pct")},
         }
 
     def close(self) -> None:

@@ -31,6 +31,7 @@ pub mod cuda;
 pub mod packed;
 pub mod pool;
 pub mod portable;
+pub mod roofline;
 pub mod screen;
 #[cfg(target_arch = "x86_64")]
 mod x86;

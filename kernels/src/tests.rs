@@ -500,3 +500,14 @@ fn screened_argmax_keeps_a_maximum_hidden_by_the_activations_rounding() {
     }
     expect_screened_maximum(&w, &x, n, k, a, b);
 }
+
+/// The roofline measurements run and give positive figures (their size is the machine's).
+#[test]
+fn roofline_figures_are_positive() {
+    assert!(crate::roofline::read_gbps(8 << 20, 2, 1) > 0.0);
+    if let Some(g) = crate::roofline::peak_gflops(crate::roofline::Fma::F32, 1, 1000) {
+        assert!(g > 0.0);
+    }
+    let bf = crate::roofline::peak_gflops(crate::roofline::Fma::Bf16Dot, 1, 1000);
+    assert_eq!(bf.is_some(), crate::has_bf16_dot());
+}

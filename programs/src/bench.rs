@@ -12,7 +12,7 @@ use crate::runtime::{self, ModelArgs};
 use rank::model::config::Config;
 use rank::model::loader::{Slice, WeightDtype, Weights};
 use rank::model::plan::ShardPlan;
-use rank::model::{Qwen2, WeightSource};
+use rank::model::{Qwen2, WeightSource, PARTS};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Preset {
@@ -83,6 +83,11 @@ pub struct Args {
     /// Print one JSON object.
     #[arg(long)]
     pub json: bool,
+    /// Also measure this machine's read bandwidth and FMA peaks (every rank at once, ~1-2 s
+    /// after the rounds) and report decode as % of the read floor and prefill as % of the
+    /// GEMM peak, per profile part with --profile.
+    #[arg(long)]
+    pub roofline: bool,
 }
 
 /// Uniform random weights in ±`scale`, norms 1: finite activations of a realistic size.
@@ -197,6 +202,12 @@ pub fn run(args: &Args) -> Result<()> {
     let mut all = vec![0u64; comm.world_size()];
     comm.all_gather(&[weight_bytes as u64], &mut all)
         .context("all-gather of the weight bytes")?;
+    // Decode's mean context is the prompt plus half the new tokens.
+    let costs = world_costs(comm, &model, p + k / 2)?;
+    let roofline = match args.roofline {
+        true => Some(measure_roofline(comm)?),
+        false => None,
+    };
 
     if comm.rank() == 0 {
         let report = Report {
@@ -211,6 +222,8 @@ pub fn run(args: &Args) -> Result<()> {
             wall_s,
             weight_bytes,
             all: &all,
+            costs,
+            roofline,
         };
         if args.json {
             report.print_json();
@@ -220,6 +233,121 @@ pub fn run(args: &Args) -> Result<()> {
     }
     comm.barrier().context("final barrier")?;
     Ok(())
+}
+
+/// [`Qwen2::part_costs`] summed over the ranks: per profile part, the bytes a decode step at
+/// `context` reads and the weight elements a prefill token is multiplied by.
+fn world_costs(
+    comm: &mut dyn collectives::Communicator,
+    model: &Qwen2,
+    context: usize,
+) -> Result<Vec<(f64, f64)>> {
+    let mine: Vec<u64> = model
+        .part_costs(context)
+        .iter()
+        .flat_map(|&(b, w)| [b as u64, w as u64])
+        .collect();
+    let mut all = vec![0u64; mine.len() * comm.world_size()];
+    comm.all_gather(&mine, &mut all)
+        .context("all-gather of the part costs")?;
+    Ok((0..PARTS.len())
+        .map(|i| {
+            all.chunks(mine.len()).fold((0.0, 0.0), |(b, w), r| {
+                (b + r[2 * i] as f64, w + r[2 * i + 1] as f64)
+            })
+        })
+        .collect())
+}
+
+/// This machine's ceilings with the bench's layout: every rank measures with its own threads at
+/// the same time (so the ranks share the memory bus as in decode), and the figures are summed.
+fn measure_roofline(
+    comm: &mut dyn collectives::Communicator,
+) -> Result<kernels::roofline::Roofline> {
+    comm.barrier().context("barrier before the roofline")?;
+    let r = kernels::roofline::measure(kernels::threads());
+    let mine = [r.read_gbps, r.f32_gflops, r.bf16_gflops].map(f64::to_bits);
+    let mut all = vec![0u64; 3 * comm.world_size()];
+    comm.all_gather(&mine, &mut all)
+        .context("all-gather of the roofline")?;
+    let sum = |i: usize| all.chunks(3).map(|c| f64::from_bits(c[i])).sum::<f64>();
+    Ok(kernels::roofline::Roofline {
+        read_gbps: sum(0),
+        f32_gflops: sum(1),
+        bf16_gflops: sum(2),
+    })
+}
+
+/// Decode's share of the read floor and prefill's share of the FMA peak, in percent.
+#[derive(Debug, Clone, Default)]
+struct Roof {
+    decode_floor_pct: f64,
+    prefill_peak_pct: f64,
+    /// Bytes read per decode token (all ranks) and GEMM flops of the prefill (all ranks).
+    decode_bytes: f64,
+    prefill_flops: f64,
+    /// The peak prefill is held against (bf16 dot when the GEMM uses it, else f32).
+    peak_gflops: f64,
+    /// Per profile part: (name, % of floor in decode, % of peak in prefill); parts without
+    /// bytes or flops are left out.
+    parts: Vec<PartRoof>,
+}
+
+/// A profile part's name, % of the read floor in decode and % of peak in prefill.
+type PartRoof = (&'static str, Option<f64>, Option<f64>);
+
+/// [`Roof`] from the ceilings, the costs and the best rounds' times (`k` decode steps, `p`
+/// prompt tokens, `world` ranks; the profiles are rank 0's, so a part's cost is one rank's
+/// share: the total over `world`).
+#[allow(clippy::too_many_arguments)]
+fn roof(
+    r: &kernels::roofline::Roofline,
+    costs: &[(f64, f64)],
+    bf16_dot: bool,
+    p: usize,
+    k: usize,
+    world: usize,
+    best_p: &Round,
+    best_d: &Round,
+) -> Roof {
+    let peak = if bf16_dot {
+        r.bf16_gflops
+    } else {
+        r.f32_gflops
+    };
+    let floor_pct = |bytes: f64, secs: f64| 100.0 * bytes / secs.max(1e-12) / (r.read_gbps * 1e9);
+    let peak_pct = |flops: f64, secs: f64| 100.0 * flops / secs.max(1e-12) / (peak * 1e9);
+    let decode_bytes: f64 = costs.iter().map(|c| c.0).sum();
+    let prefill_flops = 2.0 * p as f64 * costs.iter().map(|c| c.1).sum::<f64>();
+    let step_s = best_d.decode_s / k.max(1) as f64;
+    let part = |prof: &[(&str, f64)], i: usize| prof.get(i).map_or(0.0, |x| x.1);
+    let parts = PARTS
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| costs[*i] != (0.0, 0.0))
+        .map(|(i, name)| {
+            let (b, w) = costs[i];
+            let (ds, ps) = (part(&best_d.profile, i), part(&best_p.prefill_profile, i));
+            let w1 = world.max(1) as f64;
+            (
+                *name,
+                (b > 0.0 && ds > 0.0).then(|| floor_pct(b / w1, ds / k.max(1) as f64) * w1),
+                (w > 0.0 && ps > 0.0).then(|| peak_pct(2.0 * p as f64 * w / w1, ps) * w1),
+            )
+        })
+        .collect();
+    Roof {
+        decode_floor_pct: if k > 0 {
+            floor_pct(decode_bytes, step_s)
+        } else {
+            0.0
+        },
+        prefill_peak_pct: peak_pct(prefill_flops, best_p.prefill_s),
+        decode_bytes,
+        prefill_flops,
+        peak_gflops: peak,
+        parts,
+    }
 }
 
 /// The model to measure and how the report names it: random preset weights (each rank builds
@@ -317,6 +445,9 @@ struct Report<'a> {
     weight_bytes: usize,
     /// Every rank's resident weight bytes.
     all: &'a [u64],
+    /// Per profile part, all ranks: (bytes per decode step, weight elements per prefill token).
+    costs: Vec<(f64, f64)>,
+    roofline: Option<kernels::roofline::Roofline>,
 }
 
 /// The best rounds and the token rates of all rounds.
@@ -367,12 +498,35 @@ impl Report<'_> {
         }
     }
 
+    /// The roofline shares of the best rounds (with --roofline).
+    fn roof(&self, r: &Rates) -> Option<Roof> {
+        let rl = self.roofline.as_ref()?;
+        Some(roof(
+            rl,
+            &self.costs,
+            kernels::bf16_dot(),
+            self.p,
+            self.k,
+            self.world_size,
+            &r.best_p,
+            &r.best_d,
+        ))
+    }
+
     fn max_bytes(&self) -> u64 {
         self.all.iter().copied().max().unwrap_or(0)
     }
 
     /// `--json`: one object on stdout, the collectives summary on stderr.
     fn print_json(&self) {
+        println!("{}", self.json());
+        eprint!("{}", self.ops.summary(self.wall_s));
+    }
+
+    /// The `--json` object.
+    fn json(&self) -> serde_json::Value {
+        let rates = self.rates();
+        let roof = self.roof(&rates);
         let Rates {
             best_p,
             best_d,
@@ -381,14 +535,14 @@ impl Report<'_> {
             pmax,
             dmax,
             ..
-        } = self.rates();
+        } = rates;
         let profile_map = |parts: &[(&str, f64)]| {
             parts
                 .iter()
                 .map(|(n, s)| (n.to_string(), serde_json::json!(*s)))
                 .collect::<serde_json::Map<_, _>>()
         };
-        let j = serde_json::json!({
+        let mut j = serde_json::json!({
             "model": self.source,
             "world_size": self.world_size,
             "threads_per_rank": kernels::threads(),
@@ -420,12 +574,33 @@ impl Report<'_> {
             "prefill_profile_s": profile_map(&best_p.prefill_profile),
             "decode_profile_s": profile_map(&best_d.profile),
         });
-        println!("{j}");
-        eprint!("{}", self.ops.summary(self.wall_s));
+        if let (Some(rl), Some(roof)) = (&self.roofline, &roof) {
+            j["roofline"] = serde_json::json!({
+                "read_gbps": rl.read_gbps,
+                "f32_gflops": rl.f32_gflops,
+                "bf16_gflops": rl.bf16_gflops,
+                "decode_bytes_per_token": roof.decode_bytes,
+                "prefill_gemm_flops": roof.prefill_flops,
+                "prefill_peak_gflops": roof.peak_gflops,
+            });
+            j["timings"]["decode_floor_pct"] = roof.decode_floor_pct.into();
+            j["timings"]["prefill_peak_pct"] = roof.prefill_peak_pct.into();
+            let part = |f: fn(&PartRoof) -> Option<f64>| {
+                roof.parts
+                    .iter()
+                    .filter_map(|x| Some((x.0.to_string(), serde_json::json!(f(x)?))))
+                    .collect::<serde_json::Map<_, _>>()
+            };
+            j["timings"]["decode_floor_pct_parts"] = part(|x| x.1).into();
+            j["timings"]["prefill_peak_pct_parts"] = part(|x| x.2).into();
+        }
+        j
     }
 
     /// The human-readable report: the collectives summary on stderr, the table on stdout.
     fn print_text(&self) {
+        let rates = self.rates();
+        let roof = self.roof(&rates);
         let Rates {
             best_p,
             best_d,
@@ -434,7 +609,7 @@ impl Report<'_> {
             dmin,
             dmax,
             ..
-        } = self.rates();
+        } = rates;
         let (p, k, source) = (self.p, self.k, self.source);
         let (isa, threads) = (kernels::isa().name(), kernels::threads());
         eprint!("{}", self.ops.summary(self.wall_s));
@@ -459,6 +634,28 @@ impl Report<'_> {
             self.weight_bytes as f64 / (1 << 20) as f64,
             self.max_bytes() as f64 / (1 << 20) as f64
         );
+        if let (Some(rl), Some(roof)) = (&self.roofline, &roof) {
+            println!(
+                "  roofline read {:.1} GB/s, f32 FMA {:.0} GFLOP/s, bf16 dot {:.0} GFLOP/s (all ranks)",
+                rl.read_gbps, rl.f32_gflops, rl.bf16_gflops
+            );
+            println!(
+                "  decode   {:.1}% of the read floor ({:.0} MB per token)   prefill {:.1}% of the {} peak ({:.2} GFLOP)",
+                roof.decode_floor_pct,
+                roof.decode_bytes / 1e6,
+                roof.prefill_peak_pct,
+                if kernels::bf16_dot() { "bf16 dot" } else { "f32 FMA" },
+                roof.prefill_flops / 1e9
+            );
+            for (name, d, pf) in &roof.parts {
+                let f = |v: &Option<f64>| v.map_or("    -".into(), |v| format!("{v:5.1}%"));
+                println!(
+                    "    {name:34} decode {} of floor   prefill {} of peak",
+                    f(d),
+                    f(pf)
+                );
+            }
+        }
         if !best_d.profile.is_empty() {
             println!("  prefill profile (best round, rank 0, ms per prompt, % of prefill):");
             print_profile(&best_p.prefill_profile, best_p.prefill_s, 1, None);
@@ -553,6 +750,65 @@ mod tests {
             per_world.iter().all(|t| *t == per_world[0]),
             "{per_world:?}"
         );
+    }
+
+    /// `--roofline`'s JSON fields exist, are positive, and the percentages are the costs over
+    /// the best rounds' times over the ceilings (synthetic figures: nothing here is timed).
+    #[test]
+    fn roofline_json_fields_come_from_the_figures() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            bench: Args,
+        }
+        let args = <Cli as clap::Parser>::parse_from(["bench", "--roofline"]).bench;
+        let (p, k) = (128, 32);
+        let mut costs = vec![(0.0, 0.0); PARTS.len()];
+        costs[3] = (600e6, 4e8);
+        costs[6] = (200e6, 0.0);
+        let round = Round {
+            prefill_s: 0.25,
+            decode_s: 1.0,
+            ..Round::default()
+        };
+        let rl = kernels::roofline::Roofline {
+            read_gbps: 40.0,
+            f32_gflops: 400.0,
+            bf16_gflops: 800.0,
+        };
+        let ops = CommStats::default();
+        let report = Report {
+            args: &args,
+            source: "test",
+            world_size: 2,
+            p,
+            k,
+            rounds: std::slice::from_ref(&round),
+            tokens: &[],
+            ops: &ops,
+            wall_s: 1.0,
+            weight_bytes: 1,
+            all: &[1, 1],
+            costs,
+            roofline: Some(rl),
+        };
+        let j = report.json();
+        let r = &j["roofline"];
+        for f in ["read_gbps", "f32_gflops", "bf16_gflops"] {
+            assert!(r[f].as_f64().unwrap() > 0.0, "{f}: {r}");
+        }
+        let t = &j["timings"];
+        let (floor, peak) = (
+            t["decode_floor_pct"].as_f64().unwrap(),
+            t["prefill_peak_pct"].as_f64().unwrap(),
+        );
+        assert!(floor > 0.0 && peak > 0.0);
+        // 800 MB per token at 32 tok/s over 40 GB/s.
+        let want_floor = 100.0 * 800e6 * (k as f64 / 1.0) / (40.0 * 1e9);
+        assert!((floor - want_floor).abs() < 1e-9, "{floor} vs {want_floor}");
+        let peak_gflops = if kernels::bf16_dot() { 800.0 } else { 400.0 };
+        let want_peak = 100.0 * 2.0 * p as f64 * 4e8 / 0.25 / (peak_gflops * 1e9);
+        assert!((peak - want_peak).abs() < 1e-9, "{peak} vs {want_peak}");
     }
 
     #[test]

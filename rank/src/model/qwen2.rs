@@ -187,6 +187,36 @@ impl Qwen2 {
         n
     }
 
+    /// Per [`PARTS`] entry on this rank: the bytes one decode step at `context` cached positions
+    /// reads (the layers' weights, the f32 KV cache of this rank's KV heads, the LM head's int8
+    /// screen) and the elements of the weight matrices a token is multiplied by (the GEMMs'
+    /// flops are twice that per token). Left out: the embedding row, norms, biases and the few
+    /// LM-head panels the screen re-checks exactly. What `tprun bench --roofline` holds decode
+    /// and prefill against.
+    pub fn part_costs(&self, context: usize) -> [(usize, usize); PARTS.len()] {
+        let c = &self.config;
+        let mut out = [(0, 0); PARTS.len()];
+        let kv = self.plan.kv_heads.len() * c.head_dim * context * 4 * 2;
+        for l in &self.layers {
+            let (a, m) = (&l.self_attn, &l.mlp);
+            let parts: [(usize, &[&PackedWeight]); 4] = [
+                (0, &[&a.q_proj.weight, &a.k_proj.weight, &a.v_proj.weight]),
+                (2, &[&a.o_proj.weight]),
+                (3, &[&m.gate_proj.weight, &m.up_proj.weight]),
+                (4, &[&m.down_proj.weight]),
+            ];
+            for (i, ws) in parts {
+                for w in ws {
+                    out[i].0 += w.bytes();
+                    out[i].1 += w.rows() * w.cols();
+                }
+            }
+            out[1].0 += kv;
+        }
+        out[PARTS.len() - 1].0 += self.lm_head.screen.bytes();
+        out
+    }
+
     pub fn cache(&self) -> &KvCache {
         &self.cache
     }
