@@ -70,19 +70,18 @@ mod tests {
             );
         }
         let perf = check_cuda("perf");
-        if cfg!(feature = "cuda") {
-            match kernels::cuda::cuda_available() {
-                Ok(_) => assert!(perf.is_ok()),
-                Err(why) => {
-                    assert_eq!(
-                        perf.unwrap_err().to_string(),
-                        format!("--device cuda: {why}")
-                    );
-                    println!("skipped the GPU half: {why}");
-                }
+        #[cfg(feature = "cuda")]
+        match kernels::cuda::cuda_available() {
+            Ok(_) => assert!(perf.is_ok()),
+            Err(why) => {
+                assert_eq!(
+                    perf.unwrap_err().to_string(),
+                    format!("--device cuda: {why}")
+                );
+                println!("skipped the GPU half: {why}");
             }
-        } else {
-            assert_eq!(perf.unwrap_err().to_string(), NO_CUDA_BUILD);
         }
+        #[cfg(not(feature = "cuda"))]
+        assert_eq!(perf.unwrap_err().to_string(), NO_CUDA_BUILD);
     }
 }
