@@ -120,10 +120,16 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     if let Some(code) = run_local(&cli)? {
         return Ok(code);
     }
-    // Built-in programs compute on the CPU only until issue 8; refuse before any rank starts, so
-    // the user sees one line (a rank inherits the same argv and would refuse the same way).
+    // Only perf has a device path (issue 20); the model programs compute on the CPU until issue
+    // 8. Refuse before any rank starts, so the user sees one line (a rank inherits the same argv
+    // and would refuse the same way).
     if cli.command.is_some() && cli.launch.device == Some(launcher::Device::Cuda) {
-        return Err(programs::device::cuda_unavailable());
+        let program = match &cli.command {
+            Some(Cmd::Perf(a)) if a.from.is_empty() => "perf",
+            Some(Cmd::Rank(RankCmd::Perf(_))) => "perf",
+            _ => "",
+        };
+        programs::device::check_cuda(program)?;
     }
     if !in_rank && !matches!(cli.command, Some(Cmd::Rank(_))) {
         refuse_nesting()?;

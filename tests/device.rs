@@ -1,6 +1,8 @@
-//! `--device cuda` through the real binary. The CUDA path (issue 8) is not implemented, so every
-//! built-in program must refuse it before starting ranks, with one line that fits this build:
-//! no `cuda` feature, no driver or device, or (on a GPU machine) "not implemented yet".
+//! `--device cuda` through the real binary. The model's CUDA path (issue 8) is not implemented, so
+//! generate, logits and bench must refuse it before starting ranks, with one line that fits this
+//! build: no `cuda` feature, no driver or device, or (on a GPU machine) "not implemented yet".
+//! perf runs its collectives on the GPU (feature `cuda`); without a usable GPU it refuses the same
+//! way.
 
 use std::process::Command;
 
@@ -74,7 +76,6 @@ fn every_built_in_program_refuses_cuda_the_same_way() {
             "/nonexistent/x.safetensors",
         ],
         vec!["bench"],
-        vec!["perf"],
     ] {
         assert_eq!(refused(&args), first, "{args:?}");
     }
@@ -93,4 +94,29 @@ fn auto_rank_count_with_cuda_refuses_before_counting_gpus() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     check_message(&stderr);
+}
+
+/// perf with `--device cuda`: with the `cuda` build and a usable GPU it must run and check every
+/// element; otherwise it refuses with the same line as generate.
+#[test]
+fn perf_runs_on_the_gpu_or_refuses_like_the_others() {
+    let m = model();
+    let first = refused(&["generate", "--model", &m, "--prompt", "hi"]);
+    if !first.contains("not implemented yet") {
+        assert_eq!(refused(&["perf"]), first);
+        check_message(&first);
+        return;
+    }
+    let out = Command::new(TPRUN)
+        .args([
+            "-n", "2", "--device", "cuda", "perf", "--op", "all", "--check",
+        ])
+        .args(["--max-bytes", "4M"])
+        .env_remove("TPRUN_ROLE")
+        .output()
+        .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stdout}\n{stderr}");
+    assert!(stdout.contains("Out of bounds values : 0 OK"), "{stdout}");
 }

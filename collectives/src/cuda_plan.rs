@@ -246,6 +246,96 @@ pub fn decide(probes: &[Probe], force: Option<&str>) -> Result<Transport, String
     }
 }
 
+/// Bytes of the probe pattern each rank writes at the start of its slab's data area.
+pub const PROBE_BYTES: usize = 256;
+/// Bytes of the first failure's text in an exchanged probe.
+const PROBE_TEXT: usize = 252;
+
+/// The probe pattern rank `rank` writes (and its peers expect): different per rank and per byte,
+/// never all zeros, so a zeroed or foreign mapping does not pass.
+pub fn probe_pattern(rank: u32) -> Vec<u8> {
+    (0..PROBE_BYTES as u32)
+        .map(|i| (rank.wrapping_mul(31).wrapping_add(i.wrapping_mul(7)) % 251 + 1) as u8)
+        .collect()
+}
+
+/// Length of one rank's exchanged probe in a world of `world`.
+pub fn probe_len(world: u32) -> usize {
+    world as usize + PROBE_TEXT
+}
+
+/// A probe as the bytes all-gathered over the shm communicator: one status byte per peer (1: the
+/// pattern came back), then the first failure's text (cut at [`PROBE_TEXT`] bytes).
+pub fn encode_probe(p: &Probe) -> Vec<u8> {
+    let mut b = vec![0u8; probe_len(p.peers.len() as u32)];
+    for (q, r) in p.peers.iter().enumerate() {
+        b[q] = u8::from(r.is_ok());
+    }
+    if let Some(why) = p.peers.iter().find_map(|r| r.as_ref().err()) {
+        let mut n = why.len().min(PROBE_TEXT);
+        while !why.is_char_boundary(n) {
+            n -= 1;
+        }
+        b[p.peers.len()..p.peers.len() + n].copy_from_slice(&why.as_bytes()[..n]);
+    }
+    b
+}
+
+/// The inverse of [`encode_probe`] for rank `rank`'s place in a world of `world`.
+pub fn decode_probe(b: &[u8], rank: u32, world: u32) -> Probe {
+    let w = world as usize;
+    let text = b.get(w..).unwrap_or(&[]);
+    let end = text.iter().position(|&c| c == 0).unwrap_or(text.len());
+    let why = String::from_utf8_lossy(&text[..end]).into_owned();
+    let peers = (0..w)
+        .map(|q| match b.get(q) {
+            Some(1) => Ok(()),
+            _ => Err(if why.is_empty() {
+                "failed".into()
+            } else {
+                why.clone()
+            }),
+        })
+        .collect();
+    Probe { rank, peers }
+}
+
+/// comm.cu's `ReduceOp` code: 0 sum, 1 product, 2 max, 3 min.
+pub fn op_code(op: crate::ReduceOp) -> i32 {
+    match op {
+        crate::ReduceOp::Sum => 0,
+        crate::ReduceOp::Product => 1,
+        crate::ReduceOp::Max => 2,
+        crate::ReduceOp::Min => 3,
+    }
+}
+
+/// The comm.cu kernel reducing `dtype` with `algo`, or `None` where the device has none (f16,
+/// integer types, a world of one): that operation is staged through the host instead.
+pub fn reduce_kernel(algo: Algo, dtype: DType) -> Option<&'static str> {
+    match (algo, dtype) {
+        (Algo::OneShot, DType::F32) => Some("all_reduce_oneshot_f32"),
+        (Algo::OneShot, DType::BF16) => Some("all_reduce_oneshot_bf16"),
+        (Algo::TwoShot, DType::F32) => Some("all_reduce_twoshot_f32"),
+        (Algo::TwoShot, DType::BF16) => Some("all_reduce_twoshot_bf16"),
+        _ => None,
+    }
+}
+
+/// The reduce-scatter kernel for `dtype`, if any.
+pub fn reduce_scatter_kernel(dtype: DType) -> Option<&'static str> {
+    match dtype {
+        DType::F32 => Some("reduce_scatter_f32"),
+        DType::BF16 => Some("reduce_scatter_bf16"),
+        _ => None,
+    }
+}
+
+/// The GPU a rank uses: its local rank modulo the devices it sees (`LOCAL_RANK % count`).
+pub fn device_ordinal(local_rank: usize, count: usize) -> usize {
+    local_rank % count.max(1)
+}
+
 /// comm.cu's op ids in the error word.
 const OPS: [&str; 6] = [
     "?",
@@ -424,5 +514,55 @@ mod tests {
             e.starts_with("all_reduce #42: rank 3 did not arrive"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn probes_round_trip_through_their_bytes() {
+        let p = Probe {
+            rank: 2,
+            peers: vec![
+                Ok(()),
+                Err("CUDA_ERROR_PEER_ACCESS_UNSUPPORTED".into()),
+                Ok(()),
+            ],
+        };
+        let b = encode_probe(&p);
+        assert_eq!(b.len(), probe_len(3));
+        assert_eq!(decode_probe(&b, 2, 3), p);
+        let ok = Probe {
+            rank: 0,
+            peers: vec![Ok(()); 4],
+        };
+        assert_eq!(decode_probe(&encode_probe(&ok), 0, 4), ok);
+        let long = Probe {
+            rank: 1,
+            peers: vec![Err("é".repeat(300)), Ok(())],
+        };
+        let d = decode_probe(&encode_probe(&long), 1, 2);
+        assert!(d.peers[0].as_ref().unwrap_err().len() <= 252 && d.peers[1].is_ok());
+        let zeros = decode_probe(&vec![0; probe_len(2)], 1, 2);
+        assert_eq!(zeros.peers[0], Err("failed".into()));
+    }
+
+    #[test]
+    fn probe_patterns_differ_by_rank_and_are_never_zero() {
+        let (a, b) = (probe_pattern(0), probe_pattern(1));
+        assert_eq!(a.len(), PROBE_BYTES);
+        assert_ne!(a, b);
+        assert!(a.iter().chain(&b).all(|&x| x != 0));
+    }
+
+    #[test]
+    fn kernels_by_op_type_and_device_by_local_rank() {
+        assert_eq!(op_code(crate::ReduceOp::Min), 3);
+        assert_eq!(
+            reduce_kernel(Algo::TwoShot, DType::BF16),
+            Some("all_reduce_twoshot_bf16")
+        );
+        assert_eq!(reduce_kernel(Algo::OneShot, DType::F16), None);
+        assert_eq!(reduce_kernel(Algo::Local, DType::F32), None);
+        assert_eq!(reduce_scatter_kernel(DType::I32), None);
+        assert_eq!(device_ordinal(5, 4), 1);
+        assert_eq!(device_ordinal(3, 0), 0);
     }
 }

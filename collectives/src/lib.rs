@@ -16,6 +16,8 @@
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod cuda_plan;
 mod env;
 pub mod error;

@@ -1,6 +1,7 @@
-//! `--device` for the built-in programs. Only `cpu` computes today: the CUDA path (issue 8) is not
-//! written, so `--device cuda` fails up front with one line saying what is missing on this
-//! machine and build, in the order a user would fix it (build feature, driver, the code itself).
+//! `--device` for the built-in programs. `perf` runs its collectives on the GPU with the `cuda`
+//! build ([`CUDA_PROGRAMS`]); the model's forward pass on the device (issue 8) is not written, so
+//! `--device cuda` with the other programs fails up front with one line saying what is missing on
+//! this machine and build, in the order a user would fix it (build feature, driver, the code).
 //!
 //! The default stays `cpu` even where a GPU is usable (the contract says cuda then; see
 //! docs/DESIGN.md, "Command line"): defaulting to a path that can only refuse would break every
@@ -13,7 +14,24 @@ pub const NO_CUDA_BUILD: &str =
 /// The error for a build with the feature on a machine whose driver reports usable devices.
 pub const NOT_IMPLEMENTED: &str = "--device cuda: the CUDA path is not implemented yet (issue 8)";
 
-/// Why `--device cuda` cannot run here, as one line. Always an error until issue 8 lands.
+/// The built-in programs that run with `--device cuda` (in the `cuda` build).
+pub const CUDA_PROGRAMS: [&str; 1] = ["perf"];
+
+/// `Ok` where `program` can run with `--device cuda` on this build and machine, else the one-line
+/// refusal: [`cuda_unavailable`] for the programs without a device path.
+pub fn check_cuda(program: &str) -> anyhow::Result<()> {
+    #[cfg(feature = "cuda")]
+    if CUDA_PROGRAMS.contains(&program) {
+        return kernels::cuda::cuda_available()
+            .map(|_| ())
+            .map_err(|why| anyhow::anyhow!("--device cuda: {why}"));
+    }
+    let _ = program;
+    Err(cuda_unavailable())
+}
+
+/// Why `--device cuda` cannot run a model program here, as one line. Always an error until
+/// issue 8 lands.
 pub fn cuda_unavailable() -> anyhow::Error {
     #[cfg(not(feature = "cuda"))]
     {
@@ -41,5 +59,29 @@ mod tests {
         } else {
             assert_eq!(msg, NO_CUDA_BUILD);
         }
+    }
+
+    #[test]
+    fn only_perf_may_pass_and_only_with_a_usable_gpu() {
+        for p in ["generate", "logits", "bench"] {
+            assert_eq!(
+                check_cuda(p).unwrap_err().to_string(),
+                cuda_unavailable().to_string()
+            );
+        }
+        let perf = check_cuda("perf");
+        #[cfg(feature = "cuda")]
+        match kernels::cuda::cuda_available() {
+            Ok(_) => assert!(perf.is_ok()),
+            Err(why) => {
+                assert_eq!(
+                    perf.unwrap_err().to_string(),
+                    format!("--device cuda: {why}")
+                );
+                println!("skipped the GPU half: {why}");
+            }
+        }
+        #[cfg(not(feature = "cuda"))]
+        assert_eq!(perf.unwrap_err().to_string(), NO_CUDA_BUILD);
     }
 }

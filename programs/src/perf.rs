@@ -10,6 +10,10 @@
 use anyhow::{bail, ensure, Context};
 use half::{bf16, f16};
 
+#[cfg(feature = "cuda")]
+#[path = "perf_cuda.rs"]
+mod cuda;
+
 use collectives::units::parse_size;
 use collectives::{CommExt, Communicator, DType, Float, Hierarchy, ReduceOp};
 
@@ -312,6 +316,64 @@ impl Case {
     }
 }
 
+/// What perf measures: a host transport on host buffers, or (feature `cuda`, `--device cuda`,
+/// which the launcher passes to the ranks as `TPRUN_DEVICE=cuda`) the CUDA transport on device
+/// buffers.
+enum PerfComm {
+    Host(Box<dyn Communicator>),
+    #[cfg(feature = "cuda")]
+    Cuda(Box<cuda::Device>),
+}
+
+impl PerfComm {
+    fn from_env() -> anyhow::Result<PerfComm> {
+        if std::env::var("TPRUN_DEVICE").is_ok_and(|d| d == "cuda") {
+            #[cfg(feature = "cuda")]
+            return Ok(PerfComm::Cuda(Box::new(cuda::Device::new()?)));
+            #[cfg(not(feature = "cuda"))]
+            bail!(crate::device::NO_CUDA_BUILD);
+        }
+        let comm = collectives::from_env().context("perf: cannot set up the collectives")?;
+        Ok(PerfComm::Host(comm))
+    }
+
+    fn comm(&mut self) -> &mut dyn Communicator {
+        match self {
+            PerfComm::Host(c) => c.as_mut(),
+            #[cfg(feature = "cuda")]
+            PerfComm::Cuda(d) => &mut d.comm,
+        }
+    }
+
+    /// Fills the case's inputs (and copies them to the device).
+    fn fill(&mut self, case: &mut Case) -> anyhow::Result<()> {
+        case.fill();
+        match self {
+            PerfComm::Host(_) => Ok(()),
+            #[cfg(feature = "cuda")]
+            PerfComm::Cuda(d) => d.load(case),
+        }
+    }
+
+    fn run(&mut self, case: &mut Case) -> collectives::Result<()> {
+        match self {
+            PerfComm::Host(c) => case.run(c.as_mut()),
+            #[cfg(feature = "cuda")]
+            PerfComm::Cuda(d) => d.run(case),
+        }
+    }
+
+    /// The case's wrong elements (after copying device results back).
+    fn wrong(&mut self, case: &mut Case) -> anyhow::Result<u64> {
+        match self {
+            PerfComm::Host(_) => {}
+            #[cfg(feature = "cuda")]
+            PerfComm::Cuda(d) => d.store(case)?,
+        }
+        Ok(case.wrong())
+    }
+}
+
 /// Every rank's `x`, in rank order (8 bytes each, moved by an all-gather).
 fn gather_u64(comm: &mut dyn Communicator, x: u64) -> anyhow::Result<Vec<u64>> {
     let n = comm.world_size();
@@ -320,27 +382,27 @@ fn gather_u64(comm: &mut dyn Communicator, x: u64) -> anyhow::Result<Vec<u64>> {
     Ok(out)
 }
 
-fn bench_size(comm: &mut dyn Communicator, case: &mut Case, args: &Args) -> anyhow::Result<Row> {
-    let n = comm.world_size();
-    case.fill();
+fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result<Row> {
+    let n = pc.comm().world_size();
+    pc.fill(case)?;
     for _ in 0..args.warmup {
-        case.run(comm)?;
+        pc.run(case)?;
     }
-    comm.barrier()?;
+    pc.comm().barrier()?;
     let t0 = std::time::Instant::now();
     for _ in 0..args.iters {
-        case.run(comm)?;
+        pc.run(case)?;
     }
     let local = t0.elapsed().as_secs_f64() / args.iters as f64;
-    let secs = gather_u64(comm, local.to_bits())?
+    let secs = gather_u64(pc.comm(), local.to_bits())?
         .into_iter()
         .map(f64::from_bits)
         .fold(0.0, f64::max);
     let wrong = if args.check {
-        case.fill();
-        case.run(comm)?;
-        let w = case.wrong();
-        Some(gather_u64(comm, w)?.into_iter().sum())
+        pc.fill(case)?;
+        pc.run(case)?;
+        let w = pc.wrong(case)?;
+        Some(gather_u64(pc.comm(), w)?.into_iter().sum())
     } else {
         None
     };
@@ -418,17 +480,16 @@ fn avg_busbw(rows: &[Row]) -> f64 {
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
     check_sizes(args)?;
-    let mut comm = collectives::from_env().context("perf: cannot set up the collectives")?;
-    let n = comm.world_size();
-    let rank = comm.rank();
+    let mut pc = PerfComm::from_env()?;
+    let (n, rank) = (pc.comm().world_size(), pc.comm().rank());
     check_fits(args, n)?;
     let ops = ops_of(args.op);
     let sizes = doubling_sizes(args.min_bytes, args.max_bytes);
     let mut all_rows = Vec::new();
     for &op in &ops {
-        let rows = measure_op(comm.as_mut(), op, &sizes, args)?;
+        let rows = measure_op(&mut pc, op, &sizes, args)?;
         if rank == 0 && !args.json {
-            print_table(op, &rows, n, comm.hierarchy(), args);
+            print_table(op, &rows, n, pc.comm().hierarchy(), args);
         }
         all_rows.extend(rows);
     }
@@ -538,12 +599,12 @@ fn doubling_sizes(min: u64, max: u64) -> Vec<u64> {
 
 /// One table: `op` at every size (on every rank, in step).
 fn measure_op(
-    comm: &mut dyn Communicator,
+    pc: &mut PerfComm,
     op: PerfOp,
     sizes: &[u64],
     args: &Args,
 ) -> anyhow::Result<Vec<Row>> {
-    let (n, rank) = (comm.world_size(), comm.rank());
+    let (n, rank) = (pc.comm().world_size(), pc.comm().rank());
     let mut rows: Vec<Row> = Vec::new();
     for &size in sizes {
         let Some(mut case) = Case::new(op, args.dtype, size, n, rank, args.root) else {
@@ -553,7 +614,7 @@ fn measure_op(
         if rows.last().is_some_and(|r| r.bytes == case.bytes_count().0) {
             continue;
         }
-        let row = bench_size(comm, &mut case, args)
+        let row = bench_size(pc, &mut case, args)
             .with_context(|| format!("perf {} at {size} bytes", op.name()))?;
         rows.push(row);
     }

@@ -1,0 +1,73 @@
+//! `perf --device cuda`: the collectives of [`collectives::cuda::CudaComm`] on device buffers.
+//! The host buffers of each [`Case`] are filled as on the CPU, copied to the GPU before the
+//! timed loop, and copied back for `--check`, so the check is the same bit-for-bit comparison.
+
+use anyhow::Context;
+use collectives::cuda::cudarc::driver::CudaSlice;
+use collectives::cuda::CudaComm;
+use collectives::ReduceOp;
+
+use super::{Case, PerfOp};
+
+/// The CUDA communicator and the current case's device buffers.
+pub(super) struct Device {
+    pub comm: CudaComm,
+    a: Option<CudaSlice<u8>>,
+    b: Option<CudaSlice<u8>>,
+}
+
+impl Device {
+    /// Sets up the CUDA transport (GPU `LOCAL_RANK % device count`).
+    pub fn new() -> anyhow::Result<Device> {
+        let comm = CudaComm::from_env()
+            .context("perf --device cuda: cannot set up the CUDA collectives")?;
+        Ok(Device {
+            comm,
+            a: None,
+            b: None,
+        })
+    }
+
+    /// Copies the case's input (and a zeroed output, where it has one) to the GPU.
+    pub fn load(&mut self, case: &mut Case) -> anyhow::Result<()> {
+        let stream = self.comm.stream().clone();
+        let (a, b) = case.bufs.both();
+        self.a = Some(stream.memcpy_stod(a)?);
+        self.b = if b.is_empty() {
+            None
+        } else {
+            Some(stream.alloc_zeros::<u8>(b.len())?)
+        };
+        stream.synchronize()?;
+        Ok(())
+    }
+
+    /// One collective of the case on the device buffers (returns when the GPU is done).
+    pub fn run(&mut self, case: &Case) -> collectives::Result<()> {
+        let dt = case.dtype.dtype();
+        let a = self.a.as_mut().expect("load runs before run");
+        match (case.op, self.b.as_mut()) {
+            (PerfOp::AllReduce, _) => self.comm.all_reduce_dev(a, dt, ReduceOp::Sum),
+            (PerfOp::Broadcast, _) => self.comm.broadcast_dev(a, case.root),
+            (PerfOp::AllGather, Some(b)) => self.comm.all_gather_dev(a, b),
+            (PerfOp::ReduceScatter, Some(b)) => {
+                self.comm.reduce_scatter_dev(a, b, dt, ReduceOp::Sum)
+            }
+            (op, _) => unreachable!("{op:?} without its buffers"),
+        }
+    }
+
+    /// Copies the device buffers back into the case's host buffers (for `--check`).
+    pub fn store(&mut self, case: &mut Case) -> anyhow::Result<()> {
+        let stream = self.comm.stream().clone();
+        let (a, b) = case.bufs.both();
+        if let Some(d) = &self.a {
+            stream.memcpy_dtoh(d, a)?;
+        }
+        if let Some(d) = &self.b {
+            stream.memcpy_dtoh(d, b)?;
+        }
+        stream.synchronize()?;
+        Ok(())
+    }
+}
