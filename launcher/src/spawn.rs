@@ -110,6 +110,23 @@ impl LaunchPlan {
         let report_fd = pid_write.as_raw_fd();
         let guard_var = format!("{}:{report_fd}", std::process::id());
         cmd.env(crate::guard::GUARD_VAR, guard_var);
+        self.set_env(&mut cmd, r, extra_env);
+        let stdin = rank_stdin(&mut cmd, r)?;
+        cmd.stdin(stdin)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped());
+        // Own process group: terminal Ctrl-C reaches only tprun, and killpg reaches the rank's
+        // children too.
+        cmd.process_group(0);
+
+        let cpuset = cpuset_of(spec)?;
+        guard_pre_exec(&mut cmd, pid_write, cpuset);
+        Ok((cmd, std::fs::File::from(pid_read)))
+    }
+
+    /// The torchrun environment of rank `r`, then the job's and the caller's variables.
+    fn set_env(&self, cmd: &mut Command, r: usize, extra_env: &[(String, String)]) {
+        let spec = &self.ranks[r];
         cmd.envs(self.job_env.iter().map(|(k, v)| (k, v)));
         let n = self.world_size.to_string();
         let r_s = r.to_string();
@@ -140,77 +157,6 @@ impl LaunchPlan {
             cmd.env("OMP_NUM_THREADS", spec.omp_threads.to_string());
         }
         cmd.envs(extra_env.iter().map(|(k, v)| (k, v)));
-
-        // Rank 0 gets tprun's stdin (like mpirun). A terminal is not handed over (a rank in its
-        // own process group that read it would be stopped by SIGTTIN): while tprun is in the
-        // foreground, tprun reads it and relays the lines to rank 0 through a pipe, and every
-        // rank sees TPRUN_STDIN_TERMINAL=1 (interactive chat keys on it).
-        let terminal = std::io::stdin().is_terminal() && foreground();
-        if terminal {
-            cmd.env(STDIN_TERMINAL, "1");
-        }
-        let stdin = match (r, terminal) {
-            (0, false) if !std::io::stdin().is_terminal() => Stdio::inherit(),
-            (0, true) => terminal_relay()?,
-            _ => Stdio::null(),
-        };
-        cmd.stdin(stdin)
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped());
-        // Own process group: terminal Ctrl-C reaches only tprun, and killpg reaches the rank's
-        // children too.
-        cmd.process_group(0);
-
-        let cpuset = match &spec.cpus {
-            Some(list) => {
-                let mut set = CpuSet::new();
-                for &c in list {
-                    set.set(c)
-                        .with_context(|| format!("CPU {c} is beyond what the kernel supports"))?;
-                }
-                Some(set)
-            }
-            None => None,
-        };
-        let parent = std::process::id() as libc::pid_t;
-        // SAFETY: the closure runs in the child between fork and exec, where only
-        // async-signal-safe calls are allowed: it makes four raw syscalls (prctl, getppid,
-        // signal, sched_setaffinity) on data prepared before the fork, and builds errors from raw errno
-        // values without allocating.
-        unsafe {
-            cmd.pre_exec(move || {
-                // Owned by the closure, so tprun's copy closes when the Command is dropped.
-                let report = &pid_write;
-                // Only this rank's guard inherits the write end.
-                if libc::fcntl(report.as_raw_fd(), libc::F_SETFD, 0) != 0 {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if libc::prctl(
-                    libc::PR_SET_PDEATHSIG,
-                    crate::guard::DEATH_SIGNAL as libc::c_ulong,
-                    0,
-                    0,
-                    0,
-                ) != 0
-                {
-                    return Err(std::io::Error::last_os_error());
-                }
-                // tprun may have died before the prctl took effect; then nobody would kill us.
-                if libc::getppid() != parent {
-                    return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
-                }
-                // tprun ignores SIGXFSZ for itself (signals.rs); the program gets the default.
-                if libc::signal(libc::SIGXFSZ, libc::SIG_DFL) == libc::SIG_ERR {
-                    return Err(std::io::Error::last_os_error());
-                }
-                if let Some(set) = &cpuset {
-                    nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
-                        .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
-                }
-                Ok(())
-            });
-        }
-        Ok((cmd, std::fs::File::from(pid_read)))
     }
 }
 
@@ -222,6 +168,81 @@ pub(crate) const STDIN_TERMINAL: &str = "TPRUN_STDIN_TERMINAL";
 fn foreground() -> bool {
     // SAFETY: plain syscalls without pointers.
     unsafe { libc::tcgetpgrp(0) == libc::getpgrp() }
+}
+
+/// Rank `r`'s stdin.
+fn rank_stdin(cmd: &mut Command, r: usize) -> anyhow::Result<Stdio> {
+    // Rank 0 gets tprun's stdin (like mpirun). A terminal is not handed over (a rank in its
+    // own process group that read it would be stopped by SIGTTIN): while tprun is in the
+    // foreground, tprun reads it and relays the lines to rank 0 through a pipe, and every
+    // rank sees TPRUN_STDIN_TERMINAL=1 (interactive chat keys on it).
+    let terminal = std::io::stdin().is_terminal() && foreground();
+    if terminal {
+        cmd.env(STDIN_TERMINAL, "1");
+    }
+    Ok(match (r, terminal) {
+        (0, false) if !std::io::stdin().is_terminal() => Stdio::inherit(),
+        (0, true) => terminal_relay()?,
+        _ => Stdio::null(),
+    })
+}
+
+/// The CPUs rank `spec` is pinned to, as the kernel's set.
+fn cpuset_of(spec: &RankSpec) -> anyhow::Result<Option<CpuSet>> {
+    Ok(match &spec.cpus {
+        Some(list) => {
+            let mut set = CpuSet::new();
+            for &c in list {
+                set.set(c)
+                    .with_context(|| format!("CPU {c} is beyond what the kernel supports"))?;
+            }
+            Some(set)
+        }
+        None => None,
+    })
+}
+
+/// What the rank's child does between fork and exec: hand the pid pipe to its guard only, die
+/// with tprun, default SIGXFSZ, pin its CPUs.
+fn guard_pre_exec(cmd: &mut Command, pid_write: std::os::fd::OwnedFd, cpuset: Option<CpuSet>) {
+    let parent = std::process::id() as libc::pid_t;
+    // SAFETY: the closure runs in the child between fork and exec, where only
+    // async-signal-safe calls are allowed: it makes four raw syscalls (prctl, getppid,
+    // signal, sched_setaffinity) on data prepared before the fork, and builds errors from raw errno
+    // values without allocating.
+    unsafe {
+        cmd.pre_exec(move || {
+            // Owned by the closure, so tprun's copy closes when the Command is dropped.
+            let report = &pid_write;
+            // Only this rank's guard inherits the write end.
+            if libc::fcntl(report.as_raw_fd(), libc::F_SETFD, 0) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            if libc::prctl(
+                libc::PR_SET_PDEATHSIG,
+                crate::guard::DEATH_SIGNAL as libc::c_ulong,
+                0,
+                0,
+                0,
+            ) != 0
+            {
+                return Err(std::io::Error::last_os_error());
+            }
+            // tprun may have died before the prctl took effect; then nobody would kill us.
+            if libc::getppid() != parent {
+                return Err(std::io::Error::from_raw_os_error(libc::ESRCH));
+            }
+            // tprun ignores SIGXFSZ for itself (signals.rs); the program gets the default.
+            if libc::signal(libc::SIGXFSZ, libc::SIG_DFL) == libc::SIG_ERR {
+                return Err(std::io::Error::last_os_error());
+            }
+            if let Some(set) = &cpuset {
+                nix::sched::sched_setaffinity(nix::unistd::Pid::from_raw(0), set)
+                    .map_err(|e| std::io::Error::from_raw_os_error(e as i32))?;
+            }
+            Ok(())
+        });
+    }
 }
 
 /// The write end of the newest rank 0's stdin pipe; the one relay thread feeds it.
