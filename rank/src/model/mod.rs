@@ -5,6 +5,7 @@
 
 pub mod attention;
 pub mod config;
+pub mod cuda_plan;
 pub mod layers;
 pub mod loader;
 pub mod mlp;
