@@ -7,6 +7,7 @@
 //! cudarc initialise the driver: on a machine without a GPU, or with a too-old driver, the caller
 //! gets an error string instead of a panic.
 
+pub mod blas;
 pub mod cubin;
 pub mod libs;
 pub mod nvrtc;

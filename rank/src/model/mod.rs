@@ -5,6 +5,8 @@
 
 pub mod attention;
 pub mod config;
+pub mod cuda_plan;
+pub mod cuda_weights;
 pub mod layers;
 pub mod loader;
 pub mod mlp;

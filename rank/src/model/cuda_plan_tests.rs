@@ -1,0 +1,127 @@
+use super::*;
+
+const SOURCES: [&str; 2] = [
+    include_str!("../../../kernels/src/cuda/model.cu"),
+    include_str!("../../../kernels/src/cuda/attention.cu"),
+];
+
+/// `(type, name)` of each parameter of `extern "C" __global__ void kernel(...)`.
+fn signature(kernel: &str) -> Vec<(String, String)> {
+    let open = format!("void {kernel}(");
+    let src = SOURCES
+        .iter()
+        .find(|s| s.contains(&open))
+        .unwrap_or_else(|| panic!("no kernel {kernel} in the .cu sources"));
+    let start = src.find(&open).unwrap() + open.len();
+    let params = &src[start..start + src[start..].find(')').unwrap()];
+    params
+        .split(',')
+        .map(|p| {
+            let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
+            let cut = p.rfind([' ', '*']).unwrap();
+            (p[..=cut].trim().to_string(), p[cut + 1..].to_string())
+        })
+        .collect()
+}
+
+/// Every argument matches the kernel's parameter in kind, and buffers by name.
+fn check(l: &Launch) {
+    let sig = signature(l.kernel);
+    assert_eq!(sig.len(), l.args.len(), "{}: argument count", l.kernel);
+    for ((ty, name), arg) in sig.iter().zip(&l.args) {
+        match arg {
+            Arg::Buf(b) => {
+                assert!(ty.ends_with('*'), "{}: {name} is {ty}", l.kernel);
+                assert_eq!(b, name, "{}: buffer order", l.kernel);
+            }
+            Arg::I32(_) => assert_eq!(ty, "int", "{}: {name}", l.kernel),
+            Arg::F32(_) => assert_eq!(ty, "float", "{}: {name}", l.kernel),
+        }
+    }
+    let threads = l.block.0 * l.block.1 * l.block.2;
+    assert!(
+        (1..=1024).contains(&threads) && l.grid.0 >= 1,
+        "{}",
+        l.kernel
+    );
+}
+
+fn heads() -> Heads {
+    Heads {
+        heads: 14,
+        kv_heads: 2,
+        head_dim: 64,
+    }
+}
+
+#[test]
+fn every_launch_matches_its_kernel_signature() {
+    let launches = [
+        embedding_gather(5, 896, 100..200),
+        rms_norm(5, 896, 1e-6),
+        rope(5, 14, 64, 1e6),
+        silu_gate(4864),
+        bias_add(5, 896),
+        f32_to_bf16(5 * 896),
+        argmax(75968, 75968),
+        kv_append(5, 3, 2, 64),
+        attention_prefill(5, 3, heads()).unwrap(),
+        attention_decode(9, heads()).unwrap(),
+    ];
+    for l in &launches {
+        check(l);
+    }
+}
+
+#[test]
+fn block_reductions_get_power_of_two_blocks() {
+    for l in [rms_norm(1, 896, 1e-6), argmax(10, 0)] {
+        assert!(l.block.0.is_power_of_two(), "{}", l.kernel);
+    }
+    let a = attention_decode(9, heads()).unwrap();
+    assert!(a.block.0.is_power_of_two());
+}
+
+#[test]
+fn grids_follow_the_sources() {
+    assert_eq!(rope(7, 14, 64, 1e6).grid, (7, 14, 1));
+    assert_eq!(rope(7, 14, 64, 1e6).block.0, 32);
+    assert_eq!(kv_append(7, 0, 2, 64).grid, (7, 2, 1));
+    assert_eq!(attention_prefill(7, 0, heads()).unwrap().grid, (7, 14, 1));
+    assert_eq!(attention_decode(9, heads()).unwrap().grid, (14, 1, 1));
+    assert_eq!(silu_gate(1).grid.0, 1);
+    assert_eq!(silu_gate(10_000_000).grid.0, MAX_BLOCKS);
+}
+
+#[test]
+fn attention_shared_memory_holds_every_score() {
+    let p = attention_prefill(4, 10, heads()).unwrap();
+    assert_eq!(p.shared_bytes, 14 * 4);
+    assert_eq!(p.args[4], Arg::I32(10));
+    assert_eq!(p.args[8], Arg::F32(0.125));
+    assert_eq!(attention_decode(11, heads()).unwrap().shared_bytes, 44);
+    assert!(attention_decode(MAX_ATTENTION_POSITIONS, heads()).is_some());
+    assert!(attention_decode(MAX_ATTENTION_POSITIONS + 1, heads()).is_none());
+}
+
+#[test]
+fn embedding_gather_passes_the_vocab_shard() {
+    let l = embedding_gather(3, 8, 100..250);
+    assert_eq!(&l.args[3..], &[Arg::I32(8), Arg::I32(100), Arg::I32(150)]);
+}
+
+#[test]
+fn linear_gemm_computes_row_major_x_times_w_transposed() {
+    let (tokens, out, inp) = (3, 4, 5);
+    let x: Vec<f32> = (0..tokens * inp).map(|i| i as f32 * 0.5 - 3.0).collect();
+    let w: Vec<f32> = (0..out * inp).map(|i| (i % 7) as f32 - 2.0).collect();
+    let g = linear(tokens, out, inp);
+    let mut y = vec![0.0; tokens * out];
+    g.reference(&w, &x, &mut y);
+    for t in 0..tokens {
+        for o in 0..out {
+            let want: f32 = (0..inp).map(|i| x[t * inp + i] * w[o * inp + i]).sum();
+            assert_eq!(y[t * out + o], want, "y[{t}, {o}]");
+        }
+    }
+}
