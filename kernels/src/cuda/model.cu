@@ -1,25 +1,26 @@
-// Element-wise and row kernels of the Qwen2 forward pass. Activations f32, weights bf16.
+// Element-wise and row kernels of the Qwen2 forward pass. Activations f32; norm weights, biases and
+// the embedding table f32, as the CPU path keeps them (the projections' bf16 go through cuBLAS).
 
 // out[t, :] = table[ids[t] - row_start, :] for ids in this rank's vocabulary shard, else zeros
 // (the other ranks' rows arrive through the all-reduce). Grid: one block per token.
-extern "C" __global__ void embedding_gather(const bf16_t* table, const int* ids, float* out,
+extern "C" __global__ void embedding_gather(const float* table, const int* ids, float* out,
                                             int hidden, int row_start, int rows) {
     int t = blockIdx.x;
     int r = ids[t] - row_start;
     bool mine = r >= 0 && r < rows;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x)
-        out[(size_t)t * hidden + i] = mine ? bf16_to_f32(table[(size_t)r * hidden + i]) : 0.0f;
+        out[(size_t)t * hidden + i] = mine ? table[(size_t)r * hidden + i] : 0.0f;
 }
 
 // y = x / sqrt(mean(x^2) + eps) * w, one block per row.
-extern "C" __global__ void rms_norm(const float* x, const bf16_t* w, float* y, int hidden,
+extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, int hidden,
                                     float eps) {
     const float* xr = x + (size_t)blockIdx.x * hidden;
     float* yr = y + (size_t)blockIdx.x * hidden;
     float ss = 0.0f;
     for (int i = threadIdx.x; i < hidden; i += blockDim.x) ss += xr[i] * xr[i];
     float inv = rsqrtf(block_sum(ss) / (float)hidden + eps);
-    for (int i = threadIdx.x; i < hidden; i += blockDim.x) yr[i] = xr[i] * inv * bf16_to_f32(w[i]);
+    for (int i = threadIdx.x; i < hidden; i += blockDim.x) yr[i] = xr[i] * inv * w[i];
 }
 
 // Rotary embedding, rotate-half form, in place on x[t, head, :]. Grid (tokens, heads).
@@ -45,10 +46,16 @@ extern "C" __global__ void silu_gate(const float* gate, const float* up, float* 
 }
 
 // x[r, c] += bias[c] for `rows` rows of `cols`.
-extern "C" __global__ void bias_add(float* x, const bf16_t* bias, int rows, int cols) {
+extern "C" __global__ void bias_add(float* x, const float* bias, int rows, int cols) {
     int n = rows * cols;
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        x[i] += bf16_to_f32(bias[i % cols]);
+        x[i] += bias[i % cols];
+}
+
+// x += y (the residual adds).
+extern "C" __global__ void add_inplace(float* x, const float* y, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
+        x[i] += y[i];
 }
 
 // Widen bf16 to f32 and round f32 to bf16 (cuBLAS operands).

@@ -21,7 +21,7 @@ impl Module {
     }
 }
 
-/// Embedding gather, RMSNorm, RoPE, SiLU-gate, bias add, bf16 conversions, argmax, sampling.
+/// Embedding gather, RMSNorm, RoPE, SiLU-gate, bias add, residual add, bf16 conversions, argmax, sampling.
 pub const MODEL: Module = Module {
     name: "model",
     body: include_str!("model.cu"),
@@ -31,6 +31,7 @@ pub const MODEL: Module = Module {
         "rope",
         "silu_gate",
         "bias_add",
+        "add_inplace",
         "bf16_to_f32_kernel",
         "f32_to_bf16_kernel",
         "argmax",

@@ -114,6 +114,13 @@ pub fn bias_add(rows: usize, cols: usize) -> Launch {
     elementwise("bias_add", rows * cols, args)
 }
 
+/// `add_inplace(x, y, n)`: the residual add `x += y`.
+pub fn add_inplace(n: usize) -> Launch {
+    use Arg::*;
+    let args = vec![Buf("x"), Buf("y"), I32(i32_of(n))];
+    elementwise("add_inplace", n, args)
+}
+
 /// `f32_to_bf16_kernel(in, out, n)`: the activations as a bf16 cuBLAS operand.
 pub fn f32_to_bf16(n: usize) -> Launch {
     use Arg::*;

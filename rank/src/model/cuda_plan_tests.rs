@@ -62,6 +62,7 @@ fn every_launch_matches_its_kernel_signature() {
         rope(5, 14, 64, 1e6),
         silu_gate(4864),
         bias_add(5, 896),
+        add_inplace(5 * 896),
         f32_to_bf16(5 * 896),
         argmax(75968, 75968),
         kv_append(5, 3, 2, 64),
@@ -123,5 +124,21 @@ fn linear_gemm_computes_row_major_x_times_w_transposed() {
             let want: f32 = (0..inp).map(|i| x[t * inp + i] * w[o * inp + i]).sum();
             assert_eq!(y[t * out + o], want, "y[{t}, {o}]");
         }
+    }
+}
+
+/// Norm weights, biases and the embedding table are f32 on the device, as the CPU path keeps
+/// them (bf16 there would miss the 1e-3 comparison with the CPU on an f32 checkpoint).
+#[test]
+fn norms_biases_and_the_embedding_table_are_f32() {
+    for (kernel, param) in [
+        ("embedding_gather", "table"),
+        ("rms_norm", "w"),
+        ("bias_add", "bias"),
+        ("add_inplace", "y"),
+    ] {
+        let sig = signature(kernel);
+        let (ty, _) = sig.iter().find(|(_, n)| n == param).unwrap();
+        assert_eq!(ty, "const float*", "{kernel}: {param}");
     }
 }

@@ -5,7 +5,9 @@
 //!
 //! Types on the device: matrices (projections, embedding, LM head) keep the checkpoint's type
 //! after `--dtype` (bf16 for cuBLAS bf16 × bf16 → f32 with f32 accumulation, f32 for an f32
-//! GEMM); vectors (norm weights, q/k/v biases) are loaded as f32 by the CPU path.
+//! GEMM); vectors (norm weights, q/k/v biases) are loaded as f32 by the CPU path, and so are they
+//! on the device. The embedding table is also uploaded in f32 for `embedding_gather` (the CPU
+//! lookup widens each row to f32; with tied embeddings the LM head keeps its matrix copy).
 
 use crate::model::config::Config;
 use crate::model::loader::Slice;
