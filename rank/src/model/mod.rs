@@ -5,6 +5,8 @@
 
 pub mod attention;
 pub mod config;
+#[cfg(feature = "cuda")]
+pub mod cuda;
 pub mod cuda_plan;
 pub mod cuda_weights;
 pub mod layers;
