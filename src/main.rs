@@ -120,13 +120,14 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
     if let Some(code) = run_local(&cli)? {
         return Ok(code);
     }
-    // Only perf has a device path (issue 20); the model programs compute on the CPU until issue
-    // 8. Refuse before any rank starts, so the user sees one line (a rank inherits the same argv
-    // and would refuse the same way).
+    // The programs in programs::device::CUDA_PROGRAMS have a device path (issue 20); the others
+    // compute on the CPU only. Refuse before any rank starts, so the user sees one line (a rank
+    // inherits the same argv and would refuse the same way).
     if cli.command.is_some() && cli.launch.device == Some(launcher::Device::Cuda) {
         let program = match &cli.command {
             Some(Cmd::Perf(a)) if a.from.is_empty() => "perf",
             Some(Cmd::Rank(RankCmd::Perf(_))) => "perf",
+            Some(Cmd::Logits(_)) | Some(Cmd::Rank(RankCmd::Logits(_))) => "logits",
             _ => "",
         };
         programs::device::check_cuda(program)?;

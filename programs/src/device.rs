@@ -1,7 +1,8 @@
-//! `--device` for the built-in programs. `perf` runs its collectives on the GPU with the `cuda`
-//! build ([`CUDA_PROGRAMS`]); the model's forward pass on the device (issue 8) is not written, so
-//! `--device cuda` with the other programs fails up front with one line saying what is missing on
-//! this machine and build, in the order a user would fix it (build feature, driver, the code).
+//! `--device` for the built-in programs. With the `cuda` build, `perf` runs its collectives on
+//! the GPU and `logits` the model's forward pass (`rank::model::cuda::CudaQwen2`, issue 20)
+//! ([`CUDA_PROGRAMS`]; neither has run on a GPU yet); `--device cuda` with the other programs
+//! fails up front with one line saying what is missing on this machine and build, in the order a
+//! user would fix it (build feature, driver, the code).
 //!
 //! The default stays `cpu` even where a GPU is usable (the contract says cuda then; see
 //! docs/DESIGN.md, "Command line"): defaulting to a path that can only refuse would break every
@@ -12,10 +13,16 @@ pub const NO_CUDA_BUILD: &str =
     "tprun was built without CUDA support: rebuild with `cargo build --release --features cuda`";
 
 /// The error for a build with the feature on a machine whose driver reports usable devices.
-pub const NOT_IMPLEMENTED: &str = "--device cuda: the CUDA path is not implemented yet (issue 8)";
+pub const NOT_IMPLEMENTED: &str = "--device cuda: this program's CUDA path is not implemented yet \
+     (issue 20: logits and perf have one)";
 
 /// The built-in programs that run with `--device cuda` (in the `cuda` build).
-pub const CUDA_PROGRAMS: [&str; 1] = ["perf"];
+pub const CUDA_PROGRAMS: [&str; 2] = ["perf", "logits"];
+
+/// Whether this rank was started with `--device cuda` (the launcher's `TPRUN_DEVICE`).
+pub fn cuda_requested() -> bool {
+    std::env::var("TPRUN_DEVICE").is_ok_and(|d| d == "cuda")
+}
 
 /// `Ok` where `program` can run with `--device cuda` on this build and machine, else the one-line
 /// refusal: [`cuda_unavailable`] for the programs without a device path.
@@ -30,8 +37,7 @@ pub fn check_cuda(program: &str) -> anyhow::Result<()> {
     Err(cuda_unavailable())
 }
 
-/// Why `--device cuda` cannot run a model program here, as one line. Always an error until
-/// issue 8 lands.
+/// Why `--device cuda` cannot run a program without a device path here, as one line.
 pub fn cuda_unavailable() -> anyhow::Error {
     #[cfg(not(feature = "cuda"))]
     {
@@ -62,26 +68,25 @@ mod tests {
     }
 
     #[test]
-    fn only_perf_may_pass_and_only_with_a_usable_gpu() {
-        for p in ["generate", "logits", "bench"] {
+    fn only_perf_and_logits_may_pass_and_only_with_a_usable_gpu() {
+        for p in ["generate", "bench"] {
             assert_eq!(
                 check_cuda(p).unwrap_err().to_string(),
                 cuda_unavailable().to_string()
             );
         }
-        let perf = check_cuda("perf");
-        #[cfg(feature = "cuda")]
-        match kernels::cuda::cuda_available() {
-            Ok(_) => assert!(perf.is_ok()),
-            Err(why) => {
-                assert_eq!(
-                    perf.unwrap_err().to_string(),
-                    format!("--device cuda: {why}")
-                );
-                println!("skipped the GPU half: {why}");
+        for p in CUDA_PROGRAMS {
+            let r = check_cuda(p);
+            #[cfg(feature = "cuda")]
+            match kernels::cuda::cuda_available() {
+                Ok(_) => assert!(r.is_ok(), "{p}"),
+                Err(why) => {
+                    assert_eq!(r.unwrap_err().to_string(), format!("--device cuda: {why}"));
+                    println!("skipped the GPU half for {p}: {why}");
+                }
             }
+            #[cfg(not(feature = "cuda"))]
+            assert_eq!(r.unwrap_err().to_string(), NO_CUDA_BUILD, "{p}");
         }
-        #[cfg(not(feature = "cuda"))]
-        assert_eq!(perf.unwrap_err().to_string(), NO_CUDA_BUILD);
     }
 }

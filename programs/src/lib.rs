@@ -8,7 +8,8 @@
 //! - [`perf`]: the nccl-tests-style table of the collectives (and [`plot`] for its SVG).
 //! - [`analyze`]: stragglers, skew and per-layer waits of a `--trace` (no ranks).
 //! - [`compare`]: per-tensor diff of two safetensors files (no ranks).
-//! - [`runtime`]: what the model programs share (`--model`, loading with progress).
+//! - [`runtime`]: what the model programs share (`--model`, loading with progress); with the
+//!   `cuda` feature, `runtime_cuda` for `--device cuda`.
 
 #![deny(unsafe_op_in_unsafe_fn)]
 
@@ -21,3 +22,5 @@ pub mod logits;
 pub mod perf;
 pub mod plot;
 pub mod runtime;
+#[cfg(feature = "cuda")]
+pub mod runtime_cuda;

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use anyhow::{Context, Result};
+use collectives::Communicator;
 
 use crate::runtime::{self, ModelArgs};
 use rank::model::{ForwardOptions, Logits};
@@ -38,8 +39,48 @@ pub struct Args {
 }
 
 pub fn run(args: &Args) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if crate::device::cuda_requested() {
+        let mut comm = crate::runtime_cuda::comm("logits")?;
+        return run_on(args, &mut comm, |comm, p, ids| {
+            anyhow::ensure!(
+                args.hidden_states.is_none(),
+                "--hidden-states is not available with --device cuda yet"
+            );
+            let (mut model, load) = crate::runtime_cuda::load(p, args.model.dtype, "logits", comm)?;
+            let t0 = Instant::now();
+            let all = rank::model::cuda::DeviceLogits::All;
+            let logits = model.forward(comm, ids, 0, all)?;
+            Ok((logits, Vec::new(), load, t0.elapsed().as_secs_f64()))
+        });
+    }
     let mut comm = collectives::from_env()?;
     runtime::set_compute_options(&args.model, comm.rank());
+    run_on(args, &mut *comm, |comm, p, ids| {
+        let (mut model, load) = runtime::load(p, args.model.dtype, "logits")?;
+        let t0 = Instant::now();
+        let opts = ForwardOptions {
+            logits: Logits::All,
+            hidden_states: args.hidden_states.is_some(),
+        };
+        let out = model.forward_with(comm, ids, 0, opts)?;
+        Ok((
+            out.logits,
+            out.hidden_states,
+            load,
+            t0.elapsed().as_secs_f64(),
+        ))
+    })
+}
+
+/// Logits, hidden states, load statistics and forward seconds of one device path.
+type Computed = (Vec<f32>, Vec<Vec<f32>>, runtime::LoadStats, f64);
+
+fn run_on<C: Communicator + ?Sized>(
+    args: &Args,
+    comm: &mut C,
+    compute: impl FnOnce(&mut C, &runtime::Prepared, &[u32]) -> Result<Computed>,
+) -> Result<()> {
     let p = runtime::prepare(&args.model, &*comm)?;
     // Every rank checks the output directories after the model check and before the (slow)
     // load, so a typo fails at once and the same way on every rank.
@@ -65,25 +106,13 @@ pub fn run(args: &Args) -> Result<()> {
         (None, None) => anyhow::bail!("give --input-ids or --text"),
     };
     p.config.check_ids(&ids, 0)?;
-    let (mut model, load) = runtime::load(&p, args.model.dtype, "logits")?;
-
-    let t0 = Instant::now();
-    let opts = ForwardOptions {
-        logits: Logits::All,
-        hidden_states: args.hidden_states.is_some(),
-    };
-    let out = model.forward_with(&mut *comm, &ids, 0, opts)?;
-    let forward_s = t0.elapsed().as_secs_f64();
+    let (logits, hidden_states, load, forward_s) = compute(comm, &p, &ids)?;
     let (seq, vocab, hidden) = (ids.len(), p.config.vocab_size, p.config.hidden_size);
 
     if p.plan.rank == 0 {
-        runtime::write_f32_safetensors(
-            &args.out,
-            &[("logits".into(), vec![seq, vocab], &out.logits)],
-        )?;
+        runtime::write_f32_safetensors(&args.out, &[("logits".into(), vec![seq, vocab], &logits)])?;
         if let Some(path) = &args.hidden_states {
-            let t: Vec<_> = out
-                .hidden_states
+            let t: Vec<_> = hidden_states
                 .iter()
                 .enumerate()
                 .map(|(i, h)| (format!("hidden_states.{i}"), vec![seq, hidden], &h[..]))

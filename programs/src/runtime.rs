@@ -90,7 +90,7 @@ pub struct Prepared {
     pub plan: ShardPlan,
 }
 
-pub fn prepare(args: &ModelArgs, comm: &dyn Communicator) -> Result<Prepared> {
+pub fn prepare<C: Communicator + ?Sized>(args: &ModelArgs, comm: &C) -> Result<Prepared> {
     let model = open_model(args)?;
     let dir = model.path().to_path_buf();
     let config = model.config().clone();

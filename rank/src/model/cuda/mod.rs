@@ -77,6 +77,8 @@ pub struct CudaQwen2 {
     /// The LM head rows of this rank (the embedding's own when tied), matrix type.
     head: Mat,
     cache: Cache,
+    /// Bytes uploaded for the weights (the f32 embedding table included).
+    pub weight_bytes: usize,
     /// What this process loaded: the GPU's name and the CUDA library files.
     pub loaded: Loaded,
     /// cuBLAS opened by full path ([`kernels::cuda::libs::open`]) and kept loaded, so cudarc's
@@ -110,6 +112,15 @@ impl std::fmt::Display for Loaded {
                 libs.join(", ")
             }
         )
+    }
+}
+
+impl Up {
+    fn bytes(&self) -> usize {
+        match self {
+            Up::Mat(Mat::F32(m)) | Up::Vec(m) => m.len() * 4,
+            Up::Mat(Mat::Bf16(m)) => m.len() * 2,
+        }
     }
 }
 
@@ -152,6 +163,7 @@ impl CudaQwen2 {
             true => "model.embed_tokens.weight",
             false => "lm_head.weight",
         };
+        let weight_bytes = t.values().map(Up::bytes).sum();
         let head = take_mat(&mut t, head_name)?;
         let ordinal = comm.context().ordinal();
         let loaded = Loaded {
@@ -170,6 +182,7 @@ impl CudaQwen2 {
             norm,
             head,
             cache: Cache::default(),
+            weight_bytes,
             loaded,
             _libs: libs,
         })
