@@ -128,6 +128,7 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
             Some(Cmd::Perf(a)) if a.from.is_empty() => "perf",
             Some(Cmd::Rank(RankCmd::Perf(_))) => "perf",
             Some(Cmd::Logits(_)) | Some(Cmd::Rank(RankCmd::Logits(_))) => "logits",
+            Some(Cmd::Generate(_)) | Some(Cmd::Rank(RankCmd::Generate(_))) => "generate",
             _ => "",
         };
         programs::device::check_cuda(program)?;

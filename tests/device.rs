@@ -1,7 +1,7 @@
-//! `--device cuda` through the real binary. generate and bench have no CUDA path yet, so they must
-//! refuse it before starting ranks, with one line that fits this build: no `cuda` feature, no
-//! driver or device, or (on a GPU machine) "not implemented yet". perf (its collectives) and
-//! logits (the model's forward pass, issue 20) run on the GPU with the `cuda` feature; without a
+//! `--device cuda` through the real binary. bench has no CUDA path yet, so it must refuse it
+//! before starting ranks, with one line that fits this build: no `cuda` feature, no driver or
+//! device, or (on a GPU machine) "not implemented yet". perf (its collectives), logits and
+//! generate (the model's forward pass, issue 20) run on the GPU with the `cuda` feature; without a
 //! usable GPU they refuse the same way, and the tests print why the GPU half skipped.
 
 use std::path::Path;
@@ -40,7 +40,7 @@ fn check_message(stderr: &str) {
             "{stderr}"
         );
         if stderr.contains("not implemented yet") {
-            println!("a CUDA device is usable here; generate and bench have no CUDA path yet");
+            println!("a CUDA device is usable here; bench has no CUDA path yet");
         } else {
             let why = stderr
                 .trim_end()
@@ -57,23 +57,14 @@ fn check_message(stderr: &str) {
 }
 
 #[test]
-fn generate_refuses_cuda_with_one_line() {
-    let m = model();
-    check_message(&refused(&["generate", "--model", &m, "--prompt", "hi"]));
+fn bench_refuses_cuda_with_one_line() {
+    check_message(&refused(&["bench"]));
 }
 
-#[test]
-fn every_program_without_a_cuda_path_refuses_the_same_way() {
-    let m = model();
-    let first = refused(&["generate", "--model", &m, "--prompt", "hi"]);
-    assert_eq!(refused(&["bench"]), first);
-}
-
-/// Where a GPU is usable (the generate refusal says "not implemented yet"), `None`; else the
-/// refusal generate got, after checking it.
+/// Where a GPU is usable (bench's refusal says "not implemented yet"), `None`; else the refusal
+/// bench got, after checking it.
 fn gpu_or_refusal() -> Option<String> {
-    let m = model();
-    let first = refused(&["generate", "--model", &m, "--prompt", "hi"]);
+    let first = refused(&["bench"]);
     if first.contains("not implemented yet") {
         return None;
     }
@@ -116,7 +107,7 @@ fn logits_run(n: &str, cuda: bool, out: &Path) -> Vec<f32> {
 }
 
 /// logits with `--device cuda` on the f32 fixture, TP 1 and 2, within 1e-3 of the CPU path; or,
-/// without a usable GPU, the same refusal as generate.
+/// without a usable GPU, the same refusal as bench.
 #[test]
 fn logits_runs_on_the_gpu_within_1e_3_of_the_cpu_or_refuses() {
     let m = model();
@@ -146,9 +137,7 @@ fn logits_runs_on_the_gpu_within_1e_3_of_the_cpu_or_refuses() {
 fn auto_rank_count_with_cuda_refuses_before_counting_gpus() {
     let m = model();
     let out = Command::new(TPRUN)
-        .args([
-            "-n", "auto", "--device", "cuda", "generate", "--model", &m, "--prompt", "hi",
-        ])
+        .args(["-n", "auto", "--device", "cuda", "bench", "--model", &m])
         .env_remove("TPRUN_ROLE")
         .output()
         .unwrap();
@@ -158,7 +147,7 @@ fn auto_rank_count_with_cuda_refuses_before_counting_gpus() {
 }
 
 /// perf with `--device cuda`: with the `cuda` build and a usable GPU it must run and check every
-/// element; otherwise it refuses with the same line as generate.
+/// element; otherwise it refuses with the same line as bench.
 #[test]
 fn perf_runs_on_the_gpu_or_refuses_like_the_others() {
     if let Some(first) = gpu_or_refusal() {
@@ -177,4 +166,49 @@ fn perf_runs_on_the_gpu_or_refuses_like_the_others() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stdout}\n{stderr}");
     assert!(stdout.contains("Out of bounds values : 0 OK"), "{stdout}");
+}
+
+/// `tprun -n N [--device cuda] generate --greedy --json` on the f32 fixture: the output ids.
+fn greedy_ids(n: &str, cuda: bool) -> serde_json::Value {
+    let m = fixture("tiny-t5-f32-untied").display().to_string();
+    let mut cmd = Command::new(TPRUN);
+    cmd.args(["-n", n]);
+    if cuda {
+        cmd.args(["--device", "cuda"]);
+    }
+    let o = cmd
+        .args(["generate", "--model", &m, "--input-ids", "1,5,9,2,7,3"])
+        .args([
+            "--greedy",
+            "--ignore-eos",
+            "--max-new-tokens",
+            "12",
+            "--json",
+        ])
+        .env_remove("TPRUN_ROLE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "cuda {cuda}, -n {n}: {stderr}");
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    j["output_ids"].clone()
+}
+
+/// generate `--greedy` with `--device cuda` picks the CPU's tokens at TP 1 and 2 on the f32
+/// fixture; without a usable GPU it refuses like bench.
+#[test]
+fn generate_greedy_on_the_gpu_matches_the_cpu_or_refuses() {
+    let m = model();
+    if let Some(first) = gpu_or_refusal() {
+        assert_eq!(
+            refused(&["generate", "--model", &m, "--prompt", "hi"]),
+            first
+        );
+        println!("skipped the GPU generation: {}", first.trim_end());
+        return;
+    }
+    let cpu = greedy_ids("1", false);
+    for n in ["1", "2"] {
+        assert_eq!(greedy_ids(n, true), cpu, "-n {n}");
+    }
 }

@@ -1,12 +1,8 @@
 //! `--device` for the built-in programs. With the `cuda` build, `perf` runs its collectives on
-//! the GPU and `logits` the model's forward pass (`rank::model::cuda::CudaQwen2`, issue 20)
-//! ([`CUDA_PROGRAMS`]; neither has run on a GPU yet); `--device cuda` with the other programs
-//! fails up front with one line saying what is missing on this machine and build, in the order a
-//! user would fix it (build feature, driver, the code).
-//!
-//! The default stays `cpu` even where a GPU is usable (the contract says cuda then; see
-//! docs/DESIGN.md, "Command line"): defaulting to a path that can only refuse would break every
-//! plain `tprun generate` on a GPU machine.
+//! the GPU, and `logits` and `generate` the model's forward pass
+//! (`rank::model::cuda::CudaQwen2`, issue 20) ([`CUDA_PROGRAMS`]; none has run on a GPU yet);
+//! `--device cuda` with the other programs fails up front with one line saying what is missing on
+//! this machine and build, in the order a user would fix it (build feature, driver, the code).
 
 /// The error for a build without the `cuda` feature.
 pub const NO_CUDA_BUILD: &str =
@@ -14,10 +10,10 @@ pub const NO_CUDA_BUILD: &str =
 
 /// The error for a build with the feature on a machine whose driver reports usable devices.
 pub const NOT_IMPLEMENTED: &str = "--device cuda: this program's CUDA path is not implemented yet \
-     (issue 20: logits and perf have one)";
+     (issue 20: generate, logits and perf have one)";
 
 /// The built-in programs that run with `--device cuda` (in the `cuda` build).
-pub const CUDA_PROGRAMS: [&str; 2] = ["perf", "logits"];
+pub const CUDA_PROGRAMS: [&str; 3] = ["perf", "logits", "generate"];
 
 /// Whether this rank was started with `--device cuda` (the launcher's `TPRUN_DEVICE`).
 pub fn cuda_requested() -> bool {
@@ -68,8 +64,8 @@ mod tests {
     }
 
     #[test]
-    fn only_perf_and_logits_may_pass_and_only_with_a_usable_gpu() {
-        for p in ["generate", "bench"] {
+    fn only_perf_logits_and_generate_may_pass_and_only_with_a_usable_gpu() {
+        for p in ["bench"] {
             assert_eq!(
                 check_cuda(p).unwrap_err().to_string(),
                 cuda_unavailable().to_string()

@@ -331,17 +331,78 @@ pub struct Decoded {
     pub decode_steps: usize,
 }
 
+/// What a generation needs from a model: the CPU [`Qwen2`], or with the `cuda` feature the
+/// device model (`rank::model::cuda::CudaQwen2`) on its CUDA communicator.
+/// `C` is the communicator the model's collectives run on.
+pub trait StepModel<C: Communicator + ?Sized> {
+    /// Positions the model can attend to (max_position_embeddings).
+    fn context(&self) -> usize;
+    /// The greedy next token after `ids` at positions `pos..` (the same on every rank).
+    fn argmax(&mut self, comm: &mut C, ids: &[u32], pos: usize) -> Result<u32>;
+    /// The last position's logits over the whole vocabulary (the same on every rank).
+    fn last_logits(&mut self, comm: &mut C, ids: &[u32], pos: usize) -> Result<Vec<f32>>;
+}
+
+impl<'a> StepModel<dyn Communicator + 'a> for Qwen2 {
+    fn context(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+    fn argmax(
+        &mut self,
+        comm: &mut (dyn Communicator + 'a),
+        ids: &[u32],
+        pos: usize,
+    ) -> Result<u32> {
+        self.forward_argmax(comm, ids, pos)
+    }
+    fn last_logits(
+        &mut self,
+        comm: &mut (dyn Communicator + 'a),
+        ids: &[u32],
+        pos: usize,
+    ) -> Result<Vec<f32>> {
+        let last = ForwardOptions {
+            logits: Logits::Last,
+            hidden_states: false,
+        };
+        Ok(self.forward_with(comm, ids, pos, last)?.logits)
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl StepModel<collectives::cuda::CudaComm> for rank::model::cuda::CudaQwen2 {
+    fn context(&self) -> usize {
+        self.config.max_position_embeddings
+    }
+    fn argmax(
+        &mut self,
+        comm: &mut collectives::cuda::CudaComm,
+        ids: &[u32],
+        pos: usize,
+    ) -> Result<u32> {
+        self.forward_argmax(comm, ids, pos)
+    }
+    fn last_logits(
+        &mut self,
+        comm: &mut collectives::cuda::CudaComm,
+        ids: &[u32],
+        pos: usize,
+    ) -> Result<Vec<f32>> {
+        self.forward(comm, ids, pos, rank::model::cuda::DeviceLogits::Last)
+    }
+}
+
 /// Runs the generation on this rank. Rank 0 picks each token with `sampler` and broadcasts it;
 /// `on_token` sees every new token (on every rank) as soon as it is known.
-pub fn generate(
-    model: &mut Qwen2,
-    comm: &mut dyn Communicator,
+pub fn generate<C: Communicator + ?Sized, M: StepModel<C> + ?Sized>(
+    model: &mut M,
+    comm: &mut C,
     prompt: &[u32],
     settings: &Settings,
     sampler: &mut Sampler,
     on_token: &mut dyn FnMut(u32) -> Result<()>,
 ) -> Result<Decoded> {
-    let context = model.config.max_position_embeddings;
+    let context = model.context();
     if prompt.is_empty() {
         bail!("the prompt is empty");
     }
@@ -356,19 +417,15 @@ pub fn generate(
             context
         );
     }
-    let last = ForwardOptions {
-        logits: Logits::Last,
-        hidden_states: false,
-    };
     // Greedy steps use the model's distributed argmax (8 bytes per rank instead of the gathered
     // vocabulary, and the screened LM head); every rank gets the same id from it.
     let greedy = matches!(sampler.strategy, Strategy::Greedy);
-    let mut step = |model: &mut Qwen2, ids: &[u32], pos: usize| -> Result<u32> {
+    let mut step = |model: &mut M, ids: &[u32], pos: usize| -> Result<u32> {
         if greedy {
-            return model.forward_argmax(comm, ids, pos);
+            return model.argmax(comm, ids, pos);
         }
-        let out = model.forward_with(comm, ids, pos, last)?;
-        choose(comm, sampler, &out.logits)
+        let logits = model.last_logits(comm, ids, pos)?;
+        choose(comm, sampler, &logits)
     };
     let t0 = Instant::now();
     let mut next = step(model, prompt, 0).context("prefill")?;
@@ -408,7 +465,11 @@ pub fn generate(
 }
 
 /// Rank 0 picks, everyone gets rank 0's pick.
-fn choose(comm: &mut dyn Communicator, sampler: &mut Sampler, logits: &[f32]) -> Result<u32> {
+fn choose<C: Communicator + ?Sized>(
+    comm: &mut C,
+    sampler: &mut Sampler,
+    logits: &[f32],
+) -> Result<u32> {
     let mut id = [0u32];
     if comm.rank() == 0 {
         let _s = collectives::trace::span("sample");
@@ -430,9 +491,9 @@ fn default_seed() -> u64 {
 }
 
 /// Everything a generation needs besides the prompt, set up once per run.
-struct Session {
-    comm: Box<dyn Communicator>,
-    model: Qwen2,
+struct Session<C: Communicator + ?Sized, M: StepModel<C>> {
+    comm: Box<C>,
+    model: M,
     p: runtime::Prepared,
     tok: Option<Tokenizer>,
     settings: Settings,
@@ -443,9 +504,29 @@ struct Session {
 
 pub fn run(args: &Args) -> Result<()> {
     let input = Input::from_args(args)?;
+    #[cfg(feature = "cuda")]
+    if crate::device::cuda_requested() {
+        let comm = Box::new(crate::runtime_cuda::comm("generate")?);
+        return run_with(args, input, comm, |p, comm| {
+            crate::runtime_cuda::load(p, args.model.dtype, "generate", comm)
+        });
+    }
     let comm = collectives::from_env()?;
-    let started = Instant::now();
     runtime::set_compute_options(&args.model, comm.rank());
+    run_with(args, input, comm, |p, _| {
+        runtime::load(p, args.model.dtype, "generate")
+    })
+}
+
+/// The run after the communicator is made: prompt, settings, the model `load` gives, then one
+/// reply or the chat.
+fn run_with<C: Communicator + ?Sized, M: StepModel<C>>(
+    args: &Args,
+    input: Input,
+    comm: Box<C>,
+    load: impl FnOnce(&runtime::Prepared, &C) -> Result<(M, runtime::LoadStats)>,
+) -> Result<()> {
+    let started = Instant::now();
     let p = runtime::prepare(&args.model, &*comm)?;
     // Token ids need no tokenizer: only the text of the output does.
     let tok = match input {
@@ -465,7 +546,7 @@ pub fn run(args: &Args) -> Result<()> {
         ignore_eos: args.ignore_eos,
     };
     let sampler = make_sampler(args, p.plan.rank == 0);
-    let (model, load) = runtime::load(&p, args.model.dtype, "generate")?;
+    let (model, load) = load(&p, &comm)?;
     let mut s = Session {
         comm,
         model,
@@ -506,7 +587,11 @@ fn make_sampler(args: &Args, rank0: bool) -> Sampler {
 
 /// Generates a reply to `prompt`, rank 0 streaming it to stdout when `stream`: its text, or
 /// without a tokenizer its ids, space-separated.
-fn reply(s: &mut Session, prompt: &[u32], stream: bool) -> Result<Decoded> {
+fn reply<C: Communicator + ?Sized, M: StepModel<C>>(
+    s: &mut Session<C, M>,
+    prompt: &[u32],
+    stream: bool,
+) -> Result<Decoded> {
     let mut dec = s.tok.as_ref().map(|t| StreamDecoder::new(t, true));
     let stdout = std::io::stdout();
     let mut on_token = |id: u32| -> Result<()> {
@@ -543,7 +628,11 @@ fn reply(s: &mut Session, prompt: &[u32], stream: bool) -> Result<Decoded> {
 }
 
 /// `--prompt`, `--chat`, `--messages`, `--input-ids`: one reply, then the statistics.
-fn one_shot(s: &mut Session, prompt: &Prompt, json: bool) -> Result<()> {
+fn one_shot<C: Communicator + ?Sized, M: StepModel<C>>(
+    s: &mut Session<C, M>,
+    prompt: &Prompt,
+    json: bool,
+) -> Result<()> {
     let rank0 = s.p.plan.rank == 0;
     let d = reply(s, &prompt.ids, rank0 && !json)?;
     if rank0 {
@@ -553,7 +642,12 @@ fn one_shot(s: &mut Session, prompt: &Prompt, json: bool) -> Result<()> {
 }
 
 /// Rank 0's statistics on stderr, and with `json` the one JSON object on stdout.
-fn report(s: &Session, prompt: &Prompt, d: &Decoded, json: bool) -> Result<()> {
+fn report<C: Communicator + ?Sized, M: StepModel<C>>(
+    s: &Session<C, M>,
+    prompt: &Prompt,
+    d: &Decoded,
+    json: bool,
+) -> Result<()> {
     let prefill_tok_s = prompt.ids.len() as f64 / d.prefill_s.max(1e-12);
     let decode_tok_s = if d.decode_steps > 0 {
         d.decode_steps as f64 / d.decode_s.max(1e-12)
@@ -619,7 +713,10 @@ fn report(s: &Session, prompt: &Prompt, d: &Decoded, json: bool) -> Result<()> {
 /// renders the whole conversation and broadcasts its ids (length, then the ids); every rank
 /// prefills the conversation and decodes the reply, which joins the history. End of input
 /// (Ctrl-D) is a length of 0: every rank ends cleanly.
-fn interactive(s: &mut Session, system: Option<String>) -> Result<()> {
+fn interactive<C: Communicator + ?Sized, M: StepModel<C>>(
+    s: &mut Session<C, M>,
+    system: Option<String>,
+) -> Result<()> {
     let rank0 = s.p.plan.rank == 0;
     let mut history: Vec<Message> = system.iter().map(|t| Message::new("system", t)).collect();
     if rank0 {
@@ -652,8 +749,8 @@ fn interactive(s: &mut Session, system: Option<String>) -> Result<()> {
 
 /// Rank 0: the next user line appended to `history` and the conversation's ids; empty at the
 /// end of input, or when the conversation no longer fits the context (said on stderr).
-fn next_turn(
-    s: &Session,
+fn next_turn<C: Communicator + ?Sized, M: StepModel<C>>(
+    s: &Session<C, M>,
     lines: &mut std::io::Lines<std::io::StdinLock<'static>>,
     history: &mut Vec<Message>,
 ) -> Result<Vec<u32>> {
