@@ -2,7 +2,7 @@
 
 Runs `tprun -n N -- python bench.py --worker BACKEND` for gloo and tprun alternately (same
 process layout), plus `tprun -n N perf --json` (the Rust figure), and prints a markdown table of
-the best round per size: time per call in µs, tprun's speed-up over gloo, and the Python layer's
+the median (and range) of the rounds per size: time per call in µs, tprun's speed-up over gloo, and the Python layer's
 overhead over the Rust call. Sizes follow nccl-tests: all_gather's size is its output.
 Needs torch and the tprun package installed, and the tprun binary (TPRUN_BIN, else target/)."""
 
@@ -12,6 +12,7 @@ import os
 import subprocess
 import sys
 import time
+from statistics import median
 from pathlib import Path
 
 # This folder holds the package's sources (without the built _native module): use the installed one.
@@ -80,12 +81,11 @@ def main():
     tprun = os.environ.get("TPRUN_BIN") or next(
         (str(p) for p in [root / "target/release/tprun", root / "target/debug/tprun"] if p.exists()), "tprun"
     )
-    best = {}
+    runs = {}
     for _ in range(a.rounds):
         for backend in ["gloo", "tprun"]:
             for r in launch(tprun, a.ranks, ["--", sys.executable, __file__, "--worker", backend]):
-                k = (backend, r["op"], r["bytes"])
-                best[k] = min(best.get(k, float("inf")), r["us"])
+                runs.setdefault((backend, r["op"], r["bytes"]), []).append(r["us"])
         for op in OPS:
             out = launch(
                 tprun,
@@ -93,15 +93,19 @@ def main():
                 ["perf", "--op", op.replace("_", "-"), "--json", "--min-bytes", "8", "--max-bytes", "32M"],
             )
             for r in out[0]["rows"]:
-                k = ("rust", op, r["bytes"])
-                best[k] = min(best.get(k, float("inf")), r["time_us"])
-    print(f"{a.ranks} ranks, best of {a.rounds} alternating rounds, µs per call (float32)\n")
+                runs.setdefault(("rust", op, r["bytes"]), []).append(r["time_us"])
+    print(f"{a.ranks} ranks, median (range) of {a.rounds} alternating rounds, µs per call (float32)\n")
     print("| op | size | gloo µs | tprun (Python) µs | speed-up | Rust `tprun perf` µs | Python overhead µs |")
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: |")
     for op in OPS:
         for s in SIZES:
-            g, t, r = best[("gloo", op, s)], best[("tprun", op, s)], best.get(("rust", op, s), float("nan"))
-            print(f"| {op} | {human(s)} | {g:.1f} | {t:.1f} | {g / t:.0f}x | {r:.1f} | {t - r:.1f} |")
+            g, t = runs[("gloo", op, s)], runs[("tprun", op, s)]
+            r = runs.get(("rust", op, s), [float("nan")])
+            gm, tm, rm = median(g), median(t), median(r)
+            print(
+                f"| {op} | {human(s)} | {gm:.1f} ({min(g):.1f}-{max(g):.1f}) | {tm:.1f} ({min(t):.1f}-{max(t):.1f}) "
+                f"| {gm / tm:.0f}x | {rm:.1f} ({min(r):.1f}-{max(r):.1f}) | {tm - rm:.1f} |"
+            )
 
 
 def human(n):
