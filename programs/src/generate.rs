@@ -781,25 +781,11 @@ fn next_turn<C: Communicator + ?Sized, M: StepModel<C>>(
 
 #[cfg(test)]
 mod tests {
-    use std::path::PathBuf;
 
     use super::*;
     use rank::model::config::Config;
     use rank::model::loader::WeightDtype;
-    use rank::testing::run_world;
-
-    const FIXTURES: [&str; 4] = [
-        "tiny-hub-bf16-tied",
-        "tiny-t5-f32-untied",
-        "tiny-sharded",
-        "qwen25-layout",
-    ];
-
-    fn fixture(name: &str) -> PathBuf {
-        Path::new(env!("CARGO_MANIFEST_DIR"))
-            .join("../tests/fixtures")
-            .join(name)
-    }
+    use rank::testing::{fixture, run_world, FIXTURES};
 
     #[derive(Debug, Clone)]
     struct Case {

@@ -2,7 +2,7 @@
 //! positions' logits within 1e-3 of the reference and within 1e-4 of TP 1, hidden states, and
 //! `--text` tokenisation equal to the reference input ids.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use serde_json::Value;
 
@@ -10,21 +10,8 @@ use crate::model::config::Config;
 use crate::model::loader::{Checkpoint, WeightDtype};
 use crate::model::plan::ShardPlan;
 use crate::model::{ForwardOptions, Logits, Qwen2};
-use crate::testing::run_world;
+use crate::testing::{fixture, run_world, FIXTURES};
 use crate::tests::max_diff;
-
-const FIXTURES: [&str; 4] = [
-    "tiny-hub-bf16-tied",
-    "tiny-t5-f32-untied",
-    "tiny-sharded",
-    "qwen25-layout",
-];
-
-fn fixture(name: &str) -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR"))
-        .join("../tests/fixtures")
-        .join(name)
-}
 
 fn cases(dir: &Path) -> Value {
     let p = dir.join("reference/cases.json");
