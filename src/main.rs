@@ -129,6 +129,14 @@ fn real_main(cli: Cli) -> anyhow::Result<i32> {
             Some(Cmd::Rank(RankCmd::Perf(_))) => "perf",
             Some(Cmd::Logits(_)) | Some(Cmd::Rank(RankCmd::Logits(_))) => "logits",
             Some(Cmd::Generate(_)) | Some(Cmd::Rank(RankCmd::Generate(_))) => "generate",
+            Some(Cmd::Bench(a)) | Some(Cmd::Rank(RankCmd::Bench(a))) => {
+                if let Some((flag, why)) = programs::bench::cuda_refuses(a) {
+                    return Err(usage(&format!(
+                        "{flag} is not available with --device cuda: {why}"
+                    )));
+                }
+                "bench"
+            }
             _ => "",
         };
         programs::device::check_cuda(program)?;

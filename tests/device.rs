@@ -1,8 +1,7 @@
-//! `--device cuda` through the real binary. bench has no CUDA path yet, so it must refuse it
-//! before starting ranks, with one line that fits this build: no `cuda` feature, no driver or
-//! device, or (on a GPU machine) "not implemented yet". perf (its collectives), logits and
-//! generate (the model's forward pass, issue 20) run on the GPU with the `cuda` feature; without a
-//! usable GPU they refuse the same way, and the tests print why the GPU half skipped.
+//! `--device cuda` through the real binary. perf (its collectives), logits, generate and bench
+//! (the model's forward pass, issue 20) run on the GPU with the `cuda` feature; without a usable
+//! GPU they refuse before starting ranks, with one line that fits this build (no `cuda` feature,
+//! or no driver or device), and the tests print why the GPU half skipped.
 
 use std::path::Path;
 use std::process::Command;
@@ -17,8 +16,8 @@ fn model() -> String {
 }
 
 /// Runs `tprun -n 2 --device cuda ARGS` and returns its stderr after checking it failed with
-/// exactly one line.
-fn refused(args: &[&str]) -> String {
+/// exactly one line and exit code `code`.
+fn refused_with(code: i32, args: &[&str]) -> String {
     let out = Command::new(TPRUN)
         .args(["-n", "2", "--device", "cuda"])
         .args(args)
@@ -26,64 +25,127 @@ fn refused(args: &[&str]) -> String {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(out.status.code(), Some(1), "{args:?}: {stderr}");
+    assert_eq!(out.status.code(), Some(code), "{args:?}: {stderr}");
     assert!(out.stdout.is_empty(), "{args:?}: ranks ran");
     assert_eq!(stderr.lines().count(), 1, "{args:?}: {stderr}");
     stderr
 }
 
-fn check_message(stderr: &str) {
+fn refused(args: &[&str]) -> String {
+    refused_with(1, args)
+}
+
+/// `None` where a GPU is usable here; else the line every `--device cuda` program is refused
+/// with on this build and machine, after checking its wording.
+fn gpu_or_refusal() -> Option<String> {
+    let why = programs::device::check_cuda("bench").err()?.to_string();
+    let line = format!("tprun: error: {why}\n");
     if cfg!(feature = "cuda") {
-        // Without a GPU: the discovery error; with one: "not implemented yet".
-        assert!(
-            stderr.starts_with("tprun: error: --device cuda: "),
-            "{stderr}"
-        );
-        if stderr.contains("not implemented yet") {
-            println!("a CUDA device is usable here; bench has no CUDA path yet");
-        } else {
-            let why = stderr
-                .trim_end()
-                .trim_start_matches("tprun: error: --device cuda: ");
-            println!("skipped: no usable CUDA device: {why}");
-        }
+        // The discovery error: no driver, no device.
+        assert!(line.starts_with("tprun: error: --device cuda: "), "{line}");
+        println!("skipped: no usable CUDA device: {}", line.trim_end());
     } else {
         assert_eq!(
-            stderr,
+            line,
             "tprun: error: tprun was built without CUDA support: rebuild with \
              `cargo build --release --features cuda`\n"
         );
     }
+    Some(line)
 }
 
+/// bench's CPU-only measurements are refused with `--device cuda` before anything starts,
+/// whatever the build and machine.
 #[test]
-fn bench_refuses_cuda_with_one_line() {
-    check_message(&refused(&["bench"]));
-}
-
-/// Where a GPU is usable (bench's refusal says "not implemented yet"), `None`; else the refusal
-/// bench got, after checking it.
-fn gpu_or_refusal() -> Option<String> {
-    let first = refused(&["bench"]);
-    if first.contains("not implemented yet") {
-        return None;
+fn bench_refuses_its_cpu_only_flags_with_cuda_in_one_line() {
+    for (flag, why) in [
+        ("--profile", "per-part timers"),
+        ("--roofline", "read bandwidth"),
+    ] {
+        let e = refused_with(2, &["bench", "--preset", "qwen2.5-0.5b", flag]);
+        assert!(
+            e.contains(&format!("{flag} is not available with --device cuda")) && e.contains(why),
+            "{e}"
+        );
     }
-    check_message(&first);
-    Some(first)
 }
 
-fn read_logits(path: &Path) -> Vec<f32> {
+/// `tprun -n N [--device cuda] bench --json` on the f32 fixture: the report.
+fn bench_run(n: &str, cuda: bool) -> serde_json::Value {
+    let m = fixture("tiny-t5-f32-untied").display().to_string();
+    let mut cmd = Command::new(TPRUN);
+    cmd.args(["-n", n]);
+    if cuda {
+        cmd.args(["--device", "cuda"]);
+    }
+    let o = cmd
+        .args([
+            "bench",
+            "--model",
+            &m,
+            "--prompt-len",
+            "9",
+            "--new-tokens",
+            "7",
+        ])
+        .args(["--rounds", "2", "--json"])
+        .env_remove("TPRUN_ROLE")
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "cuda {cuda}, -n {n}: {stderr}");
+    serde_json::from_slice(&o.stdout).unwrap()
+}
+
+/// bench with `--device cuda` decodes the CPU's greedy tokens at TP 1 and 2 (f32 fixture), says
+/// it ran on the GPU, counts its device all-reduces and reports each rank's weight bytes; without
+/// a usable GPU it refuses in one line.
+#[test]
+fn bench_runs_on_the_gpu_like_the_cpu_or_refuses() {
+    if let Some(line) = gpu_or_refusal() {
+        assert_eq!(refused(&["bench", "--preset", "qwen2.5-0.5b"]), line);
+        return;
+    }
+    let cpu = bench_run("1", false);
+    assert_eq!(cpu["device"], "cpu");
+    for n in ["1", "2"] {
+        let gpu = bench_run(n, true);
+        assert_eq!(gpu["output_ids"], cpu["output_ids"], "-n {n}");
+        assert!(gpu["device"].as_str().unwrap().starts_with("cuda"), "{gpu}");
+        let ranks = gpu["weight_bytes_per_rank"].as_array().unwrap();
+        assert_eq!(ranks.len(), n.parse::<usize>().unwrap());
+        if n == "2" {
+            // Per forward one all-reduce for the embedding and two per layer; a round is the
+            // prefill and 7 decode steps; 2 rounds.
+            let config = std::fs::read_to_string(fixture("tiny-t5-f32-untied").join("config.json"));
+            let config: serde_json::Value = serde_json::from_str(&config.unwrap()).unwrap();
+            let layers = config["num_hidden_layers"].as_u64().unwrap();
+            let count = gpu["comm"]["ops"]["all_reduce"]["count"].as_u64().unwrap();
+            assert_eq!(count, 2 * 8 * (1 + 2 * layers), "{gpu}");
+        }
+        println!("-n {n}: {}", gpu["timings"]);
+    }
+}
+
+/// Every f32 tensor of a safetensors file, in name order, as one list.
+fn read_f32(path: &Path) -> Vec<f32> {
     let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
-    let t = st.tensor("logits").unwrap();
-    t.data()
+    let mut names = st.names();
+    names.sort();
+    names
+        .iter()
+        .flat_map(|n| st.tensor(n).unwrap().data().to_vec())
+        .collect::<Vec<u8>>()
         .chunks_exact(4)
         .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
         .collect()
 }
 
-/// `tprun -n N [--device cuda] logits` on the f32 fixture; the logits file's values.
-fn logits_run(n: &str, cuda: bool, out: &Path) -> Vec<f32> {
+/// `tprun -n N [--device cuda] logits --hidden-states` on the f32 fixture; the logits, then the
+/// hidden states.
+fn logits_run(n: &str, cuda: bool, out: &Path) -> (Vec<f32>, Vec<f32>) {
+    let hidden = out.with_extension("hidden.safetensors");
     let m = fixture("tiny-t5-f32-untied").display().to_string();
     let mut cmd = Command::new(TPRUN);
     cmd.args(["-n", n]);
@@ -94,6 +156,8 @@ fn logits_run(n: &str, cuda: bool, out: &Path) -> Vec<f32> {
         .args(["logits", "--model", &m, "--input-ids", "1,5,9,2,7,3"])
         .arg("--out")
         .arg(out)
+        .arg("--hidden-states")
+        .arg(&hidden)
         .env_remove("TPRUN_ROLE")
         .output()
         .unwrap();
@@ -103,11 +167,11 @@ fn logits_run(n: &str, cuda: bool, out: &Path) -> Vec<f32> {
         assert!(stderr.contains("GPU"), "rank 0 names its GPU: {stderr}");
         println!("{stderr}");
     }
-    read_logits(out)
+    (read_f32(out), read_f32(&hidden))
 }
 
 /// logits with `--device cuda` on the f32 fixture, TP 1 and 2, within 1e-3 of the CPU path; or,
-/// without a usable GPU, the same refusal as bench.
+/// without a usable GPU, the one-line refusal.
 #[test]
 fn logits_runs_on_the_gpu_within_1e_3_of_the_cpu_or_refuses() {
     let m = model();
@@ -122,32 +186,50 @@ fn logits_runs_on_the_gpu_within_1e_3_of_the_cpu_or_refuses() {
     let cpu = logits_run("1", false, &dir.join("cpu.safetensors"));
     for n in ["1", "2"] {
         let gpu = logits_run(n, true, &dir.join(format!("cuda{n}.safetensors")));
-        assert_eq!(gpu.len(), cpu.len());
-        let d = cpu
-            .iter()
-            .zip(&gpu)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0f32, f32::max);
-        println!("-n {n}: max |cpu - cuda| = {d:e}");
-        assert!(d <= 1e-3, "-n {n}: {d}");
+        for (what, c, g) in [
+            ("logits", &cpu.0, &gpu.0),
+            ("hidden states", &cpu.1, &gpu.1),
+        ] {
+            assert_eq!(g.len(), c.len(), "{what}");
+            let d = c
+                .iter()
+                .zip(g)
+                .map(|(a, b)| (a - b).abs())
+                .fold(0f32, f32::max);
+            println!("-n {n}: {what} max |cpu - cuda| = {d:e}");
+            assert!(d <= 1e-3, "-n {n}: {what} {d}");
+        }
     }
 }
 
+/// `-n auto --device cuda` is one rank per visible GPU; without a usable GPU it refuses before
+/// counting them, with the same line.
 #[test]
-fn auto_rank_count_with_cuda_refuses_before_counting_gpus() {
-    let m = model();
+fn auto_rank_count_with_cuda_is_one_rank_per_gpu_or_refuses() {
+    let m = fixture("tiny-t5-f32-untied").display().to_string();
     let out = Command::new(TPRUN)
         .args(["-n", "auto", "--device", "cuda", "bench", "--model", &m])
+        .args(["--prompt-len", "4", "--new-tokens", "2", "--json"])
         .env_remove("TPRUN_ROLE")
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
-    check_message(&stderr);
+    match gpu_or_refusal() {
+        Some(line) => {
+            assert_eq!(out.status.code(), Some(1), "{stderr}");
+            assert_eq!(stderr, line);
+        }
+        None => {
+            assert!(out.status.success(), "{stderr}");
+            let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            println!("-n auto: {} rank(s)", j["world_size"]);
+            assert!(j["world_size"].as_u64().unwrap() >= 1, "{j}");
+        }
+    }
 }
 
 /// perf with `--device cuda`: with the `cuda` build and a usable GPU it must run and check every
-/// element; otherwise it refuses with the same line as bench.
+/// element; otherwise it refuses in one line.
 #[test]
 fn perf_runs_on_the_gpu_or_refuses_like_the_others() {
     if let Some(first) = gpu_or_refusal() {
@@ -195,7 +277,7 @@ fn greedy_ids(n: &str, cuda: bool) -> serde_json::Value {
 }
 
 /// generate `--greedy` with `--device cuda` picks the CPU's tokens at TP 1 and 2 on the f32
-/// fixture; without a usable GPU it refuses like bench.
+/// fixture; without a usable GPU it refuses in one line.
 #[test]
 fn generate_greedy_on_the_gpu_matches_the_cpu_or_refuses() {
     let m = model();

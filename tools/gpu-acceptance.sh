@@ -4,12 +4,14 @@
 #
 #   tools/gpu-acceptance.sh --bin target/release/tprun --fixtures tests/fixtures [--out FILE.json]
 #
-# Prints what the GPU run loaded, then checks (every step bounded by `timeout`, ~5 min in all on
+# Prints what the GPU run loaded, then checks (every step bounded by a timeout, ~5 min in all on
 # one GPU): `perf --check` for every op, f32 and bf16, at 2 and 4 ranks on one GPU (0 wrong);
-# `logits` on cuda against cpu at TP 1 and 2 (max |diff| <= 1e-3 on the f32 fixture, <= 2e-2 on
-# bf16); `generate`'s greedy tokens equal on cuda and cpu (f32 fixture); the perf sweep 8 B -
-# 64 MiB; `bench --preset qwen2.5-0.5b` at TP 1 and 2. Writes one JSON summary (default
-# gpu-acceptance.json) and exits 0 only if every check passed. Needs bash and python3 (stdlib).
+# `logits` and `--hidden-states` on cuda against cpu at TP 1 and 2 (max |diff| <= 1e-3 on the
+# f32 fixture, <= 2e-2 on bf16); `generate`'s greedy tokens equal on cuda and cpu (f32 fixture);
+# the perf sweep 8 B - 64 MiB, with all-reduce at 8 B - 32 KiB against the device-to-device copy
+# of the same bytes; the trace of device collectives; `-n auto`; `bench --preset qwen2.5-0.5b` at
+# TP 1 and 2. Writes one JSON summary (default gpu-acceptance.json) and exits 0 only if every
+# check passed. Needs bash and python3 (stdlib).
 set -euo pipefail
 bin=target/release/tprun fixtures=tests/fixtures out=gpu-acceptance.json
 while [ $# -gt 0 ]; do
@@ -17,7 +19,7 @@ while [ $# -gt 0 ]; do
         --bin) bin=$2; shift 2 ;;
         --fixtures) fixtures=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,13p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
         *) echo "gpu-acceptance: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -52,15 +54,19 @@ def last_json(text):
             continue
     return None
 
-def read_logits(path):
-    """The f32 `logits` tensor of a safetensors file, as a flat list (stdlib only)."""
+def read_f32(path):
+    """Every f32 tensor of a safetensors file in name order, as one flat list (stdlib only)."""
     with open(path, "rb") as f:
         b = f.read()
     n = struct.unpack("<Q", b[:8])[0]
-    meta = json.loads(b[8:8 + n])["logits"]
-    lo, hi = meta["data_offsets"]
-    assert meta["dtype"] == "F32", meta["dtype"]
-    return struct.unpack(f"<{(hi - lo) // 4}f", b[8 + n + lo:8 + n + hi])
+    header = json.loads(b[8:8 + n])
+    out = []
+    for name in sorted(k for k in header if k != "__metadata__"):
+        meta = header[name]
+        lo, hi = meta["data_offsets"]
+        assert meta["dtype"] == "F32", meta["dtype"]
+        out += struct.unpack(f"<{(hi - lo) // 4}f", b[8 + n + lo:8 + n + hi])
+    return out
 
 # What the CUDA path loaded (libraries, device, transport) is on the first run's stderr.
 rc, so, se = run(["-n", "2", "--device", "cuda", "perf", "--max-bytes", "8", "--iters", "1"])
@@ -83,15 +89,18 @@ with tempfile.TemporaryDirectory() as tmp:
             got = {}
             for dev in ("cpu", "cuda"):
                 path = f"{tmp}/{dev}.safetensors"
+                hidden = f"{tmp}/{dev}.hidden.safetensors"
                 rc, so, se = run(["-n", str(tp), "--device", dev, "logits", "--model", model,
-                                  "--input-ids", "1,2,3,4,5,6,7,8", "--out", path])
-                got[dev] = read_logits(path) if rc == 0 else None
+                                  "--input-ids", "1,2,3,4,5,6,7,8", "--out", path,
+                                  "--hidden-states", hidden])
+                got[dev] = read_f32(path) + read_f32(hidden) if rc == 0 else None
                 if rc:
                     got[dev + "_err"] = se.strip()[-500:]
             diff = None
             if got["cpu"] and got["cuda"] and len(got["cpu"]) == len(got["cuda"]):
                 diff = max(abs(a - b) for a, b in zip(got["cpu"], got["cuda"]))
-            record(f"logits_{os.path.basename(model)}_tp{tp}", diff is not None and diff <= tol,
+            record(f"logits_and_hidden_{os.path.basename(model)}_tp{tp}",
+                   diff is not None and diff <= tol,
                    max_abs_diff=diff, tol=tol, err=got.get("cuda_err") or got.get("cpu_err"))
 
 for tp in (1, 2):
@@ -108,6 +117,34 @@ rc, so, se = run(["-n", "2", "--device", "cuda", "--only-rank", "0", "perf", "--
                   "--min-bytes", "8", "--max-bytes", "64M", "--json"], 240)
 sweep = last_json(so)
 record("perf_sweep_8B_64MiB_n2", rc == 0 and sweep is not None, rc=rc, stderr=se.strip()[-500:])
+# All-reduce latency at 8 B - 32 KiB against the device-to-device copy of the same bytes.
+latency = [{"bytes": r["bytes"], "time_us": r["time_us"], "copy_us": r.get("copy_us")}
+           for r in (sweep or {}).get("rows", [])
+           if r["op"] == "all_reduce" and r["bytes"] <= 32 << 10]
+record("allreduce_latency_has_copy_floor", latency and all(x["copy_us"] for x in latency),
+       rows=latency)
+
+# The trace records the device collectives as on CPU (one event per call, algorithm named).
+with tempfile.TemporaryDirectory() as tmp:
+    trace = f"{tmp}/trace.json"
+    rc, so, se = run(["-n", "2", "--device", "cuda", "--trace", trace, "perf", "--op",
+                      "all_reduce", "--max-bytes", "1M", "--iters", "2", "--warmup", "0"])
+    try:
+        with open(trace) as f:
+            events = json.load(f)
+        events = events.get("traceEvents", events) if isinstance(events, dict) else events
+        algos = sorted({e.get("args", {}).get("algorithm") for e in events
+                        if e.get("name") == "all_reduce"} - {None})
+    except (OSError, ValueError) as e:
+        algos = [f"unreadable: {e}"]
+    record("trace_records_device_all_reduce", rc == 0 and "one_shot" in algos, rc=rc,
+           algorithms=algos, stderr=se.strip()[-300:])
+
+# -n auto: one rank per visible GPU.
+rc, so, se = run(["-n", "auto", "--device", "cuda", "--only-rank", "0", "bench", "--model", F32,
+                  "--prompt-len", "8", "--new-tokens", "4", "--json"])
+record("auto_one_rank_per_gpu", rc == 0, world_size=(last_json(so) or {}).get("world_size"),
+       stderr=se.strip()[-300:])
 
 bench = {}
 for tp in (1, 2):
@@ -119,7 +156,8 @@ for tp in (1, 2):
 
 summary = {"binary": BIN, "fixtures": FIX, "seconds": round(time.time() - started, 1),
            "passed": sum(c["ok"] for c in checks), "failed": sum(not c["ok"] for c in checks),
-           "checks": checks, "perf_sweep": sweep, "bench": bench}
+           "checks": checks, "allreduce_latency_us": latency, "perf_sweep": sweep,
+           "bench": bench}
 with open(OUT, "w") as f:
     json.dump(summary, f, indent=1)
 print(f"gpu-acceptance: {summary['passed']} passed, {summary['failed']} failed in "

@@ -95,15 +95,44 @@ pub enum Algo {
     TwoShot,
 }
 
+impl Algo {
+    /// The name the trace gives the algorithm (the shm transport's names for the same shapes).
+    pub fn name(self) -> &'static str {
+        match self {
+            Algo::Local => "local",
+            Algo::OneShot => "one_shot",
+            Algo::TwoShot => "reduce_scatter+all_gather",
+        }
+    }
+}
+
+/// How one collective call ran, for the statistics and the trace.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Ran {
+    /// comm.cu's kernels (or nothing, for one rank): the algorithm the trace names and the
+    /// kernel launches it took.
+    Device { algorithm: &'static str, steps: u64 },
+    /// Through the shm communicator, which records the call in the trace itself.
+    Host,
+}
+
 /// Largest all-reduce that runs one-shot. vLLM's custom all-reduce switches near 256-512 KiB;
 /// `TPRUN_CUDA_ONESHOT_MAX` (bytes) overrides it until a GPU sweep measures ours.
 pub const DEFAULT_ONESHOT_MAX: u64 = 512 << 10;
 
-pub fn oneshot_max_from_env() -> u64 {
-    std::env::var("TPRUN_CUDA_ONESHOT_MAX")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(DEFAULT_ONESHOT_MAX)
+/// `TPRUN_CUDA_ONESHOT_MAX` (a size: `65536`, `256K`, `1M`), else [`DEFAULT_ONESHOT_MAX`]; a bad
+/// value is an error naming the variable.
+pub fn oneshot_max_from_env() -> std::result::Result<u64, String> {
+    oneshot_max(crate::env::var(ONESHOT_VAR)?.as_deref())
+}
+
+const ONESHOT_VAR: &str = "TPRUN_CUDA_ONESHOT_MAX";
+
+/// [`oneshot_max_from_env`] of the variable's value.
+fn oneshot_max(value: Option<&str>) -> std::result::Result<u64, String> {
+    value.map_or(Ok(DEFAULT_ONESHOT_MAX), |v| {
+        crate::env::parse_bytes(ONESHOT_VAR, v, 0..=1 << 34)
+    })
 }
 
 /// The algorithm for an all-reduce of `bytes` (of `elems` elements) over `world` ranks.
@@ -367,6 +396,31 @@ pub fn device_error(word: u32, seq: u64, waited_s: f64) -> Option<CommError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_oneshot_limit_is_a_size_and_a_bad_one_is_an_error_naming_the_variable() {
+        assert_eq!(oneshot_max(None), Ok(DEFAULT_ONESHOT_MAX));
+        assert_eq!(oneshot_max(Some("256K")), Ok(256 << 10));
+        assert_eq!(oneshot_max(Some("0")), Ok(0));
+        for bad in ["lots", "-1", "1T"] {
+            let e = oneshot_max(Some(bad)).unwrap_err();
+            assert!(
+                e.contains("TPRUN_CUDA_ONESHOT_MAX") && e.contains(bad),
+                "{e}"
+            );
+        }
+    }
+
+    #[test]
+    fn the_trace_names_the_algorithms_as_the_shm_transport_does() {
+        let m = DEFAULT_ONESHOT_MAX;
+        assert_eq!(choose(1, 8, 2, m).name(), "local");
+        assert_eq!(choose(2, m, m / 4, m).name(), "one_shot");
+        assert_eq!(
+            choose(2, m + 4, m / 4 + 1, m).name(),
+            "reduce_scatter+all_gather"
+        );
+    }
 
     #[test]
     fn layout_puts_flags_after_the_header_and_data_after_the_flags() {

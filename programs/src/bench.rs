@@ -6,8 +6,9 @@
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use collectives::{CommExt, CommStats, OpKind};
+use collectives::{CommExt, CommStats, Communicator, OpKind};
 
+use crate::generate::StepModel;
 use crate::runtime::{self, ModelArgs};
 use rank::model::config::Config;
 use rank::model::loader::{Slice, WeightDtype, Weights};
@@ -165,20 +166,122 @@ struct Round {
     profile: Vec<(&'static str, f64)>,
 }
 
+/// What bench drives: the CPU [`Qwen2`] or (feature `cuda`) the device model, on communicator
+/// `C`. The profile and the part costs are the CPU model's (`--profile`, `--roofline`).
+pub trait BenchModel<C: Communicator + ?Sized>: StepModel<C> {
+    fn config(&self) -> &Config;
+    /// Makes room for `positions` cached positions up front (an error naming the bytes).
+    fn reserve(&mut self, positions: usize) -> Result<()>;
+    /// Forgets the cached positions `len..`.
+    fn truncate_cache(&mut self, len: usize);
+    /// Bytes of weights resident on this rank.
+    fn weight_bytes(&self) -> usize;
+    /// Turns the per-part timers on (zeroed) or off, where the model has them.
+    fn set_profile(&mut self, _on: bool) {}
+    /// Seconds per part since [`BenchModel::set_profile`], if on.
+    fn profile(&self) -> Option<Vec<(&'static str, f64)>> {
+        None
+    }
+    /// Per part: bytes a decode step at `context` reads and weight elements per prefill token.
+    fn part_costs(&self, _context: usize) -> Option<[(usize, usize); PARTS.len()]> {
+        None
+    }
+}
+
+impl<'a> BenchModel<dyn Communicator + 'a> for Qwen2 {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn reserve(&mut self, positions: usize) -> Result<()> {
+        Qwen2::reserve(self, positions)
+    }
+    fn truncate_cache(&mut self, len: usize) {
+        Qwen2::truncate_cache(self, len)
+    }
+    fn weight_bytes(&self) -> usize {
+        Qwen2::weight_bytes(self)
+    }
+    fn set_profile(&mut self, on: bool) {
+        Qwen2::set_profile(self, on)
+    }
+    fn profile(&self) -> Option<Vec<(&'static str, f64)>> {
+        Qwen2::profile(self)
+    }
+    fn part_costs(&self, context: usize) -> Option<[(usize, usize); PARTS.len()]> {
+        Some(Qwen2::part_costs(self, context))
+    }
+}
+
+#[cfg(feature = "cuda")]
+impl BenchModel<collectives::cuda::CudaComm> for rank::model::cuda::CudaQwen2 {
+    fn config(&self) -> &Config {
+        &self.config
+    }
+    fn reserve(&mut self, positions: usize) -> Result<()> {
+        rank::model::cuda::CudaQwen2::reserve(self, positions)
+    }
+    fn truncate_cache(&mut self, len: usize) {
+        rank::model::cuda::CudaQwen2::truncate_cache(self, len)
+    }
+    fn weight_bytes(&self) -> usize {
+        self.weight_bytes
+    }
+}
+
 pub fn run(args: &Args) -> Result<()> {
+    #[cfg(feature = "cuda")]
+    if crate::device::cuda_requested() {
+        // Refused before any set-up, the same way on every rank.
+        if let Some((flag, why)) = cuda_refuses(args) {
+            bail!("{flag} is not available with --device cuda: {why}");
+        }
+        let mut comm = crate::runtime_cuda::comm("bench")?;
+        let (model, source) = load_cuda_model(args, &mut comm)?;
+        let device = format!("cuda, {}", model.loaded.gpu);
+        return measure(args, &mut comm, model, source, device);
+    }
     let mut comm = collectives::from_env()?;
     let comm = &mut *comm;
     runtime::set_compute_options(&args.model, comm.rank());
+    let (model, source) = load_model(args, comm)?;
+    measure(args, comm, model, source, "cpu".into())
+}
+
+/// The first bench flag `--device cuda` cannot serve, and why: both measure the CPU model (its
+/// per-part timers, this machine's read bandwidth and FMA peaks).
+pub fn cuda_refuses(args: &Args) -> Option<(&'static str, &'static str)> {
+    [
+        (
+            args.profile,
+            "--profile",
+            "the device model has no per-part timers",
+        ),
+        (
+            args.roofline,
+            "--roofline",
+            "it measures the CPU's read bandwidth and FMA peaks",
+        ),
+    ]
+    .into_iter()
+    .find_map(|(on, flag, why)| on.then_some((flag, why)))
+}
+
+/// The rounds on a loaded model, then rank 0's report (`device` says where it ran).
+fn measure<C: Communicator + ?Sized, M: BenchModel<C>>(
+    args: &Args,
+    comm: &mut C,
+    mut model: M,
+    source: String,
+    device: String,
+) -> Result<()> {
     let (p, k) = (args.prompt_len as usize, args.new_tokens as usize);
-    let (mut model, source) = load_model(args, comm)?;
-    let config = model.config.clone();
-    if p + k > config.max_position_embeddings {
+    if p + k > model.context() {
         bail!(
             "--prompt-len {p} + --new-tokens {k} is longer than the model's context ({})",
-            config.max_position_embeddings
+            model.context()
         );
     }
-    let prompt = random_prompt(p, config.vocab_size);
+    let prompt = random_prompt(p, model.config().vocab_size);
     model.reserve(p + k + 1)?;
 
     let mut rounds = Vec::new();
@@ -202,17 +305,21 @@ pub fn run(args: &Args) -> Result<()> {
     let mut all = vec![0u64; comm.world_size()];
     comm.all_gather(&[weight_bytes as u64], &mut all)
         .context("all-gather of the weight bytes")?;
-    // Decode's mean context is the prompt plus half the new tokens.
-    let costs = world_costs(comm, &model, p + k / 2)?;
     let roofline = match args.roofline {
-        true => Some(measure_roofline(comm)?),
+        // Decode's mean context is the prompt plus half the new tokens.
+        true => Some((
+            world_costs(comm, &model, p + k / 2)?,
+            measure_roofline(comm)?,
+        )),
         false => None,
     };
 
     if comm.rank() == 0 {
+        let (costs, roofline) = roofline.unzip();
         let report = Report {
             args,
             source: &source,
+            device: &device,
             world_size: comm.world_size(),
             p,
             k,
@@ -222,7 +329,7 @@ pub fn run(args: &Args) -> Result<()> {
             wall_s,
             weight_bytes,
             all: &all,
-            costs,
+            costs: costs.unwrap_or_default(),
             roofline,
         };
         if args.json {
@@ -237,13 +344,14 @@ pub fn run(args: &Args) -> Result<()> {
 
 /// [`Qwen2::part_costs`] summed over the ranks: per profile part, the bytes a decode step at
 /// `context` reads and the weight elements a prefill token is multiplied by.
-fn world_costs(
-    comm: &mut dyn collectives::Communicator,
-    model: &Qwen2,
+fn world_costs<C: Communicator + ?Sized, M: BenchModel<C>>(
+    comm: &mut C,
+    model: &M,
     context: usize,
 ) -> Result<Vec<(f64, f64)>> {
     let mine: Vec<u64> = model
         .part_costs(context)
+        .context("this model has no part costs")?
         .iter()
         .flat_map(|&(b, w)| [b as u64, w as u64])
         .collect();
@@ -261,9 +369,7 @@ fn world_costs(
 
 /// This machine's ceilings with the bench's layout: every rank measures with its own threads at
 /// the same time (so the ranks share the memory bus as in decode), and the figures are summed.
-fn measure_roofline(
-    comm: &mut dyn collectives::Communicator,
-) -> Result<kernels::roofline::Roofline> {
+fn measure_roofline<C: Communicator + ?Sized>(comm: &mut C) -> Result<kernels::roofline::Roofline> {
     comm.barrier().context("barrier before the roofline")?;
     let r = kernels::roofline::measure(kernels::threads());
     let mine = [r.read_gbps, r.f32_gflops, r.bf16_gflops].map(f64::to_bits);
@@ -352,22 +458,13 @@ fn roof(
 
 /// The model to measure and how the report names it: random preset weights (each rank builds
 /// only its shard) or the checkpoint of `--model`.
-fn load_model(args: &Args, comm: &mut dyn collectives::Communicator) -> Result<(Qwen2, String)> {
+fn load_model(args: &Args, comm: &mut dyn Communicator) -> Result<(Qwen2, String)> {
     Ok(match args.preset {
         Some(preset) => {
-            let config = preset.config();
-            let plan = ShardPlan::new(&config.shapes(), comm.world_size(), comm.rank())
-                .with_context(|| format!("preset {}", preset.name()))?;
-            let dtype = match args.model.dtype {
-                WeightDtype::F32 => WeightDtype::F32,
-                _ => WeightDtype::Bf16,
-            };
-            let mut src = RandomWeights { seed: 0x5eed };
+            let (config, plan, dtype, name) = preset_shard(args, preset, comm)?;
+            let mut src = RandomWeights { seed: PRESET_SEED };
             let model = Qwen2::load(&mut src, &config, &plan, dtype, &mut |_, _| {})?;
-            (
-                model,
-                format!("preset {} ({})", preset.name(), dtype.name()),
-            )
+            (model, name)
         }
         None => {
             let prep = runtime::prepare(&args.model, comm)?;
@@ -375,6 +472,52 @@ fn load_model(args: &Args, comm: &mut dyn collectives::Communicator) -> Result<(
             (model, prep.dir.display().to_string())
         }
     })
+}
+
+/// [`load_model`] on this rank's GPU.
+#[cfg(feature = "cuda")]
+fn load_cuda_model(
+    args: &Args,
+    comm: &mut collectives::cuda::CudaComm,
+) -> Result<(rank::model::cuda::CudaQwen2, String)> {
+    use rank::model::cuda::CudaQwen2;
+    Ok(match args.preset {
+        Some(preset) => {
+            let (config, plan, dtype, name) = preset_shard(args, preset, comm)?;
+            let mut src = RandomWeights { seed: PRESET_SEED };
+            let model = CudaQwen2::load(&mut src, &config, &plan, dtype, comm)?;
+            if plan.rank == 0 {
+                eprintln!("tprun bench: rank 0 on {}", model.loaded);
+            }
+            (model, name)
+        }
+        None => {
+            let prep = runtime::prepare(&args.model, &*comm)?;
+            let (model, _) = crate::runtime_cuda::load(&prep, args.model.dtype, "bench", comm)?;
+            (model, prep.dir.display().to_string())
+        }
+    })
+}
+
+/// The seed of every preset's random weights (the same model at every TP size and device).
+const PRESET_SEED: u64 = 0x5eed;
+
+/// A preset's config, this rank's plan, the weight type (bf16 unless `--dtype f32`) and the
+/// report's name for it.
+fn preset_shard<C: Communicator + ?Sized>(
+    args: &Args,
+    preset: Preset,
+    comm: &C,
+) -> Result<(Config, ShardPlan, WeightDtype, String)> {
+    let config = preset.config();
+    let plan = ShardPlan::new(&config.shapes(), comm.world_size(), comm.rank())
+        .with_context(|| format!("preset {}", preset.name()))?;
+    let dtype = match args.model.dtype {
+        WeightDtype::F32 => WeightDtype::F32,
+        _ => WeightDtype::Bf16,
+    };
+    let name = format!("preset {} ({})", preset.name(), dtype.name());
+    Ok((config, plan, dtype, name))
 }
 
 /// `p` random prompt ids below `vocab`, the same on every rank.
@@ -392,9 +535,9 @@ fn random_prompt(p: usize, vocab: usize) -> Vec<u32> {
 
 /// One timed round: a prefill of `prompt` and `k` greedy decode steps from an empty cache; the
 /// decoded ids are left in `tokens`.
-fn measure_round(
-    model: &mut Qwen2,
-    comm: &mut dyn collectives::Communicator,
+fn measure_round<C: Communicator + ?Sized, M: BenchModel<C>>(
+    model: &mut M,
+    comm: &mut C,
     prompt: &[u32],
     k: usize,
     profile: bool,
@@ -407,7 +550,7 @@ fn measure_round(
     let s0 = comm.stats();
     model.set_profile(profile);
     let t0 = Instant::now();
-    let mut tok = model.forward_argmax(comm, prompt, 0)?;
+    let mut tok = model.argmax(comm, prompt, 0)?;
     let prefill_s = t0.elapsed().as_secs_f64();
     let s1 = comm.stats();
     let prefill_profile = model.profile().unwrap_or_default();
@@ -415,7 +558,7 @@ fn measure_round(
     let t1 = Instant::now();
     for i in 0..k {
         tokens.push(tok);
-        tok = model.forward_argmax(comm, &[tok], p + i)?;
+        tok = model.argmax(comm, &[tok], p + i)?;
     }
     let decode_s = t1.elapsed().as_secs_f64();
     let s2 = comm.stats();
@@ -435,6 +578,8 @@ fn measure_round(
 struct Report<'a> {
     args: &'a Args,
     source: &'a str,
+    /// Where the model ran: "cpu", or "cuda, " and the GPU's name.
+    device: &'a str,
     world_size: usize,
     p: usize,
     k: usize,
@@ -544,6 +689,7 @@ impl Report<'_> {
         };
         let mut j = serde_json::json!({
             "model": self.source,
+            "device": self.device,
             "world_size": self.world_size,
             "threads_per_rank": kernels::threads(),
             "isa": kernels::isa().name(),
@@ -614,8 +760,12 @@ impl Report<'_> {
         let (isa, threads) = (kernels::isa().name(), kernels::threads());
         eprint!("{}", self.ops.summary(self.wall_s));
         println!(
-            "tprun bench: {source}, {} rank(s) x {threads} thread(s), {isa}{}, prompt {p}, {k} new tokens, best of {}",
+            "tprun bench: {source}, {} rank(s) x {threads} thread(s), {isa}{}{}, prompt {p}, {k} new tokens, best of {}",
             self.world_size,
+            match self.device {
+                "cpu" => String::new(),
+                d => format!(", {d}"),
+            },
             if kernels::bf16_dot() { " (bf16 dot prefill)" } else { "" },
             self.args.rounds
         );
@@ -780,6 +930,7 @@ mod tests {
         let report = Report {
             args: &args,
             source: "test",
+            device: "cpu",
             world_size: 2,
             p,
             k,

@@ -1,5 +1,5 @@
 //! `--device` for the built-in programs. With the `cuda` build, `perf` runs its collectives on
-//! the GPU, and `logits` and `generate` the model's forward pass
+//! the GPU, and `logits`, `generate` and `bench` the model's forward pass
 //! (`rank::model::cuda::CudaQwen2`, issue 20) ([`CUDA_PROGRAMS`]; none has run on a GPU yet);
 //! `--device cuda` with the other programs fails up front with one line saying what is missing on
 //! this machine and build, in the order a user would fix it (build feature, driver, the code).
@@ -10,10 +10,10 @@ pub const NO_CUDA_BUILD: &str =
 
 /// The error for a build with the feature on a machine whose driver reports usable devices.
 pub const NOT_IMPLEMENTED: &str = "--device cuda: this program's CUDA path is not implemented yet \
-     (issue 20: generate, logits and perf have one)";
+     (issue 20: generate, logits, bench and perf have one)";
 
 /// The built-in programs that run with `--device cuda` (in the `cuda` build).
-pub const CUDA_PROGRAMS: [&str; 3] = ["perf", "logits", "generate"];
+pub const CUDA_PROGRAMS: [&str; 4] = ["perf", "logits", "generate", "bench"];
 
 /// Whether this rank was started with `--device cuda` (the launcher's `TPRUN_DEVICE`).
 pub fn cuda_requested() -> bool {
@@ -64,9 +64,9 @@ mod tests {
     }
 
     #[test]
-    fn only_perf_logits_and_generate_may_pass_and_only_with_a_usable_gpu() {
+    fn only_the_cuda_programs_may_pass_and_only_with_a_usable_gpu() {
         assert_eq!(
-            check_cuda("bench").unwrap_err().to_string(),
+            check_cuda("analyze").unwrap_err().to_string(),
             cuda_unavailable().to_string()
         );
         for p in CUDA_PROGRAMS {

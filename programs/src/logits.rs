@@ -43,15 +43,13 @@ pub fn run(args: &Args) -> Result<()> {
     if crate::device::cuda_requested() {
         let mut comm = crate::runtime_cuda::comm("logits")?;
         return run_on(args, &mut comm, |comm, p, ids| {
-            anyhow::ensure!(
-                args.hidden_states.is_none(),
-                "--hidden-states is not available with --device cuda yet"
-            );
             let (mut model, load) = crate::runtime_cuda::load(p, args.model.dtype, "logits", comm)?;
             let t0 = Instant::now();
             let all = rank::model::cuda::DeviceLogits::All;
-            let logits = model.forward(comm, ids, 0, all)?;
-            Ok((logits, Vec::new(), load, t0.elapsed().as_secs_f64()))
+            let mut hidden = Vec::new();
+            let hs = args.hidden_states.is_some().then_some(&mut hidden);
+            let logits = model.forward_with(comm, ids, 0, all, hs)?;
+            Ok((logits, hidden, load, t0.elapsed().as_secs_f64()))
         });
     }
     let mut comm = collectives::from_env()?;

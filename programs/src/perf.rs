@@ -127,6 +127,10 @@ pub struct Row {
     pub busbw_gbps: f64,
     /// Mismatching elements summed over ranks; None without --check.
     pub wrong: Option<u64>,
+    /// `--device cuda`: the time of one device-to-device copy of `bytes` on a rank's GPU (the
+    /// floor a collective of that size is held against), the maximum over ranks.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub copy_us: Option<f64>,
 }
 
 fn splitmix(mut z: u64) -> u64 {
@@ -363,6 +367,18 @@ impl PerfComm {
         }
     }
 
+    /// Seconds of one device-to-device copy of `bytes` (mean of `iters`), on the device only.
+    fn copy_seconds(&mut self, bytes: u64, iters: usize) -> anyhow::Result<Option<f64>> {
+        match self {
+            PerfComm::Host(_) => {
+                let _ = (bytes, iters);
+                Ok(None)
+            }
+            #[cfg(feature = "cuda")]
+            PerfComm::Cuda(d) => d.copy_seconds(bytes, iters).map(Some),
+        }
+    }
+
     /// The case's wrong elements (after copying device results back).
     fn wrong(&mut self, case: &mut Case) -> anyhow::Result<u64> {
         match self {
@@ -407,6 +423,16 @@ fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result
         None
     };
     let (bytes, count) = case.bytes_count();
+    let copy_us = match pc.copy_seconds(bytes, args.iters)? {
+        Some(s) => Some(
+            gather_u64(pc.comm(), s.to_bits())?
+                .into_iter()
+                .map(f64::from_bits)
+                .fold(0.0, f64::max)
+                * 1e6,
+        ),
+        None => None,
+    };
     let algbw = bytes as f64 / secs / 1e9;
     Ok(Row {
         op: case.op.name(),
@@ -417,6 +443,7 @@ fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result
         algbw_gbps: algbw,
         busbw_gbps: algbw * case.op.bus_factor(n),
         wrong,
+        copy_us,
     })
 }
 
@@ -437,26 +464,47 @@ fn print_table(op: PerfOp, rows: &[Row], n: usize, hier: Option<Hierarchy>, args
             h.nodes, h.per_node
         );
     }
+    // The device's copy floor, as a last column, where there is one.
+    let copy = rows.iter().any(|r| r.copy_us.is_some());
+    let extra = |s: &str| match copy {
+        true => format!("  {s:>10}"),
+        false => String::new(),
+    };
     println!("#");
     println!(
-        "# {:>10}  {:>12}  {:>8}  {:>10}  {:>8}  {:>8}  {:>6}",
-        "size", "count", "type", "time", "algbw", "busbw", "#wrong"
+        "# {:>10}  {:>12}  {:>8}  {:>10}  {:>8}  {:>8}  {:>6}{}",
+        "size",
+        "count",
+        "type",
+        "time",
+        "algbw",
+        "busbw",
+        "#wrong",
+        extra("d2d copy")
     );
     println!(
-        "# {:>10}  {:>12}  {:>8}  {:>10}  {:>8}  {:>8}  {:>6}",
-        "(B)", "(elements)", "", "(us)", "(GB/s)", "(GB/s)", ""
+        "# {:>10}  {:>12}  {:>8}  {:>10}  {:>8}  {:>8}  {:>6}{}",
+        "(B)",
+        "(elements)",
+        "",
+        "(us)",
+        "(GB/s)",
+        "(GB/s)",
+        "",
+        extra("(us)")
     );
     for r in rows {
         let wrong = r.wrong.map_or("N/A".to_string(), |w| w.to_string());
         println!(
-            "  {:>10}  {:>12}  {:>8}  {:>10.2}  {:>8.2}  {:>8.2}  {:>6}",
+            "  {:>10}  {:>12}  {:>8}  {:>10.2}  {:>8.2}  {:>8.2}  {:>6}{}",
             r.bytes,
             r.count,
             dt.name(),
             r.time_us,
             r.algbw_gbps,
             r.busbw_gbps,
-            wrong
+            wrong,
+            extra(&r.copy_us.map_or(String::new(), |c| format!("{c:.2}")))
         );
     }
     let wrong: u64 = rows.iter().filter_map(|r| r.wrong).sum();

@@ -57,6 +57,24 @@ impl Device {
         }
     }
 
+    /// Seconds of one device-to-device copy of `bytes` on this rank's stream, waited for as a
+    /// collective is (the mean of `iters` after one warm-up): the floor of a collective of the
+    /// same bytes.
+    pub fn copy_seconds(&mut self, bytes: u64, iters: usize) -> anyhow::Result<f64> {
+        let stream = self.comm.stream().clone();
+        let n = (bytes as usize).max(1);
+        let src = stream.alloc_zeros::<u8>(n)?;
+        let mut dst = stream.alloc_zeros::<u8>(n)?;
+        stream.memcpy_dtod(&src, &mut dst)?;
+        stream.synchronize()?;
+        let t0 = std::time::Instant::now();
+        for _ in 0..iters.max(1) {
+            stream.memcpy_dtod(&src, &mut dst)?;
+            stream.synchronize()?;
+        }
+        Ok(t0.elapsed().as_secs_f64() / iters.max(1) as f64)
+    }
+
     /// Copies the device buffers back into the case's host buffers (for `--check`).
     pub fn store(&mut self, case: &mut Case) -> anyhow::Result<()> {
         let stream = self.comm.stream().clone();

@@ -20,8 +20,8 @@ use std::time::Duration;
 pub use cudarc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
-use crate::cuda_plan::{self as plan, Seq, Transport};
-use crate::{CommError, CommStats, Communicator, DType, ReduceOp, Result};
+use crate::cuda_plan::{self as plan, Ran, Seq, Transport};
+use crate::{CommError, CommStats, Communicator, DType, OpKind, ReduceOp, Result};
 
 /// A driver error as this crate's error, naming what failed.
 fn drv(what: &str, e: cudarc::driver::DriverError) -> CommError {
@@ -41,6 +41,8 @@ pub struct CudaComm {
     timeout: Duration,
     /// Device copy of host buffers given to the trait's methods (IPC transport).
     staging: Option<CudaSlice<u8>>,
+    /// Every public call's totals, device and host-staged alike (the set-up exchange is not one).
+    stats: CommStats,
 }
 
 impl CudaComm {
@@ -78,9 +80,10 @@ impl CudaComm {
             transport,
             seq: Seq::default(),
             ops: 0,
-            oneshot_max: plan::oneshot_max_from_env(),
+            oneshot_max: plan::oneshot_max_from_env().map_err(CommError::Setup)?,
             timeout,
             staging: None,
+            stats: CommStats::default(),
         })
     }
 
@@ -123,9 +126,11 @@ impl CudaComm {
         let stream = self.dev.stream.clone();
         let bytes = buf.num_bytes();
         let (ptr, _sync) = buf.device_ptr_mut(&stream);
-        // SAFETY: `ptr` addresses `bytes` bytes of `buf`, borrowed mutably for the whole call, on
-        // this communicator's GPU (checked above).
-        unsafe { self.all_reduce_at(ptr, bytes, dtype, op) }
+        self.run_op(OpKind::AllReduce, bytes, Some(dtype), |c| {
+            // SAFETY: `ptr` addresses `bytes` bytes of `buf`, borrowed mutably for the whole
+            // call, on this communicator's GPU (checked above).
+            unsafe { c.all_reduce_at(ptr, bytes, dtype, op) }
+        })
     }
 
     /// `output` = every rank's `input` in rank order (`output` is world times `input`).
@@ -140,8 +145,10 @@ impl CudaComm {
         let (n_in, n_out) = (input.num_bytes(), output.num_bytes());
         let (src, _a) = input.device_ptr(&stream);
         let (dst, _b) = output.device_ptr_mut(&stream);
-        // SAFETY: both pointers address their slices' bytes, borrowed for the call.
-        unsafe { self.all_gather_at(src, n_in, dst, n_out) }
+        self.run_op(OpKind::AllGather, n_out, Some(DType::U8), |c| {
+            // SAFETY: both pointers address their slices' bytes, borrowed for the call.
+            unsafe { c.all_gather_at(src, n_in, dst, n_out) }
+        })
     }
 
     /// `output` = this rank's chunk of the reduction of every rank's `input`.
@@ -158,8 +165,10 @@ impl CudaComm {
         let (n_in, n_out) = (input.num_bytes(), output.num_bytes());
         let (src, _a) = input.device_ptr(&stream);
         let (dst, _b) = output.device_ptr_mut(&stream);
-        // SAFETY: both pointers address their slices' bytes, borrowed for the call.
-        unsafe { self.reduce_scatter_at(src, n_in, dst, n_out, dtype, op) }
+        self.run_op(OpKind::ReduceScatter, n_in, Some(dtype), |c| {
+            // SAFETY: both pointers address their slices' bytes, borrowed for the call.
+            unsafe { c.reduce_scatter_at(src, n_in, dst, n_out, dtype, op) }
+        })
     }
 
     /// Copies `root`'s device buffer into every other rank's.
@@ -168,8 +177,10 @@ impl CudaComm {
         let stream = self.dev.stream.clone();
         let bytes = buf.num_bytes();
         let (ptr, _sync) = buf.device_ptr_mut(&stream);
-        // SAFETY: `ptr` addresses `bytes` bytes of `buf`, borrowed mutably for the call.
-        unsafe { self.broadcast_at(ptr, bytes, root) }
+        self.run_op(OpKind::Broadcast, bytes, None, |c| {
+            // SAFETY: `ptr` addresses `bytes` bytes of `buf`, borrowed mutably for the call.
+            unsafe { c.broadcast_at(ptr, bytes, root) }
+        })
     }
 
     /// A device buffer of at least `bytes` for staging host buffers; its address.
@@ -190,6 +201,34 @@ impl CudaComm {
     fn ipc(&self) -> bool {
         self.transport == Transport::Ipc
     }
+
+    /// Runs one public call `f` and counts it: the statistics always, the trace where it ran on
+    /// the device (the shm communicator traces what it ran itself). Failed calls are not
+    /// counted, as on the shm transport.
+    fn run_op(
+        &mut self,
+        kind: OpKind,
+        bytes: usize,
+        dtype: Option<DType>,
+        f: impl FnOnce(&mut CudaComm) -> Result<Ran>,
+    ) -> Result<()> {
+        let t0 = crate::trace::now_us();
+        let ran = f(self)?;
+        let t1 = crate::trace::now_us();
+        self.stats.record(kind, bytes, (t1 - t0) / 1e6, 0.0);
+        if let (Ran::Device { algorithm, steps }, true) = (ran, crate::trace::enabled()) {
+            let ev = crate::trace::CommEvent {
+                op: kind,
+                bytes: bytes as u64,
+                dtype,
+                algorithm,
+                steps,
+                wait_s: 0.0,
+            };
+            crate::trace::record_comm(t0, ev);
+        }
+        Ok(())
+    }
 }
 
 impl Communicator for CudaComm {
@@ -201,30 +240,39 @@ impl Communicator for CudaComm {
     }
 
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
-        if !self.ipc() {
-            return self.host.all_reduce_raw(buf, dtype, op);
-        }
-        let d = self.staging(buf.len())?;
-        // SAFETY: the staging buffer holds at least the input bytes at its start.
-        unsafe { self.upload(d, buf)? };
-        // SAFETY: `d` is the staging buffer, at least `buf.len()` bytes.
-        unsafe { self.all_reduce_at(d, buf.len(), dtype, op)? };
-        // SAFETY: the staging buffer holds the result at this address.
-        unsafe { self.download(buf, d) }
+        self.run_op(OpKind::AllReduce, buf.len(), Some(dtype), |c| {
+            if !c.ipc() {
+                return c.host.all_reduce_raw(buf, dtype, op).map(|_| Ran::Host);
+            }
+            let d = c.staging(buf.len())?;
+            // SAFETY: the staging buffer holds at least the input bytes at its start.
+            unsafe { c.upload(d, buf)? };
+            // SAFETY: `d` is the staging buffer, at least `buf.len()` bytes.
+            let ran = unsafe { c.all_reduce_at(d, buf.len(), dtype, op)? };
+            // SAFETY: the staging buffer holds the result at this address.
+            unsafe { c.download(buf, d)? };
+            Ok(ran)
+        })
     }
 
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
-        if !self.ipc() {
-            return self.host.all_gather_raw(input, output, dtype);
-        }
-        let d = self.staging(input.len() + output.len())?;
-        let out = d + input.len() as u64;
-        // SAFETY: the staging buffer holds at least the input bytes at its start.
-        unsafe { self.upload(d, input)? };
-        // SAFETY: the staging buffer holds the input then the output.
-        unsafe { self.all_gather_at(d, input.len(), out, output.len())? };
-        // SAFETY: the staging buffer holds the result at this address.
-        unsafe { self.download(output, out) }
+        self.run_op(OpKind::AllGather, output.len(), Some(dtype), |c| {
+            if !c.ipc() {
+                return c
+                    .host
+                    .all_gather_raw(input, output, dtype)
+                    .map(|_| Ran::Host);
+            }
+            let d = c.staging(input.len() + output.len())?;
+            let out = d + input.len() as u64;
+            // SAFETY: the staging buffer holds at least the input bytes at its start.
+            unsafe { c.upload(d, input)? };
+            // SAFETY: the staging buffer holds the input then the output.
+            let ran = unsafe { c.all_gather_at(d, input.len(), out, output.len())? };
+            // SAFETY: the staging buffer holds the result at this address.
+            unsafe { c.download(output, out)? };
+            Ok(ran)
+        })
     }
 
     fn reduce_scatter_raw(
@@ -234,45 +282,59 @@ impl Communicator for CudaComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
-        if !self.ipc() {
-            return self.host.reduce_scatter_raw(input, output, dtype, op);
-        }
-        let d = self.staging(input.len() + output.len())?;
-        let out = d + input.len() as u64;
-        // SAFETY: the staging buffer holds at least the input bytes at its start.
-        unsafe { self.upload(d, input)? };
-        // SAFETY: the staging buffer holds the input then the output.
-        unsafe { self.reduce_scatter_at(d, input.len(), out, output.len(), dtype, op)? };
-        // SAFETY: the staging buffer holds the result at this address.
-        unsafe { self.download(output, out) }
+        self.run_op(OpKind::ReduceScatter, input.len(), Some(dtype), |c| {
+            if !c.ipc() {
+                let r = c.host.reduce_scatter_raw(input, output, dtype, op);
+                return r.map(|_| Ran::Host);
+            }
+            let d = c.staging(input.len() + output.len())?;
+            let out = d + input.len() as u64;
+            // SAFETY: the staging buffer holds at least the input bytes at its start.
+            unsafe { c.upload(d, input)? };
+            // SAFETY: the staging buffer holds the input then the output.
+            let ran = unsafe { c.reduce_scatter_at(d, input.len(), out, output.len(), dtype, op)? };
+            // SAFETY: the staging buffer holds the result at this address.
+            unsafe { c.download(output, out)? };
+            Ok(ran)
+        })
     }
 
     fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
-        if !self.ipc() {
-            return self.host.broadcast_raw(buf, root);
-        }
-        let d = self.staging(buf.len())?;
-        // SAFETY: the staging buffer holds at least the input bytes at its start.
-        unsafe { self.upload(d, buf)? };
-        // SAFETY: `d` is the staging buffer, at least `buf.len()` bytes.
-        unsafe { self.broadcast_at(d, buf.len(), root)? };
-        // SAFETY: the staging buffer holds the result at this address.
-        unsafe { self.download(buf, d) }
+        self.run_op(OpKind::Broadcast, buf.len(), None, |c| {
+            if !c.ipc() {
+                return c.host.broadcast_raw(buf, root).map(|_| Ran::Host);
+            }
+            let d = c.staging(buf.len())?;
+            // SAFETY: the staging buffer holds at least the input bytes at its start.
+            unsafe { c.upload(d, buf)? };
+            // SAFETY: `d` is the staging buffer, at least `buf.len()` bytes.
+            let ran = unsafe { c.broadcast_at(d, buf.len(), root)? };
+            // SAFETY: the staging buffer holds the result at this address.
+            unsafe { c.download(buf, d)? };
+            Ok(ran)
+        })
     }
 
     fn barrier(&mut self) -> Result<()> {
-        self.ops += 1;
-        if !self.ipc() || self.world_size() == 1 {
-            return self.host.barrier();
-        }
-        let seq = self.seq.take();
-        self.launch_args("barrier", seq, 1, &[])?;
-        self.finish("barrier")
+        self.run_op(OpKind::Barrier, 0, None, |c| {
+            c.ops += 1;
+            if !c.ipc() || c.world_size() == 1 {
+                return c.host.barrier().map(|_| Ran::Host);
+            }
+            let seq = c.seq.take();
+            c.launch_args("barrier", seq, 1, &[])?;
+            c.finish("barrier")?;
+            Ok(Ran::Device {
+                algorithm: "flags",
+                steps: 1,
+            })
+        })
     }
 
-    /// The shm communicator's counters: the set-up exchange and host-staged operations only.
+    /// Every call made on this communicator, on the device or staged through the host (the
+    /// set-up exchange over the shm communicator is left out).
     fn stats(&self) -> CommStats {
-        self.host.stats()
+        self.stats.clone()
     }
 }
 

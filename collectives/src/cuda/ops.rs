@@ -6,7 +6,7 @@
 use cudarc::driver::{result, DevicePtr, LaunchConfig, PushKernelArg};
 
 use super::{drv, CudaComm};
-use crate::cuda_plan::{self as plan, Algo};
+use crate::cuda_plan::{self as plan, Algo, Ran};
 use crate::{CommError, Communicator, DType, ReduceOp, Result};
 
 /// A kernel argument after the slab arguments.
@@ -14,6 +14,14 @@ use crate::{CommError, Communicator, DType, ReduceOp, Result};
 pub(super) enum Arg {
     I(i32),
     U(u64),
+}
+
+/// A call of one rank: nothing moves.
+fn local() -> Ran {
+    Ran::Device {
+        algorithm: "local",
+        steps: 0,
+    }
 }
 
 fn invalid(op: &'static str, msg: String) -> CommError {
@@ -32,7 +40,7 @@ impl CudaComm {
         bytes: usize,
         dtype: DType,
         op: ReduceOp,
-    ) -> Result<()> {
+    ) -> Result<Ran> {
         if !bytes.is_multiple_of(dtype.size()) {
             return Err(invalid("all_reduce", format!("{bytes} bytes of {dtype:?}")));
         }
@@ -43,14 +51,19 @@ impl CudaComm {
             (algo, plan::reduce_kernel(algo, dtype))
         };
         if world == 1 {
-            return Ok(());
+            return Ok(local());
         }
         if !self.ipc() || kernel_for(bytes as u64).1.is_none() {
             // SAFETY: forwarded from this function's contract.
             return unsafe { self.staged(ptr, bytes, |h, v| h.all_reduce_raw(v, dtype, op)) };
         }
         let cap = self.dev.layout.data_bytes;
-        for (off, len) in plan::pieces(bytes as u64, cap, dtype) {
+        let pieces = plan::pieces(bytes as u64, cap, dtype);
+        let ran = Ran::Device {
+            algorithm: kernel_for((bytes as u64).min(cap)).0.name(),
+            steps: pieces.len() as u64,
+        };
+        for (off, len) in pieces {
             let (algo, name) = kernel_for(len);
             let n = len / dtype.size() as u64;
             let at = ptr + off;
@@ -63,7 +76,7 @@ impl CudaComm {
             self.launch_args(name.expect("checked above"), seq, grid, &args)?;
             self.finish("all_reduce")?;
         }
-        Ok(())
+        Ok(ran)
     }
 
     /// `out` (`out_bytes` = world × `in_bytes`) = every rank's `in_bytes` at `src`.
@@ -77,7 +90,7 @@ impl CudaComm {
         in_bytes: usize,
         dst: u64,
         out_bytes: usize,
-    ) -> Result<()> {
+    ) -> Result<Ran> {
         let world = self.world_size();
         if out_bytes != world * in_bytes {
             let msg = format!("output {out_bytes} bytes != {world} x input {in_bytes} bytes");
@@ -90,13 +103,18 @@ impl CudaComm {
             let mut out = vec![0u8; out_bytes];
             self.host.all_gather_raw(&input, &mut out, DType::U8)?;
             // SAFETY: as above.
-            return unsafe { self.upload(dst, &out) };
+            unsafe { self.upload(dst, &out)? };
+            return Ok(Ran::Host);
         }
         let seq = self.seq.take();
         let grid = plan::blocks(in_bytes as u64, self.dev.layout.max_blocks);
         let args = [Arg::U(src), Arg::U(dst), Arg::U(in_bytes as u64)];
         self.launch_args("all_gather", seq, grid, &args)?;
-        self.finish("all_gather")
+        self.finish("all_gather")?;
+        Ok(Ran::Device {
+            algorithm: "copy_out",
+            steps: 1,
+        })
     }
 
     /// `dst` (`out_bytes`) = this rank's chunk of the reduction of every rank's `src`.
@@ -111,7 +129,7 @@ impl CudaComm {
         out_bytes: usize,
         dtype: DType,
         op: ReduceOp,
-    ) -> Result<()> {
+    ) -> Result<Ran> {
         let world = self.world_size();
         if in_bytes != world * out_bytes || !out_bytes.is_multiple_of(dtype.size()) {
             let msg = format!("input {in_bytes} bytes, output {out_bytes} bytes of {dtype:?}");
@@ -126,7 +144,8 @@ impl CudaComm {
             let mut out = vec![0u8; out_bytes];
             self.host.reduce_scatter_raw(&input, &mut out, dtype, op)?;
             // SAFETY: as above.
-            return unsafe { self.upload(dst, &out) };
+            unsafe { self.upload(dst, &out)? };
+            return Ok(Ran::Host);
         };
         let (n, seg) = (
             (in_bytes / dtype.size()) as u64,
@@ -142,7 +161,11 @@ impl CudaComm {
             Arg::U(seg),
         ];
         self.launch_args(name, seq, grid, &args)?;
-        self.finish("reduce_scatter")
+        self.finish("reduce_scatter")?;
+        Ok(Ran::Device {
+            algorithm: "direct",
+            steps: 1,
+        })
     }
 
     /// Copies `root`'s `bytes` at `ptr` into every other rank's.
@@ -154,7 +177,7 @@ impl CudaComm {
         ptr: u64,
         bytes: usize,
         root: usize,
-    ) -> Result<()> {
+    ) -> Result<Ran> {
         let world = self.world_size();
         if root >= world {
             return Err(invalid(
@@ -164,20 +187,25 @@ impl CudaComm {
         }
         self.ops += 1;
         if world == 1 {
-            return Ok(());
+            return Ok(local());
         }
         if !self.ipc() {
             // SAFETY: forwarded from this function's contract.
             return unsafe { self.staged(ptr, bytes, |h, v| h.broadcast_raw(v, root)) };
         }
-        for (off, len) in plan::pieces(bytes as u64, self.dev.layout.data_bytes, DType::U8) {
+        let pieces = plan::pieces(bytes as u64, self.dev.layout.data_bytes, DType::U8);
+        let ran = Ran::Device {
+            algorithm: "copy_out",
+            steps: pieces.len() as u64,
+        };
+        for (off, len) in pieces {
             let seq = self.seq.take();
             let grid = plan::blocks(len, self.dev.layout.max_blocks);
             let args = [Arg::U(ptr + off), Arg::U(len), Arg::I(root as i32)];
             self.launch_args("broadcast", seq, grid, &args)?;
             self.finish("broadcast")?;
         }
-        Ok(())
+        Ok(ran)
     }
 
     /// Device → host, `f` on the shm communicator, host → device, in place.
@@ -189,12 +217,13 @@ impl CudaComm {
         ptr: u64,
         bytes: usize,
         f: impl FnOnce(&mut dyn crate::Communicator, &mut [u8]) -> Result<()>,
-    ) -> Result<()> {
+    ) -> Result<Ran> {
         // SAFETY: this function's contract.
         let mut v = unsafe { self.download_vec(ptr, bytes)? };
         f(self.host.as_mut(), &mut v)?;
         // SAFETY: as above.
-        unsafe { self.upload(ptr, &v) }
+        unsafe { self.upload(ptr, &v)? };
+        Ok(Ran::Host)
     }
 
     /// Launches comm.cu's `name` with the slab arguments (this op's `seq`) then `extra`.

@@ -27,7 +27,7 @@ pub(super) struct Bufs {
     pub(super) m: usize,
     start: usize,
     x: CudaSlice<f32>,
-    normed: CudaSlice<f32>,
+    pub(super) normed: CudaSlice<f32>,
     q: CudaSlice<f32>,
     k: CudaSlice<f32>,
     v: CudaSlice<f32>,
@@ -85,7 +85,7 @@ impl CudaQwen2 {
     }
 
     /// Grows every layer's cache to hold `needed` positions, keeping the cached ones.
-    fn ensure_cache(&mut self, needed: usize) -> Result<()> {
+    pub(super) fn ensure_cache(&mut self, needed: usize) -> Result<()> {
         if needed <= self.cache.capacity && self.cache.layers.len() == self.layers.len() {
             return Ok(());
         }
@@ -109,12 +109,15 @@ impl CudaQwen2 {
         Ok(())
     }
 
-    /// Embedding and every layer; `b.normed` ends as the final norm of every position.
+    /// Embedding and every layer; `b.normed` ends as the final norm of every position. With
+    /// `hidden_states`, pushes the embeddings and every layer's output but the last (copied to
+    /// the host), as the CPU `Qwen2` does.
     pub(super) fn run_layers(
         &mut self,
         comm: &mut CudaComm,
         ids: &[u32],
         start: usize,
+        mut hidden_states: Option<&mut Vec<Vec<f32>>>,
     ) -> Result<Bufs> {
         ensure!(!ids.is_empty(), "forward of no tokens");
         ensure!(
@@ -136,6 +139,9 @@ impl CudaQwen2 {
         };
         all_reduce(comm, &mut b.x)?;
         for (i, layer) in self.layers.iter().enumerate() {
+            if let Some(hs) = hidden_states.as_mut() {
+                hs.push(self.stream.memcpy_dtov(&b.x)?);
+            }
             self.attention(comm, i, layer, &mut b)?;
             self.mlp(comm, layer, &mut b)?;
         }

@@ -193,6 +193,13 @@ impl CudaQwen2 {
         self.cache.len
     }
 
+    /// Makes room for `positions` cached positions up front (the CPU `Qwen2::reserve`), so
+    /// decode steps up to there do not reallocate the cache.
+    pub fn reserve(&mut self, positions: usize) -> Result<()> {
+        self.ensure_cache(positions)
+            .with_context(|| format!("KV cache for {positions} positions on the GPU"))
+    }
+
     /// Forgets cached positions from `len` on (the next forward starts there).
     pub fn truncate_cache(&mut self, len: usize) {
         self.cache.len = self.cache.len.min(len);

@@ -22,7 +22,24 @@ impl CudaQwen2 {
         start: usize,
         which: DeviceLogits,
     ) -> Result<Vec<f32>> {
-        let b = self.run_layers(comm, ids, start)?;
+        self.forward_with(comm, ids, start, which, None)
+    }
+
+    /// [`CudaQwen2::forward`], and with `hidden_states` transformers' `output_hidden_states`
+    /// (`num_hidden_layers + 1` tensors of `[seq, hidden]`, the last after the final norm) as
+    /// the CPU `Qwen2::forward_with` gives them.
+    pub fn forward_with(
+        &mut self,
+        comm: &mut CudaComm,
+        ids: &[u32],
+        start: usize,
+        which: DeviceLogits,
+        mut hidden_states: Option<&mut Vec<Vec<f32>>>,
+    ) -> Result<Vec<f32>> {
+        let b = self.run_layers(comm, ids, start, hidden_states.as_deref_mut())?;
+        if let Some(hs) = hidden_states {
+            hs.push(self.stream.memcpy_dtov(&b.normed)?);
+        }
         let (first, rows) = match which {
             DeviceLogits::All => (0, b.m),
             DeviceLogits::Last => (b.m - 1, 1),
@@ -61,7 +78,7 @@ impl CudaQwen2 {
         ids: &[u32],
         start: usize,
     ) -> Result<u32> {
-        let b = self.run_layers(comm, ids, start)?;
+        let b = self.run_layers(comm, ids, start, None)?;
         let local = self.plan.vocab.len();
         let y = self.head(&b, b.m - 1, 1)?;
         let s = &self.stream;

@@ -63,6 +63,22 @@ fn device_logits_match_the_cpu_or_skip() {
         // GEMM (cuBLAS bf16 × bf16) where the CPU keeps them f32, so only a loose bound.
         let tol = if bf16 { 5e-2 } else { 1e-3 };
         assert!(d < tol, "bf16 {bf16}: {d}");
+        // Hidden states (a fresh forward from position 0): every tensor, embeddings to the
+        // final norm, within the same bound.
+        let opts = crate::model::ForwardOptions {
+            logits: crate::model::Logits::All,
+            hidden_states: true,
+        };
+        let want = cpu.forward_with(&mut SoloComm, &ids, 0, opts).unwrap();
+        let mut hs = Vec::new();
+        let got = (dev.forward_with(&mut comm, &ids, 0, DeviceLogits::All, Some(&mut hs))).unwrap();
+        assert!(max_diff(&want.logits, &got) < tol);
+        assert_eq!(hs.len(), config.num_hidden_layers + 1);
+        for (i, (w, g)) in want.hidden_states.iter().zip(&hs).enumerate() {
+            let d = max_diff(w, g);
+            println!("bf16 {bf16}: hidden_states.{i} max |cpu - cuda| = {d:e}");
+            assert!(d < tol, "hidden_states.{i}: {d}");
+        }
         let cpu_next = cpu.forward_argmax(&mut SoloComm, &[7], ids.len()).unwrap();
         let dev_next = dev.forward_argmax(&mut comm, &[7], ids.len()).unwrap();
         println!("bf16 {bf16}: greedy decode step cpu {cpu_next}, cuda {dev_next}");
