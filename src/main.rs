@@ -115,30 +115,26 @@ fn main() -> ExitCode {
     }
 }
 
-fn real_main(cli: Cli) -> anyhow::Result<i32> {
+fn real_main(mut cli: Cli) -> anyhow::Result<i32> {
     let in_rank = std::env::var_os(ROLE_VAR).is_some_and(|v| v == "rank");
     if let Some(code) = run_local(&cli)? {
         return Ok(code);
     }
-    // The programs in programs::device::CUDA_PROGRAMS have a device path (issue 20); the others
-    // compute on the CPU only. Refuse before any rank starts, so the user sees one line (a rank
-    // inherits the same argv and would refuse the same way).
-    if cli.command.is_some() && cli.launch.device == Some(launcher::Device::Cuda) {
-        let program = match &cli.command {
-            Some(Cmd::Perf(a)) if a.from.is_empty() => "perf",
-            Some(Cmd::Rank(RankCmd::Perf(_))) => "perf",
-            Some(Cmd::Logits(_)) | Some(Cmd::Rank(RankCmd::Logits(_))) => "logits",
-            Some(Cmd::Generate(_)) | Some(Cmd::Rank(RankCmd::Generate(_))) => "generate",
-            Some(Cmd::Bench(a)) | Some(Cmd::Rank(RankCmd::Bench(a))) => {
-                if let Some((flag, why)) = programs::bench::cuda_refuses(a) {
-                    return Err(usage(&format!(
-                        "{flag} is not available with --device cuda: {why}"
-                    )));
-                }
-                "bench"
+    let program = cli.command.as_ref().map(builtin_name);
+    if cli.launch.device.is_none() {
+        cli.launch.device = Some(default_device(&cli, program));
+    }
+    // The programs in programs::device::CUDA_PROGRAMS have a device path (issue 20). Refuse
+    // before any rank starts, so the user sees one line (a rank inherits the same argv and
+    // would refuse the same way).
+    if let (Some(program), Some(launcher::Device::Cuda)) = (program, cli.launch.device) {
+        if let Some(Cmd::Bench(a) | Cmd::Rank(RankCmd::Bench(a))) = &cli.command {
+            if let Some((flag, why)) = programs::bench::cuda_refuses(a) {
+                return Err(usage(&format!(
+                    "{flag} is not available with --device cuda: {why}"
+                )));
             }
-            _ => "",
-        };
+        }
         programs::device::check_cuda(program)?;
     }
     if !in_rank && !matches!(cli.command, Some(Cmd::Rank(_))) {
@@ -217,6 +213,38 @@ fn script_job(
     args.push(first.clone());
     args.extend(rest.iter().cloned());
     Ok(job(python.unwrap_or_else(|| "python3".into()), args))
+}
+
+/// The built-in program a command runs on its ranks, as `programs::device` names them.
+fn builtin_name(cmd: &Cmd) -> &'static str {
+    match cmd {
+        Cmd::Perf(_) | Cmd::Rank(RankCmd::Perf(_)) => "perf",
+        Cmd::Logits(_) | Cmd::Rank(RankCmd::Logits(_)) => "logits",
+        Cmd::Generate(_) | Cmd::Rank(RankCmd::Generate(_)) => "generate",
+        Cmd::Bench(_) | Cmd::Rank(RankCmd::Bench(_)) => "bench",
+        _ => "",
+    }
+}
+
+/// `--device` when it is not given (docs/DESIGN.md, "Command line"): cuda where a GPU is usable,
+/// else cpu. For a built-in program, usable means this build, the driver and a device all serve
+/// its CUDA path (`programs::device::check_cuda`), and bench's CPU-only `--profile` and
+/// `--roofline` keep it on the CPU; for `-- PROGRAM` and scripts, a visible GPU
+/// (`CUDA_VISIBLE_DEVICES`, else the driver's list), as torchrun's `auto` counts them.
+fn default_device(cli: &Cli, program: Option<&str>) -> launcher::Device {
+    let usable = match (program, &cli.command) {
+        (_, Some(Cmd::Bench(a) | Cmd::Rank(RankCmd::Bench(a))))
+            if programs::bench::cuda_refuses(a).is_some() =>
+        {
+            false
+        }
+        (Some(p), _) => programs::device::check_cuda(p).is_ok(),
+        (None, _) => launcher::cpus::gpu_count() > 0,
+    };
+    match usable {
+        true => launcher::Device::Cuda,
+        false => launcher::Device::Cpu,
+    }
 }
 
 fn usage(m: &str) -> anyhow::Error {
@@ -367,14 +395,17 @@ fn launch_program(
     res
 }
 
-/// The number of ranks `-n` asks for, `auto` resolved as the launcher resolves it on the CPU
-/// (one rank per physical core; built-in programs refuse `--device cuda` before this).
+/// The number of ranks `-n` asks for, `auto` resolved as the launcher resolves it (one rank per
+/// GPU with `--device cuda`, else one per physical core).
 fn world_size(launch: &launcher::LaunchArgs) -> usize {
-    match launch.nproc_per_node {
-        launcher::Nproc::Count(n) => n,
-        launcher::Nproc::Auto => launcher::cpus::physical_cores(&launcher::cpus::allowed_cpus())
-            .len()
-            .max(1),
+    match (launch.nproc_per_node, launch.device) {
+        (launcher::Nproc::Count(n), _) => n,
+        (launcher::Nproc::Auto, Some(launcher::Device::Cuda)) => launcher::cpus::gpu_count().max(1),
+        (launcher::Nproc::Auto, _) => {
+            launcher::cpus::physical_cores(&launcher::cpus::allowed_cpus())
+                .len()
+                .max(1)
+        }
     }
 }
 

@@ -294,3 +294,45 @@ fn generate_greedy_on_the_gpu_matches_the_cpu_or_refuses() {
         assert_eq!(greedy_ids(n, true), cpu, "-n {n}");
     }
 }
+
+/// Without `--device`, a `-- PROGRAM` job gets cuda where a GPU is visible (here faked with
+/// CUDA_VISIBLE_DEVICES) and cpu where none is, and `--device cpu` wins; a built-in program gets
+/// cuda only where its CUDA path can run (the cuda build, a driver, a device).
+#[test]
+fn the_default_device_is_cuda_only_where_a_gpu_is_usable() {
+    let device = |visible: Option<&str>, args: &[&str]| {
+        let mut cmd = Command::new(TPRUN);
+        cmd.args(["-n", "1"]).args(args);
+        cmd.args(["--", "sh", "-c", "echo $TPRUN_DEVICE"]);
+        cmd.env_remove("TPRUN_ROLE").env_remove("CUDA_VISIBLE_DEVICES");
+        if let Some(v) = visible {
+            cmd.env("CUDA_VISIBLE_DEVICES", v);
+        }
+        let o = cmd.output().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let out = String::from_utf8_lossy(&o.stdout);
+        out.trim().trim_start_matches("[rank0]: ").to_string()
+    };
+    assert_eq!(device(Some("0"), &[]), "cuda");
+    assert_eq!(device(Some("0,1"), &["--device", "cpu"]), "cpu");
+    assert_eq!(device(Some("-1"), &[]), "cpu");
+    if !Path::new("/proc/driver/nvidia/gpus").exists() {
+        assert_eq!(device(None, &[]), "cpu");
+    }
+    // A built-in: bench's report names the device it ran on.
+    let m = fixture("tiny-t5-f32-untied").display().to_string();
+    let o = Command::new(TPRUN)
+        .args(["-n", "1", "bench", "--model", &m, "--prompt-len", "4"])
+        .args(["--new-tokens", "2", "--json"])
+        .env_remove("TPRUN_ROLE")
+        .env("CUDA_VISIBLE_DEVICES", "0")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let on = j["device"].as_str().unwrap();
+    match gpu_or_refusal() {
+        Some(_) => assert_eq!(on, "cpu"),
+        None => assert!(on.starts_with("cuda"), "{on}"),
+    }
+}

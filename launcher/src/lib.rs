@@ -29,7 +29,8 @@ pub struct LaunchArgs {
     #[arg(short = 'n', long = "nproc-per-node", value_name = "N|auto", default_value = "1",
           value_parser = parse_nproc)]
     pub nproc_per_node: Nproc,
-    /// Device the ranks compute on; passed to them as TPRUN_DEVICE [default: cpu].
+    /// Device the ranks compute on; passed to them as TPRUN_DEVICE [default: cuda where a GPU is
+    /// usable (for the built-in programs: the cuda build, a driver and a device), else cpu].
     #[arg(long, value_enum)]
     pub device: Option<Device>,
     /// Pin rank r to its share of the allowed CPUs [default: cores when ranks <= physical cores,
