@@ -304,7 +304,8 @@ fn the_default_device_is_cuda_only_where_a_gpu_is_usable() {
         let mut cmd = Command::new(TPRUN);
         cmd.args(["-n", "1"]).args(args);
         cmd.args(["--", "sh", "-c", "echo $TPRUN_DEVICE"]);
-        cmd.env_remove("TPRUN_ROLE").env_remove("CUDA_VISIBLE_DEVICES");
+        cmd.env_remove("TPRUN_ROLE")
+            .env_remove("CUDA_VISIBLE_DEVICES");
         if let Some(v) = visible {
             cmd.env("CUDA_VISIBLE_DEVICES", v);
         }
