@@ -249,29 +249,67 @@ pub enum Transport {
     HostStaged { reason: String },
 }
 
-/// One decision for the whole job from every rank's probe (each rank sees the same probes, so
-/// each decides the same). `TPRUN_CUDA_TRANSPORT=host` forces the fallback; `ipc` forbids it.
-pub fn decide(probes: &[Probe], force: Option<&str>) -> Result<Transport, String> {
-    let failure = probes.iter().find_map(|p| {
-        p.peers.iter().enumerate().find_map(|(q, r)| {
-            r.as_ref().err().map(|why| {
-                format!(
-                    "rank {} cannot use rank {q}'s memory over CUDA IPC: {why}",
-                    p.rank
-                )
+/// Most ranks the collective kernels serve: one thread per peer signals and waits, and the
+/// error word keeps 8 bits of the peer that did not arrive.
+pub const MAX_IPC_WORLD: usize = 256;
+
+/// Two ranks whose records name the same GPU (an unknown, all-zero UUID matches nothing).
+pub fn shared_gpu(records: &[HandleRecord]) -> Option<(u32, u32)> {
+    records.iter().enumerate().find_map(|(i, a)| {
+        records[i + 1..]
+            .iter()
+            .find(|b| a.uuid != [0; 16] && b.uuid == a.uuid)
+            .map(|b| (a.rank, b.rank))
+    })
+}
+
+/// One decision for the whole job from every rank's record and probe (each rank sees the same,
+/// so each decides the same).
+///
+/// IPC needs every probe to pass and at most [`MAX_IPC_WORLD`] ranks. Ranks that share a GPU
+/// use the host-staged transport too unless `TPRUN_CUDA_TRANSPORT=ipc`: without MPS the GPU
+/// runs one process's kernels at a time, so every flag a kernel waits for on a peer costs a
+/// time slice (milliseconds), and with MPS spinning blocks of several ranks must all fit at
+/// once. `TPRUN_CUDA_TRANSPORT=host` forces the fallback; `ipc` turns a failure into an error.
+pub fn decide(
+    probes: &[Probe],
+    records: &[HandleRecord],
+    force: Option<&str>,
+) -> Result<Transport, String> {
+    let world = probes.len().max(records.len());
+    let failure = probes
+        .iter()
+        .find_map(|p| {
+            p.peers.iter().enumerate().find_map(|(q, r)| {
+                r.as_ref().err().map(|why| {
+                    format!(
+                        "rank {} cannot use rank {q}'s memory over CUDA IPC: {why}",
+                        p.rank
+                    )
+                })
             })
         })
+        .or_else(|| {
+            (world > MAX_IPC_WORLD).then(|| {
+                format!("{world} ranks: the CUDA IPC kernels serve at most {MAX_IPC_WORLD}")
+            })
+        });
+    let shared = shared_gpu(records).map(|(a, b)| {
+        format!(
+            "ranks {a} and {b} share one GPU, whose kernels take turns between processes              (TPRUN_CUDA_TRANSPORT=ipc uses IPC anyway)"
+        )
     });
-    match (force, failure) {
-        (Some("host"), _) => Ok(Transport::HostStaged {
+    match (force, failure, shared) {
+        (Some("host"), _, _) => Ok(Transport::HostStaged {
             reason: "TPRUN_CUDA_TRANSPORT=host".into(),
         }),
-        (Some("ipc"), Some(why)) => Err(format!("TPRUN_CUDA_TRANSPORT=ipc, but {why}")),
-        (Some(other), _) if other != "ipc" && other != "auto" => Err(format!(
+        (Some("ipc"), Some(why), _) => Err(format!("TPRUN_CUDA_TRANSPORT=ipc, but {why}")),
+        (Some(other), _, _) if other != "ipc" && other != "auto" => Err(format!(
             "TPRUN_CUDA_TRANSPORT={other}: expected auto, ipc or host"
         )),
-        (_, Some(why)) => Ok(Transport::HostStaged { reason: why }),
-        (_, None) => Ok(Transport::Ipc),
+        (_, Some(why), _) => Ok(Transport::HostStaged { reason: why }),
+        (Some("ipc"), None, _) | (_, None, None) => Ok(Transport::Ipc),
+        (_, None, Some(why)) => Ok(Transport::HostStaged { reason: why }),
     }
 }
 
@@ -506,7 +544,7 @@ mod tests {
             device: 0,
             uuid: [7; 16],
             layout: SlabLayout::new(2, 64, DEFAULT_DATA_BYTES),
-            handle: handle.then_some([rank as u8 + 1; 64]),
+            handle: handle.then_some([(rank as u8).wrapping_add(1); 64]),
         }
     }
 
@@ -531,12 +569,71 @@ mod tests {
         assert!(HandleRecord::decode(&b[..64], 1).is_err());
     }
 
+    /// Rank `rank`'s record on GPU `gpu` (its UUID's bytes).
+    fn on_gpu(rank: u32, gpu: u8) -> HandleRecord {
+        HandleRecord {
+            uuid: [gpu; 16],
+            ..record(rank, true)
+        }
+    }
+
+    #[test]
+    fn ranks_sharing_a_gpu_stage_through_the_host_unless_ipc_is_forced() {
+        let ok = |rank| Probe {
+            rank,
+            peers: vec![Ok(()); 3],
+        };
+        let probes = [ok(0), ok(1), ok(2)];
+        let apart = [on_gpu(0, 1), on_gpu(1, 2), on_gpu(2, 3)];
+        assert_eq!(decide(&probes, &apart, None), Ok(Transport::Ipc));
+        let shared = [on_gpu(0, 1), on_gpu(1, 2), on_gpu(2, 1)];
+        assert_eq!(shared_gpu(&shared), Some((0, 2)));
+        match decide(&probes, &shared, None).unwrap() {
+            Transport::HostStaged { reason } => {
+                assert!(reason.contains("ranks 0 and 2 share one GPU"), "{reason}")
+            }
+            t => panic!("{t:?}"),
+        }
+        assert_eq!(decide(&probes, &shared, Some("ipc")), Ok(Transport::Ipc));
+        // A GPU whose UUID could not be read shares with nobody.
+        let unknown = [on_gpu(0, 0), on_gpu(1, 0), on_gpu(2, 0)];
+        assert_eq!(decide(&probes, &unknown, None), Ok(Transport::Ipc));
+    }
+
+    #[test]
+    fn more_ranks_than_the_kernels_serve_stage_through_the_host() {
+        let n = MAX_IPC_WORLD as u32 + 1;
+        let probes: Vec<Probe> = (0..n)
+            .map(|rank| Probe {
+                rank,
+                peers: vec![Ok(()); n as usize],
+            })
+            .collect();
+        let records: Vec<HandleRecord> = (0..n)
+            .map(|r| {
+                let mut uuid = [0; 16];
+                uuid[..4].copy_from_slice(&(r + 1).to_le_bytes());
+                HandleRecord {
+                    uuid,
+                    ..record(r, true)
+                }
+            })
+            .collect();
+        let d = decide(&probes, &records, None).unwrap();
+        assert!(
+            matches!(d, Transport::HostStaged { ref reason } if reason.contains("at most 256"))
+        );
+        assert!(decide(&probes, &records, Some("ipc")).is_err());
+    }
+
     #[test]
     fn fallback_when_any_rank_cannot_reach_any_peer() {
         let ok = |rank| Probe {
             rank,
             peers: vec![Ok(()), Ok(())],
         };
+        let two = [on_gpu(0, 1), on_gpu(1, 2)];
+        let decide = |p: &[Probe], force| decide(p, &two, force);
         assert_eq!(decide(&[ok(0), ok(1)], None), Ok(Transport::Ipc));
         assert_eq!(decide(&[ok(0), ok(1)], Some("auto")), Ok(Transport::Ipc));
         let refused = Probe {

@@ -1,5 +1,6 @@
 //! CUDA (feature `cuda`): device discovery (here), the libraries' search path ([`libs`]), NVRTC
-//! ([`nvrtc`]), the kernels' sources ([`sources`]) and the CUBIN resource reader ([`cubin`]).
+//! ([`nvrtc`]), the kernels' sources ([`sources`]), loading them into a context ([`module`]) and
+//! the CUBIN resource reader ([`cubin`]).
 //!
 //! cudarc opens libcuda lazily on its first call and panics if the library is missing or lacks a
 //! symbol of the API version it was built against (`cuda-12020`, see the root Cargo.toml). So
@@ -10,6 +11,7 @@
 pub mod blas;
 pub mod cubin;
 pub mod libs;
+pub mod module;
 pub mod nvrtc;
 #[cfg(test)]
 mod nvrtc_tests;

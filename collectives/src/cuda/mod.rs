@@ -43,6 +43,9 @@ pub struct CudaComm {
     staging: Option<CudaSlice<u8>>,
     /// Every public call's totals, device and host-staged alike (the set-up exchange is not one).
     stats: CommStats,
+    /// The first error that left the peers' flags or this rank's error word in an unknown state:
+    /// every later call is refused with it.
+    failed: Option<String>,
 }
 
 impl CudaComm {
@@ -84,6 +87,7 @@ impl CudaComm {
             timeout,
             staging: None,
             stats: CommStats::default(),
+            failed: None,
         })
     }
 
@@ -212,8 +216,22 @@ impl CudaComm {
         dtype: Option<DType>,
         f: impl FnOnce(&mut CudaComm) -> Result<Ran>,
     ) -> Result<()> {
+        if let Some(first) = &self.failed {
+            return Err(CommError::Invalid {
+                op: kind.name(),
+                msg: format!("this communicator failed earlier ({first}) and cannot be used again"),
+            });
+        }
         let t0 = crate::trace::now_us();
-        let ran = f(self)?;
+        let ran = match f(self) {
+            Ok(ran) => ran,
+            // Bad arguments are caught before any launch, so the communicator stays usable.
+            Err(e @ CommError::Invalid { .. }) => return Err(e),
+            Err(e) => {
+                self.failed = Some(e.to_string());
+                return Err(e);
+            }
+        };
         let t1 = crate::trace::now_us();
         self.stats.record(kind, bytes, (t1 - t0) / 1e6, 0.0);
         if let (Ran::Device { algorithm, steps }, true) = (ran, crate::trace::enabled()) {
@@ -228,6 +246,18 @@ impl CudaComm {
             crate::trace::record_comm(t0, ev);
         }
         Ok(())
+    }
+}
+
+impl Drop for CudaComm {
+    /// Waits for this rank's work, then (IPC, healthy) for every peer's at a barrier, so no peer
+    /// kernel still reads or signals into this rank's slab when it is freed (the fields' drops
+    /// then close the peer mappings and free the slab).
+    fn drop(&mut self) {
+        let _ = self.dev.stream.synchronize();
+        if self.ipc() && self.failed.is_none() && self.world_size() > 1 {
+            let _ = self.host.barrier();
+        }
     }
 }
 

@@ -281,16 +281,8 @@ impl CudaComm {
     /// # Safety
     /// `dst` must address at least `src.len()` bytes of device memory in this context.
     pub(super) unsafe fn upload(&self, dst: u64, src: &[u8]) -> Result<()> {
-        self.dev
-            .stream
-            .synchronize()
-            .map_err(|e| drv("upload", e))?;
-        self.dev
-            .ctx
-            .bind_to_thread()
-            .map_err(|e| drv("upload", e))?;
         // SAFETY: this function's contract.
-        unsafe { result::memcpy_htod_sync(dst, src) }.map_err(|e| drv("upload", e))
+        unsafe { self.dev.put(dst, src) }
     }
 
     /// Copies `dst.len()` bytes at device address `src` into `dst` and waits.

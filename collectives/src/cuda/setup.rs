@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use cudarc::driver::{result, sys, CudaContext, CudaFunction, CudaSlice, CudaStream};
-use kernels::cuda::{nvrtc, sources};
+use kernels::cuda::sources;
 
 use super::drv;
 use crate::cuda_plan::{self as plan, HandleRecord, Probe, SlabLayout, Transport};
@@ -68,12 +68,30 @@ pub(super) fn open_device(ordinal: usize, world: u32, data_bytes: u64) -> Result
 }
 
 impl Device {
-    /// Zeroes the whole own slab and waits for it.
+    /// Zeroes the whole own slab on the communicator's stream and waits for it. (The legacy
+    /// stream's cuMemsetD8 would return before it is done, and cudarc's streams do not wait
+    /// for the legacy stream.)
     pub fn zero(&self) -> Result<()> {
+        let what = "cuMemsetD8 (slab)";
         self.ctx.bind_to_thread().map_err(|e| drv("bind", e))?;
-        // SAFETY: `own` is a live allocation of `total_bytes`.
-        unsafe { result::memset_d8_sync(self.own, 0, self.layout.total_bytes as usize) }
-            .map_err(|e| drv("cuMemsetD8 (slab)", e))
+        let (n, s) = (self.layout.total_bytes as usize, self.stream.cu_stream());
+        // SAFETY: `own` is a live allocation of `total_bytes`; the stream is this context's.
+        unsafe { result::memset_d8_async(self.own, 0, n, s) }.map_err(|e| drv(what, e))?;
+        self.stream.synchronize().map_err(|e| drv(what, e))
+    }
+
+    /// Copies `src` to device address `dst` on the communicator's stream and waits: ordered
+    /// after the stream's earlier work and finished before the next kernel or barrier.
+    ///
+    /// # Safety
+    /// `dst` must address at least `src.len()` bytes of device memory in this context.
+    pub unsafe fn put(&self, dst: sys::CUdeviceptr, src: &[u8]) -> Result<()> {
+        self.ctx.bind_to_thread().map_err(|e| drv("bind", e))?;
+        self.stream.synchronize().map_err(|e| drv("upload", e))?;
+        // SAFETY: this function's contract; `src` outlives the copy (we wait for it below).
+        unsafe { result::memcpy_htod_async(dst, src, self.stream.cu_stream()) }
+            .map_err(|e| drv("upload", e))?;
+        self.stream.synchronize().map_err(|e| drv("upload", e))
     }
 
     fn export(&self) -> std::result::Result<[u8; 64], String> {
@@ -131,7 +149,8 @@ pub(super) fn connect(host: &mut dyn Communicator, dev: &mut Device) -> Result<T
     check_patterns(host, dev, &mut probe)?;
     let probes = exchange_probes(host, Probe { rank, peers: probe })?;
     let force = crate::env::var("TPRUN_CUDA_TRANSPORT").map_err(CommError::Setup)?;
-    let mut transport = plan::decide(&probes, force.as_deref()).map_err(CommError::Setup)?;
+    let mut transport =
+        plan::decide(&probes, &records, force.as_deref()).map_err(CommError::Setup)?;
     if let (Transport::Ipc, Err(why)) = (&transport, &kernels) {
         // Only a world of one gets here (peers would have failed their probe).
         transport = Transport::HostStaged {
@@ -194,7 +213,7 @@ fn check_patterns(
     let data = dev.own + dev.layout.data_off;
     let mine = plan::probe_pattern(host.rank() as u32);
     // SAFETY: the data area holds at least PROBE_BYTES (256-byte rounded, > 0).
-    unsafe { result::memcpy_htod_sync(data, &mine) }.map_err(|e| drv("probe write", e))?;
+    unsafe { dev.put(data, &mine)? };
     host.barrier()?;
     for (q, slot) in probe.iter_mut().enumerate() {
         let (Some(p), Ok(())) = (dev.peers[q], &*slot) else {
@@ -224,30 +243,9 @@ fn exchange_probes(host: &mut dyn Communicator, mine: Probe) -> Result<Vec<Probe
         .collect())
 }
 
-/// Compiles comm.cu to PTX for this GPU's compute capability (NVRTC, cached per process) and
-/// loads every kernel.
+/// Compiles comm.cu for this GPU (NVRTC, cached per process) and loads every kernel.
 fn load_kernels(
     ctx: &Arc<CudaContext>,
 ) -> std::result::Result<HashMap<&'static str, CudaFunction>, String> {
-    use sys::CUdevice_attribute::*;
-    let attr = |a| ctx.attribute(a).map_err(|e| format!("{e:?}"));
-    let cc = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? * 10
-        + attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-    let ptx = nvrtc::compile(&sources::COMM, nvrtc::Target::Ptx(cc as u32))?;
-    let text = String::from_utf8_lossy(&ptx)
-        .trim_end_matches('\0')
-        .to_string();
-    let module = ctx
-        .load_module(cudarc::nvrtc::Ptx::from_src(text))
-        .map_err(|e| format!("loading comm PTX for compute_{cc}: {e:?}"))?;
-    sources::COMM
-        .entries
-        .iter()
-        .map(|&name| {
-            module
-                .load_function(name)
-                .map(|f| (name, f))
-                .map_err(|e| format!("{name}: {e:?}"))
-        })
-        .collect()
+    kernels::cuda::module::load(ctx, &sources::COMM)
 }

@@ -42,22 +42,31 @@ __device__ void attend(const float* q, const float* k_cache, const float* v_cach
     }
 }
 
+// The local KV head of local query head h: global query head q_head0 + h belongs to global KV
+// head (q_head0 + h) / group, held here from kv_head0 on (the plan's local_kv_of; a rank's query
+// heads need not start on a group boundary).
+__device__ __forceinline__ int kv_of(int h, int q_head0, int group, int kv_head0) {
+    return (q_head0 + h) / group - kv_head0;
+}
+
 // Prefill: token t (absolute position past + t) sees positions 0..=past+t. Grid (tokens, heads).
 extern "C" __global__ void attention_prefill(const float* q, const float* k_cache,
                                              const float* v_cache, float* out, int past,
-                                             int heads, int kv_heads, int head_dim, float scale) {
+                                             int heads, int kv_heads, int head_dim, float scale,
+                                             int q_head0, int group, int kv_head0) {
     int t = blockIdx.x, h = blockIdx.y;
     size_t row = ((size_t)t * heads + h) * head_dim;
-    attend(q + row, k_cache, v_cache, out + row, past + t + 1, kv_heads, h / (heads / kv_heads),
-           head_dim, scale);
+    attend(q + row, k_cache, v_cache, out + row, past + t + 1, kv_heads,
+           kv_of(h, q_head0, group, kv_head0), head_dim, scale);
 }
 
 // Decode: one new token per step over the whole cache (len positions). Grid (heads).
 extern "C" __global__ void attention_decode(const float* q, const float* k_cache,
                                             const float* v_cache, float* out, int len, int heads,
-                                            int kv_heads, int head_dim, float scale) {
+                                            int kv_heads, int head_dim, float scale, int q_head0,
+                                            int group, int kv_head0) {
     int h = blockIdx.x;
     size_t row = (size_t)h * head_dim;
-    attend(q + row, k_cache, v_cache, out + row, len, kv_heads, h / (heads / kv_heads), head_dim,
-           scale);
+    attend(q + row, k_cache, v_cache, out + row, len, kv_heads,
+           kv_of(h, q_head0, group, kv_head0), head_dim, scale);
 }

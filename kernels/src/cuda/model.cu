@@ -24,13 +24,15 @@ extern "C" __global__ void rms_norm(const float* x, const float* w, float* y, in
 }
 
 // Rotary embedding, rotate-half form, in place on x[t, head, :]. Grid (tokens, heads).
-extern "C" __global__ void rope(float* x, const int* pos, int heads, int head_dim, float theta) {
+// inv_freq[head_dim / 2] is the CPU path's table (uploaded once), so the angles pos * inv_freq
+// are the same f32 products as on the CPU.
+extern "C" __global__ void rope(float* x, const int* pos, const float* inv_freq, int heads,
+                                int head_dim) {
     int t = blockIdx.x, h = blockIdx.y, half = head_dim / 2;
     float* v = x + ((size_t)t * heads + h) * head_dim;
     for (int i = threadIdx.x; i < half; i += blockDim.x) {
-        float inv_freq = powf(theta, -2.0f * (float)i / (float)head_dim);
         float s, c;
-        sincosf((float)pos[t] * inv_freq, &s, &c);
+        sincosf((float)pos[t] * inv_freq[i], &s, &c);
         float a = v[i], b = v[i + half];
         v[i] = a * c - b * s;
         v[i + half] = b * c + a * s;
@@ -58,15 +60,22 @@ extern "C" __global__ void add_inplace(float* x, const float* y, int n) {
         x[i] += y[i];
 }
 
-// Widen bf16 to f32 and round f32 to bf16 (cuBLAS operands).
-extern "C" __global__ void bf16_to_f32_kernel(const bf16_t* in, float* out, int n) {
-    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        out[i] = bf16_to_f32(in[i]);
+// An f32 activation as two bf16 terms, x = hi + lo to about 2^-17 relative: out[i] = hi,
+// out[n + i] = lo (x - hi is exact in f32). One bf16 GEMM over both halves (2n rows) and
+// sum_halves then give W x with f32-grade activations, reading W once.
+extern "C" __global__ void f32_to_bf16_split(const float* in, bf16_t* out, int n) {
+    for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x) {
+        float x = in[i];
+        bf16_t hi = f32_to_bf16(x);
+        out[i] = hi;
+        out[(size_t)n + i] = f32_to_bf16(x - bf16_to_f32(hi));
+    }
 }
 
-extern "C" __global__ void f32_to_bf16_kernel(const float* in, bf16_t* out, int n) {
+// y[i] = halves[i] + halves[n + i]: the two terms' products added.
+extern "C" __global__ void sum_halves(const float* halves, float* y, int n) {
     for (int i = blockIdx.x * blockDim.x + threadIdx.x; i < n; i += gridDim.x * blockDim.x)
-        out[i] = f32_to_bf16(in[i]);
+        y[i] = halves[i] + halves[(size_t)n + i];
 }
 
 // Largest logit of this rank's shard and its global index (offset added); ties go to the lowest
@@ -97,7 +106,8 @@ extern "C" __global__ void argmax(const float* x, int n, int index_offset, float
     }
     if (threadIdx.x == 0) {
         *out_val = sv[0];
-        *out_idx = si[0] == 0x7fffffff ? index_offset : si[0] + index_offset;
+        // Nothing won (every logit NaN, or an empty shard): -1, the host's "no candidate".
+        *out_idx = si[0] == 0x7fffffff ? -1 : si[0] + index_offset;
     }
 }
 

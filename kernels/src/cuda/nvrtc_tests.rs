@@ -70,6 +70,10 @@ fn nvrtc_every_kernel_compiles_to_cubin_for_sm80_and_sm90_with_its_resources() {
                     .get(*e)
                     .unwrap_or_else(|| panic!("{}: no {e} in CUBIN", m.name));
                 assert!(u.registers > 0 && u.registers <= 255, "{e}: {u:?}");
+                if e.starts_with("attention_") {
+                    let most = super::sources::ATTENTION_STATIC_SHARED_MAX;
+                    assert!(u.shared_bytes as u32 <= most, "{e}: {u:?}");
+                }
                 println!(
                     "  {}/{e}: {} regs, {} B shared, {} B frame",
                     m.name, u.registers, u.shared_bytes, u.frame_bytes

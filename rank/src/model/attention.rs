@@ -32,6 +32,11 @@ impl Rope {
         }
     }
 
+    /// `inv_freq[head_dim / 2]` (the device path uploads it, so both compute the same angles).
+    pub fn inv_freq(&self) -> &[f32] {
+        &self.inv_freq
+    }
+
     pub(crate) fn ensure(&mut self, positions: usize) {
         let d = self.head_dim;
         for p in self.cos.len() / d..positions {

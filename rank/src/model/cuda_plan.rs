@@ -12,9 +12,18 @@ pub const THREADS: u32 = 256;
 pub const ARGMAX_THREADS: u32 = 1024;
 /// Blocks of the grid-stride element-wise kernels, at most.
 pub const MAX_BLOCKS: u32 = 1024;
-/// Default dynamic shared memory per block without opting in (48 KiB): attention keeps one f32
-/// score per cached position, so one launch attends to at most this many positions.
-pub const MAX_ATTENTION_POSITIONS: usize = 48 * 1024 / 4;
+/// The dynamic shared memory the attention kernels may use on a GPU whose opt-in limit per block
+/// is `optin` bytes (cuDeviceGetAttribute's MAX_SHARED_MEMORY_PER_BLOCK_OPTIN): what their static
+/// arrays leave. Attention keeps one f32 score per position, so a launch attends to at most a
+/// quarter of this many positions.
+pub fn attention_dynamic_bytes(optin: i32) -> i32 {
+    optin - ATTENTION_STATIC_SHARED
+}
+
+/// kernels::cuda::sources::ATTENTION_STATIC_SHARED_MAX, the bound the NVRTC tests hold the
+/// CUBIN's figure to; a copy, because this module builds without the `cuda` feature (the device
+/// model's tests check they are equal).
+pub const ATTENTION_STATIC_SHARED: i32 = 4096;
 
 /// One kernel argument, in the order the kernel declares it.
 #[derive(Clone, Debug, PartialEq)]
@@ -86,16 +95,17 @@ pub fn rms_norm(tokens: usize, hidden: usize, eps: f32) -> Launch {
     rows("rms_norm", (u32_of(tokens), 1, 1), THREADS, args)
 }
 
-/// `rope(x, pos, heads, head_dim, theta)` in place: grid (tokens, heads), half a head of threads.
-pub fn rope(tokens: usize, heads: usize, head_dim: usize, theta: f32) -> Launch {
+/// `rope(x, pos, inv_freq, heads, head_dim)` in place: grid (tokens, heads), half a head of
+/// threads.
+pub fn rope(tokens: usize, heads: usize, head_dim: usize) -> Launch {
     use Arg::*;
     let threads = u32_of((head_dim / 2).max(1)).min(THREADS);
     let args = vec![
         Buf("x"),
         Buf("pos"),
+        Buf("inv_freq"),
         I32(i32_of(heads)),
         I32(i32_of(head_dim)),
-        F32(theta),
     ];
     rows("rope", (u32_of(tokens), u32_of(heads), 1), threads, args)
 }
@@ -121,11 +131,19 @@ pub fn add_inplace(n: usize) -> Launch {
     elementwise("add_inplace", n, args)
 }
 
-/// `f32_to_bf16_kernel(in, out, n)`: the activations as a bf16 cuBLAS operand.
-pub fn f32_to_bf16(n: usize) -> Launch {
+/// `f32_to_bf16_split(in, out, n)`: the activations as two bf16 terms, `out[..n]` then
+/// `out[n..2n]`, for the bf16 GEMM.
+pub fn f32_to_bf16_split(n: usize) -> Launch {
     use Arg::*;
     let args = vec![Buf("in"), Buf("out"), I32(i32_of(n))];
-    elementwise("f32_to_bf16_kernel", n, args)
+    elementwise("f32_to_bf16_split", n, args)
+}
+
+/// `sum_halves(halves, y, n)`: `y = halves[..n] + halves[n..2n]`.
+pub fn sum_halves(n: usize) -> Launch {
+    use Arg::*;
+    let args = vec![Buf("halves"), Buf("y"), I32(i32_of(n))];
+    elementwise("sum_halves", n, args)
 }
 
 /// `argmax(x, n, index_offset, out_val, out_idx)`: one block of [`ARGMAX_THREADS`] (the
@@ -163,33 +181,61 @@ pub fn kv_append(tokens: usize, start: usize, kv_heads: usize, head_dim: usize) 
     )
 }
 
-/// Attention heads of this rank and the score scale `1/sqrt(head_dim)`.
+/// Attention heads of this rank, how its query heads map to its KV heads, and how many
+/// positions one launch can hold.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct Heads {
     pub heads: usize,
     pub kv_heads: usize,
     pub head_dim: usize,
+    /// The global index of this rank's first query head and first KV head, and query heads per
+    /// KV head: local query head h reads local KV head `(q_head0 + h) / group - kv_head0`
+    /// (`ShardPlan::local_kv_of`; a rank's heads need not start on a group boundary).
+    pub q_head0: usize,
+    pub kv_head0: usize,
+    pub group: usize,
+    /// Positions whose scores fit the kernels' dynamic shared memory.
+    pub max_positions: usize,
 }
 
 impl Heads {
-    fn args(&self) -> [Arg; 4] {
+    /// This rank's heads from its plan; `max_positions` from the loaded kernels.
+    pub fn of(plan: &crate::model::plan::ShardPlan, max_positions: usize) -> Heads {
+        Heads {
+            heads: plan.q_heads.len(),
+            kv_heads: plan.kv_heads.len(),
+            head_dim: plan.head_dim,
+            q_head0: plan.q_heads.start,
+            kv_head0: plan.kv_heads.start,
+            group: plan.group,
+            max_positions,
+        }
+    }
+
+    /// The arguments after the buffers and the length: heads, kv_heads, head_dim, scale
+    /// `1/sqrt(head_dim)`, q_head0, group, kv_head0.
+    fn args(&self) -> [Arg; 7] {
         let scale = 1.0 / (self.head_dim as f32).sqrt();
         [
             Arg::I32(i32_of(self.heads)),
             Arg::I32(i32_of(self.kv_heads)),
             Arg::I32(i32_of(self.head_dim)),
             Arg::F32(scale),
+            Arg::I32(i32_of(self.q_head0)),
+            Arg::I32(i32_of(self.group)),
+            Arg::I32(i32_of(self.kv_head0)),
         ]
+    }
+
+    /// Scores for `len` positions in dynamic shared memory; `None` past `max_positions`.
+    fn scores_bytes(&self, len: usize) -> Option<u32> {
+        (len <= self.max_positions).then(|| u32_of(len * 4))
     }
 }
 
-/// Scores for `len` positions in dynamic shared memory; `None` past [`MAX_ATTENTION_POSITIONS`].
-fn scores_bytes(len: usize) -> Option<u32> {
-    (len <= MAX_ATTENTION_POSITIONS).then(|| u32_of(len * 4))
-}
-
-/// `attention_prefill(q, k_cache, v_cache, out, past, heads, kv_heads, head_dim, scale)`:
-/// grid (tokens, heads); the last token sees `past + tokens` positions.
+/// `attention_prefill(q, k_cache, v_cache, out, past, heads, kv_heads, head_dim, scale,
+/// q_head0, group, kv_head0)`: grid (tokens, heads); the last token sees `past + tokens`
+/// positions.
 pub fn attention_prefill(tokens: usize, past: usize, h: Heads) -> Option<Launch> {
     let mut args = vec![
         Arg::Buf("q"),
@@ -203,13 +249,14 @@ pub fn attention_prefill(tokens: usize, past: usize, h: Heads) -> Option<Launch>
         kernel: "attention_prefill",
         grid: (u32_of(tokens), u32_of(h.heads), 1),
         block: (THREADS, 1, 1),
-        shared_bytes: scores_bytes(past + tokens)?,
+        shared_bytes: h.scores_bytes(past + tokens)?,
         args,
     })
 }
 
-/// `attention_decode(q, k_cache, v_cache, out, len, heads, kv_heads, head_dim, scale)`: grid
-/// (heads), one new token over `len` cached positions (itself included).
+/// `attention_decode(q, k_cache, v_cache, out, len, heads, kv_heads, head_dim, scale, q_head0,
+/// group, kv_head0)`: grid (heads), one new token over `len` cached positions (itself
+/// included).
 pub fn attention_decode(len: usize, h: Heads) -> Option<Launch> {
     let mut args = vec![
         Arg::Buf("q"),
@@ -223,7 +270,7 @@ pub fn attention_decode(len: usize, h: Heads) -> Option<Launch> {
         kernel: "attention_decode",
         grid: (u32_of(h.heads), 1, 1),
         block: (THREADS, 1, 1),
-        shared_bytes: scores_bytes(len)?,
+        shared_bytes: h.scores_bytes(len)?,
         args,
     })
 }

@@ -46,11 +46,16 @@ fn check(l: &Launch) {
     );
 }
 
+/// Qwen2.5-0.5B's heads at TP 1 (14 query heads over 2 KV heads), 12,224 positions (48 KiB).
 fn heads() -> Heads {
     Heads {
         heads: 14,
         kv_heads: 2,
         head_dim: 64,
+        q_head0: 0,
+        kv_head0: 0,
+        group: 7,
+        max_positions: 12_224,
     }
 }
 
@@ -59,11 +64,12 @@ fn every_launch_matches_its_kernel_signature() {
     let launches = [
         embedding_gather(5, 896, 100..200),
         rms_norm(5, 896, 1e-6),
-        rope(5, 14, 64, 1e6),
+        rope(5, 14, 64),
         silu_gate(4864),
         bias_add(5, 896),
         add_inplace(5 * 896),
-        f32_to_bf16(5 * 896),
+        f32_to_bf16_split(5 * 896),
+        sum_halves(5 * 896),
         argmax(75968, 75968),
         kv_append(5, 3, 2, 64),
         attention_prefill(5, 3, heads()).unwrap(),
@@ -85,8 +91,8 @@ fn block_reductions_get_power_of_two_blocks() {
 
 #[test]
 fn grids_follow_the_sources() {
-    assert_eq!(rope(7, 14, 64, 1e6).grid, (7, 14, 1));
-    assert_eq!(rope(7, 14, 64, 1e6).block.0, 32);
+    assert_eq!(rope(7, 14, 64).grid, (7, 14, 1));
+    assert_eq!(rope(7, 14, 64).block.0, 32);
     assert_eq!(kv_append(7, 0, 2, 64).grid, (7, 2, 1));
     assert_eq!(attention_prefill(7, 0, heads()).unwrap().grid, (7, 14, 1));
     assert_eq!(attention_decode(9, heads()).unwrap().grid, (14, 1, 1));
@@ -101,8 +107,86 @@ fn attention_shared_memory_holds_every_score() {
     assert_eq!(p.args[4], Arg::I32(10));
     assert_eq!(p.args[8], Arg::F32(0.125));
     assert_eq!(attention_decode(11, heads()).unwrap().shared_bytes, 44);
-    assert!(attention_decode(MAX_ATTENTION_POSITIONS, heads()).is_some());
-    assert!(attention_decode(MAX_ATTENTION_POSITIONS + 1, heads()).is_none());
+    assert!(attention_decode(12_224, heads()).is_some());
+    assert!(attention_decode(12_225, heads()).is_none());
+    // An H100's opt-in 227 KiB per block leaves room for 57,088 positions after the static
+    // arrays; the 48 KiB default with the same reserve, 11,264.
+    assert_eq!(attention_dynamic_bytes(232_448) / 4, 57_088);
+    assert_eq!(attention_dynamic_bytes(48 * 1024) / 4, 11_264);
+}
+
+/// A rank's query heads need not start on a group boundary (14 heads over 2 KV heads at TP 3
+/// and 4 replicate KV heads): each local query head reads the KV head the plan says, and the
+/// kernels compute it with the plan's formula.
+#[test]
+fn attention_maps_query_heads_to_the_plans_kv_heads_at_every_tp_degree() {
+    let shapes = crate::model::plan::Shapes {
+        hidden: 896,
+        heads: 14,
+        kv_heads: 2,
+        head_dim: 64,
+        intermediate: 4864,
+        vocab: 151_936,
+    };
+    for world in [1, 2, 3, 4, 7] {
+        for rank in 0..world {
+            let plan = crate::model::plan::ShardPlan::new(&shapes, world, rank).unwrap();
+            let h = Heads::of(&plan, 1000);
+            let l = attention_decode(5, h).unwrap();
+            let arg = |i: usize| match l.args[i] {
+                Arg::I32(v) => v as usize,
+                ref a => panic!("{a:?}"),
+            };
+            let (q_head0, group, kv_head0) = (arg(9), arg(10), arg(11));
+            for local in 0..h.heads {
+                let kernel = (q_head0 + local) / group - kv_head0;
+                assert_eq!(
+                    kernel,
+                    plan.local_kv_of(local),
+                    "TP {world} rank {rank} head {local}"
+                );
+                assert!(kernel < h.kv_heads);
+            }
+        }
+    }
+    assert!(SOURCES[1].contains("return (q_head0 + h) / group - kv_head0;"));
+}
+
+/// The bf16 products' two-term split (f32_to_bf16_split, then sum_halves), on the host: bf16
+/// weights times activations split as hi + lo land within f32 rounding of the same weights times
+/// the f32 activations, where rounding the activations to one bf16 term is off by ~1e-3.
+#[test]
+fn two_bf16_terms_carry_f32_activations_through_a_bf16_product() {
+    use half::bf16;
+    let (out, inp) = (16, 896);
+    let mut seed = 0x2545f4914f6cdd1du64;
+    let mut rnd = || {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        (seed >> 40) as f32 / (1u64 << 24) as f32 * 2.0 - 1.0
+    };
+    let x: Vec<f32> = (0..inp).map(|_| rnd() * 3.0).collect();
+    let w: Vec<f32> = (0..out * inp)
+        .map(|_| bf16::from_f32(rnd() * 0.05).to_f32())
+        .collect();
+    let hi: Vec<f32> = x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect();
+    let lo: Vec<f32> = x
+        .iter()
+        .zip(&hi)
+        .map(|(&v, &h)| bf16::from_f32(v - h).to_f32())
+        .collect();
+    let dot = |a: &[f32], r: usize| -> f64 {
+        (0..inp).map(|i| a[i] as f64 * w[r * inp + i] as f64).sum()
+    };
+    let (mut split, mut one) = (0f64, 0f64);
+    for r in 0..out {
+        let exact = dot(&x, r);
+        split = split.max((dot(&hi, r) + dot(&lo, r) - exact).abs());
+        one = one.max((dot(&hi, r) - exact).abs());
+    }
+    assert!(split < 2e-5, "split {split:e}");
+    assert!(one > 50.0 * split, "one term {one:e}, split {split:e}");
 }
 
 #[test]

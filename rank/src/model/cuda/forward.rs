@@ -5,11 +5,11 @@
 //! distributed argmax.
 
 use anyhow::{anyhow, ensure, Context, Result};
-use collectives::cuda::cudarc::driver::CudaSlice;
+use collectives::cuda::cudarc::driver::{CudaSlice, CudaStream};
 use collectives::cuda::CudaComm;
 use collectives::{Communicator, DType, ReduceOp};
 
-use super::launch::ptr;
+use super::launch::{ptr, Split};
 use super::{CudaQwen2, Layer};
 use crate::model::cuda_plan::{self as plan, Heads};
 
@@ -35,9 +35,22 @@ pub(super) struct Bufs {
     proj: CudaSlice<f32>,
     gate: CudaSlice<f32>,
     up: CudaSlice<f32>,
+    /// bf16 weights only: the activations as two bf16 terms and the two products
+    /// ([`CudaQwen2::linear`]), sized for the widest product of a layer.
     xb: CudaSlice<u16>,
+    halves: CudaSlice<f32>,
     ids: CudaSlice<i32>,
     pos: CudaSlice<i32>,
+}
+
+impl Bufs {
+    /// The bf16 products' scratch ([`CudaQwen2::linear`]).
+    fn split(&self, s: &CudaStream) -> Split {
+        Split {
+            xb: ptr(s, &self.xb, 0),
+            halves: ptr(s, &self.halves, 0),
+        }
+    }
 }
 
 fn all_reduce(comm: &mut CudaComm, buf: &mut CudaSlice<f32>) -> Result<()> {
@@ -50,11 +63,7 @@ fn all_reduce(comm: &mut CudaComm, buf: &mut CudaSlice<f32>) -> Result<()> {
 
 impl CudaQwen2 {
     fn heads(&self) -> Heads {
-        Heads {
-            heads: self.plan.q_heads.len(),
-            kv_heads: self.plan.kv_heads.len(),
-            head_dim: self.config.head_dim,
-        }
+        Heads::of(&self.plan, self.max_positions)
     }
 
     fn bufs(&self, ids: &[u32], start: usize) -> Result<Bufs> {
@@ -78,7 +87,8 @@ impl CudaQwen2 {
             proj: z(m * h)?,
             gate: z(m * il)?,
             up: z(m * il)?,
-            xb: s.alloc_zeros::<u16>(m * h.max(nq).max(il))?,
+            xb: s.alloc_zeros::<u16>(2 * m * h.max(nq).max(il))?,
+            halves: z(2 * m * h.max(nq).max(il))?,
             ids: s.memcpy_stod(&ids32)?,
             pos: s.memcpy_stod(&pos)?,
         })
@@ -162,30 +172,34 @@ impl CudaQwen2 {
             hd.kv_heads * hd.head_dim,
             hd.head_dim,
         );
-        let (x, normed, xb) = (ptr(s, &b.x, 0), ptr(s, &b.normed, 0), ptr(s, &b.xb, 0));
+        let (x, normed, sp) = (ptr(s, &b.x, 0), ptr(s, &b.normed, 0), b.split(s));
         let (q, k, v) = (ptr(s, &b.q, 0), ptr(s, &b.k, 0), ptr(s, &b.v, 0));
         let (kc, vc) = &self.cache.layers[i];
         let (kc, vc) = (ptr(s, kc, 0), ptr(s, vc, 0));
-        let theta = self.config.rope_theta as f32;
         let eps = self.config.rms_norm_eps as f32;
         let attend = match m {
             1 => plan::attention_decode(b.start + 1, hd),
             _ => plan::attention_prefill(m, b.start, hd),
         }
-        .ok_or_else(|| anyhow!("attention over {} positions: too many", b.start + m))?;
+        .ok_or_else(|| {
+            anyhow!(
+                "attention over {} positions: this GPU's shared memory holds the scores of at \
+                 most {}",
+                b.start + m,
+                hd.max_positions
+            )
+        })?;
         // SAFETY: every buffer was sized for these m tokens in `bufs`, the cache for
         // start + m positions in `ensure_cache`; the weights are [out, in] of this rank's shard.
         unsafe {
             self.launch(&plan::rms_norm(m, h, eps), &[x, ptr(s, &ly.ln1, 0), normed])?;
             for ((w, bias), y, out) in [(&ly.q, q, nq), (&ly.k, k, nkv), (&ly.v, v, nkv)] {
-                self.linear(w, (m, out, h), normed, xb, y)?;
+                self.linear(w, (m, out, h), normed, sp, y)?;
                 self.launch(&plan::bias_add(m, out), &[y, ptr(s, bias, 0)])?;
             }
-            self.launch(&plan::rope(m, hd.heads, d, theta), &[q, ptr(s, &b.pos, 0)])?;
-            self.launch(
-                &plan::rope(m, hd.kv_heads, d, theta),
-                &[k, ptr(s, &b.pos, 0)],
-            )?;
+            let (pos, inv_freq) = (ptr(s, &b.pos, 0), ptr(s, &self.inv_freq, 0));
+            self.launch(&plan::rope(m, hd.heads, d), &[q, pos, inv_freq])?;
+            self.launch(&plan::rope(m, hd.kv_heads, d), &[k, pos, inv_freq])?;
             let append = plan::kv_append(m, b.start, hd.kv_heads, d);
             self.launch(&append, &[k, v, kc, vc])?;
             self.launch(&attend, &[q, kc, vc, ptr(s, &b.attn, 0)])?;
@@ -193,7 +207,7 @@ impl CudaQwen2 {
                 &ly.o,
                 (m, h, nq),
                 ptr(s, &b.attn, 0),
-                xb,
+                sp,
                 ptr(s, &b.proj, 0),
             )?;
         }
@@ -207,15 +221,15 @@ impl CudaQwen2 {
         let (m, h, s) = (b.m, self.config.hidden_size, &self.stream);
         let il = self.plan.intermediate.len();
         let eps = self.config.rms_norm_eps as f32;
-        let (x, normed, xb) = (ptr(s, &b.x, 0), ptr(s, &b.normed, 0), ptr(s, &b.xb, 0));
+        let (x, normed, sp) = (ptr(s, &b.x, 0), ptr(s, &b.normed, 0), b.split(s));
         let (gate, up) = (ptr(s, &b.gate, 0), ptr(s, &b.up, 0));
         // SAFETY: buffers sized for m tokens in `bufs`; gate/up [il, h], down [h, il].
         unsafe {
             self.launch(&plan::rms_norm(m, h, eps), &[x, ptr(s, &ly.ln2, 0), normed])?;
-            self.linear(&ly.gate, (m, il, h), normed, xb, gate)?;
-            self.linear(&ly.up, (m, il, h), normed, xb, up)?;
+            self.linear(&ly.gate, (m, il, h), normed, sp, gate)?;
+            self.linear(&ly.up, (m, il, h), normed, sp, up)?;
             self.launch(&plan::silu_gate(m * il), &[gate, up, gate])?;
-            self.linear(&ly.down, (m, h, il), gate, xb, ptr(s, &b.proj, 0))?;
+            self.linear(&ly.down, (m, h, il), gate, sp, ptr(s, &b.proj, 0))?;
         }
         all_reduce(comm, &mut b.proj)?;
         // SAFETY: x and proj [m, h].
@@ -226,17 +240,18 @@ impl CudaQwen2 {
     pub(super) fn head(&self, b: &Bufs, first: usize, rows: usize) -> Result<CudaSlice<f32>> {
         let (h, local, s) = (self.config.hidden_size, self.plan.vocab.len(), &self.stream);
         let y = s.alloc_zeros::<f32>((rows * local).max(1))?;
-        let x = ptr(s, &b.normed, first * h);
-        // SAFETY: normed holds m ≥ first + rows rows of h; xb m * h; y rows * local.
-        unsafe {
-            self.linear(
-                &self.head,
-                (rows, local, h),
-                x,
-                ptr(s, &b.xb, 0),
-                ptr(s, &y, 0),
-            )?
+        let halves = match self.head {
+            super::Mat::Bf16(_) => s.alloc_zeros::<f32>((2 * rows * local).max(1))?,
+            super::Mat::F32(_) => s.alloc_zeros::<f32>(1)?,
         };
+        let x = ptr(s, &b.normed, first * h);
+        let sp = Split {
+            xb: ptr(s, &b.xb, 0),
+            halves: ptr(s, &halves, 0),
+        };
+        // SAFETY: normed holds m ≥ first + rows rows of h; xb 2 * m * h ≥ 2 * rows * h u16;
+        // halves 2 * rows * local (bf16); y rows * local.
+        unsafe { self.linear(&self.head, (rows, local, h), x, sp, ptr(s, &y, 0))? };
         Ok(y)
     }
 }

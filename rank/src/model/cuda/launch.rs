@@ -10,43 +10,52 @@ use collectives::cuda::cudarc;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
 use cudarc::driver::{CudaStream, PushKernelArg};
 use kernels::cuda::blas::{self, Operand};
-use kernels::cuda::{nvrtc, sources};
+use kernels::cuda::sources;
 
 use super::{CudaQwen2, Mat};
 use crate::model::cuda_plan::{self as plan, Arg, Launch};
 
-/// Compiles model.cu and attention.cu to PTX for this GPU (NVRTC, cached per process) and loads
-/// every kernel.
-pub(super) fn load_kernels(
-    ctx: &Arc<CudaContext>,
-) -> std::result::Result<HashMap<&'static str, CudaFunction>, String> {
-    use sys::CUdevice_attribute::*;
-    let attr = |a| ctx.attribute(a).map_err(|e| format!("{e:?}"));
-    let cc = attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MAJOR)? * 10
-        + attr(CU_DEVICE_ATTRIBUTE_COMPUTE_CAPABILITY_MINOR)?;
-    let mut out = HashMap::new();
+/// The loaded kernels and how many positions one attention launch can hold.
+pub(super) struct Kernels {
+    pub funcs: HashMap<&'static str, CudaFunction>,
+    pub max_positions: usize,
+}
+
+/// Compiles model.cu and attention.cu for this GPU (NVRTC, cached per process), loads every
+/// kernel, and lets the attention kernels use the GPU's opt-in shared memory (one f32 score per
+/// position: 227 KiB is about 58,000 positions on an H100, where the 48 KiB default is 12,000).
+pub(super) fn load_kernels(ctx: &Arc<CudaContext>) -> std::result::Result<Kernels, String> {
+    use sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN as OPTIN;
+    use sys::CUfunction_attribute::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES as DYNAMIC;
+    let mut funcs = HashMap::new();
     for m in [sources::MODEL, sources::ATTENTION] {
-        let ptx = nvrtc::compile(&m, nvrtc::Target::Ptx(cc as u32))?;
-        let text = String::from_utf8_lossy(&ptx)
-            .trim_end_matches('\0')
-            .to_string();
-        let module = ctx
-            .load_module(cudarc::nvrtc::Ptx::from_src(text))
-            .map_err(|e| format!("loading {} PTX for compute_{cc}: {e:?}", m.name))?;
-        for &name in m.entries {
-            let f = module
-                .load_function(name)
-                .map_err(|e| format!("{name}: {e:?}"))?;
-            out.insert(name, f);
-        }
+        funcs.extend(kernels::cuda::module::load(ctx, &m)?);
     }
-    Ok(out)
+    let optin = ctx.attribute(OPTIN).map_err(|e| format!("{e:?}"))?;
+    let dynamic = plan::attention_dynamic_bytes(optin);
+    for name in ["attention_prefill", "attention_decode"] {
+        funcs[name]
+            .set_attribute(DYNAMIC, dynamic)
+            .map_err(|e| format!("{name}: {dynamic} bytes of dynamic shared memory: {e:?}"))?;
+    }
+    Ok(Kernels {
+        funcs,
+        max_positions: dynamic as usize / 4,
+    })
 }
 
 /// The device address of `s` plus `offset` elements.
 pub(super) fn ptr<T>(stream: &CudaStream, s: &CudaSlice<T>, offset: usize) -> u64 {
     let (p, _sync) = s.device_ptr(stream);
     p + (offset * std::mem::size_of::<T>()) as u64
+}
+
+/// The bf16 path's scratch for [`CudaQwen2::linear`] (unused with f32 weights): the activations
+/// split into two bf16 terms, and the two products.
+#[derive(Clone, Copy)]
+pub(super) struct Split {
+    pub xb: u64,
+    pub halves: u64,
 }
 
 enum Val {
@@ -99,35 +108,41 @@ impl CudaQwen2 {
             .map_err(|e| anyhow!("launching {}: {e:?}", l.kernel))
     }
 
-    /// Row-major `y[tokens, out] = x[tokens, inp] · wᵀ` with f32 `x` and `y`; a bf16 `w` gets
-    /// `x` rounded to bf16 in `xb` first.
+    /// Row-major `y[tokens, out] = x[tokens, inp] · wᵀ` with f32 `x` and `y`. A bf16 `w`
+    /// multiplies `x` split into two bf16 terms (`hi` rows then `lo` rows in `sp.xb`, one GEMM
+    /// of `2 * tokens` rows into `sp.halves`, then `y = hi product + lo product`): activations
+    /// keep about 16 bits, so the result is within f32 rounding of the CPU's f32 activations ×
+    /// widened bf16 weights, and `w` is read once.
     ///
     /// # Safety
-    /// `x` holds `tokens * inp` f32, `y` `tokens * out` f32, `xb` (bf16 only) `tokens * inp`
-    /// u16, all live device memory of this context until the stream has run the product; `w` is
-    /// `[out, inp]`.
+    /// `x` holds `tokens * inp` f32, `y` `tokens * out` f32; for bf16 `sp.xb` holds
+    /// `2 * tokens * inp` u16 and `sp.halves` `2 * tokens * out` f32; all live device memory of
+    /// this context until the stream has run the product; `w` is `[out, inp]`.
     pub(super) unsafe fn linear(
         &self,
         w: &Mat,
         (tokens, out, inp): (usize, usize, usize),
         x: u64,
-        xb: u64,
+        sp: Split,
         y: u64,
     ) -> Result<()> {
-        let g = plan::linear(tokens, out, inp);
-        let dims = (g.n, g.m, g.k);
         let s = &self.stream;
-        // SAFETY (both arms): sizes as the caller guarantees; `w` is borrowed for the call and
-        // the model outlives the stream's work (the forward synchronises before returning).
-        let r = match w {
-            Mat::F32(w) => unsafe {
-                blas::linear(&self.blas, Operand::F32, dims, ptr(s, w, 0), x, y)
-            },
-            Mat::Bf16(w) => {
-                unsafe { self.launch(&plan::f32_to_bf16(tokens * inp), &[x, xb])? };
-                unsafe { blas::linear(&self.blas, Operand::Bf16, dims, ptr(s, w, 0), xb, y) }
-            }
+        let gemm = |operand, rows: usize, w: u64, x: u64, y: u64| {
+            let g = plan::linear(rows, out, inp);
+            // SAFETY: sizes as the caller guarantees; `w` is borrowed for the call and the model
+            // outlives the stream's work (the forward synchronises before returning).
+            unsafe { blas::linear(&self.blas, operand, (g.n, g.m, g.k), w, x, y) }
+                .map_err(|e| anyhow!("cublasGemmEx [{rows}x{inp}]·[{out}x{inp}]ᵀ: {e:?}"))
         };
-        r.map_err(|e| anyhow!("cublasGemmEx [{tokens}x{inp}]·[{out}x{inp}]ᵀ: {e:?}"))
+        match w {
+            Mat::F32(w) => gemm(Operand::F32, tokens, ptr(s, w, 0), x, y),
+            Mat::Bf16(w) => {
+                // SAFETY: x is tokens * inp f32, sp.xb 2 * tokens * inp u16.
+                unsafe { self.launch(&plan::f32_to_bf16_split(tokens * inp), &[x, sp.xb])? };
+                gemm(Operand::Bf16, 2 * tokens, ptr(s, w, 0), sp.xb, sp.halves)?;
+                // SAFETY: sp.halves is 2 * tokens * out f32, y tokens * out.
+                unsafe { self.launch(&plan::sum_halves(tokens * out), &[sp.halves, y]) }
+            }
+        }
     }
 }

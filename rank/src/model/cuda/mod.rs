@@ -70,6 +70,10 @@ pub struct CudaQwen2 {
     stream: Arc<CudaStream>,
     blas: CudaBlas,
     funcs: HashMap<&'static str, CudaFunction>,
+    /// Positions one attention launch can hold (the GPU's opt-in shared memory).
+    max_positions: usize,
+    /// RoPE's `inv_freq[head_dim / 2]`, the CPU path's table.
+    inv_freq: CudaSlice<f32>,
     /// `[local vocab, hidden]` f32, for `embedding_gather`.
     embed: CudaSlice<f32>,
     layers: Vec<Layer>,
@@ -150,10 +154,16 @@ impl CudaQwen2 {
             .map(|l| Box::new(l) as Box<dyn std::any::Any + Send + Sync>)
             .collect();
         let stream = comm.stream().clone();
-        let funcs = launch::load_kernels(comm.context())
+        let kernels = launch::load_kernels(comm.context())
             .map_err(|e| anyhow::anyhow!("compiling the model kernels: {e}"))?;
         let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        let rope = crate::model::Rope::new(config.rope_theta, config.head_dim);
+        let inv_freq = stream
+            .memcpy_stod(rope.inv_freq())
+            .context("uploading RoPE's inv_freq")?;
         let mut t = upload_all(src, config, plan, dtype, &stream)?;
+        // Every uploaded tensor, before they are taken apart into layers.
+        let weight_bytes = t.values().map(Up::bytes).sum();
         let embed = take_vec(&mut t, "model.embed_tokens.weight#f32")?;
         let norm = take_vec(&mut t, "model.norm.weight")?;
         let layers = (0..config.num_hidden_layers)
@@ -163,7 +173,6 @@ impl CudaQwen2 {
             true => "model.embed_tokens.weight",
             false => "lm_head.weight",
         };
-        let weight_bytes = t.values().map(Up::bytes).sum();
         let head = take_mat(&mut t, head_name)?;
         let ordinal = comm.context().ordinal();
         let loaded = Loaded {
@@ -176,7 +185,9 @@ impl CudaQwen2 {
             plan: plan.clone(),
             stream,
             blas,
-            funcs,
+            funcs: kernels.funcs,
+            max_positions: kernels.max_positions,
+            inv_freq,
             embed,
             layers,
             norm,
