@@ -5,7 +5,8 @@
 #   tools/gpu-acceptance.sh --bin target/release/tprun --fixtures tests/fixtures [--out FILE.json]
 #
 # Prints what the GPU run loaded, then checks (every step bounded by a timeout, ~5 min in all on
-# one GPU): `perf --check` for every op, f32 and bf16, at 2 and 4 ranks on one GPU (0 wrong);
+# one GPU): `perf --check` for every op, f32 and bf16, at 2 and 4 ranks on one GPU (0 wrong),
+# host-staged (the default for ranks sharing a GPU) and with TPRUN_CUDA_TRANSPORT=ipc;
 # `logits` and `--hidden-states` on cuda against cpu at TP 1 and 2 (max |diff| <= 1e-3 on the
 # f32 fixture, <= 2e-2 on bf16); `generate`'s greedy tokens equal on cuda and cpu (f32 fixture);
 # the perf sweep 8 B - 64 MiB, with all-reduce at 8 B - 32 KiB against the device-to-device copy
@@ -19,7 +20,7 @@ while [ $# -gt 0 ]; do
         --bin) bin=$2; shift 2 ;;
         --fixtures) fixtures=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
+        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
         *) echo "gpu-acceptance: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
@@ -33,10 +34,11 @@ BIN, FIX, OUT = sys.argv[1:4]
 F32, BF16 = f"{FIX}/tiny-t5-f32-untied", f"{FIX}/tiny-hub-bf16-tied"
 checks, started = [], time.time()
 
-def run(args, limit=120):
-    """tprun ARGS -> (rc, stdout, stderr); a timeout is rc 124."""
+def run(args, limit=120, env=None):
+    """tprun ARGS (with `env` added) -> (rc, stdout, stderr); a timeout is rc 124."""
     try:
-        p = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=limit)
+        p = subprocess.run([BIN, *args], capture_output=True, text=True, timeout=limit,
+                           env={**os.environ, **(env or {})})
         return p.returncode, p.stdout, p.stderr
     except subprocess.TimeoutExpired as e:
         return 124, e.stdout or "", e.stderr or ""
@@ -73,15 +75,20 @@ rc, so, se = run(["-n", "2", "--device", "cuda", "perf", "--max-bytes", "8", "--
 print(se, end="")
 record("cuda_starts", rc == 0, rc=rc, stderr=se.strip()[-2000:])
 
-for world in (2, 4):
-    for dtype in ("f32", "bf16"):
-        rc, so, se = run(["-n", str(world), "--device", "cuda", "--only-rank", "0", "perf",
-                          "--op", "all", "--dtype", dtype, "--check", "--json",
-                          "--max-bytes", "16M", "--iters", "2", "--warmup", "1"], 180)
-        res = last_json(so) or {}
-        wrong = sum(r.get("wrong", 0) for r in res.get("rows", [])) if res else None
-        record(f"perf_check_n{world}_{dtype}", rc == 0 and wrong == 0 and res.get("rows"),
-               rc=rc, wrong=wrong, rows=len(res.get("rows", [])), stderr=se.strip()[-500:])
+# Ranks sharing one GPU stage through the host by default; TPRUN_CUDA_TRANSPORT=ipc makes them
+# run the IPC kernels anyway, so both paths are checked on a one-GPU machine.
+for transport in ("auto", "ipc"):
+    for world in (2, 4):
+        for dtype in ("f32", "bf16"):
+            rc, so, se = run(["-n", str(world), "--device", "cuda", "--only-rank", "0", "perf",
+                              "--op", "all", "--dtype", dtype, "--check", "--json",
+                              "--max-bytes", "16M", "--iters", "2", "--warmup", "1"], 180,
+                             {"TPRUN_CUDA_TRANSPORT": transport})
+            res = last_json(so) or {}
+            wrong = sum(r.get("wrong", 0) for r in res.get("rows", [])) if res else None
+            record(f"perf_check_{transport}_n{world}_{dtype}",
+                   rc == 0 and wrong == 0 and res.get("rows"), rc=rc, wrong=wrong,
+                   rows=len(res.get("rows", [])), stderr=se.strip()[-500:])
 
 with tempfile.TemporaryDirectory() as tmp:
     for model, tol in ((F32, 1e-3), (BF16, 2e-2)):
