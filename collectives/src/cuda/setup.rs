@@ -103,6 +103,37 @@ impl Device {
         Ok(h.reserved.map(|c| c as u8))
     }
 
+    /// Whether kernels on this rank's GPU can load and store into the memory of GPU `uuid`
+    /// (the copy-engine probe alone passes where peer access does not work, and a kernel
+    /// touching such a mapping would fault and poison the context instead of falling back).
+    fn peer_access(&self, uuid: [u8; 16]) -> std::result::Result<(), String> {
+        let bytes = |u: sys::CUuuid| u.bytes.map(|c| c as u8);
+        let own = self.ctx.uuid().map(bytes).map_err(|e| format!("{e:?}"))?;
+        if uuid == own || uuid == [0; 16] {
+            return Ok(());
+        }
+        let n = CudaContext::device_count().map_err(|e| format!("{e:?}"))?;
+        for ordinal in 0..n {
+            let d = result::device::get(ordinal).map_err(|e| format!("{e:?}"))?;
+            if result::device::get_uuid(d).map(bytes) != Ok(uuid) {
+                continue;
+            }
+            let mut can = 0;
+            // SAFETY: both are valid device handles of this process; `can` is writable.
+            unsafe { sys::cuDeviceCanAccessPeer(&mut can, self.ctx.cu_device(), d) }
+                .result()
+                .map_err(|e| format!("cuDeviceCanAccessPeer: {e:?}"))?;
+            return match can {
+                1 => Ok(()),
+                _ => Err(format!(
+                    "GPU {} has no peer access to GPU {ordinal}",
+                    self.ctx.ordinal()
+                )),
+            };
+        }
+        Err("its GPU is not visible to this process (CUDA_VISIBLE_DEVICES)".into())
+    }
+
     /// Opens peer `q`'s slab from its record.
     fn open_peer(&self, rec: &HandleRecord) -> std::result::Result<sys::CUdeviceptr, String> {
         let bytes = rec.handle.ok_or("it could not export its slab")?;
@@ -138,7 +169,7 @@ pub(super) fn connect(host: &mut dyn Communicator, dev: &mut Device) -> Result<T
         if q as u32 == rank {
             continue;
         }
-        match dev.open_peer(rec) {
+        match dev.peer_access(rec.uuid).and_then(|()| dev.open_peer(rec)) {
             Ok(p) => dev.peers[q] = Some(p),
             Err(why) => probe[q] = Err(why),
         }
