@@ -227,8 +227,12 @@ impl CudaComm {
             Ok(ran) => ran,
             // Bad arguments are caught before any launch, so the communicator stays usable.
             Err(e @ CommError::Invalid { .. }) => return Err(e),
+            // With peers, the op number has moved on for them; a world of one has no flags to
+            // fall out of step, so it stays usable.
             Err(e) => {
-                self.failed = Some(e.to_string());
+                if self.world_size() > 1 {
+                    self.failed = Some(e.to_string());
+                }
                 return Err(e);
             }
         };
@@ -250,14 +254,12 @@ impl CudaComm {
 }
 
 impl Drop for CudaComm {
-    /// Waits for this rank's work, then (IPC, healthy) for every peer's at a barrier, so no peer
-    /// kernel still reads or signals into this rank's slab when it is freed (the fields' drops
-    /// then close the peer mappings and free the slab).
+    /// Waits for this rank's work before the fields' drops close the peer mappings and free the
+    /// slab. No barrier is needed: every comm.cu kernel ends with a DONE phase, so once this
+    /// rank's last operation finished, every peer had stopped reading and signalling into its
+    /// slab (and a rank leaving on an error must not wait for peers that wait for it).
     fn drop(&mut self) {
         let _ = self.dev.stream.synchronize();
-        if self.ipc() && self.failed.is_none() && self.world_size() > 1 {
-            let _ = self.host.barrier();
-        }
     }
 }
 

@@ -103,9 +103,10 @@ impl Device {
         Ok(h.reserved.map(|c| c as u8))
     }
 
-    /// Whether kernels on this rank's GPU can load and store into the memory of GPU `uuid`
-    /// (the copy-engine probe alone passes where peer access does not work, and a kernel
-    /// touching such a mapping would fault and poison the context instead of falling back).
+    /// Whether kernels on this rank's GPU can load and store into the memory of GPU `uuid`, where
+    /// this process sees that GPU (the copy-engine probe alone passes where peer access does
+    /// not work, and a kernel touching such a mapping would fault and poison the context instead
+    /// of falling back).
     fn peer_access(&self, uuid: [u8; 16]) -> std::result::Result<(), String> {
         let bytes = |u: sys::CUuuid| u.bytes.map(|c| c as u8);
         let own = self.ctx.uuid().map(bytes).map_err(|e| format!("{e:?}"))?;
@@ -131,7 +132,9 @@ impl Device {
                 )),
             };
         }
-        Err("its GPU is not visible to this process (CUDA_VISIBLE_DEVICES)".into())
+        // cuIpcOpenMemHandle can map memory of a GPU this process does not see (per-rank
+        // CUDA_VISIBLE_DEVICES); the pattern probe then decides.
+        Ok(())
     }
 
     /// Opens peer `q`'s slab from its record.
@@ -214,7 +217,8 @@ fn exchange_records(host: &mut dyn Communicator, dev: &Device) -> Result<Vec<Han
         device: dev.ctx.ordinal() as u32,
         uuid,
         layout: dev.layout,
-        handle: dev.export().ok(),
+        // A world of one has no peer to export to.
+        handle: (world > 1).then(|| dev.export().ok()).flatten(),
     };
     let mut all = vec![0u8; plan::RECORD_BYTES * world as usize];
     host.all_gather_raw(&mine.encode(), &mut all, DType::U8)?;

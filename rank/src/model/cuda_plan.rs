@@ -275,6 +275,15 @@ pub fn attention_decode(len: usize, h: Heads) -> Option<Launch> {
     })
 }
 
+/// Most elements one element-wise launch covers: the kernels index with `int` and step by the
+/// grid, so sizes stay well below 2^31.
+pub const MAX_ELEMENTS: usize = 1 << 30;
+
+/// Rows per launch for rows of `width` elements, so a launch stays within [`MAX_ELEMENTS`].
+pub fn rows_per_piece(width: usize) -> usize {
+    (MAX_ELEMENTS / width.max(1)).max(1)
+}
+
 /// A column-major cuBLAS GEMM `C = op(A) · op(B)` (cublasGemmEx's arguments).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Gemm {

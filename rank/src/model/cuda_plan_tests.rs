@@ -190,6 +190,18 @@ fn two_bf16_terms_carry_f32_activations_through_a_bf16_product() {
     assert!(one > 50.0 * split, "one term {one:e}, split {split:e}");
 }
 
+/// The LM head of a long prefill goes in pieces whose launches the kernels' `int` sizes hold:
+/// 14,000 positions of Qwen2's whole vocabulary split twice over are 4.3e9 elements.
+#[test]
+fn long_products_go_in_pieces_the_kernels_can_index() {
+    let width = 2 * 151_936;
+    let piece = rows_per_piece(width);
+    assert!(piece * width <= MAX_ELEMENTS && (piece + 1) * width > MAX_ELEMENTS);
+    assert!(14_000 > piece);
+    assert_eq!(rows_per_piece(usize::MAX), 1);
+    assert!(MAX_ELEMENTS + (MAX_BLOCKS * THREADS) as usize <= i32::MAX as usize);
+}
+
 #[test]
 fn embedding_gather_passes_the_vocab_shard() {
     let l = embedding_gather(3, 8, 100..250);

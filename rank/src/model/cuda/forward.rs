@@ -87,8 +87,8 @@ impl CudaQwen2 {
             proj: z(m * h)?,
             gate: z(m * il)?,
             up: z(m * il)?,
-            xb: s.alloc_zeros::<u16>(2 * m * h.max(nq).max(il))?,
-            halves: z(2 * m * h.max(nq).max(il))?,
+            xb: s.alloc_zeros::<u16>(self.split_len(m * h.max(nq).max(il)))?,
+            halves: z(self.split_len(m * h.max(nq).max(il)))?,
             ids: s.memcpy_stod(&ids32)?,
             pos: s.memcpy_stod(&pos)?,
         })
@@ -236,22 +236,35 @@ impl CudaQwen2 {
         unsafe { self.launch(&plan::add_inplace(m * h), &[x, ptr(s, &b.proj, 0)]) }
     }
 
+    /// Elements of the bf16 split's scratch for products of `n` elements: twice that with bf16
+    /// weights, none (one, for the allocator) with f32.
+    fn split_len(&self, n: usize) -> usize {
+        if self.bf16 {
+            2 * n
+        } else {
+            1
+        }
+    }
+
     /// This rank's LM head rows for `rows` normed positions from `first`: `[rows, local vocab]`.
+    /// In pieces of rows whose element counts the kernels' `int` sizes hold (a prefill of
+    /// 14,000 positions over Qwen2's 151,936-token vocabulary is more).
     pub(super) fn head(&self, b: &Bufs, first: usize, rows: usize) -> Result<CudaSlice<f32>> {
         let (h, local, s) = (self.config.hidden_size, self.plan.vocab.len(), &self.stream);
         let y = s.alloc_zeros::<f32>((rows * local).max(1))?;
-        let halves = match self.head {
-            super::Mat::Bf16(_) => s.alloc_zeros::<f32>((2 * rows * local).max(1))?,
-            super::Mat::F32(_) => s.alloc_zeros::<f32>(1)?,
-        };
-        let x = ptr(s, &b.normed, first * h);
+        let piece = plan::rows_per_piece(2 * local.max(h));
+        let halves = s.alloc_zeros::<f32>(self.split_len(piece.min(rows) * local).max(1))?;
         let sp = Split {
             xb: ptr(s, &b.xb, 0),
             halves: ptr(s, &halves, 0),
         };
-        // SAFETY: normed holds m ≥ first + rows rows of h; xb 2 * m * h ≥ 2 * rows * h u16;
-        // halves 2 * rows * local (bf16); y rows * local.
-        unsafe { self.linear(&self.head, (rows, local, h), x, sp, ptr(s, &y, 0))? };
+        for r0 in (0..rows).step_by(piece) {
+            let n = piece.min(rows - r0);
+            let (x, out) = (ptr(s, &b.normed, (first + r0) * h), ptr(s, &y, r0 * local));
+            // SAFETY: normed holds m ≥ first + rows rows of h; xb 2 * m * h ≥ 2 * n * h u16
+            // (bf16); halves 2 * n * local (bf16); y rows * local from row r0.
+            unsafe { self.linear(&self.head, (n, local, h), x, sp, out)? };
+        }
         Ok(y)
     }
 }

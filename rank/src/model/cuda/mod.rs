@@ -74,6 +74,8 @@ pub struct CudaQwen2 {
     max_positions: usize,
     /// RoPE's `inv_freq[head_dim / 2]`, the CPU path's table.
     inv_freq: CudaSlice<f32>,
+    /// Whether any matrix is bf16 (then the products need the split's scratch).
+    bf16: bool,
     /// `[local vocab, hidden]` f32, for `embedding_gather`.
     embed: CudaSlice<f32>,
     layers: Vec<Layer>,
@@ -164,6 +166,7 @@ impl CudaQwen2 {
         let mut t = upload_all(src, config, plan, dtype, &stream)?;
         // Every uploaded tensor, before they are taken apart into layers.
         let weight_bytes = t.values().map(Up::bytes).sum();
+        let bf16 = t.values().any(|u| matches!(u, Up::Mat(Mat::Bf16(_))));
         let embed = take_vec(&mut t, "model.embed_tokens.weight#f32")?;
         let norm = take_vec(&mut t, "model.norm.weight")?;
         let layers = (0..config.num_hidden_layers)
@@ -188,6 +191,7 @@ impl CudaQwen2 {
             funcs: kernels.funcs,
             max_positions: kernels.max_positions,
             inv_freq,
+            bf16,
             embed,
             layers,
             norm,
