@@ -51,7 +51,7 @@ pub fn cuda_available() -> Result<usize, String> {
 
 /// Opens libcuda with libloading (not through cudarc) and returns `cuDriverGetVersion`, which the
 /// driver answers without `cuInit`.
-fn driver_version() -> Result<i32, String> {
+pub(crate) fn driver_version() -> Result<i32, String> {
     // SAFETY: loading libcuda runs only its initialisers, which are safe to run in any process;
     // we load the same file cudarc would.
     let lib = LIBCUDA

@@ -14,11 +14,27 @@ use std::sync::Mutex;
 /// (library, what was opened) for every successful [`open`], in order.
 static LOADED: Mutex<Vec<(String, String)>> = Mutex::new(Vec::new());
 
-/// File names tried for `lib` ("nvrtc", "cublas", ...), newest major first.
+/// File names tried for `lib` ("nvrtc", "cublas", ...) on this machine's driver
+/// ([`file_names_for`] with the driver's CUDA major version, when there is a driver).
 pub fn file_names(lib: &str) -> Vec<String> {
-    ["13", "12"]
+    file_names_for(lib, super::driver_version().ok().map(|v| v / 1000))
+}
+
+/// File names tried for `lib` under a driver of CUDA major version `driver` (`None`: unknown).
+///
+/// cuBLAS is used through cudarc's CUDA 12 bindings, which open `libcublas.so` or
+/// `libcublas.so.12` by name, so only CUDA 12's file names serve (cuBLAS 13 would not be the
+/// library cudarc asks for). NVRTC is tprun's own loader: newest major first, but none newer
+/// than the driver, which cannot load the PTX or CUBIN of a newer compiler.
+pub fn file_names_for(lib: &str, driver: Option<i32>) -> Vec<String> {
+    let majors: &[i32] = match lib {
+        "cublas" | "cublasLt" => &[12],
+        _ => &[13, 12],
+    };
+    majors
         .iter()
-        .map(|v| format!("lib{lib}.so.{v}"))
+        .filter(|&&m| driver.is_none_or(|d| m <= d))
+        .map(|m| format!("lib{lib}.so.{m}"))
         .chain([format!("lib{lib}.so")])
         .collect()
 }
@@ -151,11 +167,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn names_cover_cuda_12_and_13() {
+    fn names_cover_cuda_12_and_13_but_never_newer_than_the_driver() {
+        let nvrtc = |d| file_names_for("nvrtc", d);
         assert_eq!(
-            file_names("nvrtc"),
+            nvrtc(None),
             ["libnvrtc.so.13", "libnvrtc.so.12", "libnvrtc.so"]
         );
+        assert_eq!(nvrtc(Some(13)), nvrtc(None));
+        assert_eq!(nvrtc(Some(12)), ["libnvrtc.so.12", "libnvrtc.so"]);
+        // cuBLAS: what cudarc's CUDA 12 bindings open, whatever the driver.
+        for d in [None, Some(12), Some(13)] {
+            assert_eq!(
+                file_names_for("cublas", d),
+                ["libcublas.so.12", "libcublas.so"]
+            );
+        }
     }
 
     #[test]

@@ -150,11 +150,19 @@ impl CudaQwen2 {
         dtype: WeightDtype,
         comm: &CudaComm,
     ) -> Result<CudaQwen2> {
-        let libs = ["cublasLt", "cublas"]
-            .iter()
-            .filter_map(|l| kernels::cuda::libs::open(l).ok())
-            .map(|l| Box::new(l) as Box<dyn std::any::Any + Send + Sync>)
-            .collect();
+        // cudarc panics where it cannot open cuBLAS; finding it first turns that into an error
+        // naming what was tried (cublasLt is cuBLAS's own dependency, found best beside it).
+        let mut libs: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
+        if let Ok(lt) = kernels::cuda::libs::open("cublasLt") {
+            libs.push(Box::new(lt));
+        }
+        let cublas = kernels::cuda::libs::open("cublas").map_err(|e| {
+            anyhow::anyhow!(
+                "{e} (tprun uses CUDA 12's cuBLAS: `pip install nvidia-cublas-cu12`, or set \
+                 TPRUN_CUDA_LIB_PATH to its folder)"
+            )
+        })?;
+        libs.push(Box::new(cublas));
         let stream = comm.stream().clone();
         let kernels = launch::load_kernels(comm.context())
             .map_err(|e| anyhow::anyhow!("compiling the model kernels: {e}"))?;
