@@ -4,9 +4,9 @@
 //! (`LD_LIBRARY_PATH`, ldconfig). Every library opened is recorded so a program can say which
 //! files it loaded ([`loaded`]).
 //!
-//! cudarc opens libraries by file name only. Opening the full path here first makes its later
-//! `dlopen("libcublas.so.12")` return the same, already loaded object (glibc matches loaded
-//! objects by SONAME), which is how a wheel's library reaches cudarc without `LD_LIBRARY_PATH`.
+//! libcuda is the only library cudarc opens itself; NVRTC and cuBLAS are tprun's own loaders
+//! ([`super::nvrtc`], [`super::blas`]) over the files found here, so a pip wheel's library
+//! serves without `LD_LIBRARY_PATH`, and a missing one is an error, not cudarc's panic.
 
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
@@ -22,16 +22,10 @@ pub fn file_names(lib: &str) -> Vec<String> {
 
 /// File names tried for `lib` under a driver of CUDA major version `driver` (`None`: unknown).
 ///
-/// cuBLAS is used through cudarc's CUDA 12 bindings, which open `libcublas.so` or
-/// `libcublas.so.12` by name, so only CUDA 12's file names serve (cuBLAS 13 would not be the
-/// library cudarc asks for). NVRTC is tprun's own loader: newest major first, but none newer
-/// than the driver, which cannot load the PTX or CUBIN of a newer compiler.
+/// Newest major first, but none newer than the driver: it cannot load the PTX or CUBIN of a
+/// newer NVRTC, and a newer cuBLAS refuses to start on it.
 pub fn file_names_for(lib: &str, driver: Option<i32>) -> Vec<String> {
-    let majors: &[i32] = match lib {
-        "cublas" | "cublasLt" => &[12],
-        _ => &[13, 12],
-    };
-    majors
+    [13, 12]
         .iter()
         .filter(|&&m| driver.is_none_or(|d| m <= d))
         .map(|m| format!("lib{lib}.so.{m}"))
@@ -175,13 +169,10 @@ mod tests {
         );
         assert_eq!(nvrtc(Some(13)), nvrtc(None));
         assert_eq!(nvrtc(Some(12)), ["libnvrtc.so.12", "libnvrtc.so"]);
-        // cuBLAS: what cudarc's CUDA 12 bindings open, whatever the driver.
-        for d in [None, Some(12), Some(13)] {
-            assert_eq!(
-                file_names_for("cublas", d),
-                ["libcublas.so.12", "libcublas.so"]
-            );
-        }
+        assert_eq!(
+            file_names_for("cublas", Some(12)),
+            ["libcublas.so.12", "libcublas.so"]
+        );
     }
 
     #[test]

@@ -9,7 +9,7 @@ use anyhow::{anyhow, ensure, Result};
 use collectives::cuda::cudarc;
 use cudarc::driver::{sys, CudaContext, CudaFunction, CudaSlice, DevicePtr, LaunchConfig};
 use cudarc::driver::{CudaStream, PushKernelArg};
-use kernels::cuda::blas::{self, Operand};
+use kernels::cuda::blas::Operand;
 use kernels::cuda::sources;
 
 use super::{CudaQwen2, Mat};
@@ -131,8 +131,8 @@ impl CudaQwen2 {
             let g = plan::linear(rows, out, inp);
             // SAFETY: sizes as the caller guarantees; `w` is borrowed for the call and the model
             // outlives the stream's work (the forward synchronises before returning).
-            unsafe { blas::linear(&self.blas, operand, (g.n, g.m, g.k), w, x, y) }
-                .map_err(|e| anyhow!("cublasGemmEx [{rows}x{inp}]·[{out}x{inp}]ᵀ: {e:?}"))
+            unsafe { self.blas.linear(operand, (g.n, g.m, g.k), w, x, y) }
+                .map_err(|e| anyhow!("[{rows}x{inp}]·[{out}x{inp}]ᵀ: {e}"))
         };
         match w {
             Mat::F32(w) => gemm(Operand::F32, tokens, ptr(s, w, 0), x, y),

@@ -19,9 +19,10 @@ use std::collections::HashMap;
 use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
-use collectives::cuda::cudarc::cublas::CudaBlas;
 use collectives::cuda::cudarc::driver::{CudaFunction, CudaSlice, CudaStream};
 use collectives::cuda::CudaComm;
+
+use kernels::cuda::blas::Blas;
 
 use super::config::Config;
 use super::cuda_weights::{device_tensors, Kind};
@@ -68,7 +69,7 @@ pub struct CudaQwen2 {
     pub config: Config,
     pub plan: ShardPlan,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    blas: Blas,
     funcs: HashMap<&'static str, CudaFunction>,
     /// Positions one attention launch can hold (the GPU's opt-in shared memory).
     max_positions: usize,
@@ -87,9 +88,6 @@ pub struct CudaQwen2 {
     pub weight_bytes: usize,
     /// What this process loaded: the GPU's name and the CUDA library files.
     pub loaded: Loaded,
-    /// cuBLAS opened by full path ([`kernels::cuda::libs::open`]) and kept loaded, so cudarc's
-    /// later open by name gets the same object and the file is recorded.
-    _libs: Vec<Box<dyn std::any::Any + Send + Sync>>,
 }
 
 /// Which GPU and CUDA libraries a rank uses (rank 0 prints it).
@@ -150,23 +148,10 @@ impl CudaQwen2 {
         dtype: WeightDtype,
         comm: &CudaComm,
     ) -> Result<CudaQwen2> {
-        // cudarc panics where it cannot open cuBLAS; finding it first turns that into an error
-        // naming what was tried (cublasLt is cuBLAS's own dependency, found best beside it).
-        let mut libs: Vec<Box<dyn std::any::Any + Send + Sync>> = Vec::new();
-        if let Ok(lt) = kernels::cuda::libs::open("cublasLt") {
-            libs.push(Box::new(lt));
-        }
-        let cublas = kernels::cuda::libs::open("cublas").map_err(|e| {
-            anyhow::anyhow!(
-                "{e} (tprun uses CUDA 12's cuBLAS: `pip install nvidia-cublas-cu12`, or set \
-                 TPRUN_CUDA_LIB_PATH to its folder)"
-            )
-        })?;
-        libs.push(Box::new(cublas));
         let stream = comm.stream().clone();
         let kernels = launch::load_kernels(comm.context())
             .map_err(|e| anyhow::anyhow!("compiling the model kernels: {e}"))?;
-        let blas = CudaBlas::new(stream.clone()).context("creating the cuBLAS handle")?;
+        let blas = Blas::new(&stream).map_err(|e| anyhow::anyhow!("cuBLAS: {e}"))?;
         let rope = crate::model::Rope::new(config.rope_theta, config.head_dim);
         let inv_freq = stream
             .memcpy_stod(rope.inv_freq())
@@ -207,7 +192,6 @@ impl CudaQwen2 {
             cache: Cache::default(),
             weight_bytes,
             loaded,
-            _libs: libs,
         })
     }
 
