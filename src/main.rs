@@ -229,8 +229,8 @@ fn builtin_name(cmd: &Cmd) -> &'static str {
 /// `--device` when it is not given (docs/DESIGN.md, "Command line"): cuda where a GPU is usable,
 /// else cpu. For a built-in program, usable means this build, the driver and a device all serve
 /// its CUDA path (`programs::device::check_cuda`), and bench's CPU-only `--profile` and
-/// `--roofline` keep it on the CPU; for `-- PROGRAM` and scripts, a visible GPU
-/// (`CUDA_VISIBLE_DEVICES`, else the driver's list), as torchrun's `auto` counts them.
+/// `--roofline` keep it on the CPU; for `-- PROGRAM` and scripts, a visible GPU where an NVIDIA
+/// driver is loaded (`launcher::cpus::usable_gpus`).
 fn default_device(cli: &Cli, program: Option<&str>) -> launcher::Device {
     let usable = match (program, &cli.command) {
         (_, Some(Cmd::Bench(a) | Cmd::Rank(RankCmd::Bench(a))))
@@ -239,7 +239,7 @@ fn default_device(cli: &Cli, program: Option<&str>) -> launcher::Device {
             false
         }
         (Some(p), _) => programs::device::check_cuda(p).is_ok(),
-        (None, _) => launcher::cpus::gpu_count() > 0,
+        (None, _) => launcher::cpus::usable_gpus() > 0,
     };
     match usable {
         true => launcher::Device::Cuda,

@@ -295,9 +295,9 @@ fn generate_greedy_on_the_gpu_matches_the_cpu_or_refuses() {
     }
 }
 
-/// Without `--device`, a `-- PROGRAM` job gets cuda where a GPU is visible (here faked with
-/// CUDA_VISIBLE_DEVICES) and cpu where none is, and `--device cpu` wins; a built-in program gets
-/// cuda only where its CUDA path can run (the cuda build, a driver, a device).
+/// Without `--device`, a `-- PROGRAM` job gets cuda where a driver is loaded and a GPU visible,
+/// else cpu (CUDA_VISIBLE_DEVICES alone is not a GPU), and `--device` wins; a built-in program
+/// gets cuda only where its CUDA path can run (the cuda build, a driver, a device).
 #[test]
 fn the_default_device_is_cuda_only_where_a_gpu_is_usable() {
     let device = |visible: Option<&str>, args: &[&str]| {
@@ -314,10 +314,14 @@ fn the_default_device_is_cuda_only_where_a_gpu_is_usable() {
         let out = String::from_utf8_lossy(&o.stdout);
         out.trim().trim_start_matches("[rank0]: ").to_string()
     };
-    assert_eq!(device(Some("0"), &[]), "cuda");
+    let driver = Path::new("/proc/driver/nvidia").exists();
+    let with_driver = if driver { "cuda" } else { "cpu" };
+    assert_eq!(device(Some("0"), &[]), with_driver);
     assert_eq!(device(Some("0,1"), &["--device", "cpu"]), "cpu");
+    assert_eq!(device(Some("0"), &["--device", "cuda"]), "cuda");
     assert_eq!(device(Some("-1"), &[]), "cpu");
-    if !Path::new("/proc/driver/nvidia/gpus").exists() {
+    assert_eq!(device(Some(""), &[]), "cpu");
+    if !driver {
         assert_eq!(device(None, &[]), "cpu");
     }
     // A built-in: bench's report names the device it ran on.

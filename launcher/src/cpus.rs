@@ -74,6 +74,16 @@ pub fn gpu_count() -> usize {
     std::fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |d| d.count())
 }
 
+/// GPUs a job without `--device` counts as usable: the visible ones ([`gpu_count`]) where an
+/// NVIDIA driver is loaded (as torchrun's `auto` asks CUDA, not the environment, whether there
+/// are any: CUDA_VISIBLE_DEVICES alone on a machine without a GPU means none).
+pub fn usable_gpus() -> usize {
+    match std::path::Path::new("/proc/driver/nvidia").exists() {
+        true => gpu_count(),
+        false => 0,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
