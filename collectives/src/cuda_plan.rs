@@ -34,7 +34,7 @@ fn round_up(x: u64, to: u64) -> u64 {
 
 impl SlabLayout {
     pub fn new(world: u32, max_blocks: u32, data_bytes: u64) -> SlabLayout {
-        let flags = PHASES * u64::from(world) * u64::from(max_blocks) * 4;
+        let flags = PHASES * u64::from(world) * u64::from(max_blocks) * FLAG_BYTES;
         let data_off = round_up(HEADER_BYTES + flags, 256);
         let data_bytes = round_up(data_bytes, 256);
         SlabLayout {
@@ -53,14 +53,18 @@ impl SlabLayout {
         assert!(phase < PHASES && src < self.world && block < self.max_blocks);
         let index = (phase * u64::from(self.world) + u64::from(src)) * u64::from(self.max_blocks)
             + u64::from(block);
-        self.flags_off + 4 * index
+        self.flags_off + FLAG_BYTES * index
     }
 }
 
+/// Bytes of one flag: a u64, so the counter never wraps (a block that has not run for 2^31
+/// operations would misread a wrapped u32 flag as arrived).
+pub const FLAG_BYTES: u64 = 8;
+
 /// The per-communicator operation counter every flag is compared with. Starts at 1 so the zeroed
-/// slab (flags 0) never counts as arrived; wraps at 2^32, which [`reached`] tolerates.
+/// slab (flags 0) never counts as arrived; 64 bits do not wrap.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Seq(pub u32);
+pub struct Seq(pub u64);
 
 impl Default for Seq {
     fn default() -> Seq {
@@ -71,17 +75,17 @@ impl Default for Seq {
 impl Seq {
     /// This operation's value; advances the counter. Every rank calls collectives in the same
     /// order, so every rank uses the same value for the same operation.
-    pub fn take(&mut self) -> u32 {
+    pub fn take(&mut self) -> u64 {
         let v = self.0;
-        self.0 = self.0.wrapping_add(1);
+        self.0 += 1;
         v
     }
 }
 
-/// Whether a flag showing `flag` means the peer has reached operation `seq`: flags only grow
-/// (mod 2^32), so this is `flag >= seq` on the circle, as comm.cu's wait computes it.
-pub fn reached(flag: u32, seq: u32) -> bool {
-    (flag.wrapping_sub(seq) as i32) >= 0
+/// Whether a flag showing `flag` means the peer has reached operation `seq`, as comm.cu's wait
+/// computes it: flags only grow.
+pub fn reached(flag: u64, seq: u64) -> bool {
+    flag >= seq
 }
 
 /// How one all-reduce runs.
@@ -464,14 +468,15 @@ mod tests {
     fn layout_puts_flags_after_the_header_and_data_after_the_flags() {
         let l = SlabLayout::new(4, 64, DEFAULT_DATA_BYTES);
         assert_eq!(l.flags_off, 256);
-        assert_eq!(l.data_off, 256 + 3 * 4 * 64 * 4);
+        assert_eq!(l.data_off, 256 + 3 * 4 * 64 * 8);
         assert_eq!(l.data_off % 256, 0);
         assert_eq!(l.total_bytes % SLAB_ALIGN, 0);
         assert!(l.total_bytes >= l.data_off + l.data_bytes);
         let last = l.flag_offset(PHASES - 1, 3, 63);
-        assert_eq!(last + 4, l.data_off);
+        assert_eq!(last + 8, l.data_off);
         assert_eq!(l.flag_offset(0, 0, 0), l.flags_off);
-        assert_eq!(l.flag_offset(1, 0, 0) - l.flag_offset(0, 0, 0), 4 * 4 * 64);
+        assert_eq!(l.flag_offset(1, 0, 0) - l.flag_offset(0, 0, 0), 4 * 64 * 8);
+        assert_eq!(l.flags_off % 8, 0, "u64 flags are 8-byte aligned");
     }
 
     #[test]
@@ -489,13 +494,14 @@ mod tests {
     }
 
     #[test]
-    fn sequence_comparison_survives_wraparound() {
+    fn a_stale_flag_never_counts_as_arrived() {
         assert!(!reached(0, 1), "a zeroed slab is not an arrival");
         assert!(reached(5, 5) && reached(6, 5) && !reached(4, 5));
-        assert!(reached(2, u32::MAX), "flag wrapped past seq");
-        assert!(!reached(u32::MAX, 2));
-        let mut s = Seq(u32::MAX);
-        assert_eq!((s.take(), s.take(), s.take()), (u32::MAX, 0, 1));
+        // A block last run 2^31 + 1 operations ago (a u32 flag would have wrapped).
+        assert!(!reached(7, 7 + (1 << 31) + 1));
+        assert!(!reached(7, 7 + (1 << 33)));
+        let mut s = Seq(u64::from(u32::MAX));
+        assert_eq!((s.take(), s.take()), (u64::from(u32::MAX), 1 << 32));
         assert_eq!(Seq::default().take(), 1);
     }
 

@@ -227,7 +227,7 @@ impl CudaComm {
     }
 
     /// Launches comm.cu's `name` with the slab arguments (this op's `seq`) then `extra`.
-    pub(super) fn launch_args(&self, name: &str, seq: u32, grid: u32, extra: &[Arg]) -> Result<()> {
+    pub(super) fn launch_args(&self, name: &str, seq: u64, grid: u32, extra: &[Arg]) -> Result<()> {
         let (Some(kernels), Some(bases)) = (&self.dev.kernels, &self.dev.bases) else {
             return Err(CommError::Setup(format!("{name}: no CUDA kernels loaded")));
         };

@@ -1,6 +1,6 @@
 // Collectives over CUDA IPC. Every rank has one slab (collectives::cuda_plan::SlabLayout):
 //   [0, 4)            error word: 0, or the first timeout (op << 16 | phase << 8 | peer) | 1 << 31
-//   [flags_off, ...)  u32 flags [phase][src rank][block]: block b of rank src wrote `seq` there
+//   [flags_off, ...)  u64 flags [phase][src rank][block]: block b of rank src wrote `seq` there
 //   [data_off, ...)   the staged payload
 // `slabs` is a device array of every rank's slab address as this process maps it (its own
 // included). A block signals every peer with a release store at system scope and waits for every
@@ -17,17 +17,17 @@ struct Slabs {
     const u64* base;
     u64 flags_off, data_off;
     int rank, world, max_blocks, op_id;
-    u32 seq;
+    u64 seq;
     u64 timeout_ns;
 };
 
-__device__ __forceinline__ void st_release_sys(u32* p, u32 v) {
-    asm volatile("st.release.sys.global.u32 [%0], %1;" ::"l"(p), "r"(v) : "memory");
+__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
 }
 
-__device__ __forceinline__ u32 ld_acquire_sys(const u32* p) {
-    u32 v;
-    asm volatile("ld.acquire.sys.global.u32 %0, [%1];" : "=r"(v) : "l"(p) : "memory");
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
+    u64 v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
     return v;
 }
 
@@ -37,8 +37,8 @@ __device__ __forceinline__ u64 now_ns() {
     return t;
 }
 
-__device__ __forceinline__ u32* flag_at(const Slabs& s, int owner, int phase, int src) {
-    u32* f = (u32*)(s.base[owner] + s.flags_off);
+__device__ __forceinline__ u64* flag_at(const Slabs& s, int owner, int phase, int src) {
+    u64* f = (u64*)(s.base[owner] + s.flags_off);
     return f + ((size_t)phase * s.world + src) * s.max_blocks + blockIdx.x;
 }
 
@@ -56,10 +56,11 @@ __device__ bool sync_phase(const Slabs& s, int phase) {
         int p = threadIdx.x;
         __threadfence_system();
         st_release_sys(flag_at(s, p, phase, s.rank), s.seq);
-        const u32* mine = flag_at(s, s.rank, phase, p);
+        const u64* mine = flag_at(s, s.rank, phase, p);
         u64 start = now_ns();
-        // Wrap-safe "flag has reached seq": flags only grow, modulo 2^32.
-        while ((int)(ld_acquire_sys(mine) - s.seq) < 0) {
+        // "Flag has reached seq": flags only grow, and 64 bits never wrap, so a block that has
+        // not run for any number of operations still reads its stale flag as not arrived.
+        while (ld_acquire_sys(mine) < s.seq) {
             if (now_ns() - start > s.timeout_ns) {
                 u32 code = 0x80000000u | ((u32)s.op_id << 16) | ((u32)phase << 8) | (u32)p;
                 atomicCAS((u32*)s.base[s.rank], 0u, code);
@@ -157,7 +158,7 @@ __device__ void reduce_scatter(Slabs s, int op, const T* in, T* out, u64 n, u64 
 }
 
 #define SLABS_PARAMS                                                                           \
-    const u64 *slabs, u64 flags_off, u64 data_off, int rank, int world, int max_blocks, u32 seq, \
+    const u64 *slabs, u64 flags_off, u64 data_off, int rank, int world, int max_blocks, u64 seq, \
         u64 timeout_ns
 #define SLABS(op_id) Slabs{slabs, flags_off, data_off, rank, world, max_blocks, op_id, seq, timeout_ns}
 
