@@ -70,31 +70,44 @@ fn bench_refuses_its_cpu_only_flags_with_cuda_in_one_line() {
     }
 }
 
-/// `tprun -n N [--device cuda] bench --json` on the f32 fixture: the report.
-fn bench_run(n: &str, cuda: bool) -> serde_json::Value {
-    let m = fixture("tiny-t5-f32-untied").display().to_string();
+/// Runs `tprun -n N [--device cuda] ARGS`, checks that it succeeded, and returns its stdout
+/// and stderr.
+fn run_ok<S: AsRef<std::ffi::OsStr>>(
+    n: &str,
+    cuda: bool,
+    args: impl IntoIterator<Item = S>,
+) -> (Vec<u8>, String) {
     let mut cmd = Command::new(TPRUN);
     cmd.args(["-n", n]);
     if cuda {
         cmd.args(["--device", "cuda"]);
     }
-    let o = cmd
-        .args([
-            "bench",
-            "--model",
-            &m,
-            "--prompt-len",
-            "9",
-            "--new-tokens",
-            "7",
-        ])
-        .args(["--rounds", "2", "--json"])
-        .env_remove("TPRUN_ROLE")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
+    let o = cmd.args(args).env_remove("TPRUN_ROLE").output().unwrap();
+    let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "cuda {cuda}, -n {n}: {stderr}");
-    serde_json::from_slice(&o.stdout).unwrap()
+    (o.stdout, stderr)
+}
+
+/// The f32 fixture, as a `--model` argument.
+fn f32_model() -> String {
+    fixture("tiny-t5-f32-untied").display().to_string()
+}
+
+/// `tprun -n N [--device cuda] bench --json` on the f32 fixture: the report.
+fn bench_run(n: &str, cuda: bool) -> serde_json::Value {
+    let m = f32_model();
+    let args = [
+        "bench",
+        "--model",
+        &m,
+        "--prompt-len",
+        "9",
+        "--new-tokens",
+        "7",
+    ];
+    let rest = ["--rounds", "2", "--json"];
+    let (stdout, _) = run_ok(n, cuda, args.into_iter().chain(rest));
+    serde_json::from_slice(&stdout).unwrap()
 }
 
 /// bench with `--device cuda` decodes the CPU's greedy tokens at TP 1 and 2 (f32 fixture), says
@@ -146,23 +159,15 @@ fn read_f32(path: &Path) -> Vec<f32> {
 /// hidden states.
 fn logits_run(n: &str, cuda: bool, out: &Path) -> (Vec<f32>, Vec<f32>) {
     let hidden = out.with_extension("hidden.safetensors");
-    let m = fixture("tiny-t5-f32-untied").display().to_string();
-    let mut cmd = Command::new(TPRUN);
-    cmd.args(["-n", n]);
-    if cuda {
-        cmd.args(["--device", "cuda"]);
-    }
-    let o = cmd
-        .args(["logits", "--model", &m, "--input-ids", "1,5,9,2,7,3"])
-        .arg("--out")
-        .arg(out)
-        .arg("--hidden-states")
-        .arg(&hidden)
-        .env_remove("TPRUN_ROLE")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "cuda {cuda}, -n {n}: {stderr}");
+    let m = f32_model();
+    let args = ["logits", "--model", &m, "--input-ids", "1,5,9,2,7,3"].map(std::ffi::OsStr::new);
+    let files = [
+        "--out".as_ref(),
+        out.as_os_str(),
+        "--hidden-states".as_ref(),
+        hidden.as_os_str(),
+    ];
+    let (_, stderr) = run_ok(n, cuda, args.into_iter().chain(files));
     if cuda {
         assert!(stderr.contains("GPU"), "rank 0 names its GPU: {stderr}");
         println!("{stderr}");
@@ -206,7 +211,7 @@ fn logits_runs_on_the_gpu_within_1e_3_of_the_cpu_or_refuses() {
 /// counting them, with the same line.
 #[test]
 fn auto_rank_count_with_cuda_is_one_rank_per_gpu_or_refuses() {
-    let m = fixture("tiny-t5-f32-untied").display().to_string();
+    let m = f32_model();
     let out = Command::new(TPRUN)
         .args(["-n", "auto", "--device", "cuda", "bench", "--model", &m])
         .args(["--prompt-len", "4", "--new-tokens", "2", "--json"])
@@ -252,27 +257,17 @@ fn perf_runs_on_the_gpu_or_refuses_like_the_others() {
 
 /// `tprun -n N [--device cuda] generate --greedy --json` on the f32 fixture: the output ids.
 fn greedy_ids(n: &str, cuda: bool) -> serde_json::Value {
-    let m = fixture("tiny-t5-f32-untied").display().to_string();
-    let mut cmd = Command::new(TPRUN);
-    cmd.args(["-n", n]);
-    if cuda {
-        cmd.args(["--device", "cuda"]);
-    }
-    let o = cmd
-        .args(["generate", "--model", &m, "--input-ids", "1,5,9,2,7,3"])
-        .args([
-            "--greedy",
-            "--ignore-eos",
-            "--max-new-tokens",
-            "12",
-            "--json",
-        ])
-        .env_remove("TPRUN_ROLE")
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(o.status.success(), "cuda {cuda}, -n {n}: {stderr}");
-    let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    let m = f32_model();
+    let args = ["generate", "--model", &m, "--input-ids", "1,5,9,2,7,3"];
+    let rest = [
+        "--greedy",
+        "--ignore-eos",
+        "--max-new-tokens",
+        "12",
+        "--json",
+    ];
+    let (stdout, _) = run_ok(n, cuda, args.into_iter().chain(rest));
+    let j: serde_json::Value = serde_json::from_slice(&stdout).unwrap();
     j["output_ids"].clone()
 }
 
@@ -325,7 +320,7 @@ fn the_default_device_is_cuda_only_where_a_gpu_is_usable() {
         assert_eq!(device(None, &[]), "cpu");
     }
     // A built-in: bench's report names the device it ran on.
-    let m = fixture("tiny-t5-f32-untied").display().to_string();
+    let m = f32_model();
     let o = Command::new(TPRUN)
         .args(["-n", "1", "bench", "--model", &m, "--prompt-len", "4"])
         .args(["--new-tokens", "2", "--json"])

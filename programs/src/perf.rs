@@ -398,6 +398,14 @@ fn gather_u64(comm: &mut dyn Communicator, x: u64) -> anyhow::Result<Vec<u64>> {
     Ok(out)
 }
 
+/// The largest of every rank's `x` (a row's time is its slowest rank's).
+fn max_over_ranks(comm: &mut dyn Communicator, x: f64) -> anyhow::Result<f64> {
+    Ok(gather_u64(comm, x.to_bits())?
+        .into_iter()
+        .map(f64::from_bits)
+        .fold(0.0, f64::max))
+}
+
 fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result<Row> {
     let n = pc.comm().world_size();
     pc.fill(case)?;
@@ -410,10 +418,7 @@ fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result
         pc.run(case)?;
     }
     let local = t0.elapsed().as_secs_f64() / args.iters as f64;
-    let secs = gather_u64(pc.comm(), local.to_bits())?
-        .into_iter()
-        .map(f64::from_bits)
-        .fold(0.0, f64::max);
+    let secs = max_over_ranks(pc.comm(), local)?;
     let wrong = if args.check {
         pc.fill(case)?;
         pc.run(case)?;
@@ -424,13 +429,7 @@ fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result
     };
     let (bytes, count) = case.bytes_count();
     let copy_us = match pc.copy_seconds(bytes, args.iters)? {
-        Some(s) => Some(
-            gather_u64(pc.comm(), s.to_bits())?
-                .into_iter()
-                .map(f64::from_bits)
-                .fold(0.0, f64::max)
-                * 1e6,
-        ),
+        Some(s) => Some(max_over_ranks(pc.comm(), s)? * 1e6),
         None => None,
     };
     let algbw = bytes as f64 / secs / 1e9;
