@@ -371,13 +371,15 @@ pub fn decode_probe(b: &[u8], rank: u32, world: u32) -> Probe {
     Probe { rank, peers }
 }
 
-/// comm.cu's `ReduceOp` code: 0 sum, 1 product, 2 max, 3 min.
-pub fn op_code(op: crate::ReduceOp) -> i32 {
+/// comm.cu's `ReduceOp` code: 0 sum, 1 product, 2 max, 3 min; `None` for the operators comm.cu
+/// has no kernel for (avg, bitwise, premulsum): those are staged through the host.
+pub fn op_code(op: crate::ReduceOp) -> Option<i32> {
     match op {
-        crate::ReduceOp::Sum => 0,
-        crate::ReduceOp::Product => 1,
-        crate::ReduceOp::Max => 2,
-        crate::ReduceOp::Min => 3,
+        crate::ReduceOp::Sum => Some(0),
+        crate::ReduceOp::Product => Some(1),
+        crate::ReduceOp::Max => Some(2),
+        crate::ReduceOp::Min => Some(3),
+        _ => None,
     }
 }
 
@@ -711,7 +713,8 @@ mod tests {
 
     #[test]
     fn kernels_by_op_type_and_device_by_local_rank() {
-        assert_eq!(op_code(crate::ReduceOp::Min), 3);
+        assert_eq!(op_code(crate::ReduceOp::Min), Some(3));
+        assert_eq!(op_code(crate::ReduceOp::Avg), None);
         assert_eq!(
             reduce_kernel(Algo::TwoShot, DType::BF16),
             Some("all_reduce_twoshot_bf16")

@@ -462,6 +462,18 @@ impl Communicator for HierComm {
             Ok(())
         })
     }
+    fn send_recv_raw(&mut self, _ops: &mut [crate::P2p<'_>], _dtype: DType) -> Result<()> {
+        Err(CommError::Invalid {
+            op: "send_recv",
+            msg: "not implemented yet on this transport".into(),
+        })
+    }
+    fn split(&mut self, _color: Option<u32>, _key: i64) -> Result<Option<Box<dyn Communicator>>> {
+        Err(CommError::Invalid {
+            op: "split",
+            msg: "not implemented yet on this transport".into(),
+        })
+    }
     fn stats(&self) -> CommStats {
         self.stats.clone()
     }

@@ -3,7 +3,7 @@
 //! threads and no waits, which [`crate::ShmComm`] (one per rank over shared memory) and
 //! [`crate::thread::ThreadComm`] (test ranks as threads) would add for nothing.
 
-use crate::{CommError, Communicator, DType, ReduceOp, Result};
+use crate::{args, CommError, Communicator, DType, P2p, ReduceOp, Result};
 
 /// The communicator of a world of one (see the module docs).
 #[derive(Debug, Default)]
@@ -16,7 +16,12 @@ impl Communicator for SoloComm {
     fn world_size(&self) -> usize {
         1
     }
-    fn all_reduce_raw(&mut self, _buf: &mut [u8], _dtype: DType, _op: ReduceOp) -> Result<()> {
+    fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        crate::types::check_reducible("all_reduce", dtype, op)?;
+        args::elements("all_reduce", buf.len(), dtype, "the buffer")?;
+        if let ReduceOp::PreMulSum(f) = op {
+            crate::reduce::scale_in_place(dtype, buf, f);
+        }
         Ok(())
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], _dtype: DType) -> Result<()> {
@@ -26,10 +31,16 @@ impl Communicator for SoloComm {
         &mut self,
         input: &[u8],
         output: &mut [u8],
-        _dtype: DType,
-        _op: ReduceOp,
+        dtype: DType,
+        op: ReduceOp,
     ) -> Result<()> {
-        copy_same_len("reduce_scatter", input, output)
+        crate::types::check_reducible("reduce_scatter", dtype, op)?;
+        args::elements("reduce_scatter", input.len(), dtype, "the input")?;
+        copy_same_len("reduce_scatter", input, output)?;
+        if let ReduceOp::PreMulSum(f) = op {
+            crate::reduce::scale_in_place(dtype, output, f);
+        }
+        Ok(())
     }
     fn broadcast_raw(&mut self, _buf: &mut [u8], root: usize) -> Result<()> {
         if root != 0 {
@@ -42,6 +53,53 @@ impl Communicator for SoloComm {
     }
     fn barrier(&mut self) -> Result<()> {
         Ok(())
+    }
+    /// Sends to and receives from this rank itself, matched in order (the only peer there is).
+    fn send_recv_raw(&mut self, ops: &mut [P2p<'_>], _dtype: DType) -> Result<()> {
+        for op in ops.iter() {
+            args::peer("send_recv", op.peer(), 1)?;
+        }
+        let sends: Vec<&[u8]> = ops
+            .iter()
+            .filter_map(|o| match o {
+                P2p::Send { buf, .. } => Some(*buf),
+                P2p::Recv { .. } => None,
+            })
+            .collect();
+        let mut recvs: Vec<&mut [u8]> = ops
+            .iter_mut()
+            .filter_map(|o| match o {
+                P2p::Recv { buf, .. } => Some(&mut **buf),
+                P2p::Send { .. } => None,
+            })
+            .collect();
+        if sends.len() != recvs.len() {
+            return Err(CommError::Invalid {
+                op: "send_recv",
+                msg: format!(
+                    "{} sends to and {} receives from rank 0 in a world of one: they must pair up",
+                    sends.len(),
+                    recvs.len()
+                ),
+            });
+        }
+        for (k, (s, r)) in sends.iter().zip(recvs.iter_mut()).enumerate() {
+            if s.len() != r.len() {
+                return Err(CommError::Invalid {
+                    op: "send_recv",
+                    msg: format!(
+                        "transfer {k} from rank 0 to itself sends {} bytes but receives {}",
+                        s.len(),
+                        r.len()
+                    ),
+                });
+            }
+            r.copy_from_slice(s);
+        }
+        Ok(())
+    }
+    fn split(&mut self, color: Option<u32>, _key: i64) -> Result<Option<Box<dyn Communicator>>> {
+        Ok(color.map(|_| Box::new(SoloComm) as Box<dyn Communicator>))
     }
 }
 

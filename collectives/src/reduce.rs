@@ -112,6 +112,7 @@ const SUM: u8 = 0;
 const MAX: u8 = 1;
 const MIN: u8 = 2;
 const PROD: u8 = 3;
+const AVG: u8 = 4;
 
 /// Raw reduction used by the transport.
 ///
@@ -147,8 +148,12 @@ pub unsafe fn reduce_raw(
                     (DType::F16, ReduceOp::Max) => $f::<F16, MAX>(dst, srcs, count),
                     (DType::F16, ReduceOp::Min) => $f::<F16, MIN>(dst, srcs, count),
                     (DType::F16, ReduceOp::Product) => $f::<F16, PROD>(dst, srcs, count),
-                    // Callers check `types::check_reducible` first; integers never get here.
-                    (d, _) => unreachable!("reduce of {} (not a float type)", d.name()),
+                    (DType::F32 | DType::BF16 | DType::F16, ReduceOp::Avg) => {
+                        return avg_scalar(dtype, dst, srcs, count)
+                    }
+                    // f64 and the integer types: one generic kernel (the compiler vectorises
+                    // it; every element is reduced on its own, so the order is rank order).
+                    _ => return generic::reduce(dtype, op, dst, srcs, count),
                 }
             };
         }
@@ -288,7 +293,7 @@ unsafe fn st_s<const D: u8>(p: *mut u8, i: usize, v: f32) {
 #[inline(always)]
 fn comb_s<const OP: u8>(acc: f32, x: f32) -> f32 {
     match OP {
-        SUM => acc + x,
+        SUM | AVG => acc + x,
         PROD => acc * x,
         MAX if acc.is_nan() || acc > x => acc,
         MIN if acc.is_nan() || acc < x => acc,
@@ -323,6 +328,12 @@ unsafe fn scalar_range<const D: u8, const OP: u8>(
                     *a = comb_s::<OP>(*a, ld_s::<D>(s, i + j));
                 }
             }
+            if OP == AVG {
+                let div = srcs.len() as f32;
+                for a in &mut acc[..n] {
+                    *a /= div;
+                }
+            }
             for (j, a) in acc[..n].iter().enumerate() {
                 st_s::<D>(dst, i + j, *a);
             }
@@ -337,6 +348,165 @@ unsafe fn scalar_range<const D: u8, const OP: u8>(
 unsafe fn kernel_scalar<const D: u8, const OP: u8>(dst: *mut u8, srcs: &[*const u8], count: usize) {
     // SAFETY: the caller upholds this function's `# Safety` contract.
     unsafe { scalar_range::<D, OP>(dst, srcs, 0, count) }
+}
+
+/// Avg of the f32-accumulated types: the rank-order f32 sum divided by N, rounded once.
+///
+/// # Safety
+/// As [`reduce_raw`].
+unsafe fn avg_scalar(dtype: DType, dst: *mut u8, srcs: &[*const u8], count: usize) {
+    // SAFETY: forwarded from the caller.
+    unsafe {
+        match dtype {
+            DType::F32 => scalar_range::<F32, AVG>(dst, srcs, 0, count),
+            DType::BF16 => scalar_range::<BF16, AVG>(dst, srcs, 0, count),
+            _ => scalar_range::<F16, AVG>(dst, srcs, 0, count),
+        }
+    }
+}
+
+/// The kernel of f64 and the integer types: each element is reduced in its own type, in rank
+/// order; integers wrap (two's complement), f64 follows the f32 kernels' rules (NaN-propagating
+/// max/min where the first NaN in rank order wins, a canonical NaN stored).
+mod generic {
+    use super::*;
+
+    pub(super) trait Lane: Copy + Default {
+        /// # Safety
+        /// `p` must be valid for reading element `i`.
+        unsafe fn ld(p: *const u8, i: usize) -> Self;
+        /// # Safety
+        /// `p` must be valid for writing element `i`.
+        unsafe fn st(p: *mut u8, i: usize, v: Self);
+        fn comb(op: ReduceOp, acc: Self, x: Self) -> Self;
+        fn avg(sum: Self, n: usize) -> Self;
+    }
+
+    macro_rules! int_lane {
+        ($($t:ty),*) => {$(
+            impl Lane for $t {
+                #[inline(always)]
+                unsafe fn ld(p: *const u8, i: usize) -> Self {
+                    // SAFETY: the caller guarantees element `i` is readable.
+                    unsafe { (p as *const $t).add(i).read_unaligned() }
+                }
+                #[inline(always)]
+                unsafe fn st(p: *mut u8, i: usize, v: Self) {
+                    // SAFETY: the caller guarantees element `i` is writable.
+                    unsafe { (p as *mut $t).add(i).write_unaligned(v) }
+                }
+                #[inline(always)]
+                fn comb(op: ReduceOp, acc: Self, x: Self) -> Self {
+                    match op {
+                        ReduceOp::Sum | ReduceOp::Avg | ReduceOp::PreMulSum(_) => acc.wrapping_add(x),
+                        ReduceOp::Product => acc.wrapping_mul(x),
+                        ReduceOp::Max => acc.max(x),
+                        ReduceOp::Min => acc.min(x),
+                        ReduceOp::BAnd => acc & x,
+                        ReduceOp::BOr => acc | x,
+                        ReduceOp::BXor => acc ^ x,
+                    }
+                }
+                #[inline(always)]
+                fn avg(sum: Self, n: usize) -> Self {
+                    // n <= MAX_WORLD (4096) fits every integer type but i8/u8, whose averages
+                    // of more than 127/255 ranks divide by the clamped count (never reached
+                    // below 128 ranks).
+                    sum / (n.min(<$t>::MAX as usize) as $t)
+                }
+            }
+        )*};
+    }
+    int_lane!(i8, u8, i32, u32, i64, u64);
+
+    impl Lane for f64 {
+        #[inline(always)]
+        unsafe fn ld(p: *const u8, i: usize) -> Self {
+            // SAFETY: the caller guarantees element `i` is readable.
+            unsafe { (p as *const f64).add(i).read_unaligned() }
+        }
+        #[inline(always)]
+        unsafe fn st(p: *mut u8, i: usize, v: Self) {
+            let v = if v.is_nan() {
+                f64::from_bits(CANONICAL_NAN_F64)
+            } else {
+                v
+            };
+            // SAFETY: the caller guarantees element `i` is writable.
+            unsafe { (p as *mut f64).add(i).write_unaligned(v) }
+        }
+        #[inline(always)]
+        fn comb(op: ReduceOp, acc: Self, x: Self) -> Self {
+            match op {
+                ReduceOp::Product => acc * x,
+                ReduceOp::Max if acc.is_nan() || acc > x => acc,
+                ReduceOp::Min if acc.is_nan() || acc < x => acc,
+                ReduceOp::Max | ReduceOp::Min => x,
+                // Sum, Avg (divided at the end) and PreMulSum (pre-scaled inputs); the bitwise
+                // operators never reach a float type (check_reducible).
+                _ => acc + x,
+            }
+        }
+        #[inline(always)]
+        fn avg(sum: Self, n: usize) -> Self {
+            sum / n as f64
+        }
+    }
+
+    /// # Safety
+    /// As [`reduce_raw`].
+    unsafe fn run<T: Lane>(op: ReduceOp, dst: *mut u8, srcs: &[*const u8], count: usize) {
+        const B: usize = 64;
+        let mut acc = [T::default(); B];
+        let mut i = 0;
+        // SAFETY: every index read or written is < count (the caller's contract).
+        unsafe {
+            while i < count {
+                let n = B.min(count - i);
+                for (j, a) in acc[..n].iter_mut().enumerate() {
+                    *a = T::ld(srcs[0], i + j);
+                }
+                for &s in &srcs[1..] {
+                    for (j, a) in acc[..n].iter_mut().enumerate() {
+                        *a = T::comb(op, *a, T::ld(s, i + j));
+                    }
+                }
+                for (j, a) in acc[..n].iter().enumerate() {
+                    let v = if op == ReduceOp::Avg {
+                        T::avg(*a, srcs.len())
+                    } else {
+                        *a
+                    };
+                    T::st(dst, i + j, v);
+                }
+                i += n;
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`reduce_raw`].
+    pub(super) unsafe fn reduce(
+        dtype: DType,
+        op: ReduceOp,
+        dst: *mut u8,
+        srcs: &[*const u8],
+        count: usize,
+    ) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match dtype {
+                DType::F64 => run::<f64>(op, dst, srcs, count),
+                DType::I8 => run::<i8>(op, dst, srcs, count),
+                DType::U8 => run::<u8>(op, dst, srcs, count),
+                DType::I32 => run::<i32>(op, dst, srcs, count),
+                DType::U32 => run::<u32>(op, dst, srcs, count),
+                DType::I64 => run::<i64>(op, dst, srcs, count),
+                DType::U64 => run::<u64>(op, dst, srcs, count),
+                d => unreachable!("the f32 kernels reduce {}", d.name()),
+            }
+        }
+    }
 }
 
 const fn esize(d: u8) -> usize {
@@ -869,5 +1039,67 @@ mod tests {
                 .collect();
             assert_eq!(got[2], 1e30, "{simd:?}");
         }
+    }
+}
+
+/// PreMulSum's local step: multiplies every element of `buf` by `factor` in the accumulation
+/// type (f32 for f32, bf16 and f16; f64 for f64), rounded once to the storage type. Only float
+/// types get here ([`crate::types::check_reducible`] refuses the others).
+pub fn scale_in_place(dtype: DType, buf: &mut [u8], factor: f64) {
+    match dtype {
+        DType::F64 => {
+            for c in buf.chunks_exact_mut(8) {
+                let v = f64::from_le_bytes(c.try_into().unwrap()) * factor;
+                let v = if v.is_nan() {
+                    f64::from_bits(CANONICAL_NAN_F64)
+                } else {
+                    v
+                };
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F32 | DType::BF16 | DType::F16 => {
+            let f = factor as f32;
+            let e = dtype.size();
+            for c in buf.chunks_exact_mut(e) {
+                let x = match dtype {
+                    DType::F32 => f32::from_le_bytes(c.try_into().unwrap()),
+                    DType::BF16 => bf16_to_f32(u16::from_le_bytes(c.try_into().unwrap())),
+                    _ => f16_to_f32(u16::from_le_bytes(c.try_into().unwrap())),
+                };
+                let v = x * f;
+                let v = if v.is_nan() {
+                    f32::from_bits(CANONICAL_NAN)
+                } else {
+                    v
+                };
+                match dtype {
+                    DType::F32 => c.copy_from_slice(&v.to_le_bytes()),
+                    DType::BF16 => c.copy_from_slice(&f32_to_bf16(v).to_le_bytes()),
+                    _ => c.copy_from_slice(&f32_to_f16(v).to_le_bytes()),
+                }
+            }
+        }
+        d => unreachable!("premulsum of {} (not a float type)", d.name()),
+    }
+}
+
+/// Canonical quiet NaN stored for a NaN f64 result.
+pub const CANONICAL_NAN_F64: u64 = 0x7FF8_0000_0000_0000;
+
+/// What a transport reduces for `op`: PreMulSum becomes a [`scale_in_place`]d copy of `input`
+/// summed with [`ReduceOp::Sum`]; every other operator reduces `input` as it is.
+pub fn premul_input<'a>(
+    dtype: DType,
+    op: ReduceOp,
+    input: &'a [u8],
+) -> (std::borrow::Cow<'a, [u8]>, ReduceOp) {
+    match op {
+        ReduceOp::PreMulSum(f) => {
+            let mut v = input.to_vec();
+            scale_in_place(dtype, &mut v, f);
+            (std::borrow::Cow::Owned(v), ReduceOp::Sum)
+        }
+        _ => (std::borrow::Cow::Borrowed(input), op),
     }
 }

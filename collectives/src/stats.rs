@@ -11,15 +11,25 @@ pub enum OpKind {
     ReduceScatter,
     Broadcast,
     Barrier,
+    Reduce,
+    Gather,
+    Scatter,
+    AllToAll,
+    SendRecv,
 }
 
 impl OpKind {
-    pub const ALL: [OpKind; 5] = [
+    pub const ALL: [OpKind; 10] = [
         OpKind::AllReduce,
         OpKind::AllGather,
         OpKind::ReduceScatter,
         OpKind::Broadcast,
         OpKind::Barrier,
+        OpKind::Reduce,
+        OpKind::Gather,
+        OpKind::Scatter,
+        OpKind::AllToAll,
+        OpKind::SendRecv,
     ];
     pub fn name(self) -> &'static str {
         match self {
@@ -28,6 +38,11 @@ impl OpKind {
             OpKind::ReduceScatter => "reduce_scatter",
             OpKind::Broadcast => "broadcast",
             OpKind::Barrier => "barrier",
+            OpKind::Reduce => "reduce",
+            OpKind::Gather => "gather",
+            OpKind::Scatter => "scatter",
+            OpKind::AllToAll => "all_to_all",
+            OpKind::SendRecv => "send_recv",
         }
     }
     pub(crate) fn index(self) -> usize {
@@ -57,7 +72,7 @@ pub struct OpStats {
 /// One rank's totals for every operation kind since the communicator was made.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CommStats {
-    pub ops: [OpStats; 5],
+    pub ops: [OpStats; OpKind::ALL.len()],
 }
 
 impl CommStats {

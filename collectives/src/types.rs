@@ -2,9 +2,11 @@
 
 use half::{bf16, f16};
 
-/// Wire/storage type of a buffer. Reductions are always computed in f32 and rounded once, so
-/// only the float types reduce; the integer types travel through all-gather and broadcast (token
-/// ids, byte counts) and are tagged as what they are.
+/// Wire/storage type of a buffer, NCCL's list. Every type moves through every operation and
+/// reduces with every operator that makes sense for it (see [`ReduceOp`] and [`check_reducible`]):
+/// bf16 and f16 accumulate in f32, f32 in f32, f64 in f64, integers in their own type with
+/// two's-complement wrap-around. The discriminants are part of the segment's slot header and
+/// flight recorder, so new types go at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
     F32,
@@ -15,15 +17,30 @@ pub enum DType {
     U32,
     I64,
     U64,
+    F64,
+    I8,
 }
 
 impl DType {
+    /// Every type, in discriminant order.
+    pub const ALL: [DType; 10] = [
+        DType::F32,
+        DType::BF16,
+        DType::F16,
+        DType::U8,
+        DType::I32,
+        DType::U32,
+        DType::I64,
+        DType::U64,
+        DType::F64,
+        DType::I8,
+    ];
     pub fn size(self) -> usize {
         match self {
-            DType::U8 => 1,
+            DType::U8 | DType::I8 => 1,
             DType::BF16 | DType::F16 => 2,
             DType::F32 | DType::I32 | DType::U32 => 4,
-            DType::I64 | DType::U64 => 8,
+            DType::I64 | DType::U64 | DType::F64 => 8,
         }
     }
     /// The type's name as the trace writes it (C names, like torch's profiler).
@@ -37,29 +54,118 @@ impl DType {
             DType::U32 => "uint32",
             DType::I64 => "int64",
             DType::U64 => "uint64",
+            DType::F64 => "double",
+            DType::I8 => "int8",
         }
     }
-    /// Whether all-reduce and reduce-scatter accept it (they reduce in f32).
+    /// The short name `perf --dtype` takes and prints (nccl-tests' names).
+    pub fn short_name(self) -> &'static str {
+        match self {
+            DType::F32 => "f32",
+            DType::BF16 => "bf16",
+            DType::F16 => "f16",
+            DType::U8 => "u8",
+            DType::I32 => "i32",
+            DType::U32 => "u32",
+            DType::I64 => "i64",
+            DType::U64 => "u64",
+            DType::F64 => "f64",
+            DType::I8 => "i8",
+        }
+    }
+    /// The type of a `short_name` (also accepts the C name of [`DType::name`]).
+    pub fn parse(s: &str) -> Option<DType> {
+        DType::ALL
+            .into_iter()
+            .find(|d| d.short_name() == s || d.name() == s)
+    }
+    /// Whether it is a floating-point type (f64, f32, bf16, f16).
     pub fn is_float(self) -> bool {
-        matches!(self, DType::F32 | DType::BF16 | DType::F16)
+        matches!(self, DType::F32 | DType::BF16 | DType::F16 | DType::F64)
+    }
+    /// Whether it is an integer type (the bitwise reductions take only these).
+    pub fn is_int(self) -> bool {
+        !self.is_float()
     }
 }
 
-/// Element-wise operator of all-reduce and reduce-scatter (always applied in rank order, in f32).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+/// Element-wise operator of the reductions (all-reduce, reduce-scatter, reduce), always applied
+/// in rank order 0..N-1 (see [`crate::reduce`]).
+///
+/// - `Avg`: the rank-order sum divided by N once at the end (integers: truncated toward zero).
+/// - `PreMulSum(s)`: NCCL's ncclRedOpCreatePreMulSum: each rank multiplies its own input by its
+///   `s` (computed in the accumulation type, rounded to the storage type) before the rank-order
+///   sum, so ranks may pass different factors. Float types only.
+/// - `BAnd`/`BOr`/`BXor`: bitwise, integer types only.
+#[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ReduceOp {
     Sum,
     Max,
     Min,
     Product,
+    Avg,
+    BAnd,
+    BOr,
+    BXor,
+    PreMulSum(f64),
 }
 
-/// A Rust element type that maps to a [`DType`]: what all-gather and broadcast move.
+impl ReduceOp {
+    /// Every operator without a parameter (and `PreMulSum(1.0)` last), for tests and perf.
+    pub const ALL: [ReduceOp; 9] = [
+        ReduceOp::Sum,
+        ReduceOp::Max,
+        ReduceOp::Min,
+        ReduceOp::Product,
+        ReduceOp::Avg,
+        ReduceOp::BAnd,
+        ReduceOp::BOr,
+        ReduceOp::BXor,
+        ReduceOp::PreMulSum(1.0),
+    ];
+    /// A small code that names the operator (not its factor) in slot headers and traces.
+    pub fn code(self) -> u32 {
+        match self {
+            ReduceOp::Sum => 0,
+            ReduceOp::Max => 1,
+            ReduceOp::Min => 2,
+            ReduceOp::Product => 3,
+            ReduceOp::Avg => 4,
+            ReduceOp::BAnd => 5,
+            ReduceOp::BOr => 6,
+            ReduceOp::BXor => 7,
+            ReduceOp::PreMulSum(_) => 8,
+        }
+    }
+    /// The name `perf --redop` takes and prints (nccl-tests' names, plus the bitwise ones).
+    pub fn name(self) -> &'static str {
+        match self {
+            ReduceOp::Sum => "sum",
+            ReduceOp::Max => "max",
+            ReduceOp::Min => "min",
+            ReduceOp::Product => "prod",
+            ReduceOp::Avg => "avg",
+            ReduceOp::BAnd => "band",
+            ReduceOp::BOr => "bor",
+            ReduceOp::BXor => "bxor",
+            ReduceOp::PreMulSum(_) => "premulsum",
+        }
+    }
+    /// The operator of a [`ReduceOp::name`] (`premulsum` with factor 1; `product` also accepted).
+    pub fn parse(s: &str) -> Option<ReduceOp> {
+        if s == "product" {
+            return Some(ReduceOp::Product);
+        }
+        ReduceOp::ALL.into_iter().find(|o| o.name() == s)
+    }
+}
+
+/// A Rust element type that maps to a [`DType`]: what every collective moves and reduces.
 pub trait Element: bytemuck::Pod + Send + Sync + 'static {
     const DTYPE: DType;
 }
 
-/// An element type that all-reduce and reduce-scatter can reduce (through f32).
+/// A float element type the model code computes with through f32 (f32, bf16, f16).
 pub trait Float: Element {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
@@ -72,7 +178,7 @@ macro_rules! element {
         })*
     };
 }
-element!(f32 => F32, bf16 => BF16, f16 => F16, u8 => U8, i32 => I32, u32 => U32, i64 => I64, u64 => U64);
+element!(f32 => F32, bf16 => BF16, f16 => F16, u8 => U8, i32 => I32, u32 => U32, i64 => I64, u64 => U64, f64 => F64, i8 => I8);
 
 impl Float for f32 {
     fn to_f32(self) -> f32 {
@@ -99,16 +205,23 @@ impl Float for f16 {
     }
 }
 
-/// All-reduce and reduce-scatter reduce in f32: an integer buffer is refused, not mangled.
-pub fn check_reducible(op: &'static str, dtype: DType) -> crate::Result<()> {
-    if dtype.is_float() {
-        return Ok(());
-    }
-    Err(crate::CommError::Invalid {
-        op,
-        msg: format!(
-            "{} cannot be reduced (reductions are in f32: use f32, bf16 or f16)",
+/// Refuses the combinations that have no meaning: a bitwise operator on a float type, a
+/// pre-multiplied sum of integers, a non-finite pre-multiplier.
+pub fn check_reducible(op: &'static str, dtype: DType, redop: ReduceOp) -> crate::Result<()> {
+    let msg = match redop {
+        ReduceOp::BAnd | ReduceOp::BOr | ReduceOp::BXor if dtype.is_float() => format!(
+            "{} is a bitwise reduction and {} is a float type (use an integer type)",
+            redop.name(),
             dtype.name()
         ),
-    })
+        ReduceOp::PreMulSum(_) if dtype.is_int() => format!(
+            "premulsum takes float types, not {} (use sum)",
+            dtype.name()
+        ),
+        ReduceOp::PreMulSum(s) if !s.is_finite() => {
+            format!("the premulsum factor {s} is not finite")
+        }
+        _ => return Ok(()),
+    };
+    Err(crate::CommError::Invalid { op, msg })
 }

@@ -297,11 +297,14 @@ fn invalid_arguments() {
         let mut v = [c.rank() as f32 + 1.0];
         c.all_reduce(&mut v, ReduceOp::Max).unwrap();
         assert_eq!(v, [2.0]);
-        // Integers travel tagged as what they are: gathered and broadcast, never reduced.
+        // Integers reduce in their own type; a bitwise operator on floats is refused.
         let e = c
-            .all_reduce_raw(&mut [0u8; 8], DType::U32, ReduceOp::Sum)
+            .all_reduce_raw(&mut [0u8; 8], DType::F32, ReduceOp::BAnd)
             .unwrap_err();
-        assert!(e.to_string().contains("uint32 cannot be reduced"), "{e}");
+        assert!(e.to_string().contains("band is a bitwise reduction and float"), "{e}");
+        let mut w = [u32::MAX - c.rank() as u32];
+        c.all_reduce(&mut w, ReduceOp::Sum).unwrap();
+        assert_eq!(w, [u32::MAX.wrapping_add(u32::MAX - 1)]);
         let mut ids = [0u64; 2];
         c.all_gather(&[u64::MAX - c.rank() as u64], &mut ids)
             .unwrap();

@@ -21,7 +21,7 @@ pub use cudarc;
 use cudarc::driver::{CudaContext, CudaSlice, CudaStream, DevicePtr, DevicePtrMut};
 
 use crate::cuda_plan::{self as plan, Ran, Seq, Transport};
-use crate::{CommError, CommStats, Communicator, DType, OpKind, ReduceOp, Result};
+use crate::{CommError, CommStats, Communicator, DType, OpKind, P2p, ReduceOp, Result};
 
 /// A driver error as this crate's error, naming what failed.
 fn drv(what: &str, e: cudarc::driver::DriverError) -> CommError {
@@ -361,6 +361,80 @@ impl Communicator for CudaComm {
                 steps: 1,
             })
         })
+    }
+
+    // The operations below run host-staged: the buffers are host memory, moved by the shm
+    // communicator underneath (recorded in this communicator's statistics all the same).
+    fn reduce_raw(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        self.run_op(OpKind::Reduce, buf.len(), Some(dtype), |c| {
+            c.host.reduce_raw(buf, dtype, op, root).map(|_| Ran::Host)
+        })
+    }
+    fn gather_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        root: usize,
+    ) -> Result<()> {
+        let n = input.len() * self.world_size();
+        self.run_op(OpKind::Gather, n, Some(dtype), |c| {
+            c.host
+                .gather_raw(input, output, dtype, root)
+                .map(|_| Ran::Host)
+        })
+    }
+    fn scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        root: usize,
+    ) -> Result<()> {
+        let n = output.len() * self.world_size();
+        self.run_op(OpKind::Scatter, n, Some(dtype), |c| {
+            c.host
+                .scatter_raw(input, output, dtype, root)
+                .map(|_| Ran::Host)
+        })
+    }
+    fn all_to_all_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
+        self.run_op(OpKind::AllToAll, input.len(), Some(dtype), |c| {
+            c.host
+                .all_to_all_raw(input, output, dtype)
+                .map(|_| Ran::Host)
+        })
+    }
+    fn all_to_allv_raw(
+        &mut self,
+        input: &[u8],
+        send_counts: &[usize],
+        output: &mut [u8],
+        recv_counts: &[usize],
+        dtype: DType,
+    ) -> Result<()> {
+        self.run_op(OpKind::AllToAll, input.len(), Some(dtype), |c| {
+            c.host
+                .all_to_allv_raw(input, send_counts, output, recv_counts, dtype)
+                .map(|_| Ran::Host)
+        })
+    }
+    fn send_recv_raw(&mut self, ops: &mut [P2p<'_>], dtype: DType) -> Result<()> {
+        let n = ops.iter().map(|o| o.len()).sum();
+        self.run_op(OpKind::SendRecv, n, Some(dtype), |c| {
+            c.host.send_recv_raw(ops, dtype).map(|_| Ran::Host)
+        })
+    }
+    /// The group's communicator stages through the host (host buffers; device buffers go through
+    /// the world's device entry points).
+    fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<Box<dyn Communicator>>> {
+        self.host.split(color, key)
     }
 
     /// Every call made on this communicator, on the device or staged through the host (the

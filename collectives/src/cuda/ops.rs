@@ -53,10 +53,12 @@ impl CudaComm {
         if world == 1 {
             return Ok(local());
         }
-        if !self.ipc() || kernel_for(bytes as u64).1.is_none() {
+        let Some(code) =
+            plan::op_code(op).filter(|_| self.ipc() && kernel_for(bytes as u64).1.is_some())
+        else {
             // SAFETY: forwarded from this function's contract.
             return unsafe { self.staged(ptr, bytes, |h, v| h.all_reduce_raw(v, dtype, op)) };
-        }
+        };
         let cap = self.dev.layout.data_bytes;
         let pieces = plan::pieces(bytes as u64, cap, dtype);
         let ran = Ran::Device {
@@ -67,7 +69,7 @@ impl CudaComm {
             let (algo, name) = kernel_for(len);
             let n = len / dtype.size() as u64;
             let at = ptr + off;
-            let mut args = vec![Arg::I(plan::op_code(op)), Arg::U(at), Arg::U(at), Arg::U(n)];
+            let mut args = vec![Arg::I(code), Arg::U(at), Arg::U(at), Arg::U(n)];
             if algo == Algo::TwoShot {
                 args.push(Arg::U(plan::segment(n, world)));
             }
@@ -138,7 +140,8 @@ impl CudaComm {
         self.ops += 1;
         let kernel = plan::reduce_scatter_kernel(dtype);
         let fits = in_bytes as u64 <= self.dev.layout.data_bytes;
-        let (Some(name), true, true) = (kernel, fits, self.ipc()) else {
+        let (Some(name), Some(code), true, true) = (kernel, plan::op_code(op), fits, self.ipc())
+        else {
             // SAFETY: this function's contract.
             let input = unsafe { self.download_vec(src, in_bytes)? };
             let mut out = vec![0u8; out_bytes];
@@ -154,7 +157,7 @@ impl CudaComm {
         let seq = self.seq.take();
         let grid = plan::blocks(in_bytes as u64, self.dev.layout.max_blocks);
         let args = [
-            Arg::I(plan::op_code(op)),
+            Arg::I(code),
             Arg::U(src),
             Arg::U(dst),
             Arg::U(n),

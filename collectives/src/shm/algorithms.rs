@@ -34,7 +34,7 @@ impl ShmComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
-        crate::types::check_reducible("all_reduce", dtype)?;
+        crate::types::check_reducible("all_reduce", dtype, op)?;
         let e = dtype.size();
         let count = self.check_len(buf.len(), dtype, "the buffer")?;
         if self.world == 1 || count == 0 {
@@ -195,7 +195,7 @@ impl ShmComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
-        crate::types::check_reducible("reduce_scatter", dtype)?;
+        crate::types::check_reducible("reduce_scatter", dtype, op)?;
         let e = dtype.size();
         let count = self.check_len(output.len(), dtype, "the output")?;
         let ob = output.len();

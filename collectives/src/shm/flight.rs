@@ -12,16 +12,7 @@ use super::segment::Mapping;
 use crate::stats::OpKind;
 use crate::DType;
 
-const DTYPES: [DType; 8] = [
-    DType::F32,
-    DType::BF16,
-    DType::F16,
-    DType::U8,
-    DType::I32,
-    DType::U32,
-    DType::I64,
-    DType::U64,
-];
+const DTYPES: [DType; 10] = DType::ALL;
 const NO_DTYPE: u32 = 0xFF;
 
 /// `CLOCK_MONOTONIC` in nanoseconds (the clock [`crate::trace::now_us`] reads).

@@ -258,6 +258,10 @@ impl ShmComm {
             OpKind::ReduceScatter => "direct",
             OpKind::Broadcast => "copy_out",
             OpKind::Barrier => "flags",
+            OpKind::Reduce if bytes <= self.opts.one_shot_max => "one_shot",
+            OpKind::Reduce => "reduce_scatter+gather",
+            OpKind::Gather | OpKind::Scatter | OpKind::AllToAll => "direct",
+            OpKind::SendRecv => "channels",
         };
         crate::trace::record_comm(
             start_us,
@@ -310,6 +314,18 @@ impl Communicator for ShmComm {
     }
     fn barrier(&mut self) -> Result<()> {
         self.run_op(OpKind::Barrier, 0, None, |c| c.barrier_impl())
+    }
+    fn send_recv_raw(&mut self, _ops: &mut [crate::P2p<'_>], _dtype: DType) -> Result<()> {
+        Err(CommError::Invalid {
+            op: "send_recv",
+            msg: "not implemented yet on this transport".into(),
+        })
+    }
+    fn split(&mut self, _color: Option<u32>, _key: i64) -> Result<Option<Box<dyn Communicator>>> {
+        Err(CommError::Invalid {
+            op: "split",
+            msg: "not implemented yet on this transport".into(),
+        })
     }
     fn stats(&self) -> CommStats {
         self.stats.clone()

@@ -29,7 +29,7 @@ impl Desc {
         Desc {
             kind,
             dtype: dtype.map_or(0xFF, |d| d as u8),
-            redop: redop.map_or(0xFF, |o| o as u8),
+            redop: redop.map_or(0xFF, |o| o.code() as u8),
             root: root as u32,
             bytes: bytes as u64,
         }
@@ -41,20 +41,20 @@ impl Desc {
         let kind = OpKind::ALL
             .get((code & 0xFF) as usize)
             .map_or("?", |k| k.name());
-        let dtype = match (code >> 8) & 0xFF {
-            0 => " float",
-            1 => " bfloat16",
-            2 => " half",
-            _ => "",
-        };
-        let redop = match (code >> 16) & 0xFF {
-            0 => " sum",
-            1 => " max",
-            2 => " min",
-            3 => " product",
-            _ => "",
-        };
-        let root = if code & 0xFF == OpKind::Broadcast.index() as u32 {
+        let dtype = DType::ALL
+            .get(((code >> 8) & 0xFF) as usize)
+            .map_or(String::new(), |d| format!(" {}", d.name()));
+        let redop = ReduceOp::ALL
+            .into_iter()
+            .find(|o| o.code() == (code >> 16) & 0xFF)
+            .map_or(String::new(), |o| format!(" {}", o.name()));
+        let rooted = [
+            OpKind::Broadcast,
+            OpKind::Reduce,
+            OpKind::Gather,
+            OpKind::Scatter,
+        ];
+        let root = if rooted.iter().any(|k| code & 0xFF == k.index() as u32) {
             format!(" root {root}")
         } else {
             String::new()

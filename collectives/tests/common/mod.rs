@@ -75,6 +75,7 @@ pub fn combine(op: ReduceOp, acc: f32, x: f32) -> f32 {
         ReduceOp::Max if acc.is_nan() || acc > x => acc,
         ReduceOp::Min if acc.is_nan() || acc < x => acc,
         ReduceOp::Max | ReduceOp::Min => x,
+        o => unreachable!("{o:?} is not covered by this f32 reference"),
     }
 }
 
