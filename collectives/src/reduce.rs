@@ -786,6 +786,68 @@ unsafe fn kernel_avx2<const D: u8, const OP: u8>(dst: *mut u8, srcs: &[*const u8
     unsafe { x256::kernel::<D, OP>(dst, srcs, count) }
 }
 
+/// PreMulSum's local step: multiplies every element of `buf` by `factor` in the accumulation
+/// type (f32 for f32, bf16 and f16; f64 for f64), rounded once to the storage type. Only float
+/// types get here ([`crate::types::check_reducible`] refuses the others).
+pub fn scale_in_place(dtype: DType, buf: &mut [u8], factor: f64) {
+    match dtype {
+        DType::F64 => {
+            for c in buf.chunks_exact_mut(8) {
+                let v = f64::from_le_bytes(c.try_into().unwrap()) * factor;
+                let v = if v.is_nan() {
+                    f64::from_bits(CANONICAL_NAN_F64)
+                } else {
+                    v
+                };
+                c.copy_from_slice(&v.to_le_bytes());
+            }
+        }
+        DType::F32 | DType::BF16 | DType::F16 => {
+            let f = factor as f32;
+            let e = dtype.size();
+            for c in buf.chunks_exact_mut(e) {
+                let x = match dtype {
+                    DType::F32 => f32::from_le_bytes(c.try_into().unwrap()),
+                    DType::BF16 => bf16_to_f32(u16::from_le_bytes(c.try_into().unwrap())),
+                    _ => f16_to_f32(u16::from_le_bytes(c.try_into().unwrap())),
+                };
+                let v = x * f;
+                let v = if v.is_nan() {
+                    f32::from_bits(CANONICAL_NAN)
+                } else {
+                    v
+                };
+                match dtype {
+                    DType::F32 => c.copy_from_slice(&v.to_le_bytes()),
+                    DType::BF16 => c.copy_from_slice(&f32_to_bf16(v).to_le_bytes()),
+                    _ => c.copy_from_slice(&f32_to_f16(v).to_le_bytes()),
+                }
+            }
+        }
+        d => unreachable!("premulsum of {} (not a float type)", d.name()),
+    }
+}
+
+/// Canonical quiet NaN stored for a NaN f64 result.
+pub const CANONICAL_NAN_F64: u64 = 0x7FF8_0000_0000_0000;
+
+/// What a transport reduces for `op`: PreMulSum becomes a [`scale_in_place`]d copy of `input`
+/// summed with [`ReduceOp::Sum`]; every other operator reduces `input` as it is.
+pub fn premul_input<'a>(
+    dtype: DType,
+    op: ReduceOp,
+    input: &'a [u8],
+) -> (std::borrow::Cow<'a, [u8]>, ReduceOp) {
+    match op {
+        ReduceOp::PreMulSum(f) => {
+            let mut v = input.to_vec();
+            scale_in_place(dtype, &mut v, f);
+            (std::borrow::Cow::Owned(v), ReduceOp::Sum)
+        }
+        _ => (std::borrow::Cow::Borrowed(input), op),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1039,67 +1101,5 @@ mod tests {
                 .collect();
             assert_eq!(got[2], 1e30, "{simd:?}");
         }
-    }
-}
-
-/// PreMulSum's local step: multiplies every element of `buf` by `factor` in the accumulation
-/// type (f32 for f32, bf16 and f16; f64 for f64), rounded once to the storage type. Only float
-/// types get here ([`crate::types::check_reducible`] refuses the others).
-pub fn scale_in_place(dtype: DType, buf: &mut [u8], factor: f64) {
-    match dtype {
-        DType::F64 => {
-            for c in buf.chunks_exact_mut(8) {
-                let v = f64::from_le_bytes(c.try_into().unwrap()) * factor;
-                let v = if v.is_nan() {
-                    f64::from_bits(CANONICAL_NAN_F64)
-                } else {
-                    v
-                };
-                c.copy_from_slice(&v.to_le_bytes());
-            }
-        }
-        DType::F32 | DType::BF16 | DType::F16 => {
-            let f = factor as f32;
-            let e = dtype.size();
-            for c in buf.chunks_exact_mut(e) {
-                let x = match dtype {
-                    DType::F32 => f32::from_le_bytes(c.try_into().unwrap()),
-                    DType::BF16 => bf16_to_f32(u16::from_le_bytes(c.try_into().unwrap())),
-                    _ => f16_to_f32(u16::from_le_bytes(c.try_into().unwrap())),
-                };
-                let v = x * f;
-                let v = if v.is_nan() {
-                    f32::from_bits(CANONICAL_NAN)
-                } else {
-                    v
-                };
-                match dtype {
-                    DType::F32 => c.copy_from_slice(&v.to_le_bytes()),
-                    DType::BF16 => c.copy_from_slice(&f32_to_bf16(v).to_le_bytes()),
-                    _ => c.copy_from_slice(&f32_to_f16(v).to_le_bytes()),
-                }
-            }
-        }
-        d => unreachable!("premulsum of {} (not a float type)", d.name()),
-    }
-}
-
-/// Canonical quiet NaN stored for a NaN f64 result.
-pub const CANONICAL_NAN_F64: u64 = 0x7FF8_0000_0000_0000;
-
-/// What a transport reduces for `op`: PreMulSum becomes a [`scale_in_place`]d copy of `input`
-/// summed with [`ReduceOp::Sum`]; every other operator reduces `input` as it is.
-pub fn premul_input<'a>(
-    dtype: DType,
-    op: ReduceOp,
-    input: &'a [u8],
-) -> (std::borrow::Cow<'a, [u8]>, ReduceOp) {
-    match op {
-        ReduceOp::PreMulSum(f) => {
-            let mut v = input.to_vec();
-            scale_in_place(dtype, &mut v, f);
-            (std::borrow::Cow::Owned(v), ReduceOp::Sum)
-        }
-        _ => (std::borrow::Cow::Borrowed(input), op),
     }
 }
