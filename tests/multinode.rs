@@ -125,6 +125,12 @@ fn two_nodes_without_the_mpi_feature_is_one_clear_error() {
     assert_eq!(r.stderr.lines().count(), 1, "{}", r.stderr);
 }
 
+/// The rank program of `collectives/examples/hier_ops.rs`, compiled into this test binary so the
+/// test needs no separate build of the example.
+#[cfg(feature = "mpi")]
+#[path = "../collectives/examples/hier_ops.rs"]
+mod hier_ops;
+
 #[cfg(feature = "mpi")]
 mod mpi {
     use super::*;
@@ -149,6 +155,63 @@ mod mpi {
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
         c
+    }
+
+    use super::hier_ops;
+
+    /// Set in the ranks that [`every_new_op_across_2_pretend_nodes`] starts.
+    const HIER_OPS_RANK: &str = "TPRUN_TEST_HIER_OPS_RANK";
+
+    /// One rank of [`every_new_op_across_2_pretend_nodes`] (this test binary re-run by mpirun
+    /// with only this test selected); ignored in an ordinary run.
+    #[test]
+    #[ignore = "a rank program: every_new_op_across_2_pretend_nodes runs it under mpirun"]
+    fn hier_ops_rank() {
+        assert!(
+            std::env::var_os(HIER_OPS_RANK).is_some(),
+            "only meaningful under mpirun (every_new_op_across_2_pretend_nodes)"
+        );
+        let res = hier_ops::run();
+        collectives::end_job(res.is_ok());
+        println!("{}", res.unwrap());
+    }
+
+    /// Point-to-point (ring, in-order pairs, blocking), reduce, gather, scatter, all-to-all(v),
+    /// f64/integer/premulsum all-reduce, split across the nodes (reversed keys), nested split
+    /// with a rank opting out, and every collective inside the groups: 2 pretend nodes x 2 ranks,
+    /// leaders over TCP, every value checked against the rank-order reference, bit for bit.
+    #[test]
+    fn every_new_op_across_2_pretend_nodes() {
+        let me = std::env::current_exe().unwrap();
+        let args = [
+            me.to_str().unwrap(),
+            "--exact",
+            "mpi::hier_ops_rank",
+            "--ignored",
+            "--nocapture",
+            "--test-threads=1",
+        ];
+        let mut c = mpirun(4, 2, &args);
+        c.env(HIER_OPS_RANK, "1");
+        let r = run_cmd(&mut c, LIMIT);
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        for rank in 0..4 {
+            let line = format!("hier_ops: rank {rank} of 4: ");
+            let got = r.stdout.lines().find(|l| l.contains(&line));
+            let checks = got
+                .and_then(|l| {
+                    l.split(": ")
+                        .nth(2)?
+                        .split(' ')
+                        .next()?
+                        .parse::<usize>()
+                        .ok()
+                })
+                .unwrap_or(0);
+            // 4 sizes x 17 checks (18 at a root) in the world (69) and in a group of 2 (70),
+            // the world after the split and the nested split.
+            assert_eq!(checks, 141, "rank {rank}: {got:?}\n{}", r.stdout);
+        }
     }
 
     #[test]

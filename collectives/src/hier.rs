@@ -23,6 +23,16 @@
 //! instead of node partial sums, L times the inter-node bytes of a partial-sum scheme, which
 //! pre-added sums would avoid only by giving up the flat path's bits.
 //!
+//! **Point-to-point and groups.** Grouped send/recv is MPI_Isend/MPI_Irecv on the world
+//! communicator (one tag, so MPI's non-overtaking rule matches each pair's transfers in the order
+//! both sides issue them), all posted before any is waited for: a ring or a pairwise all-to-all
+//! cannot deadlock. Gather, scatter, all-to-all(v) are the trait's defaults over it, reduce the
+//! default over all-reduce. `split` is MPI_Comm_split of this group's communicator; the group
+//! ([`MpiGroup`]) moves data with MPI only (a group may span nodes in any pattern, so the node
+//! segment is not used there) and reduces the gathered raw inputs itself, in group rank order,
+//! with [`crate::reduce`]: the same bits on every rank, and the same as a flat group of the same
+//! ranks on one host.
+//!
 //! **Failures.** An error in any stage (a local peer died or timed out) prints one line naming
 //! this rank's global number and host, the operation and the peer's global rank, then calls
 //! MPI_Abort, so mpirun/srun ends every rank; a rank that dies is reported by mpirun itself
@@ -32,6 +42,8 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::Context;
+use mpi::datatype::Equivalence as _;
+use mpi::point_to_point::{Destination as _, Source as _};
 use mpi::topology::{Color, SimpleCommunicator};
 use mpi::traits::{Communicator as _, CommunicatorCollectives as _, Root as _};
 use mpi::Threading;
@@ -40,7 +52,7 @@ use crate::identity::Identity;
 use crate::reduce::{reduce_into, Simd};
 use crate::shm::{ShmComm, ENV_PRETEND_NODES};
 use crate::stats::{CommStats, OpKind};
-use crate::{CommError, Communicator, DType, ReduceOp, Result};
+use crate::{args, CommError, Communicator, DType, P2p, ReduceOp, Result};
 
 /// MPI's universe, finalized by [`end`] (not when the communicator is dropped: a rank whose
 /// program failed must abort the job instead of waiting in MPI_Finalize for ranks that wait
@@ -430,8 +442,12 @@ impl Communicator for HierComm {
         self.world
     }
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        crate::types::check_reducible("all_reduce", dtype, op)?;
         let n = buf.len();
-        self.op(OpKind::AllReduce, n, |c| c.all_reduce_impl(buf, dtype, op))
+        self.op(OpKind::AllReduce, n, |c| {
+            let op = premul_in_place(dtype, op, buf);
+            c.all_reduce_impl(buf, dtype, op)
+        })
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
         let n = output.len();
@@ -446,9 +462,11 @@ impl Communicator for HierComm {
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
+        crate::types::check_reducible("reduce_scatter", dtype, op)?;
         let n = input.len();
         self.op(OpKind::ReduceScatter, n, |c| {
-            c.reduce_scatter_impl(input, output, dtype, op)
+            let (input, op) = crate::reduce::premul_input(dtype, op, input);
+            c.reduce_scatter_impl(&input, output, dtype, op)
         })
     }
     fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
@@ -462,17 +480,13 @@ impl Communicator for HierComm {
             Ok(())
         })
     }
-    fn send_recv_raw(&mut self, _ops: &mut [crate::P2p<'_>], _dtype: DType) -> Result<()> {
-        Err(CommError::Invalid {
-            op: "send_recv",
-            msg: "not implemented yet on this transport".into(),
-        })
+    fn send_recv_raw(&mut self, ops: &mut [P2p<'_>], _dtype: DType) -> Result<()> {
+        let n = ops.iter().map(P2p::len).sum();
+        self.op(OpKind::SendRecv, n, |c| mpi_send_recv(&c.world_comm, ops))
     }
-    fn split(&mut self, _color: Option<u32>, _key: i64) -> Result<Option<Box<dyn Communicator>>> {
-        Err(CommError::Invalid {
-            op: "split",
-            msg: "not implemented yet on this transport".into(),
-        })
+    fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<Box<dyn Communicator>>> {
+        let g = mpi_split(&self.world_comm, color, key)?;
+        Ok(g.map(|comm| Box::new(MpiGroup::new(comm)) as Box<dyn Communicator>))
     }
     fn stats(&self) -> CommStats {
         self.stats.clone()
@@ -482,5 +496,262 @@ impl Communicator for HierComm {
             nodes: self.nodes,
             per_node: self.per_node,
         })
+    }
+}
+
+/// PreMulSum's local step on `buf` itself (an all-reduce's input is its output); the operator to
+/// reduce with afterwards.
+fn premul_in_place(dtype: DType, op: ReduceOp, buf: &mut [u8]) -> ReduceOp {
+    match op {
+        ReduceOp::PreMulSum(f) => {
+            crate::reduce::scale_in_place(dtype, buf, f);
+            ReduceOp::Sum
+        }
+        _ => op,
+    }
+}
+
+/// MPI counts are C ints: a transfer of more bytes is refused (one message, no silent wrap).
+fn mpi_bytes(op: &'static str, bytes: usize) -> Result<()> {
+    if bytes > i32::MAX as usize {
+        return Err(CommError::Invalid {
+            op,
+            msg: format!(
+                "{bytes} bytes in one MPI transfer; at most {} fit MPI's count",
+                i32::MAX
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Grouped point-to-point on `comm` (module docs): every transfer is posted, then all are
+/// waited for. A receive that got fewer bytes than it expected is an error naming the peer (one
+/// that would get more is MPI's truncation error, fatal to the job).
+fn mpi_send_recv(comm: &SimpleCommunicator, ops: &mut [P2p<'_>]) -> Result<()> {
+    let n = comm.size() as usize;
+    for op in ops.iter() {
+        args::peer("send_recv", op.peer(), n)?;
+        mpi_bytes("send_recv", op.len())?;
+    }
+    let short = mpi::request::scope(|scope| {
+        let reqs: Vec<_> = ops
+            .iter_mut()
+            .map(|op| match op {
+                P2p::Send { buf, peer } => {
+                    let to = comm.process_at_rank(*peer as i32);
+                    (None, to.immediate_send(scope, *buf))
+                }
+                P2p::Recv { buf, peer } => {
+                    let want = (buf.len(), *peer);
+                    let from = comm.process_at_rank(*peer as i32);
+                    (Some(want), from.immediate_receive_into(scope, &mut **buf))
+                }
+            })
+            .collect();
+        let mut short = None;
+        for (want, req) in reqs {
+            let status = req.wait();
+            if let Some((len, peer)) = want {
+                let got = status.count(u8::equivalent_datatype()) as usize;
+                if got != len {
+                    short.get_or_insert((peer, len, got));
+                }
+            }
+        }
+        short
+    });
+    match short {
+        None => Ok(()),
+        Some((peer, len, got)) => Err(CommError::Invalid {
+            op: "send_recv",
+            msg: format!(
+                "a receive from rank {peer} expected {len} bytes but rank {peer} sent {got}"
+            ),
+        }),
+    }
+}
+
+/// MPI_Comm_split of `comm` with the trait's semantics. The trait's colors are u32 and keys i64,
+/// MPI's both C ints: every rank's color and key are gathered first, each rank computes its new
+/// number (key, then rank here) and the color's index, and passes those to MPI.
+fn mpi_split(
+    comm: &SimpleCommunicator,
+    color: Option<u32>,
+    key: i64,
+) -> Result<Option<SimpleCommunicator>> {
+    let (n, me) = (comm.size() as usize, comm.rank() as usize);
+    let mine = [color.map_or(-1, i64::from), key];
+    let mut all = vec![0i64; 2 * n];
+    comm.all_gather_into(&mine[..], &mut all[..]);
+    let Some(c) = color.map(i64::from) else {
+        // Collective: the ranks that opt out take part too.
+        let _ = comm.split_by_color(Color::undefined());
+        return Ok(None);
+    };
+    let mut members: Vec<(i64, usize)> = (0..n)
+        .filter(|&r| all[2 * r] == c)
+        .map(|r| (all[2 * r + 1], r))
+        .collect();
+    members.sort_unstable();
+    let new_rank = members.iter().position(|&(_, r)| r == me).unwrap_or(0);
+    let mut colors: Vec<i64> = all
+        .chunks_exact(2)
+        .map(|p| p[0])
+        .filter(|&c| c >= 0)
+        .collect();
+    colors.sort_unstable();
+    colors.dedup();
+    let index = colors.binary_search(&c).unwrap_or(0);
+    comm.split_by_color_with_key(Color::with_value(index as i32), new_rank as i32)
+        .map(Some)
+        .ok_or_else(|| {
+            CommError::Setup(format!(
+                "MPI_Comm_split gave rank {me} (color {c}) no communicator"
+            ))
+        })
+}
+
+/// A group made by [`HierComm::split`] (or by splitting a group): every operation moves data with
+/// MPI on the group's communicator and reduces in group rank order itself (module docs).
+pub struct MpiGroup {
+    comm: SimpleCommunicator,
+    rank: usize,
+    world: usize,
+    simd: Simd,
+    stats: CommStats,
+    /// Scratch for the gathered inputs, kept between calls.
+    all: Vec<u8>,
+}
+
+// SAFETY: as for HierComm: MPI runs with MPI_THREAD_SERIALIZED, `&mut self` on every operation
+// keeps two of this group's calls from running at once, and the handle is an owned value.
+unsafe impl Send for MpiGroup {}
+
+impl MpiGroup {
+    fn new(comm: SimpleCommunicator) -> MpiGroup {
+        MpiGroup {
+            rank: comm.rank() as usize,
+            world: comm.size() as usize,
+            comm,
+            simd: Simd::detect(),
+            stats: CommStats::default(),
+            all: Vec::new(),
+        }
+    }
+
+    fn timed<T>(
+        &mut self,
+        kind: OpKind,
+        bytes: usize,
+        f: impl FnOnce(&mut Self) -> Result<T>,
+    ) -> Result<T> {
+        let t0 = Instant::now();
+        let r = f(self)?;
+        self.stats
+            .record(kind, bytes, t0.elapsed().as_secs_f64(), 0.0);
+        Ok(r)
+    }
+}
+
+impl Communicator for MpiGroup {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.world
+    }
+    fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        crate::types::check_reducible("all_reduce", dtype, op)?;
+        args::elements("all_reduce", buf.len(), dtype, "the buffer")?;
+        mpi_bytes("all_reduce", buf.len().saturating_mul(self.world))?;
+        self.timed(OpKind::AllReduce, buf.len(), |g| {
+            let op = premul_in_place(dtype, op, buf);
+            if buf.is_empty() {
+                return Ok(());
+            }
+            let mut all = std::mem::take(&mut g.all);
+            all.resize(g.world * buf.len(), 0);
+            g.comm.all_gather_into(&*buf, &mut all[..]);
+            reduce_into(g.simd, dtype, op, buf, &pieces(&all, g.world));
+            g.all = all;
+            Ok(())
+        })
+    }
+    fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], _dtype: DType) -> Result<()> {
+        args::world_multiple(
+            "all_gather",
+            output.len(),
+            "output",
+            input.len(),
+            "input",
+            self.world,
+        )?;
+        mpi_bytes("all_gather", output.len())?;
+        self.timed(OpKind::AllGather, output.len(), |g| {
+            if !input.is_empty() {
+                g.comm.all_gather_into(input, output);
+            }
+            Ok(())
+        })
+    }
+    fn reduce_scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        crate::types::check_reducible("reduce_scatter", dtype, op)?;
+        args::elements("reduce_scatter", output.len(), dtype, "the output")?;
+        args::world_multiple(
+            "reduce_scatter",
+            input.len(),
+            "input",
+            output.len(),
+            "output",
+            self.world,
+        )?;
+        mpi_bytes("reduce_scatter", input.len())?;
+        self.timed(OpKind::ReduceScatter, input.len(), |g| {
+            let (input, op) = crate::reduce::premul_input(dtype, op, input);
+            if output.is_empty() {
+                return Ok(());
+            }
+            let mut all = std::mem::take(&mut g.all);
+            all.resize(input.len(), 0);
+            // Chunk `rank` of every rank's input, in rank order.
+            g.comm.all_to_all_into(&input[..], &mut all[..]);
+            reduce_into(g.simd, dtype, op, output, &pieces(&all, g.world));
+            g.all = all;
+            Ok(())
+        })
+    }
+    fn broadcast_raw(&mut self, buf: &mut [u8], root: usize) -> Result<()> {
+        args::root("broadcast", root, self.world)?;
+        mpi_bytes("broadcast", buf.len())?;
+        self.timed(OpKind::Broadcast, buf.len(), |g| {
+            if !buf.is_empty() {
+                g.comm.process_at_rank(root as i32).broadcast_into(buf);
+            }
+            Ok(())
+        })
+    }
+    fn barrier(&mut self) -> Result<()> {
+        self.timed(OpKind::Barrier, 0, |g| {
+            g.comm.barrier();
+            Ok(())
+        })
+    }
+    fn send_recv_raw(&mut self, ops: &mut [P2p<'_>], _dtype: DType) -> Result<()> {
+        let n = ops.iter().map(P2p::len).sum();
+        self.timed(OpKind::SendRecv, n, |g| mpi_send_recv(&g.comm, ops))
+    }
+    fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<Box<dyn Communicator>>> {
+        let g = mpi_split(&self.comm, color, key)?;
+        Ok(g.map(|comm| Box::new(MpiGroup::new(comm)) as Box<dyn Communicator>))
+    }
+    fn stats(&self) -> CommStats {
+        self.stats.clone()
     }
 }

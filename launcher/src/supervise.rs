@@ -28,8 +28,13 @@ const KILL_WAIT: Duration = Duration::from_secs(2);
 const DRAIN_WAIT: Duration = Duration::from_secs(1);
 /// tprun's exit code on `--timeout`, the same as timeout(1).
 pub(crate) const TIMEOUT_EXIT: i32 = 124;
+/// tprun's exit code when stopped processes held ranks that had ended (the job did not end by
+/// itself, whatever the ended processes' own statuses).
+const HELD_EXIT: i32 = 1;
 /// Lines of a failing rank's stderr shown under the summary when it wrote no error file.
 const TAIL_LINES: usize = 10;
+/// How often the loop looks for ranks that ended under a stopped process (a scan of /proc).
+const HELD_CHECK: Duration = Duration::from_millis(250);
 
 struct Rank {
     rank: usize,
@@ -78,6 +83,8 @@ enum Cause {
     Failed(usize),
     Signal(Signal),
     Timeout,
+    /// Every rank had ended, but stopped processes held them (one line per rank).
+    Held(Vec<String>),
 }
 
 /// The monitor's state between ticks.
@@ -96,6 +103,8 @@ struct Monitor<'a> {
     /// Where to write the flight records at teardown (`--trace`), and whether that was done.
     flight_out: Option<&'a Path>,
     flight_noted: bool,
+    /// When to look for ranks held by a stopped process next.
+    next_held_check: Instant,
 }
 
 pub(crate) fn run(
@@ -132,6 +141,7 @@ pub(crate) fn run(
         killed_at: None,
         flight_out,
         flight_noted: false,
+        next_held_check: start + HELD_CHECK,
     };
     let res = m.watch(handlers);
     let code = m.exit_code();
@@ -224,6 +234,7 @@ impl Monitor<'_> {
                 self.on_signal(sig, nth);
             }
             self.check_timeout();
+            self.check_held();
             if self.escalate() {
                 return Ok(());
             }
@@ -365,6 +376,56 @@ impl Monitor<'_> {
         }
     }
 
+    /// A stopped process must not hold a job whose ranks have all ended until `--timeout`: a
+    /// stopped guard above its ended program is resumed (it then reports the program's status),
+    /// and when every running rank has ended under a stopped process (a wrapper between the
+    /// guard and the real rank), the job ends here and what is left is killed.
+    fn check_held(&mut self) {
+        if self.cause.is_some() || self.killed_at.is_some() || Instant::now() < self.next_held_check
+        {
+            return;
+        }
+        self.next_held_check = Instant::now() + HELD_CHECK;
+        let procs = reaper::processes();
+        let mut lines = Vec::new();
+        let mut all_held = true;
+        for rk in running(&self.ranks) {
+            match reaper::held(rk.pid, &procs) {
+                Some(reaper::Held::Guard) => {
+                    self.relay.note(format!(
+                        "tprun: rank {}'s guard (pid {}) was stopped after its program ended; resuming it",
+                        rk.rank, rk.pid
+                    ));
+                    // The guard is tprun's unreaped child, so its pid is its own. Only the guard
+                    // resumes: anything else stopped under it stays stopped.
+                    let _ = nix::sys::signal::kill(Pid::from_raw(rk.pid), Signal::SIGCONT);
+                    all_held = false;
+                }
+                Some(reaper::Held::Stopped { stopped, ended }) => lines.push(format!(
+                    "rank {}: pid {} ({}) is stopped and cannot reap pid {} ({}), which ended with {}",
+                    rk.rank,
+                    stopped.pid,
+                    stopped.comm,
+                    ended.pid,
+                    ended.comm,
+                    describe(ExitStatus::from_raw(ended.exit_status))
+                )),
+                None => all_held = false,
+            }
+        }
+        if !all_held || lines.is_empty() {
+            return;
+        }
+        self.relay.note(
+            "tprun: every rank has ended, but stopped processes hold the job; killing what is left"
+                .into(),
+        );
+        self.cause = Some(Cause::Held(lines));
+        // A stopped process keeps SIGTERM pending until it is resumed: only SIGKILL ends it.
+        signal_groups(running(&self.ranks), Signal::SIGKILL);
+        self.killed_at = Some(Instant::now());
+    }
+
     /// SIGKILL once the grace period is over; true when ranks outlived even that.
     fn escalate(&mut self) -> bool {
         if self.killed_at.is_none() && self.kill_at.is_some_and(|t| Instant::now() >= t) {
@@ -392,6 +453,7 @@ impl Monitor<'_> {
             Some(Cause::Failed(r)) => self.ranks[*r].exit.map_or(1, |(st, _)| exit_code(st)),
             Some(Cause::Signal(sig)) => 128 + *sig as i32,
             Some(Cause::Timeout) => TIMEOUT_EXIT,
+            Some(Cause::Held(_)) => HELD_EXIT,
         }
     }
 }
@@ -503,6 +565,13 @@ fn summary(cause: &Cause, ranks: &[Rank], launch: &LaunchArgs) -> String {
             "tprun: timed out after {}s (exit code {TIMEOUT_EXIT})",
             launch.timeout.map_or(0.0, |t| t.as_secs_f64())
         ),
+        Cause::Held(lines) => {
+            let _ = writeln!(
+                s,
+                "tprun: every rank had ended, but stopped processes held the job (exit code {HELD_EXIT}):"
+            );
+            lines.iter().try_for_each(|l| writeln!(s, "tprun:   {l}"))
+        }
     };
     let rows: Vec<[String; 5]> = ranks
         .iter()

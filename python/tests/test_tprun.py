@@ -17,7 +17,8 @@ TPRUN = os.environ.get("TPRUN_BIN", str(ROOT / "target" / "debug" / "tprun"))
 
 
 def shm_names():
-    return {p.name for p in Path("/dev/shm").glob("tprun-*")}
+    """Named segments: /dev/shm/tprun-<uid>/<key> (the directory goes once empty)."""
+    return {str(p.relative_to("/dev/shm")) for p in Path("/dev/shm").glob("tprun-*/*")}
 
 
 def run(cmd, timeout=300):

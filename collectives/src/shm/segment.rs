@@ -7,8 +7,9 @@
 //!   is an `O_TMPFILE` (or immediately unlinked) file in that directory instead, so tests can use
 //!   a small tmpfs.
 //! - **named** (ranks started some other way, e.g. by torchrun or by hand): rank 0 creates
-//!   `/dev/shm/tprun-<uid>-<run id>` with `O_EXCL`, the others wait for it (with the deadline),
-//!   and the last rank to map it unlinks the name, so it exists only during start-up.
+//!   `/dev/shm/tprun-<uid>/<run id>` with `O_EXCL`, the others wait for it (with the deadline),
+//!   and the last rank to map it unlinks the name (and the directory once empty), so it exists
+//!   only during start-up. The directory is this user's alone (see [`named_dir`]).
 //! - **in-process** ([`JobSegment::create_with`] + [`JobSegment::communicators`], or
 //!   `ShmComm::new_group`): one memfd, one communicator per thread, for tests.
 //!
@@ -135,7 +136,7 @@ impl Mapping {
             if h.attached.load(SeqCst) < h.world_size.load(SeqCst)
                 && h.unlinked.compare_exchange(0, 1, SeqCst, SeqCst).is_ok()
             {
-                let _ = nix::unistd::unlink(name);
+                unlink_named(name);
             }
         }
     }
@@ -455,12 +456,26 @@ pub(crate) fn attach_fd(fd_s: &str, world: usize) -> Result<(Arc<Mapping>, Layou
     Ok((Arc::new(map), lay))
 }
 
-/// The directory and name of the named segment for `key` (run id or master port).
+/// The directory of named segments: `tprun-<uid>` under `TPRUN_SHM_DIR`, else under
+/// `XDG_RUNTIME_DIR`, else under /dev/shm.
+///
+/// Why a directory of our own: in a directory every user can write (/dev/shm), another local
+/// user could create a job's name first and so block, read or forge that job (its key, a port or
+/// a Slurm job id, is easy to guess). Only we can create names in a directory that is ours with
+/// mode 700, so the file names in it need no secret. The directory itself must be checked (see
+/// [`private_dir`]): someone else may have made it first.
+pub(crate) fn named_dir() -> PathBuf {
+    let base = [ENV_DIR, "XDG_RUNTIME_DIR"]
+        .iter()
+        .find_map(|v| std::env::var_os(v).filter(|d| !d.is_empty()))
+        .map_or_else(|| PathBuf::from("/dev/shm"), PathBuf::from);
+    // SAFETY: getuid cannot fail and touches no memory of ours.
+    let uid = unsafe { libc::getuid() };
+    base.join(format!("tprun-{uid}"))
+}
+
+/// The path of the named segment for `key` (run id or master port) in [`named_dir`].
 pub(crate) fn named_path(key: &str) -> PathBuf {
-    let dir = std::env::var_os(ENV_DIR)
-        .filter(|d| !d.is_empty())
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from("/dev/shm"));
     let safe: String = key
         .chars()
         .map(|c| {
@@ -472,9 +487,61 @@ pub(crate) fn named_path(key: &str) -> PathBuf {
         })
         .take(100)
         .collect();
+    named_dir().join(safe)
+}
+
+/// Checks that `dir` is a directory (not a link) of this user that nobody else can use (mode
+/// 700), creating it first when `create`. `Ok(false)`: it does not exist (and `!create`).
+fn private_dir(dir: &Path, create: bool) -> Result<bool> {
+    if create {
+        match nix::unistd::mkdir(dir, Mode::S_IRWXU) {
+            Ok(()) | Err(Errno::EEXIST) => {}
+            Err(e) => {
+                return Err(setup(format!(
+                    "cannot create the directory {} for the job's shared memory: {}",
+                    dir.display(),
+                    e.desc()
+                )))
+            }
+        }
+    }
+    let st = match nix::sys::stat::lstat(dir) {
+        Ok(st) => st,
+        Err(Errno::ENOENT) if !create => return Ok(false),
+        Err(e) => {
+            return Err(setup(format!(
+                "cannot stat {}: {}",
+                dir.display(),
+                e.desc()
+            )))
+        }
+    };
     // SAFETY: getuid cannot fail and touches no memory of ours.
-    let uid = unsafe { libc::getuid() };
-    dir.join(format!("tprun-{uid}-{safe}"))
+    let me = unsafe { libc::getuid() };
+    dir_ok(dir, st.st_uid, st.st_mode, me).map(|()| true)
+}
+
+/// The test of [`private_dir`], apart from the lstat.
+fn dir_ok(dir: &Path, uid: u32, mode: u32, me: u32) -> Result<()> {
+    let is_dir = mode & libc::S_IFMT == libc::S_IFDIR;
+    if is_dir && uid == me && mode & 0o077 == 0 {
+        return Ok(());
+    }
+    Err(setup(format!(
+        "{} is {} owned by uid {uid} with mode {:03o}, but the job's shared memory needs a directory of this user (uid {me}) with mode 700 that nobody else can use: remove it, or set {ENV_DIR} to a directory of yours",
+        dir.display(),
+        if is_dir { "a directory" } else { "not a directory" },
+        mode & 0o777
+    )))
+}
+
+/// Removes a named segment's name, then its directory if that is now empty (another job's
+/// segment in it keeps it; a rank 0 that loses its directory this way makes it again).
+fn unlink_named(path: &Path) {
+    let _ = nix::unistd::unlink(path);
+    if let Some(dir) = path.parent() {
+        let _ = std::fs::remove_dir(dir);
+    }
 }
 
 fn open_existing(path: &Path) -> std::result::Result<OwnedFd, Errno> {
@@ -531,11 +598,17 @@ fn stale(fd: &OwnedFd) -> bool {
 fn create_named(path: &Path, lay: &Layout) -> Result<Mapping> {
     let mode = Mode::from_bits_truncate(0o600);
     let flags = OFlag::O_CREAT | OFlag::O_EXCL | OFlag::O_RDWR | OFlag::O_CLOEXEC;
+    let dir = path.parent().unwrap_or(Path::new("/"));
     let mut replaced = false;
+    // Another job's last rank may remove the (empty) directory between our check and our
+    // create: then make it again, a bounded number of times.
+    let mut lost_dir = 0;
     let fd = loop {
+        private_dir(dir, true)?;
         match nix::fcntl::open(path, flags, mode) {
             // SAFETY: fresh fd from `open`.
             Ok(fd) => break unsafe { OwnedFd::from_raw_fd(fd) },
+            Err(Errno::ENOENT) if lost_dir < 100 => lost_dir += 1,
             Err(Errno::EEXIST) if !replaced => {
                 replaced = true;
                 if let Ok(old) = open_existing(path) {
@@ -559,7 +632,6 @@ fn create_named(path: &Path, lay: &Layout) -> Result<Mapping> {
             }
         }
     };
-    let dir = path.parent().unwrap_or(Path::new("/"));
     let res = reserve(fd.as_fd(), lay.total, &dir.display().to_string(), Some(dir))
         .and_then(|()| Mapping::map(fd, lay.total, &path.display().to_string()));
     match res {
@@ -569,7 +641,7 @@ fn create_named(path: &Path, lay: &Layout) -> Result<Mapping> {
             Ok(m)
         }
         Err(e) => {
-            let _ = nix::unistd::unlink(path);
+            unlink_named(path);
             Err(e)
         }
     }
@@ -580,7 +652,12 @@ fn create_named(path: &Path, lay: &Layout) -> Result<Mapping> {
 fn open_named(path: &Path, world: usize, deadline: Instant) -> Result<Mapping> {
     let mut sleep = Duration::from_millis(1);
     let mut last = String::from("it does not exist");
+    let dir = path.parent().unwrap_or(Path::new("/"));
     loop {
+        // Fails at once on a directory someone else made, rather than at the deadline.
+        if !private_dir(dir, false)? {
+            last = format!("its directory {} does not exist", dir.display());
+        }
         match open_existing(path) {
             Ok(fd) => {
                 check_private(&fd, path)?;
@@ -644,7 +721,7 @@ pub(crate) fn attach_named(
     if h.attached.fetch_add(1, SeqCst) as usize + 1 == world
         && h.unlinked.compare_exchange(0, 1, SeqCst, SeqCst).is_ok()
     {
-        let _ = nix::unistd::unlink(&path);
+        unlink_named(&path);
     }
     Ok((Arc::new(map), lay))
 }
@@ -658,6 +735,7 @@ mod tests {
     fn a_named_segment_others_can_read_is_refused() {
         let dir = std::env::temp_dir().join(format!("tprun-seg-test-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
         let path = dir.join("tprun-0-shared");
         std::fs::write(&path, [0u8; PAGE]).unwrap();
         std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
@@ -684,5 +762,54 @@ mod tests {
         assert!(e.contains("this user (uid 1000)"), "{e}");
         assert!(owner_and_mode_ok(p, 1000, 0o100600, 1000).is_ok());
         assert!(owner_and_mode_ok(p, 1000, 0o100660, 1000).is_err());
+    }
+
+    #[test]
+    fn a_segment_directory_others_can_use_is_refused() {
+        let d = Path::new("/dev/shm/tprun-1000");
+        let e = dir_ok(d, 1001, libc::S_IFDIR | 0o700, 1000)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("/dev/shm/tprun-1000 is a directory owned by uid 1001 with mode 700"),
+            "{e}"
+        );
+        assert!(
+            e.contains("this user (uid 1000)") && e.contains(ENV_DIR),
+            "{e}"
+        );
+        let e = dir_ok(d, 1000, libc::S_IFDIR | 0o777, 1000).unwrap_err();
+        assert!(e.to_string().contains("mode 777"), "{e}");
+        let e = dir_ok(d, 1000, libc::S_IFREG | 0o700, 1000).unwrap_err();
+        assert!(e.to_string().contains("is not a directory"), "{e}");
+        assert!(dir_ok(d, 1000, libc::S_IFDIR | 0o700, 1000).is_ok());
+    }
+
+    #[test]
+    fn the_segment_directory_is_made_private_and_checked() {
+        let base = std::env::temp_dir().join(format!("tprun-seg-dir-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&base);
+        std::fs::create_dir_all(&base).unwrap();
+        let dir = base.join("tprun-x");
+        assert!(!private_dir(&dir, false).unwrap());
+        assert!(private_dir(&dir, true).unwrap());
+        let mode = std::fs::metadata(&dir).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o700);
+        // Opened up afterwards (or made so by someone else): refused, by creator and openers.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        for create in [true, false] {
+            let e = private_dir(&dir, create).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{} is a directory", dir.display())),
+                "{e}"
+            );
+        }
+        // A link to a private directory is not one.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o700)).unwrap();
+        let link = base.join("tprun-link");
+        std::os::unix::fs::symlink(&dir, &link).unwrap();
+        let e = private_dir(&link, true).unwrap_err().to_string();
+        let _ = std::fs::remove_dir_all(&base);
+        assert!(e.contains("is not a directory"), "{e}");
     }
 }
