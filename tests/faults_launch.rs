@@ -17,8 +17,6 @@ use common::{children_of, env_of, finish, proc_stat, tprun, Finished, TempDir};
 const LIMIT: Duration = Duration::from_secs(90);
 /// `--timeout` of the held-job runs: ending there would mean the fix did not work.
 const TIMEOUT: &str = "600";
-/// How long the job's processes get to disappear after tprun exits.
-const GONE_LIMIT: Duration = Duration::from_secs(10);
 
 fn clean(mut c: Command) -> Command {
     for v in [
