@@ -208,9 +208,9 @@ mod mpi {
                         .ok()
                 })
                 .unwrap_or(0);
-            // 4 sizes x 17 checks (18 at a root) in the world (69) and in a group of 2 (70),
+            // 4 sizes x 16 checks (17 at a root) in the world (65) and in a group of 2 (66),
             // the world after the split and the nested split.
-            assert_eq!(checks, 141, "rank {rank}: {got:?}\n{}", r.stdout);
+            assert_eq!(checks, 133, "rank {rank}: {got:?}\n{}", r.stdout);
         }
     }
 
