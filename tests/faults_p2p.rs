@@ -80,15 +80,18 @@ fn kill_inside(mode: &str, n: usize, victim: usize, shm_dir: Option<&Path>) -> F
         c.env("TPRUN_SHM_DIR", d);
     }
     let started = Instant::now();
-    let child = c.spawn().expect("start tprun");
+    let mut child = c.spawn().expect("start tprun");
     let tprun_pid = child.id();
     let mut pids = vec![0u32; n];
     let t = Instant::now();
     while !(0..n).all(|r| tmp.join(format!("ready.{r}")).exists()) {
-        assert!(
-            t.elapsed() < LIMIT,
-            "{mode}: the ranks never all got into the loop"
-        );
+        if t.elapsed() > LIMIT || child.try_wait().unwrap().is_some() {
+            let f = finish(child, started, Duration::from_secs(10));
+            panic!(
+                "{mode}: the ranks never all got into the loop:\n{}",
+                f.stderr
+            );
+        }
         std::thread::sleep(Duration::from_millis(10));
     }
     for p in rank_programs_of(tprun_pid) {
@@ -158,7 +161,8 @@ fn a_rank_killed_mid_send_ends_the_job_and_the_receiver_names_it() {
     println!("CASE mid-send: {line}");
 }
 
-/// Rank 1 of 3 killed inside a 4 MiB all-to-all: the others name all_to_all and rank 1.
+/// Rank 1 of 3 killed inside an all-to-all (1 MiB per peer): the others name all_to_all and
+/// rank 1 (or the launcher's abort for it).
 #[test]
 fn a_rank_killed_mid_all_to_all_ends_the_job_and_the_others_name_it() {
     let f = kill_inside("all-to-all", 3, 1, None);

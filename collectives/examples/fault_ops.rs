@@ -3,7 +3,7 @@
 //! so the test knows when to kill a rank. MODE:
 //! - `send`: rank 0 sends 4 MiB messages (several shared-memory slots each) to rank 1, which
 //!   receives them; other ranks idle;
-//! - `all-to-all`: every rank runs a 4 MiB all-to-all;
+//! - `all-to-all`: every rank runs an all-to-all of 1 MiB per peer;
 //! - `group`: the ranks split into groups of 2 (0-1, 2-3, ...) and all-reduce 1 MiB in their group.
 //!
 //! An error is printed as `fault_ops: rank R: error: ...` and the program exits 1. SIGTERM is
@@ -58,8 +58,9 @@ fn run(comm: &mut dyn Communicator, mode: &str, dir: &std::path::Path) -> anyhow
             }
         }
         "all-to-all" => {
-            let input = vec![me as f32; MIB];
-            let mut output = vec![0f32; MIB];
+            // 1 MiB to each peer.
+            let input = vec![me as f32; n * MIB / 4];
+            let mut output = vec![0f32; n * MIB / 4];
             for k in 0.. {
                 comm.all_to_all(&input, &mut output)?;
                 ready(k)?;
