@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{children_of, env_of, finish, proc_stat, tprun, Finished, TempDir};
+use common::{children_of, env_of, finish, names_under, proc_stat, tprun, Finished, TempDir};
 
 /// Hang limit of one run (far above a normal one; the `--timeout` given is above this, so a job
 /// held until `--timeout` fails the test instead of passing).
@@ -249,24 +249,6 @@ fn run_pair(key: &str, env: &[(&str, &Path)]) -> Vec<Finished> {
         .collect()
 }
 
-/// Entries under `dir` whose name contains `key` (one level down too).
-fn names_with(dir: &Path, key: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_name().to_string_lossy().contains(key) {
-            out.push(e.path());
-        }
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
-                if f.file_name().to_string_lossy().contains(key) {
-                    out.push(f.path());
-                }
-            }
-        }
-    }
-    out
-}
-
 fn chown(p: &Path, uid: u32) {
     std::os::unix::fs::chown(p, Some(uid), Some(uid)).unwrap();
 }
@@ -289,7 +271,7 @@ fn another_users_file_at_the_old_segment_name_does_not_block_hand_started_ranks(
     std::fs::set_permissions(&squat, std::fs::Permissions::from_mode(0o600)).unwrap();
     chown(&squat, NOBODY);
     let runs = run_pair(&key, &[]);
-    let left: Vec<PathBuf> = names_with(Path::new("/dev/shm"), &key)
+    let left: Vec<PathBuf> = names_under(Path::new("/dev/shm"), &key)
         .into_iter()
         .filter(|p| *p != squat)
         .collect();

@@ -13,7 +13,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{env_of, finish, proc_stat, rank_programs_of, tprun, Finished, TempDir};
+use common::{env_of, finish, names_under, proc_stat, rank_programs_of, tprun, Finished, TempDir};
 
 /// Hang limit of one run.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -36,28 +36,6 @@ fn fault_ops() -> PathBuf {
         .parent()
         .unwrap()
         .join("examples/fault_ops")
-}
-
-/// Everything under /dev/shm (one level into directories) whose name contains `tag`.
-fn shm_with(tag: &str) -> Vec<PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir("/dev/shm")
-        .into_iter()
-        .flatten()
-        .flatten()
-    {
-        if e.file_name().to_string_lossy().contains(tag) {
-            out.push(e.path());
-        }
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
-                if f.file_name().to_string_lossy().contains(tag) {
-                    out.push(f.path());
-                }
-            }
-        }
-    }
-    out
 }
 
 /// Runs `tprun -n N -- fault_ops MODE DIR`, SIGKILLs rank `victim` once every rank is in its
@@ -127,7 +105,7 @@ fn kill_inside(mode: &str, n: usize, victim: usize, shm_dir: Option<&Path>) -> F
         std::thread::sleep(Duration::from_millis(20));
     }
     // No name of the job in /dev/shm (its run id is tprun-<pid>-<time>) or in TPRUN_SHM_DIR.
-    let left = shm_with(&format!("tprun-{tprun_pid}-"));
+    let left = names_under(Path::new("/dev/shm"), &format!("tprun-{tprun_pid}-"));
     assert!(left.is_empty(), "{mode}: left in /dev/shm: {left:?}");
     if let Some(d) = shm_dir {
         let left: Vec<_> = std::fs::read_dir(d).unwrap().flatten().collect();

@@ -485,8 +485,7 @@ impl Communicator for HierComm {
         self.op(OpKind::SendRecv, n, |c| mpi_send_recv(&c.world_comm, ops))
     }
     fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<Box<dyn Communicator>>> {
-        let g = mpi_split(&self.world_comm, color, key)?;
-        Ok(g.map(|comm| Box::new(MpiGroup::new(comm)) as Box<dyn Communicator>))
+        mpi_split(&self.world_comm, color, key)
     }
     fn stats(&self) -> CommStats {
         self.stats.clone()
@@ -572,14 +571,14 @@ fn mpi_send_recv(comm: &SimpleCommunicator, ops: &mut [P2p<'_>]) -> Result<()> {
     }
 }
 
-/// MPI_Comm_split of `comm` with the trait's semantics. The trait's colors are u32 and keys i64,
+/// MPI_Comm_split of `comm` with the trait's semantics, as an [`MpiGroup`]. The trait's colors are u32 and keys i64,
 /// MPI's both C ints: every rank's color and key are gathered first, each rank computes its new
 /// number (key, then rank here) and the color's index, and passes those to MPI.
 fn mpi_split(
     comm: &SimpleCommunicator,
     color: Option<u32>,
     key: i64,
-) -> Result<Option<SimpleCommunicator>> {
+) -> Result<Option<Box<dyn Communicator>>> {
     let (n, me) = (comm.size() as usize, comm.rank() as usize);
     let mine = [color.map_or(-1, i64::from), key];
     let mut all = vec![0i64; 2 * n];
@@ -604,7 +603,7 @@ fn mpi_split(
     colors.dedup();
     let index = colors.binary_search(&c).unwrap_or(0);
     comm.split_by_color_with_key(Color::with_value(index as i32), new_rank as i32)
-        .map(Some)
+        .map(|g| Some(Box::new(MpiGroup::new(g)) as Box<dyn Communicator>))
         .ok_or_else(|| {
             CommError::Setup(format!(
                 "MPI_Comm_split gave rank {me} (color {c}) no communicator"
@@ -748,8 +747,7 @@ impl Communicator for MpiGroup {
         self.timed(OpKind::SendRecv, n, |g| mpi_send_recv(&g.comm, ops))
     }
     fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<Box<dyn Communicator>>> {
-        let g = mpi_split(&self.comm, color, key)?;
-        Ok(g.map(|comm| Box::new(MpiGroup::new(comm)) as Box<dyn Communicator>))
+        mpi_split(&self.comm, color, key)
     }
     fn stats(&self) -> CommStats {
         self.stats.clone()

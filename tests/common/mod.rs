@@ -130,6 +130,25 @@ pub fn env_of(pid: u32) -> String {
         .unwrap_or_default()
 }
 
+/// Entries under `dir` whose name contains `tag`, and entries one level down in its
+/// directories (named segments live in `/dev/shm/tprun-<uid>/`).
+pub fn names_under(dir: &Path, tag: &str) -> Vec<PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        if e.file_name().to_string_lossy().contains(tag) {
+            out.push(e.path());
+        }
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            for f in std::fs::read_dir(e.path()).into_iter().flatten().flatten() {
+                if f.file_name().to_string_lossy().contains(tag) {
+                    out.push(f.path());
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Collects everything `r` yields on a thread (so a chatty child never blocks on a full pipe).
 pub fn drain(mut r: impl Read + Send + 'static) -> JoinHandle<String> {
     std::thread::spawn(move || {
