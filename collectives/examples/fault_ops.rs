@@ -29,7 +29,9 @@ fn main() {
     };
     let rank = comm.rank();
     if let Err(e) = run(&mut *comm, mode, std::path::Path::new(dir)) {
-        eprintln!("fault_ops: rank {rank}: error: {e:#}");
+        // One write, so the line reaches tprun whole (eprintln! writes it in pieces).
+        let line = format!("fault_ops: rank {rank}: error: {e:#}\n");
+        let _ = std::io::Write::write_all(&mut std::io::stderr(), line.as_bytes());
         std::process::exit(1);
     }
 }

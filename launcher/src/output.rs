@@ -387,9 +387,7 @@ impl Writer {
                     counts
                         .taken
                         .fetch_add(line.len() as u64 + 1, Ordering::Relaxed);
-                    self.break_line(STDERR);
-                    self.sinks[STDERR].write(format!("{line}\n").as_bytes());
-                    self.release(STDERR);
+                    self.on_note(&line);
                 }
                 Ok(Msg::Close) => closed = true,
                 Ok(Msg::Abandon) | Err(RecvTimeoutError::Disconnected) => break,
@@ -419,6 +417,18 @@ impl Writer {
         }
         self.pending[rank][stream].extend_from_slice(bytes);
         self.pump(rank, stream);
+    }
+
+    /// One of tprun's own lines, on stderr between the ranks' lines: an open line is ended first,
+    /// and no rank's partial line may start before the note is out (it would run into the note,
+    /// and the rest of it be taken for the note's line).
+    fn on_note(&mut self, line: &str) {
+        if let Some(rank) = self.sinks[STDERR].open.take() {
+            self.broken[rank][STDERR] = true;
+            self.sinks[STDERR].write(b"\n");
+        }
+        self.sinks[STDERR].write(format!("{line}\n").as_bytes());
+        self.release(STDERR);
     }
 
     /// Puts rank `rank`'s pending bytes on stream `s`, or parks them while another rank's line is
@@ -577,5 +587,22 @@ mod tests {
         );
         data(&mut w, 1, b"y\n");
         assert_eq!(text(&out), "[rank0]: tok\n[rank1]: xy\n");
+    }
+
+    #[test]
+    fn a_note_never_lands_inside_a_waiting_partial_line() {
+        let (mut w, _) = writer(3);
+        let err = Shared::default();
+        w.sinks[STDERR].out = Box::new(err.clone());
+        w.on_data(2, STDERR, b"rank 2: error: all_to_all");
+        w.on_data(0, STDERR, b"rank ");
+        w.on_note("tprun: rank 1 failed");
+        w.on_data(0, STDERR, b"0: error: all_to_all #11\n");
+        w.on_data(2, STDERR, b" #11\n");
+        assert_eq!(
+            text(&err),
+            "[rank2]: rank 2: error: all_to_all\ntprun: rank 1 failed\n\
+             [rank0]: rank 0: error: all_to_all #11\n[rank2]:  #11\n"
+        );
     }
 }
