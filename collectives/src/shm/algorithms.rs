@@ -37,6 +37,14 @@ impl ShmComm {
         crate::types::check_reducible("all_reduce", dtype, op)?;
         let e = dtype.size();
         let count = self.check_len(buf.len(), dtype, "the buffer")?;
+        // PreMulSum: this rank's input, scaled in place, is what it contributes to a sum.
+        let op = match op {
+            ReduceOp::PreMulSum(f) => {
+                crate::reduce::scale_in_place(dtype, buf, f);
+                ReduceOp::Sum
+            }
+            op => op,
+        };
         if self.world == 1 || count == 0 {
             return Ok(());
         }
@@ -200,6 +208,8 @@ impl ShmComm {
         let count = self.check_len(output.len(), dtype, "the output")?;
         let ob = output.len();
         self.check_world_len("input", input.len(), "output", ob)?;
+        let (input, op) = crate::reduce::premul_input(dtype, op, input);
+        let input: &[u8] = &input;
         let me = self.rank;
         if self.world == 1 {
             output.copy_from_slice(input);
