@@ -27,6 +27,8 @@ struct State {
     generation: u64,
     seq: u64,
     aborted: Option<usize>,
+    /// Collective waits each rank has entered, so a timeout can name a rank that is behind.
+    entered: Vec<u64>,
     /// Point-to-point messages posted and not yet received: `queues[src * world + dst]`, in the
     /// order `src` sent them.
     queues: Vec<VecDeque<Vec<u8>>>,
@@ -53,6 +55,7 @@ impl Shared {
                 generation: 0,
                 seq: 0,
                 aborted,
+                entered: vec![0; world],
                 queues: vec![VecDeque::new(); world * world],
                 pending: HashMap::new(),
                 children: Vec::new(),
@@ -113,12 +116,12 @@ impl ThreadComm {
     }
 
     /// Waits on the group's condition variable while `pending(state)` holds; fails once the
-    /// group is aborted or after [`DEADLINE`] (naming `missing`, the rank waited for).
+    /// group is aborted or after [`DEADLINE`] (naming `missing(state)`, the rank waited for).
     fn wait_while<'a>(
         &'a self,
         mut st: MutexGuard<'a, State>,
         op: &'static str,
-        missing: usize,
+        missing: impl Fn(&State) -> usize,
         mut pending: impl FnMut(&State) -> bool,
     ) -> Result<MutexGuard<'a, State>> {
         let start = Instant::now();
@@ -136,7 +139,7 @@ impl ThreadComm {
                 return Err(CommError::Timeout {
                     op,
                     seq: st.seq,
-                    missing,
+                    missing: missing(&st),
                     waited_s: start.elapsed().as_secs_f64(),
                 });
             }
@@ -154,6 +157,7 @@ impl ThreadComm {
         let mut st = self.shared.lock();
         let gen = st.generation;
         st.arrived += 1;
+        st.entered[self.rank] += 1;
         if st.arrived == self.shared.world {
             st.arrived = 0;
             st.generation += 1;
@@ -161,7 +165,13 @@ impl ThreadComm {
             self.shared.cv.notify_all();
             return Ok(());
         }
-        drop(self.wait_while(st, op, usize::MAX, |st| st.generation == gen)?);
+        let me = self.rank;
+        let behind = |st: &State| {
+            (0..st.entered.len())
+                .find(|&r| st.entered[r] < st.entered[me])
+                .unwrap_or(me)
+        };
+        drop(self.wait_while(st, op, behind, |st| st.generation == gen)?);
         Ok(())
     }
 
@@ -329,7 +339,8 @@ impl Communicator for ThreadComm {
             };
             let q = *peer * n + me;
             let st = self.shared.lock();
-            let mut st = self.wait_while(st, OP, *peer, |st| st.queues[q].is_empty())?;
+            let from = *peer;
+            let mut st = self.wait_while(st, OP, |_| from, |st| st.queues[q].is_empty())?;
             let msg = st.queues[q].pop_front().expect("waited for a message");
             drop(st);
             if msg.len() != buf.len() {
