@@ -830,25 +830,21 @@ fn reference_by_hand() {
 // ShmComm (in-process groups over a memfd segment).
 
 #[test]
-#[ignore = "shm: all_reduce/reduce_scatter do not pre-scale PreMulSum; a world of 1 returns its input (NaN payloads, no PreMulSum) (lead)"]
 fn shm_every_op_type_and_reduction_at_1_to_5_ranks() {
     worlds(&shm, &[1, 2, 3, 4, 5], COUNTS);
 }
 
 #[test]
-#[ignore = "shm: all_reduce/reduce_scatter do not pre-scale PreMulSum; a world of 1 returns its input (NaN payloads, no PreMulSum) (lead)"]
 fn shm_larger_than_the_slot() {
     worlds(&shm_small_slot, &[2, 3, 5], LARGE);
 }
 
 #[test]
-#[ignore = "shm: all_reduce/reduce_scatter do not pre-scale PreMulSum; a world of 1 returns its input (NaN payloads, no PreMulSum) (lead)"]
 fn shm_every_op_in_split_and_nested_groups() {
     split_groups(&shm, COUNTS);
 }
 
 #[test]
-#[ignore = "shm: all_reduce/reduce_scatter do not pre-scale PreMulSum; a world of 1 returns its input (NaN payloads, no PreMulSum) (lead)"]
 fn shm_split_groups_larger_than_the_slot() {
     split_groups(&shm_small_slot, LARGE);
 }

@@ -45,7 +45,14 @@ impl ShmComm {
             }
             op => op,
         };
-        if self.world == 1 || count == 0 {
+        if count == 0 {
+            return Ok(());
+        }
+        if self.world == 1 {
+            // A reduction of one source: the kernels' rules still apply (canonical NaN).
+            let p = buf.as_mut_ptr();
+            // SAFETY: dst equals the one source, which reduce_raw allows; count elements.
+            unsafe { reduce_raw(self.simd, dtype, op, p, &[p as *const u8], count) };
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllReduce, Some(dtype), Some(op), 0, buf.len());
@@ -211,11 +218,21 @@ impl ShmComm {
         let (input, op) = crate::reduce::premul_input(dtype, op, input);
         let input: &[u8] = &input;
         let me = self.rank;
-        if self.world == 1 {
-            output.copy_from_slice(input);
+        if count == 0 {
             return Ok(());
         }
-        if count == 0 {
+        if self.world == 1 {
+            // SAFETY: one source of count elements, a distinct destination of as many.
+            unsafe {
+                reduce_raw(
+                    self.simd,
+                    dtype,
+                    op,
+                    output.as_mut_ptr(),
+                    &[input.as_ptr()],
+                    count,
+                )
+            };
             return Ok(());
         }
         let desc = Desc::new(OpKind::ReduceScatter, Some(dtype), Some(op), 0, ob);
@@ -336,10 +353,7 @@ impl ShmComm {
             return Ok(());
         }
         if self.world == 1 {
-            if let ReduceOp::PreMulSum(f) = op {
-                crate::reduce::scale_in_place(dtype, buf, f);
-            }
-            return Ok(());
+            return self.all_reduce_impl(buf, dtype, op);
         }
         // PreMulSum reduces a scaled copy; everything else reads `buf` itself.
         let (scaled, op) = match crate::reduce::premul_input(dtype, op, buf) {
