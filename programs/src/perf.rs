@@ -1261,5 +1261,188 @@ mod tests {
         assert_eq!(PerfOp::AllGather.bus_factor(4), 0.75);
         assert_eq!(PerfOp::ReduceScatter.bus_factor(2), 0.5);
         assert_eq!(PerfOp::Broadcast.bus_factor(8), 1.0);
+        assert_eq!(PerfOp::Reduce.bus_factor(8), 1.0);
+        assert_eq!(PerfOp::Gather.bus_factor(4), 0.75);
+        assert_eq!(PerfOp::Scatter.bus_factor(4), 0.75);
+        assert_eq!(PerfOp::AllToAll.bus_factor(2), 0.5);
+        assert_eq!(PerfOp::SendRecv.bus_factor(8), 1.0);
+    }
+
+    const OPS: [PerfOp; 9] = [
+        PerfOp::AllReduce,
+        PerfOp::AllGather,
+        PerfOp::ReduceScatter,
+        PerfOp::Broadcast,
+        PerfOp::Reduce,
+        PerfOp::Gather,
+        PerfOp::Scatter,
+        PerfOp::AllToAll,
+        PerfOp::SendRecv,
+    ];
+
+    fn setup(dtype: DType, redop: ReduceOp, n: usize, rank: usize, root: usize) -> Setup {
+        Setup {
+            dtype,
+            redop,
+            n,
+            rank,
+            root,
+            group: 0,
+        }
+    }
+
+    /// Bytes as nccl-tests counts them, on 4 ranks at 1 KiB of f32.
+    #[test]
+    fn bytes_as_nccl_tests() {
+        for (op, per, bytes) in [
+            (PerfOp::AllReduce, 256, 1024),
+            (PerfOp::Broadcast, 256, 1024),
+            (PerfOp::Reduce, 256, 1024),
+            (PerfOp::SendRecv, 256, 1024),
+            (PerfOp::AllGather, 64, 1024),
+            (PerfOp::ReduceScatter, 64, 1024),
+            (PerfOp::Gather, 64, 1024),
+            (PerfOp::Scatter, 64, 1024),
+            (PerfOp::AllToAll, 64, 1024),
+        ] {
+            let c = Case::new(op, setup(DType::F32, ReduceOp::Sum, 4, 1, 0), 1024).unwrap();
+            assert_eq!((c.per, c.bytes_count()), (per, (bytes, 256)), "{op:?}");
+        }
+        // Per-rank ops round down to ranks x element size; below that there is no row.
+        let c = Case::new(
+            PerfOp::AllToAll,
+            setup(DType::F64, ReduceOp::Sum, 3, 0, 0),
+            100,
+        );
+        assert_eq!(c.unwrap().bytes_count(), (96, 12));
+        assert!(Case::new(
+            PerfOp::Gather,
+            setup(DType::F64, ReduceOp::Sum, 4, 0, 0),
+            31
+        )
+        .is_none());
+    }
+
+    /// In a world of one every op is a copy (or the identity): the check finds no wrong element,
+    /// then exactly the one element corrupted after the call.
+    #[test]
+    fn check_counts_a_corrupted_element() {
+        for op in OPS {
+            for dtype in DType::ALL {
+                let mut c = Case::new(op, setup(dtype, ReduceOp::Sum, 1, 0, 0), 64).unwrap();
+                c.fill();
+                c.run(&mut collectives::local::SoloComm).unwrap();
+                assert_eq!(c.wrong(), 0, "{op:?} {dtype:?}");
+                let (a, b) = c.bufs.both();
+                let out = if b.is_empty() { a } else { b };
+                out[dtype.size() * 3] ^= 0x10;
+                assert_eq!(c.wrong(), 1, "{op:?} {dtype:?}");
+            }
+        }
+    }
+
+    /// The reference agrees with the in-process transport (threads as ranks) for every type and
+    /// reduction, on 3 ranks, with root 2. Not premulsum: ThreadComm's all-reduce does not
+    /// pre-scale yet (tests/perf.rs checks premulsum against the shared-memory reduce).
+    #[test]
+    fn reference_matches_thread_ranks() {
+        let ops = [
+            PerfOp::AllReduce,
+            PerfOp::AllGather,
+            PerfOp::ReduceScatter,
+            PerfOp::Broadcast,
+            PerfOp::Reduce,
+        ];
+        for dtype in DType::ALL {
+            for redop in ReduceOp::ALL {
+                if collectives::types::check_reducible("t", dtype, redop).is_err()
+                    || matches!(redop, ReduceOp::PreMulSum(_))
+                {
+                    continue;
+                }
+                let res = collectives::thread::run_world(3, |rank, comm| {
+                    let mut wrong = Vec::new();
+                    for op in ops {
+                        let mut c =
+                            Case::new(op, setup(dtype, redop, 3, rank, 2), 3 * 136).expect("a row");
+                        c.fill();
+                        c.run(comm)?;
+                        wrong.push((op, c.wrong()));
+                    }
+                    Ok(wrong)
+                });
+                for (rank, r) in res.into_iter().enumerate() {
+                    let wrong = r.unwrap_or_else(|e| panic!("{dtype:?} {redop:?}: {e:#}"));
+                    assert!(
+                        wrong.iter().all(|(_, w)| *w == 0),
+                        "{dtype:?} {redop:?} rank {rank}: {wrong:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every reduction differs from the others on perf's inputs (so a transport that applied the
+    /// wrong one would be caught), and premulsum's per-rank factors change the sum.
+    #[test]
+    fn reductions_are_told_apart() {
+        for dtype in [DType::F32, DType::F64, DType::I32, DType::U8] {
+            let outs: Vec<Vec<u8>> = ReduceOp::ALL
+                .into_iter()
+                .filter(|&o| collectives::types::check_reducible("t", dtype, o).is_ok())
+                .map(|redop| {
+                    let s = setup(dtype, redop, 3, 0, 0);
+                    with_type!(dtype, T => (0..64)
+                        .flat_map(|i| bytemuck::bytes_of(&s.reduced::<T>(i)).to_vec())
+                        .collect())
+                })
+                .collect();
+            for (i, x) in outs.iter().enumerate() {
+                for y in &outs[i + 1..] {
+                    assert_ne!(x, y, "{dtype:?}: two reductions give the same 64 elements");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn options_checked_together() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: Args,
+        }
+        let args = |v: &[&str]| Cli::try_parse_from([&["perf"], v].concat()).map(|c| c.a);
+        let err = |v: &[&str], n| format!("{:#}", check_args(&args(v).unwrap(), n).unwrap_err());
+        assert!(err(&["--redop", "band", "--dtype", "f32"], 2)
+            .starts_with("--redop band does not go with --dtype f32: band is a bitwise"));
+        assert!(err(
+            &["--op", "reduce", "--redop", "premulsum", "--dtype", "i64"],
+            2
+        )
+        .contains("premulsum takes float types"));
+        assert_eq!(
+            err(&["--group-size", "3"], 4),
+            "--group-size 3 does not divide the 4 ranks (groups are 3 consecutive ranks)"
+        );
+        assert!(err(&["--group-size", "2", "--root", "2"], 4).contains("groups of 2 ranks"));
+        // A reduction that goes with no op measured is not refused; every type parses.
+        let a = args(&[
+            "--op",
+            "all-gather,send_recv",
+            "--redop",
+            "bxor",
+            "--dtype",
+            "bf16",
+        ]);
+        check_args(&a.unwrap(), 2).unwrap();
+        for d in DType::ALL {
+            assert_eq!(args(&["--dtype", d.short_name()]).unwrap().dtype, d);
+        }
+        assert!(args(&["--dtype", "q4"]).is_err());
+        assert!(args(&["--group-size", "0"]).is_err());
+        let a = args(&["--op", "all,reduce,all-reduce"]).unwrap();
+        assert_eq!(ops_of(&a.op).len(), 5);
     }
 }
