@@ -69,13 +69,22 @@ pub(crate) type Res<T = (), E = Fail> = Result<T, E>;
 /// The result code of a collectives error: a dead, hung or aborted peer is remote; ranks that
 /// disagree on a call are its (mismatched) arguments; set-up failures are the system's.
 fn code_of(e: &CommError) -> c_int {
-    match e {
+    match innermost(e) {
         CommError::Timeout { .. } | CommError::PeerDied { .. } | CommError::Aborted { .. } => {
             tprunRemoteError
         }
         CommError::Mismatch { .. } | CommError::Invalid { .. } => tprunInvalidArgument,
         CommError::Setup(_) => tprunSystemError,
+        CommError::InGroup { .. } => tprunInternalError,
     }
+}
+
+/// The error under the group wrappers of a split communicator's errors.
+fn innermost(mut e: &CommError) -> &CommError {
+    while let CommError::InGroup { source, .. } = e {
+        e = source;
+    }
+    e
 }
 
 /// The NCCL value of a `tprunDataType_t`.
@@ -243,7 +252,7 @@ impl tprunComm {
                     };
                     // Bad arguments are refused before any data moves; anything else leaves the
                     // ranks out of step.
-                    if !matches!(e, CommError::Invalid { .. }) {
+                    if !matches!(innermost(&e), CommError::Invalid { .. }) {
                         st.failed = Some(f.clone());
                     }
                     return Err(f);

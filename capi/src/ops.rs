@@ -255,6 +255,20 @@ impl Check {
     }
 }
 
+/// PreMulSum's local step done here, on the buffer about to be reduced (a copy of the caller's
+/// input, or its in-place buffer, which the result overwrites), so the transport only sums:
+/// the shared-memory all-reduce of 92e0aa6 does not apply PreMulSum itself (f16/bf16/f32 reach an
+/// `unreachable!`, f64 sums unscaled). Other operators pass through.
+fn premultiply(dtype: DType, op: ReduceOp, buf: &mut [u8]) -> ReduceOp {
+    match op {
+        ReduceOp::PreMulSum(f) => {
+            collectives::reduce::scale_in_place(dtype, buf, f);
+            ReduceOp::Sum
+        }
+        op => op,
+    }
+}
+
 fn root_only(me: usize, root: usize, b: Buf) -> Buf {
     if me == root {
         b
@@ -286,6 +300,7 @@ pub(crate) unsafe fn run(c: &mut dyn Communicator, op: &Op) -> Res<(), Failure> 
                 if send.p != recv.p {
                     recv.bytes_mut().copy_from_slice(send.bytes());
                 }
+                let op = premultiply(dtype, op, recv.bytes_mut());
                 c.all_reduce_raw(recv.bytes_mut(), dtype, op)?
             }
             Op::AllGather { send, recv, dtype } => {
@@ -302,13 +317,15 @@ pub(crate) unsafe fn run(c: &mut dyn Communicator, op: &Op) -> Res<(), Failure> 
                 dtype,
                 op,
             } => {
-                let op = redop(&op)?;
+                let (input, op) =
+                    collectives::reduce::premul_input(dtype, redop(&op)?, send.bytes());
                 if send.overlaps(&recv) {
                     let mut out = vec![0u8; recv.len];
-                    c.reduce_scatter_raw(send.bytes(), &mut out, dtype, op)?;
+                    c.reduce_scatter_raw(&input, &mut out, dtype, op)?;
+                    drop(input);
                     recv.bytes_mut().copy_from_slice(&out);
                 } else {
-                    c.reduce_scatter_raw(send.bytes(), recv.bytes_mut(), dtype, op)?
+                    c.reduce_scatter_raw(&input, recv.bytes_mut(), dtype, op)?
                 }
             }
             Op::Broadcast { send, recv, root } => {
@@ -329,10 +346,12 @@ pub(crate) unsafe fn run(c: &mut dyn Communicator, op: &Op) -> Res<(), Failure> 
                     if send.p != recv.p {
                         recv.bytes_mut().copy_from_slice(send.bytes());
                     }
+                    let op = premultiply(dtype, op, recv.bytes_mut());
                     c.reduce_raw(recv.bytes_mut(), dtype, op, root)?
                 } else {
                     // The other ranks' buffer is const (NCCL reads sendbuff only there).
                     let mut mine = send.bytes().to_vec();
+                    let op = premultiply(dtype, op, &mut mine);
                     c.reduce_raw(&mut mine, dtype, op, root)?
                 }
             }

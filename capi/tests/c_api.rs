@@ -13,10 +13,16 @@ fn root() -> PathBuf {
         .to_path_buf()
 }
 
-/// target/<profile>, where cargo put libtprun.so and (`cargo build`) the tprun binary.
+/// target/<profile>, where `cargo build` put the tprun binary.
 fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().unwrap();
     exe.parent().unwrap().parent().unwrap().to_path_buf()
+}
+
+/// target/<profile>/deps, where this test run's build put libtprun.so and libtprun.a (cargo
+/// copies them up to target/<profile> only for `cargo build`).
+fn lib_dir() -> PathBuf {
+    target_dir().join("deps")
 }
 
 fn tprun_bin() -> PathBuf {
@@ -63,7 +69,7 @@ fn show(o: &Output) -> String {
 fn compile(dir: &Scratch, src: &Path) -> PathBuf {
     let cpp = src.extension().is_some_and(|e| e == "cpp");
     let out = dir.0.join(src.file_stem().unwrap());
-    let lib = target_dir();
+    let lib = lib_dir();
     let mut cmd = Command::new(if cpp { "c++" } else { "cc" });
     cmd.arg(if cpp { "-std=c++11" } else { "-std=c99" })
         .args(["-Wall", "-Wextra", "-Werror", "-pedantic", "-O1"])
@@ -108,6 +114,9 @@ fn tprun_with(n: usize, prog: &Path, args: &[&str], env: &[(&str, &Path)]) -> Ou
         ])
         .arg(prog)
         .args(args)
+        // cargo's LD_LIBRARY_PATH names target/<profile>, whose libtprun.so may be an older
+        // `cargo build`'s: the programs find this run's through their run path.
+        .env_remove("LD_LIBRARY_PATH")
         .envs(env.iter().copied())
         .stdin(Stdio::null())
         .output()
@@ -176,6 +185,7 @@ fn a_killed_peer_returns_a_remote_error() {
         Command::new(&prog)
             .args([&key, rank])
             .env("TPRUN_COMM_TIMEOUT_S", "60")
+            .env_remove("LD_LIBRARY_PATH")
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -239,7 +249,7 @@ fn pkg_config_and_cmake_find_the_installed_library() {
     let o = Command::new("sh")
         .arg(root().join("capi/install.sh"))
         .args(["--no-build", "--from"])
-        .arg(target_dir())
+        .arg(lib_dir())
         .arg(&prefix)
         .output()
         .unwrap();
