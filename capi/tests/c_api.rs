@@ -234,9 +234,10 @@ fn the_c_perf_sweep_prints_nccl_tests_rows() {
     let sizes: Vec<&str> = rows.iter().map(|r| r[0]).collect();
     assert_eq!(sizes, ["1024", "2048", "4096", "8192"], "{out}");
     for r in &rows {
-        assert_eq!(r.len(), 12, "{r:?}");
-        assert_eq!(r[7], "0", "wrong elements: {r:?}");
-        assert!(r[4].parse::<f64>().unwrap() > 0.0, "{r:?}");
+        assert_eq!(r.len(), 13, "{r:?}");
+        assert_eq!((r[8], r[12]), ("0", "0"), "wrong elements: {r:?}");
+        assert!(r[5].parse::<f64>().unwrap() > 0.0, "{r:?}");
+        assert!(r[9].parse::<f64>().unwrap() > 0.0, "{r:?}");
     }
 }
 

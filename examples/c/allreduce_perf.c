@@ -6,7 +6,7 @@
  *   tprun -n 4 -- ./allreduce_perf [MIN_BYTES [MAX_BYTES [ITERS [WARMUP]]]]
  * Defaults: 1 KiB to 64 MiB, 20 iterations after 5 warm-up calls, float sums. A row's time is the
  * mean per call on each rank, then the maximum over ranks (as `tprun perf`); #wrong counts the
- * elements of the last call that differ from the exact sum, over all ranks.
+ * elements of one more call on fresh inputs that differ from the exact sum, over all ranks.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -32,9 +32,14 @@ static double now(void) {
 static tprunComm_t comm;
 static int me, n;
 
-/* Mean seconds per call over `iters` (after `warmup`), maximum over ranks; #wrong over ranks. */
+static void fill(float* buf, size_t count) {
+  for (size_t i = 0; i < count; i++) buf[i] = (float)((me + i) % 8);
+}
+
+/* Mean seconds per call over `iters` (after `warmup`), maximum over ranks; then one more call on
+ * fresh inputs whose wrong elements (against the exact sum) are counted over all ranks. */
 static double run(float* send, float* recv, size_t count, int iters, int warmup, double* wrong) {
-  for (size_t i = 0; i < count; i++) send[i] = (float)((me + i) % 8);
+  fill(send, count);
   for (int i = 0; i < warmup; i++)
     CHECK(tprunAllReduce(send, recv, count, tprunFloat32, tprunSum, comm));
   CHECK(tprunBarrier(comm));
@@ -42,14 +47,13 @@ static double run(float* send, float* recv, size_t count, int iters, int warmup,
   for (int i = 0; i < iters; i++)
     CHECK(tprunAllReduce(send, recv, count, tprunFloat32, tprunSum, comm));
   double secs = (now() - t0) / iters;
-  /* In place, recv == send was reduced iters + warmup times: check only out of place. */
+  fill(send, count);
+  CHECK(tprunAllReduce(send, recv, count, tprunFloat32, tprunSum, comm));
   double bad = 0;
-  if (send != recv) {
-    for (size_t i = 0; i < count; i++) {
-      float want = 0;
-      for (int r = 0; r < n; r++) want += (float)((r + i) % 8);
-      bad += recv[i] != want;
-    }
+  for (size_t i = 0; i < count; i++) {
+    float want = 0;
+    for (int r = 0; r < n; r++) want += (float)((r + i) % 8);
+    bad += recv[i] != want;
   }
   CHECK(tprunAllReduce(&secs, &secs, 1, tprunFloat64, tprunMax, comm));
   CHECK(tprunAllReduce(&bad, &bad, 1, tprunFloat64, tprunSum, comm));
@@ -79,12 +83,13 @@ int main(int argc, char** argv) {
   if (me == 0) {
     printf("# tprunAllReduce through the C API: %d ranks, float, sum, %d iterations, %d warm-up\n",
            n, iters, warmup);
-    printf("#\n# %10s  %12s  %8s  %6s  %10s  %8s  %8s  %6s  %10s  %8s  %8s  %6s\n", "size",
-           "count", "type", "redop", "time", "algbw", "busbw", "#wrong", "time", "algbw", "busbw",
-           "#wrong");
-    printf("# %10s  %12s  %8s  %6s  %10s  %8s  %8s  %6s  %10s  %8s  %8s  %6s\n", "(B)",
-           "(elements)", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)", "");
-    printf("# %49s out-of-place %30s in-place\n", "", "");
+    printf("#\n# %55s out-of-place %30s in-place\n", "", "");
+    printf("# %10s  %12s  %8s  %6s  %4s  %10s  %8s  %8s  %6s  %10s  %8s  %8s  %6s\n", "size",
+           "count", "type", "redop", "root", "time", "algbw", "busbw", "#wrong", "time", "algbw",
+           "busbw", "#wrong");
+    printf("# %10s  %12s  %8s  %6s  %4s  %10s  %8s  %8s  %6s  %10s  %8s  %8s  %6s\n", "(B)",
+           "(elements)", "", "", "", "(us)", "(GB/s)", "(GB/s)", "", "(us)", "(GB/s)", "(GB/s)",
+           "");
   }
   for (size_t bytes = min; bytes <= max; bytes *= 2) {
     size_t count = bytes / sizeof(float);
@@ -93,10 +98,10 @@ int main(int argc, char** argv) {
     double t_in = run(recv, recv, count, iters, warmup, &w_in);
     double b = (double)(count * sizeof(float));
     if (me == 0)
-      printf("  %10zu  %12zu  %8s  %6s  %10.2f  %8.2f  %8.2f  %6.0f  %10.2f  %8.2f  %8.2f  %6s\n",
-             count * sizeof(float), count, "float", "sum", t_out * 1e6, b / t_out / 1e9,
+      printf("  %10zu  %12zu  %8s  %6s  %4d  %10.2f  %8.2f  %8.2f  %6.0f  %10.2f  %8.2f  %8.2f  %6.0f\n",
+             count * sizeof(float), count, "float", "sum", -1, t_out * 1e6, b / t_out / 1e9,
              b / t_out / 1e9 * bus, w_out, t_in * 1e6, b / t_in / 1e9, b / t_in / 1e9 * bus,
-             "N/A");
+             w_in);
     if (bytes > max / 2) break;
   }
   CHECK(tprunCommDestroy(comm));
