@@ -234,7 +234,13 @@ impl tprunComm {
         let runs = colls
             .iter()
             .map(|o| (o.name(), std::slice::from_ref(o), false))
-            .chain((!p2p.is_empty()).then(|| (p2p[0].name(), p2p, true)));
+            .chain((!p2p.is_empty()).then(|| {
+                let name = match p2p {
+                    [one] => one.name(),
+                    _ => "tprunSend/tprunRecv (grouped)",
+                };
+                (name, p2p, true)
+            }));
         for (name, ops, is_p2p) in runs {
             // SAFETY: every Op was checked when its C call was made, and the C caller keeps its
             // buffers valid until this call (or its group) returns (tprun.h).
