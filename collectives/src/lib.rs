@@ -471,6 +471,32 @@ pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
     shm::from_env()
 }
 
+/// Rank `rank` of a job of `world` ranks on this host whose processes meet by themselves, not
+/// through a launcher (ncclCommInitRank with a shared name instead of an ncclUniqueId): every
+/// rank passes the same `key`, rank 0 creates the named segment for it ([`from_env`]'s start-up
+/// rendezvous), the others wait for it until the communicator timeout, and the last to arrive
+/// removes the name. Unlike [`from_env`] any number may live in one process (distinct keys, or
+/// distinct ranks of one key on different threads). A world of one needs no segment.
+pub fn join(key: &str, world: usize, rank: usize) -> Result<Box<dyn Communicator>> {
+    let invalid = |msg: String| CommError::Invalid { op: "join", msg };
+    if key.is_empty() {
+        return Err(invalid(
+            "the job key is empty (every rank must pass the same non-empty name)".into(),
+        ));
+    }
+    if world == 0 || rank >= world {
+        return Err(invalid(format!(
+            "rank {rank} out of range for world size {world}"
+        )));
+    }
+    if world == 1 {
+        return Ok(Box::new(local::SoloComm));
+    }
+    let opts = shm::CommOptions::from_env(world).map_err(|e| CommError::Setup(format!("{e:#}")))?;
+    let (map, lay) = shm::segment::attach_named(key, world, rank, opts.timeout)?;
+    Ok(Box::new(ShmComm::attach(map, lay, rank, opts)?))
+}
+
 /// Called once by a rank process when its program is done, after its communicator is dropped:
 /// where MPI is in charge (feature `mpi`, a multi-node job) it finalizes MPI on success and
 /// calls MPI_Abort on failure, so no other rank waits for this one. Nothing otherwise.
