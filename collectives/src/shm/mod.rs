@@ -299,6 +299,7 @@ impl ShmComm {
                 algorithm,
                 steps,
                 wait_s: self.wait_s,
+                group: self.group.as_ref().map(|g| g.name.clone()),
             },
         );
     }

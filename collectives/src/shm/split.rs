@@ -25,7 +25,7 @@ use crate::{CommError, CommExt, Result};
 #[derive(Clone, Debug)]
 pub(super) struct Group {
     /// `world/<color>`, `world/<color>/<color>`, ... (the same on every member).
-    name: Arc<str>,
+    pub(super) name: Arc<str>,
     /// World rank of each group rank.
     world_ranks: Arc<[usize]>,
 }
