@@ -37,7 +37,22 @@ impl ShmComm {
         crate::types::check_reducible("all_reduce", dtype, op)?;
         let e = dtype.size();
         let count = self.check_len(buf.len(), dtype, "the buffer")?;
-        if self.world == 1 || count == 0 {
+        // PreMulSum: this rank's input, scaled in place, is what it contributes to a sum.
+        let op = match op {
+            ReduceOp::PreMulSum(f) => {
+                crate::reduce::scale_in_place(dtype, buf, f);
+                ReduceOp::Sum
+            }
+            op => op,
+        };
+        if count == 0 {
+            return Ok(());
+        }
+        if self.world == 1 {
+            // A reduction of one source: the kernels' rules still apply (canonical NaN).
+            let p = buf.as_mut_ptr();
+            // SAFETY: dst equals the one source, which reduce_raw allows; count elements.
+            unsafe { reduce_raw(self.simd, dtype, op, p, &[p as *const u8], count) };
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllReduce, Some(dtype), Some(op), 0, buf.len());
@@ -200,12 +215,24 @@ impl ShmComm {
         let count = self.check_len(output.len(), dtype, "the output")?;
         let ob = output.len();
         self.check_world_len("input", input.len(), "output", ob)?;
+        let (input, op) = crate::reduce::premul_input(dtype, op, input);
+        let input: &[u8] = &input;
         let me = self.rank;
-        if self.world == 1 {
-            output.copy_from_slice(input);
+        if count == 0 {
             return Ok(());
         }
-        if count == 0 {
+        if self.world == 1 {
+            // SAFETY: one source of count elements, a distinct destination of as many.
+            unsafe {
+                reduce_raw(
+                    self.simd,
+                    dtype,
+                    op,
+                    output.as_mut_ptr(),
+                    &[input.as_ptr()],
+                    count,
+                )
+            };
             return Ok(());
         }
         let desc = Desc::new(OpKind::ReduceScatter, Some(dtype), Some(op), 0, ob);
@@ -326,10 +353,7 @@ impl ShmComm {
             return Ok(());
         }
         if self.world == 1 {
-            if let ReduceOp::PreMulSum(f) = op {
-                crate::reduce::scale_in_place(dtype, buf, f);
-            }
-            return Ok(());
+            return self.all_reduce_impl(buf, dtype, op);
         }
         // PreMulSum reduces a scaled copy; everything else reads `buf` itself.
         let (scaled, op) = match crate::reduce::premul_input(dtype, op, buf) {

@@ -43,7 +43,18 @@ impl ShmComm {
             Some(v) => v,
             None => match self.yield_wait(p, target) {
                 Some(v) => v,
-                None => self.sleep_wait(p, target, start)?,
+                None => {
+                    let v = self.sleep_wait(p, target, start)?;
+                    // The spin gave up, but the peer came within the full budget: spinning
+                    // would have paid off, so the budget goes back up. Without this a few
+                    // unlucky waits halve it down to SPIN_FLOOR, after which every wait of a
+                    // large message outlasts the spin, sleeps and pays a futex wake-up, and
+                    // never doubles it again.
+                    if start.elapsed() <= self.opts.spin {
+                        self.spin_budget = self.opts.spin;
+                    }
+                    v
+                }
             },
         };
         self.known[p] = v;
