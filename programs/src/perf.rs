@@ -40,10 +40,10 @@ pub enum PerfOp {
     Scatter,
     #[value(alias = "all_to_all", alias = "alltoall")]
     AllToAll,
-    /// A ring: each rank sends to rank+1 and receives from rank-1 in one grouped call.
+    // A ring: each rank sends to rank+1 and receives from rank-1 in one grouped call.
     #[value(alias = "send_recv", alias = "sendrecv")]
     SendRecv,
-    /// all-reduce, all-gather, reduce-scatter and broadcast, in turn.
+    // all-reduce, all-gather, reduce-scatter and broadcast, in turn.
     All,
 }
 
