@@ -789,6 +789,7 @@ fn table_title(op: PerfOp, n: usize, world: usize, args: &Args) -> String {
     let dt = args.dtype;
     let groups = match world / n.max(1) {
         1 if args.group_size.is_none() => String::new(),
+        1 => format!(" in 1 group (--group-size {n} of {world})"),
         g => format!(" in each of {g} groups (--group-size {n} of {world})"),
     };
     let redop = match (op.reduces(), args.redop) {
