@@ -24,7 +24,7 @@ fn nvrtc_or_skip() -> Option<&'static nvrtc::Nvrtc> {
             panic!("TPRUN_REQUIRE_NVRTC=1 but NVRTC is unavailable: {why}")
         }
         Err(why) => {
-            println!("skipped: {why}");
+            crate::skips::skip("kernels nvrtc_*", &format!("NVRTC is unavailable: {why}"));
             None
         }
     }
