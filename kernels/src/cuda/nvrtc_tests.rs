@@ -1,7 +1,7 @@
 //! NVRTC compiles every kernel module to PTX and CUBIN for sm_80 and sm_90 (no GPU needed).
 //! Without libnvrtc these tests log why they skipped (`crate::skips`: a failure under `CI=true`),
-//! and fail outright with `TPRUN_REQUIRE_NVRTC=1` (CI sets
-//! it, with the PyPI wheel's folder in `TPRUN_CUDA_LIB_PATH`: .ci/nvrtc-venv), where they fail.
+//! and fail with `TPRUN_REQUIRE_NVRTC=1` (.ci/run sets it, with the PyPI wheel's folder in
+//! `TPRUN_CUDA_LIB_PATH`: .ci/nvrtc-venv).
 
 use super::cubin;
 use super::nvrtc::{self, Target};
