@@ -10,7 +10,7 @@ use std::process::{Child, Command};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{children_of, env_of, finish, names_under, proc_stat, tprun, Finished, TempDir};
+use common::{children_of, env_of, finish, proc_stat, tprun, Finished, TempDir};
 
 /// Hang limit of one run (far above a normal one; the `--timeout` given is above this, so a job
 /// held until `--timeout` fails the test instead of passing).
@@ -271,9 +271,11 @@ fn another_users_file_at_the_old_segment_name_does_not_block_hand_started_ranks(
     std::fs::set_permissions(&squat, std::fs::Permissions::from_mode(0o600)).unwrap();
     chown(&squat, NOBODY);
     let runs = run_pair(&key, &[]);
-    let left: Vec<PathBuf> = names_under(Path::new("/dev/shm"), &key)
+    // Everything of the job's but the other user's file (which must stay).
+    let squat_line = format!("file {}", squat.display());
+    let left: Vec<String> = common::leftovers(&key, 0, &[])
         .into_iter()
-        .filter(|p| *p != squat)
+        .filter(|l| *l != squat_line)
         .collect();
     let still = std::fs::metadata(&squat).map(|m| std::os::unix::fs::MetadataExt::uid(&m));
     let _ = std::fs::remove_file(&squat);

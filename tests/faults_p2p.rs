@@ -13,7 +13,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{env_of, finish, names_under, proc_stat, rank_programs_of, tprun, Finished, TempDir};
+use common::{
+    assert_no_leftovers, env_of, finish, proc_stat, rank_programs_of, tprun, Finished, TempDir,
+};
 
 /// Hang limit of one run.
 const LIMIT: Duration = Duration::from_secs(120);
@@ -104,9 +106,11 @@ fn kill_inside(mode: &str, n: usize, victim: usize, shm_dir: Option<&Path>) -> F
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    // No name of the job in /dev/shm (its run id is tprun-<pid>-<time>) or in TPRUN_SHM_DIR.
-    let left = names_under(Path::new("/dev/shm"), &format!("tprun-{tprun_pid}-"));
-    assert!(left.is_empty(), "{mode}: left in /dev/shm: {left:?}");
+    // No name of the job (its run id is tprun-<pid>-<time>) in /dev/shm or TPRUN_SHM_DIR, no
+    // process with its memory; and the TPRUN_SHM_DIR is empty.
+    let dirs: Vec<&Path> = shm_dir.into_iter().collect();
+    let run_id = format!("tprun-{tprun_pid}-");
+    assert_no_leftovers(&run_id, tprun_pid, &dirs, Duration::from_secs(10));
     if let Some(d) = shm_dir {
         let left: Vec<_> = std::fs::read_dir(d).unwrap().flatten().collect();
         assert!(left.is_empty(), "{mode}: left in {}: {left:?}", d.display());

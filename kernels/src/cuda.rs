@@ -87,8 +87,8 @@ fn describe(e: DriverError) -> String {
 mod tests {
     use super::*;
 
-    /// Runs on every machine: with a GPU it counts devices, without one it prints why and passes,
-    /// so `cargo test --features cuda` on a CPU-only CI shows the GPU tests skipped, not failed.
+    /// Runs on every machine: with a GPU it counts devices, without one it checks the reason is
+    /// one of the documented ones, on one line, and logs why the GPU half did not run.
     #[test]
     fn discovery_counts_devices_or_says_why_not() {
         match cuda_available() {
@@ -97,12 +97,19 @@ mod tests {
                 println!("found {n} CUDA device(s)");
             }
             Err(why) => {
-                assert!(!why.is_empty() && !why.contains('\n'), "{why:?}");
-                println!("skipped: {why}");
+                let known = [
+                    "no CUDA driver found (libcuda.so could not be loaded)",
+                    "libcuda has no cuDriverGetVersion: ",
+                    "cuDriverGetVersion failed with CUresult ",
+                    "the CUDA driver supports CUDA ",
+                    "cuInit failed: ",
+                    "the CUDA driver sees no device (check CUDA_VISIBLE_DEVICES)",
+                ];
+                assert!(known.iter().any(|k| why.starts_with(k)), "{why:?}");
+                assert!(!why.contains('\n'), "{why:?}");
+                crate::skips::no_hardware("kernels::cuda discovery", &why);
             }
         }
-        // A second call gives the same answer (cudarc's library handle is cached).
-        assert_eq!(cuda_available().is_ok(), cuda_available().is_ok());
     }
 
     #[test]

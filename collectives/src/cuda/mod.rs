@@ -450,12 +450,12 @@ mod tests {
     use super::*;
     use crate::CommExt;
 
-    /// Whether a GPU is here; prints why the test is skipped when not.
+    /// Whether a GPU is here; logs why the test does not run when not (kernels::skips).
     fn gpu(test: &str) -> bool {
         match kernels::cuda::cuda_available() {
             Ok(_) => true,
             Err(why) => {
-                println!("{test}: skipped: {why}");
+                kernels::skips::no_hardware(&format!("collectives::cuda {test}"), &why);
                 false
             }
         }

@@ -1,5 +1,5 @@
 //! The device model against the CPU model on a random tiny checkpoint, world of one. Without a
-//! usable GPU (every CI machine so far) the test prints why it skipped.
+//! usable GPU (every CI machine so far) the test logs why it did not run (kernels::skips).
 
 use collectives::cuda::CudaComm;
 use collectives::local::SoloComm;
@@ -31,7 +31,10 @@ fn the_attention_shared_memory_bound_is_the_one_the_cubin_is_checked_against() {
 #[test]
 fn device_logits_match_the_cpu_or_skip() {
     if let Err(why) = kernels::cuda::cuda_available() {
-        println!("skipped: {why}");
+        kernels::skips::no_hardware(
+            "rank::model::cuda device_logits_match_the_cpu_or_skip",
+            &why,
+        );
         return;
     }
     let mut comm = CudaComm::new(Box::new(SoloComm), 0).expect("CUDA communicator on GPU 0");
