@@ -1304,13 +1304,13 @@ fn planted_run_id(tag: &str) -> String {
 }
 
 /// A named segment leaked the way the code can leak one: rank 0 of a job started by hand creates
-/// `/dev/shm/tprun-<uid>-<run id>` and is killed with SIGKILL before rank 1 came to unlink it.
+/// `/dev/shm/tprun-<uid>/<run id>` and is killed with SIGKILL before rank 1 came to unlink it.
 #[test]
 fn the_leftover_check_reports_a_leaked_named_segment() {
     let id = planted_run_id("named");
     // SAFETY: getuid cannot fail.
-    let path =
-        std::path::PathBuf::from(format!("/dev/shm/tprun-{}-{id}", unsafe { libc::getuid() }));
+    let dir = std::path::PathBuf::from(format!("/dev/shm/tprun-{}", unsafe { libc::getuid() }));
+    let path = dir.join(&id);
     let mut rank0 = Command::new(BIN)
         .args(["perf", "--max-bytes", "8"])
         .env("TPRUN_ROLE", "rank")
@@ -1337,6 +1337,8 @@ fn the_leftover_check_reports_a_leaked_named_segment() {
     rank0.wait().unwrap();
     let left = common::leftovers(&id, rank0.id(), &[]);
     let _ = std::fs::remove_file(&path);
+    // The directory goes too when this was its only segment (as the ranks would leave it).
+    let _ = std::fs::remove_dir(&dir);
     assert_eq!(left, [format!("file {}", path.display())]);
     assert!(common::leftovers(&id, rank0.id(), &[]).is_empty());
 }
