@@ -84,8 +84,8 @@ fn code_of(e: &CommError) -> c_int {
 
 /// The error under the group wrappers of a split communicator's errors.
 fn innermost(mut e: &CommError) -> &CommError {
-    while let CommError::InGroup { source, .. } = e {
-        e = source;
+    while let CommError::InGroup { inner, .. } = e {
+        e = inner;
     }
     e
 }

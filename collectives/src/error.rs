@@ -37,9 +37,9 @@ pub enum CommError {
     #[error("collectives setup: {0}")]
     Setup(String),
     /// An error inside a group made by `split`: the peer numbers in `source` are world ranks.
-    #[error("{source} (in group {group})")]
+    #[error("{inner} (in group {group})")]
     InGroup {
         group: String,
-        source: Box<CommError>,
+        inner: Box<CommError>,
     },
 }

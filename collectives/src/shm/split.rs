@@ -72,7 +72,7 @@ impl Group {
         };
         CommError::InGroup {
             group: format!("{} (world ranks {:?})", self.name, self.world_ranks),
-            source: Box::new(e),
+            inner: Box::new(e),
         }
     }
 }
