@@ -10,6 +10,8 @@
 
 pub mod blas;
 pub mod cubin;
+#[cfg(feature = "cuda-emulator")]
+pub mod emulator;
 pub mod libs;
 pub mod module;
 pub mod nvrtc;
@@ -52,6 +54,10 @@ pub fn cuda_available() -> Result<usize, String> {
 /// Opens libcuda with libloading (not through cudarc) and returns `cuDriverGetVersion`, which the
 /// driver answers without `cuInit`.
 pub(crate) fn driver_version() -> Result<i32, String> {
+    #[cfg(feature = "cuda-emulator")]
+    if emulator::requested() {
+        emulator::activate()?;
+    }
     // SAFETY: loading libcuda runs only its initialisers, which are safe to run in any process;
     // we load the same file cudarc would.
     let lib = LIBCUDA
@@ -69,6 +75,15 @@ pub(crate) fn driver_version() -> Result<i32, String> {
         return Err(format!("cuDriverGetVersion failed with CUresult {rc}"));
     }
     Ok(v)
+}
+
+/// Whether the CUDA path runs on tprun's emulator (feature `cuda-emulator` and
+/// `TPRUN_CUDA_EMULATE=1`); always false in a build without the feature.
+pub fn emulated() -> bool {
+    #[cfg(feature = "cuda-emulator")]
+    return emulator::requested() || emulator::dir().is_some();
+    #[cfg(not(feature = "cuda-emulator"))]
+    false
 }
 
 fn fmt_version(v: i32) -> String {
