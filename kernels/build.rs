@@ -36,15 +36,26 @@ fn main() {
     let lib = out.join("libtprun_cuda_emu.so");
     let compiler = cc::Build::new().cpp(true).get_compiler();
     let mut cmd = compiler.to_command();
-    cmd.args(["-std=c++17", "-O2", "-fPIC", "-shared", "-fvisibility=hidden"])
-        .arg("-Wl,-soname,libcuda.so")
-        .arg(emu.join("emu.cpp"))
-        .arg(out.join("stubs.cpp"))
-        .arg(out.join("device_h.cpp"))
-        .arg("-o")
-        .arg(&lib)
-        .args(["-ldl", "-lpthread", "-lrt"]);
-    let status = cmd.status().expect("running the C++ compiler for the CUDA emulator");
-    assert!(status.success(), "building the CUDA emulator failed: {cmd:?}");
+    cmd.args([
+        "-std=c++17",
+        "-O2",
+        "-fPIC",
+        "-shared",
+        "-fvisibility=hidden",
+    ])
+    .arg("-Wl,-soname,libcuda.so")
+    .arg(emu.join("emu.cpp"))
+    .arg(out.join("stubs.cpp"))
+    .arg(out.join("device_h.cpp"))
+    .arg("-o")
+    .arg(&lib)
+    .args(["-ldl", "-lpthread", "-lrt"]);
+    let status = cmd
+        .status()
+        .expect("running the C++ compiler for the CUDA emulator");
+    assert!(
+        status.success(),
+        "building the CUDA emulator failed: {cmd:?}"
+    );
     println!("cargo:rustc-env=TPRUN_CUDA_EMU_LIB={}", lib.display());
 }

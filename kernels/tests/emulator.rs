@@ -8,7 +8,10 @@ use std::sync::Arc;
 use cudarc::driver::{CudaContext, CudaFunction, CudaStream, LaunchConfig, PushKernelArg};
 use kernels::cuda::{emulator, module, sources};
 
-fn setup() -> (Arc<CudaStream>, std::collections::HashMap<&'static str, CudaFunction>) {
+fn setup() -> (
+    Arc<CudaStream>,
+    std::collections::HashMap<&'static str, CudaFunction>,
+) {
     emulator::activate().expect("the CUDA emulator loads");
     assert!(kernels::cuda::emulated());
     let n = kernels::cuda::cuda_available().expect("emulated GPUs");
@@ -63,7 +66,10 @@ fn rms_norm_matches_the_host_reference_with_block_barriers_and_warp_shuffles() {
         for i in 0..hidden {
             let want = row[i] * inv * w[i];
             let got = y[r * hidden + i];
-            assert!((got - want).abs() <= 1e-5 * want.abs().max(1.0), "{r},{i}: {got} vs {want}");
+            assert!(
+                (got - want).abs() <= 1e-5 * want.abs().max(1.0),
+                "{r},{i}: {got} vs {want}"
+            );
         }
     }
 }
@@ -84,7 +90,10 @@ fn argmax_takes_the_lowest_index_of_ties_skips_nan_and_adds_the_offset() {
         b.arg(&dx).arg(&n).arg(&off).arg(&mut val).arg(&mut idx);
         // SAFETY: argmax(x, n, offset, out_val, out_idx) over n f32, one block.
         unsafe { b.launch(cfg(1, threads, 0)) }.unwrap();
-        (s.memcpy_dtov(&val).unwrap()[0], s.memcpy_dtov(&idx).unwrap()[0])
+        (
+            s.memcpy_dtov(&val).unwrap()[0],
+            s.memcpy_dtov(&idx).unwrap()[0],
+        )
     };
     for threads in [32, 256, 1024] {
         assert_eq!(run(&x, threads), (5.0, 1017), "{threads} threads");
@@ -137,7 +146,10 @@ fn attention_decode_uses_dynamic_shared_memory_and_the_limits_are_the_h100s() {
                 .sum::<f32>()
                 / total;
             let got = out[h * hd + i];
-            assert!((got - want).abs() < 1e-5, "head {h} dim {i}: {got} vs {want}");
+            assert!(
+                (got - want).abs() < 1e-5,
+                "head {h} dim {i}: {got} vs {want}"
+            );
         }
     }
     // Past the 48 KiB default without cuFuncSetAttribute, and more than 1024 threads: refused.

@@ -37,10 +37,7 @@ static STATE: OnceLock<Result<PathBuf, String>> = OnceLock::new();
 /// Writes the library out (once per process; the file is shared by every process of this
 /// build) and opens it as the process's libcuda. The error names the file and what failed.
 pub fn activate() -> Result<&'static Path, String> {
-    STATE
-        .get_or_init(install)
-        .as_deref()
-        .map_err(Clone::clone)
+    STATE.get_or_init(install).as_deref().map_err(Clone::clone)
 }
 
 fn fnv(bytes: &[u8]) -> u64 {
@@ -56,10 +53,7 @@ fn install() -> Result<PathBuf, String> {
         .unwrap_or_else(|| "/tmp".into());
     // SAFETY: getuid has no preconditions.
     let uid = unsafe { libc::getuid() };
-    let dir = tmp.join(format!(
-        "tprun-cuda-emu-{uid}/lib-{:016x}",
-        fnv(LIBRARY)
-    ));
+    let dir = tmp.join(format!("tprun-cuda-emu-{uid}/lib-{:016x}", fnv(LIBRARY)));
     let err = |what: &str, p: &Path, e: std::io::Error| format!("{what} {}: {e}", p.display());
     std::fs::create_dir_all(&dir).map_err(|e| err("creating", &dir, e))?;
     let main = dir.join(NAMES[0]);
@@ -98,7 +92,10 @@ fn install() -> Result<PathBuf, String> {
                 .to_string_lossy()
                 .into_owned()
         };
-        return Err(format!("loading the CUDA emulator {}: {why}", main.display()));
+        return Err(format!(
+            "loading the CUDA emulator {}: {why}",
+            main.display()
+        ));
     }
     Ok(dir)
 }
