@@ -39,6 +39,10 @@ fn refused(args: &[&str]) -> String {
 /// with on this build and machine, after checking its wording.
 fn gpu_or_refusal() -> Option<String> {
     let why = programs::device::check_cuda("bench").err()?.to_string();
+    // The GPU acceptance machine and the emulator's CI job: no usable GPU is a failure.
+    if std::env::var("TPRUN_REQUIRE_GPU").as_deref() == Ok("1") {
+        panic!("TPRUN_REQUIRE_GPU=1 but --device cuda is refused: {why}");
+    }
     let line = format!("tprun: error: {why}\n");
     if cfg!(feature = "cuda") {
         // The discovery error: no driver, no device.

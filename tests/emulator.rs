@@ -181,3 +181,91 @@ fn greedy_generation_on_the_emulated_device_matches_the_cpu_tokens() {
         }
     }
 }
+
+/// rank `r`'s pid among `tprun`'s rank processes, waiting for it to start.
+fn rank_pid(tprun: u32, r: usize) -> u32 {
+    let t = std::time::Instant::now();
+    loop {
+        let want = format!("RANK={r}");
+        if let Some(p) = common::rank_programs_of(tprun)
+            .into_iter()
+            .find(|&p| common::env_of(p).lines().any(|l| l == want))
+        {
+            return p;
+        }
+        assert!(
+            t.elapsed().as_secs() < 30,
+            "rank {r} of tprun {tprun} never started"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+}
+
+/// A peer that stops (SIGSTOP) or dies (SIGKILL) while the others run device all-reduces over
+/// emulated IPC: for the stopped one, the survivor's bounded wait in comm.cu fires and the job
+/// ends naming the op and the rank; for the killed one the job ends, naming it. Nothing is left.
+#[test]
+fn a_peer_lost_during_device_all_reduces_ends_the_job_naming_it() {
+    for sig in [libc::SIGSTOP, libc::SIGKILL] {
+        let mut cmd = Command::new(TPRUN);
+        cmd.args(["-n", "2", "--grace-period", "1", "--device", "cuda", "perf"])
+            .args([
+                "--op",
+                "all-reduce",
+                "--min-bytes",
+                "4K",
+                "--max-bytes",
+                "4K",
+            ])
+            .args(["--iters", "1000000", "--warmup", "0"])
+            .env_remove("TPRUN_ROLE")
+            .env_remove("CUDA_VISIBLE_DEVICES")
+            .env("TPRUN_CUDA_EMULATE", "1")
+            .env("TPRUN_CUDA_TRANSPORT", "ipc")
+            .env("TPRUN_COMM_TIMEOUT_S", "2")
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped());
+        let mut child = cmd.spawn().unwrap();
+        let err = common::drain(child.stderr.take().unwrap());
+        let victim = rank_pid(child.id(), 1);
+        // Set-up is done once each rank has mapped the other's slab (the emulator's IPC is
+        // named shared memory: /proc/PID/maps shows it); then the all-reduces run.
+        let maps_peer = |pid: u32, peer: u32| {
+            std::fs::read_to_string(format!("/proc/{pid}/maps"))
+                .unwrap_or_default()
+                .contains(&format!("tprun-cuemu-{peer}-"))
+        };
+        let first = rank_pid(child.id(), 0);
+        let t = std::time::Instant::now();
+        while !(maps_peer(first, victim) && maps_peer(victim, first)) {
+            assert!(
+                t.elapsed().as_secs() < 60,
+                "signal {sig}: the ranks never mapped each other"
+            );
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        std::thread::sleep(std::time::Duration::from_millis(1000));
+        // SAFETY: kill(2) with a pid and a signal number has no memory effects.
+        assert_eq!(unsafe { libc::kill(victim as i32, sig) }, 0);
+        let status = common::wait_limited(&mut child, std::time::Duration::from_secs(60));
+        let err = err.join().unwrap();
+        let status = status.unwrap_or_else(|| panic!("signal {sig}: tprun did not end\n{err}"));
+        assert!(!status.success(), "signal {sig}: {err}");
+        if sig == libc::SIGSTOP {
+            assert!(
+                err.contains("all_reduce #") && err.contains("rank 1 did not arrive"),
+                "the device wait names the op and the rank: {err}"
+            );
+            assert!(
+                !err.contains("cannot set up"),
+                "stopped after the set-up: {err}"
+            );
+        } else {
+            assert!(err.contains("rank 1"), "{err}");
+        }
+        println!("signal {sig}: {}", err.lines().last().unwrap_or(""));
+        std::thread::sleep(std::time::Duration::from_millis(200));
+        let left = std::path::Path::new(&format!("/proc/{victim}")).exists();
+        assert!(!left, "signal {sig}: rank 1 ({victim}) outlived the job");
+    }
+}

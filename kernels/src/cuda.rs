@@ -51,6 +51,22 @@ pub fn cuda_available() -> Result<usize, String> {
     }
 }
 
+/// For GPU tests: whether a CUDA device is usable here. Without one the test prints why it
+/// skips, or, under `TPRUN_REQUIRE_GPU=1` (the GPU acceptance machine, the emulator's CI job),
+/// panics with the reason, so a machine whose discovery fails cannot pass by skipping.
+pub fn gpu_or_skip(test: &str) -> bool {
+    match cuda_available() {
+        Ok(_) => true,
+        Err(why) if std::env::var("TPRUN_REQUIRE_GPU").as_deref() == Ok("1") => {
+            panic!("{test}: TPRUN_REQUIRE_GPU=1 but no usable CUDA device: {why}")
+        }
+        Err(why) => {
+            println!("{test}: skipped: {why}");
+            false
+        }
+    }
+}
+
 /// Opens libcuda with libloading (not through cudarc) and returns `cuDriverGetVersion`, which the
 /// driver answers without `cuInit`.
 pub(crate) fn driver_version() -> Result<i32, String> {
@@ -106,6 +122,8 @@ mod tests {
     /// so `cargo test --features cuda` on a CPU-only CI shows the GPU tests skipped, not failed.
     #[test]
     fn discovery_counts_devices_or_says_why_not() {
+        // Under TPRUN_REQUIRE_GPU=1 no device is a failure (gpu_or_skip panics).
+        gpu_or_skip("discovery_counts_devices_or_says_why_not");
         match cuda_available() {
             Ok(n) => {
                 assert!(n >= 1);

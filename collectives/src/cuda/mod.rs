@@ -457,13 +457,7 @@ mod tests {
 
     /// Whether a GPU is here; prints why the test is skipped when not.
     fn gpu(test: &str) -> bool {
-        match kernels::cuda::cuda_available() {
-            Ok(_) => true,
-            Err(why) => {
-                println!("{test}: skipped: {why}");
-                false
-            }
-        }
+        kernels::cuda::gpu_or_skip(test)
     }
 
     /// A world of one on GPU 0: every collective through host buffers and device buffers.

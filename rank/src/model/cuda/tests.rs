@@ -30,8 +30,7 @@ fn the_attention_shared_memory_bound_is_the_one_the_cubin_is_checked_against() {
 
 #[test]
 fn device_logits_match_the_cpu_or_skip() {
-    if let Err(why) = kernels::cuda::cuda_available() {
-        println!("skipped: {why}");
+    if !kernels::cuda::gpu_or_skip("device_logits_match_the_cpu_or_skip") {
         return;
     }
     let mut comm = CudaComm::new(Box::new(SoloComm), 0).expect("CUDA communicator on GPU 0");
@@ -104,8 +103,7 @@ fn device_logits_match_the_cpu_or_skip() {
 fn the_split_and_sum_kernels_carry_f32_activations_through_a_bf16_product() {
     use collectives::cuda::cudarc::driver::{CudaContext, DevicePtr};
     use half::bf16;
-    if let Err(why) = kernels::cuda::cuda_available() {
-        println!("skipped: {why}");
+    if !kernels::cuda::gpu_or_skip("the_split_and_sum_kernels_carry_f32_activations") {
         return;
     }
     let ctx = CudaContext::new(0).unwrap();
