@@ -23,7 +23,7 @@ fn main() {
     let names = std::fs::read_to_string(emu.join("driver_symbols.txt")).expect("symbol list");
     let mut stubs = String::from(
         "#include <cstdio>\n#include <mutex>\n#include <set>\n#include <string>\n\
-         static int stub(const char* name) {\n  static std::mutex m; static std::set<std::string> said;\n\
+         static int stub(const char* name) {\n  static std::mutex& m = *new std::mutex; static auto& said = *new std::set<std::string>;\n\
          std::lock_guard<std::mutex> l(m);\n  if (said.insert(name).second)\n\
          fprintf(stderr, \"tprun cuda emulator: %s is not emulated\\n\", name);\n  return 801;\n}\n",
     );

@@ -74,8 +74,10 @@ static const int SHARED_DEFAULT = 48 * 1024, SHARED_OPTIN = 232448, SMS = 132;
 static const unsigned long long TOTAL_MEM = 80ull << 30;
 
 struct Ctx;
-static std::vector<int> g_visible;  // ordinal -> emulated GPU index
-static std::vector<Ctx*> g_ctx;
+// Globals the stream threads use are never destroyed: those threads still run while exit()
+// runs the library's static destructors (a freed map under a running copy was a SIGSEGV at exit).
+static std::vector<int>& g_visible = *new std::vector<int>;  // ordinal -> emulated GPU index
+static std::vector<Ctx*>& g_ctx = *new std::vector<Ctx*>;
 static std::once_flag g_init_once;
 static thread_local Ctx* t_current = nullptr;
 
@@ -165,7 +167,7 @@ static Stream* new_stream(Ctx* c, bool blocking) {
 static Ctx* ctx_for(int ordinal) {
     std::call_once(g_init_once, init_devices);
     if (ordinal < 0 || ordinal >= (int)g_ctx.size()) return nullptr;
-    static std::mutex m;
+    static std::mutex& m = *new std::mutex;
     std::lock_guard<std::mutex> l(m);
     if (!g_ctx[ordinal]) {
         Ctx* c = new Ctx();
@@ -227,9 +229,9 @@ struct Alloc {
     std::string shm;  // exported: the name peers open
     bool imported;    // a peer's allocation opened here
 };
-static std::mutex g_mem_m;
-static std::map<uintptr_t, Alloc> g_allocs;
-static std::set<std::string> g_exported;
+static std::mutex& g_mem_m = *new std::mutex;
+static std::map<uintptr_t, Alloc>& g_allocs = *new std::map<uintptr_t, Alloc>;
+static std::set<std::string>& g_exported = *new std::set<std::string>;
 
 static size_t page_round(size_t n) {
     size_t p = (size_t)sysconf(_SC_PAGESIZE);
@@ -758,7 +760,7 @@ EXPORT CUresult cuCtxSynchronize() {
 }
 
 EXPORT CUresult cuGetErrorName(CUresult e, const char** s) {
-    static std::map<int, const char*> names = {
+    static const std::map<int, const char*>& names = *new std::map<int, const char*>{
         {OK, "CUDA_SUCCESS"}, {INVALID_VALUE, "CUDA_ERROR_INVALID_VALUE"},
         {OUT_OF_MEMORY, "CUDA_ERROR_OUT_OF_MEMORY"}, {NOT_INITIALIZED, "CUDA_ERROR_NOT_INITIALIZED"},
         {NO_DEVICE, "CUDA_ERROR_NO_DEVICE"}, {INVALID_DEVICE, "CUDA_ERROR_INVALID_DEVICE"},
