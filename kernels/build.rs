@@ -2,14 +2,16 @@
 //! library standing in for libcuda, libnvrtc and libcublas, with the host C++ compiler the `cc`
 //! crate finds. kernels::cuda::emulator embeds it.
 
-use std::path::PathBuf;
-
 fn main() {
     println!("cargo:rerun-if-changed=src/cuda/emu");
     println!("cargo:rerun-if-changed=build.rs");
-    if std::env::var_os("CARGO_FEATURE_CUDA_EMULATOR").is_none() {
-        return;
-    }
+    #[cfg(feature = "cuda-emulator")]
+    build_emulator();
+}
+
+#[cfg(feature = "cuda-emulator")]
+fn build_emulator() {
+    use std::path::PathBuf;
     let out = PathBuf::from(std::env::var("OUT_DIR").expect("cargo sets OUT_DIR"));
     let emu = PathBuf::from("src/cuda/emu");
     let header = std::fs::read_to_string(emu.join("device.h")).expect("src/cuda/emu/device.h");
