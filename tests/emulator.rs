@@ -269,3 +269,49 @@ fn a_peer_lost_during_device_all_reduces_ends_the_job_naming_it() {
         assert!(!left, "signal {sig}: rank 1 ({victim}) outlived the job");
     }
 }
+
+/// A prompt at the attention kernels' shared-memory limit: with the emulated GPU's opt-in shared
+/// memory lowered to 4096 + 40 * 4 bytes (the static 4 KiB the kernels are held to, then one f32
+/// score per position), 40 positions run and match the CPU, and 41 are refused naming both.
+#[test]
+fn a_prompt_at_the_attention_shared_memory_limit_runs_and_one_past_it_is_refused() {
+    let dir = TempDir::new("emulator", "limit");
+    let m = fixture("tiny-t5-f32-untied").display().to_string();
+    let ids = |n: usize| {
+        (0..n)
+            .map(|i| ((i * 37 + 5) % 400).to_string())
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let run = |device: &str, n: usize| {
+        let out = dir.join(format!("{device}{n}.safetensors"));
+        let ids = ids(n);
+        let args = [
+            "--device",
+            device,
+            "logits",
+            "--model",
+            &m,
+            "--input-ids",
+            &ids,
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        let env = [("TPRUN_CUDA_EMULATE_SHARED_OPTIN", "4256")];
+        let (ok, _, err) = tprun("2", &args, &env);
+        (ok, err, out)
+    };
+    let (ok, err, cpu) = run("cpu", 40);
+    assert!(ok, "{err}");
+    let (ok, err, gpu) = run("cuda", 40);
+    assert!(ok, "40 positions: {err}");
+    let d = max_diff(&read_f32(&cpu), &read_f32(&gpu));
+    println!("40 positions: max |cpu - cuda| = {d:e}");
+    assert!(d <= 1e-3, "{d}");
+    let (ok, err, _) = run("cuda", 41);
+    assert!(!ok);
+    assert!(
+        err.contains("attention over 41 positions") && err.contains("at most 40"),
+        "{err}"
+    );
+}
