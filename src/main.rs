@@ -135,6 +135,13 @@ fn real_main(mut cli: Cli) -> anyhow::Result<i32> {
                 )));
             }
         }
+        if let Some(Cmd::Perf(a) | Cmd::Rank(RankCmd::Perf(a))) = &cli.command {
+            if let Some((flag, why)) = programs::perf::cuda_refuses(a) {
+                return Err(usage(&format!(
+                    "{flag} is not available with --device cuda: {why}"
+                )));
+            }
+        }
         programs::device::check_cuda(program)?;
     }
     if !in_rank && !matches!(cli.command, Some(Cmd::Rank(_))) {
@@ -412,7 +419,8 @@ fn world_size(launch: &launcher::LaunchArgs) -> usize {
 /// Reads the model's config.json once, here, and checks that it can be split over the requested
 /// ranks, so that a bad model or TP degree is one line before any rank starts rather than one
 /// per rank (docs/DESIGN.md, "Tensor-parallel layout"). A missing or corrupt config is a setup
-/// error (exit 1), a TP degree the model does not allow a usage error (exit 2).
+/// error (exit 1), a TP degree the model does not allow a usage error (exit 2). perf has no
+/// model: its options are checked against the world size here instead.
 fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
     let (what, config) = match cmd {
         Cmd::Bench(a) if a.preset.is_some() => {
@@ -425,7 +433,12 @@ fn check_model(launch: &launcher::LaunchArgs, cmd: &Cmd) -> anyhow::Result<()> {
             let m = programs::runtime::open_model(model)?;
             (format!("model {}", m.path().display()), m.config().clone())
         }
-        Cmd::Perf(_) | Cmd::Compare(_) | Cmd::Analyze(_) | Cmd::Rank(_) => return Ok(()),
+        // perf's options against the world size: one line before any rank starts.
+        Cmd::Perf(a) => {
+            return programs::perf::check_args(a, world_size(launch))
+                .map_err(|e| usage(&format!("{e:#}")));
+        }
+        Cmd::Compare(_) | Cmd::Analyze(_) | Cmd::Rank(_) => return Ok(()),
     };
     let n = world_size(launch);
     if let Err(e) = rank::ShardPlan::new(&config.shapes(), n, 0) {

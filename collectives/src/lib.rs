@@ -151,17 +151,20 @@ pub trait Communicator: Send {
             );
         }
         args::world_multiple("gather", output.len(), "output", input.len(), "input", n)?;
-        let ib = input.len();
-        let mut ops: Vec<P2p> = output
-            .chunks_mut(ib.max(1))
-            .take(n)
-            .enumerate()
-            .filter(|(p, _)| *p != me)
-            .map(|(peer, buf)| P2p::Recv { buf, peer })
-            .collect();
-        self.send_recv_raw(&mut ops, dtype)?;
-        output[me * ib..(me + 1) * ib].copy_from_slice(input);
-        Ok(())
+        // One receive per peer, empty ones too (`chunks_mut` would yield none of an empty
+        // output, and the peers' empty sends would stay unmatched).
+        let mut ops = Vec::with_capacity(n);
+        let mut rest: &mut [u8] = output;
+        for peer in 0..n {
+            let (buf, tail) = std::mem::take(&mut rest).split_at_mut(input.len());
+            rest = tail;
+            if peer == me {
+                buf.copy_from_slice(input);
+            } else {
+                ops.push(P2p::Recv { buf, peer });
+            }
+        }
+        self.send_recv_raw(&mut ops, dtype)
     }
     /// MPI_Scatter: `output` = chunk `rank` of `root`'s `input` (`world_size * output.len()`
     /// bytes); `input` is not read on the other ranks (it may be empty there).
@@ -188,12 +191,13 @@ pub trait Communicator: Send {
         }
         args::world_multiple("scatter", input.len(), "input", output.len(), "output", n)?;
         let ob = output.len();
-        let mut ops: Vec<P2p> = input
-            .chunks(ob.max(1))
-            .take(n)
-            .enumerate()
-            .filter(|(p, _)| *p != me)
-            .map(|(peer, buf)| P2p::Send { buf, peer })
+        // One send per peer, empty ones too (the peers wait for them).
+        let mut ops: Vec<P2p> = (0..n)
+            .filter(|&p| p != me)
+            .map(|peer| P2p::Send {
+                buf: &input[peer * ob..(peer + 1) * ob],
+                peer,
+            })
             .collect();
         self.send_recv_raw(&mut ops, dtype)?;
         output.copy_from_slice(&input[me * ob..(me + 1) * ob]);
@@ -230,56 +234,8 @@ pub trait Communicator: Send {
         recv_counts: &[usize],
         dtype: DType,
     ) -> Result<()> {
-        let (n, me, e) = (self.world_size(), self.rank(), dtype.size());
-        args::counts(
-            "all_to_all",
-            input.len(),
-            send_counts,
-            "input",
-            "send",
-            n,
-            dtype,
-        )?;
-        args::counts(
-            "all_to_all",
-            output.len(),
-            recv_counts,
-            "output",
-            "receive",
-            n,
-            dtype,
-        )?;
-        if send_counts[me] != recv_counts[me] {
-            return Err(CommError::Invalid {
-                op: "all_to_all",
-                msg: format!(
-                    "rank {me} sends itself {} elements but expects {}",
-                    send_counts[me], recv_counts[me]
-                ),
-            });
-        }
-        let mut ops = Vec::with_capacity(2 * n);
-        let mut rest: &mut [u8] = output;
-        let mut own: &mut [u8] = &mut [];
-        for (p, &c) in recv_counts.iter().enumerate() {
-            let (buf, tail) = std::mem::take(&mut rest).split_at_mut(c * e);
-            rest = tail;
-            if p == me {
-                own = buf;
-            } else {
-                ops.push(P2p::Recv { buf, peer: p });
-            }
-        }
-        let mut off = 0;
-        for (p, &c) in send_counts.iter().enumerate() {
-            let buf = &input[off..off + c * e];
-            off += c * e;
-            if p == me {
-                own.copy_from_slice(buf);
-            } else {
-                ops.push(P2p::Send { buf, peer: p });
-            }
-        }
+        let (n, me) = (self.world_size(), self.rank());
+        let mut ops = args::all_to_allv_ops(input, send_counts, output, recv_counts, dtype, me, n)?;
         self.send_recv_raw(&mut ops, dtype)
     }
     /// Point-to-point transfers that progress together, like ncclSend/ncclRecv between
@@ -513,6 +469,32 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
 /// The communicator of this rank, from the environment tprun sets (world of one without it).
 pub fn from_env() -> anyhow::Result<Box<dyn Communicator>> {
     shm::from_env()
+}
+
+/// Rank `rank` of a job of `world` ranks on this host whose processes meet by themselves, not
+/// through a launcher (ncclCommInitRank with a shared name instead of an ncclUniqueId): every
+/// rank passes the same `key`, rank 0 creates the named segment for it ([`from_env`]'s start-up
+/// rendezvous), the others wait for it until the communicator timeout, and the last to arrive
+/// removes the name. Unlike [`from_env`] any number may live in one process (distinct keys, or
+/// distinct ranks of one key on different threads). A world of one needs no segment.
+pub fn join(key: &str, world: usize, rank: usize) -> Result<Box<dyn Communicator>> {
+    let invalid = |msg: String| CommError::Invalid { op: "join", msg };
+    if key.is_empty() {
+        return Err(invalid(
+            "the job key is empty (every rank must pass the same non-empty name)".into(),
+        ));
+    }
+    if world == 0 || rank >= world {
+        return Err(invalid(format!(
+            "rank {rank} out of range for world size {world}"
+        )));
+    }
+    if world == 1 {
+        return Ok(Box::new(local::SoloComm));
+    }
+    let opts = shm::CommOptions::from_env(world).map_err(|e| CommError::Setup(format!("{e:#}")))?;
+    let (map, lay) = shm::segment::attach_named(key, world, rank, opts.timeout)?;
+    Ok(Box::new(ShmComm::attach(map, lay, rank, opts)?))
 }
 
 /// Called once by a rank process when its program is done, after its communicator is dropped:

@@ -19,9 +19,7 @@ impl Communicator for SoloComm {
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         crate::types::check_reducible("all_reduce", dtype, op)?;
         args::elements("all_reduce", buf.len(), dtype, "the buffer")?;
-        if let ReduceOp::PreMulSum(f) = op {
-            crate::reduce::scale_in_place(dtype, buf, f);
-        }
+        one_source(buf, dtype, op);
         Ok(())
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], _dtype: DType) -> Result<()> {
@@ -37,9 +35,7 @@ impl Communicator for SoloComm {
         crate::types::check_reducible("reduce_scatter", dtype, op)?;
         args::elements("reduce_scatter", input.len(), dtype, "the input")?;
         copy_same_len("reduce_scatter", input, output)?;
-        if let ReduceOp::PreMulSum(f) = op {
-            crate::reduce::scale_in_place(dtype, output, f);
-        }
+        one_source(output, dtype, op);
         Ok(())
     }
     fn broadcast_raw(&mut self, _buf: &mut [u8], root: usize) -> Result<()> {
@@ -112,4 +108,18 @@ fn copy_same_len(op: &'static str, input: &[u8], output: &mut [u8]) -> Result<()
     }
     output.copy_from_slice(input);
     Ok(())
+}
+
+/// A reduction of this rank's buffer alone, by the rules of every other transport: PreMulSum
+/// scales it, and a float NaN becomes the canonical NaN (integers are already their own
+/// reduction).
+fn one_source(buf: &mut [u8], dtype: DType, op: ReduceOp) {
+    if let ReduceOp::PreMulSum(f) = op {
+        crate::reduce::scale_in_place(dtype, buf, f);
+    } else if dtype.is_float() {
+        let p = buf.as_mut_ptr();
+        let simd = crate::reduce::Simd::detect();
+        // SAFETY: one source equal to the destination (allowed), buf.len() / size elements.
+        unsafe { crate::reduce::reduce_raw(simd, dtype, op, p, &[p], buf.len() / dtype.size()) };
+    }
 }

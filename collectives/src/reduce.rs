@@ -74,10 +74,16 @@ impl Simd {
 /// the same number of `dtype` elements.
 ///
 /// # Panics
-/// If the lengths differ, are not a multiple of the element size, `srcs` is empty, or `simd` is
-/// not supported by this CPU.
+/// If the lengths differ, are not a multiple of the element size, `srcs` is empty, `op` does
+/// not reduce `dtype` ([`crate::types::check_reducible`]), or `simd` is not supported by this
+/// CPU.
 pub fn reduce_into(simd: Simd, dtype: DType, op: ReduceOp, dst: &mut [u8], srcs: &[&[u8]]) {
     assert!(!srcs.is_empty(), "reduce_into needs at least one source");
+    assert!(
+        crate::types::check_reducible("reduce_into", dtype, op).is_ok(),
+        "{op:?} does not reduce {}",
+        dtype.name()
+    );
     assert!(
         dst.len().is_multiple_of(dtype.size()),
         "length not a multiple of the element size"
@@ -119,7 +125,9 @@ const AVG: u8 = 4;
 /// # Safety
 /// `dst` must be valid for `count` element writes and every `srcs[r]` for `count` element reads
 /// (any alignment). `dst` may be *equal* to a source pointer (each block is fully loaded before it
-/// is stored) but must not partially overlap one. `simd` must be supported by this CPU.
+/// is stored) but must not partially overlap one. `simd` must be supported by this CPU. `op` must
+/// be one [`crate::types::check_reducible`] accepts for `dtype`; `PreMulSum` sums inputs the
+/// transport has already scaled ([`premul_input`]).
 pub unsafe fn reduce_raw(
     simd: Simd,
     dtype: DType,
@@ -133,6 +141,12 @@ pub unsafe fn reduce_raw(
         if count == 0 {
             return;
         }
+        // PreMulSum's factors are per rank, so the transport scales each input first
+        // ([`premul_input`]); what is left here is the rank-order sum of the scaled inputs.
+        let op = match op {
+            ReduceOp::PreMulSum(_) => ReduceOp::Sum,
+            op => op,
+        };
         macro_rules! dispatch {
             ($f:ident) => {
                 match (dtype, op) {
@@ -148,9 +162,9 @@ pub unsafe fn reduce_raw(
                     (DType::F16, ReduceOp::Max) => $f::<F16, MAX>(dst, srcs, count),
                     (DType::F16, ReduceOp::Min) => $f::<F16, MIN>(dst, srcs, count),
                     (DType::F16, ReduceOp::Product) => $f::<F16, PROD>(dst, srcs, count),
-                    (DType::F32 | DType::BF16 | DType::F16, ReduceOp::Avg) => {
-                        return avg_scalar(dtype, dst, srcs, count)
-                    }
+                    (DType::F32, ReduceOp::Avg) => $f::<F32, AVG>(dst, srcs, count),
+                    (DType::BF16, ReduceOp::Avg) => $f::<BF16, AVG>(dst, srcs, count),
+                    (DType::F16, ReduceOp::Avg) => $f::<F16, AVG>(dst, srcs, count),
                     // f64 and the integer types: one generic kernel (the compiler vectorises
                     // it; every element is reduced on its own, so the order is rank order).
                     _ => return generic::reduce(dtype, op, dst, srcs, count),
@@ -350,26 +364,17 @@ unsafe fn kernel_scalar<const D: u8, const OP: u8>(dst: *mut u8, srcs: &[*const 
     unsafe { scalar_range::<D, OP>(dst, srcs, 0, count) }
 }
 
-/// Avg of the f32-accumulated types: the rank-order f32 sum divided by N, rounded once.
-///
-/// # Safety
-/// As [`reduce_raw`].
-unsafe fn avg_scalar(dtype: DType, dst: *mut u8, srcs: &[*const u8], count: usize) {
-    // SAFETY: forwarded from the caller.
-    unsafe {
-        match dtype {
-            DType::F32 => scalar_range::<F32, AVG>(dst, srcs, 0, count),
-            DType::BF16 => scalar_range::<BF16, AVG>(dst, srcs, 0, count),
-            _ => scalar_range::<F16, AVG>(dst, srcs, 0, count),
-        }
-    }
-}
-
 /// The kernel of f64 and the integer types: each element is reduced in its own type, in rank
-/// order; integers wrap (two's complement), f64 follows the f32 kernels' rules (NaN-propagating
-/// max/min where the first NaN in rank order wins, a canonical NaN stored).
+/// order; integers wrap (two's complement) and Avg truncates toward zero; f64 follows the f32
+/// kernels' rules (NaN-propagating max/min where the first NaN in rank order wins, ties take the
+/// later rank, a canonical NaN stored). One instance per (type, operator), so the loops have no
+/// branch on the operator and the compiler can vectorise them.
 mod generic {
     use super::*;
+
+    const BAND: u8 = 5;
+    const BOR: u8 = 6;
+    const BXOR: u8 = 7;
 
     pub(super) trait Lane: Copy + Default {
         /// # Safety
@@ -378,7 +383,7 @@ mod generic {
         /// # Safety
         /// `p` must be valid for writing element `i`.
         unsafe fn st(p: *mut u8, i: usize, v: Self);
-        fn comb(op: ReduceOp, acc: Self, x: Self) -> Self;
+        fn comb<const OP: u8>(acc: Self, x: Self) -> Self;
         fn avg(sum: Self, n: usize) -> Self;
     }
 
@@ -396,23 +401,23 @@ mod generic {
                     unsafe { (p as *mut $t).add(i).write_unaligned(v) }
                 }
                 #[inline(always)]
-                fn comb(op: ReduceOp, acc: Self, x: Self) -> Self {
-                    match op {
-                        ReduceOp::Sum | ReduceOp::Avg | ReduceOp::PreMulSum(_) => acc.wrapping_add(x),
-                        ReduceOp::Product => acc.wrapping_mul(x),
-                        ReduceOp::Max => acc.max(x),
-                        ReduceOp::Min => acc.min(x),
-                        ReduceOp::BAnd => acc & x,
-                        ReduceOp::BOr => acc | x,
-                        ReduceOp::BXor => acc ^ x,
+                fn comb<const OP: u8>(acc: Self, x: Self) -> Self {
+                    match OP {
+                        SUM | AVG => acc.wrapping_add(x),
+                        PROD => acc.wrapping_mul(x),
+                        MAX => acc.max(x),
+                        MIN => acc.min(x),
+                        BAND => acc & x,
+                        BOR => acc | x,
+                        _ => acc ^ x,
                     }
                 }
                 #[inline(always)]
                 fn avg(sum: Self, n: usize) -> Self {
-                    // n <= MAX_WORLD (4096) fits every integer type but i8/u8, whose averages
-                    // of more than 127/255 ranks divide by the clamped count (never reached
-                    // below 128 ranks).
-                    sum / (n.min(<$t>::MAX as usize) as $t)
+                    // In i128, which holds every value of every integer type and any rank count:
+                    // the quotient is exact (truncated toward zero) and fits the type again
+                    // (dividing in the type itself would need N to fit i8/u8).
+                    (sum as i128 / n as i128) as $t
                 }
             }
         )*};
@@ -436,15 +441,14 @@ mod generic {
             unsafe { (p as *mut f64).add(i).write_unaligned(v) }
         }
         #[inline(always)]
-        fn comb(op: ReduceOp, acc: Self, x: Self) -> Self {
-            match op {
-                ReduceOp::Product => acc * x,
-                ReduceOp::Max if acc.is_nan() || acc > x => acc,
-                ReduceOp::Min if acc.is_nan() || acc < x => acc,
-                ReduceOp::Max | ReduceOp::Min => x,
-                // Sum, Avg (divided at the end) and PreMulSum (pre-scaled inputs); the bitwise
-                // operators never reach a float type (check_reducible).
-                _ => acc + x,
+        fn comb<const OP: u8>(acc: Self, x: Self) -> Self {
+            match OP {
+                SUM | AVG => acc + x,
+                PROD => acc * x,
+                MAX if acc.is_nan() || acc > x => acc,
+                MIN if acc.is_nan() || acc < x => acc,
+                MAX | MIN => x,
+                _ => unreachable!("bitwise reduction of double (check_reducible refuses it)"),
             }
         }
         #[inline(always)]
@@ -455,7 +459,7 @@ mod generic {
 
     /// # Safety
     /// As [`reduce_raw`].
-    unsafe fn run<T: Lane>(op: ReduceOp, dst: *mut u8, srcs: &[*const u8], count: usize) {
+    unsafe fn run<T: Lane, const OP: u8>(dst: *mut u8, srcs: &[*const u8], count: usize) {
         const B: usize = 64;
         let mut acc = [T::default(); B];
         let mut i = 0;
@@ -468,18 +472,36 @@ mod generic {
                 }
                 for &s in &srcs[1..] {
                     for (j, a) in acc[..n].iter_mut().enumerate() {
-                        *a = T::comb(op, *a, T::ld(s, i + j));
+                        *a = T::comb::<OP>(*a, T::ld(s, i + j));
+                    }
+                }
+                if OP == AVG {
+                    for a in &mut acc[..n] {
+                        *a = T::avg(*a, srcs.len());
                     }
                 }
                 for (j, a) in acc[..n].iter().enumerate() {
-                    let v = if op == ReduceOp::Avg {
-                        T::avg(*a, srcs.len())
-                    } else {
-                        *a
-                    };
-                    T::st(dst, i + j, v);
+                    T::st(dst, i + j, *a);
                 }
                 i += n;
+            }
+        }
+    }
+
+    /// # Safety
+    /// As [`reduce_raw`].
+    unsafe fn by_op<T: Lane>(op: ReduceOp, dst: *mut u8, srcs: &[*const u8], count: usize) {
+        // SAFETY: forwarded from the caller.
+        unsafe {
+            match op {
+                ReduceOp::Sum | ReduceOp::PreMulSum(_) => run::<T, SUM>(dst, srcs, count),
+                ReduceOp::Avg => run::<T, AVG>(dst, srcs, count),
+                ReduceOp::Product => run::<T, PROD>(dst, srcs, count),
+                ReduceOp::Max => run::<T, MAX>(dst, srcs, count),
+                ReduceOp::Min => run::<T, MIN>(dst, srcs, count),
+                ReduceOp::BAnd => run::<T, BAND>(dst, srcs, count),
+                ReduceOp::BOr => run::<T, BOR>(dst, srcs, count),
+                ReduceOp::BXor => run::<T, BXOR>(dst, srcs, count),
             }
         }
     }
@@ -496,14 +518,17 @@ mod generic {
         // SAFETY: forwarded from the caller.
         unsafe {
             match dtype {
-                DType::F64 => run::<f64>(op, dst, srcs, count),
-                DType::I8 => run::<i8>(op, dst, srcs, count),
-                DType::U8 => run::<u8>(op, dst, srcs, count),
-                DType::I32 => run::<i32>(op, dst, srcs, count),
-                DType::U32 => run::<u32>(op, dst, srcs, count),
-                DType::I64 => run::<i64>(op, dst, srcs, count),
-                DType::U64 => run::<u64>(op, dst, srcs, count),
-                d => unreachable!("the f32 kernels reduce {}", d.name()),
+                DType::F64 => by_op::<f64>(op, dst, srcs, count),
+                DType::I8 => by_op::<i8>(op, dst, srcs, count),
+                DType::U8 => by_op::<u8>(op, dst, srcs, count),
+                DType::I32 => by_op::<i32>(op, dst, srcs, count),
+                DType::U32 => by_op::<u32>(op, dst, srcs, count),
+                DType::I64 => by_op::<i64>(op, dst, srcs, count),
+                DType::U64 => by_op::<u64>(op, dst, srcs, count),
+                d => unreachable!(
+                    "bitwise reduction of {} (check_reducible refuses it)",
+                    d.name()
+                ),
             }
         }
     }
@@ -584,13 +609,28 @@ mod x512 {
     #[inline]
     pub unsafe fn comb<const OP: u8>(acc: __m512, x: __m512) -> __m512 {
         let m = match OP {
-            SUM => return _mm512_add_ps(acc, x),
+            SUM | AVG => return _mm512_add_ps(acc, x),
             PROD => return _mm512_mul_ps(acc, x),
             MAX => _mm512_max_ps(acc, x),
             _ => _mm512_min_ps(acc, x),
         };
         let nan = _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(acc, acc);
         _mm512_mask_blend_ps(nan, m, acc)
+    }
+
+    /// The last step before the store: Avg divides the rank-order sum by N (`div`), as the
+    /// scalar path does (IEEE division, so the same bits); every other operator stores as is.
+    ///
+    /// # Safety
+    /// The CPU must support `avx512f`.
+    #[target_feature(enable = "avx512f")]
+    #[inline]
+    pub unsafe fn fin<const OP: u8>(acc: __m512, div: __m512) -> __m512 {
+        if OP == AVG {
+            _mm512_div_ps(acc, div)
+        } else {
+            acc
+        }
     }
 
     /// # Safety
@@ -609,6 +649,7 @@ mod x512 {
             let s0 = srcs[0];
             let rest = &srcs[1..];
             let mut i = 0;
+            let div = _mm512_set1_ps(srcs.len() as f32);
             while i + 64 <= count {
                 let o = i * esize(D);
                 let mut a0 = ld::<D>(s0.add(o));
@@ -621,10 +662,10 @@ mod x512 {
                     a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
                     a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
                 }
-                st::<D>(dst.add(o), a0);
-                st::<D>(dst.add(o + vb), a1);
-                st::<D>(dst.add(o + 2 * vb), a2);
-                st::<D>(dst.add(o + 3 * vb), a3);
+                st::<D>(dst.add(o), fin::<OP>(a0, div));
+                st::<D>(dst.add(o + vb), fin::<OP>(a1, div));
+                st::<D>(dst.add(o + 2 * vb), fin::<OP>(a2, div));
+                st::<D>(dst.add(o + 3 * vb), fin::<OP>(a3, div));
                 i += 64;
             }
             while i + 16 <= count {
@@ -633,7 +674,7 @@ mod x512 {
                 for &s in rest {
                     a = comb::<OP>(a, ld::<D>(s.add(o)));
                 }
-                st::<D>(dst.add(o), a);
+                st::<D>(dst.add(o), fin::<OP>(a, div));
                 i += 16;
             }
             scalar_range::<D, OP>(dst, srcs, i, count);
@@ -720,13 +761,28 @@ mod x256 {
     #[inline]
     pub unsafe fn comb<const OP: u8>(acc: __m256, x: __m256) -> __m256 {
         let m = match OP {
-            SUM => return _mm256_add_ps(acc, x),
+            SUM | AVG => return _mm256_add_ps(acc, x),
             PROD => return _mm256_mul_ps(acc, x),
             MAX => _mm256_max_ps(acc, x),
             _ => _mm256_min_ps(acc, x),
         };
         let nan = _mm256_cmp_ps::<_CMP_UNORD_Q>(acc, acc);
         _mm256_blendv_ps(m, acc, nan)
+    }
+
+    /// The last step before the store: Avg divides the rank-order sum by N (`div`), as the
+    /// scalar path does (IEEE division, so the same bits); every other operator stores as is.
+    ///
+    /// # Safety
+    /// The CPU must support `avx2,f16c`.
+    #[target_feature(enable = "avx2,f16c")]
+    #[inline]
+    pub unsafe fn fin<const OP: u8>(acc: __m256, div: __m256) -> __m256 {
+        if OP == AVG {
+            _mm256_div_ps(acc, div)
+        } else {
+            acc
+        }
     }
 
     /// # Safety
@@ -745,6 +801,7 @@ mod x256 {
             let s0 = srcs[0];
             let rest = &srcs[1..];
             let mut i = 0;
+            let div = _mm256_set1_ps(srcs.len() as f32);
             while i + 32 <= count {
                 let o = i * esize(D);
                 let mut a0 = ld::<D>(s0.add(o));
@@ -757,10 +814,10 @@ mod x256 {
                     a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
                     a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
                 }
-                st::<D>(dst.add(o), a0);
-                st::<D>(dst.add(o + vb), a1);
-                st::<D>(dst.add(o + 2 * vb), a2);
-                st::<D>(dst.add(o + 3 * vb), a3);
+                st::<D>(dst.add(o), fin::<OP>(a0, div));
+                st::<D>(dst.add(o + vb), fin::<OP>(a1, div));
+                st::<D>(dst.add(o + 2 * vb), fin::<OP>(a2, div));
+                st::<D>(dst.add(o + 3 * vb), fin::<OP>(a3, div));
                 i += 32;
             }
             while i + 8 <= count {
@@ -769,7 +826,7 @@ mod x256 {
                 for &s in rest {
                     a = comb::<OP>(a, ld::<D>(s.add(o)));
                 }
-                st::<D>(dst.add(o), a);
+                st::<D>(dst.add(o), fin::<OP>(a, div));
                 i += 8;
             }
             scalar_range::<D, OP>(dst, srcs, i, count);
@@ -951,6 +1008,7 @@ mod tests {
                 ReduceOp::Max,
                 ReduceOp::Min,
                 ReduceOp::Product,
+                ReduceOp::Avg,
             ] {
                 for n in 1..=9usize {
                     for &count in &[0usize, 1, 7, 15, 16, 17, 31, 33, 63, 64, 65, 127, 200, 1000] {
@@ -1100,6 +1158,52 @@ mod tests {
                 .map(|c| f32::from_le_bytes(c.try_into().unwrap()))
                 .collect();
             assert_eq!(got[2], 1e30, "{simd:?}");
+        }
+    }
+
+    /// The generic kernel: integer averages are exact quotients of the wrapped sum whatever N
+    /// (also past what i8/u8 hold), truncated toward zero; f64 keeps the f32 rules.
+    #[test]
+    fn generic_kernel_integers_and_f64() {
+        let avg_i8 = |vals: &[i8]| {
+            let srcs: Vec<[u8; 1]> = vals.iter().map(|v| v.to_le_bytes()).collect();
+            let views: Vec<&[u8]> = srcs.iter().map(|s| &s[..]).collect();
+            let mut out = [0u8];
+            reduce_into(Simd::Scalar, DType::I8, ReduceOp::Avg, &mut out, &views);
+            i8::from_le_bytes(out)
+        };
+        assert_eq!(avg_i8(&[-7, 0]), -3);
+        assert_eq!(avg_i8(&[7, 0]), 3);
+        // 100 + 100 wraps to -56, / 2.
+        assert_eq!(avg_i8(&[100, 100]), -28);
+        // 129 ranks of -1 wrap to 127: 127 / 129 = 0 (a count clamped to i8's 127 gave 1).
+        assert_eq!(avg_i8(&[-1; 128]), -1);
+        assert_eq!(avg_i8(&[-1; 129]), 0);
+        let mut u = [0u8];
+        let ones = [[255u8]; 300];
+        let views: Vec<&[u8]> = ones.iter().map(|s| &s[..]).collect();
+        reduce_into(Simd::Scalar, DType::U8, ReduceOp::Avg, &mut u, &views);
+        // 300 * 255 mod 256 = 212, / 300 = 0.
+        assert_eq!(u[0], 0);
+
+        let f = |v: &[f64]| v.iter().flat_map(|x| x.to_le_bytes()).collect::<Vec<u8>>();
+        let a = f(&[1.0, f64::NAN, -0.0, 3.0]);
+        let b = f(&[f64::NAN, 2.0, 0.0, 5.0]);
+        let mut out = vec![0u8; 32];
+        for (op, want) in [
+            (ReduceOp::Max, [f64::NAN, f64::NAN, 0.0, 5.0]),
+            (ReduceOp::Avg, [f64::NAN, f64::NAN, 0.0, 4.0]),
+        ] {
+            reduce_into(Simd::detect(), DType::F64, op, &mut out, &[&a, &b]);
+            for (c, w) in out.chunks(8).zip(want) {
+                let bits = u64::from_le_bytes(c.try_into().unwrap());
+                let wb = if w.is_nan() {
+                    CANONICAL_NAN_F64
+                } else {
+                    w.to_bits()
+                };
+                assert_eq!(bits, wb, "{op:?}");
+            }
         }
     }
 }

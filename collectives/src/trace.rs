@@ -59,6 +59,27 @@ pub struct CommEvent {
     pub steps: u64,
     /// Seconds spent waiting for peers (the rest of the call moved or reduced data).
     pub wait_s: f64,
+    /// The group made by `split` the call ran in (`None`: the world); each group gets a track
+    /// of its own next to the world's "collectives".
+    pub group: Option<std::sync::Arc<str>>,
+}
+
+/// Tracks of the groups seen so far in this process, by name: tid TID_COMM + 1 + index.
+static GROUP_LANES: Mutex<Vec<std::sync::Arc<str>>> = Mutex::new(Vec::new());
+
+/// The track of a group's collectives.
+fn group_lane(name: &std::sync::Arc<str>) -> u32 {
+    let Ok(mut lanes) = GROUP_LANES.lock() else {
+        return TID_COMM;
+    };
+    let i = match lanes.iter().position(|l| l == name) {
+        Some(i) => i,
+        None => {
+            lanes.push(name.clone());
+            lanes.len() - 1
+        }
+    };
+    TID_COMM + 1 + i as u32
 }
 
 #[derive(Clone, Debug)]
@@ -101,9 +122,10 @@ fn push(e: Event) {
 /// Records a finished collective that started at `start_us` (from [`now_us`]).
 pub fn record_comm(start_us: f64, ev: CommEvent) {
     let end = now_us();
+    let tid = ev.group.as_ref().map_or(TID_COMM, group_lane);
     push(Event {
         name: ev.op.name(),
-        tid: TID_COMM,
+        tid,
         ts_us: start_us,
         dur_us: end - start_us,
         detail: Detail::Comm(ev),
@@ -171,18 +193,24 @@ fn event_json(e: &Event, pid: usize) -> Value {
         Detail::None => json!({}),
         Detail::Layer(l) => json!({ "layer": l }),
         Detail::Tokens { tokens, start_pos } => json!({ "tokens": tokens, "start_pos": start_pos }),
-        Detail::Comm(c) => json!({
-            "bytes": c.bytes,
-            "dtype": c.dtype.map_or("none", |d| d.name()),
-            "algorithm": c.algorithm,
-            "steps": c.steps,
-            "wait_us": c.wait_s * 1e6,
-            "move_us": (e.dur_us - c.wait_s * 1e6).max(0.0),
-        }),
+        Detail::Comm(c) => {
+            let mut a = json!({
+                "bytes": c.bytes,
+                "dtype": c.dtype.map_or("none", |d| d.name()),
+                "algorithm": c.algorithm,
+                "steps": c.steps,
+                "wait_us": c.wait_s * 1e6,
+                "move_us": (e.dur_us - c.wait_s * 1e6).max(0.0),
+            });
+            if let Some(g) = &c.group {
+                a["group"] = json!(&**g);
+            }
+            a
+        }
     };
     json!({
         "name": e.name,
-        "cat": if e.tid == TID_COMM { "comm" } else { "compute" },
+        "cat": if matches!(e.detail, Detail::Comm(_)) { "comm" } else { "compute" },
         "ph": "X",
         "pid": pid,
         "tid": e.tid,
@@ -198,7 +226,15 @@ pub fn take_events(rank: usize) -> Vec<Value> {
         Ok(mut v) => std::mem::take(&mut *v),
         Err(_) => Vec::new(),
     };
-    events.iter().map(|e| event_json(e, rank)).collect()
+    let mut out: Vec<Value> = events.iter().map(|e| event_json(e, rank)).collect();
+    // Name the groups' tracks (the world's are named by `merge`).
+    if let Ok(lanes) = GROUP_LANES.lock() {
+        for (i, name) in lanes.iter().enumerate() {
+            out.push(json!({"name": "thread_name", "ph": "M", "pid": rank,
+                "tid": TID_COMM + 1 + i as u32, "args": {"name": format!("collectives {name}")}}));
+        }
+    }
+    out
 }
 
 /// Starts recording in a rank of a job run with `--trace`. Under tprun (`$TPRUN_TRACE_FD` set)
@@ -575,6 +611,7 @@ mod tests {
                     algorithm: "one_shot",
                     steps: 1,
                     wait_s: 1e-6,
+                    group: None,
                 },
             );
         }

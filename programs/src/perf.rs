@@ -1,11 +1,20 @@
 //! `tprun perf`: the nccl-tests table for tprun's collectives.
 //!
 //! Every rank runs the same loop; rank 0 prints. A row's time is the mean over `--iters` calls on
-//! each rank, then the maximum over ranks. Sizes double from `--min-bytes` to `--max-bytes`; for
-//! all-gather and reduce-scatter the size is the whole gathered/scattered buffer, rounded down to
-//! a multiple of world size x element size (as nccl-tests does). `--check` fills every input with
-//! rank-dependent values and compares every output element, bit for bit, with a serial rank-order
-//! reference computed locally; `#wrong` is the number of mismatches summed over ranks.
+//! each rank, then the maximum over ranks. Sizes double from `--min-bytes` to `--max-bytes`, and
+//! bytes are counted as nccl-tests counts them: the buffer for all-reduce, broadcast, reduce and
+//! send-recv (bytes sent); the whole gathered/scattered buffer for all-gather, reduce-scatter,
+//! gather and scatter; a rank's whole input for all-to-all; those sizes are rounded down to a
+//! multiple of world size x element size. `--check` fills every input with rank-dependent values
+//! and compares every output element, bit for bit, on every rank, with a serial rank-order
+//! reference computed locally (the documented order of `collectives::reduce`, written here
+//! again with the `half` crate's conversions); `#wrong` is the number of mismatches summed over
+//! ranks.
+//!
+//! `--group-size K` splits the world into groups of K consecutive ranks
+//! (`split(Some(rank / K), rank)`) and runs the sweep inside every group at once; each group has
+//! its own input values, so one group's data showing up in another's counts as wrong. Times and
+//! `#wrong` are then over all ranks of all groups, and bus bandwidth is a group's.
 
 use anyhow::{bail, ensure, Context};
 use half::{bf16, f16};
@@ -15,7 +24,7 @@ use half::{bf16, f16};
 mod cuda;
 
 use collectives::units::parse_size;
-use collectives::{CommExt, Communicator, DType, Float, Hierarchy, ReduceOp};
+use collectives::{CommError, CommExt, Communicator, DType, Float, Hierarchy, P2p, ReduceOp};
 
 #[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
 pub enum PerfOp {
@@ -26,6 +35,15 @@ pub enum PerfOp {
     #[value(alias = "reduce_scatter", alias = "reducescatter")]
     ReduceScatter,
     Broadcast,
+    Reduce,
+    Gather,
+    Scatter,
+    #[value(alias = "all_to_all", alias = "alltoall")]
+    AllToAll,
+    /// A ring: each rank sends to rank+1 and receives from rank-1 in one grouped call.
+    #[value(alias = "send_recv", alias = "sendrecv")]
+    SendRecv,
+    /// all-reduce, all-gather, reduce-scatter and broadcast, in turn.
     All,
 }
 
@@ -36,6 +54,11 @@ impl PerfOp {
             PerfOp::AllGather => "all_gather",
             PerfOp::ReduceScatter => "reduce_scatter",
             PerfOp::Broadcast => "broadcast",
+            PerfOp::Reduce => "reduce",
+            PerfOp::Gather => "gather",
+            PerfOp::Scatter => "scatter",
+            PerfOp::AllToAll => "all_to_all",
+            PerfOp::SendRecv => "send_recv",
             PerfOp::All => "all",
         }
     }
@@ -44,47 +67,105 @@ impl PerfOp {
         let n = n as f64;
         match self {
             PerfOp::AllReduce => 2.0 * (n - 1.0) / n,
-            PerfOp::AllGather | PerfOp::ReduceScatter => (n - 1.0) / n,
-            PerfOp::Broadcast | PerfOp::All => 1.0,
+            PerfOp::AllGather
+            | PerfOp::ReduceScatter
+            | PerfOp::Gather
+            | PerfOp::Scatter
+            | PerfOp::AllToAll => (n - 1.0) / n,
+            PerfOp::Broadcast | PerfOp::Reduce | PerfOp::SendRecv | PerfOp::All => 1.0,
+        }
+    }
+    /// Whether `--redop` applies.
+    fn reduces(self) -> bool {
+        matches!(
+            self,
+            PerfOp::AllReduce | PerfOp::ReduceScatter | PerfOp::Reduce | PerfOp::All
+        )
+    }
+    /// Whether `--root` applies.
+    fn rooted(self) -> bool {
+        matches!(
+            self,
+            PerfOp::Broadcast | PerfOp::Reduce | PerfOp::Gather | PerfOp::Scatter | PerfOp::All
+        )
+    }
+    /// Whether the CUDA transport runs it on device buffers (perf `--device cuda`).
+    pub fn on_device(self) -> bool {
+        matches!(
+            self,
+            PerfOp::AllReduce
+                | PerfOp::AllGather
+                | PerfOp::ReduceScatter
+                | PerfOp::Broadcast
+                | PerfOp::All
+        )
+    }
+    /// Buffer bytes per rank, at most, per byte of `--max-bytes` on `n` ranks.
+    fn memory_factor(self, n: usize) -> f64 {
+        match self {
+            PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce => 1.0,
+            PerfOp::AllToAll | PerfOp::SendRecv => 2.0,
+            _ => 1.0 + 1.0 / n as f64,
         }
     }
 }
 
-#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
-pub enum PerfDType {
-    #[value(alias = "float", alias = "float32")]
-    F32,
-    #[value(alias = "bfloat16")]
-    Bf16,
-    #[value(alias = "half", alias = "float16")]
-    F16,
+/// `--dtype`: every [`DType`] by its short or C name (also `float32`, `float16`).
+fn parse_dtype(s: &str) -> Result<DType, String> {
+    let s = s.trim();
+    let alias = match s {
+        "float32" => Some(DType::F32),
+        "float16" => Some(DType::F16),
+        "float64" => Some(DType::F64),
+        _ => None,
+    };
+    alias.or_else(|| DType::parse(s)).ok_or_else(|| {
+        let names: Vec<&str> = DTYPES.iter().map(|d| d.short_name()).collect();
+        format!("expected one of {}", names.join(" "))
+    })
 }
 
-impl PerfDType {
-    fn dtype(self) -> DType {
-        match self {
-            PerfDType::F32 => DType::F32,
-            PerfDType::Bf16 => DType::BF16,
-            PerfDType::F16 => DType::F16,
-        }
-    }
-    fn cli_name(self) -> &'static str {
-        match self {
-            PerfDType::F32 => "f32",
-            PerfDType::Bf16 => "bf16",
-            PerfDType::F16 => "f16",
-        }
-    }
+/// The types in the order help and errors list them.
+const DTYPES: [DType; 10] = [
+    DType::F64,
+    DType::F32,
+    DType::F16,
+    DType::BF16,
+    DType::I8,
+    DType::U8,
+    DType::I32,
+    DType::U32,
+    DType::I64,
+    DType::U64,
+];
+
+/// `--redop`: every [`ReduceOp`] by its name.
+fn parse_redop(s: &str) -> Result<ReduceOp, String> {
+    ReduceOp::parse(s.trim()).ok_or_else(|| {
+        let names: Vec<&str> = ReduceOp::ALL.iter().map(|o| o.name()).collect();
+        format!("expected one of {}", names.join(" "))
+    })
+}
+
+/// The factor rank `r` of a group passes to `--redop premulsum` (exact in every float type, and
+/// different per rank, so that a result shows which rank's factor went where).
+fn premul_factor(r: usize) -> f64 {
+    1.0 + (r % 8) as f64 / 4.0
 }
 
 #[derive(clap::Args, Debug, Clone)]
 pub struct Args {
-    /// Collective to measure (`all` = each in turn).
-    #[arg(long, value_enum, default_value = "all-reduce")]
-    pub op: PerfOp,
-    /// Element type (reductions are computed in f32).
-    #[arg(long, value_enum, default_value = "f32")]
-    pub dtype: PerfDType,
+    /// Collectives to measure, comma-separated (`all` = all-reduce, all-gather, reduce-scatter
+    /// and broadcast in turn).
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "all-reduce")]
+    pub op: Vec<PerfOp>,
+    /// Element type: f64 f32 f16 bf16 i8 u8 i32 u32 i64 u64 (f16 and bf16 reduce in f32).
+    #[arg(long, default_value = "f32", value_parser = parse_dtype)]
+    pub dtype: DType,
+    /// Reduction of all-reduce, reduce-scatter and reduce: sum prod max min avg, band bor bxor
+    /// (integer types), premulsum (float types; rank r's factor is 1 + (r mod 8)/4).
+    #[arg(long, default_value = "sum", value_parser = parse_redop)]
+    pub redop: ReduceOp,
     /// Smallest size in bytes (K/M/G suffixes, powers of 1024).
     #[arg(long, default_value = "8", value_parser = parse_bounded_size)]
     pub min_bytes: u64,
@@ -100,9 +181,13 @@ pub struct Args {
     /// Check every element against a serial rank-order reference (#wrong column).
     #[arg(long)]
     pub check: bool,
-    /// Root rank of broadcast.
+    /// Root rank of broadcast, reduce, gather and scatter (a group rank with --group-size).
     #[arg(long, default_value_t = 0)]
     pub root: usize,
+    /// Run the sweep inside groups of K consecutive ranks (made with split), all groups at once;
+    /// K must divide the number of ranks.
+    #[arg(long, value_name = "K", value_parser = parse_group_size)]
+    pub group_size: Option<usize>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -140,53 +225,233 @@ fn splitmix(mut z: u64) -> u64 {
     z ^ (z >> 31)
 }
 
-/// Rank `r`'s input value at index `i`: uniform in [-1, 1) with a full mantissa, so that the
-/// summation order shows in the result.
-fn value(r: usize, i: usize) -> f32 {
-    let h = splitmix(((r as u64) << 40) ^ i as u64 ^ 0x7072_756E);
+/// An element type as the check sees it: its input values and the reference reduction, written
+/// independently of the transport's kernels.
+trait Elem: bytemuck::Pod {
+    /// An input value from 64 random bits: floats uniform in [-1, 1) with a full mantissa (so the
+    /// summation order shows in the result), integers all their bits.
+    fn gen(h: u64) -> Self;
+    /// `xs` (every rank's input, rank order, `n` of them) reduced as `collectives::reduce`
+    /// documents: `acc = x0; acc = op(acc, x1); ...`, f16/bf16 in f32, integers wrapping, avg
+    /// divided by `n` once at the end.
+    fn reduce(op: ReduceOp, xs: impl Iterator<Item = Self>, n: usize) -> Self;
+    /// PreMulSum's local step: `self * f` in the accumulation type, rounded to this type. Never
+    /// called for integers (perf refuses premulsum of integers before it starts).
+    fn premul(self, f: f64) -> Self;
+}
+
+/// One step of a float reduction (no NaN among perf's inputs; max/min keep the accumulator on
+/// ties, as documented).
+macro_rules! float_step {
+    ($op:expr, $a:expr, $x:expr) => {
+        match $op {
+            ReduceOp::Product => $a * $x,
+            ReduceOp::Max => {
+                if $a.is_nan() || $a > $x {
+                    $a
+                } else {
+                    $x
+                }
+            }
+            ReduceOp::Min => {
+                if $a.is_nan() || $a < $x {
+                    $a
+                } else {
+                    $x
+                }
+            }
+            _ => $a + $x,
+        }
+    };
+}
+
+/// A value uniform in [-1, 1) with 23 mantissa bits (perf's f32/bf16/f16 inputs).
+fn unit_f32(h: u64) -> f32 {
     ((h >> 40) as f32) / (1u64 << 23) as f32 - 1.0
 }
 
-/// Typed view of the buffers, so that fill/check use the `half` crate's conversions (an
-/// implementation independent of the transport's).
-trait Pattern: Float {
-    fn fill(buf: &mut [u8], r: usize, base: usize) {
-        for (i, x) in bytemuck::cast_slice_mut::<u8, Self>(buf)
-            .iter_mut()
-            .enumerate()
-        {
-            *x = Self::from_f32(value(r, base + i));
+macro_rules! f32_elem {
+    ($($t:ty),*) => {$(
+        impl Elem for $t {
+            fn gen(h: u64) -> Self {
+                <$t as Float>::from_f32(unit_f32(h))
+            }
+            fn reduce(op: ReduceOp, mut xs: impl Iterator<Item = Self>, n: usize) -> Self {
+                let mut acc = xs.next().map_or(0.0, |x| x.to_f32());
+                for x in xs {
+                    let x = x.to_f32();
+                    acc = float_step!(op, acc, x);
+                }
+                if op == ReduceOp::Avg {
+                    acc /= n as f32;
+                }
+                <$t as Float>::from_f32(acc)
+            }
+            fn premul(self, f: f64) -> Self {
+                <$t as Float>::from_f32(self.to_f32() * f as f32)
+            }
+        }
+    )*};
+}
+f32_elem!(f32, bf16, f16);
+
+impl Elem for f64 {
+    fn gen(h: u64) -> Self {
+        ((h >> 11) as f64) / (1u64 << 52) as f64 - 1.0
+    }
+    fn reduce(op: ReduceOp, mut xs: impl Iterator<Item = Self>, n: usize) -> Self {
+        let mut acc = xs.next().unwrap_or(0.0);
+        for x in xs {
+            acc = float_step!(op, acc, x);
+        }
+        if op == ReduceOp::Avg {
+            acc /= n as f64;
+        }
+        acc
+    }
+    fn premul(self, f: f64) -> Self {
+        self * f
+    }
+}
+
+macro_rules! int_elem {
+    ($($t:ty),*) => {$(
+        impl Elem for $t {
+            fn gen(h: u64) -> Self {
+                h as $t
+            }
+            fn reduce(op: ReduceOp, mut xs: impl Iterator<Item = Self>, n: usize) -> Self {
+                let mut acc = xs.next().unwrap_or(0);
+                for x in xs {
+                    acc = match op {
+                        ReduceOp::Product => acc.wrapping_mul(x),
+                        ReduceOp::Max => acc.max(x),
+                        ReduceOp::Min => acc.min(x),
+                        ReduceOp::BAnd => acc & x,
+                        ReduceOp::BOr => acc | x,
+                        ReduceOp::BXor => acc ^ x,
+                        _ => acc.wrapping_add(x),
+                    };
+                }
+                if op == ReduceOp::Avg {
+                    // Truncated toward zero; perf runs fewer ranks than i8 counts to.
+                    acc /= n as $t;
+                }
+                acc
+            }
+            fn premul(self, _f: f64) -> Self {
+                self
+            }
+        }
+    )*};
+}
+int_elem!(i8, u8, i32, u32, i64, u64);
+
+/// Runs `$body` with `$t` bound to the Rust type of `$dtype`.
+macro_rules! with_type {
+    ($dtype:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            DType::BF16 => {
+                type $t = bf16;
+                $body
+            }
+            DType::F16 => {
+                type $t = f16;
+                $body
+            }
+            DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            DType::I8 => {
+                type $t = i8;
+                $body
+            }
+            DType::U8 => {
+                type $t = u8;
+                $body
+            }
+            DType::I32 => {
+                type $t = i32;
+                $body
+            }
+            DType::U32 => {
+                type $t = u32;
+                $body
+            }
+            DType::I64 => {
+                type $t = i64;
+                $body
+            }
+            DType::U64 => {
+                type $t = u64;
+                $body
+            }
+        }
+    };
+}
+
+/// What every case of one run shares: the type, the reduction, this rank's place in its group.
+#[derive(Clone, Copy, Debug)]
+struct Setup {
+    dtype: DType,
+    /// `--redop` as given (PreMulSum with each rank's own factor is made per rank).
+    redop: ReduceOp,
+    /// Ranks in the group and this rank's number there.
+    n: usize,
+    rank: usize,
+    root: usize,
+    /// The group's number (0 without groups): part of every input value.
+    group: u64,
+}
+
+impl Setup {
+    /// Group rank `r`'s input element `i`.
+    fn input<T: Elem>(&self, r: usize, i: usize) -> T {
+        let g = self.group.wrapping_mul(0xD6E8_FEB8_6659_FD93);
+        T::gen(splitmix(((r as u64) << 40) ^ i as u64 ^ 0x7072_756E ^ g))
+    }
+    /// The reduction this rank asks for (premulsum with its own factor).
+    fn redop_of(&self, r: usize) -> ReduceOp {
+        match self.redop {
+            ReduceOp::PreMulSum(_) => ReduceOp::PreMulSum(premul_factor(r)),
+            op => op,
         }
     }
-    fn bits_eq(a: Self, b: Self) -> bool {
-        bytemuck::bytes_of(&a) == bytemuck::bytes_of(&b)
+    /// Element `i` of the reduction over the group's inputs, rank order.
+    fn reduced<T: Elem>(&self, i: usize) -> T {
+        let xs = (0..self.n).map(|r| match self.redop_of(r) {
+            ReduceOp::PreMulSum(f) => self.input::<T>(r, i).premul(f),
+            _ => self.input::<T>(r, i),
+        });
+        let op = match self.redop {
+            ReduceOp::PreMulSum(_) => ReduceOp::Sum,
+            op => op,
+        };
+        T::reduce(op, xs, self.n)
     }
 }
-impl Pattern for f32 {}
-impl Pattern for bf16 {}
-impl Pattern for f16 {}
 
-/// Expected element `i` of the reduction over ranks of `value(r, base + i)`, rank order, f32.
-fn reduced<T: Pattern>(n: usize, base: usize, i: usize) -> T {
-    let mut acc = T::from_f32(value(0, base + i)).to_f32();
-    for r in 1..n {
-        acc += T::from_f32(value(r, base + i)).to_f32();
-    }
-    T::from_f32(acc)
-}
-
-fn count_wrong<T: Pattern>(out: &[u8], want: impl Fn(usize) -> T) -> u64 {
+fn count_wrong<T: Elem>(out: &[u8], want: impl Fn(usize) -> T) -> u64 {
     bytemuck::cast_slice::<u8, T>(out)
         .iter()
         .enumerate()
-        .filter(|(i, &x)| !T::bits_eq(x, want(*i)))
+        .filter(|(i, x)| bytemuck::bytes_of(*x) != bytemuck::bytes_of(&want(*i)))
         .count() as u64
 }
 
-/// Buffers for one size (u32-aligned storage so the typed views are valid).
+/// Outputs are set to this before the checked call, so that an output the call did not write
+/// shows as wrong.
+const POISON: u8 = 0xA5;
+
+/// Buffers for one size (u64-aligned storage so the typed views of every type are valid).
 struct Bufs {
-    a: Vec<u32>,
-    b: Vec<u32>,
+    a: Vec<u64>,
+    b: Vec<u64>,
     a_len: usize,
     b_len: usize,
 }
@@ -194,14 +459,11 @@ struct Bufs {
 impl Bufs {
     fn new(a_len: usize, b_len: usize) -> Bufs {
         Bufs {
-            a: vec![0; a_len.div_ceil(4)],
-            b: vec![0; b_len.div_ceil(4)],
+            a: vec![0; a_len.div_ceil(8)],
+            b: vec![0; b_len.div_ceil(8)],
             a_len,
             b_len,
         }
-    }
-    fn a(&mut self) -> &mut [u8] {
-        &mut bytemuck::cast_slice_mut(&mut self.a)[..self.a_len]
     }
     fn both(&mut self) -> (&mut [u8], &mut [u8]) {
         (
@@ -211,183 +473,255 @@ impl Bufs {
     }
 }
 
+/// One op at one size on this rank: its buffers (`a` the input, or the buffer of in-place ops;
+/// `b` the output) and how to run and check it.
 struct Case {
     op: PerfOp,
-    dtype: PerfDType,
-    n: usize,
-    rank: usize,
-    root: usize,
-    /// Elements per rank segment (all-gather input, reduce-scatter output) or of the buffer.
+    s: Setup,
+    /// The reduction this rank passes (its own premulsum factor).
+    redop: ReduceOp,
+    /// Elements per rank segment (all-gather input, reduce-scatter output, gather/scatter
+    /// per-rank part, all-to-all chunk) or of the buffer.
     per: usize,
     bufs: Bufs,
 }
 
 impl Case {
-    fn new(
-        op: PerfOp,
-        dtype: PerfDType,
-        size: u64,
-        n: usize,
-        rank: usize,
-        root: usize,
-    ) -> Option<Case> {
-        let e = dtype.dtype().size();
+    fn new(op: PerfOp, s: Setup, size: u64) -> Option<Case> {
+        let (e, n) = (s.dtype.size(), s.n);
         let size = size as usize;
+        let whole = size / e;
+        let seg = size / (e * n);
+        let at_root = s.rank == s.root;
+        // (per, a elements, b elements)
         let (per, a, b) = match op {
-            PerfOp::AllReduce | PerfOp::Broadcast => {
-                let c = size / e;
-                (c, c * e, 0)
-            }
-            PerfOp::AllGather => {
-                let c = size / (e * n);
-                (c, c * e, c * e * n)
-            }
-            PerfOp::ReduceScatter => {
-                let c = size / (e * n);
-                (c, c * e * n, c * e)
-            }
+            PerfOp::AllReduce | PerfOp::Broadcast | PerfOp::Reduce => (whole, whole, 0),
+            PerfOp::SendRecv => (whole, whole, whole),
+            PerfOp::AllGather => (seg, seg, seg * n),
+            PerfOp::ReduceScatter => (seg, seg * n, seg),
+            PerfOp::Gather => (seg, seg, if at_root { seg * n } else { 0 }),
+            PerfOp::Scatter => (seg, if at_root { seg * n } else { 0 }, seg),
+            PerfOp::AllToAll => (seg, seg * n, seg * n),
             PerfOp::All => unreachable!(),
         };
         (per > 0).then(|| Case {
             op,
-            dtype,
-            n,
-            rank,
-            root,
+            s,
+            redop: s.redop_of(s.rank),
             per,
-            bufs: Bufs::new(a, b),
+            bufs: Bufs::new(a * e, b * e),
         })
     }
 
-    /// Bytes as the table reports them and the element count behind them.
+    /// Bytes as the table reports them (nccl-tests' count) and the element count behind them.
     fn bytes_count(&self) -> (u64, u64) {
-        let e = self.dtype.dtype().size() as u64;
+        let e = self.s.dtype.size() as u64;
         let c = match self.op {
-            PerfOp::AllGather | PerfOp::ReduceScatter => (self.per * self.n) as u64,
+            PerfOp::AllGather
+            | PerfOp::ReduceScatter
+            | PerfOp::Gather
+            | PerfOp::Scatter
+            | PerfOp::AllToAll => (self.per * self.s.n) as u64,
             _ => self.per as u64,
         };
         (c * e, c)
     }
 
+    /// This rank's inputs, and the poison in its outputs.
     fn fill(&mut self) {
-        match self.dtype {
-            PerfDType::F32 => self.fill_t::<f32>(),
-            PerfDType::Bf16 => self.fill_t::<bf16>(),
-            PerfDType::F16 => self.fill_t::<f16>(),
-        }
+        with_type!(self.s.dtype, T => self.fill_t::<T>())
     }
 
-    fn fill_t<T: Pattern>(&mut self) {
-        let r = self.rank;
-        T::fill(self.bufs.a(), r, 0);
+    fn fill_t<T: Elem>(&mut self) {
+        let s = self.s;
+        let (a, b) = self.bufs.both();
+        for (i, x) in bytemuck::cast_slice_mut::<u8, T>(a).iter_mut().enumerate() {
+            *x = s.input(s.rank, i);
+        }
+        b.fill(POISON);
     }
 
     fn run(&mut self, comm: &mut dyn Communicator) -> collectives::Result<()> {
-        let dt = self.dtype.dtype();
+        let (dt, redop, root) = (self.s.dtype, self.redop, self.s.root);
+        let (n, me) = (self.s.n, self.s.rank);
+        let (a, b) = self.bufs.both();
         match self.op {
-            PerfOp::AllReduce => comm.all_reduce_raw(self.bufs.a(), dt, ReduceOp::Sum),
-            PerfOp::Broadcast => comm.broadcast_raw(self.bufs.a(), self.root),
-            PerfOp::AllGather => {
-                let (a, b) = self.bufs.both();
-                comm.all_gather_raw(a, b, dt)
-            }
-            PerfOp::ReduceScatter => {
-                let (a, b) = self.bufs.both();
-                comm.reduce_scatter_raw(a, b, dt, ReduceOp::Sum)
-            }
+            PerfOp::AllReduce => comm.all_reduce_raw(a, dt, redop),
+            PerfOp::Broadcast => comm.broadcast_raw(a, root),
+            PerfOp::AllGather => comm.all_gather_raw(a, b, dt),
+            PerfOp::ReduceScatter => comm.reduce_scatter_raw(a, b, dt, redop),
+            PerfOp::Reduce => comm.reduce_raw(a, dt, redop, root),
+            PerfOp::Gather => comm.gather_raw(a, b, dt, root),
+            PerfOp::Scatter => comm.scatter_raw(a, b, dt, root),
+            PerfOp::AllToAll => comm.all_to_all_raw(a, b, dt),
+            PerfOp::SendRecv => comm.send_recv_raw(
+                &mut [
+                    P2p::Send {
+                        buf: a,
+                        peer: (me + 1) % n,
+                    },
+                    P2p::Recv {
+                        buf: b,
+                        peer: (me + n - 1) % n,
+                    },
+                ],
+                dt,
+            ),
             PerfOp::All => unreachable!(),
         }
     }
 
+    /// Elements of this rank's results that differ from the reference.
     fn wrong(&mut self) -> u64 {
-        match self.dtype {
-            PerfDType::F32 => self.wrong_t::<f32>(),
-            PerfDType::Bf16 => self.wrong_t::<bf16>(),
-            PerfDType::F16 => self.wrong_t::<f16>(),
-        }
+        with_type!(self.s.dtype, T => self.wrong_t::<T>())
     }
 
-    fn wrong_t<T: Pattern>(&mut self) -> u64 {
-        let (n, rank, root, per) = (self.n, self.rank, self.root, self.per);
+    fn wrong_t<T: Elem>(&mut self) -> u64 {
+        let (s, per) = (self.s, self.per);
+        let (rank, root, n) = (s.rank, s.root, s.n);
         let (a, b) = self.bufs.both();
         match self.op {
-            PerfOp::AllReduce => count_wrong::<T>(a, |i| reduced::<T>(n, 0, i)),
-            PerfOp::Broadcast => count_wrong::<T>(a, |i| T::from_f32(value(root, i))),
-            PerfOp::AllGather => count_wrong::<T>(b, |j| T::from_f32(value(j / per, j % per))),
-            PerfOp::ReduceScatter => count_wrong::<T>(b, |i| reduced::<T>(n, rank * per, i)),
+            PerfOp::AllReduce => count_wrong::<T>(a, |i| s.reduced(i)),
+            PerfOp::Reduce if rank == root => count_wrong::<T>(a, |i| s.reduced(i)),
+            // The other ranks' buffers are left as they were.
+            PerfOp::Reduce => count_wrong::<T>(a, |i| s.input(rank, i)),
+            PerfOp::Broadcast => count_wrong::<T>(a, |i| s.input(root, i)),
+            PerfOp::AllGather => count_wrong::<T>(b, |j| s.input(j / per, j % per)),
+            PerfOp::ReduceScatter => count_wrong::<T>(b, |i| s.reduced(rank * per + i)),
+            // Only the root receives (the others' output is empty).
+            PerfOp::Gather => count_wrong::<T>(b, |j| s.input(j / per, j % per)),
+            PerfOp::Scatter => count_wrong::<T>(b, |i| s.input(root, rank * per + i)),
+            PerfOp::AllToAll => count_wrong::<T>(b, |j| s.input(j / per, rank * per + j % per)),
+            PerfOp::SendRecv => count_wrong::<T>(b, |i| s.input((rank + n - 1) % n, i)),
             PerfOp::All => unreachable!(),
         }
     }
 }
 
-/// What perf measures: a host transport on host buffers, or (feature `cuda`, `--device cuda`,
-/// which the launcher passes to the ranks as `TPRUN_DEVICE=cuda`) the CUDA transport on device
-/// buffers.
-enum PerfComm {
+/// The device perf measures: a host transport on host buffers, or (feature `cuda`,
+/// `--device cuda`, which the launcher passes to the ranks as `TPRUN_DEVICE=cuda`) the CUDA
+/// transport on device buffers.
+enum Dev {
     Host(Box<dyn Communicator>),
     #[cfg(feature = "cuda")]
     Cuda(Box<cuda::Device>),
 }
 
+/// The world's communicator and, with `--group-size`, this rank's group made from it.
+struct PerfComm {
+    dev: Dev,
+    group: Option<Box<dyn Communicator>>,
+}
+
 impl PerfComm {
-    fn from_env() -> anyhow::Result<PerfComm> {
-        if std::env::var("TPRUN_DEVICE").is_ok_and(|d| d == "cuda") {
+    fn from_env(args: &Args) -> anyhow::Result<PerfComm> {
+        let dev = if std::env::var("TPRUN_DEVICE").is_ok_and(|d| d == "cuda") {
+            if let Some((flag, why)) = cuda_refuses(args) {
+                bail!("{flag} is not available with --device cuda: {why}");
+            }
             #[cfg(feature = "cuda")]
-            return Ok(PerfComm::Cuda(Box::new(cuda::Device::new()?)));
+            {
+                Dev::Cuda(Box::new(cuda::Device::new()?))
+            }
             #[cfg(not(feature = "cuda"))]
             bail!(crate::device::NO_CUDA_BUILD);
-        }
-        let comm = collectives::from_env().context("perf: cannot set up the collectives")?;
-        Ok(PerfComm::Host(comm))
+        } else {
+            Dev::Host(collectives::from_env().context("perf: cannot set up the collectives")?)
+        };
+        Ok(PerfComm { dev, group: None })
     }
 
-    fn comm(&mut self) -> &mut dyn Communicator {
-        match self {
-            PerfComm::Host(c) => c.as_mut(),
+    /// The whole job's communicator.
+    fn world(&mut self) -> &mut dyn Communicator {
+        match &mut self.dev {
+            Dev::Host(c) => c.as_mut(),
             #[cfg(feature = "cuda")]
-            PerfComm::Cuda(d) => &mut d.comm,
+            Dev::Cuda(d) => &mut d.comm,
         }
+    }
+
+    /// The communicator the sweep runs on: this rank's group, or the world.
+    fn comm(&mut self) -> &mut dyn Communicator {
+        match (&mut self.group, &mut self.dev) {
+            (Some(g), _) => g.as_mut(),
+            (None, Dev::Host(c)) => c.as_mut(),
+            #[cfg(feature = "cuda")]
+            (None, Dev::Cuda(d)) => &mut d.comm,
+        }
+    }
+
+    /// `--group-size k`: groups of `k` consecutive ranks.
+    fn split(&mut self, k: usize) -> anyhow::Result<()> {
+        let rank = self.world().rank();
+        let group = self
+            .world()
+            .split(Some((rank / k) as u32), rank as i64)
+            .with_context(|| format!("perf --group-size {k}: cannot split the world"))?
+            .with_context(|| format!("perf --group-size {k}: split gave rank {rank} no group"))?;
+        self.group = Some(group);
+        Ok(())
     }
 
     /// Fills the case's inputs (and copies them to the device).
     fn fill(&mut self, case: &mut Case) -> anyhow::Result<()> {
         case.fill();
-        match self {
-            PerfComm::Host(_) => Ok(()),
+        match &mut self.dev {
+            Dev::Host(_) => Ok(()),
             #[cfg(feature = "cuda")]
-            PerfComm::Cuda(d) => d.load(case),
+            Dev::Cuda(d) => d.load(case),
         }
     }
 
     fn run(&mut self, case: &mut Case) -> collectives::Result<()> {
-        match self {
-            PerfComm::Host(c) => case.run(c.as_mut()),
+        if let Some(g) = &mut self.group {
+            return case.run(g.as_mut());
+        }
+        match &mut self.dev {
+            Dev::Host(c) => case.run(c.as_mut()),
             #[cfg(feature = "cuda")]
-            PerfComm::Cuda(d) => d.run(case),
+            Dev::Cuda(d) => d.run(case),
         }
     }
 
     /// Seconds of one device-to-device copy of `bytes` (mean of `iters`), on the device only.
     fn copy_seconds(&mut self, bytes: u64, iters: usize) -> anyhow::Result<Option<f64>> {
-        match self {
-            PerfComm::Host(_) => {
+        match &mut self.dev {
+            Dev::Host(_) => {
                 let _ = (bytes, iters);
                 Ok(None)
             }
             #[cfg(feature = "cuda")]
-            PerfComm::Cuda(d) => d.copy_seconds(bytes, iters).map(Some),
+            Dev::Cuda(d) => d.copy_seconds(bytes, iters).map(Some),
         }
     }
 
     /// The case's wrong elements (after copying device results back).
     fn wrong(&mut self, case: &mut Case) -> anyhow::Result<u64> {
-        match self {
-            PerfComm::Host(_) => {}
+        match &mut self.dev {
+            Dev::Host(_) => {}
             #[cfg(feature = "cuda")]
-            PerfComm::Cuda(d) => d.store(case)?,
+            Dev::Cuda(d) => d.store(case)?,
         }
         Ok(case.wrong())
     }
+}
+
+/// The options `--device cuda` cannot run, and why (checked by the launcher before any rank
+/// starts, and by each rank).
+pub fn cuda_refuses(args: &Args) -> Option<(String, &'static str)> {
+    if let Some(op) = args.op.iter().find(|o| !o.on_device()) {
+        return Some((
+            format!("--op {}", op.name()),
+            "the CUDA transport has no device-buffer path for it yet (all-reduce, all-gather, reduce-scatter and broadcast have one)",
+        ));
+    }
+    if args.group_size.is_some() {
+        return Some((
+            "--group-size".into(),
+            "the CUDA transport's groups are host-staged; perf measures device buffers on the whole job",
+        ));
+    }
+    None
 }
 
 /// Every rank's `x`, in rank order (8 bytes each, moved by an all-gather).
@@ -406,30 +740,33 @@ fn max_over_ranks(comm: &mut dyn Communicator, x: f64) -> anyhow::Result<f64> {
         .fold(0.0, f64::max))
 }
 
+/// One row: warm-up, the timed calls, and (`--check`) one more call on fresh inputs, checked.
+/// Every group starts the timed calls together (a barrier of the world); time and `#wrong` are
+/// over the world's ranks.
 fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result<Row> {
     let n = pc.comm().world_size();
     pc.fill(case)?;
     for _ in 0..args.warmup {
         pc.run(case)?;
     }
-    pc.comm().barrier()?;
+    pc.world().barrier()?;
     let t0 = std::time::Instant::now();
     for _ in 0..args.iters {
         pc.run(case)?;
     }
     let local = t0.elapsed().as_secs_f64() / args.iters as f64;
-    let secs = max_over_ranks(pc.comm(), local)?;
+    let secs = max_over_ranks(pc.world(), local)?;
     let wrong = if args.check {
         pc.fill(case)?;
         pc.run(case)?;
         let w = pc.wrong(case)?;
-        Some(gather_u64(pc.comm(), w)?.into_iter().sum())
+        Some(gather_u64(pc.world(), w)?.into_iter().sum())
     } else {
         None
     };
     let (bytes, count) = case.bytes_count();
     let copy_us = match pc.copy_seconds(bytes, args.iters)? {
-        Some(s) => Some(max_over_ranks(pc.comm(), s)? * 1e6),
+        Some(s) => Some(max_over_ranks(pc.world(), s)? * 1e6),
         None => None,
     };
     let algbw = bytes as f64 / secs / 1e9;
@@ -437,7 +774,7 @@ fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result
         op: case.op.name(),
         bytes,
         count,
-        dtype: case.dtype.cli_name(),
+        dtype: case.s.dtype.short_name(),
         time_us: secs * 1e6,
         algbw_gbps: algbw,
         busbw_gbps: algbw * case.op.bus_factor(n),
@@ -446,17 +783,45 @@ fn bench_size(pc: &mut PerfComm, case: &mut Case, args: &Args) -> anyhow::Result
     })
 }
 
-fn print_table(op: PerfOp, rows: &[Row], n: usize, hier: Option<Hierarchy>, args: &Args) {
-    let dt = args.dtype.dtype();
-    println!(
-        "# tprun perf: {} on {n} ranks, {} ({}), {} iters after {} warmup, check {}",
+/// The table's first line: the op, where it ran, the type, and the reduction or root where
+/// they apply.
+fn table_title(op: PerfOp, n: usize, world: usize, args: &Args) -> String {
+    let dt = args.dtype;
+    let groups = match world / n.max(1) {
+        1 if args.group_size.is_none() => String::new(),
+        g => format!(" in each of {g} groups (--group-size {n} of {world})"),
+    };
+    let redop = match (op.reduces(), args.redop) {
+        (false, _) => String::new(),
+        (true, ReduceOp::PreMulSum(_)) => {
+            ", redop premulsum (rank r's factor 1 + (r mod 8)/4)".into()
+        }
+        (true, o) => format!(", redop {}", o.name()),
+    };
+    let root = match op.rooted() {
+        true => format!(", root {}", args.root),
+        false => String::new(),
+    };
+    format!(
+        "# tprun perf: {} on {n} ranks{groups}, {} ({}){redop}{root}, {} iters after {} warmup, check {}",
         op.name(),
-        args.dtype.cli_name(),
+        dt.short_name(),
         dt.name(),
         args.iters,
         args.warmup,
         if args.check { "on" } else { "off" }
-    );
+    )
+}
+
+fn print_table(
+    op: PerfOp,
+    rows: &[Row],
+    (n, world): (usize, usize),
+    hier: Option<Hierarchy>,
+    args: &Args,
+) {
+    let dt = args.dtype;
+    println!("{}", table_title(op, n, world, args));
     if let Some(h) = hier {
         println!(
             "# hierarchy: {} nodes x {} ranks per node (shared memory in a node, MPI between nodes)",
@@ -526,27 +891,44 @@ fn avg_busbw(rows: &[Row]) -> f64 {
 }
 
 pub fn run(args: &Args) -> anyhow::Result<()> {
-    check_sizes(args)?;
-    let mut pc = PerfComm::from_env()?;
-    let (n, rank) = (pc.comm().world_size(), pc.comm().rank());
-    check_fits(args, n)?;
-    let ops = ops_of(args.op);
+    let mut pc = PerfComm::from_env(args)?;
+    let (world, rank) = (pc.world().world_size(), pc.world().rank());
+    check_args(args, world)?;
+    check_fits(args, world)?;
+    let k = args.group_size.unwrap_or(world);
+    let group = rank / k;
+    if args.group_size.is_some() {
+        pc.split(k)?;
+    }
+    let setup = Setup {
+        dtype: args.dtype,
+        redop: args.redop,
+        n: pc.comm().world_size(),
+        rank: pc.comm().rank(),
+        root: args.root,
+        group: group as u64,
+    };
+    let ops = ops_of(&args.op);
     let sizes = doubling_sizes(args.min_bytes, args.max_bytes);
     let mut all_rows = Vec::new();
     for &op in &ops {
-        let rows = measure_op(&mut pc, op, &sizes, args)?;
+        let rows = measure_op(&mut pc, op, &sizes, setup, args)?;
         if rank == 0 && !args.json {
-            print_table(op, &rows, n, pc.comm().hierarchy(), args);
+            print_table(op, &rows, (k, world), pc.world().hierarchy(), args);
         }
         all_rows.extend(rows);
     }
     if rank == 0 && args.json {
-        print_json(&ops, &all_rows, n, args);
+        print_json(&ops, &all_rows, (k, world), args);
     }
     if rank == 0 {
         if let Some(path) = &args.plot {
             let series = series_of(&all_rows);
-            crate::plot::busbw_svg(path, &plot_title(args.dtype.cli_name(), &[n]), &series)?;
+            crate::plot::busbw_svg(
+                path,
+                &plot_title(args.dtype.short_name(), &[world]),
+                &series,
+            )?;
             eprintln!("tprun perf: wrote {}", path.display());
         }
     }
@@ -581,6 +963,14 @@ fn parse_count(s: &str) -> Result<usize, String> {
     }
 }
 
+/// `--group-size`: at least 1 rank.
+fn parse_group_size(s: &str) -> Result<usize, String> {
+    match s.trim().parse::<usize>() {
+        Ok(k) if k >= 1 => Ok(k),
+        _ => Err("expected a number of ranks, at least 1".into()),
+    }
+}
+
 /// The size and iteration options make sense on their own (checked before the collectives start).
 fn check_sizes(args: &Args) -> anyhow::Result<()> {
     ensure!(args.min_bytes >= 1, "--min-bytes must be at least 1");
@@ -594,16 +984,58 @@ fn check_sizes(args: &Args) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// `--root` names a rank of `n`, and the buffers of `n` ranks fit in this machine's memory.
+/// The options make sense together for a job of `world` ranks: sizes, the group size, the
+/// root, and the reduction for the type (the launcher checks this before any rank starts, and
+/// every rank again).
+pub fn check_args(args: &Args, world: usize) -> anyhow::Result<()> {
+    check_sizes(args)?;
+    let k = match args.group_size {
+        Some(k) => {
+            ensure!(
+                world.is_multiple_of(k),
+                "--group-size {k} does not divide the {world} ranks (groups are {k} consecutive ranks)"
+            );
+            k
+        }
+        None => world,
+    };
+    match args.group_size {
+        Some(_) => ensure!(
+            args.root < k,
+            "--root {} is out of range for groups of {k} ranks (--group-size {k})",
+            args.root
+        ),
+        None => ensure!(
+            args.root < k,
+            "--root {} is out of range for {k} ranks",
+            args.root
+        ),
+    }
+    if args.op.iter().any(|o| o.reduces()) {
+        if let Err(e) = collectives::types::check_reducible("perf", args.dtype, args.redop) {
+            let why = match e {
+                CommError::Invalid { msg, .. } => msg,
+                e => e.to_string(),
+            };
+            bail!(
+                "--redop {} does not go with --dtype {}: {why}",
+                args.redop.name(),
+                args.dtype.short_name()
+            );
+        }
+    }
+    Ok(())
+}
+
+/// The buffers of `n` ranks fit in this machine's memory.
 fn check_fits(args: &Args, n: usize) -> anyhow::Result<()> {
-    ensure!(
-        args.root < n,
-        "--root {} is out of range for {n} ranks",
-        args.root
-    );
-    // Buffers per rank are at most max_bytes * (1 + 1/n); sizes the machine cannot hold would
-    // end in a swap storm or the OOM killer, not in a result.
-    let need = (n as f64 + 1.0) * args.max_bytes as f64;
+    // Buffers per rank are at most max_bytes times the ops' memory factor; sizes the machine
+    // cannot hold would end in a swap storm or the OOM killer, not in a result.
+    let factor = ops_of(&args.op)
+        .iter()
+        .map(|o| o.memory_factor(args.group_size.unwrap_or(n)))
+        .fold(1.0, f64::max);
+    let need = n as f64 * factor * args.max_bytes as f64;
     if let Some(ram) = total_memory_bytes() {
         const GIB: f64 = (1u64 << 30) as f64;
         ensure!(
@@ -618,16 +1050,25 @@ fn check_fits(args: &Args, n: usize) -> anyhow::Result<()> {
 }
 
 /// The ops `--op` stands for, in table order.
-fn ops_of(op: PerfOp) -> Vec<PerfOp> {
-    match op {
-        PerfOp::All => vec![
-            PerfOp::AllReduce,
-            PerfOp::AllGather,
-            PerfOp::ReduceScatter,
-            PerfOp::Broadcast,
-        ],
-        op => vec![op],
+fn ops_of(ops: &[PerfOp]) -> Vec<PerfOp> {
+    let mut out = Vec::new();
+    for &op in ops {
+        let each = match op {
+            PerfOp::All => vec![
+                PerfOp::AllReduce,
+                PerfOp::AllGather,
+                PerfOp::ReduceScatter,
+                PerfOp::Broadcast,
+            ],
+            op => vec![op],
+        };
+        for o in each {
+            if !out.contains(&o) {
+                out.push(o);
+            }
+        }
     }
+    out
 }
 
 /// `min`, `2 min`, `4 min`, ... up to `max` (and no further than u64 reaches).
@@ -649,12 +1090,12 @@ fn measure_op(
     pc: &mut PerfComm,
     op: PerfOp,
     sizes: &[u64],
+    setup: Setup,
     args: &Args,
 ) -> anyhow::Result<Vec<Row>> {
-    let (n, rank) = (pc.comm().world_size(), pc.comm().rank());
     let mut rows: Vec<Row> = Vec::new();
     for &size in sizes {
-        let Some(mut case) = Case::new(op, args.dtype, size, n, rank, args.root) else {
+        let Some(mut case) = Case::new(op, setup, size) else {
             continue;
         };
         // Sizes that round to an already measured one (all-gather on 3 ranks) are skipped.
@@ -669,7 +1110,7 @@ fn measure_op(
 }
 
 /// `--json`: one object with every row and each op's average bus bandwidth.
-fn print_json(ops: &[PerfOp], all_rows: &[Row], n: usize, args: &Args) {
+fn print_json(ops: &[PerfOp], all_rows: &[Row], (k, n): (usize, usize), args: &Args) {
     let avg: serde_json::Map<String, serde_json::Value> = ops
         .iter()
         .map(|op| {
@@ -683,7 +1124,10 @@ fn print_json(ops: &[PerfOp], all_rows: &[Row], n: usize, args: &Args) {
         .collect();
     let out = serde_json::json!({
         "world_size": n,
-        "dtype": args.dtype.cli_name(),
+        "dtype": args.dtype.short_name(),
+        "redop": args.redop.name(),
+        "root": args.root,
+        "group_size": k,
         "iters": args.iters,
         "warmup": args.warmup,
         "check": args.check,
@@ -817,5 +1261,188 @@ mod tests {
         assert_eq!(PerfOp::AllGather.bus_factor(4), 0.75);
         assert_eq!(PerfOp::ReduceScatter.bus_factor(2), 0.5);
         assert_eq!(PerfOp::Broadcast.bus_factor(8), 1.0);
+        assert_eq!(PerfOp::Reduce.bus_factor(8), 1.0);
+        assert_eq!(PerfOp::Gather.bus_factor(4), 0.75);
+        assert_eq!(PerfOp::Scatter.bus_factor(4), 0.75);
+        assert_eq!(PerfOp::AllToAll.bus_factor(2), 0.5);
+        assert_eq!(PerfOp::SendRecv.bus_factor(8), 1.0);
+    }
+
+    const OPS: [PerfOp; 9] = [
+        PerfOp::AllReduce,
+        PerfOp::AllGather,
+        PerfOp::ReduceScatter,
+        PerfOp::Broadcast,
+        PerfOp::Reduce,
+        PerfOp::Gather,
+        PerfOp::Scatter,
+        PerfOp::AllToAll,
+        PerfOp::SendRecv,
+    ];
+
+    fn setup(dtype: DType, redop: ReduceOp, n: usize, rank: usize, root: usize) -> Setup {
+        Setup {
+            dtype,
+            redop,
+            n,
+            rank,
+            root,
+            group: 0,
+        }
+    }
+
+    /// Bytes as nccl-tests counts them, on 4 ranks at 1 KiB of f32.
+    #[test]
+    fn bytes_as_nccl_tests() {
+        for (op, per, bytes) in [
+            (PerfOp::AllReduce, 256, 1024),
+            (PerfOp::Broadcast, 256, 1024),
+            (PerfOp::Reduce, 256, 1024),
+            (PerfOp::SendRecv, 256, 1024),
+            (PerfOp::AllGather, 64, 1024),
+            (PerfOp::ReduceScatter, 64, 1024),
+            (PerfOp::Gather, 64, 1024),
+            (PerfOp::Scatter, 64, 1024),
+            (PerfOp::AllToAll, 64, 1024),
+        ] {
+            let c = Case::new(op, setup(DType::F32, ReduceOp::Sum, 4, 1, 0), 1024).unwrap();
+            assert_eq!((c.per, c.bytes_count()), (per, (bytes, 256)), "{op:?}");
+        }
+        // Per-rank ops round down to ranks x element size; below that there is no row.
+        let c = Case::new(
+            PerfOp::AllToAll,
+            setup(DType::F64, ReduceOp::Sum, 3, 0, 0),
+            100,
+        );
+        assert_eq!(c.unwrap().bytes_count(), (96, 12));
+        assert!(Case::new(
+            PerfOp::Gather,
+            setup(DType::F64, ReduceOp::Sum, 4, 0, 0),
+            31
+        )
+        .is_none());
+    }
+
+    /// In a world of one every op is a copy (or the identity): the check finds no wrong element,
+    /// then exactly the one element corrupted after the call.
+    #[test]
+    fn check_counts_a_corrupted_element() {
+        for op in OPS {
+            for dtype in DType::ALL {
+                let mut c = Case::new(op, setup(dtype, ReduceOp::Sum, 1, 0, 0), 64).unwrap();
+                c.fill();
+                c.run(&mut collectives::local::SoloComm).unwrap();
+                assert_eq!(c.wrong(), 0, "{op:?} {dtype:?}");
+                let (a, b) = c.bufs.both();
+                let out = if b.is_empty() { a } else { b };
+                out[dtype.size() * 3] ^= 0x10;
+                assert_eq!(c.wrong(), 1, "{op:?} {dtype:?}");
+            }
+        }
+    }
+
+    /// The reference agrees with the in-process transport (threads as ranks) for every type and
+    /// reduction, on 3 ranks, with root 2. Not premulsum: ThreadComm's all-reduce does not
+    /// pre-scale yet (tests/perf.rs checks premulsum against the shared-memory reduce).
+    #[test]
+    fn reference_matches_thread_ranks() {
+        let ops = [
+            PerfOp::AllReduce,
+            PerfOp::AllGather,
+            PerfOp::ReduceScatter,
+            PerfOp::Broadcast,
+            PerfOp::Reduce,
+        ];
+        for dtype in DType::ALL {
+            for redop in ReduceOp::ALL {
+                if collectives::types::check_reducible("t", dtype, redop).is_err()
+                    || matches!(redop, ReduceOp::PreMulSum(_))
+                {
+                    continue;
+                }
+                let res = collectives::thread::run_world(3, |rank, comm| {
+                    let mut wrong = Vec::new();
+                    for op in ops {
+                        let mut c =
+                            Case::new(op, setup(dtype, redop, 3, rank, 2), 3 * 136).expect("a row");
+                        c.fill();
+                        c.run(comm)?;
+                        wrong.push((op, c.wrong()));
+                    }
+                    Ok(wrong)
+                });
+                for (rank, r) in res.into_iter().enumerate() {
+                    let wrong = r.unwrap_or_else(|e| panic!("{dtype:?} {redop:?}: {e:#}"));
+                    assert!(
+                        wrong.iter().all(|(_, w)| *w == 0),
+                        "{dtype:?} {redop:?} rank {rank}: {wrong:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    /// Every reduction differs from the others on perf's inputs (so a transport that applied the
+    /// wrong one would be caught), and premulsum's per-rank factors change the sum.
+    #[test]
+    fn reductions_are_told_apart() {
+        for dtype in [DType::F32, DType::F64, DType::I32, DType::U8] {
+            let outs: Vec<Vec<u8>> = ReduceOp::ALL
+                .into_iter()
+                .filter(|&o| collectives::types::check_reducible("t", dtype, o).is_ok())
+                .map(|redop| {
+                    let s = setup(dtype, redop, 3, 0, 0);
+                    with_type!(dtype, T => (0..64)
+                        .flat_map(|i| bytemuck::bytes_of(&s.reduced::<T>(i)).to_vec())
+                        .collect())
+                })
+                .collect();
+            for (i, x) in outs.iter().enumerate() {
+                for y in &outs[i + 1..] {
+                    assert_ne!(x, y, "{dtype:?}: two reductions give the same 64 elements");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn options_checked_together() {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            a: Args,
+        }
+        let args = |v: &[&str]| Cli::try_parse_from([&["perf"], v].concat()).map(|c| c.a);
+        let err = |v: &[&str], n| format!("{:#}", check_args(&args(v).unwrap(), n).unwrap_err());
+        assert!(err(&["--redop", "band", "--dtype", "f32"], 2)
+            .starts_with("--redop band does not go with --dtype f32: band is a bitwise"));
+        assert!(err(
+            &["--op", "reduce", "--redop", "premulsum", "--dtype", "i64"],
+            2
+        )
+        .contains("premulsum takes float types"));
+        assert_eq!(
+            err(&["--group-size", "3"], 4),
+            "--group-size 3 does not divide the 4 ranks (groups are 3 consecutive ranks)"
+        );
+        assert!(err(&["--group-size", "2", "--root", "2"], 4).contains("groups of 2 ranks"));
+        // A reduction that goes with no op measured is not refused; every type parses.
+        let a = args(&[
+            "--op",
+            "all-gather,send_recv",
+            "--redop",
+            "bxor",
+            "--dtype",
+            "bf16",
+        ]);
+        check_args(&a.unwrap(), 2).unwrap();
+        for d in DType::ALL {
+            assert_eq!(args(&["--dtype", d.short_name()]).unwrap().dtype, d);
+        }
+        assert!(args(&["--dtype", "q4"]).is_err());
+        assert!(args(&["--group-size", "0"]).is_err());
+        let a = args(&["--op", "all,reduce,all-reduce"]).unwrap();
+        assert_eq!(ops_of(&a.op).len(), 5);
     }
 }

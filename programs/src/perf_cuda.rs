@@ -5,7 +5,7 @@
 use anyhow::Context;
 use collectives::cuda::cudarc::driver::CudaSlice;
 use collectives::cuda::CudaComm;
-use collectives::ReduceOp;
+use collectives::CommError;
 
 use super::{Case, PerfOp};
 
@@ -44,16 +44,18 @@ impl Device {
 
     /// One collective of the case on the device buffers (returns when the GPU is done).
     pub fn run(&mut self, case: &Case) -> collectives::Result<()> {
-        let dt = case.dtype.dtype();
+        let (dt, redop) = (case.s.dtype, case.redop);
         let a = self.a.as_mut().expect("load runs before run");
         match (case.op, self.b.as_mut()) {
-            (PerfOp::AllReduce, _) => self.comm.all_reduce_dev(a, dt, ReduceOp::Sum),
-            (PerfOp::Broadcast, _) => self.comm.broadcast_dev(a, case.root),
+            (PerfOp::AllReduce, _) => self.comm.all_reduce_dev(a, dt, redop),
+            (PerfOp::Broadcast, _) => self.comm.broadcast_dev(a, case.s.root),
             (PerfOp::AllGather, Some(b)) => self.comm.all_gather_dev(a, b),
-            (PerfOp::ReduceScatter, Some(b)) => {
-                self.comm.reduce_scatter_dev(a, b, dt, ReduceOp::Sum)
-            }
-            (op, _) => unreachable!("{op:?} without its buffers"),
+            (PerfOp::ReduceScatter, Some(b)) => self.comm.reduce_scatter_dev(a, b, dt, redop),
+            // super::cuda_refuses turns the other ops away before a rank starts.
+            (op, _) => Err(CommError::Invalid {
+                op: op.name(),
+                msg: "no device-buffer path in perf --device cuda".into(),
+            }),
         }
     }
 

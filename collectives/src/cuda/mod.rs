@@ -252,6 +252,7 @@ impl CudaComm {
                 algorithm,
                 steps,
                 wait_s: 0.0,
+                group: None,
             };
             crate::trace::record_comm(t0, ev);
         }
