@@ -1,7 +1,7 @@
 //! `--device cuda` through the real binary. perf (its collectives), logits, generate and bench
 //! (the model's forward pass, issue 20) run on the GPU with the `cuda` feature; without a usable
 //! GPU they refuse before starting ranks, with one line that fits this build (no `cuda` feature,
-//! or no driver or device), and the tests print why the GPU half skipped.
+//! or no driver or device), and the tests log why the GPU half did not run (kernels::skips).
 
 use std::path::Path;
 use std::process::Command;
@@ -36,26 +36,24 @@ fn refused(args: &[&str]) -> String {
 }
 
 /// `None` where a GPU is usable here; else the line every `--device cuda` program is refused
-/// with on this build and machine, after checking its wording.
-fn gpu_or_refusal() -> Option<String> {
-    let why = programs::device::check_cuda("bench").err()?.to_string();
-    // The GPU acceptance machine and the emulator's CI job: no usable GPU is a failure.
-    if std::env::var("TPRUN_REQUIRE_GPU").as_deref() == Ok("1") {
-        panic!("TPRUN_REQUIRE_GPU=1 but --device cuda is refused: {why}");
+/// with on this build and machine. Whether there is a GPU is the driver's answer
+/// (`kernels::cuda::cuda_available`); the wording of the refusal is written out here.
+fn gpu_or_refusal(test: &str) -> Option<String> {
+    #[cfg(feature = "cuda")]
+    {
+        let why = kernels::cuda::cuda_available().err()?;
+        // The GPU acceptance machine and the emulator's CI job: no usable GPU is a failure.
+        kernels::cuda::require_gpu_unless(&format!("device {test}"), &why);
+        kernels::skips::no_hardware(&format!("device {test}"), &why);
+        Some(format!("tprun: error: --device cuda: {why}\n"))
     }
-    let line = format!("tprun: error: {why}\n");
-    if cfg!(feature = "cuda") {
-        // The discovery error: no driver, no device.
-        assert!(line.starts_with("tprun: error: --device cuda: "), "{line}");
-        println!("skipped: no usable CUDA device: {}", line.trim_end());
-    } else {
-        assert_eq!(
-            line,
-            "tprun: error: tprun was built without CUDA support: rebuild with \
-             `cargo build --release --features cuda`\n"
-        );
-    }
-    Some(line)
+    #[cfg(not(feature = "cuda"))]
+    let _ = test;
+    #[cfg(not(feature = "cuda"))]
+    Some(
+        "tprun: error: tprun was built without CUDA support: rebuild with `cargo build --release --features cuda`\n"
+            .to_string(),
+    )
 }
 
 /// bench's CPU-only measurements are refused with `--device cuda` before anything starts,
@@ -117,7 +115,7 @@ fn bench_run(n: &str, cuda: bool) -> serde_json::Value {
 /// a usable GPU it refuses in one line.
 #[test]
 fn bench_runs_on_the_gpu_like_the_cpu_or_refuses() {
-    if let Some(line) = gpu_or_refusal() {
+    if let Some(line) = gpu_or_refusal("bench_runs_on_the_gpu_like_the_cpu_or_refuses") {
         assert_eq!(refused(&["bench", "--preset", "qwen2.5-0.5b"]), line);
         return;
     }
@@ -182,11 +180,11 @@ fn logits_run(n: &str, cuda: bool, out: &Path) -> (Vec<f32>, Vec<f32>) {
 #[test]
 fn logits_runs_on_the_gpu_within_1e_3_of_the_cpu_or_refuses() {
     let m = model();
-    if let Some(first) = gpu_or_refusal() {
+    if let Some(first) = gpu_or_refusal("logits_runs_on_the_gpu_within_1e_3_of_the_cpu_or_refuses")
+    {
         let out = "/nonexistent/x.safetensors";
         let args = ["logits", "--model", &m, "--text", "hi", "--out", out];
         assert_eq!(refused(&args), first);
-        println!("skipped the GPU comparison: {}", first.trim_end());
         return;
     }
     let dir = TempDir::new("device", "logits");
@@ -221,7 +219,7 @@ fn auto_rank_count_with_cuda_is_one_rank_per_gpu_or_refuses() {
         .output()
         .unwrap();
     let stderr = String::from_utf8_lossy(&out.stderr);
-    match gpu_or_refusal() {
+    match gpu_or_refusal("auto_rank_count_with_cuda_is_one_rank_per_gpu_or_refuses") {
         Some(line) => {
             assert_eq!(out.status.code(), Some(1), "{stderr}");
             assert_eq!(stderr, line);
@@ -230,7 +228,27 @@ fn auto_rank_count_with_cuda_is_one_rank_per_gpu_or_refuses() {
             assert!(out.status.success(), "{stderr}");
             let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
             println!("-n auto: {} rank(s)", j["world_size"]);
-            assert!(j["world_size"].as_u64().unwrap() >= 1, "{j}");
+            #[cfg(feature = "cuda")]
+            assert_eq!(
+                j["world_size"].as_u64(),
+                kernels::cuda::cuda_available().ok().map(|n| n as u64),
+                "one rank per GPU the driver sees: {j}"
+            );
+            // CUDA_VISIBLE_DEVICES narrows it: one rank for one visible GPU.
+            let out = Command::new(TPRUN)
+                .args(["-n", "auto", "--device", "cuda", "bench", "--model", &m])
+                .args(["--prompt-len", "4", "--new-tokens", "2", "--json"])
+                .env_remove("TPRUN_ROLE")
+                .env("CUDA_VISIBLE_DEVICES", "0")
+                .output()
+                .unwrap();
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            let j: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(j["world_size"], 1, "{j}");
         }
     }
 }
@@ -239,7 +257,7 @@ fn auto_rank_count_with_cuda_is_one_rank_per_gpu_or_refuses() {
 /// element; otherwise it refuses in one line.
 #[test]
 fn perf_runs_on_the_gpu_or_refuses_like_the_others() {
-    if let Some(first) = gpu_or_refusal() {
+    if let Some(first) = gpu_or_refusal("perf_runs_on_the_gpu_or_refuses_like_the_others") {
         assert_eq!(refused(&["perf"]), first);
         return;
     }
@@ -278,12 +296,11 @@ fn greedy_ids(n: &str, cuda: bool) -> serde_json::Value {
 #[test]
 fn generate_greedy_on_the_gpu_matches_the_cpu_or_refuses() {
     let m = model();
-    if let Some(first) = gpu_or_refusal() {
+    if let Some(first) = gpu_or_refusal("generate_greedy_on_the_gpu_matches_the_cpu_or_refuses") {
         assert_eq!(
             refused(&["generate", "--model", &m, "--prompt", "hi"]),
             first
         );
-        println!("skipped the GPU generation: {}", first.trim_end());
         return;
     }
     let cpu = greedy_ids("1", false);
@@ -336,7 +353,7 @@ fn the_default_device_is_cuda_only_where_a_gpu_is_usable() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let j: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     let on = j["device"].as_str().unwrap();
-    match gpu_or_refusal() {
+    match gpu_or_refusal("the_default_device_is_cuda_only_where_a_gpu_is_usable") {
         Some(_) => assert_eq!(on, "cpu"),
         None => assert!(on.starts_with("cuda"), "{on}"),
     }

@@ -5,7 +5,8 @@
 //! Every case checks that tprun ends (each run has a deadline; a run past it is killed and the
 //! test fails), exits non-zero with one clear line naming the file, field, value or rank (never a
 //! panic or a backtrace hint), and leaves nothing behind: no process of the job (the pids from
-//! /proc and from the launcher's summary are gone) and no /dev/shm entry named after the job.
+//! /proc and from the launcher's summary are gone), no process holding its memory, no named
+//! segment or temporary file (`common::leftovers`, proven on planted leaks at the end).
 //!
 //! Faults are injected from outside, so the product carries no test hook: the test finds rank r's
 //! pid among tprun's children (RANK=r in /proc/PID/environ) and, after a random delay, sends it
@@ -225,22 +226,9 @@ fn alive(pid: u32) -> bool {
     proc_stat(pid).is_some_and(|(_, st)| !matches!(st, 'Z' | 'X' | 'x'))
 }
 
-/// /dev/shm entries that belong to the job of tprun `pid` (its run id is `tprun-<pid>-<time>`,
-/// and a named segment is `tprun-<uid>-<run id>`).
-fn shm_entries_of(pid: u32) -> Vec<String> {
-    let tag = format!("tprun-{pid}-");
-    std::fs::read_dir("/dev/shm")
-        .map(|d| {
-            d.flatten()
-                .map(|e| e.file_name().to_string_lossy().into_owned())
-                .filter(|n| n.contains(&tag))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
-/// Nothing of the job is left: every rank pid is gone (within [`GONE_LIMIT`]) and no /dev/shm
-/// entry carries its run id.
+/// Nothing of the job is left: every rank pid is gone (within [`GONE_LIMIT`]), and no named
+/// segment, no process of the job holding its memory, no temporary file (`common::leftovers`:
+/// the names the code gives them; the run id of tprun `pid` is `tprun-<pid>-<time>`).
 fn assert_gone(tprun_pid: u32, pids: &[u32], stderr: &str) {
     let t = Instant::now();
     while pids.iter().any(|&p| alive(p)) {
@@ -254,8 +242,12 @@ fn assert_gone(tprun_pid: u32, pids: &[u32], stderr: &str) {
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    let shm = shm_entries_of(tprun_pid);
-    assert!(shm.is_empty(), "left in /dev/shm: {shm:?}\n{stderr}");
+    let run_id = format!("tprun-{tprun_pid}-");
+    let left = common::leftovers(&run_id, tprun_pid, &[]);
+    if !left.is_empty() {
+        eprintln!("{stderr}");
+        common::assert_no_leftovers(&run_id, tprun_pid, &[], GONE_LIMIT);
+    }
 }
 
 fn assert_clean(o: &Outcome) {
@@ -572,6 +564,11 @@ fn killing_tprun_itself_leaves_nothing() {
         let o = job.finish(GONE_LIMIT);
         assert_eq!(o.code, 128 + libc::SIGKILL);
         assert_gone(o.pid, &pids, &o.stderr);
+        let run_id = format!("tprun-{}-", o.pid);
+        assert_eq!(
+            common::leftovers(&run_id, o.pid, &[&shm_dir]),
+            Vec::<String>::new()
+        );
         let left: Vec<_> = std::fs::read_dir(&shm_dir).unwrap().flatten().collect();
         assert!(left.is_empty(), "left in TPRUN_SHM_DIR: {left:?}");
         println!("CASE kill -9 tprun during {program} {env:?}: ranks {pids:?} gone");
@@ -579,8 +576,9 @@ fn killing_tprun_itself_leaves_nothing() {
     std::fs::remove_dir(&shm_dir).unwrap();
 }
 
-/// kill -9 of tprun during a `--trace` run: besides the ranks and /dev/shm, nothing of the trace
-/// is left in TMPDIR (the ranks' events live in a memfd) and no trace file is written.
+/// kill -9 of tprun during a `--trace` run: besides the ranks and their memory, nothing of the
+/// trace is left in TMPDIR or beside the output (the ranks' events live in a memfd) and no trace
+/// file is written.
 #[test]
 fn killing_tprun_during_a_trace_leaves_nothing() {
     let mut rng = Rng::new("kill-tprun-trace");
@@ -611,16 +609,8 @@ fn killing_tprun_during_a_trace_leaves_nothing() {
             .filter(|e| e.file_name() != "tmp"),
     );
     assert!(left.is_empty(), "left behind: {left:?}\n{}", o.stderr);
-    let in_sys_tmp: Vec<_> = std::fs::read_dir(std::env::temp_dir())
-        .unwrap()
-        .flatten()
-        .filter(|e| {
-            e.file_name()
-                .to_string_lossy()
-                .starts_with(&format!("tprun-trace-{}-", o.pid))
-        })
-        .collect();
-    assert!(in_sys_tmp.is_empty(), "left behind: {in_sys_tmp:?}");
+    // The trace's temporary output (`.t.json.<pid>.<n>.tmp`) would be in `tmp`, empty above.
+    assert!(common::leftovers(&format!("tprun-{}-", o.pid), o.pid, &[&tmp]).is_empty());
     std::fs::remove_dir_all(&tmp).unwrap();
     println!("CASE kill -9 tprun during generate --trace: ranks {pids:?} gone, nothing on disk");
 }
@@ -723,7 +713,7 @@ fn many_jobs_back_to_back_and_at_once() {
 
 /// A TPRUN_SHM_DIR on a full (1 MiB) tmpfs: a clear error at start, before any rank runs. Needs a
 /// private tmpfs, so user+mount namespaces (`unshare -Urm`); where those are not allowed that part
-/// says so and checks nothing. A directory that does not exist and a bad slot size always run.
+/// is logged as skipped (a failure on CI). A directory that does not exist and a bad slot size always run.
 #[test]
 fn shared_memory_that_cannot_be_had_is_a_clear_error_at_start() {
     let o = run(
@@ -748,7 +738,10 @@ fn shared_memory_that_cannot_be_had_is_a_clear_error_at_start() {
 
     let probe = Command::new("unshare").args(["-Urm", "true"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        println!("full tmpfs part skipped: `unshare -Urm` is not available here");
+        common::skip(
+            "faults shared_memory_that_cannot_be_had (full tmpfs part)",
+            "`unshare -Urm` is not available here",
+        );
         return;
     }
     let dir = std::env::temp_dir().join(format!("tprun-faults-tmpfs-{}", std::process::id()));
@@ -1295,4 +1288,119 @@ fn bad_inputs_for_bench_perf_and_compare() {
     );
     let o = run(&["compare", g, g, "--tol", "abc"], &[]);
     clear_error("compare --tol abc", &o, &["--tol", "'abc'"]);
+}
+
+// ---------------------------------------------------------------------------------------------
+// The leftover check itself: each kind of leftover, planted on purpose, is reported.
+
+/// A run id no job of this suite has (tprun's are `tprun-<its pid>-<time>`; this pid is the
+/// test binary's).
+fn planted_run_id(tag: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .subsec_nanos();
+    format!("tprun-{}-planted-{tag}-{nanos}", std::process::id())
+}
+
+/// A named segment leaked the way the code can leak one: rank 0 of a job started by hand creates
+/// `/dev/shm/tprun-<uid>-<run id>` and is killed with SIGKILL before rank 1 came to unlink it.
+#[test]
+fn the_leftover_check_reports_a_leaked_named_segment() {
+    let id = planted_run_id("named");
+    // SAFETY: getuid cannot fail.
+    let path =
+        std::path::PathBuf::from(format!("/dev/shm/tprun-{}-{id}", unsafe { libc::getuid() }));
+    let mut rank0 = Command::new(BIN)
+        .args(["perf", "--max-bytes", "8"])
+        .env("TPRUN_ROLE", "rank")
+        .env("RANK", "0")
+        .env("WORLD_SIZE", "2")
+        .env("TPRUN_RUN_ID", &id)
+        .env("TPRUN_COMM_TIMEOUT_S", "60")
+        .env_remove("TPRUN_SHM_FD")
+        .env_remove("TPRUN_SHM_DIR")
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let t = Instant::now();
+    while !path.exists() {
+        assert!(
+            t.elapsed() < RUN_LIMIT,
+            "rank 0 never created {}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    rank0.kill().unwrap();
+    rank0.wait().unwrap();
+    let left = common::leftovers(&id, rank0.id(), &[]);
+    let _ = std::fs::remove_file(&path);
+    assert_eq!(left, [format!("file {}", path.display())]);
+    assert!(common::leftovers(&id, rank0.id(), &[]).is_empty());
+}
+
+/// A process of the job still holding the job's memfd (planted: `sleep` with the run id in its
+/// environment and a memfd named as tprun names the segment's) is reported, with what it holds.
+#[test]
+fn the_leftover_check_reports_a_process_holding_the_job_memory() {
+    use std::os::unix::process::CommandExt;
+    let id = planted_run_id("memfd");
+    let mut cmd = Command::new("sleep");
+    cmd.arg("300").env("TPRUN_RUN_ID", &id);
+    // SAFETY: memfd_create is a system call (async-signal-safe); the fd is left open on
+    // purpose for `sleep` to inherit.
+    unsafe {
+        cmd.pre_exec(|| {
+            if libc::memfd_create(c"tprun-shm".as_ptr(), 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut leak = cmd.spawn().unwrap();
+    let pid = leak.id();
+    let t = Instant::now();
+    let left = loop {
+        let left = common::leftovers(&id, pid, &[]);
+        // The environment and fds are there once `sleep` runs (after exec).
+        if !left.is_empty() || t.elapsed() > RUN_LIMIT {
+            break left;
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    };
+    leak.kill().unwrap();
+    leak.wait().unwrap();
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert!(
+        left[0].starts_with(&format!("process {pid} holding"))
+            && left[0].contains("/memfd:tprun-shm"),
+        "{left:?}"
+    );
+    assert!(common::leftovers(&id, pid, &[]).is_empty());
+}
+
+/// The unlinked-at-once file of a `TPRUN_SHM_DIR` without O_TMPFILE, and an output's temporary
+/// file, left in the folders searched, are reported.
+#[test]
+fn the_leftover_check_reports_leftover_files_in_the_job_folders() {
+    let d = TempDir::new("faults", "planted-files");
+    let tprun_pid = 4_000_000; // above any pid_max: no real job's
+    let id = format!("tprun-{tprun_pid}-");
+    assert!(common::leftovers(&id, tprun_pid, &[d.path()]).is_empty());
+    let seg = d.join(format!(".tprun-{tprun_pid}-123456789"));
+    let tmp = d.join(".t.json.4321.0.tmp");
+    for f in [&seg, &tmp] {
+        std::fs::write(f, "").unwrap();
+    }
+    let mut left = common::leftovers(&id, tprun_pid, &[d.path()]);
+    left.sort();
+    assert_eq!(
+        left,
+        [
+            format!("file {}", tmp.display()),
+            format!("file {}", seg.display())
+        ]
+    );
 }

@@ -4,6 +4,7 @@
 //! "within 2 s" of tprun's SIGKILL); nothing asserts a tighter timing.
 
 use std::io::{BufRead, BufReader, Read};
+use std::os::unix::process::CommandExt;
 use std::process::{Child, Command, ExitStatus};
 use std::time::{Duration, Instant};
 
@@ -482,9 +483,33 @@ fn cpu_binding_gives_ranks_disjoint_cores_or_leaves_them_alone() {
     }
 }
 
+/// The physical cores among `cpus`: distinct (package, core) pairs from /sys (a CPU whose
+/// topology is unreadable counts as a core of its own).
+fn physical_core_count(cpus: &[usize]) -> usize {
+    let read = |c: usize, f: &str| {
+        std::fs::read_to_string(format!("/sys/devices/system/cpu/cpu{c}/topology/{f}")).ok()
+    };
+    let cores: std::collections::HashSet<_> = cpus
+        .iter()
+        .map(
+            |&c| match (read(c, "physical_package_id"), read(c, "core_id")) {
+                (Some(p), Some(k)) => (p, k),
+                _ => (format!("cpu{c}"), String::new()),
+            },
+        )
+        .collect();
+    cores.len()
+}
+
+/// `-n auto`: one rank per physical core tprun may run on (hyperthread siblings are one core),
+/// and exactly one when tprun is pinned to a single CPU.
 #[test]
 fn auto_starts_one_rank_per_core() {
-    let f = run(&[
+    let sizes = |f: &Finished| -> Vec<usize> {
+        assert_eq!(f.code, 0, "{}", f.stderr);
+        f.stdout.lines().map(|l| l.parse().unwrap()).collect()
+    };
+    let args = [
         "-n",
         "auto",
         "--no-prefix",
@@ -492,12 +517,28 @@ fn auto_starts_one_rank_per_core() {
         "sh",
         "-c",
         "echo $WORLD_SIZE",
-    ]);
-    assert_eq!(f.code, 0, "{}", f.stderr);
-    let sizes: Vec<usize> = f.stdout.lines().map(|l| l.parse().unwrap()).collect();
-    assert!(
-        !sizes.is_empty() && sizes.len() <= own_cpus().len(),
-        "{sizes:?}"
+    ];
+    let want = physical_core_count(&own_cpus());
+    let got = sizes(&run(&args));
+    assert_eq!(got, vec![want; want], "{want} physical cores");
+
+    let cpu = own_cpus()[0];
+    let mut c = tprun();
+    c.args(args);
+    // SAFETY: sched_setaffinity on a local, initialised set is async-signal-safe.
+    unsafe {
+        c.pre_exec(move || {
+            let mut set: libc::cpu_set_t = std::mem::zeroed();
+            libc::CPU_SET(cpu, &mut set);
+            if libc::sched_setaffinity(0, std::mem::size_of_val(&set), &set) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    assert_eq!(
+        sizes(&run_cmd(&mut c, RUN_LIMIT)),
+        [1],
+        "pinned to CPU {cpu}"
     );
-    assert!(sizes.iter().all(|&s| s == sizes.len()), "{sizes:?}");
 }

@@ -83,7 +83,10 @@ fn the_bundled_model_runs_with_the_source_tree_hidden() {
     );
     let probe = Command::new("unshare").args(["--mount", "true"]).output();
     if !probe.is_ok_and(|o| o.status.success()) {
-        println!("skipped: unshare --mount is refused here (needs root or user namespaces)");
+        common::skip(
+            "model_source the_bundled_model_runs_with_the_source_tree_hidden",
+            "unshare --mount is refused here (needs root or user namespaces)",
+        );
         return;
     }
     let mut cmd = Command::new("unshare");
@@ -325,7 +328,10 @@ fn interactive_chat_on_a_terminal_keeps_the_history() {
         .output()
         .map_or(true, |o| !o.status.success())
     {
-        println!("skipped: no python3 to make a pseudo-terminal");
+        common::skip(
+            "model_source interactive_chat_on_a_terminal_keeps_the_history",
+            "no python3 (with its pty module) to make a pseudo-terminal",
+        );
         return;
     }
     let (u1, u2) = ("Write a haiku about autumn.", "Tell me about ship.");

@@ -349,7 +349,8 @@ fn without_an_error_file_the_summary_shows_the_last_lines_of_stderr() {
 fn sigusr1_and_sigusr2_are_forwarded_without_stopping_the_job() {
     let d = TempDir::new("torchrun", "usr");
     let script = format!(
-        "trap 'echo usr1 $RANK' USR1; trap 'echo usr2 $RANK' USR2; touch {0}/ready$RANK; \
+        "trap 'echo usr1 $RANK; touch {0}/usr1-$RANK' USR1; trap 'echo usr2 $RANK; touch {0}/usr2-$RANK' USR2; \
+         touch {0}/ready$RANK; \
          i=0; while [ ! -e {0}/go$RANK ] && [ $i -lt 300 ]; do sleep 0.05; i=$((i+1)); done; echo done $RANK",
         d.s()
     );
@@ -366,10 +367,17 @@ fn sigusr1_and_sigusr2_are_forwarded_without_stopping_the_job() {
         );
         std::thread::sleep(Duration::from_millis(20));
     }
-    for sig in [libc::SIGUSR1, libc::SIGUSR2] {
+    // Each signal is sent once every rank ran the trap of the one before (its file is there).
+    for (sig, name) in [(libc::SIGUSR1, "usr1"), (libc::SIGUSR2, "usr2")] {
         // SAFETY: kill(2) on the tprun this test started.
         assert_eq!(unsafe { libc::kill(pid, sig) }, 0);
-        std::thread::sleep(Duration::from_millis(300));
+        while !(0..2).all(|r| d.join(format!("{name}-{r}")).exists()) {
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "{name} never reached both ranks"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
     for r in 0..2 {
         std::fs::write(d.join(format!("go{r}")), "").unwrap();

@@ -33,6 +33,7 @@ pub mod pool;
 pub mod portable;
 pub mod roofline;
 pub mod screen;
+pub mod skips;
 #[cfg(target_arch = "x86_64")]
 mod x86;
 

@@ -153,12 +153,75 @@ fn large_products_split_over_threads_match() {
     }
 }
 
+/// On a CPU without AVX512_BF16 (what `bf16_dot_gemm_...` would test): turning the rounded
+/// path on is refused, and a bf16 prefill GEMM matches the portable product of the unrounded
+/// activations to f32 rounding, which the bf16-rounded path would not.
+fn without_bf16_dot() {
+    assert!(
+        !set_bf16_dot(true),
+        "set_bf16_dot(true) on a CPU without AVX512_BF16"
+    );
+    assert!(!bf16_dot());
+    let (m, n, k) = (7, 33, 257);
+    let x = data(m * k, 77);
+    let w = weight(n, k, 78, &bf16::from_f32);
+    let pw = PackedWeight::pack(&w, n, k).unwrap();
+    let mut r = vec![0f32; m * n];
+    portable::matmul(&x, &w, &mut r, m, n, k);
+    let mut y = vec![f32::NAN; m * n];
+    matmul(&x, &pw, &mut y, m);
+    for i in 0..m {
+        let scale = abs_scale(&w, &x[i * k..(i + 1) * k], n);
+        for j in 0..n {
+            close(y[i * n + j], r[i * n + j], scale[j], "fallback bf16 GEMM");
+        }
+    }
+    crate::skips::no_hardware(
+        "kernels bf16_dot_gemm_equals_portable_on_rounded_activations",
+        "the CPU has no AVX512_BF16 (checked the f32 fallback instead)",
+    );
+}
+
+/// On a CPU without AVX-512 (what `test` would check): the products do not pick it, and the
+/// dispatching silu, softmax and attention are exactly the portable loops.
+fn without_avx512(test: &str) {
+    assert_ne!(isa(), Isa::Avx512);
+    assert!(!Isa::all_supported().contains(&Isa::Avx512));
+    for n in [1usize, 17, 2432] {
+        let g0: Vec<f32> = data(n, n as u32).iter().map(|v| v * 30.0).collect();
+        let u = data(n, 7 + n as u32);
+        let (mut a, mut b) = (g0.clone(), g0);
+        portable::silu_mul(&mut a, &u);
+        silu_mul(&mut b, &u);
+        assert_eq!(a, b, "silu_mul n={n}");
+        let s0: Vec<f32> = data(n, 3 * n as u32).iter().map(|v| v * 20.0).collect();
+        let (mut a, mut b) = (s0.clone(), s0);
+        portable::softmax(&mut a);
+        softmax(&mut b);
+        assert_eq!(a, b, "softmax n={n}");
+    }
+    let (d, len) = (64, 17);
+    let (q, k, v) = (data(d, 1), data(len * d, 2), data(len * d, 3));
+    let (mut a, mut b) = (vec![0f32; d], vec![f32::NAN; d]);
+    let mut sc = vec![0f32; len];
+    portable::attend(&q, &k, &v, 0.3, &mut sc, &mut a);
+    attend(&q, &k, &v, 0.3, &mut sc, &mut b);
+    assert_eq!(a, b, "attend");
+    crate::skips::no_hardware(
+        &format!("kernels {test}"),
+        "the CPU has no AVX-512 (checked that the portable fallback is used instead)",
+    );
+}
+
 /// vdpbf16ps rounds the activations to bf16 first: compared with the portable product of the
 /// rounded activations it is again a summation-order difference.
 #[test]
 fn bf16_dot_gemm_equals_portable_on_rounded_activations() {
+    if !has_bf16_dot() {
+        return without_bf16_dot();
+    }
     #[cfg(target_arch = "x86_64")]
-    if has_bf16_dot() {
+    {
         for &k in &[1usize, 2, 7, 31, 32, 33, 100, 257, 300] {
             for &(m, n) in &[(2usize, 1usize), (7, 9), (13, 33), (29, 70)] {
                 let x = data(m * k, k as u32);
@@ -212,8 +275,11 @@ fn the_best_path_is_detected() {
 /// The AVX-512 `exp` against f64's, across the whole f32 range and at the edges.
 #[test]
 fn exp16_is_within_2_ulp() {
+    if !Isa::Avx512.supported() {
+        return without_avx512("exp16_is_within_2_ulp");
+    }
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512.supported() {
+    {
         let mut xs: Vec<f32> = (0..200_000)
             .map(|i| -104.0 + i as f32 * 0.000_965)
             .collect();
@@ -265,8 +331,11 @@ fn exp16_is_within_2_ulp() {
 
 #[test]
 fn silu_softmax_and_attention_simd_equal_portable() {
+    if !Isa::Avx512.supported() {
+        return without_avx512("silu_softmax_and_attention_simd_equal_portable");
+    }
     #[cfg(target_arch = "x86_64")]
-    if Isa::Avx512.supported() {
+    {
         for n in [1usize, 5, 16, 17, 100, 2432] {
             let g0: Vec<f32> = data(n, n as u32).iter().map(|v| v * 30.0).collect();
             let u = data(n, 7 + n as u32);

@@ -40,10 +40,10 @@ pub enum PerfOp {
     Scatter,
     #[value(alias = "all_to_all", alias = "alltoall")]
     AllToAll,
-    /// A ring: each rank sends to rank+1 and receives from rank-1 in one grouped call.
+    // A ring: each rank sends to rank+1 and receives from rank-1 in one grouped call.
     #[value(alias = "send_recv", alias = "sendrecv")]
     SendRecv,
-    /// all-reduce, all-gather, reduce-scatter and broadcast, in turn.
+    // all-reduce, all-gather, reduce-scatter and broadcast, in turn.
     All,
 }
 
@@ -789,6 +789,7 @@ fn table_title(op: PerfOp, n: usize, world: usize, args: &Args) -> String {
     let dt = args.dtype;
     let groups = match world / n.max(1) {
         1 if args.group_size.is_none() => String::new(),
+        1 => format!(" in 1 group (--group-size {n} of {world})"),
         g => format!(" in each of {g} groups (--group-size {n} of {world})"),
     };
     let redop = match (op.reduces(), args.redop) {
@@ -1341,28 +1342,23 @@ mod tests {
         }
     }
 
-    /// The reference agrees with the in-process transport (threads as ranks) for every type and
-    /// reduction, on 3 ranks, with root 2. Not premulsum: ThreadComm's all-reduce does not
-    /// pre-scale yet (tests/perf.rs checks premulsum against the shared-memory reduce).
+    /// The reference agrees with the in-process transport (threads as ranks) for every op, type
+    /// and reduction, on 3 ranks, with root 2.
     #[test]
     fn reference_matches_thread_ranks() {
-        let ops = [
-            PerfOp::AllReduce,
-            PerfOp::AllGather,
-            PerfOp::ReduceScatter,
-            PerfOp::Broadcast,
-            PerfOp::Reduce,
-        ];
         for dtype in DType::ALL {
             for redop in ReduceOp::ALL {
-                if collectives::types::check_reducible("t", dtype, redop).is_err()
-                    || matches!(redop, ReduceOp::PreMulSum(_))
-                {
+                if collectives::types::check_reducible("t", dtype, redop).is_err() {
                     continue;
                 }
+                // The reductions only change the reducing ops.
+                let ops: &[PerfOp] = match redop {
+                    ReduceOp::Sum => &OPS,
+                    _ => &[PerfOp::AllReduce, PerfOp::ReduceScatter, PerfOp::Reduce],
+                };
                 let res = collectives::thread::run_world(3, |rank, comm| {
                     let mut wrong = Vec::new();
-                    for op in ops {
+                    for &op in ops {
                         let mut c =
                             Case::new(op, setup(dtype, redop, 3, rank, 2), 3 * 136).expect("a row");
                         c.fill();

@@ -5,8 +5,10 @@ installed in this interpreter's environment (.ci/python-tests does both)."""
 
 import os
 import re
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -17,13 +19,51 @@ TPRUN = os.environ.get("TPRUN_BIN", str(ROOT / "target" / "debug" / "tprun"))
 
 
 def shm_names():
-    return {p.name for p in Path("/dev/shm").glob("tprun-*")}
+    """Named segments of this user: collectives' `named_path` is /dev/shm/tprun-<uid>-<key>."""
+    return {p.name for p in Path("/dev/shm").glob(f"tprun-{os.getuid()}-*")}
+
+
+def job_processes(mark):
+    """Live processes of the run marked TPRUN_TEST_MARK=mark (every process it started carries the
+    mark in its environment, setsid or not), each with the tprun memfds and named segments it has
+    open or mapped."""
+    found = {}
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            if f"TPRUN_TEST_MARK={mark}".encode() not in (d / "environ").read_bytes().split(b"\0"):
+                continue
+            if (d / "stat").read_text().rsplit(")", 1)[1].split()[0] == "Z":
+                continue
+            held = set()
+            for fd in (d / "fd").iterdir():
+                held.add(os.readlink(fd))
+            for line in (d / "maps").read_text().splitlines():
+                held.add(line.split()[-1])
+        except OSError:
+            continue
+        found[int(d.name)] = sorted(h for h in held if h.startswith("/memfd:tprun-") or f"/tprun-{os.getuid()}-" in h)
+    return found
+
+
+_runs = iter(range(1 << 30))
 
 
 def run(cmd, timeout=300):
+    """Runs cmd to the end; asserts it left no named segment and no process (with the job's
+    memory) behind, killing any such process first."""
+    mark = f"{os.getpid()}-{next(_runs)}"
     before = shm_names()
-    p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd="/tmp")
+    env = {**os.environ, "TPRUN_TEST_MARK": mark}
+    p = subprocess.run(cmd, check=False, capture_output=True, text=True, timeout=timeout, cwd="/tmp", env=env)
     out = p.stdout + p.stderr
+    deadline = time.monotonic() + 5  # a killed job's processes take a moment to go
+    while (left := job_processes(mark)) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    for pid in left:
+        os.kill(pid, signal.SIGKILL)
+    assert not left, f"processes left holding {left}\n{out}"
     assert shm_names() <= before, f"left in /dev/shm: {shm_names() - before}\n{out}"
     return p.returncode, out
 
@@ -154,3 +194,23 @@ def test_stale_segment_of_a_crashed_run_does_not_block_a_new_one():
     assert [p.returncode for p in ranks] == [0, 0], outs
     assert all("sum [3.0, 3.0, 3.0]" in o for o in outs), outs
     assert shm_names() == before, shm_names()
+
+
+def test_the_leftover_check_reports_a_leaked_named_segment():
+    name = f"tprun-{os.getuid()}-planted-{os.getpid()}"
+    try:
+        with pytest.raises(AssertionError, match=f"left in /dev/shm: {{'{name}'}}"):
+            run([sys.executable, "-c", f"open('/dev/shm/{name}', 'w').close()"])
+    finally:
+        Path("/dev/shm", name).unlink(missing_ok=True)
+
+
+def test_the_leftover_check_reports_a_process_left_holding_the_job_memory():
+    """A process that outlives its run (setsid) holding a memfd named as tprun names the segment's."""
+    code = (
+        "import os, subprocess; fd = os.memfd_create('tprun-shm', 0); "
+        "subprocess.Popen(['sleep', '300'], pass_fds=[fd], start_new_session=True, "
+        "stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)"
+    )
+    with pytest.raises(AssertionError, match=r"processes left holding \{\d+: \['/memfd:tprun-shm \(deleted\)'\]\}"):
+        run([sys.executable, "-c", code])

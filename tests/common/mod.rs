@@ -220,3 +220,108 @@ pub fn run_cmd(cmd: &mut Command, limit: Duration) -> Finished {
     let started = Instant::now();
     finish(cmd.spawn().expect("start tprun"), started, limit)
 }
+
+/// A test that cannot run here for want of `why`, a prerequisite CI provides: fails under
+/// `CI=true`, else logs `SKIPPED: <test>: <why>` (see `kernels::skips`).
+pub fn skip(test: &str, why: &str) {
+    kernels::skips::skip(test, why)
+}
+
+/// What a tprun job could leave behind, looked for under the names the code gives it:
+/// - a named segment `tprun-<uid>-<key>` in /dev/shm or a `TPRUN_SHM_DIR` (collectives'
+///   `named_path`; the key of a rank under tprun is its run id), and the `.tprun-<pid>-<nanos>`
+///   file `JobSegment::create` makes in a `TPRUN_SHM_DIR` without O_TMPFILE;
+/// - in `dirs`, the temporary file `.<name>.<pid>.<n>.tmp` an output `<name>` is written
+///   through (collectives' `files::create_temp`);
+/// - a live process of the job (its environment carries the run id: ranks and everything they
+///   start, `setsid` or not), with the job memory it holds: an fd or mapping of one of tprun's
+///   memfds (`/memfd:tprun-shm`, `/memfd:tprun-trace`, `/memfd:tprun-error-file`) or of a named
+///   segment.
+///
+/// `run_id` is the job's run id or a prefix of it (`tprun-<tprun pid>-` for a tprun job);
+/// `tprun_pid` makes the `.tprun-<pid>-` names; `dirs` are searched besides /dev/shm (a
+/// `TPRUN_SHM_DIR`, the folders of the job's outputs). Returns one line per leftover.
+pub fn leftovers(run_id: &str, tprun_pid: u32, dirs: &[&Path]) -> Vec<String> {
+    // SAFETY: getuid cannot fail and touches no memory of ours.
+    let uid = unsafe { libc::getuid() };
+    let named = format!("tprun-{uid}-{run_id}");
+    let unnamed = format!(".tprun-{tprun_pid}-");
+    let mut out = Vec::new();
+    for (i, dir) in std::iter::once(Path::new("/dev/shm"))
+        .chain(dirs.iter().copied())
+        .enumerate()
+    {
+        for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            let tmp_output = i > 0 && n.starts_with('.') && n.ends_with(".tmp");
+            if n.starts_with(&named) || n.starts_with(&unnamed) || tmp_output {
+                out.push(format!("file {}", e.path().display()));
+            }
+        }
+    }
+    let env_line = format!("TPRUN_RUN_ID={run_id}");
+    for pid in all_pids() {
+        if !proc_stat(pid).is_some_and(|(_, s)| !matches!(s, 'Z' | 'X' | 'x')) {
+            continue;
+        }
+        if env_of(pid).lines().any(|l| l.starts_with(&env_line)) {
+            let holds = job_memory_of(pid, &format!("tprun-{uid}-"));
+            out.push(format!("process {pid} holding {holds:?}"));
+        }
+    }
+    out
+}
+
+/// Every pid in /proc.
+fn all_pids() -> Vec<u32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse().ok())
+        .collect()
+}
+
+/// The tprun memfds and named segments (`named` prefix) process `pid` has open or mapped.
+fn job_memory_of(pid: u32, named: &str) -> Vec<String> {
+    let is_job = |t: &str| t.starts_with("/memfd:tprun-") || t.contains(named);
+    let mut held: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| std::fs::read_link(e.path()).ok())
+        .map(|t| t.to_string_lossy().into_owned())
+        .filter(|t| is_job(t))
+        .collect();
+    let maps = std::fs::read_to_string(format!("/proc/{pid}/maps")).unwrap_or_default();
+    held.extend(
+        maps.lines()
+            .filter_map(|l| l.split_whitespace().nth(5))
+            .filter(|t| is_job(t))
+            .map(|t| format!("mapped {t}")),
+    );
+    held.sort();
+    held.dedup();
+    held
+}
+
+/// [`leftovers`] once the job's processes had `limit` to end (a killed job's guards take a
+/// moment); panics with the list if anything is still there.
+pub fn assert_no_leftovers(run_id: &str, tprun_pid: u32, dirs: &[&Path], limit: Duration) {
+    let t = Instant::now();
+    loop {
+        let left = leftovers(run_id, tprun_pid, dirs);
+        if left.is_empty() {
+            return;
+        }
+        if t.elapsed() > limit {
+            for l in &left {
+                if let Some(pid) = l.strip_prefix("process ").and_then(|s| s.split(' ').next()) {
+                    // SAFETY: kill(2) of a leftover process of the job (it has its run id).
+                    unsafe { libc::kill(pid.parse().unwrap(), libc::SIGKILL) };
+                }
+            }
+            panic!("the job left behind, {limit:?} after it ended: {left:#?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}

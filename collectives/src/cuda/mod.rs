@@ -456,9 +456,9 @@ mod tests {
     use super::*;
     use crate::CommExt;
 
-    /// Whether a GPU is here; prints why the test is skipped when not.
+    /// Whether a GPU is here; logs why the test does not run when not (kernels::skips).
     fn gpu(test: &str) -> bool {
-        kernels::cuda::gpu_or_skip(test)
+        kernels::cuda::gpu_or_skip(&format!("collectives::cuda {test}"))
     }
 
     /// A world of one on GPU 0: every collective through host buffers and device buffers.

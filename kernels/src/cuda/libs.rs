@@ -33,10 +33,15 @@ pub fn file_names_for(lib: &str, driver: Option<i32>) -> Vec<String> {
         .collect()
 }
 
-/// Folders searched before the loader's default search, in order, existing ones only.
+/// Folders searched before the loader's default search, in order, existing ones only, each
+/// once.
 pub fn search_dirs() -> Vec<PathBuf> {
-    let mut dirs: Vec<PathBuf> = std::env::var("TPRUN_CUDA_LIB_PATH")
-        .unwrap_or_default()
+    search_dirs_with(&std::env::var("TPRUN_CUDA_LIB_PATH").unwrap_or_default())
+}
+
+/// [`search_dirs`] with `lib_path` in place of `$TPRUN_CUDA_LIB_PATH`.
+fn search_dirs_with(lib_path: &str) -> Vec<PathBuf> {
+    let mut dirs: Vec<PathBuf> = lib_path
         .split(':')
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
@@ -180,10 +185,30 @@ mod tests {
         );
     }
 
+    /// `$TPRUN_CUDA_LIB_PATH` with repeats, an empty entry, a missing folder and a file: its
+    /// folders come first, in order, once each; the rest is dropped; no folder appears twice.
     #[test]
     fn search_dirs_exist_and_are_unique() {
-        let d = search_dirs();
-        assert!(d.iter().all(|p| p.is_dir()));
-        println!("CUDA library search path: {d:?}");
+        let tmp = std::env::temp_dir().join(format!("tprun-libs-{}", std::process::id()));
+        let (a, b, file) = (tmp.join("a"), tmp.join("b"), tmp.join("f"));
+        std::fs::create_dir_all(&a).unwrap();
+        std::fs::create_dir_all(&b).unwrap();
+        std::fs::write(&file, "").unwrap();
+        let s = |p: &Path| p.display().to_string();
+        let path = [
+            s(&a),
+            s(&b),
+            s(&a),
+            String::new(),
+            s(&tmp.join("missing")),
+            s(&file),
+        ];
+        let d = search_dirs_with(&format!("{}:{}", path.join(":"), s(&b)));
+        std::fs::remove_dir_all(&tmp).unwrap();
+        assert_eq!(d[..2], [a, b], "{d:?}");
+        assert!(d[2..].iter().all(|p| !p.starts_with(&tmp)), "{d:?}");
+        let unique: std::collections::HashSet<_> = d.iter().collect();
+        assert_eq!(unique.len(), d.len(), "a folder twice: {d:?}");
+        println!("CUDA library search path: {:?}", search_dirs());
     }
 }

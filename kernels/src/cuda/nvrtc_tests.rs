@@ -1,6 +1,7 @@
 //! NVRTC compiles every kernel module to PTX and CUBIN for sm_80 and sm_90 (no GPU needed).
-//! Without libnvrtc these tests print why they skipped, unless `TPRUN_REQUIRE_NVRTC=1` (CI sets
-//! it, with the PyPI wheel's folder in `TPRUN_CUDA_LIB_PATH`: .ci/nvrtc-venv), where they fail.
+//! Without libnvrtc these tests log why they skipped (`crate::skips`: a failure under `CI=true`),
+//! and fail with `TPRUN_REQUIRE_NVRTC=1` (.ci/run sets it, with the PyPI wheel's folder in
+//! `TPRUN_CUDA_LIB_PATH`: .ci/nvrtc-venv).
 
 use super::cubin;
 use super::nvrtc::{self, Target};
@@ -8,7 +9,7 @@ use super::sources::MODULES;
 
 const ARCHES: [u32; 2] = [80, 90];
 
-/// NVRTC, or `None` after printing why the test is skipped.
+/// NVRTC, or `None` after logging why the test is skipped.
 fn nvrtc_or_skip() -> Option<&'static nvrtc::Nvrtc> {
     match nvrtc::nvrtc() {
         Ok(n) => {
@@ -24,7 +25,7 @@ fn nvrtc_or_skip() -> Option<&'static nvrtc::Nvrtc> {
             panic!("TPRUN_REQUIRE_NVRTC=1 but NVRTC is unavailable: {why}")
         }
         Err(why) => {
-            println!("skipped: {why}");
+            crate::skips::skip("kernels nvrtc_*", &format!("NVRTC is unavailable: {why}"));
             None
         }
     }

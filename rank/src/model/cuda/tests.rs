@@ -1,5 +1,5 @@
 //! The device model against the CPU model on a random tiny checkpoint, world of one. Without a
-//! usable GPU (every CI machine so far) the test prints why it skipped.
+//! usable GPU (every CI machine so far) the test logs why it did not run (kernels::skips).
 
 use collectives::cuda::CudaComm;
 use collectives::local::SoloComm;
@@ -30,7 +30,7 @@ fn the_attention_shared_memory_bound_is_the_one_the_cubin_is_checked_against() {
 
 #[test]
 fn device_logits_match_the_cpu_or_skip() {
-    if !kernels::cuda::gpu_or_skip("device_logits_match_the_cpu_or_skip") {
+    if !kernels::cuda::gpu_or_skip("rank::model::cuda device_logits_match_the_cpu_or_skip") {
         return;
     }
     let mut comm = CudaComm::new(Box::new(SoloComm), 0).expect("CUDA communicator on GPU 0");
@@ -103,7 +103,9 @@ fn device_logits_match_the_cpu_or_skip() {
 fn the_split_and_sum_kernels_carry_f32_activations_through_a_bf16_product() {
     use collectives::cuda::cudarc::driver::{CudaContext, DevicePtr};
     use half::bf16;
-    if !kernels::cuda::gpu_or_skip("the_split_and_sum_kernels_carry_f32_activations") {
+    if !kernels::cuda::gpu_or_skip(
+        "rank::model::cuda the_split_and_sum_kernels_carry_f32_activations",
+    ) {
         return;
     }
     let ctx = CudaContext::new(0).unwrap();
