@@ -42,6 +42,8 @@ fn gpu_or_refusal(test: &str) -> Option<String> {
     #[cfg(feature = "cuda")]
     {
         let why = kernels::cuda::cuda_available().err()?;
+        // The GPU acceptance machine and the emulator's CI job: no usable GPU is a failure.
+        kernels::cuda::require_gpu_unless(&format!("device {test}"), &why);
         kernels::skips::no_hardware(&format!("device {test}"), &why);
         Some(format!("tprun: error: --device cuda: {why}\n"))
     }
@@ -78,10 +80,8 @@ fn run_ok<S: AsRef<std::ffi::OsStr>>(
     args: impl IntoIterator<Item = S>,
 ) -> (Vec<u8>, String) {
     let mut cmd = Command::new(TPRUN);
-    cmd.args(["-n", n]);
-    if cuda {
-        cmd.args(["--device", "cuda"]);
-    }
+    // The CPU baselines name their device: where a GPU is usable the default is cuda.
+    cmd.args(["-n", n, "--device", if cuda { "cuda" } else { "cpu" }]);
     let o = cmd.args(args).env_remove("TPRUN_ROLE").output().unwrap();
     let stderr = String::from_utf8_lossy(&o.stderr).into_owned();
     assert!(o.status.success(), "cuda {cuda}, -n {n}: {stderr}");
@@ -328,7 +328,10 @@ fn the_default_device_is_cuda_only_where_a_gpu_is_usable() {
         let out = String::from_utf8_lossy(&o.stdout);
         out.trim().trim_start_matches("[rank0]: ").to_string()
     };
-    let driver = Path::new("/proc/driver/nvidia").exists();
+    // The CUDA emulator's GPUs count as a driver's (feature cuda-emulator, TPRUN_CUDA_EMULATE=1).
+    let emulated = cfg!(feature = "cuda-emulator")
+        && std::env::var("TPRUN_CUDA_EMULATE").as_deref() == Ok("1");
+    let driver = Path::new("/proc/driver/nvidia").exists() || emulated;
     let with_driver = if driver { "cuda" } else { "cpu" };
     assert_eq!(device(Some("0"), &[]), with_driver);
     assert_eq!(device(Some("0,1"), &["--device", "cpu"]), "cpu");

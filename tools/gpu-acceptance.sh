@@ -3,6 +3,7 @@
 # it takes a prebuilt `cargo build --release --features cuda` binary and the test fixtures.
 #
 #   tools/gpu-acceptance.sh --bin target/release/tprun --fixtures tests/fixtures [--out FILE.json]
+#   tools/gpu-acceptance.sh --emulate --bin target/debug/tprun   # no GPU: the CUDA emulator
 #
 # Prints what the GPU run loaded, then checks (every step bounded by a timeout, ~5 min in all on
 # one GPU): `perf --check` for every op, f32 and bf16, at 2 and 4 ranks on one GPU (0 wrong),
@@ -14,24 +15,41 @@
 # `-n auto`; `bench --preset qwen2.5-0.5b` at TP 1 and 2, TP 2 both ways. Writes one JSON
 # summary (default gpu-acceptance.json) and exits 0 only if every check passed. Needs bash and
 # python3 (stdlib).
+#
+# --emulate runs the same checks on tprun's CUDA emulator (a `--features cuda-emulator` build;
+# TPRUN_CUDA_EMULATE=1 with one emulated GPU, as the acceptance machine has), with sizes cut so it
+# takes minutes on a CPU (perf to 1 MiB, bench on the f32 fixture instead of the 0.5B preset):
+# it proves the script before a GPU run. Either way the first run must say whether the device is
+# emulated, and a GPU run that finds itself emulated fails.
 set -euo pipefail
-bin=target/release/tprun fixtures=tests/fixtures out=gpu-acceptance.json
+bin=target/release/tprun fixtures=tests/fixtures out=gpu-acceptance.json emulate=0
 while [ $# -gt 0 ]; do
     case "$1" in
         --bin) bin=$2; shift 2 ;;
         --fixtures) fixtures=$2; shift 2 ;;
         --out) out=$2; shift 2 ;;
-        -h|--help) sed -n '2,16p' "$0"; exit 0 ;;
+        --emulate) emulate=1; shift ;;
+        -h|--help) sed -n '2,23p' "$0"; exit 0 ;;
         *) echo "gpu-acceptance: unknown argument $1 (see --help)" >&2; exit 2 ;;
     esac
 done
 [ -x "$bin" ] || { echo "gpu-acceptance: no executable at $bin (--bin)" >&2; exit 2; }
 [ -d "$fixtures/tiny-t5-f32-untied" ] || { echo "gpu-acceptance: no fixtures at $fixtures" >&2; exit 2; }
-command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "gpu-acceptance: no nvidia-smi"
-exec python3 - "$bin" "$fixtures" "$out" <<'PY'
+if [ "$emulate" = 1 ]; then
+    export TPRUN_CUDA_EMULATE=1 TPRUN_CUDA_EMULATE_GPUS=1
+else
+    unset TPRUN_CUDA_EMULATE
+    command -v nvidia-smi >/dev/null && nvidia-smi -L || echo "gpu-acceptance: no nvidia-smi"
+fi
+# Any test this machine runs must fail, not skip, where the GPU is not usable.
+export TPRUN_REQUIRE_GPU=1
+exec python3 - "$bin" "$fixtures" "$out" "$emulate" <<'PY'
 import json, os, struct, subprocess, sys, tempfile, time
 
 BIN, FIX, OUT = sys.argv[1:4]
+EMULATE = sys.argv[4] == "1"
+# Sizes: the emulator runs kernels on CPU threads and GEMMs as plain loops.
+CHECK_MAX, SWEEP_MAX = ("1M", "1M") if EMULATE else ("16M", "64M")
 F32, BF16 = f"{FIX}/tiny-t5-f32-untied", f"{FIX}/tiny-hub-bf16-tied"
 checks, started = [], time.time()
 
@@ -75,6 +93,8 @@ def read_f32(path):
 rc, so, se = run(["-n", "2", "--device", "cuda", "perf", "--max-bytes", "8", "--iters", "1"])
 print(se, end="")
 record("cuda_starts", rc == 0, rc=rc, stderr=se.strip()[-2000:])
+record("device_emulated_only_with_emulate", ("device is EMULATED" in se) == EMULATE,
+       emulate=EMULATE)
 
 # Ranks sharing one GPU stage through the host by default; TPRUN_CUDA_TRANSPORT=ipc makes them
 # run the IPC kernels anyway, so both paths are checked on a one-GPU machine.
@@ -83,7 +103,7 @@ for transport in ("auto", "ipc"):
         for dtype in ("f32", "bf16"):
             rc, so, se = run(["-n", str(world), "--device", "cuda", "--only-rank", "0", "perf",
                               "--op", "all", "--dtype", dtype, "--check", "--json",
-                              "--max-bytes", "16M", "--iters", "2", "--warmup", "1"], 180,
+                              "--max-bytes", CHECK_MAX, "--iters", "2", "--warmup", "1"], 180,
                              {"TPRUN_CUDA_TRANSPORT": transport})
             res = last_json(so) or {}
             wrong = sum(r.get("wrong", 0) for r in res.get("rows", [])) if res else None
@@ -130,9 +150,9 @@ for tp, transport in RUNS:
 
 # The sweep on the device collectives (IPC), as a machine with one GPU per rank runs them.
 rc, so, se = run(["-n", "2", "--device", "cuda", "--only-rank", "0", "perf", "--op", "all",
-                  "--min-bytes", "8", "--max-bytes", "64M", "--json"], 240, IPC)
+                  "--min-bytes", "8", "--max-bytes", SWEEP_MAX, "--json"], 240, IPC)
 sweep = last_json(so)
-record("perf_sweep_8B_64MiB_n2_ipc", rc == 0 and sweep is not None, rc=rc,
+record(f"perf_sweep_8B_{SWEEP_MAX}_n2_ipc", rc == 0 and sweep is not None, rc=rc,
        stderr=se.strip()[-500:])
 # All-reduce latency at 8 B - 32 KiB against the device-to-device copy of the same bytes.
 latency = [{"bytes": r["bytes"], "time_us": r["time_us"], "copy_us": r.get("copy_us")}
@@ -167,12 +187,15 @@ record("auto_one_rank_per_gpu", rc == 0, world_size=(last_json(so) or {}).get("w
 
 bench = {}
 for tp, transport in RUNS:
-    rc, so, se = run(["-n", str(tp), "--device", "cuda", "--only-rank", "0", "bench", "--preset",
-                      "qwen2.5-0.5b", "--prompt-len", "128", "--new-tokens", "32", "--json"], 180,
+    # The fixture's context is 128 positions.
+    model = (["--model", F32, "--prompt-len", "64"] if EMULATE
+             else ["--preset", "qwen2.5-0.5b", "--prompt-len", "128"])
+    rc, so, se = run(["-n", str(tp), "--device", "cuda", "--only-rank", "0", "bench", *model,
+                      "--new-tokens", "32", "--json"], 180,
                      {"TPRUN_CUDA_TRANSPORT": transport})
     key = f"tp{tp}_{transport}"
     bench[key] = last_json(so)
-    record(f"bench_qwen2.5-0.5b_{key}", rc == 0 and bench[key] is not None, rc=rc,
+    record(f"bench_{'f32_fixture' if EMULATE else 'qwen2.5-0.5b'}_{key}", rc == 0 and bench[key] is not None, rc=rc,
            stderr=se.strip()[-500:])
 
 summary = {"binary": BIN, "fixtures": FIX, "seconds": round(time.time() - started, 1),

@@ -10,6 +10,8 @@
 
 pub mod blas;
 pub mod cubin;
+#[cfg(feature = "cuda-emulator")]
+pub mod emulator;
 pub mod libs;
 pub mod module;
 pub mod nvrtc;
@@ -49,9 +51,35 @@ pub fn cuda_available() -> Result<usize, String> {
     }
 }
 
+/// For GPU tests: whether a CUDA device is usable here. Without one the test logs a `NOT ON
+/// THIS MACHINE` line ([`crate::skips::no_hardware`]), or, under `TPRUN_REQUIRE_GPU=1` (the GPU
+/// acceptance machine, the emulator's CI job), fails with the reason: a machine whose discovery
+/// fails cannot pass by skipping.
+pub fn gpu_or_skip(test: &str) -> bool {
+    match cuda_available() {
+        Ok(_) => true,
+        Err(why) => {
+            require_gpu_unless(test, &why);
+            crate::skips::no_hardware(test, &why);
+            false
+        }
+    }
+}
+
+/// Panics naming `test` and `why` under `TPRUN_REQUIRE_GPU=1`.
+pub fn require_gpu_unless(test: &str, why: &str) {
+    if std::env::var("TPRUN_REQUIRE_GPU").as_deref() == Ok("1") {
+        panic!("{test}: TPRUN_REQUIRE_GPU=1 but no usable CUDA device: {why}");
+    }
+}
+
 /// Opens libcuda with libloading (not through cudarc) and returns `cuDriverGetVersion`, which the
 /// driver answers without `cuInit`.
 pub(crate) fn driver_version() -> Result<i32, String> {
+    #[cfg(feature = "cuda-emulator")]
+    if emulator::requested() {
+        emulator::activate()?;
+    }
     // SAFETY: loading libcuda runs only its initialisers, which are safe to run in any process;
     // we load the same file cudarc would.
     let lib = LIBCUDA
@@ -69,6 +97,15 @@ pub(crate) fn driver_version() -> Result<i32, String> {
         return Err(format!("cuDriverGetVersion failed with CUresult {rc}"));
     }
     Ok(v)
+}
+
+/// Whether the CUDA path runs on tprun's emulator (feature `cuda-emulator` and
+/// `TPRUN_CUDA_EMULATE=1`); always false in a build without the feature.
+pub fn emulated() -> bool {
+    #[cfg(feature = "cuda-emulator")]
+    return emulator::requested() || emulator::dir().is_some();
+    #[cfg(not(feature = "cuda-emulator"))]
+    false
 }
 
 fn fmt_version(v: i32) -> String {
@@ -107,6 +144,7 @@ mod tests {
                 ];
                 assert!(known.iter().any(|k| why.starts_with(k)), "{why:?}");
                 assert!(!why.contains('\n'), "{why:?}");
+                require_gpu_unless("kernels::cuda discovery", &why);
                 crate::skips::no_hardware("kernels::cuda discovery", &why);
             }
         }

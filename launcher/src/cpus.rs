@@ -62,6 +62,10 @@ pub fn shares(cores: &[Vec<usize>], ranks: usize) -> Vec<Vec<Vec<usize>>> {
 /// Number of GPUs a `--device cuda` job can use: CUDA_VISIBLE_DEVICES when set, else the driver's
 /// list in /proc. No CUDA library is loaded for this.
 pub fn gpu_count() -> usize {
+    #[cfg(feature = "cuda-emulator")]
+    if let Some(n) = emulated_gpus() {
+        return n;
+    }
     if let Some(v) = std::env::var_os("CUDA_VISIBLE_DEVICES") {
         let v = v.to_string_lossy().into_owned();
         // CUDA stops at the first invalid entry (e.g. "-1"), so count up to it.
@@ -74,10 +78,36 @@ pub fn gpu_count() -> usize {
     std::fs::read_dir("/proc/driver/nvidia/gpus").map_or(0, |d| d.count())
 }
 
+/// With `TPRUN_CUDA_EMULATE=1`, the emulated GPUs this process would see: the emulator's count
+/// (`TPRUN_CUDA_EMULATE_GPUS`, default 2), cut at the first CUDA_VISIBLE_DEVICES entry that is not
+/// one of them, as the emulator itself reads it.
+#[cfg(feature = "cuda-emulator")]
+fn emulated_gpus() -> Option<usize> {
+    if std::env::var("TPRUN_CUDA_EMULATE").as_deref() != Ok("1") {
+        return None;
+    }
+    let n: usize = std::env::var("TPRUN_CUDA_EMULATE_GPUS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(2);
+    Some(match std::env::var("CUDA_VISIBLE_DEVICES") {
+        Ok(v) => v
+            .split(',')
+            .map(|s| s.trim().parse::<usize>())
+            .take_while(|k| matches!(k, Ok(k) if *k < n))
+            .count(),
+        Err(_) => n,
+    })
+}
+
 /// GPUs a job without `--device` counts as usable: the visible ones ([`gpu_count`]) where an
 /// NVIDIA driver is loaded (as torchrun's `auto` asks CUDA, not the environment, whether there
 /// are any: CUDA_VISIBLE_DEVICES alone on a machine without a GPU means none).
 pub fn usable_gpus() -> usize {
+    #[cfg(feature = "cuda-emulator")]
+    if emulated_gpus().is_some() {
+        return gpu_count();
+    }
     match std::path::Path::new("/proc/driver/nvidia").exists() {
         true => gpu_count(),
         false => 0,

@@ -72,6 +72,12 @@ impl CudaComm {
             .transpose()
             .map_err(CommError::Setup)?
             .unwrap_or(plan::DEFAULT_DATA_BYTES);
+        if host.rank() == 0 && kernels::cuda::emulated() {
+            eprintln!(
+                "tprun: the CUDA device is EMULATED (TPRUN_CUDA_EMULATE=1): the kernels and \
+                 driver calls run on host threads; no GPU is used"
+            );
+        }
         let mut dev = setup::open_device(ordinal, world as u32, data)?;
         let transport = setup::connect(host.as_mut(), &mut dev)?;
         if let (0, Transport::HostStaged { reason }) = (host.rank(), &transport) {
@@ -452,13 +458,7 @@ mod tests {
 
     /// Whether a GPU is here; logs why the test does not run when not (kernels::skips).
     fn gpu(test: &str) -> bool {
-        match kernels::cuda::cuda_available() {
-            Ok(_) => true,
-            Err(why) => {
-                kernels::skips::no_hardware(&format!("collectives::cuda {test}"), &why);
-                false
-            }
-        }
+        kernels::cuda::gpu_or_skip(&format!("collectives::cuda {test}"))
     }
 
     /// A world of one on GPU 0: every collective through host buffers and device buffers.

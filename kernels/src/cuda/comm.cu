@@ -21,22 +21,6 @@ struct Slabs {
     u64 timeout_ns;
 };
 
-__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
-    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
-}
-
-__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
-    u64 v;
-    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
-    return v;
-}
-
-__device__ __forceinline__ u64 now_ns() {
-    u64 t;
-    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
-    return t;
-}
-
 __device__ __forceinline__ u64* flag_at(const Slabs& s, int owner, int phase, int src) {
     u64* f = (u64*)(s.base[owner] + s.flags_off);
     return f + ((size_t)phase * s.world + src) * s.max_blocks + blockIdx.x;

@@ -46,6 +46,11 @@ fn search_dirs_with(lib_path: &str) -> Vec<PathBuf> {
         .filter(|s| !s.is_empty())
         .map(PathBuf::from)
         .collect();
+    // The emulator's folder goes first, as if it led TPRUN_CUDA_LIB_PATH.
+    #[cfg(feature = "cuda-emulator")]
+    if let Some(d) = super::emulator::dir() {
+        dirs.insert(0, d.to_path_buf());
+    }
     for site in site_packages() {
         dirs.push(site.join("nvidia/cu13/lib"));
         dirs.extend(

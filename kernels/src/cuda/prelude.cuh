@@ -8,6 +8,32 @@ typedef unsigned short bf16_t;
 typedef unsigned int u32;
 typedef unsigned long long u64;
 
+// System-scope release store, acquire load and the global nanosecond timer: inline PTX on the
+// device; the host branch is for tprun's CUDA emulator (kernels/src/cuda/emu), which compiles
+// these sources with the host C++ compiler. NVRTC defines __CUDA_ARCH__, so the device code is
+// unchanged.
+#ifdef __CUDA_ARCH__
+__device__ __forceinline__ void st_release_sys(u64* p, u64 v) {
+    asm volatile("st.release.sys.global.u64 [%0], %1;" ::"l"(p), "l"(v) : "memory");
+}
+
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) {
+    u64 v;
+    asm volatile("ld.acquire.sys.global.u64 %0, [%1];" : "=l"(v) : "l"(p) : "memory");
+    return v;
+}
+
+__device__ __forceinline__ u64 now_ns() {
+    u64 t;
+    asm volatile("mov.u64 %0, %%globaltimer;" : "=l"(t));
+    return t;
+}
+#else
+__device__ __forceinline__ void st_release_sys(u64* p, u64 v) { tprun_host_st_release_sys(p, v); }
+__device__ __forceinline__ u64 ld_acquire_sys(const u64* p) { return tprun_host_ld_acquire_sys(p); }
+__device__ __forceinline__ u64 now_ns() { return tprun_host_now_ns(); }
+#endif
+
 __device__ __forceinline__ float bf16_to_f32(bf16_t v) { return __uint_as_float(((u32)v) << 16); }
 
 // Round to nearest even, NaN kept quiet: the same rule as collectives::reduce on the CPU.

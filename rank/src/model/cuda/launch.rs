@@ -72,40 +72,8 @@ impl CudaQwen2 {
     /// least the elements the kernel reads or writes for `l`'s sizes, and stays alive until the
     /// stream has run the kernel.
     pub(super) unsafe fn launch(&self, l: &Launch, bufs: &[u64]) -> Result<()> {
-        let f = self
-            .funcs
-            .get(l.kernel)
-            .ok_or_else(|| anyhow!("kernel {} not loaded", l.kernel))?;
-        let mut it = bufs.iter();
-        let vals: Vec<Val> = l
-            .args
-            .iter()
-            .map(|a| match a {
-                Arg::Buf(_) => it.next().map(|&p| Val::P(p)),
-                Arg::I32(v) => Some(Val::I(*v)),
-                Arg::F32(v) => Some(Val::F(*v)),
-            })
-            .collect::<Option<_>>()
-            .ok_or_else(|| anyhow!("{}: too few buffers", l.kernel))?;
-        ensure!(it.next().is_none(), "{}: too many buffers", l.kernel);
-        let mut b = self.stream.launch_builder(f);
-        for v in &vals {
-            match v {
-                Val::P(p) => b.arg(p),
-                Val::I(i) => b.arg(i),
-                Val::F(x) => b.arg(x),
-            };
-        }
-        let cfg = LaunchConfig {
-            grid_dim: l.grid,
-            block_dim: l.block,
-            shared_mem_bytes: l.shared_bytes,
-        };
-        // SAFETY: the arguments follow the kernel's signature (cuda_plan's tests) and the caller
-        // guarantees the buffers.
-        unsafe { b.launch(cfg) }
-            .map(|_| ())
-            .map_err(|e| anyhow!("launching {}: {e:?}", l.kernel))
+        // SAFETY: forwarded from this function's contract.
+        unsafe { launch_on(&self.stream, &self.funcs, l, bufs) }
     }
 
     /// Row-major `y[tokens, out] = x[tokens, inp] · wᵀ` with f32 `x` and `y`. A bf16 `w`
@@ -145,4 +113,49 @@ impl CudaQwen2 {
             }
         }
     }
+}
+
+/// Launches `l` from `funcs` on `stream` with `bufs` as its buffer arguments, in order.
+///
+/// # Safety
+/// As [`CudaQwen2::launch`].
+pub(super) unsafe fn launch_on(
+    stream: &CudaStream,
+    funcs: &HashMap<&'static str, CudaFunction>,
+    l: &Launch,
+    bufs: &[u64],
+) -> Result<()> {
+    let f = funcs
+        .get(l.kernel)
+        .ok_or_else(|| anyhow!("kernel {} not loaded", l.kernel))?;
+    let mut it = bufs.iter();
+    let vals: Vec<Val> = l
+        .args
+        .iter()
+        .map(|a| match a {
+            Arg::Buf(_) => it.next().map(|&p| Val::P(p)),
+            Arg::I32(v) => Some(Val::I(*v)),
+            Arg::F32(v) => Some(Val::F(*v)),
+        })
+        .collect::<Option<_>>()
+        .ok_or_else(|| anyhow!("{}: too few buffers", l.kernel))?;
+    ensure!(it.next().is_none(), "{}: too many buffers", l.kernel);
+    let mut b = stream.launch_builder(f);
+    for v in &vals {
+        match v {
+            Val::P(p) => b.arg(p),
+            Val::I(i) => b.arg(i),
+            Val::F(x) => b.arg(x),
+        };
+    }
+    let cfg = LaunchConfig {
+        grid_dim: l.grid,
+        block_dim: l.block,
+        shared_mem_bytes: l.shared_bytes,
+    };
+    // SAFETY: the arguments follow the kernel's signature (cuda_plan's tests) and the caller
+    // guarantees the buffers.
+    unsafe { b.launch(cfg) }
+        .map(|_| ())
+        .map_err(|e| anyhow!("launching {}: {e:?}", l.kernel))
 }

@@ -105,6 +105,12 @@ impl std::fmt::Display for Loaded {
             .iter()
             .map(|(l, file)| format!("{l}={file}"))
             .collect();
+        if kernels::cuda::emulated() {
+            write!(
+                f,
+                "an EMULATED device (TPRUN_CUDA_EMULATE=1: no GPU ran this), "
+            )?;
+        }
         write!(
             f,
             "GPU {} ({}); CUDA libraries: {}",
