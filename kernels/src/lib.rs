@@ -26,6 +26,7 @@ use half::bf16;
 pub use packed::{AllocError, PackedDtype, PackedWeight, PANEL};
 pub use screen::{argmax_screened, Screen, ScreenScratch, Screened};
 
+pub mod cu_params;
 #[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod packed;

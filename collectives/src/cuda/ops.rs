@@ -16,6 +16,54 @@ pub(super) enum Arg {
     U(u64),
 }
 
+/// Checks a launch's arguments after the slab ones against comm.cu's parameters of `name`, in
+/// count and kind (`int` for [`Arg::I`], `u64` or a pointer for [`Arg::U`]): the driver takes a
+/// bare pointer array, so a mismatch would otherwise be read as garbage by the kernel.
+pub(super) fn check_args(name: &str, extra: &[Arg]) -> Result<()> {
+    use std::collections::HashMap;
+    use std::sync::OnceLock;
+    static SIGS: OnceLock<HashMap<&'static str, Vec<(String, String)>>> = OnceLock::new();
+    let sigs = SIGS.get_or_init(|| {
+        let m = &kernels::cuda::sources::COMM;
+        m.entries
+            .iter()
+            .filter_map(|&k| Some((k, kernels::cuda::sources::kernel_params(m.body, k)?)))
+            .collect()
+    });
+    let bad = |msg: String| {
+        Err(CommError::Setup(format!(
+            "launch of comm.cu's {name}: {msg}"
+        )))
+    };
+    let Some(sig) = sigs.get(name) else {
+        return bad("no such kernel in comm.cu".into());
+    };
+    let own = &sig[sig.len().min(8)..];
+    if own.len() != extra.len() {
+        return bad(format!(
+            "{} arguments after the slab ones, the kernel takes {}",
+            extra.len(),
+            own.len()
+        ));
+    }
+    for (k, ((ty, pname), a)) in own.iter().zip(extra).enumerate() {
+        let ok = match a {
+            Arg::I(_) => ty == "int",
+            Arg::U(_) => ty == "u64" || ty.ends_with('*'),
+        };
+        if !ok {
+            let kind = match a {
+                Arg::I(_) => "a 4-byte int",
+                Arg::U(_) => "an 8-byte value",
+            };
+            return bad(format!(
+                "argument {k} is {kind} but parameter {pname} is {ty}"
+            ));
+        }
+    }
+    Ok(())
+}
+
 /// A call of one rank: nothing moves.
 fn local() -> Ran {
     Ran::Device {
@@ -237,6 +285,7 @@ impl CudaComm {
         let func = kernels
             .get(name)
             .ok_or_else(|| CommError::Setup(format!("comm.cu has no kernel {name}")))?;
+        check_args(name, extra)?;
         let l = &self.dev.layout;
         let slabs = bases.device_ptr(&self.dev.stream).0;
         let (flags_off, data_off) = (l.flags_off, l.data_off);
@@ -312,5 +361,45 @@ impl CudaComm {
         // SAFETY: this function's contract.
         unsafe { self.download(&mut v, src)? };
         Ok(v)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{check_args, Arg};
+
+    #[test]
+    fn launch_arguments_are_checked_against_comm_cu() {
+        // What the launch sites pass (ops.rs): op code, in, out, n [, seg]; in, out, bytes;
+        // buf, bytes, root; nothing.
+        let ok: [(&str, Vec<Arg>); 5] = [
+            (
+                "all_reduce_oneshot_f32",
+                vec![Arg::I(0), Arg::U(1), Arg::U(2), Arg::U(3)],
+            ),
+            (
+                "all_reduce_twoshot_bf16",
+                vec![Arg::I(0), Arg::U(1), Arg::U(2), Arg::U(3), Arg::U(4)],
+            ),
+            ("all_gather", vec![Arg::U(1), Arg::U(2), Arg::U(3)]),
+            ("broadcast", vec![Arg::U(1), Arg::U(2), Arg::I(0)]),
+            ("barrier", vec![]),
+        ];
+        for (k, a) in &ok {
+            check_args(k, a).unwrap_or_else(|e| panic!("{k}: {e}"));
+        }
+        let e = check_args("broadcast", &[Arg::U(1), Arg::U(2), Arg::U(0)]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("argument 2 is an 8-byte value but parameter root is int"),
+            "{e}"
+        );
+        let e = check_args("all_gather", &[Arg::U(1), Arg::U(2)]).unwrap_err();
+        assert!(
+            e.to_string()
+                .contains("2 arguments after the slab ones, the kernel takes 3"),
+            "{e}"
+        );
+        assert!(check_args("all_reduce", &[]).is_err());
     }
 }

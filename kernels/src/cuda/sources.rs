@@ -72,3 +72,42 @@ pub const COMM: Module = Module {
 
 /// Every module, in the order the runtime compiles them.
 pub const MODULES: [Module; 3] = [MODEL, ATTENTION, COMM];
+
+pub use crate::cu_params::kernel_params;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn comm_kernels_take_the_slab_parameters_then_their_own() {
+        let p = kernel_params(COMM.body, "broadcast").unwrap();
+        let names: Vec<&str> = p.iter().map(|(_, n)| n.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "slabs",
+                "flags_off",
+                "data_off",
+                "rank",
+                "world",
+                "max_blocks",
+                "seq",
+                "timeout_ns",
+                "buf",
+                "bytes",
+                "root"
+            ]
+        );
+        assert_eq!(p[0].0, "const u64 *");
+        assert_eq!(p[10].0, "int");
+        // The SLABS_PARAMS text in comm.cu is what kernel_params expands.
+        assert!(COMM.body.contains(
+            "const u64 *slabs, u64 flags_off, u64 data_off, int rank, int world, int max_blocks, u64 seq, \\\n        u64 timeout_ns"
+        ));
+        for k in COMM.entries {
+            assert!(kernel_params(COMM.body, k).is_some(), "{k}");
+        }
+        assert!(kernel_params(COMM.body, "no_such_kernel").is_none());
+    }
+}

@@ -7,21 +7,10 @@ const SOURCES: [&str; 2] = [
 
 /// `(type, name)` of each parameter of `extern "C" __global__ void kernel(...)`.
 fn signature(kernel: &str) -> Vec<(String, String)> {
-    let open = format!("void {kernel}(");
-    let src = SOURCES
+    SOURCES
         .iter()
-        .find(|s| s.contains(&open))
-        .unwrap_or_else(|| panic!("no kernel {kernel} in the .cu sources"));
-    let start = src.find(&open).unwrap() + open.len();
-    let params = &src[start..start + src[start..].find(')').unwrap()];
-    params
-        .split(',')
-        .map(|p| {
-            let p = p.split_whitespace().collect::<Vec<_>>().join(" ");
-            let cut = p.rfind([' ', '*']).unwrap();
-            (p[..=cut].trim().to_string(), p[cut + 1..].to_string())
-        })
-        .collect()
+        .find_map(|s| kernels::cu_params::kernel_params(s, kernel))
+        .unwrap_or_else(|| panic!("no kernel {kernel} in the .cu sources"))
 }
 
 /// Every argument matches the kernel's parameter in kind, and buffers by name.
