@@ -28,6 +28,7 @@ pub mod hier;
 pub mod hta;
 pub mod identity;
 pub mod local;
+pub mod meet;
 pub mod reduce;
 pub mod shm;
 pub mod stats;

@@ -301,7 +301,11 @@ fn invalid_arguments() {
         let e = c
             .all_reduce_raw(&mut [0u8; 8], DType::F32, ReduceOp::BAnd)
             .unwrap_err();
-        assert!(e.to_string().contains("band is a bitwise reduction and float"), "{e}");
+        assert!(
+            e.to_string()
+                .contains("band is a bitwise reduction and float"),
+            "{e}"
+        );
         let mut w = [u32::MAX - c.rank() as u32];
         c.all_reduce(&mut w, ReduceOp::Sum).unwrap();
         assert_eq!(w, [u32::MAX.wrapping_add(u32::MAX - 1)]);
