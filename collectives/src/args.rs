@@ -1,7 +1,7 @@
 //! Argument checks every transport shares, so a bad call gets the same one-line message (naming
 //! the operation, the value and what was expected) on every transport, before any data moves.
 
-use crate::{CommError, DType, Result};
+use crate::{CommError, DType, P2p, Result};
 
 fn invalid(op: &'static str, msg: String) -> CommError {
     CommError::Invalid { op, msg }
@@ -109,4 +109,68 @@ pub fn counts(
         ));
     }
     Ok(())
+}
+
+/// All-to-allv as pairwise transfers (NCCL's way): checks the counts, copies this rank's own
+/// chunk and returns the sends and receives for the others, to run as one grouped call.
+pub fn all_to_allv_ops<'a>(
+    input: &'a [u8],
+    send_counts: &[usize],
+    output: &'a mut [u8],
+    recv_counts: &[usize],
+    dtype: DType,
+    me: usize,
+    n: usize,
+) -> Result<Vec<P2p<'a>>> {
+    let e = dtype.size();
+    counts(
+        "all_to_all",
+        input.len(),
+        send_counts,
+        "input",
+        "send",
+        n,
+        dtype,
+    )?;
+    counts(
+        "all_to_all",
+        output.len(),
+        recv_counts,
+        "output",
+        "receive",
+        n,
+        dtype,
+    )?;
+    if send_counts[me] != recv_counts[me] {
+        return Err(invalid(
+            "all_to_all",
+            format!(
+                "rank {me} sends itself {} elements but expects {}",
+                send_counts[me], recv_counts[me]
+            ),
+        ));
+    }
+    let mut ops = Vec::with_capacity(2 * n);
+    let mut rest: &mut [u8] = output;
+    let mut own: &mut [u8] = &mut [];
+    for (p, &c) in recv_counts.iter().enumerate() {
+        let (buf, tail) = std::mem::take(&mut rest).split_at_mut(c * e);
+        rest = tail;
+        if p == me {
+            own = buf;
+        } else {
+            ops.push(P2p::Recv { buf, peer: p });
+        }
+    }
+    let mut off = 0;
+    for (p, &c) in send_counts.iter().enumerate() {
+        let buf = &input[off..off + c * e];
+        off += c * e;
+        if p == me {
+            own.copy_from_slice(buf);
+        } else {
+            ops.push(P2p::Send { buf, peer: p });
+        }
+    }
+    Ok(ops)
 }

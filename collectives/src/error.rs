@@ -36,4 +36,10 @@ pub enum CommError {
     Invalid { op: &'static str, msg: String },
     #[error("collectives setup: {0}")]
     Setup(String),
+    /// An error inside a group made by `split`: the peer numbers in `source` are world ranks.
+    #[error("{source} (in group {group})")]
+    InGroup {
+        group: String,
+        source: Box<CommError>,
+    },
 }

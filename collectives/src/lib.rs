@@ -231,56 +231,8 @@ pub trait Communicator: Send {
         recv_counts: &[usize],
         dtype: DType,
     ) -> Result<()> {
-        let (n, me, e) = (self.world_size(), self.rank(), dtype.size());
-        args::counts(
-            "all_to_all",
-            input.len(),
-            send_counts,
-            "input",
-            "send",
-            n,
-            dtype,
-        )?;
-        args::counts(
-            "all_to_all",
-            output.len(),
-            recv_counts,
-            "output",
-            "receive",
-            n,
-            dtype,
-        )?;
-        if send_counts[me] != recv_counts[me] {
-            return Err(CommError::Invalid {
-                op: "all_to_all",
-                msg: format!(
-                    "rank {me} sends itself {} elements but expects {}",
-                    send_counts[me], recv_counts[me]
-                ),
-            });
-        }
-        let mut ops = Vec::with_capacity(2 * n);
-        let mut rest: &mut [u8] = output;
-        let mut own: &mut [u8] = &mut [];
-        for (p, &c) in recv_counts.iter().enumerate() {
-            let (buf, tail) = std::mem::take(&mut rest).split_at_mut(c * e);
-            rest = tail;
-            if p == me {
-                own = buf;
-            } else {
-                ops.push(P2p::Recv { buf, peer: p });
-            }
-        }
-        let mut off = 0;
-        for (p, &c) in send_counts.iter().enumerate() {
-            let buf = &input[off..off + c * e];
-            off += c * e;
-            if p == me {
-                own.copy_from_slice(buf);
-            } else {
-                ops.push(P2p::Send { buf, peer: p });
-            }
-        }
+        let (n, me) = (self.world_size(), self.rank());
+        let mut ops = args::all_to_allv_ops(input, send_counts, output, recv_counts, dtype, me, n)?;
         self.send_recv_raw(&mut ops, dtype)
     }
     /// Point-to-point transfers that progress together, like ncclSend/ncclRecv between

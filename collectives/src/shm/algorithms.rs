@@ -304,3 +304,292 @@ impl ShmComm {
         self.wait_all(s, h, &desc)
     }
 }
+
+/// The rooted and personalised collectives over the same steps.
+impl ShmComm {
+    /// Reduce to `root`. Up to `one_shot_max` bytes: per chunk one step, every rank copies in and
+    /// only the root waits and reduces all N slots. Larger: per chunk, every rank reduces its 1/N
+    /// slice into its other half (its own `buf` stays as it was), then the root gathers the
+    /// slices: two steps, the reduction spread over the ranks. Non-roots never wait for the root
+    /// (their next step waits for everyone, which is enough for the double buffer).
+    pub(super) fn reduce_impl(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        crate::types::check_reducible("reduce", dtype, op)?;
+        crate::args::root("reduce", root, self.world)?;
+        let count = self.check_len(buf.len(), dtype, "the buffer")?;
+        if count == 0 {
+            return Ok(());
+        }
+        if self.world == 1 {
+            if let ReduceOp::PreMulSum(f) = op {
+                crate::reduce::scale_in_place(dtype, buf, f);
+            }
+            return Ok(());
+        }
+        // PreMulSum reduces a scaled copy; everything else reads `buf` itself.
+        let (scaled, op) = match crate::reduce::premul_input(dtype, op, buf) {
+            (std::borrow::Cow::Owned(v), op) => (Some(v), op),
+            (_, op) => (None, op),
+        };
+        let own: *const u8 = scaled.as_ref().map_or(buf.as_ptr(), |v| v.as_ptr());
+        let out = buf.as_mut_ptr();
+        let e = dtype.size();
+        let desc = Desc::new(OpKind::Reduce, Some(dtype), Some(op), root, buf.len());
+        let unit = 64 / e;
+        let chunk = (self.lay.slot.min(self.opts.chunk_bytes) / e / unit * unit).max(unit);
+        let one_shot = buf.len() <= self.opts.one_shot_max;
+        let me = self.rank;
+        let mut c0 = 0;
+        while c0 < count {
+            let m = chunk.min(count - c0);
+            let lo_b = c0 * e;
+            let (s, h) = self.begin_step(&desc)?;
+            // SAFETY: [lo_b, lo_b + m * e) is inside `own` (buf or its scaled copy); our half is
+            // free and holds >= m elements.
+            unsafe { std::ptr::copy_nonoverlapping(own.add(lo_b), self.data(me, h), m * e) };
+            self.publish();
+            if one_shot {
+                if me == root {
+                    self.wait_all(s, h, &desc)?;
+                    for p in 0..self.world {
+                        self.srcs[p] = if p == me {
+                            // SAFETY: inside `own`.
+                            unsafe { own.add(lo_b) }
+                        } else {
+                            self.data(p, h)
+                        };
+                    }
+                    // SAFETY: every source holds m elements (peers' published for step s); dst
+                    // is our buffer's chunk, equal to our source or distinct from all of them.
+                    unsafe { reduce_raw(self.simd, dtype, op, out.add(lo_b), &self.srcs, m) };
+                }
+            } else {
+                self.wait_all(s, h, &desc)?;
+                let (s2, h2) = self.begin_step(&desc)?;
+                let (lo, hi) = slice_bounds(m, self.world, me, e);
+                if hi > lo {
+                    for p in 0..self.world {
+                        let src = if p == me {
+                            // SAFETY: inside `own`.
+                            unsafe { own.add(lo_b) }
+                        } else {
+                            self.data(p, h) as *const u8
+                        };
+                        // SAFETY: lo < hi <= m, inside every chunk-sized source.
+                        self.srcs[p] = unsafe { src.add(lo * e) };
+                    }
+                    // SAFETY: the sources were published for step s and stay until step s + 2;
+                    // our half h2 (free after begin_step) is distinct from all of them.
+                    unsafe {
+                        let dst = self.data(me, h2).add(lo * e);
+                        reduce_raw(self.simd, dtype, op, dst, &self.srcs, hi - lo);
+                    }
+                }
+                self.publish();
+                if me == root {
+                    for p in 0..self.world {
+                        if p != me {
+                            self.wait_seq(p, (s2 + 1) as u32)?;
+                            self.check_hdr(p, h2, s2, &desc)?;
+                        }
+                        let (lo, hi) = slice_bounds(m, self.world, p, e);
+                        // SAFETY: rank p published its reduced [lo, hi) of step s2 in half h2
+                        // (our own slice is in our half h2 too); the chunk is inside `buf`.
+                        unsafe {
+                            std::ptr::copy_nonoverlapping(
+                                self.data(p, h2).add(lo * e),
+                                out.add(lo_b + lo * e),
+                                (hi - lo) * e,
+                            )
+                        };
+                    }
+                }
+            }
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    /// Gather to `root`: per slot-sized chunk one step; every rank copies in, the root copies
+    /// every peer's chunk out as it arrives.
+    pub(super) fn gather_impl(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        root: usize,
+    ) -> Result<()> {
+        crate::args::root("gather", root, self.world)?;
+        self.check_len(input.len(), dtype, "the input")?;
+        let (ib, me) = (input.len(), self.rank);
+        if me == root {
+            self.check_world_len("output", output.len(), "input", ib)?;
+            output[me * ib..(me + 1) * ib].copy_from_slice(input);
+        }
+        if self.world == 1 || ib == 0 {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::Gather, Some(dtype), None, root, ib);
+        let mut c0 = 0;
+        while c0 < ib {
+            let m = self.lay.slot.min(ib - c0);
+            let (s, h) = self.begin_step(&desc)?;
+            if me != root {
+                // SAFETY: [c0, c0+m) is inside `input`; our half is free and holds >= m bytes.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(input.as_ptr().add(c0), self.data(me, h), m)
+                };
+            }
+            self.publish();
+            if me == root {
+                for k in 1..self.world {
+                    let p = (me + k) % self.world;
+                    self.wait_seq(p, (s + 1) as u32)?;
+                    self.check_hdr(p, h, s, &desc)?;
+                    let dst = &mut output[p * ib + c0..p * ib + c0 + m];
+                    // SAFETY: peer p published m bytes of step s in its half h.
+                    unsafe { std::ptr::copy_nonoverlapping(self.data(p, h), dst.as_mut_ptr(), m) };
+                }
+            }
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    /// Scatter from `root`: per step the root copies a piece of every rank's chunk (at most
+    /// slot / N bytes each) into its half, and each rank copies its piece out.
+    pub(super) fn scatter_impl(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        root: usize,
+    ) -> Result<()> {
+        crate::args::root("scatter", root, self.world)?;
+        self.check_len(output.len(), dtype, "the output")?;
+        let (ob, me) = (output.len(), self.rank);
+        if me == root {
+            self.check_world_len("input", input.len(), "output", ob)?;
+            output.copy_from_slice(&input[me * ob..(me + 1) * ob]);
+        }
+        if self.world == 1 || ob == 0 {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::Scatter, Some(dtype), None, root, ob);
+        let piece = (self.lay.slot / self.world / 64 * 64).max(1);
+        let mut c0 = 0;
+        while c0 < ob {
+            let m = piece.min(ob - c0);
+            let (s, h) = self.begin_step(&desc)?;
+            if me == root {
+                let mine = self.data(me, h);
+                for q in (0..self.world).filter(|&q| q != me) {
+                    // SAFETY: rank q's [c0, c0+m) is inside `input`; piece q (m bytes at q*m)
+                    // fits because m <= slot / world.
+                    unsafe {
+                        std::ptr::copy_nonoverlapping(
+                            input.as_ptr().add(q * ob + c0),
+                            mine.add(q * m),
+                            m,
+                        )
+                    };
+                }
+                self.publish();
+                self.unverified = Some((s, desc));
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                // SAFETY: the root published our piece of step s in its half h.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.data(root, h).add(me * m),
+                        output.as_mut_ptr().add(c0),
+                        m,
+                    )
+                };
+            }
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    /// Equal-chunk all-to-all: per step every rank copies a piece of each peer's chunk (at most
+    /// slot / N bytes) into its half, then copies its own piece out of every peer's half.
+    pub(super) fn all_to_all_impl(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+    ) -> Result<()> {
+        let w = self.world;
+        crate::args::same_len("all_to_all", input.len(), output.len())?;
+        let count = self.check_len(input.len(), dtype, "the input")?;
+        if !count.is_multiple_of(w) {
+            return Err(self.invalid(format!(
+                "the input holds {count} {} elements, not a multiple of the group's {w} ranks",
+                dtype.name()
+            )));
+        }
+        let (cb, me) = (input.len() / w, self.rank);
+        output[me * cb..(me + 1) * cb].copy_from_slice(&input[me * cb..(me + 1) * cb]);
+        if w == 1 || cb == 0 {
+            return Ok(());
+        }
+        let desc = Desc::new(OpKind::AllToAll, Some(dtype), None, 0, input.len());
+        let piece = (self.lay.slot / w / 64 * 64).max(1);
+        let mut c0 = 0;
+        while c0 < cb {
+            let m = piece.min(cb - c0);
+            let (s, h) = self.begin_step(&desc)?;
+            let mine = self.data(me, h);
+            for q in (0..w).filter(|&q| q != me) {
+                // SAFETY: chunk q's [c0, c0+m) is inside `input`; piece q fits (m <= slot / w).
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        input.as_ptr().add(q * cb + c0),
+                        mine.add(q * m),
+                        m,
+                    )
+                };
+            }
+            self.publish();
+            for k in 1..w {
+                let p = (me + k) % w;
+                self.wait_seq(p, (s + 1) as u32)?;
+                self.check_hdr(p, h, s, &desc)?;
+                // SAFETY: peer p published our piece of step s in its half h.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.data(p, h).add(me * m),
+                        output.as_mut_ptr().add(p * cb + c0),
+                        m,
+                    )
+                };
+            }
+            c0 += m;
+        }
+        Ok(())
+    }
+
+    /// All-to-all with per-peer counts: pairwise transfers over the channels, as one grouped
+    /// call (each rank knows only its own counts, so the steps could not agree).
+    pub(super) fn all_to_allv_impl(
+        &mut self,
+        input: &[u8],
+        send_counts: &[usize],
+        output: &mut [u8],
+        recv_counts: &[usize],
+        dtype: DType,
+    ) -> Result<()> {
+        let (me, w) = (self.rank, self.world);
+        let mut ops =
+            crate::args::all_to_allv_ops(input, send_counts, output, recv_counts, dtype, me, w)?;
+        self.send_recv_impl(&mut ops)
+    }
+}

@@ -15,14 +15,20 @@
 //!                     entered) and the last FLIGHT_K collective records of 64 B (shm/flight.rs).
 //! data_off (page)     Data[world][2], `slot` bytes each: rank r's two halves (double buffer);
 //!                     step s uses half s % 2.
+//! chan_off (page)     Chan[world][world - 1], 256 B each: the point-to-point channel from rank
+//!                     s to each other rank d: line 0 written by the sender (`sent`, what each
+//!                     half holds), line 1 by the receiver (`acked`).
+//! pdata_off (page)    PData[world][world - 1][2], `pslot` bytes each: the channel's two halves;
+//!                     chunk c of the channel uses half c % 2.
 //! ```
-//! Total = ~12 KiB + world x 2.2 KiB + world x 2 x slot: with the default 1 MiB slot, 16 MiB for 8 ranks and
-//! 32 MiB for 16.
+//! `pslot` = slot / (2 (world - 1)) rounded down to a page (at least one page), so the channels
+//! take about half as much as the data halves: total = ~12 KiB + world x 2.2 KiB + world² x 256 B
+//! + ~1.5 x world x 2 x slot: with the default 1 MiB slot, 6 MiB for 2 ranks, 24 MiB for 8.
 
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"TPRUNSHM");
-pub(crate) const VERSION: u32 = 2;
+pub(crate) const VERSION: u32 = 3;
 pub(crate) const PAGE: usize = 4096;
 /// Value of `Header::ready` once the creator has filled the header (named path).
 pub(crate) const READY: u32 = 0x5EAD_1E55;
@@ -68,7 +74,29 @@ pub(crate) struct Ctl {
     pub gone: AtomicU32,
     _r0: u32,
     pub pidns: AtomicU64,
-    _pad1: [u8; 104],
+    /// Rung (incremented) by a peer whenever it publishes something this rank may wait for on a
+    /// point-to-point channel (a chunk sent to it, a chunk of its own acknowledged), so a rank
+    /// waiting on several channels at once sleeps on one futex word.
+    pub bell: AtomicU32,
+    /// This rank's sleepers on `bell` (ringers call futex_wake only when non-zero).
+    pub bell_waiters: AtomicU32,
+    _pad1: [u8; 96],
+}
+
+/// The point-to-point channel from one rank to another (see the module docs).
+#[repr(C, align(128))]
+pub(crate) struct Chan {
+    /// Chunks the sender has published (wrapping u32).
+    pub sent: AtomicU32,
+    _r0: u32,
+    /// Per half: the number (1-based) of the message the chunk belongs to.
+    pub msg: [AtomicU64; 2],
+    /// Per half: the whole message's bytes, so the receiver can check it expects as many.
+    pub total: [AtomicU64; 2],
+    _pad0: [u8; 88],
+    /// Chunks the receiver has copied out (wrapping u32).
+    pub acked: AtomicU32,
+    _pad1: [u8; 124],
 }
 
 /// Describes what a data half holds; written by its owner before publishing the step.
@@ -114,6 +142,7 @@ const _: () = assert!(std::mem::size_of::<FlightHdr>() == 128);
 const _: () = assert!(std::mem::size_of::<FlightRec>() == 64);
 const _: () = assert!(std::mem::size_of::<Ctl>() == 256);
 const _: () = assert!(std::mem::size_of::<SlotHdr>() == 128);
+const _: () = assert!(std::mem::size_of::<Chan>() == 256);
 
 /// Offsets of every region for one (world, slot) pair.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -124,6 +153,10 @@ pub(crate) struct Layout {
     pub hdr_off: usize,
     pub flight_off: usize,
     pub data_off: usize,
+    /// Bytes per half of a point-to-point channel.
+    pub pslot: usize,
+    pub chan_off: usize,
+    pub pdata_off: usize,
     pub total: usize,
 }
 
@@ -137,7 +170,11 @@ impl Layout {
         let hdr_off = round_up(ctl_off + world * std::mem::size_of::<Ctl>(), PAGE);
         let flight_off = round_up(hdr_off + world * 2 * std::mem::size_of::<SlotHdr>(), PAGE);
         let data_off = round_up(flight_off + world * FLIGHT_BYTES, PAGE);
-        let total = data_off + world * 2 * slot;
+        let chan_off = data_off + world * 2 * slot;
+        let chans = world * (world - 1);
+        let pslot = (slot / (2 * (world - 1)).max(1) / PAGE * PAGE).max(PAGE);
+        let pdata_off = round_up(chan_off + chans * std::mem::size_of::<Chan>(), PAGE);
+        let total = pdata_off + chans * 2 * pslot;
         Layout {
             world,
             slot,
@@ -145,8 +182,24 @@ impl Layout {
             hdr_off,
             flight_off,
             data_off,
+            pslot,
+            chan_off,
+            pdata_off,
             total,
         }
+    }
+    /// Index of the channel from rank `s` to rank `d != s`.
+    fn chan_index(&self, s: usize, d: usize) -> usize {
+        debug_assert!(s != d);
+        s * (self.world - 1) + if d < s { d } else { d - 1 }
+    }
+    /// The channel from rank `s` to rank `d != s`.
+    pub fn chan(&self, s: usize, d: usize) -> usize {
+        self.chan_off + self.chan_index(s, d) * std::mem::size_of::<Chan>()
+    }
+    /// Half `half` of the channel from rank `s` to rank `d != s`.
+    pub fn pdata(&self, s: usize, d: usize, half: usize) -> usize {
+        self.pdata_off + (self.chan_index(s, d) * 2 + half) * self.pslot
     }
     pub fn ctl(&self, r: usize) -> usize {
         self.ctl_off + r * std::mem::size_of::<Ctl>()

@@ -31,8 +31,10 @@ mod algorithms;
 pub mod flight;
 pub mod layout;
 mod options;
+mod p2p;
 mod protocol;
 pub mod segment;
+mod split;
 mod sys;
 mod wait;
 
@@ -86,6 +88,14 @@ pub struct ShmComm {
     /// This communicator started the trace recording (`from_env` under `tprun --trace`) and
     /// hands the events to tprun when dropped.
     trace_owner: bool,
+    /// The job's segment, whose `abort` flag the launcher sets: `map` itself for the world, the
+    /// world's mapping for a group made by [`Communicator::split`].
+    job: Arc<Mapping>,
+    /// Which group this is: `None` for the world, else its name and its ranks' world ranks.
+    group: Option<split::Group>,
+    /// Point-to-point counters per peer: chunks this rank sent to it / received from it (the
+    /// channels' `sent` / `acked` words) and messages sent to it.
+    p2p: p2p::Counters,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -142,7 +152,11 @@ impl ShmComm {
         let known = (0..world)
             .map(|p| map.ctl(&lay, p).seq.load(SeqCst))
             .collect();
+        let p2p = p2p::Counters::load(&map, &lay, rank);
         Ok(ShmComm {
+            job: map.clone(),
+            group: None,
+            p2p,
             map,
             lay,
             rank,
@@ -219,7 +233,7 @@ impl ShmComm {
         flight::enter(fr, self.op_seq, kind, dtype, bytes, t0);
         let step0 = self.step;
         self.wait_s = 0.0;
-        let a = self.map.header().abort.load(Relaxed);
+        let a = self.aborted_by();
         let res = if a != 0 {
             Err(CommError::Aborted {
                 op: kind.name(),
@@ -244,7 +258,20 @@ impl ShmComm {
             Err(CommError::Invalid { .. }) => {}
             Err(e) => self.failed = Some(e.to_string()),
         }
-        res
+        match (res, &self.group) {
+            (Err(e), Some(g)) if !matches!(e, CommError::Invalid { .. }) => Err(g.name_error(e)),
+            (res, _) => res,
+        }
+    }
+
+    /// The launcher's abort word (failed rank + 1, 0 while the job runs): the job segment's, or
+    /// this group segment's if someone set that.
+    pub(super) fn aborted_by(&self) -> u32 {
+        let a = self.job.header().abort.load(Relaxed);
+        if a != 0 {
+            return a;
+        }
+        self.map.header().abort.load(Relaxed)
     }
 
     /// Records a finished call in the trace (only called with tracing on).
@@ -315,17 +342,69 @@ impl Communicator for ShmComm {
     fn barrier(&mut self) -> Result<()> {
         self.run_op(OpKind::Barrier, 0, None, |c| c.barrier_impl())
     }
-    fn send_recv_raw(&mut self, _ops: &mut [crate::P2p<'_>], _dtype: DType) -> Result<()> {
-        Err(CommError::Invalid {
-            op: "send_recv",
-            msg: "not implemented yet on this transport".into(),
+    fn reduce_raw(
+        &mut self,
+        buf: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+    ) -> Result<()> {
+        let n = buf.len();
+        self.run_op(OpKind::Reduce, n, Some(dtype), |c| {
+            c.reduce_impl(buf, dtype, op, root)
         })
     }
-    fn split(&mut self, _color: Option<u32>, _key: i64) -> Result<Option<Box<dyn Communicator>>> {
-        Err(CommError::Invalid {
-            op: "split",
-            msg: "not implemented yet on this transport".into(),
+    fn gather_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        root: usize,
+    ) -> Result<()> {
+        let n = input.len() * self.world;
+        self.run_op(OpKind::Gather, n, Some(dtype), |c| {
+            c.gather_impl(input, output, dtype, root)
         })
+    }
+    fn scatter_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        root: usize,
+    ) -> Result<()> {
+        let n = output.len() * self.world;
+        self.run_op(OpKind::Scatter, n, Some(dtype), |c| {
+            c.scatter_impl(input, output, dtype, root)
+        })
+    }
+    fn all_to_all_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
+        let n = input.len();
+        self.run_op(OpKind::AllToAll, n, Some(dtype), |c| {
+            c.all_to_all_impl(input, output, dtype)
+        })
+    }
+    fn all_to_allv_raw(
+        &mut self,
+        input: &[u8],
+        send_counts: &[usize],
+        output: &mut [u8],
+        recv_counts: &[usize],
+        dtype: DType,
+    ) -> Result<()> {
+        let n = input.len();
+        self.run_op(OpKind::AllToAll, n, Some(dtype), |c| {
+            c.all_to_allv_impl(input, send_counts, output, recv_counts, dtype)
+        })
+    }
+    fn send_recv_raw(&mut self, ops: &mut [crate::P2p<'_>], dtype: DType) -> Result<()> {
+        let n = p2p::bytes(ops);
+        self.run_op(OpKind::SendRecv, n, Some(dtype), |c| c.send_recv_impl(ops))
+    }
+    fn split(&mut self, color: Option<u32>, key: i64) -> Result<Option<Box<dyn Communicator>>> {
+        Ok(self
+            .split_impl(color, key)?
+            .map(|c| Box::new(c) as Box<dyn Communicator>))
     }
     fn stats(&self) -> CommStats {
         self.stats.clone()

@@ -29,7 +29,7 @@ use nix::sys::mman::{MapFlags, ProtFlags};
 use nix::sys::stat::Mode;
 
 use super::layout::{
-    Ctl, FlightHdr, FlightRec, Header, Layout, SlotHdr, DEFAULT_SLOT_BYTES, FLIGHT_K, MAGIC,
+    Chan, Ctl, FlightHdr, FlightRec, Header, Layout, SlotHdr, DEFAULT_SLOT_BYTES, FLIGHT_K, MAGIC,
     MAX_WORLD, PAGE, READY, VERSION,
 };
 use super::sys;
@@ -124,7 +124,18 @@ impl Mapping {
         // SAFETY: in bounds, see `ctl`.
         unsafe { self.ptr.as_ptr().add(lay.data(r, half)) }
     }
-    fn raw_fd(&self) -> RawFd {
+    /// The point-to-point channel from rank `s` to rank `d`.
+    pub fn chan(&self, lay: &Layout, s: usize, d: usize) -> &Chan {
+        debug_assert!(s < lay.world && d < lay.world);
+        // SAFETY: as for `ctl`; 256-aligned (page-aligned region of 256-byte entries).
+        unsafe { &*(self.ptr.as_ptr().add(lay.chan(s, d)) as *const Chan) }
+    }
+    /// Half `half` of the channel from rank `s` to rank `d` (`lay.pslot` bytes).
+    pub fn pdata(&self, lay: &Layout, s: usize, d: usize, half: usize) -> *mut u8 {
+        // SAFETY: in bounds, see `ctl`.
+        unsafe { self.ptr.as_ptr().add(lay.pdata(s, d, half)) }
+    }
+    pub(crate) fn raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }
     /// Removes the segment's name if it still has one and not every rank mapped it yet (a rank
@@ -374,7 +385,10 @@ impl JobSegment {
             .abort
             .compare_exchange(0, failed_rank as u32 + 1, SeqCst, SeqCst);
         for r in 0..self.lay.world {
-            sys::futex_wake_all(&self.map.ctl(&self.lay, r).seq);
+            let c = self.map.ctl(&self.lay, r);
+            sys::futex_wake_all(&c.seq);
+            c.bell.fetch_add(1, SeqCst);
+            sys::futex_wake_all(&c.bell);
         }
     }
 
@@ -399,6 +413,45 @@ impl JobSegment {
             .map(|r| ShmComm::attach(self.map.clone(), self.lay, r, opts.clone()))
             .collect()
     }
+}
+
+/// A group's segment (see [`super::split`]): like the job's, for `world` ranks with `slot`-byte
+/// halves, in a memfd (or an O_TMPFILE in `TPRUN_SHM_DIR`) that this process's children do not
+/// inherit; the other members open it through this process's /proc.
+pub(crate) fn create_group(world: usize, slot: usize) -> Result<(Arc<Mapping>, Layout)> {
+    let mut opts = SegmentOptions::from_env()?;
+    opts.slot_bytes = slot;
+    let seg = JobSegment::create_with(world, &opts)?;
+    nix::fcntl::fcntl(
+        seg.map.raw_fd(),
+        nix::fcntl::FcntlArg::F_SETFD(nix::fcntl::FdFlag::FD_CLOEXEC),
+    )
+    .map_err(|e| {
+        setup(format!(
+            "cannot mark the group's segment close-on-exec: {}",
+            e.desc()
+        ))
+    })?;
+    Ok((seg.map, seg.lay))
+}
+
+/// Maps the group segment that process `pid` holds as fd `fd` (its /proc entry).
+pub(crate) fn open_group(pid: u32, fd: i32, world: usize) -> Result<(Arc<Mapping>, Layout)> {
+    let path = PathBuf::from(format!("/proc/{pid}/fd/{fd}"));
+    let what = format!("the group's segment ({})", path.display());
+    let raw = nix::fcntl::open(&path, OFlag::O_RDWR | OFlag::O_CLOEXEC, Mode::empty())
+        .map_err(|e| setup(format!("cannot open {what}: {} (the group's rank 0 must be a process of this user in this pid namespace)", e.desc())))?;
+    // SAFETY: fresh fd from `open`.
+    let owned = unsafe { OwnedFd::from_raw_fd(raw) };
+    let len = nix::sys::stat::fstat(owned.as_raw_fd())
+        .map_err(|e| setup(format!("cannot stat {what}: {}", e.desc())))?
+        .st_size as usize;
+    if len < PAGE {
+        return Err(setup(format!("{what} is too small ({len} bytes)")));
+    }
+    let map = Mapping::map(owned, len, &what)?;
+    let lay = validate(&map, world, &what)?;
+    Ok((Arc::new(map), lay))
 }
 
 /// Takes the fd that tprun passed in environment variable `var` = `fd_s`: checks it is open,

@@ -135,11 +135,40 @@ impl ShmComm {
         }
     }
 
+    /// Fails if the job was aborted, or peer `p` left the communicator or its process is gone
+    /// (for waits that are not on `seq`: the point-to-point channels).
+    pub(super) fn check_alive(&self, p: usize) -> Result<()> {
+        let ctl = self.ctl(p);
+        let a = self.aborted_by();
+        if a != 0 {
+            return Err(CommError::Aborted {
+                op: self.op_name(),
+                seq: self.op_seq,
+                failed: a as usize - 1,
+                missing: p,
+            });
+        }
+        let pid = ctl.pid.load(SeqCst);
+        let how = if ctl.gone.load(SeqCst) != 0 {
+            "left the job (dropped its communicator)".to_string()
+        } else if ctl.pidns.load(SeqCst) == sys::pid_namespace() && !sys::pid_alive(pid) {
+            format!("died (process {pid} is gone)")
+        } else {
+            return Ok(());
+        };
+        Err(CommError::PeerDied {
+            op: self.op_name(),
+            seq: self.op_seq,
+            missing: p,
+            how,
+        })
+    }
+
     /// Fails if the job was aborted or peer `p` is gone (its process too, with `check_pid`),
     /// unless it published `target` before leaving: then returns its `seq`.
     fn check_peer(&self, p: usize, target: u32, check_pid: bool) -> Result<Option<u32>> {
         let ctl = self.ctl(p);
-        let a = self.map.header().abort.load(SeqCst);
+        let a = self.aborted_by();
         if a != 0 {
             return Err(CommError::Aborted {
                 op: self.op_name(),
