@@ -106,7 +106,8 @@ def check_numpy_api(comm):
     comm.all_reduce(memoryview(b).cast("f"))
     same(torch.frombuffer(b, dtype=torch.float32).clone(), torch.full((5,), world * (world + 1) / 2), "memoryview")
     for bad, kind in [
-        (lambda: comm.all_reduce(np.zeros(4, np.int32)), TypeError),
+        (lambda: comm.all_reduce(np.zeros(4, np.int16)), TypeError),
+        (lambda: comm.all_reduce(np.zeros(4, np.float32), op="band"), tprun.CommError),
         (lambda: comm.all_reduce(np.zeros((4, 4), np.float32)[:, 0]), ValueError),
         (lambda: comm.all_reduce(bytes(16), dtype="float32"), ValueError),
     ]:
@@ -224,11 +225,10 @@ def main():
         dist.init_process_group("tprun")
         t = torch.ones(4)
         calls = {
-            "send": lambda: dist.send(t, dst=(rank + 1) % 2),
-            "recv": lambda: dist.recv(t, src=(rank + 1) % 2),
-            "scatter": lambda: dist.scatter(t, [t, t] if rank == 0 else None, src=0),
-            "all_reduce of int64": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int64)),
-            "BAND": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
+            "recv from any source": lambda: dist.recv(t),
+            "PREMUL_SUM": lambda: dist.all_reduce(t, op=dist._make_nccl_premul_sum(2.0)),
+            "all_reduce of int16": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int16)),
+            "BAND of float32": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
             "meta device": lambda: dist.all_reduce(torch.ones(4, device="meta")),
         }
         for what, call in calls.items():

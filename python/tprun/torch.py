@@ -160,8 +160,51 @@ class _Worker:
             fut.set_result(result)
 
 
+class _Work(dist._Work):
+    """A Work over the Future the group's worker completes. A Python subclass (rather than
+    `_create_work_from_future`, whose wait() drops the Future's error) so that wait() raises the
+    failure, naming the op and the rank, and honours its timeout."""
+
+    def __init__(self, fut):
+        super().__init__()
+        self._fut = fut
+        self._done = threading.Event()
+        fut.add_done_callback(lambda _: self._done.set())
+
+    def wait(self, timeout=None):
+        secs = _seconds(timeout)
+        if secs and not self._done.wait(secs):
+            raise RuntimeError(f"tprun backend: Work.wait timed out after {secs} s")
+        self._fut.wait()
+        return True
+
+    def is_completed(self):
+        return self._fut.done()
+
+    def is_success(self):
+        return self._fut.done() and self.exception() is None
+
+    def exception(self):
+        if not self._fut.done():
+            return None
+        try:
+            self._fut.value()
+        except Exception as e:  # noqa: BLE001 - the failure is what is asked for
+            return e
+        return None
+
+    def result(self):
+        return self._fut.value()
+
+    def get_future(self):
+        return self._fut
+
+    def synchronize(self):
+        pass
+
+
 def _work(fut):
-    return _C._create_work_from_future(fut)
+    return _Work(fut)
 
 
 class ProcessGroupTprun(_C.Backend):
@@ -184,6 +227,12 @@ class ProcessGroupTprun(_C.Backend):
     # --- what torch asks of a backend -------------------------------------------------------
     def getBackendName(self):
         return "tprun"
+
+    @property
+    def options(self):
+        # Without it torch's getBackendOptions() (split_group) recurses through the base class.
+        t = self._timeout if isinstance(self._timeout, timedelta) else timedelta(seconds=_seconds(self._timeout) or 1800)
+        return _C.Backend.Options("tprun", t)
 
     @property
     def supports_splitting(self):
