@@ -134,13 +134,21 @@ class _Worker:
 
     def __init__(self, name):
         self._q = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0
         self._t = threading.Thread(target=self._loop, name=f"tprun-{name}", daemon=True)
         self._t.start()
 
     def submit(self, fn, result, what):
         fut = Future()
+        with self._lock:
+            self._pending += 1
         self._q.put((fn, result, fut, what))
         return fut
+
+    def idle(self):
+        """Nothing queued or running."""
+        return self._pending == 0
 
     def stop(self):
         self._q.put(None)
@@ -154,10 +162,21 @@ class _Worker:
             try:
                 fn()
             except BaseException as e:  # noqa: BLE001 - every failure belongs to the Work
-                err = e if isinstance(e, CommError) else RuntimeError(str(e))
-                fut.set_exception(type(err)(f"{what}: {err}"))
-                continue
-            fut.set_result(result)
+                err = _error(e, what)
+            else:
+                err = None
+            with self._lock:
+                self._pending -= 1
+            if err is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(err)
+
+
+def _error(e, what):
+    """The exception wait() raises: CommError stays CommError; the message names the op, rank
+    and group first."""
+    return (CommError if isinstance(e, CommError) else RuntimeError)(f"{what}: {e}")
 
 
 class _Work(dist._Work):
@@ -169,7 +188,10 @@ class _Work(dist._Work):
         super().__init__()
         self._fut = fut
         self._done = threading.Event()
-        fut.add_done_callback(lambda _: self._done.set())
+        if fut.done():
+            self._done.set()
+        else:
+            fut.add_done_callback(lambda _: self._done.set())
 
     def wait(self, timeout=None):
         secs = _seconds(timeout)
@@ -267,8 +289,20 @@ class ProcessGroupTprun(_C.Backend):
     def _what(self, op):
         return f"tprun backend: {op} on rank {self._rank} of group {self._name or 'world'} ({self._size} ranks)"
 
-    def _submit(self, op, fn, result):
+    def _submit(self, op, fn, result, opts=None):
+        """Runs fn on the group's worker and returns its Work; a call torch will wait for at once
+        (`opts.asyncOp` False: async_op=False) runs here instead when nothing is queued, which
+        keeps the issue order and saves the handover to the worker."""
         self._flush()
+        if opts is not None and not opts.asyncOp and self._worker.idle():
+            fut = Future()
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - raised by wait(), as from the worker
+                fut.set_exception(_error(e, self._what(op)))
+            else:
+                fut.set_result(result)
+            return _work(fut)
         return _work(self._worker.submit(fn, result, self._what(op)))
 
     def _run(self, op, dtype, bufs, **kw):
@@ -287,7 +321,7 @@ class ProcessGroupTprun(_C.Backend):
                 self._run("all_reduce", dt, [_buf(o.c)], redop=rop)
                 o.done()
 
-        return self._submit("all_reduce", fn, tensors)
+        return self._submit("all_reduce", fn, tensors, opts)
 
     def allreduce_coalesced(self, tensors, opts=None):
         return self.allreduce(tensors, opts)
@@ -304,7 +338,7 @@ class ProcessGroupTprun(_C.Backend):
                 self._run("broadcast", _dtype("broadcast", o.c, False)[0], [_buf(o.c)], root=root)
                 o.done()
 
-        return self._submit("broadcast", fn, tensors)
+        return self._submit("broadcast", fn, tensors, opts)
 
     def reduce(self, tensors, opts=None):
         opts = opts or dist.ReduceOptions()
@@ -316,7 +350,7 @@ class ProcessGroupTprun(_C.Backend):
                 self._run("reduce", dt, [_buf(o.c)], redop=rop, root=opts.rootRank)
                 o.done()
 
-        return self._submit("reduce", fn, tensors)
+        return self._submit("reduce", fn, tensors, opts)
 
     def _all_gather_into(self, out, inp):
         """out (contiguous, size x inp) = every rank's inp in rank order."""
@@ -340,7 +374,7 @@ class ProcessGroupTprun(_C.Backend):
             self._all_gather_into(o.c, i)
             o.done()
 
-        return self._submit("all_gather_into_tensor", fn, [output])
+        return self._submit("all_gather_into_tensor", fn, [output], opts)
 
     _allgather_base = all_gather_single
 
@@ -353,7 +387,7 @@ class ProcessGroupTprun(_C.Backend):
                 self._all_gather_into(o.c, i)
                 o.done()
 
-        return self._submit("all_gather_into_tensor_coalesced", fn, outputs)
+        return self._submit("all_gather_into_tensor_coalesced", fn, outputs, opts)
 
     def allgather(self, output_lists, inputs, opts=None):
         _check("all_gather", *inputs, *[t for outs in output_lists for t in outs])
@@ -374,7 +408,7 @@ class ProcessGroupTprun(_C.Backend):
                 for r, o in enumerate(outs):
                     o.copy_(flat[r * most : r * most + o.numel()].view(o.shape))
 
-        return self._submit("all_gather", fn, [t for outs in output_lists for t in outs])
+        return self._submit("all_gather", fn, [t for outs in output_lists for t in outs], opts)
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
         # output_lists[r] holds rank r's copy of every input.
@@ -393,7 +427,7 @@ class ProcessGroupTprun(_C.Backend):
                 for o, piece in zip(outs, chunk.split(sizes)):
                     o.copy_(piece.view(o.shape))
 
-        return self._submit("all_gather_coalesced", fn, [t for outs in output_lists for t in outs])
+        return self._submit("all_gather_coalesced", fn, [t for outs in output_lists for t in outs], opts)
 
     def _reduce_scatter_into(self, out, inp, rop):
         dt, _ = _dtype("reduce_scatter", inp, True)
@@ -414,7 +448,7 @@ class ProcessGroupTprun(_C.Backend):
             self._reduce_scatter_into(o.c, i, rop)
             o.done()
 
-        return self._submit("reduce_scatter_tensor", fn, [output])
+        return self._submit("reduce_scatter_tensor", fn, [output], opts)
 
     _reduce_scatter_base = reduce_scatter_single
 
@@ -428,7 +462,7 @@ class ProcessGroupTprun(_C.Backend):
                 self._reduce_scatter_into(o.c, i, rop)
                 o.done()
 
-        return self._submit("reduce_scatter_tensor_coalesced", fn, outputs)
+        return self._submit("reduce_scatter_tensor_coalesced", fn, outputs, opts)
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         opts = opts or dist.ReduceScatterOptions()
@@ -447,7 +481,7 @@ class ProcessGroupTprun(_C.Backend):
                 self._reduce_scatter_into(o.c, torch.cat([t.reshape(-1) for t in ins]), rop)
                 o.done()
 
-        return self._submit("reduce_scatter", fn, outputs)
+        return self._submit("reduce_scatter", fn, outputs, opts)
 
     def gather(self, output_lists, inputs, opts=None):
         root = opts.rootRank if opts is not None else 0
@@ -464,7 +498,7 @@ class ProcessGroupTprun(_C.Backend):
             for r, o in enumerate(outs):
                 o.copy_(flat[r * i.numel() : (r + 1) * i.numel()].view(o.shape))
 
-        return self._submit("gather", fn, list(outs))
+        return self._submit("gather", fn, list(outs), opts)
 
     def scatter(self, outputs, input_lists, opts=None):
         root = opts.rootRank if opts is not None else 0
@@ -480,7 +514,7 @@ class ProcessGroupTprun(_C.Backend):
             self._run("scatter", dt, [_buf(flat), _buf(o.c)], root=root)
             o.done()
 
-        return self._submit("scatter", fn, outputs)
+        return self._submit("scatter", fn, outputs, opts)
 
     def _all_to_allv(self, out, inp, send, recv):
         """Packed all-to-all: send[p] elements of inp to rank p, recv[p] into out from p."""
@@ -520,7 +554,7 @@ class ProcessGroupTprun(_C.Backend):
             self._all_to_allv(o.c, i, send, recv)
             o.done()
 
-        return self._submit("all_to_all_single", fn, [output])
+        return self._submit("all_to_all_single", fn, [output], opts)
 
     alltoall_base = all_to_all_single
 
@@ -536,10 +570,10 @@ class ProcessGroupTprun(_C.Backend):
             for o, piece in zip(outputs, dst.split([t.numel() for t in outputs])):
                 o.copy_(piece.view(o.shape))
 
-        return self._submit("all_to_all", fn, outputs)
+        return self._submit("all_to_all", fn, outputs, opts)
 
     def barrier(self, opts=None):
-        return self._submit("barrier", lambda: self._run("barrier", "u8", []), [])
+        return self._submit("barrier", lambda: self._run("barrier", "u8", []), [], opts)
 
     def monitored_barrier(self, opts=None, wait_all_ranks=False):
         # Our barrier already names a rank that died or timed out; waiting here is the point.
