@@ -42,3 +42,40 @@ pub fn shm_by_key(
     let (map, lay) = segment::attach_named(key, world, rank, opts.timeout)?;
     Ok(Box::new(ShmComm::attach(map, lay, rank, opts)?))
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{CommExt, ReduceOp};
+
+    #[test]
+    fn ranks_meet_by_key_and_reduce() {
+        let key = format!("meet-test-{}", std::process::id());
+        let ranks: Vec<_> = (0..3)
+            .map(|r| {
+                let key = key.clone();
+                std::thread::spawn(move || {
+                    let mut c = shm_by_key(&key, r, 3, Some(Duration::from_secs(30))).unwrap();
+                    assert_eq!((c.rank(), c.world_size()), (r, 3));
+                    let mut v = vec![r as i64 + 1; 5];
+                    c.all_reduce(&mut v, ReduceOp::Sum).unwrap();
+                    v
+                })
+            })
+            .collect();
+        for h in ranks {
+            assert_eq!(h.join().unwrap(), vec![6i64; 5]);
+        }
+        // The last rank to map the segment unlinked its name.
+        assert!(!segment::named_path(&key).exists());
+    }
+
+    #[test]
+    fn bad_arguments_are_refused() {
+        let e =
+            |r: Result<Box<dyn Communicator>>| r.err().map(|e| e.to_string()).unwrap_or_default();
+        assert!(e(shm_by_key("k", 2, 2, None)).contains("rank 2 out of range for a group of 2"));
+        assert!(e(shm_by_key("a/b", 0, 2, None)).contains("segment key \"a/b\""));
+        assert_eq!(shm_by_key("k", 0, 1, None).unwrap().world_size(), 1);
+    }
+}
