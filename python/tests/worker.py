@@ -247,7 +247,7 @@ def main():
             "PREMUL_SUM": lambda: dist.all_reduce(t, op=dist._make_nccl_premul_sum(2.0)),
             "all_reduce of int16": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int16)),
             "BAND of float32": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
-            "meta device": lambda: dist.all_reduce(torch.ones(4, device="meta")),
+            "wrong output size": lambda: dist.all_gather_into_tensor(torch.empty(3), torch.ones(4)),
         }
         for what, call in calls.items():
             try:
