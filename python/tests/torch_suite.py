@@ -7,7 +7,8 @@ them for gloo. Not collected by the CI's pytest run (no test_ prefix): run it by
 
 and compare the passed/failed/skipped counts. For a backend other than gloo/nccl/ucc the
 suite's feature tables (which tests a backend may run) get the backend added wherever gloo
-is, so the same tests run for both; the tests that need a GPU skip for both on a CPU machine.
+is, so the same tests run for both; the tests that need a GPU skip for both on a CPU machine,
+and those marked `require_backend_is_available({"gloo"})` (gloo-only by name) run for gloo only.
 """
 
 import os
@@ -28,8 +29,8 @@ if BACKEND not in ("gloo", "nccl", "ucc"):
     if BACKEND == "tprun":
         import tprun.torch  # noqa: F401 - registers the backend (the entry point does too)
     DistTestCases.backend_feature["plugin"].add(BACKEND)
-    for feature, backends in DistTestCases.backend_feature.items():
-        if "gloo" in backends and feature not in ("gpu", "cuda"):
+    for backends in DistTestCases.backend_feature.values():
+        if "gloo" in backends:  # GPU tests skip on their own where no GPU is visible
             backends.add(BACKEND)
 
 from torch.testing._internal.distributed.distributed_test import (  # noqa: E402
