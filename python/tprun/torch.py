@@ -245,6 +245,7 @@ class ProcessGroupTprun(_C.Backend):
         self._timeout = timeout
         self._worker = _Worker(name or "world")
         self._batch = None  # (p2p ops, their tensors to keep alive, Future) while coalescing
+        self._seq = 0  # operations issued (TORCH_DISTRIBUTED_DEBUG=DETAIL compares them)
 
     # --- what torch asks of a backend -------------------------------------------------------
     def getBackendName(self):
@@ -280,6 +281,15 @@ class ProcessGroupTprun(_C.Backend):
     def supports_window(self):
         return False
 
+    def _set_sequence_number_for_group(self):
+        self._seq = 0
+
+    def _get_sequence_number_for_group(self):
+        return self._seq
+
+    def _wait_for_pending_works(self):
+        self._worker.submit(lambda: None, [], "").wait()
+
     def __del__(self):
         w = getattr(self, "_worker", None)
         if w is not None:
@@ -294,6 +304,7 @@ class ProcessGroupTprun(_C.Backend):
         (`opts.asyncOp` False: async_op=False) runs here instead when nothing is queued, which
         keeps the issue order and saves the handover to the worker."""
         self._flush()
+        self._seq += 1
         if opts is not None and not opts.asyncOp and self._worker.idle():
             fut = Future()
             try:
@@ -587,6 +598,7 @@ class ProcessGroupTprun(_C.Backend):
         if not 0 <= peer < self._size or peer == self._rank:
             raise RuntimeError(f"tprun backend: {op}: peer {peer} is not another rank of the {self._size}")
         t = tensors[0]
+        self._seq += 1
         x = _dense(t) if is_send else _Out(t)
         entry = (x, peer, is_send)
         if self._batch is not None:
@@ -666,9 +678,22 @@ def _seconds(timeout):
     return float(timeout) if timeout else None
 
 
+# Every backend made, kept alive here: C++ holders (TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper
+# process group) keep only the C++ half of a Python Backend, whose methods then fail with
+# "getBackendName is not implemented" once Python frees its half.
+_LIVE = []
+
+
 def _make(store, rank, size, name, timeout, whole_world):
-    """The backend of group rank `rank` of `size`: tprun's own segment for the whole job under
-    tprun, else a segment named by a key rank 0 put in the group's store."""
+    """The backend of group rank `rank` of `size` (kept alive in _LIVE)."""
+    b = _make_backend(store, rank, size, name, timeout, whole_world)
+    _LIVE.append(b)
+    return b
+
+
+def _make_backend(store, rank, size, name, timeout, whole_world):
+    """tprun's own segment for the whole job under tprun, else a segment named by a key rank 0
+    put in the group's store."""
     secs = _seconds(timeout)
     if whole_world and os.environ.get("TPRUN_SHM_FD"):
         c = native_comm()
