@@ -28,6 +28,7 @@ pub mod hier;
 pub mod hta;
 pub mod identity;
 pub mod local;
+pub mod meet;
 pub mod reduce;
 pub mod shm;
 pub mod stats;
@@ -489,12 +490,7 @@ pub fn join(key: &str, world: usize, rank: usize) -> Result<Box<dyn Communicator
             "rank {rank} out of range for world size {world}"
         )));
     }
-    if world == 1 {
-        return Ok(Box::new(local::SoloComm));
-    }
-    let opts = shm::CommOptions::from_env(world).map_err(|e| CommError::Setup(format!("{e:#}")))?;
-    let (map, lay) = shm::segment::attach_named(key, world, rank, opts.timeout)?;
-    Ok(Box::new(ShmComm::attach(map, lay, rank, opts)?))
+    meet::shm_by_key(key, rank, world, None)
 }
 
 /// Called once by a rank process when its program is done, after its communicator is dropped:

@@ -45,8 +45,9 @@ def reduce_ref(xs, op):
             "max": torch.where(acc > x, acc, x),
             "min": torch.where(acc < x, acc, x),
         }[op]
-    out = acc.to(xs[0].dtype)
-    return out / len(xs) if op == "avg" else out
+    if op == "avg":  # the f32 sum divided once, then rounded (the collectives' Avg)
+        acc = acc / len(xs)
+    return acc.to(xs[0].dtype)
 
 
 def same(got, want, what, everywhere=True):
@@ -106,7 +107,8 @@ def check_numpy_api(comm):
     comm.all_reduce(memoryview(b).cast("f"))
     same(torch.frombuffer(b, dtype=torch.float32).clone(), torch.full((5,), world * (world + 1) / 2), "memoryview")
     for bad, kind in [
-        (lambda: comm.all_reduce(np.zeros(4, np.int32)), TypeError),
+        (lambda: comm.all_reduce(np.zeros(4, np.int16)), TypeError),
+        (lambda: comm.all_reduce(np.zeros(4, np.float32), op="band"), tprun.CommError),
         (lambda: comm.all_reduce(np.zeros((4, 4), np.float32)[:, 0]), ValueError),
         (lambda: comm.all_reduce(bytes(16), dtype="float32"), ValueError),
     ]:
@@ -204,18 +206,35 @@ def main():
         check_torch_api()
     elif MODE.split("-")[0] in ("ddp", "fsdp"):
         train(*MODE.split("-"))
-    elif MODE == "kill":
+    elif MODE.startswith("kill"):
         # The launcher's SIGTERM (it tears the job down) must not end this rank before it reports.
         signal.signal(signal.SIGTERM, signal.SIG_IGN)
         dist.init_process_group("tprun")
+        sub = dist.new_group([0, 1]) if MODE == "kill-sub" else None
+        world = dist.get_world_size()
         dist.barrier()
+        if sub is not None:
+            dist.all_reduce(torch.ones(4), group=sub)  # the group works before the kill
         if rank == 1:
             os.kill(os.getpid(), 9)
         t0 = time.monotonic()
         try:
-            dist.all_reduce(torch.ones(1000))
-            time.sleep(0.5)
-            dist.all_reduce(torch.ones(1000))
+            for _ in range(2):
+                if MODE == "kill":
+                    dist.all_reduce(torch.ones(1000))
+                elif MODE == "kill-p2p":  # rank 0 waits to receive, rank 2 sends more than fits
+                    if rank == 0:
+                        dist.recv(torch.empty(1000), src=1)
+                    else:
+                        dist.send(torch.ones(4 << 20), dst=1)
+                elif MODE == "kill-a2a":
+                    dist.all_to_all_single(torch.empty(world * 1000), torch.ones(world * 1000))
+                elif MODE == "kill-sub":
+                    if rank != 0:
+                        print("CommError after 0 s: not in the sub-group", flush=True)
+                        sys.exit(3)
+                    dist.all_reduce(torch.ones(1000), group=sub)
+                time.sleep(0.5)
         except tprun.CommError as e:
             print(f"CommError after {time.monotonic() - t0:.2f} s: {e}", flush=True)
             sys.exit(3)
@@ -224,12 +243,11 @@ def main():
         dist.init_process_group("tprun")
         t = torch.ones(4)
         calls = {
-            "send": lambda: dist.send(t, dst=(rank + 1) % 2),
-            "recv": lambda: dist.recv(t, src=(rank + 1) % 2),
-            "scatter": lambda: dist.scatter(t, [t, t] if rank == 0 else None, src=0),
-            "all_reduce of int64": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int64)),
-            "BAND": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
-            "meta device": lambda: dist.all_reduce(torch.ones(4, device="meta")),
+            "recv from any source": lambda: dist.recv(t),
+            "PREMUL_SUM": lambda: dist.all_reduce(t, op=dist._make_nccl_premul_sum(2.0)),
+            "all_reduce of int16": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int16)),
+            "BAND of float32": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
+            "wrong output size": lambda: dist.all_gather_into_tensor(torch.empty(3), torch.ones(4)),
         }
         for what, call in calls.items():
             try:

@@ -1,221 +1,726 @@
-"""torch.distributed backend "tprun" for CPU tensors: `import tprun.torch`, then
-`dist.init_process_group("tprun")` in a rank started by `tprun -n N` or `torchrun`.
+"""torch.distributed backend "tprun" for CPU tensors: `import tprun.torch` (or let torch load it
+from the `torch.distributed.backends` entry point), then `dist.init_process_group("tprun")`.
 
-It is a Python `dist.ProcessGroup` subclass registered with `dist.Backend.register_backend`
-(torch's extension point for Python process groups, as in torch's test_c10d_pypg.py), so there is
-no C++ ABI tie to libtorch. Every call runs synchronously on the calling thread and returns a
-completed Work; a failed peer raises tprun.CommError naming the rank and the operation.
+The ranks may be started by tprun, torchrun or torch.multiprocessing.spawn (init_method env://,
+tcp://, file://): every group meets through the c10d Store torch hands its backend. Rank 0 of
+the group puts a fresh segment name in the store, the members map that shared-memory segment
+(`NativeComm.from_key`). Under tprun the world group uses the segment tprun made instead, so
+tprun's statistics, trace and failure reports see it.
+
+The backend is a `torch._C._distributed_c10d.Backend` subclass registered with
+`extended_api=True`, the route torch's own gloo takes: torch wraps it in a ProcessGroup and sets
+its name, so DeviceMesh, DTensor, FSDP2, functional collectives and DCP find it. Every operation
+goes to the group's own worker thread in issue order and returns a Work made from a Future at
+once: `async_op=True` overlaps with the caller (the collective runs without the GIL), `wait()`
+blocks, and a failure surfaces at `wait()` naming the op, the rank and the group.
+
+Tensors: every dtype moves (the ones the collectives lack move as bytes); reductions take f32,
+bf16, f16, f64, uint8, int8, int32, int64 and bool (as uint8; sum/max are "or", product/min
+"and"); non-contiguous tensors go through a contiguous copy.
 """
+
+import os
+import queue
+import threading
+import uuid
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch.futures import Future
 
 from . import CommError, native_comm
+from ._native import NativeComm
 
-__all__ = ["CommError", "ProcessGroupTprun"]
+__all__ = ["CommError", "ProcessGroupTprun", "register"]
 
-_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2, torch.uint8: 3, torch.int32: 4, torch.int64: 6}
-# (op code, then divide by the world size): AVG is the sum, divided.
-_SUM = dist.ReduceOp.SUM
-_OPS = {
-    dist.ReduceOp.SUM: (0, False),
-    dist.ReduceOp.AVG: (0, True),
-    dist.ReduceOp.MAX: (1, False),
-    dist.ReduceOp.MIN: (2, False),
-    dist.ReduceOp.PRODUCT: (3, False),
+_C = torch._C._distributed_c10d
+
+# torch dtype -> the collectives' DType name (DType::parse). Others move as bytes.
+_DTYPES = {
+    torch.float32: "f32",
+    torch.bfloat16: "bf16",
+    torch.float16: "f16",
+    torch.float64: "f64",
+    torch.uint8: "u8",
+    torch.int8: "i8",
+    torch.int32: "i32",
+    torch.int64: "i64",
+    torch.bool: "u8",
 }
+for _name, _code in (("uint32", "u32"), ("uint64", "u64")):
+    if hasattr(torch, _name):
+        _DTYPES[getattr(torch, _name)] = _code
+
+_R = dist.ReduceOp.RedOpType
+# ReduceOp -> the collectives' ReduceOp name (ReduceOp::parse).
+_REDOPS = {
+    _R.SUM: "sum",
+    _R.AVG: "avg",
+    _R.PRODUCT: "prod",
+    _R.MIN: "min",
+    _R.MAX: "max",
+    _R.BAND: "band",
+    _R.BOR: "bor",
+    _R.BXOR: "bxor",
+}
+# bool reductions are logical: sum/max = any, product/min = all (gloo's bool arithmetic).
+_BOOL_REDOPS = {"sum": "bor", "max": "bor", "bor": "bor", "prod": "band", "min": "band", "band": "band", "bxor": "bxor"}
+_KEY = "tprun/shm_key"
 
 
-def _comm(rank, size):
-    c = native_comm()
-    if (c.rank, c.world_size) != (rank, size):
+def _redop(op, opts, t):
+    r = opts.reduceOp
+    kind = getattr(r, "op", r)
+    name = _REDOPS.get(kind)
+    if name is None:
+        if kind == _R.PREMUL_SUM:
+            raise RuntimeError(
+                f"tprun backend: {op}: ReduceOp.PREMUL_SUM's factor is not readable from Python "
+                "(torch keeps it in C++); use the native Communicator's redop='premulsum'"
+            )
+        raise RuntimeError(f"tprun backend: {op} does not support {r}")
+    if t.dtype == torch.bool:
+        if name not in _BOOL_REDOPS:
+            raise RuntimeError(f"tprun backend: {op} cannot reduce bool with {name}")
+        name = _BOOL_REDOPS[name]
+    return name
+
+
+def _check(op, *tensors):
+    for t in tensors:
+        if t.device.type != "cpu":
+            raise RuntimeError(f"tprun backend: {op} got a {t.device.type} tensor; only CPU tensors are supported")
+        if t.is_sparse:
+            raise RuntimeError(f"tprun backend: {op} got a sparse tensor; only dense tensors are supported")
+
+
+def _dtype(op, t, reduce):
+    """(DType name, elements per tensor element): unknown dtypes move as bytes."""
+    name = _DTYPES.get(t.dtype)
+    if name is not None:
+        return name, 1
+    if reduce:
         raise RuntimeError(
-            f"tprun backend: process groups must span the whole job (rank {c.rank} of "
-            f"{c.world_size}); a subgroup (rank {rank} of {size}) is not supported"
+            f"tprun backend: {op} cannot reduce {t.dtype} (float32, bfloat16, float16, float64, "
+            "uint8, int8, int32, int64, bool)"
         )
-    return c
+    return "u8", t.element_size()
 
 
-def _done(result):
-    return _Work(result)
+def _buf(t):
+    return (t.data_ptr(), t.numel() * t.element_size()) if t.numel() else (0, 0)
+
+
+def _dense(t):
+    """A contiguous tensor holding t's values (t itself when already contiguous)."""
+    return t if t.is_contiguous() else t.contiguous()
+
+
+class _Out:
+    """A contiguous stand-in for an output tensor, copied back after the op if it was not t."""
+
+    def __init__(self, t):
+        self.t = t
+        self.c = _dense(t)
+
+    def done(self):
+        if self.c is not self.t:
+            self.t.copy_(self.c)
+
+
+class _Worker:
+    """One group's background thread: runs the group's operations in issue order."""
+
+    def __init__(self, name):
+        self._q = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._t = threading.Thread(target=self._loop, name=f"tprun-{name}", daemon=True)
+        self._t.start()
+
+    def submit(self, fn, result, what):
+        fut = Future()
+        with self._lock:
+            self._pending += 1
+        self._q.put((fn, result, fut, what))
+        return fut
+
+    def idle(self):
+        """Nothing queued or running."""
+        return self._pending == 0
+
+    def stop(self):
+        self._q.put(None)
+
+    def _loop(self):
+        while True:
+            item = self._q.get()
+            if item is None:
+                return
+            fn, result, fut, what = item
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - every failure belongs to the Work
+                err = _error(e, what)
+            else:
+                err = None
+            with self._lock:
+                self._pending -= 1
+            if err is None:
+                fut.set_result(result)
+            else:
+                fut.set_exception(err)
+
+
+def _error(e, what):
+    """The exception wait() raises: CommError stays CommError; the message names the op, rank
+    and group first."""
+    return (CommError if isinstance(e, CommError) else RuntimeError)(f"{what}: {e}")
 
 
 class _Work(dist._Work):
-    """A finished collective (the calls are synchronous); its Future is made only if asked for."""
+    """A Work over the Future the group's worker completes. A Python subclass (rather than
+    `_create_work_from_future`, whose wait() drops the Future's error) so that wait() raises the
+    failure, naming the op and the rank, and honours its timeout."""
 
-    def __init__(self, result):
+    def __init__(self, fut):
         super().__init__()
-        self._result = result
+        self._fut = fut
+        self._done = threading.Event()
+        if fut.done():
+            self._done.set()
+        else:
+            fut.add_done_callback(lambda _: self._done.set())
 
     def wait(self, timeout=None):
+        secs = _seconds(timeout)
+        if secs and not self._done.wait(secs):
+            raise RuntimeError(f"tprun backend: Work.wait timed out after {secs} s")
+        self._fut.wait()
         return True
 
     def is_completed(self):
-        return True
+        return self._fut.done()
 
     def is_success(self):
-        return True
+        return self._fut.done() and self.exception() is None
+
+    def exception(self):
+        if not self._fut.done():
+            return None
+        try:
+            self._fut.value()
+        except Exception as e:  # noqa: BLE001 - the failure is what is asked for
+            return e
+        return None
+
+    def result(self):
+        return self._fut.value()
 
     def get_future(self):
-        fut = Future()
-        fut.set_result(self._result)
-        return fut
+        return self._fut
+
+    def synchronize(self):
+        pass
 
 
-def _check(op, t):
-    if t.device.type != "cpu":
-        raise RuntimeError(f"tprun backend: {op} got a {t.device.type} tensor; only CPU tensors are supported")
-    if not t.is_contiguous():
-        raise RuntimeError(f"tprun backend: {op} needs contiguous tensors")
+def _work(fut):
+    return _Work(fut)
 
 
-def _code(op, t, reduce):
-    code = _CODES.get(t.dtype)
-    if reduce and (code is None or code > 2):
-        raise RuntimeError(f"tprun backend: {op} cannot reduce {t.dtype} (float32, bfloat16 or float16)")
-    return 3 if code is None else code  # gather and broadcast move any dtype as bytes
+class ProcessGroupTprun(_C.Backend):
+    """One rank's backend on one group (group-local rank and size, as torch passes them)."""
 
-
-def _nbytes(t):
-    return t.numel() * t.element_size()
-
-
-def _unsupported(name):
-    def call(self, *args, **kwargs):
-        raise RuntimeError(
-            f"tprun backend: {name} is not supported (supported: all_reduce, all_gather, "
-            "all_gather_into_tensor, reduce_scatter_tensor, broadcast, barrier)"
-        )
-
-    call.__name__ = name
-    return call
-
-
-class ProcessGroupTprun(dist.ProcessGroup):
-    def __init__(self, store, rank, size, timeout=None):
+    def __init__(self, native, rank, size, name="", timeout=None):
         super().__init__(rank, size)
-        self._c = _comm(rank, size)
-        self._world = size
+        if (native.rank, native.world_size) != (rank, size):
+            raise RuntimeError(
+                f"tprun backend: group {name!r} is rank {rank} of {size} for torch but rank "
+                f"{native.rank} of {native.world_size} in the shared-memory segment"
+            )
+        self._c = native
+        self._rank, self._size = rank, size
+        self._name = name
+        self._timeout = timeout
+        self._worker = _Worker(name or "world")
+        self._batch = None  # (p2p ops, their tensors to keep alive, Future) while coalescing
+        self._seq = 0  # operations issued (TORCH_DISTRIBUTED_DEBUG=DETAIL compares them)
 
+    # --- what torch asks of a backend -------------------------------------------------------
     def getBackendName(self):
         return "tprun"
 
-    def _reduce_op(self, op, opts):
-        r = opts.reduceOp
-        if r == _SUM:  # the common case, cheapest test first
-            return 0, False
-        code = _OPS.get(getattr(r, "op", r))  # ReduceOp wraps a RedOpType (hashable) since torch 1.13
-        if code is not None:
-            return code
-        name = getattr(getattr(r, "op", r), "name", r)
-        raise RuntimeError(f"tprun backend: {op} does not support ReduceOp.{name} (sum, avg, max, min, product)")
+    @property
+    def options(self):
+        # Without it torch's getBackendOptions() (split_group) recurses through the base class.
+        t = self._timeout if isinstance(self._timeout, timedelta) else timedelta(seconds=_seconds(self._timeout) or 1800)
+        return _C.Backend.Options("tprun", t)
 
-    def _all_reduce(self, t, code, avg):
-        _check("all_reduce", t)
-        self._c.all_reduce(t.data_ptr(), _nbytes(t), _code("all_reduce", t, True), code)
-        if avg:
-            t.div_(self._world)
+    @property
+    def supports_splitting(self):
+        return True
 
+    @property
+    def supports_coalescing(self):
+        return True
+
+    @property
+    def _supports_time_estimate(self):
+        return False
+
+    @property
+    def supports_shrinking(self):
+        return False
+
+    @property
+    def supports_reconfigure(self):
+        return False
+
+    @property
+    def supports_window(self):
+        return False
+
+    def _set_sequence_number_for_group(self):
+        self._seq = 0
+
+    def _get_sequence_number_for_group(self):
+        return self._seq
+
+    def _wait_for_pending_works(self):
+        self._worker.submit(lambda: None, [], "").wait()
+
+    def __del__(self):
+        w = getattr(self, "_worker", None)
+        if w is not None:
+            w.stop()
+
+    # --- the worker ---------------------------------------------------------------------------
+    def _what(self, op):
+        return f"tprun backend: {op} on rank {self._rank} of group {self._name or 'world'} ({self._size} ranks)"
+
+    def _submit(self, op, fn, result, opts=None):
+        """Runs fn on the group's worker and returns its Work; a call torch will wait for at once
+        (`opts.asyncOp` False: async_op=False) runs here instead when nothing is queued, which
+        keeps the issue order and saves the handover to the worker."""
+        self._flush()
+        self._seq += 1
+        if opts is not None and not opts.asyncOp and self._worker.idle():
+            fut = Future()
+            try:
+                fn()
+            except BaseException as e:  # noqa: BLE001 - raised by wait(), as from the worker
+                fut.set_exception(_error(e, self._what(op)))
+            else:
+                fut.set_result(result)
+            return _work(fut)
+        return _work(self._worker.submit(fn, result, self._what(op)))
+
+    def _run(self, op, dtype, bufs, **kw):
+        self._c.run(op, dtype, bufs, **kw)
+
+    # --- collectives --------------------------------------------------------------------------
     def allreduce(self, tensors, opts=None):
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
-        code, avg = self._reduce_op("all_reduce", opts or dist.AllreduceOptions())
-        for t in tensors:
-            self._all_reduce(t, code, avg)
-        return _done(tensors)
+        opts = opts or dist.AllreduceOptions()
+        _check("all_reduce", *tensors)
+        plan = [(_Out(t), _dtype("all_reduce", t, True)[0], _redop("all_reduce", opts, t)) for t in tensors]
+
+        def fn():
+            for o, dt, rop in plan:
+                self._run("all_reduce", dt, [_buf(o.c)], redop=rop)
+                o.done()
+
+        return self._submit("all_reduce", fn, tensors, opts)
 
     def allreduce_coalesced(self, tensors, opts=None):
         return self.allreduce(tensors, opts)
-
-    def all_gather_single(self, output, input, opts=None):
-        _check("all_gather_into_tensor", input)
-        _check("all_gather_into_tensor", output)
-        if output.dtype != input.dtype:
-            raise RuntimeError("tprun backend: all_gather_into_tensor needs output and input of one dtype")
-        self._c.all_gather(
-            input.data_ptr(), _nbytes(input), output.data_ptr(), _nbytes(output), _code("all_gather", input, False)
-        )
-        return _done([output])
-
-    _allgather_base = all_gather_single
-
-    def allgather_into_tensor_coalesced(self, outputs, inputs, opts=None):
-        for o, i in zip(outputs, inputs):
-            self.all_gather_single(o, i, opts)
-        return _done(outputs)
-
-    def allgather(self, output_lists, inputs, opts=None):
-        for outs, i in zip(output_lists, inputs):
-            _check("all_gather", i)
-            flat = torch.empty((self._world,) + tuple(i.shape), dtype=i.dtype)
-            self.all_gather_single(flat, i.contiguous())
-            for r, o in enumerate(outs):
-                o.copy_(flat[r])
-        return _done(output_lists)
-
-    def reduce_scatter_single(self, output, input, opts=None):
-        _check("reduce_scatter_tensor", input)
-        _check("reduce_scatter_tensor", output)
-        code, avg = self._reduce_op("reduce_scatter_tensor", opts or dist.ReduceScatterOptions())
-        self._c.reduce_scatter(
-            input.data_ptr(),
-            _nbytes(input),
-            output.data_ptr(),
-            _nbytes(output),
-            _code("reduce_scatter_tensor", input, True),
-            code,
-        )
-        if avg:
-            output.div_(self._world)
-        return _done([output])
-
-    _reduce_scatter_base = reduce_scatter_single
-
-    def reduce_scatter_tensor_coalesced(self, outputs, inputs, opts=None):
-        for o, i in zip(outputs, inputs):
-            self.reduce_scatter_single(o, i, opts)
-        return _done(outputs)
-
-    def reduce_scatter(self, outputs, input_lists, opts=None):
-        for o, ins in zip(outputs, input_lists):
-            self.reduce_scatter_single(o, torch.cat([t.reshape(-1) for t in ins]), opts)
-        return _done(outputs)
 
     def broadcast(self, tensors, opts=None):
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
         root = opts.rootRank if opts is not None else 0
-        for t in tensors:
-            _check("broadcast", t)
-            self._c.broadcast(t.data_ptr(), _nbytes(t), root)
-        return _done(tensors)
+        _check("broadcast", *tensors)
+        outs = [_Out(t) for t in tensors]
+
+        def fn():
+            for o in outs:
+                self._run("broadcast", _dtype("broadcast", o.c, False)[0], [_buf(o.c)], root=root)
+                o.done()
+
+        return self._submit("broadcast", fn, tensors, opts)
+
+    def reduce(self, tensors, opts=None):
+        opts = opts or dist.ReduceOptions()
+        _check("reduce", *tensors)
+        plan = [(_Out(t), _dtype("reduce", t, True)[0], _redop("reduce", opts, t)) for t in tensors]
+
+        def fn():
+            for o, dt, rop in plan:
+                self._run("reduce", dt, [_buf(o.c)], redop=rop, root=opts.rootRank)
+                o.done()
+
+        return self._submit("reduce", fn, tensors, opts)
+
+    def _all_gather_into(self, out, inp):
+        """out (contiguous, size x inp) = every rank's inp in rank order."""
+        dt, _ = _dtype("all_gather", inp, False)
+        self._run("all_gather", dt, [_buf(inp), _buf(out)])
+
+    def all_gather_single(self, output, input, opts=None):
+        _check("all_gather_into_tensor", output, input)
+        if output.dtype != input.dtype:
+            raise RuntimeError(
+                f"tprun backend: all_gather_into_tensor: output is {output.dtype} but input is {input.dtype}"
+            )
+        if output.numel() != input.numel() * self._size:
+            raise RuntimeError(
+                f"tprun backend: all_gather_into_tensor: output has {output.numel()} elements, "
+                f"expected {self._size} x {input.numel()}"
+            )
+        o, i = _Out(output), _dense(input)
+
+        def fn():
+            self._all_gather_into(o.c, i)
+            o.done()
+
+        return self._submit("all_gather_into_tensor", fn, [output], opts)
+
+    _allgather_base = all_gather_single
+
+    def all_gather_single_coalesced(self, outputs, inputs, opts=None):
+        _check("all_gather_into_tensor_coalesced", *outputs, *inputs)
+        plan = [(_Out(o), _dense(i)) for o, i in zip(outputs, inputs)]
+
+        def fn():
+            for o, i in plan:
+                self._all_gather_into(o.c, i)
+                o.done()
+
+        return self._submit("all_gather_into_tensor_coalesced", fn, outputs, opts)
+
+    def allgather(self, output_lists, inputs, opts=None):
+        _check("all_gather", *inputs, *[t for outs in output_lists for t in outs])
+        for outs in output_lists:
+            if len(outs) != self._size:
+                raise RuntimeError(f"tprun backend: all_gather: {len(outs)} output tensors for {self._size} ranks")
+        plan = [(list(outs), _dense(i)) for outs, i in zip(output_lists, inputs)]
+
+        def fn():
+            for outs, i in plan:
+                # Uneven sizes (all_gather of differently shaped tensors) pad to the largest.
+                most = max(o.numel() for o in outs)
+                src = i.reshape(-1)
+                if src.numel() != most:
+                    src = torch.cat([src, src.new_zeros(most - src.numel())])
+                flat = torch.empty(self._size * most, dtype=i.dtype)
+                self._all_gather_into(flat, src)
+                for r, o in enumerate(outs):
+                    o.copy_(flat[r * most : r * most + o.numel()].view(o.shape))
+
+        return self._submit("all_gather", fn, [t for outs in output_lists for t in outs], opts)
+
+    def allgather_coalesced(self, output_lists, inputs, opts=None):
+        # output_lists[r] holds rank r's copy of every input.
+        _check("all_gather_coalesced", *inputs)
+        flat_in = [_dense(i).reshape(-1) for i in inputs]
+        sizes = [t.numel() for t in flat_in]
+
+        def fn():
+            if len({t.dtype for t in flat_in}) > 1:
+                raise RuntimeError("all_gather_coalesced needs inputs of one dtype")
+            src = torch.cat(flat_in) if flat_in else torch.empty(0)
+            flat = torch.empty(self._size * src.numel(), dtype=src.dtype)
+            self._all_gather_into(flat, src)
+            for r, outs in enumerate(output_lists):
+                chunk = flat[r * src.numel() : (r + 1) * src.numel()]
+                for o, piece in zip(outs, chunk.split(sizes)):
+                    o.copy_(piece.view(o.shape))
+
+        return self._submit("all_gather_coalesced", fn, [t for outs in output_lists for t in outs], opts)
+
+    def _reduce_scatter_into(self, out, inp, rop):
+        dt, _ = _dtype("reduce_scatter", inp, True)
+        self._run("reduce_scatter", dt, [_buf(inp), _buf(out)], redop=rop)
+
+    def reduce_scatter_single(self, output, input, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        _check("reduce_scatter_tensor", output, input)
+        if input.numel() != output.numel() * self._size:
+            raise RuntimeError(
+                f"tprun backend: reduce_scatter_tensor: input has {input.numel()} elements, "
+                f"expected {self._size} x {output.numel()}"
+            )
+        rop = _redop("reduce_scatter_tensor", opts, input)
+        o, i = _Out(output), _dense(input)
+
+        def fn():
+            self._reduce_scatter_into(o.c, i, rop)
+            o.done()
+
+        return self._submit("reduce_scatter_tensor", fn, [output], opts)
+
+    _reduce_scatter_base = reduce_scatter_single
+
+    def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        _check("reduce_scatter_tensor_coalesced", *outputs, *inputs)
+        plan = [(_Out(o), _dense(i), _redop("reduce_scatter_tensor", opts, i)) for o, i in zip(outputs, inputs)]
+
+        def fn():
+            for o, i, rop in plan:
+                self._reduce_scatter_into(o.c, i, rop)
+                o.done()
+
+        return self._submit("reduce_scatter_tensor_coalesced", fn, outputs, opts)
+
+    def reduce_scatter(self, outputs, input_lists, opts=None):
+        opts = opts or dist.ReduceScatterOptions()
+        _check("reduce_scatter", *outputs, *[t for ins in input_lists for t in ins])
+        plan = []
+        for o, ins in zip(outputs, input_lists):
+            if len(ins) != self._size or any(t.numel() != o.numel() for t in ins):
+                raise RuntimeError(
+                    f"tprun backend: reduce_scatter: needs {self._size} inputs of the output's "
+                    f"{o.numel()} elements"
+                )
+            plan.append((_Out(o), ins, _redop("reduce_scatter", opts, o)))
+
+        def fn():
+            for o, ins, rop in plan:
+                self._reduce_scatter_into(o.c, torch.cat([t.reshape(-1) for t in ins]), rop)
+                o.done()
+
+        return self._submit("reduce_scatter", fn, outputs, opts)
+
+    def gather(self, output_lists, inputs, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        _check("gather", *inputs)
+        i = _dense(inputs[0])
+        outs = output_lists[0] if self._rank == root else []
+        if self._rank == root and len(outs) != self._size:
+            raise RuntimeError(f"tprun backend: gather: {len(outs)} output tensors at the root for {self._size} ranks")
+
+        def fn():
+            dt, _ = _dtype("gather", i, False)
+            flat = torch.empty(self._size * i.numel() if self._rank == root else 0, dtype=i.dtype)
+            self._run("gather", dt, [_buf(i), _buf(flat)], root=root)
+            for r, o in enumerate(outs):
+                o.copy_(flat[r * i.numel() : (r + 1) * i.numel()].view(o.shape))
+
+        return self._submit("gather", fn, list(outs), opts)
+
+    def scatter(self, outputs, input_lists, opts=None):
+        root = opts.rootRank if opts is not None else 0
+        _check("scatter", *outputs)
+        o = _Out(outputs[0])
+        ins = input_lists[0] if self._rank == root else []
+        if self._rank == root and len(ins) != self._size:
+            raise RuntimeError(f"tprun backend: scatter: {len(ins)} input tensors at the root for {self._size} ranks")
+
+        def fn():
+            dt, _ = _dtype("scatter", o.c, False)
+            flat = torch.cat([t.reshape(-1) for t in ins]) if ins else o.c.new_empty(0)
+            self._run("scatter", dt, [_buf(flat), _buf(o.c)], root=root)
+            o.done()
+
+        return self._submit("scatter", fn, outputs, opts)
+
+    def _all_to_allv(self, out, inp, send, recv):
+        """Packed all-to-all: send[p] elements of inp to rank p, recv[p] into out from p."""
+        dt, scale = _dtype("all_to_all", inp, False)
+        self._run(
+            "all_to_allv",
+            dt,
+            [_buf(inp), _buf(out)],
+            send_counts=[c * scale for c in send],
+            recv_counts=[c * scale for c in recv],
+        )
+
+    def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
+        _check("all_to_all_single", output, input)
+        n = self._size
+
+        def counts(t, splits, what):
+            rows = t.shape[0] if t.dim() else 1
+            per_row = t.numel() // rows if rows else 0
+            if not splits:
+                if rows % n:
+                    raise RuntimeError(
+                        f"tprun backend: all_to_all_single: the {what} has {rows} rows, not a multiple of {n} ranks"
+                    )
+                return [rows // n * per_row] * n
+            if len(splits) != n or sum(splits) != rows:
+                raise RuntimeError(
+                    f"tprun backend: all_to_all_single: {what} splits {list(splits)} do not cut {rows} rows into {n}"
+                )
+            return [s * per_row for s in splits]
+
+        send = counts(input, input_split_sizes, "input")
+        recv = counts(output, output_split_sizes, "output")
+        o, i = _Out(output), _dense(input)
+
+        def fn():
+            self._all_to_allv(o.c, i, send, recv)
+            o.done()
+
+        return self._submit("all_to_all_single", fn, [output], opts)
+
+    alltoall_base = all_to_all_single
+
+    def alltoall(self, outputs, inputs, opts=None):
+        _check("all_to_all", *outputs, *inputs)
+        if len(outputs) != self._size or len(inputs) != self._size:
+            raise RuntimeError(f"tprun backend: all_to_all: needs {self._size} inputs and outputs")
+
+        def fn():
+            src = torch.cat([t.reshape(-1) for t in inputs])
+            dst = torch.empty(sum(t.numel() for t in outputs), dtype=src.dtype)
+            self._all_to_allv(dst, src, [t.numel() for t in inputs], [t.numel() for t in outputs])
+            for o, piece in zip(outputs, dst.split([t.numel() for t in outputs])):
+                o.copy_(piece.view(o.shape))
+
+        return self._submit("all_to_all", fn, outputs, opts)
 
     def barrier(self, opts=None):
-        self._c.barrier()
-        return _done([])
+        return self._submit("barrier", lambda: self._run("barrier", "u8", []), [], opts)
 
-    send = _unsupported("send")
-    recv = _unsupported("recv")
-    recv_anysource = _unsupported("recv_anysource")
-    gather = _unsupported("gather")
-    gather_single = _unsupported("gather_single")
-    gather_into_tensor = _unsupported("gather_into_tensor")
-    scatter = _unsupported("scatter")
-    reduce = _unsupported("reduce")
-    alltoall = _unsupported("alltoall")
-    alltoall_base = _unsupported("alltoall_base")
-    all_to_all_single = _unsupported("all_to_all_single")
-    monitored_barrier = _unsupported("monitored_barrier")
-    allgather_coalesced = _unsupported("allgather_coalesced")
+    def monitored_barrier(self, opts=None, wait_all_ranks=False):
+        # Our barrier already names a rank that died or timed out; waiting here is the point.
+        self.barrier(opts).wait()
+
+    # --- point to point -----------------------------------------------------------------------
+    def _p2p(self, op, tensors, peer, is_send):
+        if len(tensors) != 1:
+            raise RuntimeError(f"tprun backend: {op} takes one tensor, got {len(tensors)}")
+        _check(op, *tensors)
+        if not 0 <= peer < self._size or peer == self._rank:
+            raise RuntimeError(f"tprun backend: {op}: peer {peer} is not another rank of the {self._size}")
+        t = tensors[0]
+        self._seq += 1
+        x = _dense(t) if is_send else _Out(t)
+        entry = (x, peer, is_send)
+        if self._batch is not None:
+            self._batch[0].append(entry)
+            return _work(self._batch[1])
+        return self._submit(op, lambda: self._send_recv([entry]), tensors)
+
+    def _send_recv(self, entries):
+        """One grouped call of the entries (tensor or _Out, peer, is_send)."""
+        bufs, peers, sends, dts = [], [], [], set()
+        for x, peer, is_send in entries:
+            c = x if is_send else x.c
+            dt, scale = _dtype("send_recv", c, False)
+            dts.add((dt, scale))
+            bufs.append(_buf(c))
+            peers.append(peer)
+            sends.append(is_send)
+        # The dtype only tags the transfer for statistics; mixed batches are counted as bytes.
+        dt = next(iter(dts))[0] if len(dts) == 1 else "u8"
+        self._run("send_recv", dt, bufs, peers=peers, sends=sends)
+        for x, _, is_send in entries:
+            if not is_send:
+                x.done()
+
+    def send(self, tensors, dstRank, tag=0):
+        return self._p2p("send", tensors, dstRank, True)
+
+    def recv(self, tensors, srcRank, tag=0):
+        return self._p2p("recv", tensors, srcRank, False)
+
+    def recv_anysource(self, tensors, tag=0):
+        raise RuntimeError("tprun backend: recv from any source is not supported; name the source rank")
+
+    def start_coalescing(self):
+        if self._batch is not None:
+            raise RuntimeError("tprun backend: start_coalescing while already coalescing")
+        self._batch = ([], Future())
+
+    def end_coalescing(self):
+        if self._batch is None:
+            raise RuntimeError("tprun backend: end_coalescing without start_coalescing")
+        entries, outer = self._batch
+        self._batch = None
+        tensors = [e[0] if e[2] else e[0].t for e in entries]
+        inner = self._worker.submit(lambda: self._send_recv(entries), tensors, self._what("batch_isend_irecv"))
+
+        def chain(f):
+            try:
+                outer.set_result(f.value())
+            except BaseException as e:  # noqa: BLE001
+                outer.set_exception(e)
+
+        inner.add_done_callback(chain)
+        return _work(inner)
+
+    def _flush(self):
+        """A collective issued while coalescing: the p2p ops batched so far go first."""
+        if self._batch is not None and self._batch[0]:
+            entries, outer = self._batch
+            self._batch = ([], outer)
+            self._worker.submit(lambda: self._send_recv(entries), [], self._what("batch_isend_irecv"))
+
+    # --- groups -------------------------------------------------------------------------------
+    def split(self, store, ranks, opts):
+        """split_group: the members of `ranks` (global ranks) meet through `store`."""
+        me = dist.get_rank()
+        if me not in ranks:
+            return None
+        ranks = list(ranks)
+        timeout = getattr(opts, "timeout", None) or self._timeout
+        return _make(store, ranks.index(me), len(ranks), getattr(opts, "group_name", ""), timeout, False)
 
 
-def _create(store, rank, size, timeout):
-    return ProcessGroupTprun(store, rank, size, timeout)
+def _seconds(timeout):
+    if isinstance(timeout, timedelta):
+        return timeout.total_seconds()
+    return float(timeout) if timeout else None
 
 
-if "tprun" not in dist.Backend.backend_list:
-    try:
-        dist.Backend.register_backend("tprun", _create, devices=["cpu"])
-    except TypeError:  # torch < 2.1: no devices argument
-        dist.Backend.register_backend("tprun", _create)
+# Every backend made, kept alive here: C++ holders (TORCH_DISTRIBUTED_DEBUG=DETAIL's wrapper
+# process group) keep only the C++ half of a Python Backend, whose methods then fail with
+# "getBackendName is not implemented" once Python frees its half.
+_LIVE = []
+
+
+def _make(store, rank, size, name, timeout, whole_world):
+    """The backend of group rank `rank` of `size` (kept alive in _LIVE)."""
+    b = _make_backend(store, rank, size, name, timeout, whole_world)
+    _LIVE.append(b)
+    return b
+
+
+def _make_backend(store, rank, size, name, timeout, whole_world):
+    """tprun's own segment for the whole job under tprun, else a segment named by a key rank 0
+    put in the group's store."""
+    secs = _seconds(timeout)
+    if whole_world and os.environ.get("TPRUN_SHM_FD"):
+        c = native_comm()
+        if (c.rank, c.world_size) == (rank, size):
+            return ProcessGroupTprun(c, rank, size, name, timeout)
+    if size == 1:
+        return ProcessGroupTprun(NativeComm.from_key("solo", 0, 1), rank, size, name, timeout)
+    if rank == 0:
+        key = f"pg-{os.getpid()}-{uuid.uuid4().hex[:16]}"
+        store.set(_KEY, key)
+    else:
+        key = store.get(_KEY).decode()
+    native = NativeComm.from_key(key, rank, size, timeout_s=secs)
+    return ProcessGroupTprun(native, rank, size, name, timeout)
+
+
+def _create(opts, backend_options=None):
+    # The default group's global_ranks_in_group is empty; a new_group over every rank is a
+    # group of its own (its collectives interleave with the default group's in any order).
+    whole = not list(opts.global_ranks_in_group)
+    return _make(opts.store, opts.group_rank, opts.group_size, opts.group_id, opts.timeout, whole)
+
+
+def register():
+    """Registers backend "tprun" for CPU tensors (the `torch.distributed.backends` entry point)."""
+    if "tprun" not in dist.Backend.backend_list:
+        dist.Backend.register_backend("tprun", _create, extended_api=True, devices=["cpu"])
+
+
+register()
