@@ -183,6 +183,18 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllGather, Some(dtype), None, 0, ib);
+        if self.use_direct(ib)? {
+            let (s, h) = self.begin_step(&desc)?;
+            self.lend(h, input.as_ptr());
+            self.publish();
+            for k in 1..self.world {
+                let p = (me + k) % self.world;
+                self.wait_seq(p, (s + 1) as u32)?;
+                self.check_hdr(p, h, s, &desc)?;
+                self.read_lent(p, h, 0, &mut output[p * ib..(p + 1) * ib])?;
+            }
+            return self.direct_done(&desc, true);
+        }
         let mut c0 = 0;
         while c0 < ib {
             let m = self.lay.slot.min(ib - c0);
@@ -295,6 +307,19 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Broadcast, None, None, root, buf.len());
+        if self.use_direct(buf.len())? {
+            let (s, h) = self.begin_step(&desc)?;
+            if self.rank == root {
+                self.lend(h, buf.as_ptr());
+                self.publish();
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                self.read_lent(root, h, 0, buf)?;
+            }
+            return self.direct_done(&desc, self.rank == root);
+        }
         let n = buf.len();
         let mut c0 = 0;
         while c0 < n {
@@ -459,6 +484,20 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Gather, Some(dtype), None, root, ib);
+        if self.use_direct(ib)? {
+            // Every peer writes its piece into the root's output, in parallel.
+            let (s, h) = self.begin_step(&desc)?;
+            if me == root {
+                self.lend(h, output.as_ptr());
+                self.publish();
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                self.write_lent(root, h, me * ib, input)?;
+            }
+            return self.direct_done(&desc, me == root);
+        }
         let mut c0 = 0;
         while c0 < ib {
             let m = self.lay.slot.min(ib - c0);
@@ -505,6 +544,19 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Scatter, Some(dtype), None, root, ob);
+        if self.use_direct(ob)? {
+            let (s, h) = self.begin_step(&desc)?;
+            if me == root {
+                self.lend(h, input.as_ptr());
+                self.publish();
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                self.read_lent(root, h, me * ob, output)?;
+            }
+            return self.direct_done(&desc, me == root);
+        }
         let piece = (self.lay.slot / self.world / 64 * 64).max(1);
         let mut c0 = 0;
         while c0 < ob {
@@ -566,6 +618,18 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllToAll, Some(dtype), None, 0, input.len());
+        if self.use_direct(cb)? {
+            let (s, h) = self.begin_step(&desc)?;
+            self.lend(h, input.as_ptr());
+            self.publish();
+            for k in 1..w {
+                let p = (me + k) % w;
+                self.wait_seq(p, (s + 1) as u32)?;
+                self.check_hdr(p, h, s, &desc)?;
+                self.read_lent(p, h, me * cb, &mut output[p * cb..(p + 1) * cb])?;
+            }
+            return self.direct_done(&desc, true);
+        }
         let piece = (self.lay.slot / w / 64 * 64).max(1);
         let mut c0 = 0;
         while c0 < cb {

@@ -7,7 +7,8 @@
 //! PAGE                Ctl[world], 256 B each: line 0 = `seq` (the rank's published step count)
 //!                     and the CPU it published from, written only by that rank; line 1 =
 //!                     `waiters` (futex sleepers on `seq`, written by peers), pid, pid
-//!                     namespace, `gone`.
+//!                     namespace, `gone`, the point-to-point `bell`, where the rank mapped
+//!                     the segment (`base`).
 //! hdr_off (page)      SlotHdr[world][2], 128 B each: what the rank's data half holds (step, op,
 //!                     dtype, reduce op, root, bytes), checked by readers to catch ranks that
 //!                     called different collectives.
@@ -17,7 +18,7 @@
 //!                     step s uses half s % 2.
 //! chan_off (page)     Chan[world][world - 1], 256 B each: the point-to-point channel from rank
 //!                     s to each other rank d: line 0 written by the sender (`sent`, what each
-//!                     half holds), line 1 by the receiver (`acked`).
+//!                     half holds), line 1 by the receiver (`acked`, the receive it posted).
 //! pdata_off (page)    PData[world][world - 1][2], `pslot` bytes each: the channel's two halves;
 //!                     chunk c of the channel uses half c % 2.
 //! ```
@@ -28,7 +29,7 @@
 use std::sync::atomic::{AtomicU32, AtomicU64};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"TPRUNSHM");
-pub(crate) const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 4;
 pub(crate) const PAGE: usize = 4096;
 /// Value of `Header::ready` once the creator has filled the header (named path).
 pub(crate) const READY: u32 = 0x5EAD_1E55;
@@ -80,7 +81,10 @@ pub(crate) struct Ctl {
     pub bell: AtomicU32,
     /// This rank's sleepers on `bell` (ringers call futex_wake only when non-zero).
     pub bell_waiters: AtomicU32,
-    _pad1: [u8; 96],
+    /// Where this rank mapped the segment (its own address space): peers read the header's magic
+    /// there to learn whether they may copy from / to this process directly (single-copy path).
+    pub base: AtomicU64,
+    _pad1: [u8; 88],
 }
 
 /// The point-to-point channel from one rank to another (see the module docs).
@@ -93,10 +97,20 @@ pub(crate) struct Chan {
     pub msg: [AtomicU64; 2],
     /// Per half: the whole message's bytes, so the receiver can check it expects as many.
     pub total: [AtomicU64; 2],
-    _pad0: [u8; 88],
+    /// Per half: 1 when the sender wrote the whole message straight into the receiver's buffer
+    /// (the half then carries no data), else 0.
+    pub direct: [AtomicU32; 2],
+    _pad0: [u8; 80],
     /// Chunks the receiver has copied out (wrapping u32).
     pub acked: AtomicU32,
-    _pad1: [u8; 124],
+    _r1: u32,
+    /// The receive the receiver is waiting on, so the sender can write it directly: its message
+    /// number on this channel (0 = none posted yet), its buffer's address in the receiver's
+    /// address space and its bytes.
+    pub posted_msg: AtomicU64,
+    pub posted_addr: AtomicU64,
+    pub posted_len: AtomicU64,
+    _pad1: [u8; 96],
 }
 
 /// Describes what a data half holds; written by its owner before publishing the step.
@@ -108,6 +122,9 @@ pub(crate) struct SlotHdr {
     /// kind | dtype << 8 | reduce op << 16.
     pub code: AtomicU32,
     pub root: AtomicU32,
+    /// Single-copy steps: the address (in the owner's address space) of the buffer peers copy
+    /// from or into; 0 otherwise.
+    pub addr: AtomicU64,
 }
 
 /// Collective records each rank's flight recorder keeps.

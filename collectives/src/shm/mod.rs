@@ -28,6 +28,7 @@
 //! identical bits whatever the algorithm or chunking.
 
 mod algorithms;
+mod direct;
 pub mod flight;
 pub mod layout;
 mod options;
@@ -50,8 +51,8 @@ use crate::stats::{CommStats, OpKind};
 use crate::{CommError, Communicator, DType, ReduceOp, Result};
 use layout::{Ctl, Layout, SlotHdr};
 pub use options::{
-    CommOptions, DEFAULT_SPIN, DEFAULT_TIMEOUT, ENV_CHUNK, ENV_ONE_SHOT, ENV_SPIN, ENV_TIMEOUT,
-    ENV_YIELDS,
+    CommOptions, DEFAULT_DIRECT_MIN, DEFAULT_SPIN, DEFAULT_TIMEOUT, ENV_CHUNK, ENV_DIRECT_MIN,
+    ENV_ONE_SHOT, ENV_SPIN, ENV_TIMEOUT, ENV_YIELDS,
 };
 use protocol::Desc;
 use segment::Mapping;
@@ -96,6 +97,11 @@ pub struct ShmComm {
     /// Point-to-point counters per peer: chunks this rank sent to it / received from it (the
     /// channels' `sent` / `acked` words) and messages sent to it.
     p2p: p2p::Counters,
+    /// Whether every rank may copy straight from / into every other rank's memory (single-copy
+    /// path): `None` until the first call that would use it agrees on it (see `direct_ok`).
+    direct: Option<bool>,
+    /// Peers this rank found it cannot write to directly (point-to-point falls back per pair).
+    no_direct_write: Vec<bool>,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -146,6 +152,10 @@ impl ShmComm {
             c.pid.store(me, SeqCst);
             c.pidns.store(ns, SeqCst);
             c.gone.store(0, SeqCst);
+            c.base.store(map.base() as u64, SeqCst);
+        }
+        if opts.direct_min != usize::MAX {
+            sys::allow_peer_access();
         }
         let spin_budget = opts.spin;
         let step = map.ctl(&lay, rank).seq.load(SeqCst) as u64;
@@ -175,6 +185,8 @@ impl ShmComm {
             release_taken: false,
             spin_budget,
             trace_owner: false,
+            direct: None,
+            no_direct_write: vec![false; world],
         })
     }
 

@@ -92,6 +92,10 @@ impl Mapping {
             name: None,
         })
     }
+    /// Where this process mapped the segment.
+    pub fn base(&self) -> *const u8 {
+        self.ptr.as_ptr() as *const u8
+    }
     pub fn header(&self) -> &Header {
         // SAFETY: offset 0 is page-aligned and the mapping is at least one page (checked by
         // every constructor); Header is all atomics and padding.
