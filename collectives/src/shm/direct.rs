@@ -58,7 +58,7 @@ impl ShmComm {
     }
 
     /// Whether this rank can read peer `p`'s memory: the segment's magic at the peer's mapping.
-    fn probe(&self, p: usize) -> bool {
+    pub(super) fn probe(&self, p: usize) -> bool {
         let c = self.ctl(p);
         if c.pidns.load(SeqCst) != sys::pid_namespace() {
             return false;

@@ -100,8 +100,9 @@ pub struct ShmComm {
     /// Whether every rank may copy straight from / into every other rank's memory (single-copy
     /// path): `None` until the first call that would use it agrees on it (see `direct_ok`).
     direct: Option<bool>,
-    /// Peers this rank found it cannot write to directly (point-to-point falls back per pair).
-    no_direct_write: Vec<bool>,
+    /// Per peer: whether this rank may write straight into its memory (point-to-point's
+    /// single-copy path, decided per pair by [`ShmComm::probe`] the first time it matters).
+    writable: Vec<Option<bool>>,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -186,7 +187,7 @@ impl ShmComm {
             spin_budget,
             trace_owner: false,
             direct: None,
-            no_direct_write: vec![false; world],
+            writable: vec![None; world],
         })
     }
 

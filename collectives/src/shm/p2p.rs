@@ -80,6 +80,8 @@ struct Xfer {
     send: bool,
     off: usize,
     done: bool,
+    /// A receive: whether its buffer was posted on the channel yet.
+    posted: bool,
 }
 
 impl ShmComm {
@@ -104,6 +106,7 @@ impl ShmComm {
                     send,
                     off: 0,
                     done: false,
+                    posted: false,
                 });
             }
         }
@@ -182,22 +185,57 @@ impl ShmComm {
             let P2p::Send { buf, .. } = op else {
                 unreachable!()
             };
-            let ch = self.map.chan(&self.lay, me, p);
+            let map = self.map.clone();
+            let ch = map.chan(&self.lay, me, p);
             let c = self.p2p.sent[p];
             // Half c % 2 is free once the receiver acknowledged chunk c - 2.
             if !reached(ch.acked.load(Acquire), c.wrapping_sub(1)) {
                 return Ok(false);
             }
             let h = (c % 2) as usize;
-            let n = ps.min(buf.len() - x.off);
-            // SAFETY: [off, off + n) is inside `buf`; the half holds pslot >= n bytes and the
-            // receiver does not read it until we publish `sent = c + 1` below.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    buf.as_ptr().add(x.off),
-                    self.map.pdata(&self.lay, me, p, h),
-                    n,
-                )
+            let direct = x.off == 0 && buf.len() >= self.opts.direct_min;
+            let n = if direct {
+                // Single copy: wait until the receiver posted this message's buffer, then
+                // write straight into it (unless the kernel refuses: then through the halves).
+                let posted = ch.posted_msg.load(Acquire);
+                if posted != self.p2p.sent_msgs[p] + 1 {
+                    return Ok(false);
+                }
+                let (addr, len) = (ch.posted_addr.load(Relaxed), ch.posted_len.load(Relaxed));
+                if len == buf.len() as u64 && self.may_write(p) {
+                    let pid = self.ctl(p).pid.load(Relaxed);
+                    match sys::peer_write(pid, addr, buf) {
+                        Ok(()) => buf.len(),
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                            self.check_alive(p)?;
+                            return Err(self.p2p_copy_failed(p, e));
+                        }
+                        Err(_) => {
+                            self.writable[p] = Some(false);
+                            0
+                        }
+                    }
+                } else {
+                    0
+                }
+            } else {
+                0
+            };
+            ch.direct[h].store((n > 0) as u32, Relaxed);
+            let n = if n > 0 {
+                n
+            } else {
+                let n = ps.min(buf.len() - x.off);
+                // SAFETY: [off, off + n) is inside `buf`; the half holds pslot >= n bytes and the
+                // receiver does not read it until we publish `sent = c + 1` below.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr().add(x.off),
+                        self.map.pdata(&self.lay, me, p, h),
+                        n,
+                    )
+                };
+                n
             };
             if x.off == 0 {
                 self.p2p.sent_msgs[p] += 1;
@@ -215,6 +253,17 @@ impl ShmComm {
                 unreachable!()
             };
             let ch = self.map.chan(&self.lay, p, me);
+            if !x.posted {
+                // Tell the sender where this message goes, so a large one can be written
+                // straight into `buf`; only a sender that will do that is woken for it.
+                x.posted = true;
+                ch.posted_addr.store(buf.as_mut_ptr() as u64, Relaxed);
+                ch.posted_len.store(buf.len() as u64, Relaxed);
+                ch.posted_msg.store(self.p2p.recvd_msgs[p] + 1, Release);
+                if buf.len() >= self.opts.direct_min {
+                    self.ring(p);
+                }
+            }
             let c = self.p2p.recvd[p];
             if !reached(ch.sent.load(Acquire), c.wrapping_add(1)) {
                 return Ok(false);
@@ -232,15 +281,21 @@ impl ShmComm {
                     ),
                 });
             }
-            let n = ps.min(buf.len() - x.off);
-            // SAFETY: the sender published this chunk (acquire above) and leaves the half alone
-            // until we acknowledge it; [off, off + n) is inside `buf`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.map.pdata(&self.lay, p, me, h),
-                    buf.as_mut_ptr().add(x.off),
-                    n,
-                )
+            let n = if ch.direct[h].load(Relaxed) != 0 {
+                // The sender wrote the whole message into `buf` already.
+                buf.len()
+            } else {
+                let n = ps.min(buf.len() - x.off);
+                // SAFETY: the sender published this chunk (acquire above) and leaves the half
+                // alone until we acknowledge it; [off, off + n) is inside `buf`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.map.pdata(&self.lay, p, me, h),
+                        buf.as_mut_ptr().add(x.off),
+                        n,
+                    )
+                };
+                n
             };
             if x.off == 0 {
                 self.p2p.recvd_msgs[p] += 1;
@@ -253,6 +308,23 @@ impl ShmComm {
             x.done = x.off >= buf.len();
         }
         Ok(true)
+    }
+
+    /// Whether this rank may write into peer `p`'s memory (probed once per peer).
+    fn may_write(&mut self, p: usize) -> bool {
+        if self.writable[p].is_none() {
+            self.writable[p] = Some(self.probe(p));
+        }
+        self.writable[p] == Some(true)
+    }
+
+    fn p2p_copy_failed(&self, p: usize, e: std::io::Error) -> CommError {
+        CommError::PeerDied {
+            op: self.op_name(),
+            seq: self.op_seq,
+            missing: p,
+            how: format!("could not be copied to directly ({e})"),
+        }
     }
 
     /// Tells rank `r` something it may wait for was published.
