@@ -529,6 +529,14 @@ fn suite(c: &mut dyn Communicator, seed: u64, counts: &[usize], barriers: &Atomi
                     c.all_reduce_raw(&mut buf, d, op_of(me)),
                 );
                 check("all_reduce", &octx, &buf, &want, e);
+                // Out of place.
+                let mut out = vec![0xA5u8; mine.len()];
+                ok(
+                    "all_reduce_into",
+                    &octx,
+                    c.all_reduce_into_raw(mine, &mut out, d, op_of(me)),
+                );
+                check("all_reduce_into", &octx, &out, &want, e);
 
                 let rs_all: Vec<Vec<u8>> =
                     (0..n).map(|r| input(s ^ 0x75, r, d, n * count)).collect();

@@ -28,57 +28,74 @@ impl ShmComm {
         Ok(len / dtype.size())
     }
 
+    /// All-reduce of `input` into `buf` (`input` None: in place). Out of place, the first step
+    /// reads `input` where it would read `buf`, so no copy precedes the call.
     pub(super) fn all_reduce_impl(
         &mut self,
+        input: Option<&[u8]>,
         buf: &mut [u8],
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
         crate::types::check_reducible("all_reduce", dtype, op)?;
+        if let Some(i) = input {
+            crate::args::same_len("all_reduce", i.len(), buf.len())?;
+        }
         let e = dtype.size();
         let count = self.check_len(buf.len(), dtype, "the buffer")?;
-        // PreMulSum: this rank's input, scaled in place, is what it contributes to a sum.
-        let op = match op {
-            ReduceOp::PreMulSum(f) => {
+        // PreMulSum: this rank's input, scaled (in place, or a scaled copy of `input`), is what
+        // it contributes to a sum.
+        let (scaled, op) = match (input, op) {
+            (None, ReduceOp::PreMulSum(f)) => {
                 crate::reduce::scale_in_place(dtype, buf, f);
-                ReduceOp::Sum
+                (None, ReduceOp::Sum)
             }
-            op => op,
+            (Some(i), op) => match crate::reduce::premul_input(dtype, op, i) {
+                (std::borrow::Cow::Owned(v), op) => (Some(v), op),
+                (_, op) => (None, op),
+            },
+            (None, op) => (None, op),
+        };
+        let src: *const u8 = match (&scaled, input) {
+            (Some(v), _) => v.as_ptr(),
+            (None, Some(i)) => i.as_ptr(),
+            (None, None) => buf.as_ptr(),
         };
         if count == 0 {
             return Ok(());
         }
+        let base = buf.as_mut_ptr();
         if self.world == 1 {
             // A reduction of one source: the kernels' rules still apply (canonical NaN).
-            let p = buf.as_mut_ptr();
-            // SAFETY: dst equals the one source, which reduce_raw allows; count elements.
-            unsafe { reduce_raw(self.simd, dtype, op, p, &[p as *const u8], count) };
+            // SAFETY: dst equals the one source or is distinct from it; count elements each.
+            unsafe { reduce_raw(self.simd, dtype, op, base, &[src], count) };
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllReduce, Some(dtype), Some(op), 0, buf.len());
         let unit = 64 / e;
         let chunk = (self.lay.slot.min(self.opts.chunk_bytes) / e / unit * unit).max(unit);
         let one_shot = buf.len() <= self.opts.one_shot_max;
-        let base = buf.as_mut_ptr();
         let mut c0 = 0;
         while c0 < count {
             let m = chunk.min(count - c0);
-            // SAFETY: c0 + m <= count, so the chunk is inside `buf`.
-            let p = unsafe { base.add(c0 * e) };
+            // SAFETY: c0 + m <= count, so the chunk is inside `buf` and inside the source.
+            let (i, o) = unsafe { (src.add(c0 * e), base.add(c0 * e)) };
             if one_shot {
-                self.all_reduce_one_shot(p, m, dtype, op, &desc)?;
+                self.all_reduce_one_shot(i, o, m, dtype, op, &desc)?;
             } else {
-                self.all_reduce_rs_ag(p, m, dtype, op, &desc)?;
+                self.all_reduce_rs_ag(i, o, m, dtype, op, &desc)?;
             }
             c0 += m;
         }
+        drop(scaled);
         Ok(())
     }
 
-    /// One step: copy in, wait for everyone, reduce all N slots in rank order into `buf`.
+    /// One step: copy in, wait for everyone, reduce all N slots in rank order into `out`.
     pub(super) fn all_reduce_one_shot(
         &mut self,
-        buf: *mut u8,
+        input: *const u8,
+        out: *mut u8,
         m: usize,
         dtype: DType,
         op: ReduceOp,
@@ -86,24 +103,26 @@ impl ShmComm {
     ) -> Result<()> {
         let (s, h) = self.begin_step(desc)?;
         let me = self.rank;
-        // SAFETY: `buf` holds m elements (caller); our half holds slot >= m * size bytes and no
+        // SAFETY: `input` holds m elements (caller); our half holds slot >= m * size bytes and no
         // peer reads it until we publish (begin_step waited for that).
-        unsafe { std::ptr::copy_nonoverlapping(buf, self.data(me, h), m * dtype.size()) };
+        unsafe { std::ptr::copy_nonoverlapping(input, self.data(me, h), m * dtype.size()) };
         self.publish();
         self.wait_all(s, h, desc)?;
         for p in 0..self.world {
-            self.srcs[p] = if p == me { buf } else { self.data(p, h) };
+            self.srcs[p] = if p == me { input } else { self.data(p, h) };
         }
         // SAFETY: every source holds m elements: peers' halves were published for step s and stay
-        // untouched until we publish step s + 2; dst == srcs[me] exactly, which reduce_raw allows.
-        unsafe { reduce_raw(self.simd, dtype, op, buf, &self.srcs, m) };
+        // untouched until we publish step s + 2; `out` equals srcs[me] (in place) or is distinct
+        // from every source, which reduce_raw allows.
+        unsafe { reduce_raw(self.simd, dtype, op, out, &self.srcs, m) };
         Ok(())
     }
 
     /// Two steps: reduce our 1/N of the chunk from every slot, then gather the others' slices.
     pub(super) fn all_reduce_rs_ag(
         &mut self,
-        buf: *mut u8,
+        input: *const u8,
+        out: *mut u8,
         m: usize,
         dtype: DType,
         op: ReduceOp,
@@ -113,21 +132,21 @@ impl ShmComm {
         let me = self.rank;
         let (s, h) = self.begin_step(desc)?;
         // SAFETY: as in all_reduce_one_shot.
-        unsafe { std::ptr::copy_nonoverlapping(buf, self.data(me, h), m * e) };
+        unsafe { std::ptr::copy_nonoverlapping(input, self.data(me, h), m * e) };
         self.publish();
         self.wait_all(s, h, desc)?;
         let (s2, h2) = self.begin_step(desc)?;
         let (lo, hi) = slice_bounds(m, self.world, me, e);
         if hi > lo {
             for p in 0..self.world {
-                let src = if p == me { buf } else { self.data(p, h) };
+                let src = if p == me { input } else { self.data(p, h) };
                 // SAFETY: lo < hi <= m, inside every chunk-sized source.
                 self.srcs[p] = unsafe { src.add(lo * e) };
             }
-            // SAFETY: sources as in all_reduce_one_shot; dst == srcs[me]. Our half h2 is free
-            // (begin_step), and [lo, hi) fits in it.
+            // SAFETY: sources as in all_reduce_one_shot; dst equals srcs[me] or is distinct
+            // from every source. Our half h2 is free (begin_step), and [lo, hi) fits in it.
             unsafe {
-                let dst = buf.add(lo * e);
+                let dst = out.add(lo * e);
                 reduce_raw(self.simd, dtype, op, dst, &self.srcs, hi - lo);
                 std::ptr::copy_nonoverlapping(dst, self.data(me, h2).add(lo * e), (hi - lo) * e);
             }
@@ -142,7 +161,7 @@ impl ShmComm {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     self.data(p, h2).add(lo * e),
-                    buf.add(lo * e),
+                    out.add(lo * e),
                     (hi - lo) * e,
                 )
             };
@@ -378,7 +397,7 @@ impl ShmComm {
             return Ok(());
         }
         if self.world == 1 {
-            return self.all_reduce_impl(buf, dtype, op);
+            return self.all_reduce_impl(None, buf, dtype, op);
         }
         // PreMulSum reduces a scaled copy; everything else reads `buf` itself.
         let (scaled, op) = match crate::reduce::premul_input(dtype, op, buf) {

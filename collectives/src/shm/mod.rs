@@ -328,7 +328,19 @@ impl Communicator for ShmComm {
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let n = buf.len();
         self.run_op(OpKind::AllReduce, n, Some(dtype), |c| {
-            c.all_reduce_impl(buf, dtype, op)
+            c.all_reduce_impl(None, buf, dtype, op)
+        })
+    }
+    fn all_reduce_into_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = output.len();
+        self.run_op(OpKind::AllReduce, n, Some(dtype), |c| {
+            c.all_reduce_impl(Some(input), output, dtype, op)
         })
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
