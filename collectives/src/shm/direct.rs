@@ -33,6 +33,7 @@ impl ShmComm {
             return Ok(false);
         }
         if let Some(ok) = self.direct {
+            self.took_direct = ok;
             return Ok(ok);
         }
         let desc = Desc::new(OpKind::Barrier, None, None, AGREE_ROOT, 0);
@@ -49,6 +50,7 @@ impl ShmComm {
         // SAFETY: every peer published its verdict byte for step s2 in its half h2.
         let all = (0..self.world).all(|p| unsafe { *self.data(p, h2) } == 1);
         self.direct = Some(all);
+        self.took_direct = all;
         Ok(all)
     }
 

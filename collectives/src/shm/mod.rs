@@ -24,6 +24,11 @@
 //! All-gather: one step per slot-sized chunk, each peer copied out as soon as it arrives.
 //! Reduce-scatter: one step per chunk of `slot / N` bytes of every segment. Broadcast: one step per
 //! slot-sized chunk; only non-roots wait (the root checks its peers at its next call).
+//! Copy-only operations (all-gather, broadcast, gather, scatter, all-to-all) whose per-rank piece
+//! is at least `direct_min` (32 KiB) take the single-copy path ([`direct`]) where the kernel lets
+//! the ranks copy between their address spaces: two steps whatever the size, one copy instead of
+//! two. Point-to-point messages from `direct_min` bytes go the same way ([`p2p`]): the sender
+//! writes straight into the buffer the receiver posted on the channel.
 //! Reductions always run in rank order 0..N-1 in f32 (see [`crate::reduce`]), so every rank gets
 //! identical bits whatever the algorithm or chunking.
 
@@ -103,6 +108,8 @@ pub struct ShmComm {
     /// Per peer: whether this rank may write straight into its memory (point-to-point's
     /// single-copy path, decided per pair by [`ShmComm::probe`] the first time it matters).
     writable: Vec<Option<bool>>,
+    /// The current call moved data on the single-copy path (for the trace's algorithm name).
+    took_direct: bool,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -188,6 +195,7 @@ impl ShmComm {
             trace_owner: false,
             direct: None,
             writable: vec![None; world],
+            took_direct: false,
         })
     }
 
@@ -246,6 +254,7 @@ impl ShmComm {
         flight::enter(fr, self.op_seq, kind, dtype, bytes, t0);
         let step0 = self.step;
         self.wait_s = 0.0;
+        self.took_direct = false;
         let a = self.aborted_by();
         let res = if a != 0 {
             Err(CommError::Aborted {
@@ -292,6 +301,7 @@ impl ShmComm {
     fn trace(&self, start_us: f64, kind: OpKind, bytes: usize, dtype: Option<DType>, steps: u64) {
         let algorithm = match kind {
             _ if self.world == 1 => "local",
+            _ if self.took_direct => "single_copy",
             OpKind::AllReduce if bytes <= self.opts.one_shot_max => "one_shot",
             OpKind::AllReduce => "reduce_scatter+all_gather",
             OpKind::AllGather => "copy_out",

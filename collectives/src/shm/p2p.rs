@@ -315,7 +315,10 @@ impl ShmComm {
                 if len == buf.len() as u64 && self.may_write(p) {
                     let pid = self.ctl(p).pid.load(Relaxed);
                     match sys::peer_write(pid, addr, buf) {
-                        Ok(()) => buf.len(),
+                        Ok(()) => {
+                            self.took_direct = true;
+                            buf.len()
+                        }
                         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
                             self.check_alive(p)?;
                             return Err(self.p2p_copy_failed(p, e));
