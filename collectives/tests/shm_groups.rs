@@ -230,3 +230,53 @@ fn a_group_error_names_the_group_and_the_world_rank() {
         }
     });
 }
+
+/// A group's rank 0 registers it in the job segment, so the launcher can read the group's own
+/// flight recorder (its call numbers, its members as world ranks); dropping the group frees it.
+#[test]
+fn the_launcher_sees_each_live_groups_flight_recorder() {
+    let seg = collectives::shm::JobSegment::create(4).unwrap();
+    let comms = seg.communicators(&CommOptions::for_world(4)).unwrap();
+    let barrier = std::sync::Barrier::new(4);
+    let seen = std::sync::Mutex::new(Vec::new());
+    on_ranks(comms, |mut c| {
+        let me = c.rank();
+        // Groups {1, 3} (ordered 3, 1 by key) and {0, 2}; rank 1's group makes 2 calls.
+        let mut g = c
+            .split(Some((me % 2) as u32), -(me as i64))
+            .unwrap()
+            .unwrap();
+        let calls = if me % 2 == 1 { 2 } else { 1 };
+        for _ in 0..calls {
+            g.all_reduce(&mut [1.0f32; 4], ReduceOp::Sum).unwrap();
+        }
+        barrier.wait();
+        if me == 0 {
+            *seen.lock().unwrap() = seg.group_flight_records();
+        }
+        barrier.wait();
+        drop(g);
+        barrier.wait();
+        if me == 0 {
+            assert!(seg.group_flight_records().is_empty());
+        }
+    });
+    let mut groups = seen.into_inner().unwrap();
+    groups.sort_by(|a, b| a.name.cmp(&b.name));
+    let summary: Vec<(String, Vec<usize>, Vec<u64>)> = groups
+        .iter()
+        .map(|g| {
+            let entered = g.ranks.iter().map(|r| r.entered).collect();
+            (g.name.clone(), g.world_ranks.clone(), entered)
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("world/0".to_string(), vec![2, 0], vec![1, 1]),
+            ("world/1".to_string(), vec![3, 1], vec![2, 2]),
+        ]
+    );
+    let last = groups[1].ranks[0].last().unwrap();
+    assert_eq!((last.op, last.bytes), ("all_reduce", 16));
+}

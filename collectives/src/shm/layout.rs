@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! offset 0            Header (one page): magic, version, world size, slot bytes, total bytes,
-//!                     creator pid; `abort` (own 128-B line); named-path handshake words.
+//!                     creator pid; `abort` (own 128-B line); named-path handshake words; the
+//!                     registry of live groups (GroupSlot[32]: owner pid, fd, size, name).
 //! PAGE                Ctl[world], 256 B each: line 0 = `seq` (the rank's published step count)
 //!                     and the CPU it published from, written only by that rank; line 1 =
 //!                     `waiters` (futex sleepers on `seq`, written by peers), pid, pid
@@ -26,7 +27,7 @@
 //! take about half as much as the data halves: total = ~12 KiB + world x 2.2 KiB + world² x 256 B
 //! + ~1.5 x world x 2 x slot: with the default 1 MiB slot, 6 MiB for 2 ranks, 24 MiB for 8.
 
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"TPRUNSHM");
 pub(crate) const VERSION: u32 = 4;
@@ -58,6 +59,26 @@ pub(crate) struct Header {
     pub attached: AtomicU32,
     /// Set by whoever unlinked the name (named path).
     pub unlinked: AtomicU32,
+    /// Groups made by `split` in this job, so the launcher can read their flight recorders.
+    pub groups: [GroupSlot; GROUP_SLOTS],
+}
+
+/// Groups the job segment's registry holds at once (more still work, unregistered).
+pub const GROUP_SLOTS: usize = 32;
+/// Bytes of a registered group's name (longer ones are cut).
+pub const GROUP_NAME_BYTES: usize = 48;
+
+/// One live group, registered by its rank 0: where its segment is (`/proc/<owner>/fd/<fd>`).
+#[repr(C, align(64))]
+pub(crate) struct GroupSlot {
+    /// Pid of the group's rank 0 while registered, 0 when free.
+    pub owner: AtomicU32,
+    pub fd: AtomicU32,
+    /// The group's size.
+    pub world: AtomicU32,
+    /// 1 once the fields above and the name are written.
+    pub ready: AtomicU32,
+    pub name: [AtomicU8; GROUP_NAME_BYTES],
 }
 
 #[repr(C, align(128))]
@@ -73,7 +94,8 @@ pub(crate) struct Ctl {
     pub pid: AtomicU32,
     /// 1 once the rank dropped its communicator.
     pub gone: AtomicU32,
-    _r0: u32,
+    /// In a group's segment: the rank's world rank + 1 (0 in the world's own segment).
+    pub world_rank: AtomicU32,
     pub pidns: AtomicU64,
     /// Rung (incremented) by a peer whenever it publishes something this rank may wait for on a
     /// point-to-point channel (a chunk sent to it, a chunk of its own acknowledged), so a rank
@@ -155,6 +177,7 @@ pub(crate) const FLIGHT_BYTES: usize =
     std::mem::size_of::<FlightHdr>() + FLIGHT_K * std::mem::size_of::<FlightRec>();
 
 const _: () = assert!(std::mem::size_of::<Header>() <= PAGE);
+const _: () = assert!(std::mem::size_of::<GroupSlot>() == 64);
 const _: () = assert!(std::mem::size_of::<FlightHdr>() == 128);
 const _: () = assert!(std::mem::size_of::<FlightRec>() == 64);
 const _: () = assert!(std::mem::size_of::<Ctl>() == 256);

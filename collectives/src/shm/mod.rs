@@ -110,6 +110,8 @@ pub struct ShmComm {
     writable: Vec<Option<bool>>,
     /// The current call moved data on the single-copy path (for the trace's algorithm name).
     took_direct: bool,
+    /// The job registry slot of this group (its rank 0 registers it), freed on drop.
+    registered: Option<usize>,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -196,6 +198,7 @@ impl ShmComm {
             direct: None,
             writable: vec![None; world],
             took_direct: false,
+            registered: None,
         })
     }
 
@@ -452,6 +455,9 @@ impl Drop for ShmComm {
         if self.trace_owner {
             // Nobody to tell from a destructor; tprun reports the rank's missing trace.
             let _ = crate::trace::finish_auto(self.rank);
+        }
+        if let Some(slot) = self.registered {
+            flight::unregister_group(&self.job, slot);
         }
         let c = self.map.ctl(&self.lay, self.rank);
         c.gone.store(1, SeqCst);
