@@ -8,6 +8,10 @@ use crate::reduce::reduce_raw;
 use crate::stats::OpKind;
 use crate::{DType, ReduceOp, Result};
 
+/// Bytes of each peer's piece that the single-copy all-reduce copies into scratch at a time
+/// (small enough to stay in L2 while it is reduced).
+const DIRECT_SUB_BYTES: usize = 256 << 10;
+
 /// Splits `m` elements into `n` slices on 64-byte boundaries; slice `k` is `[lo, hi)`.
 fn slice_bounds(m: usize, n: usize, k: usize, elem: usize) -> (usize, usize) {
     let unit = (64 / elem).max(1);
@@ -72,9 +76,14 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllReduce, Some(dtype), Some(op), 0, buf.len());
+        let one_shot = buf.len() <= self.opts.one_shot_max;
+        if !one_shot && self.use_direct(buf.len())? {
+            self.all_reduce_direct(src, base, count, dtype, op, &desc)?;
+            drop(scaled);
+            return Ok(());
+        }
         let unit = 64 / e;
         let chunk = (self.lay.slot.min(self.opts.chunk_bytes) / e / unit * unit).max(unit);
-        let one_shot = buf.len() <= self.opts.one_shot_max;
         let mut c0 = 0;
         while c0 < count {
             let m = chunk.min(count - c0);
@@ -89,6 +98,73 @@ impl ShmComm {
         }
         drop(scaled);
         Ok(())
+    }
+
+    /// Single-copy all-reduce, three steps for any size: (1) every rank lends its input and
+    /// reduces its 1/N slice of the whole buffer in rank order, copying the peers' pieces of it
+    /// into scratch a sub-chunk at a time; (2) every rank lends its output and copies the
+    /// peers' reduced slices out of theirs; (3) the owners learn their buffers are free. The
+    /// same kernel over the same rank-ordered sources: the same bits as the other algorithms.
+    pub(super) fn all_reduce_direct(
+        &mut self,
+        src: *const u8,
+        out: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        desc: &Desc,
+    ) -> Result<()> {
+        let (me, w, e) = (self.rank, self.world, dtype.size());
+        let (s, h) = self.begin_step(desc)?;
+        self.lend(h, src);
+        self.publish();
+        self.wait_all(s, h, desc)?;
+        let (lo, hi) = slice_bounds(count, w, me, e);
+        let unit = 64 / e;
+        let sub = ((DIRECT_SUB_BYTES / e) / unit * unit).max(unit);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize((w - 1) * sub * e, 0);
+        let mut c = lo;
+        let res = (|| {
+            while c < hi {
+                let m = sub.min(hi - c);
+                let mut k = 0;
+                for p in 0..w {
+                    if p == me {
+                        // SAFETY: c + m <= count, inside the source.
+                        self.srcs[p] = unsafe { src.add(c * e) };
+                    } else {
+                        let piece = &mut scratch[k * sub * e..(k * sub + m) * e];
+                        self.read_lent(p, h, c * e, piece)?;
+                        self.srcs[p] = piece.as_ptr();
+                        k += 1;
+                    }
+                }
+                // SAFETY: every source holds m elements (our input, or scratch pieces just
+                // filled); `out + c` is our own slice, equal to our source (in place) or distinct
+                // from every source. No peer reads our slice of `out` before step 2.
+                unsafe { reduce_raw(self.simd, dtype, op, out.add(c * e), &self.srcs, m) };
+                c += m;
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        res?;
+        let (s2, h2) = self.begin_step(desc)?;
+        self.lend(h2, out);
+        self.publish();
+        for k in 1..w {
+            let p = (me + k) % w;
+            self.wait_seq(p, (s2 + 1) as u32)?;
+            self.check_hdr(p, h2, s2, desc)?;
+            let (plo, phi) = slice_bounds(count, w, p, e);
+            // SAFETY: [plo, phi) is inside `out` (count elements) and is peer p's slice, which
+            // p finished reading from us before it published step s2 + 1 (it read it in step
+            // s); nothing else writes it now.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(plo * e), (phi - plo) * e) };
+            self.read_lent(p, h2, plo * e, dst)?;
+        }
+        self.direct_done(desc, true)
     }
 
     /// One step: copy in, wait for everyone, reduce all N slots in rank order into `out`.

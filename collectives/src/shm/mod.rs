@@ -27,7 +27,8 @@
 //! Copy-only operations (all-gather, broadcast, gather, scatter, all-to-all) whose per-rank piece
 //! is at least `direct_min` (32 KiB) take the single-copy path ([`direct`]) where the kernel lets
 //! the ranks copy between their address spaces: two steps whatever the size, one copy instead of
-//! two. Point-to-point messages from `direct_min` bytes go the same way ([`p2p`]): the sender
+//! two. All-reduces above `one_shot_max` take it too (three steps: each rank reduces its slice
+//! reading the peers' inputs, then copies the others' reduced slices out of their outputs). Point-to-point messages from `direct_min` bytes go the same way ([`p2p`]): the sender
 //! writes straight into the buffer the receiver posted on the channel.
 //! Reductions always run in rank order 0..N-1 in f32 (see [`crate::reduce`]), so every rank gets
 //! identical bits whatever the algorithm or chunking.
@@ -112,6 +113,8 @@ pub struct ShmComm {
     took_direct: bool,
     /// The job registry slot of this group (its rank 0 registers it), freed on drop.
     registered: Option<usize>,
+    /// Scratch of the single-copy all-reduce, kept between calls.
+    scratch: Vec<u8>,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -199,6 +202,7 @@ impl ShmComm {
             writable: vec![None; world],
             took_direct: false,
             registered: None,
+            scratch: Vec::new(),
         })
     }
 
