@@ -98,7 +98,10 @@ impl ShmComm {
             op: self.op_name(),
             seq: self.op_seq,
             missing: p,
-            how: format!("could not be copied {what} directly ({e})"),
+            how: format!(
+                "could not be copied {what} directly ({e}; a buffer the kernel cannot pin, such as \
+                 device memory? TPRUN_COMM_DIRECT_MIN=off copies through the segment instead)"
+            ),
         }
     }
 
