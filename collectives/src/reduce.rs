@@ -18,6 +18,7 @@ use crate::{DType, ReduceOp};
 /// Which instruction set the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
+    /// Plain Rust loops (any CPU; the reference the others match bit for bit).
     Scalar,
     /// AVX2 + F16C.
     Avx2,
