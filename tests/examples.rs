@@ -16,24 +16,9 @@ use std::time::Duration;
 use common::*;
 use serde_json::Value;
 
-/// Builds examples/from_env.rs (an example of the root package) and returns its path.
-fn from_env_example() -> String {
-    let st = Command::new(env!("CARGO"))
-        .args(["build", "--quiet", "--example", "from_env", "-p", "tprun"])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_tprun"));
-    exe.parent()
-        .unwrap()
-        .join("examples/from_env")
-        .display()
-        .to_string()
-}
-
 #[test]
 fn the_rust_example_runs_in_groups_and_a_ring() {
-    let exe = from_env_example();
+    let exe = example("tprun", "from_env");
     for (n, lines) in [
         (
             4,
