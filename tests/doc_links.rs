@@ -130,16 +130,25 @@ fn every_relative_link_of_the_guide_resolves() {
             }
         }
     }
-    assert!(checked > 20, "only {checked} links found: is the parser broken?");
+    assert!(
+        checked > 20,
+        "only {checked} links found: is the parser broken?"
+    );
     assert!(broken.is_empty(), "broken links:\n{}", broken.join("\n"));
 }
 
 #[test]
 fn the_link_parser_sees_links_and_skips_code() {
-    assert_eq!(targets("see [a](x.md) and [b](y.md#z)."), ["x.md", "y.md#z"]);
+    assert_eq!(
+        targets("see [a](x.md) and [b](y.md#z)."),
+        ["x.md", "y.md#z"]
+    );
     let p = prose("[a](in.md)\n```\n[b](code.md)\n```\n`[c](span.md)` [d](out.md)");
     let found: Vec<String> = p.iter().flat_map(|(_, l)| targets(l)).collect();
     assert_eq!(found, ["in.md", "out.md"]);
     assert_eq!(slug(" From C and C++"), "from-c-and-c");
-    assert_eq!(slug(" Studying communication (`--trace DIR/`)"), "studying-communication---trace-dir");
+    assert_eq!(
+        slug(" Studying communication (`--trace DIR/`)"),
+        "studying-communication---trace-dir"
+    );
 }
