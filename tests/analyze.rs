@@ -3,40 +3,17 @@
 
 mod common;
 
-use common::{run_cmd, tprun, TempDir};
+use common::{example, run_cmd, tprun, TempDir};
 use serde_json::Value;
-use std::process::Command;
 use std::time::Duration;
 
 const LIMIT: Duration = Duration::from_secs(60);
-
-/// Builds collectives/examples/straggler.rs and returns its path.
-fn straggler() -> String {
-    let st = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--example",
-            "straggler",
-            "-p",
-            "collectives",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    let exe = std::path::Path::new(env!("CARGO_BIN_EXE_tprun"));
-    exe.parent()
-        .unwrap()
-        .join("examples/straggler")
-        .display()
-        .to_string()
-}
 
 #[test]
 fn analyze_names_the_slowed_rank_and_rank_traces_have_what_hta_needs() {
     let dir = TempDir::new("analyze", "straggler");
     let out = format!("{}/t/", dir.path().display());
-    let exe = straggler();
+    let exe = example("collectives", "straggler");
     let f = run_cmd(
         tprun().args(["-n", "3", "--trace", &out, "--", &exe, "40", "40"]),
         LIMIT,
@@ -104,7 +81,7 @@ fn analyze_names_the_slowed_rank_and_rank_traces_have_what_hta_needs() {
 fn a_stopped_rank_is_named_by_the_flight_recorder() {
     let dir = TempDir::new("analyze", "flight");
     let out = format!("{}/t/", dir.path().display());
-    let exe = straggler();
+    let exe = example("collectives", "straggler");
     // An earlier job's trace in the folder: a failed job must not leave it beside its records.
     std::fs::create_dir_all(dir.path().join("t/ranks")).unwrap();
     for old in ["t/trace.json", "t/ranks/rank0.json"] {

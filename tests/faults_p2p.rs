@@ -8,43 +8,23 @@
 //! The rank program is collectives/examples/fault_ops.rs; ranks are killed from outside
 //! (SIGKILL) once every rank has entered its loop.
 
-use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::path::Path;
 use std::time::{Duration, Instant};
 
 mod common;
 use common::{
-    assert_no_leftovers, env_of, finish, proc_stat, rank_programs_of, tprun, Finished, TempDir,
+    assert_no_leftovers, env_of, example, finish, proc_stat, rank_programs_of, tprun, Finished,
+    TempDir,
 };
 
 /// Hang limit of one run.
 const LIMIT: Duration = Duration::from_secs(120);
 
-/// Builds collectives/examples/fault_ops.rs and returns its path.
-fn fault_ops() -> PathBuf {
-    let st = Command::new(env!("CARGO"))
-        .args([
-            "build",
-            "--quiet",
-            "--example",
-            "fault_ops",
-            "-p",
-            "collectives",
-        ])
-        .status()
-        .unwrap();
-    assert!(st.success());
-    Path::new(env!("CARGO_BIN_EXE_tprun"))
-        .parent()
-        .unwrap()
-        .join("examples/fault_ops")
-}
-
 /// Runs `tprun -n N -- fault_ops MODE DIR`, SIGKILLs rank `victim` once every rank is in its
 /// loop, and checks what every case must: the job ends with the victim's failure and the summary,
 /// nothing of it is left. Returns how it ended.
 fn kill_inside(mode: &str, n: usize, victim: usize, shm_dir: Option<&Path>) -> Finished {
-    let exe = fault_ops();
+    let exe = example("collectives", "fault_ops");
     let tmp = TempDir::new("faults-p2p", mode);
     let mut c = tprun();
     c.args(["-n", &n.to_string(), "--grace-period", "5", "--"])

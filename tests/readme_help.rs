@@ -1,11 +1,11 @@
-//! The README's "Command reference" is each program's `--help`, verbatim: this test fails when
-//! they drift apart. `TPRUN_BLESS=1 cargo test --test readme_help` rewrites the README's blocks
-//! from the binary.
+//! The user guide's command reference (docs/commands.md) is each program's `--help`, verbatim:
+//! this test fails when they drift apart. `TPRUN_BLESS=1 cargo test --test readme_help` rewrites
+//! the page's blocks from the binary.
 
 use std::path::Path;
 use std::process::Command;
 
-/// `tprun` itself, then every subcommand, in the README's order.
+/// `tprun` itself, then every subcommand, in the page's order.
 const PROGRAMS: &[&str] = &[
     "", "generate", "logits", "bench", "perf", "analyze", "compare", "rank",
 ];
@@ -20,7 +20,7 @@ fn help(program: &str) -> String {
     String::from_utf8(out.stdout).unwrap()
 }
 
-/// The README's block for `program`: the text between its marker line and the closing fence.
+/// The page's block for `program`: the text between its marker line and the closing fence.
 fn block_range(readme: &str, program: &str) -> Option<(usize, usize)> {
     let marker = format!("<!-- help: tprun {program} -->\n```text\n").replace("tprun  ", "tprun ");
     let start = readme.find(&marker)? + marker.len();
@@ -30,13 +30,13 @@ fn block_range(readme: &str, program: &str) -> Option<(usize, usize)> {
 
 #[test]
 fn readme_shows_every_programs_help() {
-    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("README.md");
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("docs/commands.md");
     let mut readme = std::fs::read_to_string(&path).unwrap();
     let bless = std::env::var_os("TPRUN_BLESS").is_some();
     let mut stale = Vec::new();
     for p in PROGRAMS {
         let (start, end) = block_range(&readme, p)
-            .unwrap_or_else(|| panic!("README has no help block for `tprun {p}`"));
+            .unwrap_or_else(|| panic!("docs/commands.md has no help block for `tprun {p}`"));
         let want = help(p);
         if readme[start..end] != want {
             stale.push(if p.is_empty() { "tprun" } else { p });
@@ -48,7 +48,7 @@ fn readme_shows_every_programs_help() {
     } else {
         assert!(
             stale.is_empty(),
-            "README's --help blocks are stale for {stale:?}: run TPRUN_BLESS=1 cargo test --test readme_help"
+            "docs/commands.md's --help blocks are stale for {stale:?}: run TPRUN_BLESS=1 cargo test --test readme_help"
         );
     }
 }

@@ -1,5 +1,5 @@
 //! `--trace` end to end: `tprun -n 2 generate --trace` writes one Chrome trace holding both ranks
-//! whose collective events are exactly those of the README's formula ("Communication patterns of
+//! whose collective events are exactly those of docs/qwen2.md's formula ("Communication patterns of
 //! Qwen2 TP") and agree with `--json`'s `comm`; nothing is left behind, also when the job fails;
 //! `perf --plot` draws an SVG, from a live run and from saved `--json` results.
 
@@ -153,7 +153,7 @@ fn generate_trace_matches_the_readme_formula_and_the_json_comm() {
         assert!(e["ts"].as_f64().unwrap() >= 0.0 && e["dur"].as_f64().unwrap() >= 0.0);
     }
 
-    // The README's formula for sampling: K tokens = 1 prefill + (K-1) decode forwards, each
+    // docs/qwen2.md's formula for sampling: K tokens = 1 prefill + (K-1) decode forwards, each
     // with 1 + 2L all-reduces (embedding, o_proj and down_proj per layer) and one logits
     // all-gather; one token broadcast per generated token.
     let padded = vocab.div_ceil(n);

@@ -2,7 +2,7 @@
 """Side-by-side benchmark that only measures on a quiet machine (issue 18).
 
 One command runs every case, with bench_peers.py's systems (same workers, same timing; see its
-docstring), and prints the README's markdown tables:
+docstring), and prints the markdown tables of docs/benchmarks/README.md:
 
     /tmp/peers/venv/bin/python tools/bench_quiet.py --tprun target/release/tprun \\
         --rounds 4 --out /tmp/peers/quiet.json

@@ -20,11 +20,17 @@ pub const THREADS: u32 = 512;
 /// Where things are in one rank's device slab (every rank's slab has the same layout).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct SlabLayout {
+    /// Ranks in the job (one flag per peer per block per phase).
     pub world: u32,
+    /// Most thread blocks a kernel launches (each has its own flags).
     pub max_blocks: u32,
+    /// Offset of the flag arrays ([`HEADER_BYTES`]).
     pub flags_off: u64,
+    /// Offset of the staging data, 256-byte aligned.
     pub data_off: u64,
+    /// Staging capacity, rounded up to 256 bytes.
     pub data_bytes: u64,
+    /// The allocation's size, a multiple of [`SLAB_ALIGN`].
     pub total_bytes: u64,
 }
 
@@ -33,6 +39,7 @@ fn round_up(x: u64, to: u64) -> u64 {
 }
 
 impl SlabLayout {
+    /// The layout for `world` ranks, `max_blocks` blocks and at least `data_bytes` of staging.
     pub fn new(world: u32, max_blocks: u32, data_bytes: u64) -> SlabLayout {
         let flags = PHASES * u64::from(world) * u64::from(max_blocks) * FLAG_BYTES;
         let data_off = round_up(HEADER_BYTES + flags, 256);
@@ -100,7 +107,12 @@ impl Algo {
 pub enum Ran {
     /// comm.cu's kernels (or nothing, for one rank): the algorithm the trace names and the
     /// kernel launches it took.
-    Device { algorithm: &'static str, steps: u64 },
+    Device {
+        /// The algorithm's name as the trace shows it.
+        algorithm: &'static str,
+        /// Kernel launches.
+        steps: u64,
+    },
     /// Through the shm communicator, which records the call in the trace itself.
     Host,
 }
@@ -160,20 +172,25 @@ pub fn pieces(bytes: u64, capacity: u64, dtype: DType) -> Vec<(u64, u64)> {
 /// opens its slab. Fixed 128 bytes, little-endian.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct HandleRecord {
+    /// The publishing rank.
     pub rank: u32,
     /// CUDA device ordinal in this rank's process, and the GPU's UUID (ranks on one GPU share it).
     pub device: u32,
+    /// The GPU's UUID, to tell ranks that share a GPU.
     pub uuid: [u8; 16],
+    /// The slab's layout, which every peer must agree on.
     pub layout: SlabLayout,
     /// `cuIpcGetMemHandle` of the slab, or `None` when export failed (fallback).
     pub handle: Option<[u8; 64]>,
 }
 
+/// Size of an encoded [`HandleRecord`].
 pub const RECORD_BYTES: usize = 128;
 const MAGIC: &[u8; 4] = b"TPCU";
 const RECORD_VERSION: u16 = 1;
 
 impl HandleRecord {
+    /// The record's bytes as published ([`HandleRecord::decode`] reads them back).
     pub fn encode(&self) -> [u8; RECORD_BYTES] {
         let mut b = [0u8; RECORD_BYTES];
         b[0..4].copy_from_slice(MAGIC);
@@ -225,7 +242,9 @@ impl HandleRecord {
 /// (drivers can report peer access that does not work), else why not.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Probe {
+    /// The probing rank.
     pub rank: u32,
+    /// One result per peer, in rank order (this rank's own entry included).
     pub peers: Vec<Result<(), String>>,
 }
 
@@ -235,7 +254,10 @@ pub enum Transport {
     /// Kernels read and write peers' slabs directly.
     Ipc,
     /// Device → host, the shm transport, host → device; `reason` is printed once at start.
-    HostStaged { reason: String },
+    HostStaged {
+        /// Why IPC is not used (which rank could not map which peer, or the setting that chose it).
+        reason: String,
+    },
 }
 
 /// Most ranks the collective kernels serve: one thread per peer signals and waits, and the
@@ -321,7 +343,7 @@ pub fn probe_len(world: u32) -> usize {
 }
 
 /// A probe as the bytes all-gathered over the shm communicator: one status byte per peer (1: the
-/// pattern came back), then the first failure's text (cut at [`PROBE_TEXT`] bytes).
+/// pattern came back), then the first failure's text (cut to fit [`probe_len`]).
 pub fn encode_probe(p: &Probe) -> Vec<u8> {
     let mut b = vec![0u8; probe_len(p.peers.len() as u32)];
     for (q, r) in p.peers.iter().enumerate() {

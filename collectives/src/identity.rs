@@ -18,12 +18,16 @@
 pub enum Source {
     /// RANK / WORLD_SIZE (tprun's ranks and torchrun's).
     Torchrun,
+    /// OMPI_COMM_WORLD_* (`mpirun` of Open MPI).
     OpenMpi,
+    /// PMIX_RANK or PMI_RANK with PMI_SIZE (MPICH, Intel MPI, PMIx launchers).
     Pmi,
+    /// SLURM_PROCID / SLURM_NTASKS (`srun`).
     Slurm,
 }
 
 impl Source {
+    /// The source with the variables it reads, for messages that say where a number came from.
     pub fn name(self) -> &'static str {
         match self {
             Source::Torchrun => "torchrun (RANK, WORLD_SIZE)",
@@ -37,11 +41,17 @@ impl Source {
 /// This rank's place in the job. `local_*` and `node` are `None` where the launcher does not say.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Identity {
+    /// The launcher whose variables were read.
     pub source: Source,
+    /// Global rank, 0..world.
     pub rank: usize,
+    /// Ranks in the job.
     pub world: usize,
+    /// Rank on this host.
     pub local_rank: Option<usize>,
+    /// Ranks on this host.
     pub local_world: Option<usize>,
+    /// This host's number in the job.
     pub node: Option<usize>,
 }
 

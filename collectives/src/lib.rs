@@ -2,18 +2,227 @@
 //!
 //! Every rank owns one [`Communicator`]. The shm transport ([`shm`]) moves data through one
 //! shared-memory segment that the launcher creates before the ranks start; the CUDA IPC transport
-//! (feature `cuda`) keeps the same trait. Reduction is always in rank order 0..N-1, in f32, so every
-//! rank gets bit-identical results whatever the algorithm.
+//! (feature `cuda`) keeps the same trait. Reduction is always in rank order 0..N-1, in f32 for
+//! the 16-bit floats, so every rank gets bit-identical results whatever the algorithm.
 //!
-//! **Where to start reading.** [`Communicator`] (the five collectives on byte buffers) and
-//! [`CommExt`] (the typed calls everyone uses); [`from_env`] picks this rank's communicator.
-//! The communicators: [`ShmComm`] ([`shm`], the production transport: [`shm::CommOptions`] for its
-//! settings, the protocol and algorithms in the module docs), [`local::SoloComm`] (a world of
-//! one, a program run without tprun) and [`thread::ThreadComm`] (test ranks as threads).
-//! [`JobSegment`] is the launcher's side of the segment; [`reduce`] the rank-ordered f32
-//! reduction every communicator shares; [`stats`] and [`trace`] what a run reports. The
-//! segment's bytes and the protocol are described in docs/DESIGN.md, "Shared-memory protocol".
+//! A program launched by `tprun -n 4 -- PROGRAM` gets its rank's communicator from
+//! [`from_env`] (a world of one when run on its own) and calls the typed methods of [`CommExt`]:
+//!
+//! ```no_run
+//! use collectives::{CommExt, ReduceOp};
+//!
+//! fn main() -> anyhow::Result<()> {
+//!     let mut comm = collectives::from_env()?;
+//!     let mut x = vec![comm.rank() as f32; 4];
+//!     comm.all_reduce(&mut x, ReduceOp::Sum)?;
+//!     println!("rank {}/{}: {x:?}", comm.rank(), comm.world_size());
+//!     Ok(())
+//! }
+//! ```
+//!
+//! # Every operation, runnable
+//!
+//! The examples below run their ranks as threads of one process with [`thread::run_world`]
+//! (the in-process communicator, [`thread::ThreadComm`]): it calls the closure once per rank
+//! with that rank's communicator and returns the results in rank order. The calls are the same
+//! as over [`from_env`]'s shared memory, and so are the results, bit for bit.
+//!
+//! **all_reduce**: every rank ends with the reduction of every rank's buffer.
+//! ```
+//! use collectives::{thread::run_world, CommExt, ReduceOp};
+//!
+//! let out = run_world(4, |rank, comm| {
+//!     let mut x = vec![rank as f32, 1.0];
+//!     comm.all_reduce(&mut x, ReduceOp::Sum)?; // 0 + 1 + 2 + 3, 1 + 1 + 1 + 1
+//!     Ok(x)
+//! });
+//! for x in out {
+//!     assert_eq!(x.unwrap(), [6.0, 4.0]);
+//! }
+//! ```
+//!
+//! **all_gather**: every rank's input, concatenated in rank order, on every rank.
+//! ```
+//! use collectives::{thread::run_world, CommExt};
+//!
+//! let out = run_world(3, |rank, comm| {
+//!     let mut all = vec![0i64; 3 * 2];
+//!     comm.all_gather(&[rank as i64, 10 * rank as i64], &mut all)?;
+//!     Ok(all)
+//! });
+//! for all in out {
+//!     assert_eq!(all.unwrap(), [0, 0, 1, 10, 2, 20]);
+//! }
+//! ```
+//!
+//! **reduce_scatter**: the reduction of every rank's input, chunk `r` to rank `r`.
+//! ```
+//! use collectives::{thread::run_world, CommExt, ReduceOp};
+//!
+//! let out = run_world(2, |rank, comm| {
+//!     let input = [1.0f32, 2.0, 3.0, 4.0].map(|v| v * (rank + 1) as f32);
+//!     let mut mine = [0.0f32; 2];
+//!     comm.reduce_scatter(&input, &mut mine, ReduceOp::Sum)?; // input * 1 + input * 2
+//!     Ok(mine)
+//! });
+//! assert_eq!(out[0].as_ref().unwrap(), &[3.0, 6.0]);
+//! assert_eq!(out[1].as_ref().unwrap(), &[9.0, 12.0]);
+//! ```
+//!
+//! **broadcast**: the root's buffer, copied to every rank.
+//! ```
+//! use collectives::{thread::run_world, CommExt};
+//!
+//! let out = run_world(4, |rank, comm| {
+//!     let mut x = if rank == 2 { vec![7u8, 8, 9] } else { vec![0u8; 3] };
+//!     comm.broadcast(&mut x, 2)?;
+//!     Ok(x)
+//! });
+//! for x in out {
+//!     assert_eq!(x.unwrap(), [7, 8, 9]);
+//! }
+//! ```
+//!
+//! **reduce**: the reduction lands on the root only; the other ranks' buffers stay as they were.
+//! ```
+//! use collectives::{thread::run_world, CommExt, ReduceOp};
+//!
+//! let out = run_world(3, |rank, comm| {
+//!     let mut x = [rank as i32 + 1];
+//!     comm.reduce(&mut x, ReduceOp::Max, 0)?;
+//!     Ok(x[0])
+//! });
+//! let out: Vec<i32> = out.into_iter().map(Result::unwrap).collect();
+//! assert_eq!(out, [3, 2, 3]);
+//! ```
+//!
+//! **gather**: every rank's input, in rank order, on the root (the others may pass an empty
+//! output).
+//! ```
+//! use collectives::{thread::run_world, CommExt};
+//!
+//! let out = run_world(3, |rank, comm| {
+//!     let mut all = if rank == 1 { vec![0u32; 3] } else { Vec::new() };
+//!     comm.gather(&[rank as u32 * 100], &mut all, 1)?;
+//!     Ok(all)
+//! });
+//! assert_eq!(out[1].as_ref().unwrap(), &[0, 100, 200]);
+//! assert!(out[0].as_ref().unwrap().is_empty());
+//! ```
+//!
+//! **scatter**: chunk `r` of the root's input to rank `r` (the others may pass an empty input).
+//! ```
+//! use collectives::{thread::run_world, CommExt};
+//!
+//! let out = run_world(3, |rank, comm| {
+//!     let input: Vec<f64> = if rank == 0 { vec![0.5, 1.5, 2.5] } else { Vec::new() };
+//!     let mut mine = [0.0f64];
+//!     comm.scatter(&input, &mut mine, 0)?;
+//!     Ok(mine[0])
+//! });
+//! let out: Vec<f64> = out.into_iter().map(Result::unwrap).collect();
+//! assert_eq!(out, [0.5, 1.5, 2.5]);
+//! ```
+//!
+//! **all_to_all**: chunk `p` of rank `r`'s input becomes chunk `r` of rank `p`'s output (a
+//! transpose); [`CommExt::all_to_allv`] takes a count per peer instead.
+//! ```
+//! use collectives::{thread::run_world, CommExt};
+//!
+//! let out = run_world(3, |rank, comm| {
+//!     let input: Vec<i32> = (0..3).map(|p| 10 * rank as i32 + p).collect();
+//!     let mut output = vec![0i32; 3];
+//!     comm.all_to_all(&input, &mut output)?;
+//!     Ok(output)
+//! });
+//! assert_eq!(out[0].as_ref().unwrap(), &[0, 10, 20]);
+//! assert_eq!(out[2].as_ref().unwrap(), &[2, 12, 22]);
+//! ```
+//!
+//! **send / recv**: point to point between two ranks; [`CommExt::send_recv`] (or
+//! [`Communicator::send_recv_raw`] with several [`P2p`] transfers) progresses both directions
+//! together, so a ring exchange cannot deadlock.
+//! ```
+//! use collectives::{thread::run_world, CommExt};
+//!
+//! let out = run_world(4, |rank, comm| {
+//!     if rank == 0 {
+//!         comm.send(&[42u64], 3)?;
+//!     } else if rank == 3 {
+//!         let mut got = [0u64];
+//!         comm.recv(&mut got, 0)?;
+//!         assert_eq!(got, [42]);
+//!     }
+//!     // A ring: everyone sends right and receives from the left at once.
+//!     let (right, left) = ((rank + 1) % 4, (rank + 3) % 4);
+//!     let mut from_left = [0u64];
+//!     comm.send_recv(&[rank as u64], right, &mut from_left, left)?;
+//!     Ok(from_left[0])
+//! });
+//! let out: Vec<u64> = out.into_iter().map(Result::unwrap).collect();
+//! assert_eq!(out, [3, 0, 1, 2]);
+//! ```
+//!
+//! **barrier**: returns once every rank has entered it.
+//! ```
+//! use std::sync::atomic::{AtomicUsize, Ordering::SeqCst};
+//! use collectives::thread::run_world;
+//!
+//! let arrived = AtomicUsize::new(0);
+//! let out = run_world(4, |_rank, comm| {
+//!     arrived.fetch_add(1, SeqCst);
+//!     comm.barrier()?;
+//!     Ok(arrived.load(SeqCst)) // nobody leaves before all four arrived
+//! });
+//! for seen in out {
+//!     assert_eq!(seen.unwrap(), 4);
+//! }
+//! ```
+//!
+//! **split**: ranks with the same color form a new group (numbered by key, then by rank);
+//! `None` opts out. A group is a [`Communicator`] like the world.
+//! ```
+//! use collectives::{thread::run_world, CommExt, ReduceOp};
+//!
+//! let out = run_world(4, |rank, comm| {
+//!     // Even and odd ranks: two groups of two.
+//!     let mut group = comm.split(Some(rank as u32 % 2), 0)?.expect("every rank has a color");
+//!     let mut x = [rank as f32];
+//!     group.all_reduce(&mut x, ReduceOp::Sum)?;
+//!     Ok((group.rank(), group.world_size(), x[0]))
+//! });
+//! let out: Vec<_> = out.into_iter().map(Result::unwrap).collect();
+//! assert_eq!(out, [(0, 2, 2.0), (0, 2, 4.0), (1, 2, 2.0), (1, 2, 4.0)]);
+//! ```
+//!
+//! Errors are values, not hangs: a root or peer out of range, sizes that do not fit, or an
+//! operator the type has no meaning for is a [`CommError::Invalid`] naming the argument, and a
+//! rank that fails or dies ends its peers' waits with an error naming it.
+//! ```
+//! use collectives::{thread::run_world, CommExt, CommError};
+//!
+//! let out = run_world(2, |_rank, comm| {
+//!     let mut x = [1.0f32];
+//!     let e = comm.broadcast(&mut x, 5).unwrap_err(); // there is no rank 5
+//!     assert!(matches!(e, CommError::Invalid { op: "broadcast", .. }), "{e}");
+//!     Ok(())
+//! });
+//! assert!(out.iter().all(|r| r.is_ok()));
+//! ```
+//!
+//! # Where to start reading
+//!
+//! [`Communicator`] (the collectives on byte buffers) and [`CommExt`] (the typed calls everyone
+//! uses); [`from_env`] picks this rank's communicator, [`join`] meets ranks that no launcher
+//! started. The communicators: [`ShmComm`] ([`shm`], the production transport:
+//! [`shm::CommOptions`] for its settings, the protocol and algorithms in the module docs),
+//! [`local::SoloComm`] (a world of one, a program run without tprun) and [`thread::ThreadComm`]
+//! (test ranks as threads). [`JobSegment`] is the launcher's side of the segment; [`reduce`] the
+//! rank-ordered reduction every communicator shares; [`stats`] and [`trace`] what a run reports.
+//! The element types and operators are in [`types`]. The segment's bytes and the protocol are
+//! described in docs/DESIGN.md, "Shared-memory protocol"; the user's guide is docs/collectives.md.
 
+#![warn(missing_docs)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 pub mod args;
@@ -49,9 +258,19 @@ pub type Result<T, E = CommError> = std::result::Result<T, E>;
 #[derive(Debug)]
 pub enum P2p<'a> {
     /// Send `buf` to group rank `peer`.
-    Send { buf: &'a [u8], peer: usize },
+    Send {
+        /// The bytes to send.
+        buf: &'a [u8],
+        /// The receiving rank in this group.
+        peer: usize,
+    },
     /// Receive exactly `buf.len()` bytes from group rank `peer` into `buf`.
-    Recv { buf: &'a mut [u8], peer: usize },
+    Recv {
+        /// Where the bytes land; its length is the size expected.
+        buf: &'a mut [u8],
+        /// The sending rank in this group.
+        peer: usize,
+    },
 }
 
 impl P2p<'_> {
@@ -282,7 +501,9 @@ pub trait Communicator: Send {
 /// `node * per_node + local`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Hierarchy {
+    /// Hosts in the job.
     pub nodes: usize,
+    /// Ranks on each host.
     pub per_node: usize,
 }
 

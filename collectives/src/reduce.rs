@@ -18,6 +18,7 @@ use crate::{DType, ReduceOp};
 /// Which instruction set the kernels use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Simd {
+    /// Plain Rust loops (any CPU; the reference the others match bit for bit).
     Scalar,
     /// AVX2 + F16C.
     Avx2,
@@ -543,6 +544,65 @@ const fn esize(d: u8) -> usize {
 }
 
 // ---------------------------------------------------------------------------------------------
+// The block loop both instruction sets share.
+
+/// Defines `kernel` in a SIMD module (`x512`, `x256`) from that module's `ld`, `st`, `comb` and
+/// `fin`: blocks of four vectors reduced over every source in rank order, then single vectors,
+/// then the scalar tail. One loop for both widths, so they cannot drift apart.
+#[cfg(target_arch = "x86_64")]
+macro_rules! block_kernel {
+    ($feature:literal, $lanes:literal, $splat:ident) => {
+        /// # Safety
+        /// The CPU must support the module's instruction set.
+        /// Every pointer must be valid for the elements read or written through it here, and a
+        /// written range must not overlap a range another live reference uses.
+        #[target_feature(enable = $feature)]
+        pub unsafe fn kernel<const D: u8, const OP: u8>(
+            dst: *mut u8,
+            srcs: &[*const u8],
+            count: usize,
+        ) {
+            // SAFETY: the caller upholds this function's `# Safety` contract.
+            unsafe {
+                let vb = $lanes * esize(D);
+                let s0 = srcs[0];
+                let rest = &srcs[1..];
+                let mut i = 0;
+                let div = $splat(srcs.len() as f32);
+                while i + 4 * $lanes <= count {
+                    let o = i * esize(D);
+                    let mut a0 = ld::<D>(s0.add(o));
+                    let mut a1 = ld::<D>(s0.add(o + vb));
+                    let mut a2 = ld::<D>(s0.add(o + 2 * vb));
+                    let mut a3 = ld::<D>(s0.add(o + 3 * vb));
+                    for &s in rest {
+                        a0 = comb::<OP>(a0, ld::<D>(s.add(o)));
+                        a1 = comb::<OP>(a1, ld::<D>(s.add(o + vb)));
+                        a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
+                        a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
+                    }
+                    st::<D>(dst.add(o), fin::<OP>(a0, div));
+                    st::<D>(dst.add(o + vb), fin::<OP>(a1, div));
+                    st::<D>(dst.add(o + 2 * vb), fin::<OP>(a2, div));
+                    st::<D>(dst.add(o + 3 * vb), fin::<OP>(a3, div));
+                    i += 4 * $lanes;
+                }
+                while i + $lanes <= count {
+                    let o = i * esize(D);
+                    let mut a = ld::<D>(s0.add(o));
+                    for &s in rest {
+                        a = comb::<OP>(a, ld::<D>(s.add(o)));
+                    }
+                    st::<D>(dst.add(o), fin::<OP>(a, div));
+                    i += $lanes;
+                }
+                scalar_range::<D, OP>(dst, srcs, i, count);
+            }
+        }
+    };
+}
+
+// ---------------------------------------------------------------------------------------------
 // AVX-512 (16 lanes, 4 vectors per block).
 
 #[cfg(target_arch = "x86_64")]
@@ -633,53 +693,7 @@ mod x512 {
         }
     }
 
-    /// # Safety
-    /// The CPU must support `avx512f`.
-    /// Every pointer must be valid for the elements read or written through it here, and a
-    /// written range must not overlap a range another live reference uses.
-    #[target_feature(enable = "avx512f")]
-    pub unsafe fn kernel<const D: u8, const OP: u8>(
-        dst: *mut u8,
-        srcs: &[*const u8],
-        count: usize,
-    ) {
-        // SAFETY: the caller upholds this function's `# Safety` contract.
-        unsafe {
-            let vb = 16 * esize(D);
-            let s0 = srcs[0];
-            let rest = &srcs[1..];
-            let mut i = 0;
-            let div = _mm512_set1_ps(srcs.len() as f32);
-            while i + 64 <= count {
-                let o = i * esize(D);
-                let mut a0 = ld::<D>(s0.add(o));
-                let mut a1 = ld::<D>(s0.add(o + vb));
-                let mut a2 = ld::<D>(s0.add(o + 2 * vb));
-                let mut a3 = ld::<D>(s0.add(o + 3 * vb));
-                for &s in rest {
-                    a0 = comb::<OP>(a0, ld::<D>(s.add(o)));
-                    a1 = comb::<OP>(a1, ld::<D>(s.add(o + vb)));
-                    a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
-                    a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
-                }
-                st::<D>(dst.add(o), fin::<OP>(a0, div));
-                st::<D>(dst.add(o + vb), fin::<OP>(a1, div));
-                st::<D>(dst.add(o + 2 * vb), fin::<OP>(a2, div));
-                st::<D>(dst.add(o + 3 * vb), fin::<OP>(a3, div));
-                i += 64;
-            }
-            while i + 16 <= count {
-                let o = i * esize(D);
-                let mut a = ld::<D>(s0.add(o));
-                for &s in rest {
-                    a = comb::<OP>(a, ld::<D>(s.add(o)));
-                }
-                st::<D>(dst.add(o), fin::<OP>(a, div));
-                i += 16;
-            }
-            scalar_range::<D, OP>(dst, srcs, i, count);
-        }
-    }
+    block_kernel!("avx512f", 16, _mm512_set1_ps);
 }
 
 /// # Safety
@@ -785,53 +799,7 @@ mod x256 {
         }
     }
 
-    /// # Safety
-    /// The CPU must support `avx2,f16c`.
-    /// Every pointer must be valid for the elements read or written through it here, and a
-    /// written range must not overlap a range another live reference uses.
-    #[target_feature(enable = "avx2,f16c")]
-    pub unsafe fn kernel<const D: u8, const OP: u8>(
-        dst: *mut u8,
-        srcs: &[*const u8],
-        count: usize,
-    ) {
-        // SAFETY: the caller upholds this function's `# Safety` contract.
-        unsafe {
-            let vb = 8 * esize(D);
-            let s0 = srcs[0];
-            let rest = &srcs[1..];
-            let mut i = 0;
-            let div = _mm256_set1_ps(srcs.len() as f32);
-            while i + 32 <= count {
-                let o = i * esize(D);
-                let mut a0 = ld::<D>(s0.add(o));
-                let mut a1 = ld::<D>(s0.add(o + vb));
-                let mut a2 = ld::<D>(s0.add(o + 2 * vb));
-                let mut a3 = ld::<D>(s0.add(o + 3 * vb));
-                for &s in rest {
-                    a0 = comb::<OP>(a0, ld::<D>(s.add(o)));
-                    a1 = comb::<OP>(a1, ld::<D>(s.add(o + vb)));
-                    a2 = comb::<OP>(a2, ld::<D>(s.add(o + 2 * vb)));
-                    a3 = comb::<OP>(a3, ld::<D>(s.add(o + 3 * vb)));
-                }
-                st::<D>(dst.add(o), fin::<OP>(a0, div));
-                st::<D>(dst.add(o + vb), fin::<OP>(a1, div));
-                st::<D>(dst.add(o + 2 * vb), fin::<OP>(a2, div));
-                st::<D>(dst.add(o + 3 * vb), fin::<OP>(a3, div));
-                i += 32;
-            }
-            while i + 8 <= count {
-                let o = i * esize(D);
-                let mut a = ld::<D>(s0.add(o));
-                for &s in rest {
-                    a = comb::<OP>(a, ld::<D>(s.add(o)));
-                }
-                st::<D>(dst.add(o), fin::<OP>(a, div));
-                i += 8;
-            }
-            scalar_range::<D, OP>(dst, srcs, i, count);
-        }
-    }
+    block_kernel!("avx2,f16c", 8, _mm256_set1_ps);
 }
 
 /// # Safety

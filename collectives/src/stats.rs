@@ -6,19 +6,30 @@ use std::fmt;
 /// The collective operations, in a fixed order (the index into [`CommStats::ops`]).
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum OpKind {
+    /// [`crate::Communicator::all_reduce_raw`].
     AllReduce,
+    /// [`crate::Communicator::all_gather_raw`].
     AllGather,
+    /// [`crate::Communicator::reduce_scatter_raw`].
     ReduceScatter,
+    /// [`crate::Communicator::broadcast_raw`].
     Broadcast,
+    /// [`crate::Communicator::barrier`].
     Barrier,
+    /// [`crate::Communicator::reduce_raw`].
     Reduce,
+    /// [`crate::Communicator::gather_raw`].
     Gather,
+    /// [`crate::Communicator::scatter_raw`].
     Scatter,
+    /// [`crate::Communicator::all_to_all_raw`] and [`crate::Communicator::all_to_allv_raw`].
     AllToAll,
+    /// [`crate::Communicator::send_recv_raw`] (sends, receives and grouped calls).
     SendRecv,
 }
 
 impl OpKind {
+    /// Every kind, in index order (reports list them in this order).
     pub const ALL: [OpKind; 10] = [
         OpKind::AllReduce,
         OpKind::AllGather,
@@ -31,6 +42,7 @@ impl OpKind {
         OpKind::AllToAll,
         OpKind::SendRecv,
     ];
+    /// The snake-case name reports, traces and `perf` use.
     pub fn name(self) -> &'static str {
         match self {
             OpKind::AllReduce => "all_reduce",
@@ -59,6 +71,7 @@ impl fmt::Display for OpKind {
 /// Totals for one operation kind on one rank.
 #[derive(Clone, Copy, Debug, Default, PartialEq, serde::Serialize)]
 pub struct OpStats {
+    /// Calls made.
     pub count: u64,
     /// The operation's size as nccl-tests counts it: the all-reduce/broadcast buffer, the
     /// all-gather output, the reduce-scatter input.
@@ -72,10 +85,12 @@ pub struct OpStats {
 /// One rank's totals for every operation kind since the communicator was made.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct CommStats {
+    /// Totals indexed by [`OpKind`]'s order ([`CommStats::get`] looks one up).
     pub ops: [OpStats; OpKind::ALL.len()],
 }
 
 impl CommStats {
+    /// The totals of one kind.
     pub fn get(&self, kind: OpKind) -> &OpStats {
         &self.ops[kind.index()]
     }

@@ -2,7 +2,7 @@
 //!
 //! Off by default: every record point first does one relaxed load of [`enabled`], so the cost
 //! with tracing off is a predictable branch. When on, events go into a process-wide buffer
-//! (one rank = one process) and [`write_rank_file`] writes them at the end of the program.
+//! (one rank = one process) and [`finish_rank`] (or [`finish_auto`]) hands them on at the end of the program.
 //! Timestamps are `CLOCK_MONOTONIC` in microseconds, one clock for every process on the host, so
 //! the ranks' tracks line up without any synchronisation. tprun merges the per-rank files with
 //! [`merge`] into one file that Perfetto and chrome://tracing open: pid = rank, tid 1 = compute,
@@ -51,9 +51,14 @@ enum Detail {
 /// One collective call as the trace shows it.
 #[derive(Clone, Debug)]
 pub struct CommEvent {
+    /// Which collective.
     pub op: OpKind,
+    /// Its size as [`crate::OpStats::bytes`] counts it.
     pub bytes: u64,
+    /// The element type (`None` for broadcast and barrier, which move untyped bytes).
     pub dtype: Option<DType>,
+    /// The algorithm the transport chose (`one_shot`, `ring`, `local`, ...), to tell slow
+    /// calls apart by how they ran.
     pub algorithm: &'static str,
     /// Protocol steps the call took (chunks x phases).
     pub steps: u64,

@@ -9,15 +9,25 @@ use half::{bf16, f16};
 /// flight recorder, so new types go at the end.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum DType {
+    /// IEEE single precision (`f32`, torch.float32).
     F32,
+    /// bfloat16 (`half::bf16`), the model weights' usual type; reduces in f32.
     BF16,
+    /// IEEE half precision (`half::f16`); reduces in f32.
     F16,
+    /// `u8` (torch.uint8).
     U8,
+    /// `i32` (torch.int32).
     I32,
+    /// `u32` (torch.uint32).
     U32,
+    /// `i64` (torch.int64, token ids and counts).
     I64,
+    /// `u64` (torch.uint64).
     U64,
+    /// IEEE double precision (`f64`); reduces in f64.
     F64,
+    /// `i8` (torch.int8).
     I8,
 }
 
@@ -35,6 +45,7 @@ impl DType {
         DType::F64,
         DType::I8,
     ];
+    /// Bytes per element, to turn element counts into buffer lengths.
     pub fn size(self) -> usize {
         match self {
             DType::U8 | DType::I8 => 1,
@@ -99,14 +110,23 @@ impl DType {
 /// - `BAnd`/`BOr`/`BXor`: bitwise, integer types only.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub enum ReduceOp {
+    /// Sum in rank order.
     Sum,
+    /// Element-wise maximum.
     Max,
+    /// Element-wise minimum.
     Min,
+    /// Product in rank order.
     Product,
+    /// Rank-order sum divided by the group size once at the end.
     Avg,
+    /// Bitwise and (integer types).
     BAnd,
+    /// Bitwise or (integer types).
     BOr,
+    /// Bitwise exclusive or (integer types).
     BXor,
+    /// Each rank scales its own input by its factor before the sum (float types).
     PreMulSum(f64),
 }
 
@@ -162,12 +182,15 @@ impl ReduceOp {
 
 /// A Rust element type that maps to a [`DType`]: what every collective moves and reduces.
 pub trait Element: bytemuck::Pod + Send + Sync + 'static {
+    /// The tag the byte-level calls carry for this type.
     const DTYPE: DType;
 }
 
 /// A float element type the model code computes with through f32 (f32, bf16, f16).
 pub trait Float: Element {
+    /// Widens to f32, where the arithmetic happens.
     fn to_f32(self) -> f32;
+    /// Rounds an f32 result back to the storage type (bf16, f16: to nearest even).
     fn from_f32(v: f32) -> Self;
 }
 

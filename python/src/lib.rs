@@ -5,11 +5,12 @@
 //! copied (except an input that overlaps an output). The GIL is released for the duration of
 //! every collective.
 //!
-//! Every operation goes through one method, [`NativeComm::run`], which maps an op name, the
+//! Every operation goes through one method, `NativeComm::run`, which maps an op name, the
 //! collectives' dtype and reduce-op names and a list of buffers onto the `Communicator` trait, so
-//! a new operation of the trait is one arm of [`Op::call`], not a new wrapper.
+//! a new operation of the trait is one arm of `Op::call`, not a new wrapper.
 
 #![deny(unsafe_op_in_unsafe_fn)]
+#![warn(missing_docs)]
 
 use std::sync::Mutex;
 use std::time::Duration;

@@ -20,6 +20,27 @@ pub fn fixture(name: &str) -> PathBuf {
         .join(name)
 }
 
+/// Builds example `name` of `package` (`cargo build --example`) and returns its path: the
+/// integration tests run examples as rank programs, and `cargo test --test X` alone does not
+/// build them.
+pub fn example(package: &str, name: &str) -> String {
+    let st = Command::new(env!("CARGO"))
+        .args(["build", "--quiet", "--example", name, "-p", package])
+        .status()
+        .unwrap();
+    assert!(
+        st.success(),
+        "cargo build --example {name} -p {package} failed"
+    );
+    let exe = Path::new(env!("CARGO_BIN_EXE_tprun"));
+    exe.parent()
+        .unwrap()
+        .join("examples")
+        .join(name)
+        .display()
+        .to_string()
+}
+
 /// A scratch directory `<tmp>/tprun-<prefix>-<tag>-<pid>`, removed on drop.
 pub struct TempDir(pub PathBuf);
 

@@ -50,9 +50,13 @@ pub(crate) fn exit(f: (&FlightHdr, &[FlightRec]), seq: u64, now_ns: u64) {
 /// One call as the flight recorder kept it.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct FlightRecord {
+    /// The call's sequence number in its group.
     pub seq: u64,
+    /// The operation's name.
     pub op: &'static str,
+    /// The element type's name (`None` for untyped calls).
     pub dtype: Option<&'static str>,
+    /// The call's size.
     pub bytes: u64,
     /// `CLOCK_MONOTONIC` nanoseconds.
     pub enter_ns: u64,
@@ -63,8 +67,11 @@ pub struct FlightRecord {
 /// One rank's flight recorder: the last call it entered and its kept records, oldest first.
 #[derive(Clone, Debug, PartialEq, serde::Serialize)]
 pub struct RankFlight {
+    /// Whose recorder this is.
     pub rank: usize,
+    /// Sequence number of the last call the rank entered (a hung rank is the one behind).
     pub entered: u64,
+    /// Its kept calls, oldest first.
     pub records: Vec<FlightRecord>,
 }
 

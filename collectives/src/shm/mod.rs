@@ -127,6 +127,7 @@ impl ShmComm {
         ShmComm::new_group_with(n, &SegmentOptions::default(), &CommOptions::for_world(n))
     }
 
+    /// [`ShmComm::new_group`] with explicit segment and wait settings (tests that tune them).
     pub fn new_group_with(
         n: usize,
         seg: &SegmentOptions,
@@ -211,6 +212,7 @@ impl ShmComm {
         self.lay.slot
     }
 
+    /// The wait and algorithm settings this rank runs with.
     pub fn options(&self) -> &CommOptions {
         &self.opts
     }

@@ -6,11 +6,16 @@ use std::time::Duration;
 use super::sys;
 use crate::{env, CommError, Result};
 
-/// Environment variables a rank reads (besides RANK / WORLD_SIZE and the segment's).
+// Environment variables a rank reads (besides RANK / WORLD_SIZE and the segment's).
+/// [`CommOptions::timeout`] in seconds.
 pub const ENV_TIMEOUT: &str = "TPRUN_COMM_TIMEOUT_S";
+/// [`CommOptions::spin`] in microseconds.
 pub const ENV_SPIN: &str = "TPRUN_COMM_SPIN_US";
+/// [`CommOptions::yields`].
 pub const ENV_YIELDS: &str = "TPRUN_COMM_YIELDS";
+/// [`CommOptions::one_shot_max`] in bytes.
 pub const ENV_ONE_SHOT: &str = "TPRUN_COMM_ONESHOT_MAX";
+/// [`CommOptions::chunk_bytes`].
 pub const ENV_CHUNK: &str = "TPRUN_COMM_CHUNK_BYTES";
 pub const ENV_DIRECT_MIN: &str = "TPRUN_COMM_DIRECT_MIN";
 

@@ -9,7 +9,7 @@
 //! - **named** (ranks started some other way, e.g. by torchrun or by hand): rank 0 creates
 //!   `/dev/shm/tprun-<uid>/<run id>` with `O_EXCL`, the others wait for it (with the deadline),
 //!   and the last rank to map it unlinks the name (and the directory once empty), so it exists
-//!   only during start-up. The directory is this user's alone (see [`named_dir`]).
+//!   only during start-up. The directory is this user's alone (mode 700, checked before use).
 //! - **in-process** ([`JobSegment::create_with`] + [`JobSegment::communicators`], or
 //!   `ShmComm::new_group`): one memfd, one communicator per thread, for tests.
 //!
@@ -37,10 +37,14 @@ use super::sys;
 use super::{CommOptions, ShmComm};
 use crate::{CommError, Result};
 
-/// Environment variables of the contract between tprun and the ranks.
+// Environment variables of the contract between tprun and the ranks.
+/// The inherited segment's file descriptor.
 pub const ENV_FD: &str = "TPRUN_SHM_FD";
+/// The segment's size, checked against the mapping.
 pub const ENV_BYTES: &str = "TPRUN_SHM_BYTES";
+/// A directory for the segment instead of a memfd (a tmpfs with room, where /dev/shm is small).
 pub const ENV_DIR: &str = "TPRUN_SHM_DIR";
+/// Bytes per data half of each rank's slot ([`SegmentOptions`]).
 pub const ENV_SLOT: &str = "TPRUN_SHM_SLOT_BYTES";
 
 fn setup(msg: impl Into<String>) -> CommError {
@@ -344,6 +348,7 @@ impl JobSegment {
         JobSegment::create_with(world_size, &SegmentOptions::from_env()?)
     }
 
+    /// [`JobSegment::create`] with explicit options instead of the environment's (tests, tools).
     pub fn create_with(world_size: usize, opts: &SegmentOptions) -> Result<JobSegment> {
         opts.check(world_size)?;
         let lay = Layout::new(world_size, opts.slot_bytes);
@@ -374,10 +379,12 @@ impl JobSegment {
         self.map.fd.as_fd()
     }
 
+    /// The segment's size (header, control blocks and every rank's slot).
     pub fn total_bytes(&self) -> usize {
         self.lay.total
     }
 
+    /// Ranks the segment was made for.
     pub fn world_size(&self) -> usize {
         self.lay.world
     }

@@ -1,6 +1,14 @@
-//! The README's Rust example as a program: `tprun -n 4 -- target/debug/examples/surface`.
+//! The collectives from Rust, as a program any rank runs: `collectives::from_env()` gives this
+//! rank's communicator (a world of one when started without tprun).
+//!
+//! ```sh
+//! cargo build --example from_env
+//! tprun -n 4 -- target/debug/examples/from_env
+//! ```
+//!
 //! Splits the world into pairs, averages a gradient in each pair, passes a value around the
 //! world's ring, and prints what it got (checked, so a wrong result exits non-zero).
+//! tests/examples.rs runs it at 4 and 3 ranks; docs/collectives.md explains every call.
 
 use collectives::{CommExt, Communicator, ReduceOp};
 
