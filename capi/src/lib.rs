@@ -1,12 +1,13 @@
 //! libtprun: tprun's collectives behind a C API in NCCL's shape (`include/tprun.h`, which
 //! documents every call; README.md, "From C and C++").
 //!
-//! Each `extern "C"` function checks its arguments into an [`ops::Op`], then runs it on the
-//! communicator at once or, inside a group ([`group`]), at the outermost `tprunGroupEnd`. Nothing
-//! unwinds into C: every entry point runs under [`entry`], which turns a panic into
+//! Each `extern "C"` function checks its arguments into an `ops::Op`, then runs it on the
+//! communicator at once or, inside a group (`group`), at the outermost `tprunGroupEnd`. Nothing
+//! unwinds into C: every entry point runs under `entry`, which turns a panic into
 //! `tprunInternalError` with its message. Errors are a code plus a message kept per communicator
 //! (`tprunGetLastError(comm)`) and per thread (`tprunGetLastError(NULL)`).
 
+#![warn(missing_docs)]
 #![allow(non_camel_case_types, non_upper_case_globals)]
 // The entry points are C's: their pointer contract is tprun.h's, checked where it can be (NULL,
 // sizes, overlaps); `unsafe fn` would change nothing for a C caller.
@@ -27,11 +28,17 @@ use ops::{Check, Failure, Op, Redop};
 
 /// `tprunResult_t` (an `int` in C; the values are NCCL's).
 pub type tprunResult_t = c_int;
+/// The call succeeded.
 pub const tprunSuccess: c_int = 0;
+/// The system refused something (shared memory, a file, a thread).
 pub const tprunSystemError: c_int = 2;
+/// A bug in tprun (a caught panic among them); the message says where.
 pub const tprunInternalError: c_int = 3;
+/// A bad argument (NULL pointer, count, root, peer, datatype, operator); nothing ran.
 pub const tprunInvalidArgument: c_int = 4;
+/// A call out of order (e.g. tprunGroupEnd without tprunGroupStart) or a misconfigured environment.
 pub const tprunInvalidUsage: c_int = 5;
+/// A peer died, left or did not arrive within the deadline; the message names it.
 pub const tprunRemoteError: c_int = 6;
 
 /// The first operator id `tprunRedOpCreatePreMulSum` hands out (`tprunNumOps`).
@@ -344,6 +351,7 @@ fn init_fail(name: &str, e: &anyhow::Error) -> Fail {
     }
 }
 
+/// Writes the library version (major * 10000 + minor * 100 + patch).
 #[no_mangle]
 pub extern "C" fn tprunGetVersion(version: *mut c_int) -> tprunResult_t {
     entry("tprunGetVersion", std::ptr::null(), || {
@@ -360,6 +368,7 @@ fn version_code() -> c_int {
         + part(env!("CARGO_PKG_VERSION_PATCH"))
 }
 
+/// A static description of a result code.
 #[no_mangle]
 pub extern "C" fn tprunGetErrorString(result: tprunResult_t) -> *const c_char {
     let s: &'static CStr = match result {
@@ -374,6 +383,7 @@ pub extern "C" fn tprunGetErrorString(result: tprunResult_t) -> *const c_char {
     s.as_ptr()
 }
 
+/// The last error message of `comm` (or of this thread, with NULL): op, rank and peer.
 #[no_mangle]
 pub extern "C" fn tprunGetLastError(comm: tprunComm_t) -> *const c_char {
     let r = catch_unwind(AssertUnwindSafe(|| {
@@ -394,6 +404,7 @@ pub extern "C" fn tprunGetLastError(comm: tprunComm_t) -> *const c_char {
 /// `tprunComm_t`.
 pub type tprunComm_t = *mut tprunComm;
 
+/// A communicator over every rank of the job, from the launcher's environment (tprun, torchrun, Open MPI, Slurm).
 #[no_mangle]
 pub extern "C" fn tprunCommInitFromEnv(comm: *mut tprunComm_t) -> tprunResult_t {
     const N: &str = "tprunCommInitFromEnv";
@@ -405,6 +416,7 @@ pub extern "C" fn tprunCommInitFromEnv(comm: *mut tprunComm_t) -> tprunResult_t 
     })
 }
 
+/// A communicator for programs that rendezvous themselves: `nranks` ranks meeting by `job_key`.
 #[no_mangle]
 pub extern "C" fn tprunCommInitRank(
     comm: *mut tprunComm_t,
@@ -436,6 +448,7 @@ pub extern "C" fn tprunCommInitRank(
     })
 }
 
+/// MPI_Comm_split / ncclCommSplit: ranks of one `color` form a group ordered by `key`, then rank.
 #[no_mangle]
 pub extern "C" fn tprunCommSplit(
     comm: tprunComm_t,
@@ -477,6 +490,7 @@ pub extern "C" fn tprunCommSplit(
     })
 }
 
+/// Frees a communicator (a group's memory goes with its last member).
 #[no_mangle]
 pub extern "C" fn tprunCommDestroy(comm: tprunComm_t) -> tprunResult_t {
     const N: &str = "tprunCommDestroy";
@@ -496,6 +510,7 @@ pub extern "C" fn tprunCommDestroy(comm: tprunComm_t) -> tprunResult_t {
     })
 }
 
+/// Writes the number of ranks of `comm`.
 #[no_mangle]
 pub extern "C" fn tprunCommCount(comm: tprunComm_t, count: *mut c_int) -> tprunResult_t {
     const N: &str = "tprunCommCount";
@@ -507,6 +522,7 @@ pub extern "C" fn tprunCommCount(comm: tprunComm_t, count: *mut c_int) -> tprunR
     })
 }
 
+/// Writes this process's rank in `comm`.
 #[no_mangle]
 pub extern "C" fn tprunCommUserRank(comm: tprunComm_t, rank: *mut c_int) -> tprunResult_t {
     const N: &str = "tprunCommUserRank";
@@ -518,6 +534,7 @@ pub extern "C" fn tprunCommUserRank(comm: tprunComm_t, rank: *mut c_int) -> tpru
     })
 }
 
+/// Creates a pre-multiplied-sum operator (each rank's input scaled by its `scalar`, then summed).
 #[no_mangle]
 pub extern "C" fn tprunRedOpCreatePreMulSum(
     op: *mut c_int,
@@ -571,6 +588,7 @@ pub extern "C" fn tprunRedOpCreatePreMulSum(
     })
 }
 
+/// Frees an operator made by tprunRedOpCreatePreMulSum.
 #[no_mangle]
 pub extern "C" fn tprunRedOpDestroy(op: c_int, comm: tprunComm_t) -> tprunResult_t {
     const N: &str = "tprunRedOpDestroy";
@@ -612,6 +630,7 @@ fn data_call(
     })
 }
 
+/// ncclAllReduce on host buffers (in place when sendbuff == recvbuff).
 #[no_mangle]
 pub extern "C" fn tprunAllReduce(
     sendbuff: *const c_void,
@@ -627,6 +646,7 @@ pub extern "C" fn tprunAllReduce(
     })
 }
 
+/// ncclAllGather on host buffers: recvbuff gets every rank's sendcount elements in rank order.
 #[no_mangle]
 pub extern "C" fn tprunAllGather(
     sendbuff: *const c_void,
@@ -640,6 +660,7 @@ pub extern "C" fn tprunAllGather(
     })
 }
 
+/// ncclReduceScatter on host buffers: rank r gets chunk r of the reduction.
 #[no_mangle]
 pub extern "C" fn tprunReduceScatter(
     sendbuff: *const c_void,
@@ -655,6 +676,7 @@ pub extern "C" fn tprunReduceScatter(
     })
 }
 
+/// ncclBroadcast on host buffers: every recvbuff gets root's sendbuff.
 #[no_mangle]
 pub extern "C" fn tprunBroadcast(
     sendbuff: *const c_void,
@@ -669,6 +691,7 @@ pub extern "C" fn tprunBroadcast(
     })
 }
 
+/// ncclReduce on host buffers: root's recvbuff gets the reduction.
 #[no_mangle]
 pub extern "C" fn tprunReduce(
     sendbuff: *const c_void,
@@ -685,6 +708,7 @@ pub extern "C" fn tprunReduce(
     })
 }
 
+/// All-to-all with equal chunks: chunk p of sendbuff goes to rank p.
 #[no_mangle]
 pub extern "C" fn tprunAllToAll(
     sendbuff: *const c_void,
@@ -698,6 +722,7 @@ pub extern "C" fn tprunAllToAll(
     })
 }
 
+/// Gather to root: root's recvbuff gets every rank's chunk in rank order.
 #[no_mangle]
 pub extern "C" fn tprunGather(
     sendbuff: *const c_void,
@@ -712,6 +737,7 @@ pub extern "C" fn tprunGather(
     })
 }
 
+/// Scatter from root: rank r gets chunk r of root's sendbuff.
 #[no_mangle]
 pub extern "C" fn tprunScatter(
     sendbuff: *const c_void,
@@ -726,6 +752,7 @@ pub extern "C" fn tprunScatter(
     })
 }
 
+/// Returns once every rank of `comm` has called it.
 #[no_mangle]
 pub extern "C" fn tprunBarrier(comm: tprunComm_t) -> tprunResult_t {
     const N: &str = "tprunBarrier";
@@ -736,6 +763,7 @@ pub extern "C" fn tprunBarrier(comm: tprunComm_t) -> tprunResult_t {
     })
 }
 
+/// ncclSend: blocking, or queued inside tprunGroupStart/End.
 #[no_mangle]
 pub extern "C" fn tprunSend(
     sendbuff: *const c_void,
@@ -749,6 +777,7 @@ pub extern "C" fn tprunSend(
     })
 }
 
+/// ncclRecv: blocking, or queued inside tprunGroupStart/End.
 #[no_mangle]
 pub extern "C" fn tprunRecv(
     recvbuff: *mut c_void,
@@ -762,6 +791,7 @@ pub extern "C" fn tprunRecv(
     })
 }
 
+/// Starts queueing calls (nestable), as ncclGroupStart.
 #[no_mangle]
 pub extern "C" fn tprunGroupStart() -> tprunResult_t {
     entry("tprunGroupStart", std::ptr::null(), || {
@@ -770,6 +800,7 @@ pub extern "C" fn tprunGroupStart() -> tprunResult_t {
     })
 }
 
+/// Runs the queued calls together at the outermost end (a send/recv ring cannot deadlock).
 #[no_mangle]
 pub extern "C" fn tprunGroupEnd() -> tprunResult_t {
     entry("tprunGroupEnd", std::ptr::null(), group::end)

@@ -17,6 +17,7 @@ pub const ENV_YIELDS: &str = "TPRUN_COMM_YIELDS";
 pub const ENV_ONE_SHOT: &str = "TPRUN_COMM_ONESHOT_MAX";
 /// [`CommOptions::chunk_bytes`].
 pub const ENV_CHUNK: &str = "TPRUN_COMM_CHUNK_BYTES";
+/// Smallest per-rank piece moved by single copy (bytes, or `off`): [`CommOptions::direct_min`].
 pub const ENV_DIRECT_MIN: &str = "TPRUN_COMM_DIRECT_MIN";
 
 /// Default of [`CommOptions::direct_min`]. Below it the two copies through the segment cost
