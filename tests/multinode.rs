@@ -7,38 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{finish, run_cmd, tprun, Finished};
+use common::{clean, finish, run_cmd, tprun, Finished};
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-/// Every launcher variable a test run might inherit, removed so each test sets only its own.
-const LAUNCHER_VARS: &[&str] = &[
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "TPRUN_SHM_FD",
-    "TPRUN_RUN_ID",
-    "TPRUN_ROLE",
-    "MASTER_PORT",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMIX_RANK",
-    "PMI_RANK",
-    "PMI_SIZE",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_JOB_ID",
-    "TPRUN_PRETEND_NODES",
-];
-
-fn clean(mut c: Command) -> Command {
-    for v in LAUNCHER_VARS {
-        c.env_remove(v);
-    }
-    c
-}
 
 /// `tprun rank ARGS` as task `rank` of a hand-made srun job of `tasks` tasks on `nodes` nodes.
 fn srun_task(rank: usize, tasks: usize, nodes: usize, job: &str, args: &[&str]) -> Command {

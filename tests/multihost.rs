@@ -1,0 +1,220 @@
+//! Separate hosts on one machine (feature `mpi`, root): `tools/nshosts.sh` makes 2 hosts as
+//! network + UTS + mount namespaces joined by veths (own host name, /dev/shm, /tmp), and Open
+//! MPI's mpirun starts the ranks in them through a launch agent instead of ssh. The node-local
+//! segment is then really per host and every inter-host byte crosses the veths over TCP; nothing
+//! is pretended (no TPRUN_PRETEND_NODES: the nodes are what MPI finds). Where the machine refuses
+//! namespaces each test logs a SKIPPED line (kernels::skips) instead.
+//!
+//! The harness's own tests (cleanup on failure and on a signal) need no MPI and run in every
+//! build.
+
+use std::path::Path;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+mod common;
+use common::{clean, finish, run_cmd, tprun_bin, Finished};
+
+const LIMIT: Duration = Duration::from_secs(300);
+
+/// The rank program of `collectives/examples/hier_ops.rs` (as in tests/multinode.rs).
+#[cfg(feature = "mpi")]
+#[path = "../collectives/examples/hier_ops.rs"]
+mod hier_ops;
+
+#[cfg(feature = "mpi")]
+/// Set in the ranks that [`groups_p2p_and_all_to_all_across_2_hosts`] starts.
+const HIER_OPS_RANK: &str = "TPRUN_TEST_HIER_OPS_RANK";
+
+/// `tools/nshosts.sh --hosts 2 --slots 2 -- bash -c SCRIPT`, not yet started.
+fn nshosts(script: &str) -> Command {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut c = clean(Command::new("bash"));
+    c.arg(root.join("tools/nshosts.sh"))
+        .args(["--hosts", "2", "--slots", "2", "--", "bash", "-c", script])
+        .env("TPRUN", tprun_bin())
+        .env("TEST_BIN", std::env::current_exe().unwrap())
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped());
+    c
+}
+
+/// Whether a finished nshosts run was refused namespaces (then a SKIPPED line is logged).
+fn refused(test: &str, r: &Finished) -> bool {
+    if r.code != 77 {
+        return false;
+    }
+    let why = r
+        .stderr
+        .lines()
+        .find(|l| l.contains("nshosts: SKIP"))
+        .unwrap_or("");
+    common::skip(test, &format!("separate hosts need namespaces: {why}"));
+    true
+}
+
+/// What run `pid` of nshosts.sh left: its namespaces (`tpn<pid>-*`) and its directory.
+fn left_by(pid: u32) -> Vec<String> {
+    let out = Command::new("ip").args(["netns", "list"]).output();
+    let mut left: Vec<String> = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| l.starts_with(&format!("tpn{pid}-")))
+        .map(str::to_string)
+        .collect();
+    let dir = format!("/run/tprun-nshosts.{pid}");
+    if Path::new(&dir).exists() {
+        left.push(dir);
+    }
+    left
+}
+
+#[test]
+fn the_harness_removes_everything_after_a_failure_and_after_sigterm() {
+    // A failing command: its status comes back, nothing stays.
+    let mut c = nshosts("hostname; ls /run/netns >/dev/null; exit 3");
+    let started = Instant::now();
+    let child = c.spawn().unwrap();
+    let pid = child.id();
+    let r = finish(child, started, LIMIT);
+    if refused("multihost harness cleanup", &r) {
+        return;
+    }
+    assert_eq!((r.code, r.stdout.trim()), (3, "head"), "{}", r.stderr);
+    assert_eq!(left_by(pid), Vec::<String>::new());
+    // SIGTERM while a process runs on a host: the process is ended, nothing stays.
+    let script = r#"$NSHOSTS_ENTER h2 sleep 300 & echo started; wait"#;
+    let mut c = nshosts(script);
+    let started = Instant::now();
+    let mut child = c.spawn().unwrap();
+    let pid = child.id();
+    let mut out = child.stdout.take().unwrap();
+    let mut first = [0u8; 8];
+    std::io::Read::read_exact(&mut out, &mut first).unwrap();
+    assert_eq!(&first, b"started\n");
+    let sleeper = || {
+        Command::new("ip")
+            .args(["netns", "pids", &format!("tpn{pid}-h2")])
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+            .unwrap_or_default()
+    };
+    while sleeper().is_empty() {
+        assert!(started.elapsed() < LIMIT, "sleep never started on h2");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let on_h2: Vec<i32> = sleeper().lines().filter_map(|l| l.parse().ok()).collect();
+    // SAFETY: kill(2) of the script this test started.
+    assert_eq!(unsafe { libc::kill(pid as i32, libc::SIGTERM) }, 0);
+    let st = common::wait_limited(&mut child, LIMIT).expect("nshosts did not end on SIGTERM");
+    assert_eq!(common::code_of(st), 143);
+    assert_eq!(left_by(pid), Vec::<String>::new());
+    for p in on_h2 {
+        assert!(
+            !Path::new(&format!("/proc/{p}")).exists()
+                || common::proc_stat(p as u32).is_some_and(|(_, s)| s == 'Z'),
+            "process {p} on h2 outlived the harness"
+        );
+    }
+}
+
+/// `tools/nshosts.sh --hosts 2 --slots 2 -- bash -c SCRIPT` with `TPRUN` (the binary under test)
+/// and `TEST_BIN` (this test binary) set; `None` (after a SKIPPED line) where the machine refuses
+/// namespaces.
+#[cfg(feature = "mpi")]
+fn on_hosts(test: &str, script: &str) -> Option<Finished> {
+    let r = run_cmd(&mut nshosts(script), LIMIT);
+    (!refused(test, &r)).then_some(r)
+}
+
+/// The `Out of bounds values : N OK` lines of a perf --check run; panics unless there are `want`
+/// and every one says 0.
+#[cfg(feature = "mpi")]
+fn all_checks_pass(out: &str, want: usize) {
+    let lines: Vec<&str> = out
+        .lines()
+        .filter(|l| l.contains("Out of bounds values"))
+        .collect();
+    assert_eq!(lines.len(), want, "{out}");
+    assert!(
+        lines
+            .iter()
+            .all(|l| l.contains("Out of bounds values : 0 OK")),
+        "{out}"
+    );
+}
+
+/// Every operation perf runs (`--op all` is the four collectives).
+#[cfg(feature = "mpi")]
+const ALL_OPS: &str =
+    "all-reduce,all-gather,reduce-scatter,broadcast,reduce,gather,scatter,all-to-all,send-recv";
+
+#[cfg(feature = "mpi")]
+#[test]
+fn perf_check_every_op_across_2_hosts_in_the_world_and_in_host_groups() {
+    // Every op of perf (all-reduce ... all-to-all, send_recv) on the world of 2 hosts x 2 ranks,
+    // then inside groups of 2 consecutive ranks (each group on one host).
+    let script = r#"
+        set -e
+        mpirun $NSHOSTS_MPIRUN -np 4 sh -c 'echo "rank $OMPI_COMM_WORLD_RANK on $(hostname)"' | sort
+        mpirun $NSHOSTS_MPIRUN -np 4 "$TPRUN" rank perf --op $OPS --check --max-bytes 256K --iters 3 --warmup 1
+        echo ==== groups
+        mpirun $NSHOSTS_MPIRUN -np 4 "$TPRUN" rank perf --op $OPS --check --max-bytes 64K --group-size 2 --iters 3 --warmup 1
+    "#;
+    let script = format!("OPS={ALL_OPS}\n{script}");
+    let Some(r) = on_hosts("multihost perf_check", &script) else {
+        return;
+    };
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    for (rank, host) in [(0, "h1"), (1, "h1"), (2, "h2"), (3, "h2")] {
+        let line = format!("rank {rank} on {host}");
+        assert!(r.stdout.contains(&line), "{line}: {}", r.stdout);
+    }
+    let (world, groups) = r.stdout.split_once("==== groups").unwrap();
+    assert!(
+        world.contains("hierarchy: 2 nodes x 2 ranks per node"),
+        "MPI must find 2 hosts of 2 ranks: {world}"
+    );
+    // perf --check compares every element on every rank with the flat rank-order result, bit for
+    // bit: one line per op, 0 wrong on every rank.
+    let ops = ALL_OPS.split(',').count();
+    all_checks_pass(world, ops);
+    all_checks_pass(groups, ops);
+}
+
+/// One rank of [`groups_p2p_and_all_to_all_across_2_hosts`] (this test binary re-run by mpirun
+/// with only this test selected); ignored in an ordinary run.
+#[cfg(feature = "mpi")]
+#[test]
+#[ignore = "a rank program: groups_p2p_and_all_to_all_across_2_hosts runs it under mpirun"]
+fn hier_ops_rank() {
+    assert!(
+        std::env::var_os(HIER_OPS_RANK).is_some(),
+        "only meaningful under mpirun (groups_p2p_and_all_to_all_across_2_hosts)"
+    );
+    let res = hier_ops::run();
+    collectives::end_job(res.is_ok());
+    println!("{}", res.unwrap());
+}
+
+/// collectives/examples/hier_ops.rs on 2 hosts x 2 ranks: point-to-point (ring, in-order pairs),
+/// reduce, gather, scatter, all-to-all(v), every reduction type, groups spanning both hosts
+/// (even and odd ranks, reversed keys), a nested split with a rank opting out, every value
+/// checked bit for bit against the rank-order reference on every rank.
+#[cfg(feature = "mpi")]
+#[test]
+fn groups_p2p_and_all_to_all_across_2_hosts() {
+    let script = format!(
+        r#"mpirun $NSHOSTS_MPIRUN -np 4 -x {HIER_OPS_RANK}=1 "$TEST_BIN" --exact hier_ops_rank --ignored --nocapture --test-threads=1"#
+    );
+    let Some(r) = on_hosts("multihost hier_ops", &script) else {
+        return;
+    };
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    for rank in 0..4 {
+        let line = format!("hier_ops: rank {rank} of 4: 133 checks passed");
+        assert!(r.stdout.contains(&line), "{line}: {}", r.stdout);
+    }
+}
