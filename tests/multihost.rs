@@ -155,13 +155,16 @@ const ALL_OPS: &str =
 #[test]
 fn perf_check_every_op_across_2_hosts_in_the_world_and_in_host_groups() {
     // Every op of perf (all-reduce ... all-to-all, send_recv) on the world of 2 hosts x 2 ranks,
-    // then inside groups of 2 consecutive ranks (each group on one host).
+    // then inside groups of 2 consecutive ranks (each group on one host), then all-reduce and
+    // reduce in the fast hierarchy mode.
     let script = r#"
         set -e
         mpirun $NSHOSTS_MPIRUN -np 4 sh -c 'echo "rank $OMPI_COMM_WORLD_RANK on $(hostname)"' | sort
         mpirun $NSHOSTS_MPIRUN -np 4 "$TPRUN" rank perf --op $OPS --check --max-bytes 256K --iters 3 --warmup 1
         echo ==== groups
         mpirun $NSHOSTS_MPIRUN -np 4 "$TPRUN" rank perf --op $OPS --check --max-bytes 64K --group-size 2 --iters 3 --warmup 1
+        echo ==== fast
+        mpirun $NSHOSTS_MPIRUN -np 4 "$TPRUN" rank perf --op all-reduce,reduce --check --hier-mode fast --max-bytes 256K --iters 3 --warmup 1
     "#;
     let script = format!("OPS={ALL_OPS}\n{script}");
     let Some(r) = on_hosts("multihost perf_check", &script) else {
@@ -172,7 +175,8 @@ fn perf_check_every_op_across_2_hosts_in_the_world_and_in_host_groups() {
         let line = format!("rank {rank} on {host}");
         assert!(r.stdout.contains(&line), "{line}: {}", r.stdout);
     }
-    let (world, groups) = r.stdout.split_once("==== groups").unwrap();
+    let (world, rest) = r.stdout.split_once("==== groups").unwrap();
+    let (groups, fast) = rest.split_once("==== fast").unwrap();
     assert!(
         world.contains("hierarchy: 2 nodes x 2 ranks per node"),
         "MPI must find 2 hosts of 2 ranks: {world}"
@@ -182,6 +186,12 @@ fn perf_check_every_op_across_2_hosts_in_the_world_and_in_host_groups() {
     let ops = ALL_OPS.split(',').count();
     all_checks_pass(world, ops);
     all_checks_pass(groups, ops);
+    // The fast hierarchy across the hosts: every rank has the fast order's bits.
+    assert!(
+        fast.contains("all-reduce fast (node partial sums"),
+        "{fast}"
+    );
+    all_checks_pass(fast, 2);
 }
 
 /// One rank of [`groups_p2p_and_all_to_all_across_2_hosts`] (this test binary re-run by mpirun
