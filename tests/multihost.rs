@@ -228,3 +228,87 @@ fn groups_p2p_and_all_to_all_across_2_hosts() {
         assert!(r.stdout.contains(&line), "{line}: {}", r.stdout);
     }
 }
+
+/// Runs a 2 x 2 all-reduce loop on the hosts, applies `fault` once every rank runs (`kill`:
+/// SIGKILL of rank 2, on h2; `cut`: h2's link down), and returns the run's output, mpirun's exit
+/// status, the seconds from the fault to mpirun's end, and what was left on h1 and h2 then.
+#[cfg(feature = "mpi")]
+fn fault_run(test: &str, fault: &str) -> Option<(String, i32, f64, String)> {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("multihost-{fault}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    // The pid files live outside /tmp (every host has its own /tmp).
+    let script = format!(
+        r#"PIDDIR={dir}
+mpirun $NSHOSTS_MPIRUN -np 4 -x PIDDIR="$PIDDIR" sh -c 'echo $$ > "$PIDDIR/pid.$OMPI_COMM_WORLD_RANK.tmp" && mv "$PIDDIR/pid.$OMPI_COMM_WORLD_RANK.tmp" "$PIDDIR/pid.$OMPI_COMM_WORLD_RANK"; exec "$0" rank perf --op all-reduce --min-bytes 64K --max-bytes 64K --iters 1000000000' "$TPRUN" &
+m=$!
+for i in $(seq 1200); do [ -s "$PIDDIR/pid.2" ] && [ -s "$PIDDIR/pid.0" ] && break; sleep 0.1; done
+sleep 3
+t0=$(date +%s.%N)
+case {fault} in
+kill) kill -9 "$(cat "$PIDDIR/pid.2")" ;;
+cut) $NSHOSTS_CUT h2 ;;
+esac
+wait $m
+rc=$?
+t1=$(date +%s.%N)
+echo "mpirun exit $rc after $(awk "BEGIN{{print $t1 - $t0}}") s"
+for h in h1 h2; do echo "left on $h: $(ip netns pids "$NSHOSTS_NS-$h" | wc -l)"; done
+"#,
+        dir = dir.display()
+    );
+    let r = on_hosts(test, &script);
+    let _ = std::fs::remove_dir_all(&dir);
+    let r = r?;
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let all = format!("{}{}", r.stdout, r.stderr);
+    let end = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("mpirun exit "))
+        .unwrap_or_else(|| panic!("no end line: {all}"));
+    let (code, secs) = end.split_once(" after ").unwrap();
+    let secs: f64 = secs.trim_end_matches(" s").parse().unwrap();
+    let left: String = r
+        .stdout
+        .lines()
+        .filter(|l| l.starts_with("left on"))
+        .collect();
+    Some((all, code.parse().unwrap(), secs, left))
+}
+
+/// A rank SIGKILLed on h2 ends every rank on both hosts (nothing left in either namespace when
+/// mpirun returns), fails the job, and the output names the rank and its host.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_rank_killed_on_one_host_ends_the_ranks_on_every_host() {
+    let Some((all, code, secs, left)) = fault_run("multihost kill", "kill") else {
+        return;
+    };
+    assert_ne!(code, 0, "{all}");
+    assert!(secs < 30.0, "mpirun ended {secs} s after the kill: {all}");
+    assert!(
+        all.contains("process rank 2 with PID") && all.contains("on node h2"),
+        "the killed rank and its host are named: {all}"
+    );
+    assert_eq!(left, "left on h1: 0left on h2: 0", "{all}");
+}
+
+/// A host whose link goes down mid-job (its veth cut) is reported by name and the job ends, on
+/// every host, instead of waiting for it: mpirun's TCP keepalive (tools/nshosts.sh's
+/// NSHOSTS_MPIRUN, docs/multihost.md) notices the lost daemon.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_host_whose_network_is_cut_is_reported_not_waited_for() {
+    let Some((all, code, secs, left)) = fault_run("multihost cut", "cut") else {
+        return;
+    };
+    assert_ne!(code, 0, "{all}");
+    assert!(secs < 60.0, "mpirun ended {secs} s after the cut: {all}");
+    assert!(
+        all.contains("lost communication with a remote daemon") && all.contains("on node h2"),
+        "the cut host is named: {all}"
+    );
+    assert_eq!(left, "left on h1: 0left on h2: 0", "{all}");
+}

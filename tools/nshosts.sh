@@ -10,6 +10,7 @@
 #
 # runs COMMAND on the host "head" (10.77.0.1; the hosts are h1..hK, 10.77.0.2..) with
 #   NSHOSTS_DIR       this run's directory (hosts file, agent, per-host /tmp and /dev/shm)
+#   NSHOSTS_NS        the namespaces' prefix: host hI is network namespace $NSHOSTS_NS-hI
 #   NSHOSTS_HOSTFILE  an Open MPI hostfile, "hI slots=L" per host
 #   NSHOSTS_MPIRUN    mpirun's options for the hosts (agent, hostfile, TCP over the veths only),
 #                     e.g. mpirun $NSHOSTS_MPIRUN -np 4 PROGRAM
@@ -62,7 +63,10 @@ for i in $(seq 1 "$hosts"); do names+=("h$i"); done
 made=()
 cleanup() {
     local rc=$?
-    trap - EXIT INT TERM HUP
+    # A second signal (timeout(1) signals the child and then its whole group) must not cut the
+    # cleanup short.
+    trap - EXIT
+    trap '' INT TERM HUP
     for ns in "${made[@]}"; do
         # Whatever still runs on a host (an orted, a rank) was started by this run.
         for p in $(ip netns pids "$ns" 2>/dev/null); do kill -9 "$p" 2>/dev/null || true; done
@@ -132,8 +136,11 @@ exec ip -n "$prefix-hub" link set "v\$1" down
 EOF
 chmod 755 "$dir/enter" "$dir/agent" "$dir/cut"
 
-export NSHOSTS_DIR=$dir NSHOSTS_HOSTFILE=$dir/hostfile NSHOSTS_ENTER=$dir/enter NSHOSTS_CUT=$dir/cut
-export NSHOSTS_MPIRUN="--allow-run-as-root --hostfile $dir/hostfile --mca plm_rsh_agent $dir/agent --mca plm_rsh_no_tree_spawn 1 --mca btl vader,tcp,self --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24"
+export NSHOSTS_NS=$prefix NSHOSTS_DIR=$dir NSHOSTS_HOSTFILE=$dir/hostfile NSHOSTS_ENTER=$dir/enter NSHOSTS_CUT=$dir/cut
+# TCP keepalive on mpirun's links to its daemons (Open MPI's default notices a lost host after
+# 300 + 9 x 20 s): a host whose network is cut is reported ("ORTE has lost communication with a
+# remote daemon ... on node hI") and the job ended within about 10 s.
+export NSHOSTS_MPIRUN="--allow-run-as-root --hostfile $dir/hostfile --mca plm_rsh_agent $dir/agent --mca plm_rsh_no_tree_spawn 1 --mca btl vader,tcp,self --mca btl_tcp_if_include 10.77.0.0/24 --mca oob_tcp_if_include 10.77.0.0/24 --mca oob_tcp_keepalive_time 5 --mca oob_tcp_keepalive_intvl 2 --mca oob_tcp_keepalive_probes 3"
 # In the background, so a signal to this script runs the cleanup at once (bash defers traps
 # while a foreground command runs); the cleanup ends COMMAND (it runs on host head).
 set +e
