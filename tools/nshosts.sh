@@ -6,7 +6,13 @@
 # by everything on that host, on a tmpfs). Open MPI reaches the hosts through a launch agent
 # that enters the namespace instead of ssh (with a login-like environment, as ssh would give).
 #
-#   tools/nshosts.sh [--hosts K] [--slots L] -- COMMAND [ARGS...]
+#   tools/nshosts.sh [--hosts K] [--slots L] [--slurm] -- COMMAND [ARGS...]
+#
+# --slurm also runs a Slurm cluster on the hosts (Debian's slurmctld, slurmd, munge; installed
+# from apt when missing): munged and slurmctld on head, one slurmd per host (nodes h1..hK, L CPUs
+# each, partition "debug"), each slurmd with its host's own /tmp (so srun --mpi=pmix's
+# /tmp/spmix_appdir_* of two nodes cannot collide); COMMAND gets SLURM_CONF and runs once every
+# node is idle, so srun, sbatch, sinfo and squeue work as on a login node.
 #
 # runs COMMAND on the host "head" (10.77.0.1; the hosts are h1..hK, 10.77.0.2..) with
 #   NSHOSTS_DIR       this run's directory (hosts file, agent, per-host /tmp and /dev/shm)
@@ -22,9 +28,10 @@
 # Exits 77 with "nshosts: SKIP: why" where the machine refuses namespaces.
 set -euo pipefail
 
-hosts=2 slots=2
+hosts=2 slots=2 slurm=0
 while [[ $# -gt 0 ]]; do
     case $1 in
+    --slurm) slurm=1; shift ;;
     --hosts) hosts=$2; shift 2 ;;
     --slots) slots=$2; shift 2 ;;
     --) shift; break ;;
@@ -135,6 +142,74 @@ cat >"$dir/cut" <<EOF
 exec ip -n "$prefix-hub" link set "v\$1" down
 EOF
 chmod 755 "$dir/enter" "$dir/agent" "$dir/cut"
+
+# start_slurm: munged, slurmctld on head, a slurmd on every host; waits until every node is idle.
+start_slurm() {
+    local need=()
+    for t in munged:munge slurmctld:slurmctld slurmd:slurmd srun:slurm-client; do
+        command -v "${t%%:*}" >/dev/null || need+=("${t##*:}")
+    done
+    if [[ ${#need[@]} -gt 0 ]]; then
+        echo "nshosts: installing ${need[*]} from apt" >&2
+        apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null ||
+            { echo "nshosts: cannot install ${need[*]}" >&2; return 1; }
+    fi
+    local s=$dir/slurm
+    mkdir -p "$s/munge" "$s/sock" "$s/ctld" "$s/spool" "$s/log"
+    chmod 700 "$s/munge"
+    head -c 1024 /dev/urandom >"$s/munge/key"
+    chmod 400 "$s/munge/key"
+    "$dir/enter" head munged --key-file="$s/munge/key" --socket="$s/sock/munge" \
+        --pid-file="$s/munge/pid" --log-file="$s/log/munged.log" --seed-file="$s/munge/seed" ||
+        { echo "nshosts: munged did not start: $(tail -3 "$s/log/munged.log" 2>/dev/null)" >&2; return 1; }
+    local nodes=()
+    for i in $(seq 1 "$hosts"); do
+        nodes+=("NodeName=h$i NodeAddr=10.77.0.$((i + 1)) CPUs=$slots RealMemory=1000 State=UNKNOWN")
+    done
+    cat >"$s/slurm.conf" <<CONF
+ClusterName=tprunci
+SlurmctldHost=head(10.77.0.1)
+SlurmUser=root
+SlurmdUser=root
+AuthType=auth/munge
+CredType=cred/munge
+AuthInfo=socket=$s/sock/munge
+StateSaveLocation=$s/ctld
+SlurmdSpoolDir=$s/spool/%n
+SlurmctldPidFile=$s/slurmctld.pid
+SlurmdPidFile=$s/slurmd-%n.pid
+SlurmctldLogFile=$s/log/slurmctld.log
+SlurmdLogFile=$s/log/slurmd-%n.log
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+SelectType=select/cons_tres
+SelectTypeParameters=CR_CPU
+MpiDefault=none
+ReturnToService=2
+SlurmdParameters=config_overrides
+$(printf '%s\n' "${nodes[@]}")
+PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+CONF
+    export SLURM_CONF=$s/slurm.conf
+    "$dir/enter" head slurmctld -c ||
+        { echo "nshosts: slurmctld did not start: $(tail -5 "$s/log/slurmctld.log")" >&2; return 1; }
+    for i in $(seq 1 "$hosts"); do
+        "$dir/enter" "h$i" slurmd ||
+            { echo "nshosts: slurmd on h$i did not start: $(tail -5 "$s/log/slurmd-h$i.log")" >&2; return 1; }
+    done
+    local t
+    for t in $(seq 1 600); do
+        local states
+        states=$("$dir/enter" head sinfo -hN -o %T 2>/dev/null | sort -u | tr '\n' ' ')
+        [[ $states == "idle " ]] && return 0
+        sleep 0.1
+    done
+    echo "nshosts: the Slurm nodes did not become idle within 60 s (states: $states)" >&2
+    tail -5 "$s/log/slurmctld.log" "$s"/log/slurmd-*.log >&2
+    return 1
+}
+[[ $slurm == 0 ]] || start_slurm
 
 export NSHOSTS_NS=$prefix NSHOSTS_DIR=$dir NSHOSTS_HOSTFILE=$dir/hostfile NSHOSTS_ENTER=$dir/enter NSHOSTS_CUT=$dir/cut
 # TCP keepalive on mpirun's links to its daemons (Open MPI's default notices a lost host after
