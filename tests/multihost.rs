@@ -13,7 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{clean, finish, run_cmd, tprun_bin, Finished};
+use common::{clean, finish, tprun_bin, Finished};
+#[cfg(feature = "mpi")]
+use common::run_cmd;
 
 const LIMIT: Duration = Duration::from_secs(300);
 
@@ -28,10 +30,17 @@ const HIER_OPS_RANK: &str = "TPRUN_TEST_HIER_OPS_RANK";
 
 /// `tools/nshosts.sh --hosts 2 --slots 2 -- bash -c SCRIPT`, not yet started.
 fn nshosts(script: &str) -> Command {
+    nshosts_with(&[], script)
+}
+
+/// [`nshosts`] with more of nshosts.sh's options (`--slurm`).
+fn nshosts_with(options: &[&str], script: &str) -> Command {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut c = clean(Command::new("bash"));
     c.arg(root.join("tools/nshosts.sh"))
-        .args(["--hosts", "2", "--slots", "2", "--", "bash", "-c", script])
+        .args(["--hosts", "2", "--slots", "2"])
+        .args(options)
+        .args(["--", "bash", "-c", script])
         .env("TPRUN", tprun_bin())
         .env("TEST_BIN", std::env::current_exe().unwrap())
         .stdin(Stdio::null())
@@ -311,4 +320,149 @@ fn a_host_whose_network_is_cut_is_reported_not_waited_for() {
         "the cut host is named: {all}"
     );
     assert_eq!(left, "left on h1: 0left on h2: 0", "{all}");
+}
+
+/// A real Slurm on the hosts (`tools/nshosts.sh --slurm`: slurmctld on head, a slurmd on h1 and
+/// h2, munge; Debian's packages, installed when missing): `srun --mpi=pmix -N2 -n4` gives every
+/// task PMIX_RANK and no PMI_SIZE (what used to fail), perf --check of every op passes on every
+/// rank, generate across the hosts writes what `tprun -n 4` writes on one host (the same bits,
+/// so the same tokens), and an `sbatch` job that runs srun succeeds.
+#[cfg(feature = "mpi")]
+#[test]
+fn srun_and_sbatch_on_a_real_slurm_across_2_hosts() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("multihost-slurm-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = common::fixture("tiny-hub-bf16-tied");
+    // Open MPI ranks under srun take their MCA settings from the environment srun passes on.
+    let script = format!(
+        r#"set -e
+export OMPI_MCA_btl=vader,tcp,self OMPI_MCA_btl_tcp_if_include=10.77.0.0/24
+OUT={dir}
+MODEL={model}
+srun --mpi=pmix -N2 -n4 sh -c 'echo "task $SLURM_PROCID on $(hostname): PMIX_RANK=${{PMIX_RANK:-unset}} PMI_SIZE=${{PMI_SIZE:-unset}}"' | sort
+echo ==== perf
+srun --mpi=pmix -N2 -n4 "$TPRUN" rank perf --op {ALL_OPS} --check --max-bytes 64K --iters 2 --warmup 1
+echo ==== generate
+srun --mpi=pmix -N2 -n4 "$TPRUN" rank generate --model "$MODEL" --prompt Hello --max-new-tokens 8
+echo ==== one host
+"$TPRUN" -n 4 --only-rank 0 --no-prefix generate --model "$MODEL" --prompt Hello --max-new-tokens 8
+echo ==== sbatch
+printf '#!/bin/sh\nsrun --mpi=pmix "%s" rank perf --op all-reduce,send-recv --check --max-bytes 16K --iters 2 --warmup 1\n' "$TPRUN" > "$OUT/job.sh"
+sbatch --wait -N2 -n4 -o "$OUT/job.out" "$OUT/job.sh"
+echo "sbatch exit $?"
+cat "$OUT/job.out"
+"#,
+        dir = dir.display(),
+        model = model.display()
+    );
+    let r = run_cmd(&mut nshosts_with(&["--slurm"], &script), LIMIT);
+    let _ = std::fs::remove_dir_all(&dir);
+    if refused("multihost slurm", &r) {
+        return;
+    }
+    assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+    let out = &r.stdout;
+    for (task, host) in [(0, "h1"), (1, "h1"), (2, "h2"), (3, "h2")] {
+        let line = format!("task {task} on {host}: PMIX_RANK={task} PMI_SIZE=unset");
+        assert!(out.contains(&line), "{line}: {out}");
+    }
+    let (_, rest) = out.split_once("==== perf").unwrap();
+    let (perf, rest) = rest.split_once("==== generate").unwrap();
+    let (across, rest) = rest.split_once("==== one host").unwrap();
+    let (one, batch) = rest.split_once("==== sbatch").unwrap();
+    assert!(
+        perf.contains("hierarchy: 2 nodes x 2 ranks per node"),
+        "{perf}"
+    );
+    all_checks_pass(perf, ALL_OPS.split(',').count());
+    assert!(!one.trim().is_empty(), "{}", r.stderr);
+    assert_eq!(
+        across.trim(),
+        one.trim(),
+        "generate on 2 Slurm hosts vs one host"
+    );
+    assert!(batch.contains("sbatch exit 0"), "{batch}");
+    all_checks_pass(batch, 2);
+}
+
+#[cfg(feature = "mpi")]
+fn read_logits(path: &Path) -> Vec<f32> {
+    let bytes = std::fs::read(path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+    let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
+    let t = st.tensor("logits").unwrap();
+    assert_eq!(t.dtype(), safetensors::Dtype::F32);
+    t.data()
+        .chunks_exact(4)
+        .map(|b| f32::from_le_bytes(b.try_into().unwrap()))
+        .collect()
+}
+
+#[cfg(feature = "mpi")]
+fn max_diff(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
+/// `tprun rank logits` at TP 4 on 2 hosts x 2 ranks, in both hierarchy modes, against TP 1 (within
+/// 1e-4) and transformers' reference (within 1e-3, as tests/logits.rs holds every TP).
+#[cfg(feature = "mpi")]
+#[test]
+fn logits_at_tp_4_across_2_hosts_match_tp_1_and_transformers() {
+    let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
+        .join(format!("multihost-logits-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    std::fs::create_dir_all(&dir).unwrap();
+    let model = common::fixture("tiny-hub-bf16-tied");
+    let cases: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(model.join("reference/cases.json")).unwrap())
+            .unwrap();
+    // The longest prompt.
+    let case = &cases["logits"][2];
+    let ids: Vec<String> = case["input_ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.to_string())
+        .collect();
+    let ids = ids.join(",");
+    let reference = read_logits(&model.join("reference").join(case["file"].as_str().unwrap()));
+    let tp1 = dir.join("tp1.safetensors");
+    let mut c = clean(common::tprun());
+    c.args(["-n", "1", "logits", "--model"])
+        .arg(&model)
+        .args(["--input-ids", &ids, "--out"])
+        .arg(&tp1);
+    let r = run_cmd(&mut c, LIMIT);
+    assert_eq!(r.code, 0, "{}", r.stderr);
+    let script = format!(
+        r#"set -e
+for mode in reproducible fast; do
+    mpirun $NSHOSTS_MPIRUN -np 4 -x TPRUN_HIER_MODE=$mode "$TPRUN" rank logits --model {model} --input-ids {ids} --out {dir}/tp4-$mode.safetensors
+done"#,
+        model = model.display(),
+        dir = dir.display()
+    );
+    let r = on_hosts("multihost logits", &script);
+    let got = |mode: &str| read_logits(&dir.join(format!("tp4-{mode}.safetensors")));
+    let res = r.map(|r| {
+        assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
+        let one = read_logits(&tp1);
+        for mode in ["reproducible", "fast"] {
+            let four = got(mode);
+            let d = max_diff(&one, &four);
+            assert!(d <= 1e-4, "{mode}: max |TP 4 on 2 hosts - TP 1| = {d}");
+            let d = max_diff(&reference, &four);
+            assert!(
+                d <= 1e-3,
+                "{mode}: max |TP 4 on 2 hosts - transformers| = {d}"
+            );
+        }
+    });
+    let _ = std::fs::remove_dir_all(&dir);
+    res.unwrap_or(())
 }
