@@ -176,4 +176,12 @@ fn a_rank_killed_inside_a_group_collective_ends_the_job_naming_the_group() {
         "{line}"
     );
     println!("CASE in a group: {line}");
+    // tprun's teardown reads the group's own flight recorder (its call numbers are the group's).
+    let g = f
+        .stderr
+        .lines()
+        .find(|l| l.starts_with("tprun: in group world/1 (world ranks 2,3): rank "))
+        .unwrap_or_else(|| panic!("no flight line for the group:\n{}", f.stderr));
+    assert!(g.contains(" is at all_reduce #"), "{g}");
+    println!("CASE the group's flight line: {g}");
 }

@@ -255,10 +255,9 @@ impl Check {
     }
 }
 
-/// PreMulSum's local step done here, on the buffer about to be reduced (a copy of the caller's
-/// input, or its in-place buffer, which the result overwrites), so the transport only sums:
-/// the shared-memory all-reduce of 92e0aa6 does not apply PreMulSum itself (f16/bf16/f32 reach an
-/// `unreachable!`, f64 sums unscaled). Other operators pass through.
+/// PreMulSum's local step done here for reduce, on the buffer about to be reduced (a copy of
+/// the caller's input, or its in-place buffer, which the result overwrites), so the transport
+/// only sums. Other operators pass through.
 fn premultiply(dtype: DType, op: ReduceOp, buf: &mut [u8]) -> ReduceOp {
     match op {
         ReduceOp::PreMulSum(f) => {
@@ -298,10 +297,11 @@ pub(crate) unsafe fn run(c: &mut dyn Communicator, op: &Op) -> Res<(), Failure> 
             } => {
                 let op = redop(&op)?;
                 if send.p != recv.p {
-                    recv.bytes_mut().copy_from_slice(send.bytes());
+                    // The checks let only exact in-place overlap through: these are disjoint.
+                    c.all_reduce_into_raw(send.bytes(), recv.bytes_mut(), dtype, op)?
+                } else {
+                    c.all_reduce_raw(recv.bytes_mut(), dtype, op)?
                 }
-                let op = premultiply(dtype, op, recv.bytes_mut());
-                c.all_reduce_raw(recv.bytes_mut(), dtype, op)?
             }
             Op::AllGather { send, recv, dtype } => {
                 if send.overlaps(&recv) {

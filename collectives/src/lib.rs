@@ -91,6 +91,20 @@ pub trait Communicator: Send {
 
     /// In-place all-reduce of `buf` (every rank passes the same element count).
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()>;
+    /// Out-of-place all-reduce (NCCL's `sendbuff != recvbuff`): `output` gets the reduction of
+    /// every rank's `input`, which stays as it was; same lengths. Transports that can read
+    /// `input` where they would read `output` skip the copy this default makes.
+    fn all_reduce_into_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        args::same_len("all_reduce", input.len(), output.len())?;
+        output.copy_from_slice(input);
+        self.all_reduce_raw(output, dtype, op)
+    }
     /// `output` = concatenation of every rank's `input` in rank order;
     /// `output.len() == world_size * input.len()`.
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()>;
@@ -403,6 +417,15 @@ impl<C: Communicator + ?Sized> Communicator for Box<C> {
     }
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         (**self).all_reduce_raw(buf, dtype, op)
+    }
+    fn all_reduce_into_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        (**self).all_reduce_into_raw(input, output, dtype, op)
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
         (**self).all_gather_raw(input, output, dtype)

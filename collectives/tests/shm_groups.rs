@@ -51,6 +51,48 @@ fn a_ring_of_large_messages_does_not_deadlock_and_arrives_whole() {
     }
 }
 
+/// Messages from `direct_min` bytes are written straight into the receiver's buffer (when the
+/// kernel allows; the halves otherwise): mixed with chunked ones they still arrive in order,
+/// and a size mismatch on either side of the threshold is still an error naming both sizes.
+#[test]
+fn single_copy_messages_keep_their_order_and_size_checks() {
+    for (send_len, recv_len) in [(8192, 100), (100, 8192), (8192, 8000)] {
+        let mut opts = CommOptions::for_world(2);
+        opts.direct_min = 4096;
+        let comms = ShmComm::new_group_with(2, &SegmentOptions::default(), &opts).unwrap();
+        on_ranks(comms, |mut c| {
+            let me = c.rank();
+            for (tag, len) in [
+                (0, 4096),
+                (1, 10),
+                (2, 1 << 20),
+                (3, 4095),
+                (4, 5000),
+                (5, 0),
+            ] {
+                if me == 0 {
+                    c.send(&pattern(0, tag, len), 1).unwrap();
+                } else {
+                    let mut got = vec![0u8; len];
+                    c.recv(&mut got, 0).unwrap();
+                    assert_eq!(got, pattern(0, tag, len), "message {tag}");
+                }
+            }
+            if me == 0 {
+                // The sender cannot tell; the receiver reports it (and then leaves).
+                let _ = c.send(&vec![1u8; send_len], 1);
+            } else {
+                let e = c.recv(&mut vec![0u8; recv_len], 0).unwrap_err().to_string();
+                assert!(
+                    e.contains(&format!("sends {send_len} bytes"))
+                        && e.contains(&format!("receives {recv_len} bytes")),
+                    "{e}"
+                );
+            }
+        });
+    }
+}
+
 #[test]
 fn messages_between_a_pair_arrive_in_order_and_sizes_are_checked() {
     on_ranks(small(2), |mut c| {
@@ -187,4 +229,54 @@ fn a_group_error_names_the_group_and_the_world_rank() {
             }
         }
     });
+}
+
+/// A group's rank 0 registers it in the job segment, so the launcher can read the group's own
+/// flight recorder (its call numbers, its members as world ranks); dropping the group frees it.
+#[test]
+fn the_launcher_sees_each_live_groups_flight_recorder() {
+    let seg = collectives::shm::JobSegment::create(4).unwrap();
+    let comms = seg.communicators(&CommOptions::for_world(4)).unwrap();
+    let barrier = std::sync::Barrier::new(4);
+    let seen = std::sync::Mutex::new(Vec::new());
+    on_ranks(comms, |mut c| {
+        let me = c.rank();
+        // Groups {1, 3} (ordered 3, 1 by key) and {0, 2}; rank 1's group makes 2 calls.
+        let mut g = c
+            .split(Some((me % 2) as u32), -(me as i64))
+            .unwrap()
+            .unwrap();
+        let calls = if me % 2 == 1 { 2 } else { 1 };
+        for _ in 0..calls {
+            g.all_reduce(&mut [1.0f32; 4], ReduceOp::Sum).unwrap();
+        }
+        barrier.wait();
+        if me == 0 {
+            *seen.lock().unwrap() = seg.group_flight_records();
+        }
+        barrier.wait();
+        drop(g);
+        barrier.wait();
+        if me == 0 {
+            assert!(seg.group_flight_records().is_empty());
+        }
+    });
+    let mut groups = seen.into_inner().unwrap();
+    groups.sort_by(|a, b| a.name.cmp(&b.name));
+    let summary: Vec<(String, Vec<usize>, Vec<u64>)> = groups
+        .iter()
+        .map(|g| {
+            let entered = g.ranks.iter().map(|r| r.entered).collect();
+            (g.name.clone(), g.world_ranks.clone(), entered)
+        })
+        .collect();
+    assert_eq!(
+        summary,
+        [
+            ("world/0".to_string(), vec![2, 0], vec![1, 1]),
+            ("world/1".to_string(), vec![3, 1], vec![2, 2]),
+        ]
+    );
+    let last = groups[1].ranks[0].last().unwrap();
+    assert_eq!((last.op, last.bytes), ("all_reduce", 16));
 }

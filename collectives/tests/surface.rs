@@ -54,6 +54,29 @@ fn shm(n: usize) -> Vec<Comm> {
         .collect()
 }
 
+/// Every copy-only call takes the single-copy path (`direct_min` 0; all-reduce too, with
+/// `one_shot_max` 0), or never does.
+fn shm_direct_min(n: usize, direct_min: usize) -> Vec<Comm> {
+    let mut o = shm_opts(n);
+    o.direct_min = direct_min;
+    if direct_min == 0 {
+        o.one_shot_max = 0;
+    }
+    ShmComm::new_group_with(n, &SegmentOptions::default(), &o)
+        .expect("shm group")
+        .into_iter()
+        .map(|c| Box::new(c) as Comm)
+        .collect()
+}
+
+fn shm_direct(n: usize) -> Vec<Comm> {
+    shm_direct_min(n, 0)
+}
+
+fn shm_two_copies(n: usize) -> Vec<Comm> {
+    shm_direct_min(n, usize::MAX)
+}
+
 /// Slots of 4 KiB, so the larger counts below take several slots' worth.
 fn shm_small_slot(n: usize) -> Vec<Comm> {
     let seg = SegmentOptions {
@@ -510,6 +533,14 @@ fn suite(c: &mut dyn Communicator, seed: u64, counts: &[usize], barriers: &Atomi
                     c.all_reduce_raw(&mut buf, d, op_of(me)),
                 );
                 check("all_reduce", &octx, &buf, &want, e);
+                // Out of place.
+                let mut out = vec![0xA5u8; mine.len()];
+                ok(
+                    "all_reduce_into",
+                    &octx,
+                    c.all_reduce_into_raw(mine, &mut out, d, op_of(me)),
+                );
+                check("all_reduce_into", &octx, &out, &want, e);
 
                 let rs_all: Vec<Vec<u8>> =
                     (0..n).map(|r| input(s ^ 0x75, r, d, n * count)).collect();
@@ -847,6 +878,19 @@ fn shm_every_op_in_split_and_nested_groups() {
 #[test]
 fn shm_split_groups_larger_than_the_slot() {
     split_groups(&shm_small_slot, LARGE);
+}
+
+#[test]
+fn shm_single_copy_every_op_at_1_to_5_ranks_and_in_groups() {
+    worlds(&shm_direct, &[1, 2, 3, 4, 5], COUNTS);
+    worlds(&shm_direct, &[2, 3], LARGE);
+    split_groups(&shm_direct, COUNTS);
+}
+
+#[test]
+fn shm_two_copies_only_every_op_and_larger_than_the_slot() {
+    worlds(&shm_two_copies, &[2, 3], COUNTS);
+    worlds(&shm_two_copies, &[2, 3], LARGE);
 }
 
 #[test]

@@ -306,8 +306,20 @@ impl Monitor<'_> {
         if let Some(line) = collectives::shm::flight::behind_line(&flights, &alive, now) {
             self.relay.note(format!("tprun: {line}"));
         }
+        // Groups made by `split` keep their own call numbers: one line per group that is behind.
+        let groups = self.segment.group_flight_records();
+        for g in &groups {
+            if let Some(line) = collectives::shm::flight::behind_line(&g.ranks, &alive, now) {
+                let members: Vec<String> = g.world_ranks.iter().map(|r| r.to_string()).collect();
+                self.relay.note(format!(
+                    "tprun: in group {} (world ranks {}): {line}",
+                    g.name,
+                    members.join(",")
+                ));
+            }
+        }
         if let Some(out) = self.flight_out {
-            let doc = serde_json::json!({ "now_ns": now, "ranks": flights });
+            let doc = serde_json::json!({ "now_ns": now, "ranks": flights, "groups": groups });
             let res = serde_json::to_vec_pretty(&doc)
                 .map_err(anyhow::Error::from)
                 .and_then(|b| Ok(collectives::files::write_output(out, &b)?));

@@ -8,6 +8,10 @@ use crate::reduce::reduce_raw;
 use crate::stats::OpKind;
 use crate::{DType, ReduceOp, Result};
 
+/// Bytes of each peer's piece that the single-copy all-reduce copies into scratch at a time
+/// (small enough to stay in L2 while it is reduced).
+const DIRECT_SUB_BYTES: usize = 256 << 10;
+
 /// Splits `m` elements into `n` slices on 64-byte boundaries; slice `k` is `[lo, hi)`.
 fn slice_bounds(m: usize, n: usize, k: usize, elem: usize) -> (usize, usize) {
     let unit = (64 / elem).max(1);
@@ -28,57 +32,146 @@ impl ShmComm {
         Ok(len / dtype.size())
     }
 
+    /// All-reduce of `input` into `buf` (`input` None: in place). Out of place, the first step
+    /// reads `input` where it would read `buf`, so no copy precedes the call.
     pub(super) fn all_reduce_impl(
         &mut self,
+        input: Option<&[u8]>,
         buf: &mut [u8],
         dtype: DType,
         op: ReduceOp,
     ) -> Result<()> {
         crate::types::check_reducible("all_reduce", dtype, op)?;
+        if let Some(i) = input {
+            crate::args::same_len("all_reduce", i.len(), buf.len())?;
+        }
         let e = dtype.size();
         let count = self.check_len(buf.len(), dtype, "the buffer")?;
-        // PreMulSum: this rank's input, scaled in place, is what it contributes to a sum.
-        let op = match op {
-            ReduceOp::PreMulSum(f) => {
+        // PreMulSum: this rank's input, scaled (in place, or a scaled copy of `input`), is what
+        // it contributes to a sum.
+        let (scaled, op) = match (input, op) {
+            (None, ReduceOp::PreMulSum(f)) => {
                 crate::reduce::scale_in_place(dtype, buf, f);
-                ReduceOp::Sum
+                (None, ReduceOp::Sum)
             }
-            op => op,
+            (Some(i), op) => match crate::reduce::premul_input(dtype, op, i) {
+                (std::borrow::Cow::Owned(v), op) => (Some(v), op),
+                (_, op) => (None, op),
+            },
+            (None, op) => (None, op),
+        };
+        let src: *const u8 = match (&scaled, input) {
+            (Some(v), _) => v.as_ptr(),
+            (None, Some(i)) => i.as_ptr(),
+            (None, None) => buf.as_ptr(),
         };
         if count == 0 {
             return Ok(());
         }
+        let base = buf.as_mut_ptr();
         if self.world == 1 {
             // A reduction of one source: the kernels' rules still apply (canonical NaN).
-            let p = buf.as_mut_ptr();
-            // SAFETY: dst equals the one source, which reduce_raw allows; count elements.
-            unsafe { reduce_raw(self.simd, dtype, op, p, &[p as *const u8], count) };
+            // SAFETY: dst equals the one source or is distinct from it; count elements each.
+            unsafe { reduce_raw(self.simd, dtype, op, base, &[src], count) };
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllReduce, Some(dtype), Some(op), 0, buf.len());
+        let one_shot = buf.len() <= self.opts.one_shot_max;
+        if !one_shot && self.use_direct(buf.len())? {
+            self.all_reduce_direct(src, base, count, dtype, op, &desc)?;
+            drop(scaled);
+            return Ok(());
+        }
         let unit = 64 / e;
         let chunk = (self.lay.slot.min(self.opts.chunk_bytes) / e / unit * unit).max(unit);
-        let one_shot = buf.len() <= self.opts.one_shot_max;
-        let base = buf.as_mut_ptr();
         let mut c0 = 0;
         while c0 < count {
             let m = chunk.min(count - c0);
-            // SAFETY: c0 + m <= count, so the chunk is inside `buf`.
-            let p = unsafe { base.add(c0 * e) };
+            // SAFETY: c0 + m <= count, so the chunk is inside `buf` and inside the source.
+            let (i, o) = unsafe { (src.add(c0 * e), base.add(c0 * e)) };
             if one_shot {
-                self.all_reduce_one_shot(p, m, dtype, op, &desc)?;
+                self.all_reduce_one_shot(i, o, m, dtype, op, &desc)?;
             } else {
-                self.all_reduce_rs_ag(p, m, dtype, op, &desc)?;
+                self.all_reduce_rs_ag(i, o, m, dtype, op, &desc)?;
             }
             c0 += m;
         }
+        drop(scaled);
         Ok(())
     }
 
-    /// One step: copy in, wait for everyone, reduce all N slots in rank order into `buf`.
+    /// Single-copy all-reduce, three steps for any size: (1) every rank lends its input and
+    /// reduces its 1/N slice of the whole buffer in rank order, copying the peers' pieces of it
+    /// into scratch a sub-chunk at a time; (2) every rank lends its output and copies the
+    /// peers' reduced slices out of theirs; (3) the owners learn their buffers are free. The
+    /// same kernel over the same rank-ordered sources: the same bits as the other algorithms.
+    pub(super) fn all_reduce_direct(
+        &mut self,
+        src: *const u8,
+        out: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        desc: &Desc,
+    ) -> Result<()> {
+        let (me, w, e) = (self.rank, self.world, dtype.size());
+        let (s, h) = self.begin_step(desc)?;
+        self.lend(h, src);
+        self.publish();
+        self.wait_all(s, h, desc)?;
+        let (lo, hi) = slice_bounds(count, w, me, e);
+        let unit = 64 / e;
+        let sub = ((DIRECT_SUB_BYTES / e) / unit * unit).max(unit);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        scratch.resize((w - 1) * sub * e, 0);
+        let mut c = lo;
+        let res = (|| {
+            while c < hi {
+                let m = sub.min(hi - c);
+                let mut k = 0;
+                for p in 0..w {
+                    if p == me {
+                        // SAFETY: c + m <= count, inside the source.
+                        self.srcs[p] = unsafe { src.add(c * e) };
+                    } else {
+                        let piece = &mut scratch[k * sub * e..(k * sub + m) * e];
+                        self.read_lent(p, h, c * e, piece)?;
+                        self.srcs[p] = piece.as_ptr();
+                        k += 1;
+                    }
+                }
+                // SAFETY: every source holds m elements (our input, or scratch pieces just
+                // filled); `out + c` is our own slice, equal to our source (in place) or distinct
+                // from every source. No peer reads our slice of `out` before step 2.
+                unsafe { reduce_raw(self.simd, dtype, op, out.add(c * e), &self.srcs, m) };
+                c += m;
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        res?;
+        let (s2, h2) = self.begin_step(desc)?;
+        self.lend(h2, out);
+        self.publish();
+        for k in 1..w {
+            let p = (me + k) % w;
+            self.wait_seq(p, (s2 + 1) as u32)?;
+            self.check_hdr(p, h2, s2, desc)?;
+            let (plo, phi) = slice_bounds(count, w, p, e);
+            // SAFETY: [plo, phi) is inside `out` (count elements) and is peer p's slice, which
+            // p finished reading from us before it published step s2 + 1 (it read it in step
+            // s); nothing else writes it now.
+            let dst = unsafe { std::slice::from_raw_parts_mut(out.add(plo * e), (phi - plo) * e) };
+            self.read_lent(p, h2, plo * e, dst)?;
+        }
+        self.direct_done(desc, true)
+    }
+
+    /// One step: copy in, wait for everyone, reduce all N slots in rank order into `out`.
     pub(super) fn all_reduce_one_shot(
         &mut self,
-        buf: *mut u8,
+        input: *const u8,
+        out: *mut u8,
         m: usize,
         dtype: DType,
         op: ReduceOp,
@@ -86,24 +179,26 @@ impl ShmComm {
     ) -> Result<()> {
         let (s, h) = self.begin_step(desc)?;
         let me = self.rank;
-        // SAFETY: `buf` holds m elements (caller); our half holds slot >= m * size bytes and no
+        // SAFETY: `input` holds m elements (caller); our half holds slot >= m * size bytes and no
         // peer reads it until we publish (begin_step waited for that).
-        unsafe { std::ptr::copy_nonoverlapping(buf, self.data(me, h), m * dtype.size()) };
+        unsafe { std::ptr::copy_nonoverlapping(input, self.data(me, h), m * dtype.size()) };
         self.publish();
         self.wait_all(s, h, desc)?;
         for p in 0..self.world {
-            self.srcs[p] = if p == me { buf } else { self.data(p, h) };
+            self.srcs[p] = if p == me { input } else { self.data(p, h) };
         }
         // SAFETY: every source holds m elements: peers' halves were published for step s and stay
-        // untouched until we publish step s + 2; dst == srcs[me] exactly, which reduce_raw allows.
-        unsafe { reduce_raw(self.simd, dtype, op, buf, &self.srcs, m) };
+        // untouched until we publish step s + 2; `out` equals srcs[me] (in place) or is distinct
+        // from every source, which reduce_raw allows.
+        unsafe { reduce_raw(self.simd, dtype, op, out, &self.srcs, m) };
         Ok(())
     }
 
     /// Two steps: reduce our 1/N of the chunk from every slot, then gather the others' slices.
     pub(super) fn all_reduce_rs_ag(
         &mut self,
-        buf: *mut u8,
+        input: *const u8,
+        out: *mut u8,
         m: usize,
         dtype: DType,
         op: ReduceOp,
@@ -113,21 +208,21 @@ impl ShmComm {
         let me = self.rank;
         let (s, h) = self.begin_step(desc)?;
         // SAFETY: as in all_reduce_one_shot.
-        unsafe { std::ptr::copy_nonoverlapping(buf, self.data(me, h), m * e) };
+        unsafe { std::ptr::copy_nonoverlapping(input, self.data(me, h), m * e) };
         self.publish();
         self.wait_all(s, h, desc)?;
         let (s2, h2) = self.begin_step(desc)?;
         let (lo, hi) = slice_bounds(m, self.world, me, e);
         if hi > lo {
             for p in 0..self.world {
-                let src = if p == me { buf } else { self.data(p, h) };
+                let src = if p == me { input } else { self.data(p, h) };
                 // SAFETY: lo < hi <= m, inside every chunk-sized source.
                 self.srcs[p] = unsafe { src.add(lo * e) };
             }
-            // SAFETY: sources as in all_reduce_one_shot; dst == srcs[me]. Our half h2 is free
-            // (begin_step), and [lo, hi) fits in it.
+            // SAFETY: sources as in all_reduce_one_shot; dst equals srcs[me] or is distinct
+            // from every source. Our half h2 is free (begin_step), and [lo, hi) fits in it.
             unsafe {
-                let dst = buf.add(lo * e);
+                let dst = out.add(lo * e);
                 reduce_raw(self.simd, dtype, op, dst, &self.srcs, hi - lo);
                 std::ptr::copy_nonoverlapping(dst, self.data(me, h2).add(lo * e), (hi - lo) * e);
             }
@@ -142,7 +237,7 @@ impl ShmComm {
             unsafe {
                 std::ptr::copy_nonoverlapping(
                     self.data(p, h2).add(lo * e),
-                    buf.add(lo * e),
+                    out.add(lo * e),
                     (hi - lo) * e,
                 )
             };
@@ -183,6 +278,18 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllGather, Some(dtype), None, 0, ib);
+        if self.use_direct(ib)? {
+            let (s, h) = self.begin_step(&desc)?;
+            self.lend(h, input.as_ptr());
+            self.publish();
+            for k in 1..self.world {
+                let p = (me + k) % self.world;
+                self.wait_seq(p, (s + 1) as u32)?;
+                self.check_hdr(p, h, s, &desc)?;
+                self.read_lent(p, h, 0, &mut output[p * ib..(p + 1) * ib])?;
+            }
+            return self.direct_done(&desc, true);
+        }
         let mut c0 = 0;
         while c0 < ib {
             let m = self.lay.slot.min(ib - c0);
@@ -295,6 +402,19 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Broadcast, None, None, root, buf.len());
+        if self.use_direct(buf.len())? {
+            let (s, h) = self.begin_step(&desc)?;
+            if self.rank == root {
+                self.lend(h, buf.as_ptr());
+                self.publish();
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                self.read_lent(root, h, 0, buf)?;
+            }
+            return self.direct_done(&desc, self.rank == root);
+        }
         let n = buf.len();
         let mut c0 = 0;
         while c0 < n {
@@ -353,7 +473,7 @@ impl ShmComm {
             return Ok(());
         }
         if self.world == 1 {
-            return self.all_reduce_impl(buf, dtype, op);
+            return self.all_reduce_impl(None, buf, dtype, op);
         }
         // PreMulSum reduces a scaled copy; everything else reads `buf` itself.
         let (scaled, op) = match crate::reduce::premul_input(dtype, op, buf) {
@@ -459,6 +579,20 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Gather, Some(dtype), None, root, ib);
+        if self.use_direct(ib)? {
+            // Every peer writes its piece into the root's output, in parallel.
+            let (s, h) = self.begin_step(&desc)?;
+            if me == root {
+                self.lend(h, output.as_ptr());
+                self.publish();
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                self.write_lent(root, h, me * ib, input)?;
+            }
+            return self.direct_done(&desc, me == root);
+        }
         let mut c0 = 0;
         while c0 < ib {
             let m = self.lay.slot.min(ib - c0);
@@ -505,6 +639,19 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Scatter, Some(dtype), None, root, ob);
+        if self.use_direct(ob)? {
+            let (s, h) = self.begin_step(&desc)?;
+            if me == root {
+                self.lend(h, input.as_ptr());
+                self.publish();
+            } else {
+                self.publish();
+                self.wait_seq(root, (s + 1) as u32)?;
+                self.check_hdr(root, h, s, &desc)?;
+                self.read_lent(root, h, me * ob, output)?;
+            }
+            return self.direct_done(&desc, me == root);
+        }
         let piece = (self.lay.slot / self.world / 64 * 64).max(1);
         let mut c0 = 0;
         while c0 < ob {
@@ -566,6 +713,18 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllToAll, Some(dtype), None, 0, input.len());
+        if self.use_direct(cb)? {
+            let (s, h) = self.begin_step(&desc)?;
+            self.lend(h, input.as_ptr());
+            self.publish();
+            for k in 1..w {
+                let p = (me + k) % w;
+                self.wait_seq(p, (s + 1) as u32)?;
+                self.check_hdr(p, h, s, &desc)?;
+                self.read_lent(p, h, me * cb, &mut output[p * cb..(p + 1) * cb])?;
+            }
+            return self.direct_done(&desc, true);
+        }
         let piece = (self.lay.slot / w / 64 * 64).max(1);
         let mut c0 = 0;
         while c0 < cb {

@@ -5,7 +5,7 @@
 //! launcher reads racily, which is fine for a diagnosis (a record being rewritten shows its new
 //! `seq` with `exit_ns` 0 or the old one's times, never garbage that matters).
 
-use std::sync::atomic::Ordering::{Relaxed, Release};
+use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
 
 use super::layout::{FlightHdr, FlightRec, Layout, FLIGHT_K};
 use super::segment::Mapping;
@@ -101,6 +101,70 @@ pub(crate) fn read(map: &Mapping, lay: &Layout, rank: usize) -> RankFlight {
     }
 }
 
+/// Registers a group (its name, size and the fd this process holds its segment as) in the job
+/// segment's registry, so the launcher can read its flight recorders; returns the slot, or None
+/// when every slot is taken by a live process.
+pub(crate) fn register_group(job: &Mapping, name: &str, fd: i32, n: usize) -> Option<usize> {
+    let me = std::process::id();
+    for (i, g) in job.header().groups.iter().enumerate() {
+        let owner = g.owner.load(SeqCst);
+        let free = owner == 0 || (owner != me && !super::sys::pid_alive(owner));
+        if free && g.owner.compare_exchange(owner, me, SeqCst, SeqCst).is_ok() {
+            g.ready.store(0, SeqCst);
+            g.fd.store(fd as u32, Relaxed);
+            g.world.store(n as u32, Relaxed);
+            let bytes = name.as_bytes();
+            for (k, b) in g.name.iter().enumerate() {
+                b.store(bytes.get(k).copied().unwrap_or(0), Relaxed);
+            }
+            g.ready.store(1, Release);
+            return Some(i);
+        }
+    }
+    None
+}
+
+/// Frees the registry slot of a group whose rank 0 drops it.
+pub(crate) fn unregister_group(job: &Mapping, slot: usize) {
+    let g = &job.header().groups[slot];
+    g.ready.store(0, SeqCst);
+    g.owner.store(0, SeqCst);
+}
+
+/// A registered group's entry: (name, owner pid, fd, size), if ready.
+pub(crate) fn registered_groups(job: &Mapping) -> Vec<(String, u32, i32, usize)> {
+    job.header()
+        .groups
+        .iter()
+        .filter(|g| g.ready.load(Acquire) == 1)
+        .map(|g| {
+            let name: Vec<u8> = g
+                .name
+                .iter()
+                .map(|b| b.load(Relaxed))
+                .take_while(|&b| b != 0)
+                .collect();
+            (
+                String::from_utf8_lossy(&name).into_owned(),
+                g.owner.load(Relaxed),
+                g.fd.load(Relaxed) as i32,
+                g.world.load(Relaxed) as usize,
+            )
+        })
+        .collect()
+}
+
+/// One group's flight recorders, its ranks numbered as world ranks.
+#[derive(Clone, Debug, PartialEq, serde::Serialize)]
+pub struct GroupFlight {
+    /// `world/<color>`, ... as its errors name it.
+    pub name: String,
+    /// World rank of each group rank.
+    pub world_ranks: Vec<usize>,
+    /// Per group rank, `rank` being its world rank.
+    pub ranks: Vec<RankFlight>,
+}
+
 /// The line that says who is behind, e.g. `rank 2 is at all_reduce #1234 (entered 12.3 s ago);
 /// ranks 0,1,3 wait at #1235`, or `None` when no rank entered a collective or all are at the same
 /// call and none is still inside it. `alive[r]` says whether rank r still runs: of the ranks at the
@@ -136,8 +200,14 @@ pub fn behind_line(ranks: &[RankFlight], alive: &[bool], now_ns: u64) -> Option<
     let mut parts = Vec::new();
     for (seq, group) in others.chunk_by(|a, b| a.0 == b.0).map(|g| (g[0].0, g)) {
         let names: Vec<String> = group.iter().map(|(_, r)| r.to_string()).collect();
-        let verb = if seq == min { "are also at" } else { "wait at" };
-        let who = if names.len() == 1 { "rank" } else { "ranks" };
+        let one = names.len() == 1;
+        let verb = match (seq == min, one) {
+            (true, true) => "is also at",
+            (true, false) => "are also at",
+            (false, true) => "waits at",
+            (false, false) => "wait at",
+        };
+        let who = if one { "rank" } else { "ranks" };
         parts.push(format!("{who} {} {verb} #{seq}", names.join(",")));
     }
     let mut line = format!("rank {} is at {at}", behind.rank);
@@ -190,6 +260,6 @@ mod tests {
             line.starts_with("rank 1 is at all_reduce #7 (entered 1.0 s ago)"),
             "{line}"
         );
-        assert!(line.ends_with("rank 0 are also at #7"), "{line}");
+        assert!(line.ends_with("rank 0 is also at #7"), "{line}");
     }
 }

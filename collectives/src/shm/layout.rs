@@ -3,11 +3,13 @@
 //!
 //! ```text
 //! offset 0            Header (one page): magic, version, world size, slot bytes, total bytes,
-//!                     creator pid; `abort` (own 128-B line); named-path handshake words.
+//!                     creator pid; `abort` (own 128-B line); named-path handshake words; the
+//!                     registry of live groups (GroupSlot[32]: owner pid, fd, size, name).
 //! PAGE                Ctl[world], 256 B each: line 0 = `seq` (the rank's published step count)
 //!                     and the CPU it published from, written only by that rank; line 1 =
 //!                     `waiters` (futex sleepers on `seq`, written by peers), pid, pid
-//!                     namespace, `gone`.
+//!                     namespace, `gone`, the point-to-point `bell`, where the rank mapped
+//!                     the segment (`base`).
 //! hdr_off (page)      SlotHdr[world][2], 128 B each: what the rank's data half holds (step, op,
 //!                     dtype, reduce op, root, bytes), checked by readers to catch ranks that
 //!                     called different collectives.
@@ -17,7 +19,7 @@
 //!                     step s uses half s % 2.
 //! chan_off (page)     Chan[world][world - 1], 256 B each: the point-to-point channel from rank
 //!                     s to each other rank d: line 0 written by the sender (`sent`, what each
-//!                     half holds), line 1 by the receiver (`acked`).
+//!                     half holds), line 1 by the receiver (`acked`, the receive it posted).
 //! pdata_off (page)    PData[world][world - 1][2], `pslot` bytes each: the channel's two halves;
 //!                     chunk c of the channel uses half c % 2.
 //! ```
@@ -25,10 +27,10 @@
 //! take about half as much as the data halves: total = ~12 KiB + world x 2.2 KiB + world² x 256 B
 //! + ~1.5 x world x 2 x slot: with the default 1 MiB slot, 6 MiB for 2 ranks, 24 MiB for 8.
 
-use std::sync::atomic::{AtomicU32, AtomicU64};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"TPRUNSHM");
-pub(crate) const VERSION: u32 = 3;
+pub(crate) const VERSION: u32 = 4;
 pub(crate) const PAGE: usize = 4096;
 /// Value of `Header::ready` once the creator has filled the header (named path).
 pub(crate) const READY: u32 = 0x5EAD_1E55;
@@ -57,6 +59,26 @@ pub(crate) struct Header {
     pub attached: AtomicU32,
     /// Set by whoever unlinked the name (named path).
     pub unlinked: AtomicU32,
+    /// Groups made by `split` in this job, so the launcher can read their flight recorders.
+    pub groups: [GroupSlot; GROUP_SLOTS],
+}
+
+/// Groups the job segment's registry holds at once (more still work, unregistered).
+pub const GROUP_SLOTS: usize = 32;
+/// Bytes of a registered group's name (longer ones are cut).
+pub const GROUP_NAME_BYTES: usize = 48;
+
+/// One live group, registered by its rank 0: where its segment is (`/proc/<owner>/fd/<fd>`).
+#[repr(C, align(64))]
+pub(crate) struct GroupSlot {
+    /// Pid of the group's rank 0 while registered, 0 when free.
+    pub owner: AtomicU32,
+    pub fd: AtomicU32,
+    /// The group's size.
+    pub world: AtomicU32,
+    /// 1 once the fields above and the name are written.
+    pub ready: AtomicU32,
+    pub name: [AtomicU8; GROUP_NAME_BYTES],
 }
 
 #[repr(C, align(128))]
@@ -72,7 +94,8 @@ pub(crate) struct Ctl {
     pub pid: AtomicU32,
     /// 1 once the rank dropped its communicator.
     pub gone: AtomicU32,
-    _r0: u32,
+    /// In a group's segment: the rank's world rank + 1 (0 in the world's own segment).
+    pub world_rank: AtomicU32,
     pub pidns: AtomicU64,
     /// Rung (incremented) by a peer whenever it publishes something this rank may wait for on a
     /// point-to-point channel (a chunk sent to it, a chunk of its own acknowledged), so a rank
@@ -80,7 +103,10 @@ pub(crate) struct Ctl {
     pub bell: AtomicU32,
     /// This rank's sleepers on `bell` (ringers call futex_wake only when non-zero).
     pub bell_waiters: AtomicU32,
-    _pad1: [u8; 96],
+    /// Where this rank mapped the segment (its own address space): peers read the header's magic
+    /// there to learn whether they may copy from / to this process directly (single-copy path).
+    pub base: AtomicU64,
+    _pad1: [u8; 88],
 }
 
 /// The point-to-point channel from one rank to another (see the module docs).
@@ -93,10 +119,20 @@ pub(crate) struct Chan {
     pub msg: [AtomicU64; 2],
     /// Per half: the whole message's bytes, so the receiver can check it expects as many.
     pub total: [AtomicU64; 2],
-    _pad0: [u8; 88],
+    /// Per half: 1 when the sender wrote the whole message straight into the receiver's buffer
+    /// (the half then carries no data), else 0.
+    pub direct: [AtomicU32; 2],
+    _pad0: [u8; 80],
     /// Chunks the receiver has copied out (wrapping u32).
     pub acked: AtomicU32,
-    _pad1: [u8; 124],
+    _r1: u32,
+    /// The receive the receiver is waiting on, so the sender can write it directly: its message
+    /// number on this channel (0 = none posted yet), its buffer's address in the receiver's
+    /// address space and its bytes.
+    pub posted_msg: AtomicU64,
+    pub posted_addr: AtomicU64,
+    pub posted_len: AtomicU64,
+    _pad1: [u8; 96],
 }
 
 /// Describes what a data half holds; written by its owner before publishing the step.
@@ -108,6 +144,9 @@ pub(crate) struct SlotHdr {
     /// kind | dtype << 8 | reduce op << 16.
     pub code: AtomicU32,
     pub root: AtomicU32,
+    /// Single-copy steps: the address (in the owner's address space) of the buffer peers copy
+    /// from or into; 0 otherwise.
+    pub addr: AtomicU64,
 }
 
 /// Collective records each rank's flight recorder keeps.
@@ -138,6 +177,7 @@ pub(crate) const FLIGHT_BYTES: usize =
     std::mem::size_of::<FlightHdr>() + FLIGHT_K * std::mem::size_of::<FlightRec>();
 
 const _: () = assert!(std::mem::size_of::<Header>() <= PAGE);
+const _: () = assert!(std::mem::size_of::<GroupSlot>() == 64);
 const _: () = assert!(std::mem::size_of::<FlightHdr>() == 128);
 const _: () = assert!(std::mem::size_of::<FlightRec>() == 64);
 const _: () = assert!(std::mem::size_of::<Ctl>() == 256);

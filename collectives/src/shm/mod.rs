@@ -24,10 +24,17 @@
 //! All-gather: one step per slot-sized chunk, each peer copied out as soon as it arrives.
 //! Reduce-scatter: one step per chunk of `slot / N` bytes of every segment. Broadcast: one step per
 //! slot-sized chunk; only non-roots wait (the root checks its peers at its next call).
+//! Copy-only operations (all-gather, broadcast, gather, scatter, all-to-all) whose per-rank piece
+//! is at least `direct_min` (32 KiB) take the single-copy path ([`direct`]) where the kernel lets
+//! the ranks copy between their address spaces: two steps whatever the size, one copy instead of
+//! two. All-reduces above `one_shot_max` take it too (three steps: each rank reduces its slice
+//! reading the peers' inputs, then copies the others' reduced slices out of their outputs). Point-to-point messages from `direct_min` bytes go the same way ([`p2p`]): the sender
+//! writes straight into the buffer the receiver posted on the channel.
 //! Reductions always run in rank order 0..N-1 in f32 (see [`crate::reduce`]), so every rank gets
 //! identical bits whatever the algorithm or chunking.
 
 mod algorithms;
+mod direct;
 pub mod flight;
 pub mod layout;
 mod options;
@@ -50,8 +57,8 @@ use crate::stats::{CommStats, OpKind};
 use crate::{CommError, Communicator, DType, ReduceOp, Result};
 use layout::{Ctl, Layout, SlotHdr};
 pub use options::{
-    CommOptions, DEFAULT_SPIN, DEFAULT_TIMEOUT, ENV_CHUNK, ENV_ONE_SHOT, ENV_SPIN, ENV_TIMEOUT,
-    ENV_YIELDS,
+    CommOptions, DEFAULT_DIRECT_MIN, DEFAULT_SPIN, DEFAULT_TIMEOUT, ENV_CHUNK, ENV_DIRECT_MIN,
+    ENV_ONE_SHOT, ENV_SPIN, ENV_TIMEOUT, ENV_YIELDS,
 };
 use protocol::Desc;
 use segment::Mapping;
@@ -96,6 +103,18 @@ pub struct ShmComm {
     /// Point-to-point counters per peer: chunks this rank sent to it / received from it (the
     /// channels' `sent` / `acked` words) and messages sent to it.
     p2p: p2p::Counters,
+    /// Whether every rank may copy straight from / into every other rank's memory (single-copy
+    /// path): `None` until the first call that would use it agrees on it (see `direct_ok`).
+    direct: Option<bool>,
+    /// Per peer: whether this rank may write straight into its memory (point-to-point's
+    /// single-copy path, decided per pair by [`ShmComm::probe`] the first time it matters).
+    writable: Vec<Option<bool>>,
+    /// The current call moved data on the single-copy path (for the trace's algorithm name).
+    took_direct: bool,
+    /// The job registry slot of this group (its rank 0 registers it), freed on drop.
+    registered: Option<usize>,
+    /// Scratch of the single-copy all-reduce, kept between calls.
+    scratch: Vec<u8>,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -146,6 +165,10 @@ impl ShmComm {
             c.pid.store(me, SeqCst);
             c.pidns.store(ns, SeqCst);
             c.gone.store(0, SeqCst);
+            c.base.store(map.base() as u64, SeqCst);
+        }
+        if opts.direct_min != usize::MAX {
+            sys::allow_peer_access();
         }
         let spin_budget = opts.spin;
         let step = map.ctl(&lay, rank).seq.load(SeqCst) as u64;
@@ -175,6 +198,11 @@ impl ShmComm {
             release_taken: false,
             spin_budget,
             trace_owner: false,
+            direct: None,
+            writable: vec![None; world],
+            took_direct: false,
+            registered: None,
+            scratch: Vec::new(),
         })
     }
 
@@ -233,6 +261,7 @@ impl ShmComm {
         flight::enter(fr, self.op_seq, kind, dtype, bytes, t0);
         let step0 = self.step;
         self.wait_s = 0.0;
+        self.took_direct = false;
         let a = self.aborted_by();
         let res = if a != 0 {
             Err(CommError::Aborted {
@@ -279,6 +308,7 @@ impl ShmComm {
     fn trace(&self, start_us: f64, kind: OpKind, bytes: usize, dtype: Option<DType>, steps: u64) {
         let algorithm = match kind {
             _ if self.world == 1 => "local",
+            _ if self.took_direct => "single_copy",
             OpKind::AllReduce if bytes <= self.opts.one_shot_max => "one_shot",
             OpKind::AllReduce => "reduce_scatter+all_gather",
             OpKind::AllGather => "copy_out",
@@ -315,7 +345,19 @@ impl Communicator for ShmComm {
     fn all_reduce_raw(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
         let n = buf.len();
         self.run_op(OpKind::AllReduce, n, Some(dtype), |c| {
-            c.all_reduce_impl(buf, dtype, op)
+            c.all_reduce_impl(None, buf, dtype, op)
+        })
+    }
+    fn all_reduce_into_raw(
+        &mut self,
+        input: &[u8],
+        output: &mut [u8],
+        dtype: DType,
+        op: ReduceOp,
+    ) -> Result<()> {
+        let n = output.len();
+        self.run_op(OpKind::AllReduce, n, Some(dtype), |c| {
+            c.all_reduce_impl(Some(input), output, dtype, op)
         })
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
@@ -417,6 +459,9 @@ impl Drop for ShmComm {
         if self.trace_owner {
             // Nobody to tell from a destructor; tprun reports the rank's missing trace.
             let _ = crate::trace::finish_auto(self.rank);
+        }
+        if let Some(slot) = self.registered {
+            flight::unregister_group(&self.job, slot);
         }
         let c = self.map.ctl(&self.lay, self.rank);
         c.gone.store(1, SeqCst);

@@ -12,6 +12,11 @@ pub const ENV_SPIN: &str = "TPRUN_COMM_SPIN_US";
 pub const ENV_YIELDS: &str = "TPRUN_COMM_YIELDS";
 pub const ENV_ONE_SHOT: &str = "TPRUN_COMM_ONESHOT_MAX";
 pub const ENV_CHUNK: &str = "TPRUN_COMM_CHUNK_BYTES";
+pub const ENV_DIRECT_MIN: &str = "TPRUN_COMM_DIRECT_MIN";
+
+/// Default of [`CommOptions::direct_min`]. Below it the two copies through the segment cost
+/// less than a cross-memory-attach syscall, which pins the peer's pages; above it one copy wins.
+pub const DEFAULT_DIRECT_MIN: usize = 32 << 10;
 
 /// Default deadline of one wait. Dead peers are noticed much sooner (abort flag, pid check); this
 /// only bounds a peer that is alive but never arrives.
@@ -38,6 +43,11 @@ pub struct CommOptions {
     /// Measured on Zen 4: 1 MiB beats 256 KiB (peers then read our lines from the L3 victim cache
     /// instead of snooping our L2) and per-step costs stay amortised.
     pub chunk_bytes: usize,
+    /// Copy-only operations (all-gather, broadcast, gather, scatter, all-to-all, point-to-point)
+    /// move a rank's piece of at least this many bytes with one copy straight between the ranks'
+    /// buffers (Linux cross-memory attach) instead of two through the segment, where the kernel
+    /// lets the ranks do that (checked on the first such call). `usize::MAX`: never.
+    pub direct_min: usize,
 }
 
 impl CommOptions {
@@ -60,11 +70,13 @@ impl CommOptions {
                 64 << 10
             },
             chunk_bytes: 1 << 20,
+            direct_min: DEFAULT_DIRECT_MIN,
         }
     }
 
     /// Defaults overridden by `TPRUN_COMM_TIMEOUT_S`, `TPRUN_COMM_SPIN_US`, `TPRUN_COMM_YIELDS`,
-    /// `TPRUN_COMM_ONESHOT_MAX` and `TPRUN_COMM_CHUNK_BYTES`, each checked against its range.
+    /// `TPRUN_COMM_ONESHOT_MAX`, `TPRUN_COMM_CHUNK_BYTES` and `TPRUN_COMM_DIRECT_MIN` (bytes, or
+    /// `off`), each checked against its range.
     pub fn from_env(world: usize) -> Result<CommOptions> {
         let mut o = CommOptions::for_world(world);
         let get = |var| env::var(var).map_err(CommError::Setup);
@@ -89,6 +101,14 @@ impl CommOptions {
             o.chunk_bytes =
                 env::parse_bytes(ENV_CHUNK, &v, CHUNK_RANGE).map_err(CommError::Setup)? as usize;
         }
+        if let Some(v) = get(ENV_DIRECT_MIN)? {
+            o.direct_min = if v.trim() == "off" {
+                usize::MAX
+            } else {
+                env::parse_bytes(ENV_DIRECT_MIN, &v, DIRECT_RANGE).map_err(CommError::Setup)?
+                    as usize
+            };
+        }
         Ok(o)
     }
 }
@@ -102,6 +122,8 @@ const SPIN_RANGE_US: std::ops::RangeInclusive<u64> = 0..=1_000_000;
 const YIELDS_RANGE: std::ops::RangeInclusive<u64> = 0..=1_000_000;
 /// Accepted `TPRUN_COMM_ONESHOT_MAX` (0: never one-shot).
 const ONE_SHOT_RANGE: std::ops::RangeInclusive<u64> = 0..=1 << 30;
+/// Accepted `TPRUN_COMM_DIRECT_MIN` (besides `off`).
+const DIRECT_RANGE: std::ops::RangeInclusive<u64> = 0..=1 << 40;
 /// Accepted `TPRUN_COMM_CHUNK_BYTES`.
 const CHUNK_RANGE: std::ops::RangeInclusive<u64> = 1..=1 << 30;
 
@@ -124,6 +146,8 @@ mod tests {
             (ENV_ONE_SHOT, "1e19"),
             (ENV_CHUNK, "0"),
             (ENV_CHUNK, "garbage"),
+            (ENV_DIRECT_MIN, "of"),
+            (ENV_DIRECT_MIN, "-1"),
         ];
         for (var, value) in cases {
             std::env::set_var(var, value);
@@ -136,5 +160,9 @@ mod tests {
         let o = CommOptions::from_env(2).unwrap();
         std::env::remove_var(ENV_TIMEOUT);
         assert_eq!(o.timeout, Duration::from_millis(2500));
+        std::env::set_var(ENV_DIRECT_MIN, "off");
+        let o = CommOptions::from_env(2).unwrap();
+        std::env::remove_var(ENV_DIRECT_MIN);
+        assert_eq!(o.direct_min, usize::MAX);
     }
 }

@@ -14,7 +14,7 @@
 //! the collectives do, with the same deadline, abort flag and liveness checks. So a ring exchange
 //! or a pairwise all-to-all cannot deadlock, whatever the sizes.
 
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 use std::time::Instant;
 
 use super::layout::Layout;
@@ -32,6 +32,9 @@ pub(super) struct Counters {
     /// Messages sent to / received from each peer (for error messages).
     sent_msgs: Vec<u64>,
     recvd_msgs: Vec<u64>,
+    /// Scratch of a grouped call, kept between calls.
+    xfers: Vec<Xfer>,
+    last: Vec<usize>,
 }
 
 impl Counters {
@@ -52,6 +55,8 @@ impl Counters {
             recvd: (0..w).map(|s| word(s, me, false)).collect(),
             sent_msgs: vec![0; w],
             recvd_msgs: vec![0; w],
+            xfers: Vec::new(),
+            last: Vec::new(),
         }
     }
 }
@@ -76,10 +81,14 @@ pub(super) fn bytes(ops: &[P2p<'_>]) -> usize {
 /// One transfer of the call, with how far it got.
 struct Xfer {
     op: usize,
+    /// Index of the previous transfer with the same (peer, direction), `usize::MAX` if none.
+    after: usize,
     peer: usize,
     send: bool,
     off: usize,
     done: bool,
+    /// A receive: whether its buffer was posted on the channel yet.
+    posted: bool,
 }
 
 impl ShmComm {
@@ -89,52 +98,156 @@ impl ShmComm {
             args::peer("send_recv", op.peer(), w)?;
         }
         self.self_transfers(ops)?;
-        // Transfers per (peer, direction), in the order given: only the first unfinished one of
-        // each queue is active, so both sides match messages in the same order.
-        let mut queues: Vec<Vec<Xfer>> = (0..2 * w).map(|_| Vec::new()).collect();
+        // The transfers in the order given, each after the previous one with the same (peer,
+        // direction): only the first unfinished one of such a queue is active, so both sides
+        // match messages in the same order. Scratch vectors are reused: no allocation per call.
+        let mut xs = std::mem::take(&mut self.p2p.xfers);
+        let mut last = std::mem::take(&mut self.p2p.last);
+        xs.clear();
+        last.clear();
+        last.resize(2 * w, usize::MAX);
         for (i, op) in ops.iter().enumerate() {
-            let (peer, send) = match op {
-                P2p::Send { peer, .. } => (*peer, true),
-                P2p::Recv { peer, .. } => (*peer, false),
-            };
+            let (peer, send) = (op.peer(), matches!(op, P2p::Send { .. }));
             if peer != me {
-                queues[2 * peer + send as usize].push(Xfer {
+                let q = &mut last[2 * peer + send as usize];
+                xs.push(Xfer {
                     op: i,
                     peer,
                     send,
                     off: 0,
                     done: false,
+                    posted: false,
+                    after: *q,
                 });
+                *q = xs.len() - 1;
             }
         }
-        queues.retain(|q| !q.is_empty());
-        let mut heads = vec![0usize; queues.len()];
-        let mut left: usize = queues.iter().map(Vec::len).sum();
+        let r = self.run_transfers(&mut xs, ops);
+        self.p2p.xfers = xs;
+        self.p2p.last = last;
+        r
+    }
+
+    /// Advances every active transfer until all are done: polling the channels while the spin
+    /// budget lasts, then yielding, then sleeping on this rank's bell (peers ring it only when
+    /// someone sleeps), with the deadline, abort flag and liveness checks of every wait.
+    fn run_transfers(&mut self, xs: &mut [Xfer], ops: &mut [P2p<'_>]) -> Result<()> {
+        let mut left = xs.len();
+        // While idle: when it began, polls since, yields since the spin ran out.
+        let mut idle: Option<(Instant, u32, Option<u32>)> = None;
         while left > 0 {
-            // Read the bell before polling: anything published after the poll rings it later.
-            let bell = self.ctl(me).bell.load(SeqCst);
-            let mut moved = false;
-            for (q, head) in queues.iter_mut().zip(heads.iter_mut()) {
-                while let Some(x) = q.get_mut(*head) {
-                    let did = self.advance(x, &mut ops[x.op])?;
-                    moved |= did;
-                    if x.done {
-                        *head += 1;
-                        left -= 1;
-                    } else if !did {
-                        break;
-                    }
+            if self.poll(xs, ops, &mut left)? {
+                if let Some((start, ..)) = idle.take() {
+                    self.wait_s += start.elapsed().as_secs_f64();
+                }
+                continue;
+            }
+            if left == 0 {
+                break;
+            }
+            let budget = self.spin_budget;
+            let (start, polls, yields) = idle.get_or_insert((Instant::now(), 0, None));
+            let start = *start;
+            *polls += 1;
+            if yields.is_none() {
+                if !budget.is_zero() && (!polls.is_multiple_of(64) || start.elapsed() < budget) {
+                    std::hint::spin_loop();
+                    continue;
+                }
+                *yields = Some(0);
+            }
+            if let Some(y) = yields.as_mut().filter(|y| **y < self.opts.yields) {
+                *y += 1;
+                std::thread::yield_now();
+                continue;
+            }
+            self.sleep_on_bell(xs, ops, &mut left, start)?;
+        }
+        if let Some((start, ..)) = idle {
+            self.wait_s += start.elapsed().as_secs_f64();
+        }
+        Ok(())
+    }
+
+    /// One pass over the active transfers; returns whether any moved.
+    fn poll(&mut self, xs: &mut [Xfer], ops: &mut [P2p<'_>], left: &mut usize) -> Result<bool> {
+        let mut moved = false;
+        for i in 0..xs.len() {
+            let after = xs[i].after;
+            if xs[i].done || (after != usize::MAX && !xs[after].done) {
+                continue;
+            }
+            let x = &mut xs[i];
+            loop {
+                let did = self.advance(x, &mut ops[x.op])?;
+                moved |= did;
+                if x.done {
+                    *left -= 1;
+                    break;
+                }
+                if !did {
+                    break;
                 }
             }
-            if left > 0 && !moved {
-                let waiting: Vec<usize> = queues
-                    .iter()
-                    .zip(&heads)
-                    .filter_map(|(q, &h)| q.get(h).map(|x| x.peer))
-                    .collect();
-                self.wait_bell(bell, &waiting)?;
-            }
         }
+        Ok(moved)
+    }
+
+    /// Sleeps on this rank's bell for at most a liveness period, announced as a sleeper first
+    /// (and polling once more after that, so a peer that published before seeing us rang).
+    fn sleep_on_bell(
+        &mut self,
+        xs: &mut [Xfer],
+        ops: &mut [P2p<'_>],
+        left: &mut usize,
+        start: Instant,
+    ) -> Result<()> {
+        let map = self.map.clone();
+        let c = map.ctl(&self.lay, self.rank);
+        let seen = c.bell.load(SeqCst);
+        c.bell_waiters.fetch_add(1, SeqCst);
+        let r = self.sleep_announced(xs, ops, left, start, &c.bell, seen);
+        c.bell_waiters.fetch_sub(1, SeqCst);
+        r
+    }
+
+    fn sleep_announced(
+        &mut self,
+        xs: &mut [Xfer],
+        ops: &mut [P2p<'_>],
+        left: &mut usize,
+        start: Instant,
+        bell: &std::sync::atomic::AtomicU32,
+        seen: u32,
+    ) -> Result<()> {
+        if self.poll(xs, ops, left)? || *left == 0 {
+            return Ok(());
+        }
+        let active = |xs: &[Xfer]| -> Vec<usize> {
+            xs.iter()
+                .filter(|x| !x.done && (x.after == usize::MAX || xs[x.after].done))
+                .map(|x| x.peer)
+                .collect()
+        };
+        // A peer that published for us and then left is not an error: poll once more first.
+        if let Err(e) = active(xs).into_iter().try_for_each(|p| self.check_alive(p)) {
+            return if self.poll(xs, ops, left)? {
+                Ok(())
+            } else {
+                Err(e)
+            };
+        }
+        let now = Instant::now();
+        let deadline = start + self.opts.timeout;
+        if now >= deadline {
+            return Err(CommError::Timeout {
+                op: self.op_name(),
+                seq: self.op_seq,
+                missing: active(xs).first().copied().unwrap_or(self.rank),
+                waited_s: (now - start).as_secs_f64(),
+            });
+        }
+        sys::futex_wait(bell, seen, (deadline - now).min(LIVENESS_PERIOD));
         Ok(())
     }
 
@@ -182,22 +295,60 @@ impl ShmComm {
             let P2p::Send { buf, .. } = op else {
                 unreachable!()
             };
-            let ch = self.map.chan(&self.lay, me, p);
+            let map = self.map.clone();
+            let ch = map.chan(&self.lay, me, p);
             let c = self.p2p.sent[p];
             // Half c % 2 is free once the receiver acknowledged chunk c - 2.
-            if !reached(ch.acked.load(Acquire), c.wrapping_sub(1)) {
+            if !reached(ch.acked.load(SeqCst), c.wrapping_sub(1)) {
                 return Ok(false);
             }
             let h = (c % 2) as usize;
-            let n = ps.min(buf.len() - x.off);
-            // SAFETY: [off, off + n) is inside `buf`; the half holds pslot >= n bytes and the
-            // receiver does not read it until we publish `sent = c + 1` below.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    buf.as_ptr().add(x.off),
-                    self.map.pdata(&self.lay, me, p, h),
-                    n,
-                )
+            let direct = x.off == 0 && buf.len() >= self.opts.direct_min;
+            let n = if direct {
+                // Single copy: wait until the receiver posted this message's buffer, then
+                // write straight into it (unless the kernel refuses: then through the halves).
+                let posted = ch.posted_msg.load(SeqCst);
+                if posted != self.p2p.sent_msgs[p] + 1 {
+                    return Ok(false);
+                }
+                let (addr, len) = (ch.posted_addr.load(Relaxed), ch.posted_len.load(Relaxed));
+                if len == buf.len() as u64 && self.may_write(p) {
+                    let pid = self.ctl(p).pid.load(Relaxed);
+                    match sys::peer_write(pid, addr, buf) {
+                        Ok(()) => {
+                            self.took_direct = true;
+                            buf.len()
+                        }
+                        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
+                            self.check_alive(p)?;
+                            return Err(self.p2p_copy_failed(p, e));
+                        }
+                        Err(_) => {
+                            self.writable[p] = Some(false);
+                            0
+                        }
+                    }
+                } else {
+                    0
+                }
+            } else {
+                0
+            };
+            ch.direct[h].store((n > 0) as u32, Relaxed);
+            let n = if n > 0 {
+                n
+            } else {
+                let n = ps.min(buf.len() - x.off);
+                // SAFETY: [off, off + n) is inside `buf`; the half holds pslot >= n bytes and the
+                // receiver does not read it until we publish `sent = c + 1` below.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        buf.as_ptr().add(x.off),
+                        self.map.pdata(&self.lay, me, p, h),
+                        n,
+                    )
+                };
+                n
             };
             if x.off == 0 {
                 self.p2p.sent_msgs[p] += 1;
@@ -205,7 +356,7 @@ impl ShmComm {
             ch.msg[h].store(self.p2p.sent_msgs[p], Relaxed);
             ch.total[h].store(buf.len() as u64, Relaxed);
             let c1 = c.wrapping_add(1);
-            ch.sent.store(c1, Release);
+            ch.sent.store(c1, SeqCst);
             self.p2p.sent[p] = c1;
             self.ring(p);
             x.off += n;
@@ -215,8 +366,19 @@ impl ShmComm {
                 unreachable!()
             };
             let ch = self.map.chan(&self.lay, p, me);
+            if !x.posted {
+                // Tell the sender where this message goes, so a large one can be written
+                // straight into `buf`; only a sender that will do that is woken for it.
+                x.posted = true;
+                ch.posted_addr.store(buf.as_mut_ptr() as u64, Relaxed);
+                ch.posted_len.store(buf.len() as u64, Relaxed);
+                ch.posted_msg.store(self.p2p.recvd_msgs[p] + 1, SeqCst);
+                if buf.len() >= self.opts.direct_min {
+                    self.ring(p);
+                }
+            }
             let c = self.p2p.recvd[p];
-            if !reached(ch.sent.load(Acquire), c.wrapping_add(1)) {
+            if !reached(ch.sent.load(SeqCst), c.wrapping_add(1)) {
                 return Ok(false);
             }
             let h = (c % 2) as usize;
@@ -232,21 +394,27 @@ impl ShmComm {
                     ),
                 });
             }
-            let n = ps.min(buf.len() - x.off);
-            // SAFETY: the sender published this chunk (acquire above) and leaves the half alone
-            // until we acknowledge it; [off, off + n) is inside `buf`.
-            unsafe {
-                std::ptr::copy_nonoverlapping(
-                    self.map.pdata(&self.lay, p, me, h),
-                    buf.as_mut_ptr().add(x.off),
-                    n,
-                )
+            let n = if ch.direct[h].load(Relaxed) != 0 {
+                // The sender wrote the whole message into `buf` already.
+                buf.len()
+            } else {
+                let n = ps.min(buf.len() - x.off);
+                // SAFETY: the sender published this chunk (acquire above) and leaves the half
+                // alone until we acknowledge it; [off, off + n) is inside `buf`.
+                unsafe {
+                    std::ptr::copy_nonoverlapping(
+                        self.map.pdata(&self.lay, p, me, h),
+                        buf.as_mut_ptr().add(x.off),
+                        n,
+                    )
+                };
+                n
             };
             if x.off == 0 {
                 self.p2p.recvd_msgs[p] += 1;
             }
             let c1 = c.wrapping_add(1);
-            ch.acked.store(c1, Release);
+            ch.acked.store(c1, SeqCst);
             self.p2p.recvd[p] = c1;
             self.ring(p);
             x.off += n;
@@ -255,71 +423,31 @@ impl ShmComm {
         Ok(true)
     }
 
-    /// Tells rank `r` something it may wait for was published.
-    fn ring(&self, r: usize) {
-        let c = self.ctl(r);
-        c.bell.fetch_add(1, SeqCst);
-        if c.bell_waiters.load(SeqCst) != 0 {
-            sys::futex_wake_all(&c.bell);
+    /// Whether this rank may write into peer `p`'s memory (probed once per peer).
+    fn may_write(&mut self, p: usize) -> bool {
+        if self.writable[p].is_none() {
+            self.writable[p] = Some(self.probe(p));
+        }
+        self.writable[p] == Some(true)
+    }
+
+    fn p2p_copy_failed(&self, p: usize, e: std::io::Error) -> CommError {
+        CommError::PeerDied {
+            op: self.op_name(),
+            seq: self.op_seq,
+            missing: p,
+            how: format!("could not be copied to directly ({e})"),
         }
     }
 
-    /// Waits until this rank's bell moves past `seen`: spins, yields, then sleeps in slices,
-    /// checking between them the abort flag, the `waiting` peers' liveness and the deadline.
-    fn wait_bell(&mut self, seen: u32, waiting: &[usize]) -> Result<()> {
-        let start = Instant::now();
-        let ctl = self.map.clone();
-        let bell = &ctl.ctl(&self.lay, self.rank).bell;
-        let moved = || bell.load(SeqCst) != seen;
-        let spin = self.spin_budget;
-        let mut i = 0u32;
-        while !spin.is_zero() {
-            std::hint::spin_loop();
-            if moved() {
-                self.wait_s += start.elapsed().as_secs_f64();
-                return Ok(());
-            }
-            i += 1;
-            if i.is_multiple_of(64) && start.elapsed() >= spin {
-                break;
-            }
+    /// Tells rank `r` something it may wait for was published.
+    /// The store being announced was SeqCst and so is this load: either we see the sleeper or
+    /// its poll after announcing itself sees our store.
+    fn ring(&self, r: usize) {
+        let c = self.ctl(r);
+        if c.bell_waiters.load(SeqCst) != 0 {
+            c.bell.fetch_add(1, SeqCst);
+            sys::futex_wake_all(&c.bell);
         }
-        for _ in 0..self.opts.yields {
-            std::thread::yield_now();
-            if moved() {
-                self.wait_s += start.elapsed().as_secs_f64();
-                return Ok(());
-            }
-        }
-        let deadline = start + self.opts.timeout;
-        let waiters = &ctl.ctl(&self.lay, self.rank).bell_waiters;
-        loop {
-            // A peer that published for us and then left rang the bell first.
-            if let Err(e) = waiting.iter().try_for_each(|&p| self.check_alive(p)) {
-                if moved() {
-                    break;
-                }
-                return Err(e);
-            }
-            let now = Instant::now();
-            if now >= deadline {
-                return Err(CommError::Timeout {
-                    op: self.op_name(),
-                    seq: self.op_seq,
-                    missing: waiting.first().copied().unwrap_or(self.rank),
-                    waited_s: (now - start).as_secs_f64(),
-                });
-            }
-            waiters.fetch_add(1, SeqCst);
-            if !moved() {
-                sys::futex_wait(bell, seen, (deadline - now).min(LIVENESS_PERIOD));
-            }
-            waiters.fetch_sub(1, SeqCst);
-            if moved() {
-                break;
-            }
-        }
-        self.wait_s += start.elapsed().as_secs_f64();
-        Ok(())
     }
 }

@@ -86,6 +86,7 @@ impl ShmComm {
         h.bytes.store(desc.bytes, Relaxed);
         h.code.store(desc.code(), Relaxed);
         h.root.store(desc.root, Relaxed);
+        h.addr.store(0, Relaxed);
         Ok((s, half))
     }
 

@@ -92,6 +92,10 @@ impl Mapping {
             name: None,
         })
     }
+    /// Where this process mapped the segment.
+    pub fn base(&self) -> *const u8 {
+        self.ptr.as_ptr() as *const u8
+    }
     pub fn header(&self) -> &Header {
         // SAFETY: offset 0 is page-aligned and the mapping is at least one page (checked by
         // every constructor); Header is all atomics and padding.
@@ -406,6 +410,31 @@ impl JobSegment {
         (0..self.lay.world)
             .map(|r| super::flight::read(&self.map, &self.lay, r))
             .collect()
+    }
+
+    /// The flight recorders of every group that `split` made in this job and whose rank 0 is
+    /// still alive (its segment is opened through `/proc/<pid>/fd`); ranks as world ranks.
+    pub fn group_flight_records(&self) -> Vec<super::flight::GroupFlight> {
+        let mut out = Vec::new();
+        for (name, pid, fd, n) in super::flight::registered_groups(&self.map) {
+            let Ok((map, lay)) = open_group(pid, fd, n) else {
+                continue;
+            };
+            let ranks: Vec<_> = (0..n)
+                .map(|r| {
+                    let mut f = super::flight::read(&map, &lay, r);
+                    let w = map.ctl(&lay, r).world_rank.load(SeqCst) as usize;
+                    f.rank = w.checked_sub(1).unwrap_or(usize::MAX);
+                    f
+                })
+                .collect();
+            out.push(super::flight::GroupFlight {
+                name,
+                world_ranks: ranks.iter().map(|f| f.rank).collect(),
+                ranks,
+            });
+        }
+        out
     }
 
     /// One communicator per rank, sharing this process's mapping (ranks as threads).

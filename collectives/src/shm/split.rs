@@ -149,8 +149,15 @@ impl ShmComm {
         let mut c = ShmComm::attach(map, lay, new_rank, self.opts.clone())?;
         c.job = self.job.clone();
         let parent = self.world_ranks();
+        let name = format!("{}/{}", self.group_name(), mine[0]);
+        c.ctl(new_rank)
+            .world_rank
+            .store(parent[me] as u32 + 1, std::sync::atomic::Ordering::SeqCst);
+        if new_rank == 0 {
+            c.registered = super::flight::register_group(&c.job, &name, c.map.raw_fd(), n);
+        }
         c.group = Some(Group {
-            name: format!("{}/{}", self.group_name(), mine[0]).into(),
+            name: name.into(),
             world_ranks: members.iter().map(|&r| parent[r]).collect(),
         });
         Ok(Some(c))
