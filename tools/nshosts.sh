@@ -35,7 +35,7 @@ while [[ $# -gt 0 ]]; do
     --hosts) hosts=$2; shift 2 ;;
     --slots) slots=$2; shift 2 ;;
     --) shift; break ;;
-    *) echo "nshosts: unknown option $1 (expected --hosts K, --slots L, -- COMMAND)" >&2; exit 2 ;;
+    *) echo "nshosts: unknown option $1 (expected --hosts K, --slots L, --slurm, -- COMMAND)" >&2; exit 2 ;;
     esac
 done
 [[ $# -gt 0 ]] || { echo "nshosts: no COMMAND after --" >&2; exit 2; }
@@ -47,6 +47,9 @@ skip() { echo "nshosts: SKIP: $*" >&2; exit 77; }
 for t in ip nsenter unshare mount hostname; do
     command -v $t >/dev/null || skip "$t is not installed"
 done
+
+unshare --uts --mount --propagation private true 2>/dev/null ||
+    skip "unshare --uts --mount is refused (no UTS or mount namespaces)"
 
 prefix=tpn$$
 # Leftovers of runs that were SIGKILLed: namespaces named after a pid that is gone.
