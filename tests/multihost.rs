@@ -13,9 +13,9 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{clean, finish, tprun_bin, Finished};
 #[cfg(feature = "mpi")]
 use common::run_cmd;
+use common::{clean, finish, tprun_bin, Finished};
 
 const LIMIT: Duration = Duration::from_secs(300);
 
