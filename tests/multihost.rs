@@ -466,3 +466,41 @@ done"#,
     let _ = std::fs::remove_dir_all(&dir);
     res.unwrap_or(())
 }
+
+/// Under Slurm, a node whose link is cut mid-step: srun reports "Node failure on h2" and ends
+/// the step instead of waiting (slurmctld marks the node down after nshosts.sh's
+/// SlurmdTimeout=10; Slurm's default is 300 s), and no rank is left on h1.
+#[cfg(feature = "mpi")]
+#[test]
+fn a_slurm_node_whose_network_is_cut_fails_the_step() {
+    let script = r#"export OMPI_MCA_btl=vader,tcp,self OMPI_MCA_btl_tcp_if_include=10.77.0.0/24
+srun --mpi=pmix -N2 -n4 "$TPRUN" rank perf --op all-reduce --min-bytes 64K --max-bytes 64K --iters 1000000000 &
+m=$!
+for i in $(seq 600); do [ "$(ip netns pids "$NSHOSTS_NS-h2" | xargs -r ps -o comm= -p | grep -c tprun)" = 2 ] && break; sleep 0.1; done
+sleep 3
+t0=$(date +%s.%N)
+$NSHOSTS_CUT h2
+wait $m
+rc=$?
+t1=$(date +%s.%N)
+echo "srun exit $rc after $(awk "BEGIN{print $t1 - $t0}") s"
+echo "ranks left on h1: $(ip netns pids "$NSHOSTS_NS-h1" | xargs -r ps -o comm= -p | grep -c tprun)"
+"#;
+    let r = run_cmd(&mut nshosts_with(&["--slurm"], script), LIMIT);
+    if refused("multihost slurm cut", &r) {
+        return;
+    }
+    let all = format!("{}{}", r.stdout, r.stderr);
+    assert_eq!(r.code, 0, "{all}");
+    let end = r
+        .stdout
+        .lines()
+        .find_map(|l| l.strip_prefix("srun exit "))
+        .unwrap_or_else(|| panic!("no end line: {all}"));
+    let (code, secs) = end.split_once(" after ").unwrap();
+    let secs: f64 = secs.trim_end_matches(" s").parse().unwrap();
+    assert_ne!(code, "0", "{all}");
+    assert!(secs < 120.0, "srun ended {secs} s after the cut: {all}");
+    assert!(all.contains("Node failure on h2"), "{all}");
+    assert!(all.contains("ranks left on h1: 0"), "{all}");
+}

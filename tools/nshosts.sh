@@ -190,6 +190,7 @@ SelectType=select/cons_tres
 SelectTypeParameters=CR_CPU
 MpiDefault=none
 ReturnToService=2
+SlurmdTimeout=10
 SlurmdParameters=config_overrides
 $(printf '%s\n' "${nodes[@]}")
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
