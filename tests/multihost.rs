@@ -240,7 +240,8 @@ fn groups_p2p_and_all_to_all_across_2_hosts() {
 
 /// Runs a 2 x 2 all-reduce loop on the hosts, applies `fault` once every rank runs (`kill`:
 /// SIGKILL of rank 2, on h2; `cut`: h2's link down), and returns the run's output, mpirun's exit
-/// status, the seconds from the fault to mpirun's end, and what was left on h1 and h2 then.
+/// status, the seconds from the fault until mpirun had returned and both hosts were empty (or
+/// 10 s after mpirun returned), and what was left on h1 and h2 then.
 #[cfg(feature = "mpi")]
 fn fault_run(test: &str, fault: &str) -> Option<(String, i32, f64, String)> {
     let dir = Path::new(env!("CARGO_TARGET_TMPDIR"))
@@ -261,8 +262,13 @@ cut) $NSHOSTS_CUT h2 ;;
 esac
 wait $m
 rc=$?
+# The last processes (an orted, a rank being killed) may still be on their way out.
+for i in $(seq 100); do
+    [ -z "$(ip netns pids "$NSHOSTS_NS-h1")$(ip netns pids "$NSHOSTS_NS-h2")" ] && break
+    sleep 0.1
+done
 t1=$(date +%s.%N)
-echo "mpirun exit $rc after $(awk "BEGIN{{print $t1 - $t0}}") s"
+echo "mpirun exit $rc, hosts empty after $(awk "BEGIN{{print $t1 - $t0}}") s"
 for h in h1 h2; do echo "left on $h: $(ip netns pids "$NSHOSTS_NS-$h" | wc -l)"; done
 "#,
         dir = dir.display()
@@ -277,7 +283,7 @@ for h in h1 h2; do echo "left on $h: $(ip netns pids "$NSHOSTS_NS-$h" | wc -l)";
         .lines()
         .find_map(|l| l.strip_prefix("mpirun exit "))
         .unwrap_or_else(|| panic!("no end line: {all}"));
-    let (code, secs) = end.split_once(" after ").unwrap();
+    let (code, secs) = end.split_once(", hosts empty after ").unwrap();
     let secs: f64 = secs.trim_end_matches(" s").parse().unwrap();
     let left: String = r
         .stdout
@@ -296,9 +302,14 @@ fn a_rank_killed_on_one_host_ends_the_ranks_on_every_host() {
         return;
     };
     assert_ne!(code, 0, "{all}");
-    assert!(secs < 30.0, "mpirun ended {secs} s after the kill: {all}");
     assert!(
-        all.contains("process rank 2 with PID") && all.contains("on node h2"),
+        secs < 30.0,
+        "the hosts emptied {secs} s after the kill: {all}"
+    );
+    // mpirun's own line, or (when a peer's abort reaches mpirun first) the peer's line.
+    let mpirun_says = all.contains("process rank 2 with PID") && all.contains("on node h2");
+    assert!(
+        mpirun_says || all.contains("rank 2 (host h2, node 1) died"),
         "the killed rank and its host are named: {all}"
     );
     assert_eq!(left, "left on h1: 0left on h2: 0", "{all}");
@@ -314,7 +325,10 @@ fn a_host_whose_network_is_cut_is_reported_not_waited_for() {
         return;
     };
     assert_ne!(code, 0, "{all}");
-    assert!(secs < 60.0, "mpirun ended {secs} s after the cut: {all}");
+    assert!(
+        secs < 60.0,
+        "the hosts emptied {secs} s after the cut: {all}"
+    );
     assert!(
         all.contains("lost communication with a remote daemon") && all.contains("on node h2"),
         "the cut host is named: {all}"
@@ -484,7 +498,9 @@ wait $m
 rc=$?
 t1=$(date +%s.%N)
 echo "srun exit $rc after $(awk "BEGIN{print $t1 - $t0}") s"
-echo "ranks left on h1: $(ip netns pids "$NSHOSTS_NS-h1" | xargs -r ps -o comm= -p | grep -c tprun)"
+left() { ip netns pids "$NSHOSTS_NS-h1" | xargs -r ps -o comm= -p | grep -c tprun; }
+for i in $(seq 100); do [ "$(left)" = 0 ] && break; sleep 0.1; done
+echo "ranks left on h1: $(left)"
 "#;
     let r = run_cmd(&mut nshosts_with(&["--slurm"], script), LIMIT);
     if refused("multihost slurm cut", &r) {
