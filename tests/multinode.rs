@@ -7,38 +7,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 mod common;
-use common::{finish, run_cmd, tprun, Finished};
+use common::{clean, finish, run_cmd, tprun, Finished};
 
 const LIMIT: Duration = Duration::from_secs(180);
-
-/// Every launcher variable a test run might inherit, removed so each test sets only its own.
-const LAUNCHER_VARS: &[&str] = &[
-    "RANK",
-    "WORLD_SIZE",
-    "LOCAL_RANK",
-    "LOCAL_WORLD_SIZE",
-    "GROUP_RANK",
-    "TPRUN_SHM_FD",
-    "TPRUN_RUN_ID",
-    "TPRUN_ROLE",
-    "MASTER_PORT",
-    "OMPI_COMM_WORLD_RANK",
-    "OMPI_COMM_WORLD_SIZE",
-    "PMIX_RANK",
-    "PMI_RANK",
-    "PMI_SIZE",
-    "SLURM_PROCID",
-    "SLURM_NTASKS",
-    "SLURM_JOB_ID",
-    "TPRUN_PRETEND_NODES",
-];
-
-fn clean(mut c: Command) -> Command {
-    for v in LAUNCHER_VARS {
-        c.env_remove(v);
-    }
-    c
-}
 
 /// `tprun rank ARGS` as task `rank` of a hand-made srun job of `tasks` tasks on `nodes` nodes.
 fn srun_task(rank: usize, tasks: usize, nodes: usize, job: &str, args: &[&str]) -> Command {
@@ -238,6 +209,73 @@ mod mpi {
             let ok = r.stdout.matches("Out of bounds values : 0 OK").count();
             assert_eq!(ok, 4, "{}", r.stdout);
         }
+    }
+
+    /// The fast hierarchy (`--hier-mode fast`): perf --check compares every all-reduce and
+    /// reduce result on every rank, bit for bit, with the fast order's reference (node sums in
+    /// local rank order, then the nodes in node order; perf's unit tests show it differs from
+    /// the flat order for float sums): 0 wrong means the same bits on every rank. 2 and 3 nodes,
+    /// odd sizes (padding), every kind of element and the reductions that take the fast path,
+    /// and avg (which keeps the reproducible path).
+    #[test]
+    fn fast_hierarchy_gives_every_rank_the_same_bits() {
+        let bin = tprun_bin();
+        let bin = bin.to_str().unwrap();
+        for (n, k, dtype, redop) in [
+            (4, 2, "f32", "sum"),
+            (4, 2, "bf16", "premulsum"),
+            (4, 2, "f64", "avg"),
+            (4, 2, "i32", "prod"),
+            (6, 3, "f16", "sum"),
+            (6, 3, "f32", "max"),
+        ] {
+            let args = [
+                bin,
+                "rank",
+                "perf",
+                "--hier-mode",
+                "fast",
+                "--op",
+                "all-reduce,reduce",
+                "--dtype",
+                dtype,
+                "--redop",
+                redop,
+                "--check",
+                "--min-bytes",
+                "4",
+                "--max-bytes",
+                "300K",
+                "--iters",
+                "2",
+                "--warmup",
+                "1",
+            ];
+            let r = run_cmd(&mut mpirun(n, k, &args), LIMIT);
+            let what = format!("{n} ranks on {k} nodes, {dtype} {redop}");
+            assert_eq!(r.code, 0, "{what}: {}\n{}", r.stdout, r.stderr);
+            assert_eq!(
+                r.stdout
+                    .matches("all-reduce fast (node partial sums")
+                    .count(),
+                2,
+                "{what}: {}",
+                r.stdout
+            );
+            let ok = r.stdout.matches("Out of bounds values : 0 OK").count();
+            assert_eq!(ok, 2, "{what}: {}", r.stdout);
+        }
+        // A mode that does not exist is one line naming the variable, on every rank's abort.
+        let mut c = mpirun(2, 2, &[bin, "rank", "perf"]);
+        c.env("TPRUN_HIER_MODE", "quick");
+        let r = run_cmd(&mut c, LIMIT);
+        assert_ne!(r.code, 0, "{}", r.stdout);
+        assert!(
+            r.stderr
+                .contains("TPRUN_HIER_MODE=quick is not a hierarchy mode"),
+            "{}",
+            r.stderr
+        );
     }
 
     fn logits(dir: &std::path::Path) -> Vec<f32> {

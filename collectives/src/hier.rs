@@ -23,6 +23,19 @@
 //! instead of node partial sums, L times the inter-node bytes of a partial-sum scheme, which
 //! pre-added sums would avoid only by giving up the flat path's bits.
 //!
+//! **Fast mode** (`TPRUN_HIER_MODE=fast`, perf's `--hier-mode fast`). All-reduce (and reduce,
+//! which runs over it) as a partial-sum hierarchy: a node-local reduce-scatter gives local rank
+//! l the node's sum of shard l; on rail l an MPI_Alltoall hands each rail member 1/K of that
+//! shard from every node, which it reduces in node order, and an MPI_Allgather returns the
+//! reduced pieces; a node-local all-gather completes the buffer. Each element is reduced once,
+//! by one rank, from the same bytes, so every rank gets the same bits; but the node sums are
+//! rounded to the storage type before the nodes are added, so floats differ from the flat
+//! rank-order result (integers, max and min do not). Inter-node bytes per rank are 2 (K-1)/K of
+//! a shard, against (K-1) L shards in the reproducible mode. `avg` keeps the reproducible path
+//! (its division by N belongs to the flat order). The default stays reproducible: the same bits
+//! whatever the host count or placement is what tprun's TP results promise (a model's logits do
+//! not change when a job moves from one host to two); fast is the opt-in for large messages.
+//!
 //! **Point-to-point and groups.** Grouped send/recv is MPI_Isend/MPI_Irecv on the world
 //! communicator (one tag, so MPI's non-overtaking rule matches each pair's transfers in the order
 //! both sides issue them), all posted before any is waited for: a ring or a pairwise all-to-all
@@ -54,6 +67,19 @@ use crate::shm::{ShmComm, ENV_PRETEND_NODES};
 use crate::stats::{CommStats, OpKind};
 use crate::{args, CommError, Communicator, DType, P2p, ReduceOp, Result};
 
+use crate::ENV_HIER_MODE;
+
+/// Whether `TPRUN_HIER_MODE` asks for the fast mode; an error names a value that is neither.
+pub fn fast_mode_from_env() -> std::result::Result<bool, String> {
+    match crate::env::var(ENV_HIER_MODE)?.as_deref().map(str::trim) {
+        None | Some("") | Some("reproducible") => Ok(false),
+        Some("fast") => Ok(true),
+        Some(v) => Err(format!(
+            "{ENV_HIER_MODE}={v} is not a hierarchy mode: expected reproducible (the default) or fast"
+        )),
+    }
+}
+
 /// MPI's universe, finalized by [`end`] (not when the communicator is dropped: a rank whose
 /// program failed must abort the job instead of waiting in MPI_Finalize for ranks that wait
 /// for it).
@@ -83,6 +109,8 @@ pub struct HierComm {
     node: usize,
     lr: usize,
     host: String,
+    /// [`ENV_HIER_MODE`] is `fast`.
+    fast: bool,
     simd: Simd,
     stats: CommStats,
     /// Scratch buffers, kept between calls.
@@ -144,6 +172,7 @@ impl HierComm {
         n: usize,
         host: String,
     ) -> anyhow::Result<HierComm> {
+        let fast = fast_mode_from_env().map_err(anyhow::Error::msg)?;
         let node_comm = match crate::env::var(ENV_PRETEND_NODES).map_err(anyhow::Error::msg)? {
             Some(k) => {
                 let k = crate::env::parse_count(ENV_PRETEND_NODES, &k, "a node count", 1..=n as u64)
@@ -183,6 +212,7 @@ impl HierComm {
             node,
             lr,
             host,
+            fast,
             simd: Simd::detect(),
             stats: CommStats::default(),
             a: Vec::new(),
@@ -346,6 +376,49 @@ impl HierComm {
         res
     }
 
+    /// The fast mode's all-reduce (module docs): node reduce-scatter, rail all-to-all + reduce
+    /// in node order + all-gather, node all-gather.
+    fn fast_all_reduce_impl(&mut self, buf: &mut [u8], dtype: DType, op: ReduceOp) -> Result<()> {
+        let esz = dtype.size();
+        if !buf.len().is_multiple_of(esz) {
+            let msg = format!(
+                "{} bytes is not a whole number of {}",
+                buf.len(),
+                dtype.name()
+            );
+            return Err(Self::invalid(OpKind::AllReduce, msg));
+        }
+        let (l, k) = (self.per_node, self.nodes);
+        // Shard l of the buffer goes to local rank l; a whole number of elements per node.
+        let piece = (buf.len() / esz).div_ceil(l).div_ceil(k) * esz;
+        let shard = piece * k;
+        let mut pad = std::mem::take(&mut self.a);
+        let mut part = std::mem::take(&mut self.b);
+        let mut got = std::mem::take(&mut self.c);
+        pad.clear();
+        pad.extend_from_slice(buf);
+        pad.resize(l * shard, 0);
+        part.resize(shard, 0);
+        got.resize(shard, 0);
+        let res = (|| {
+            if shard == 0 {
+                return Ok(());
+            }
+            // This node's sum of shard `lr`, in local rank order.
+            self.local.reduce_scatter_raw(&pad, &mut part, dtype, op)?;
+            // Piece `node` of every node's partial, in node order; reduced here, by this rank
+            // alone, then every rail member gets every reduced piece.
+            self.rail.all_to_all_into(&part[..], &mut got[..]);
+            reduce_into(self.simd, dtype, op, &mut part[..piece], &pieces(&got, k));
+            got[..piece].copy_from_slice(&part[..piece]);
+            self.rail.all_gather_into(&got[..piece], &mut part[..]);
+            self.local.all_gather_raw(&part, &mut pad, dtype)
+        })();
+        buf.copy_from_slice(&pad[..buf.len()]);
+        (self.a, self.b, self.c) = (pad, part, got);
+        res
+    }
+
     fn all_gather_impl(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
         let (l, k, len) = (self.per_node, self.nodes, input.len());
         if output.len() != self.world * len {
@@ -446,7 +519,11 @@ impl Communicator for HierComm {
         let n = buf.len();
         self.op(OpKind::AllReduce, n, |c| {
             let op = premul_in_place(dtype, op, buf);
-            c.all_reduce_impl(buf, dtype, op)
+            if c.fast && op != ReduceOp::Avg {
+                c.fast_all_reduce_impl(buf, dtype, op)
+            } else {
+                c.all_reduce_impl(buf, dtype, op)
+            }
         })
     }
     fn all_gather_raw(&mut self, input: &[u8], output: &mut [u8], dtype: DType) -> Result<()> {
@@ -494,6 +571,7 @@ impl Communicator for HierComm {
         Some(crate::Hierarchy {
             nodes: self.nodes,
             per_node: self.per_node,
+            fast: self.fast,
         })
     }
 }

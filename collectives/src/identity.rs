@@ -8,7 +8,8 @@
 //! | tprun / torchrun | RANK | WORLD_SIZE | LOCAL_RANK | LOCAL_WORLD_SIZE | GROUP_RANK |
 //! | Open MPI | OMPI_COMM_WORLD_RANK | _SIZE | _LOCAL_RANK | _LOCAL_SIZE | OMPI_COMM_WORLD_NODE_RANK is not a node id, so none |
 //! | PMIx / PMI | PMIX_RANK, PMI_RANK | PMI_SIZE | - | - | - |
-//! | Slurm | SLURM_PROCID | SLURM_NTASKS | SLURM_LOCALID | SLURM_NTASKS_PER_NODE, else this node's entry of SLURM_TASKS_PER_NODE | SLURM_NODEID |
+//! | (srun's PMIx/PMI) | Slurm's columns, when SLURM_PROCID names the same task (see [`pmi`]) | | | | |
+//! | Slurm | SLURM_PROCID | SLURM_STEP_NUM_TASKS, else SLURM_NTASKS | SLURM_LOCALID | this node's entry of SLURM_STEP_TASKS_PER_NODE, else SLURM_NTASKS_PER_NODE, else this node's entry of SLURM_TASKS_PER_NODE | SLURM_NODEID |
 //!
 //! (tprun's own ranks get the torchrun variables plus TPRUN_SHM_FD, so "tprun's" and
 //! "torchrun's" are the same variables.)
@@ -72,9 +73,10 @@ fn need(get: Get, var: &str, with: &str) -> Result<usize, String> {
     num(get, var)?.ok_or_else(|| format!("{with} is set but {var} is not"))
 }
 
-/// This node's task count from Slurm's compressed list, e.g. `4(x2),3` with node 2 -> 3.
-fn slurm_tasks_on(list: &str, node: usize) -> Result<usize, String> {
-    let bad = || format!("SLURM_TASKS_PER_NODE={list} is not a list like 4(x2),3");
+/// This node's task count from Slurm's compressed list `var`=`list`, e.g. `4(x2),3` with node 2
+/// -> 3.
+fn slurm_tasks_on(var: &str, list: &str, node: usize) -> Result<usize, String> {
+    let bad = || format!("{var}={list} is not a list like 4(x2),3");
     let mut seen = 0;
     for item in list.split(',') {
         let (count, times) = match item.split_once("(x") {
@@ -88,29 +90,71 @@ fn slurm_tasks_on(list: &str, node: usize) -> Result<usize, String> {
             return Ok(count);
         }
     }
-    Err(format!(
-        "SLURM_TASKS_PER_NODE={list} has no entry for SLURM_NODEID={node}"
-    ))
+    Err(format!("{var}={list} has no entry for SLURM_NODEID={node}"))
 }
 
+/// Slurm's task variables. Inside a step (srun) the step's own counts win over the job's: srun
+/// under an `sbatch -n 8` that runs `srun -n 4` sees the job's SLURM_TASKS_PER_NODE, but its
+/// tasks are laid out as SLURM_STEP_TASKS_PER_NODE says.
 fn slurm(get: Get) -> Result<Identity, String> {
     let with = "SLURM_PROCID";
     let node = num(get, "SLURM_NODEID")?;
-    let local_world = match (
-        num(get, "SLURM_NTASKS_PER_NODE")?,
-        get("SLURM_TASKS_PER_NODE"),
-    ) {
-        (Some(n), _) => Some(n),
-        (None, Some(list)) => Some(slurm_tasks_on(&list, node.unwrap_or(0))?),
-        (None, None) => None,
+    let list = |var: &str| -> Result<Option<usize>, String> {
+        get(var)
+            .map(|l| slurm_tasks_on(var, &l, node.unwrap_or(0)))
+            .transpose()
+    };
+    let local_world = match list("SLURM_STEP_TASKS_PER_NODE")? {
+        Some(n) => Some(n),
+        None => match num(get, "SLURM_NTASKS_PER_NODE")? {
+            Some(n) => Some(n),
+            None => list("SLURM_TASKS_PER_NODE")?,
+        },
+    };
+    let world = match num(get, "SLURM_STEP_NUM_TASKS")? {
+        Some(n) => n,
+        None => need(get, "SLURM_NTASKS", with)?,
     };
     Ok(Identity {
         source: Source::Slurm,
         rank: need(get, "SLURM_PROCID", with)?,
-        world: need(get, "SLURM_NTASKS", with)?,
+        world,
         local_rank: num(get, "SLURM_LOCALID")?,
         local_world,
         node,
+    })
+}
+
+/// PMIx/PMI's rank (`var`). srun sets these beside its own variables (`--mpi=pmix`: PMIX_RANK
+/// and PMIX_NAMESPACE=slurm.pmix.JOB.STEP but no size; `--mpi=pmi2`: PMI_RANK and PMI_SIZE), so
+/// when Slurm describes the same task (same rank, same size where PMI gives one, and for PMIx a
+/// namespace srun made) Slurm's identity is taken, with its local rank, node and ranks per node.
+/// Otherwise PMI is a launcher of its own inside the Slurm job and needs PMI_SIZE.
+fn pmi(get: Get, var: &str) -> Result<Identity, String> {
+    let rank = need(get, var, var)?;
+    let size = num(get, "PMI_SIZE")?;
+    let srun_made =
+        var != "PMIX_RANK" || get("PMIX_NAMESPACE").is_none_or(|ns| ns.starts_with("slurm.pmix."));
+    if get("SLURM_PROCID").is_some() && srun_made {
+        let s = slurm(get)?;
+        if s.rank == rank && size.is_none_or(|n| n == s.world) {
+            return Ok(s);
+        }
+    }
+    let world = size.ok_or_else(|| {
+        let slurm = match get("SLURM_PROCID") {
+            Some(p) => format!(", and Slurm's SLURM_PROCID={p} is another task"),
+            None => ", nor are Slurm's SLURM_PROCID and SLURM_NTASKS".to_string(),
+        };
+        format!("{var} is set but PMI_SIZE is not{slurm}: start the ranks with srun, mpirun or a launcher that sets PMI_SIZE")
+    })?;
+    Ok(Identity {
+        source: Source::Pmi,
+        rank,
+        world,
+        local_rank: None,
+        local_world: None,
+        node: None,
     })
 }
 
@@ -149,14 +193,7 @@ pub fn from_lookup(get: Get) -> Result<Option<Identity>, String> {
         .into_iter()
         .find(|v| get(v).is_some())
     {
-        id(
-            Source::Pmi,
-            need(get, var, var)?,
-            need(get, "PMI_SIZE", var)?,
-            None,
-            None,
-            None,
-        )
+        pmi(get, var)?
     } else if get("SLURM_PROCID").is_some() {
         slurm(get)?
     } else {
@@ -220,9 +257,9 @@ mod tests {
             (5, 8, Some(1), Some(4), Some(1))
         );
         // Uneven nodes: node 2 of "4(x2),3" runs 3 tasks; SLURM_NTASKS_PER_NODE wins when set.
-        assert_eq!(slurm_tasks_on("4(x2),3", 2), Ok(3));
-        assert_eq!(slurm_tasks_on("4(x2),3", 1), Ok(4));
-        assert!(slurm_tasks_on("4(x2),3", 3)
+        assert_eq!(slurm_tasks_on("SLURM_TASKS_PER_NODE", "4(x2),3", 2), Ok(3));
+        assert_eq!(slurm_tasks_on("SLURM_TASKS_PER_NODE", "4(x2),3", 1), Ok(4));
+        assert!(slurm_tasks_on("SLURM_TASKS_PER_NODE", "4(x2),3", 3)
             .unwrap_err()
             .contains("no entry"));
         let mut v = srun.to_vec();
@@ -267,5 +304,97 @@ mod tests {
         ])
         .unwrap_err();
         assert!(e.contains("SLURM_TASKS_PER_NODE"), "{e}");
+    }
+
+    /// Task 3 of `srun -N2 -n4` (Slurm 22.05), as the task sees it; `extra` adds the PMI layer.
+    fn srun_task3(extra: &[(&'static str, &'static str)]) -> Vec<(&'static str, &'static str)> {
+        let mut v = vec![
+            ("SLURM_PROCID", "3"),
+            ("SLURM_NTASKS", "4"),
+            ("SLURM_NPROCS", "4"),
+            ("SLURM_LOCALID", "1"),
+            ("SLURM_NODEID", "1"),
+            ("SLURM_NNODES", "2"),
+            ("SLURM_JOB_ID", "7"),
+            ("SLURM_STEP_ID", "0"),
+            ("SLURM_STEP_NUM_TASKS", "4"),
+            ("SLURM_TASKS_PER_NODE", "2(x2)"),
+            ("SLURM_STEP_TASKS_PER_NODE", "2(x2)"),
+            ("SLURM_JOB_NODELIST", "n[1-2]"),
+            ("SLURMD_NODENAME", "n2"),
+        ];
+        v.extend_from_slice(extra);
+        v
+    }
+
+    #[test]
+    fn srun_with_pmix_is_slurm_with_its_nodes() {
+        // `srun --mpi=pmix`: PMIX_RANK and the namespace, no PMI_SIZE (the reported failure).
+        let pmix = srun_task3(&[
+            ("PMIX_RANK", "3"),
+            ("PMIX_NAMESPACE", "slurm.pmix.7.0"),
+            (
+                "PMIX_SERVER_URI41",
+                "pmix-server.1234;tcp4://127.0.0.1:40000",
+            ),
+            ("PMIX_SERVER_TMPDIR", "/var/spool/slurmd/n2/pmix.7.0/"),
+        ]);
+        // `srun --mpi=pmi2`: PMI_RANK and PMI_SIZE over PMI_FD.
+        let pmi2 = srun_task3(&[
+            ("PMI_FD", "5"),
+            ("PMI_JOBID", "7.0"),
+            ("PMI_RANK", "3"),
+            ("PMI_SIZE", "4"),
+        ]);
+        for (name, vars) in [("pmix", pmix), ("pmi2", pmi2), ("none", srun_task3(&[]))] {
+            let id = look(&vars)
+                .unwrap_or_else(|e| panic!("{name}: {e}"))
+                .unwrap();
+            assert_eq!(id.source, Source::Slurm, "{name}");
+            assert_eq!(
+                (id.rank, id.world, id.local_rank, id.local_world, id.node),
+                (3, 4, Some(1), Some(2), Some(1)),
+                "{name}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_step_inside_a_bigger_job_takes_the_steps_layout() {
+        // `sbatch -N2 -n8` running `srun -n4 --ntasks-per-node 2`: the job's list says 4 per node.
+        let mut v = srun_task3(&[("SLURM_NTASKS_PER_NODE", "4")]);
+        v.retain(|(k, _)| *k != "SLURM_TASKS_PER_NODE");
+        v.push(("SLURM_TASKS_PER_NODE", "4(x2)"));
+        let id = look(&v).unwrap().unwrap();
+        assert_eq!((id.world, id.local_world), (4, Some(2)));
+        let e = look(&srun_task3(&[("SLURM_STEP_TASKS_PER_NODE", "2(")])).unwrap_err();
+        assert!(e.contains("SLURM_STEP_TASKS_PER_NODE=2("), "{e}");
+    }
+
+    #[test]
+    fn pmi_of_another_launcher_inside_slurm_is_not_taken_for_srun() {
+        // A PMIx launcher (its own namespace) started from a Slurm job: PMI's numbers, and
+        // without PMI_SIZE one line naming what is missing.
+        let other = srun_task3(&[
+            ("PMIX_RANK", "3"),
+            ("PMIX_NAMESPACE", "prterun-host-1234@1"),
+            ("PMI_SIZE", "6"),
+        ]);
+        let id = look(&other).unwrap().unwrap();
+        assert_eq!((id.source, id.rank, id.world), (Source::Pmi, 3, 6));
+        assert_eq!(id.local_world, None);
+        let e = look(&srun_task3(&[("PMI_RANK", "2")])).unwrap_err();
+        assert!(
+            e.contains("PMI_RANK is set but PMI_SIZE is not") && e.contains("SLURM_PROCID=3"),
+            "{e}"
+        );
+        let e = look(&[("PMIX_RANK", "0")]).unwrap_err();
+        assert!(e.contains("PMI_SIZE") && e.contains("SLURM_NTASKS"), "{e}");
+        // srun's PMIx with a bad Slurm value is an error naming it, not a silent fallback.
+        let mut bad = srun_task3(&[("PMIX_RANK", "3"), ("PMIX_NAMESPACE", "slurm.pmix.7.0")]);
+        bad.retain(|(k, _)| *k != "SLURM_LOCALID");
+        bad.push(("SLURM_LOCALID", "one"));
+        let e = look(&bad).unwrap_err();
+        assert!(e.contains("SLURM_LOCALID=one"), "{e}");
     }
 }

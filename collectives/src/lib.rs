@@ -497,6 +497,11 @@ pub trait Communicator: Send {
     }
 }
 
+/// `TPRUN_HIER_MODE`: how a multi-node communicator (feature `mpi`) all-reduces:
+/// `reproducible` (the default: the flat path's bits) or `fast` (node partial sums; the same bits
+/// on every rank but not the flat path's). See `hier.rs`.
+pub const ENV_HIER_MODE: &str = "TPRUN_HIER_MODE";
+
 /// The shape of a multi-node job: `nodes` nodes of `per_node` ranks, global rank
 /// `node * per_node + local`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -505,6 +510,10 @@ pub struct Hierarchy {
     pub nodes: usize,
     /// Ranks on each host.
     pub per_node: usize,
+    /// The fast all-reduce (`TPRUN_HIER_MODE=fast`): node partial sums, then the nodes' sums in
+    /// node order, each rounded to the storage type; identical on every rank, not necessarily
+    /// the flat path's bits. `false`: the reproducible mode (the flat path's bits).
+    pub fast: bool,
 }
 
 /// The typed collectives, for every communicator including `&mut dyn Communicator`: each casts

@@ -188,6 +188,11 @@ pub struct Args {
     /// K must divide the number of ranks.
     #[arg(long, value_name = "K", value_parser = parse_group_size)]
     pub group_size: Option<usize>,
+    /// Multi-node all-reduce (feature `mpi`): reproducible (the default: the one-host result's
+    /// bits) or fast (node partial sums: the same bits on every rank, not the one-host ones);
+    /// sets TPRUN_HIER_MODE for this rank. --check then compares with the fast mode's order.
+    #[arg(long, value_enum, value_name = "MODE")]
+    pub hier_mode: Option<HierMode>,
     /// Print one JSON object instead of the table.
     #[arg(long)]
     pub json: bool,
@@ -198,6 +203,13 @@ pub struct Args {
     /// world size; runs without ranks). Needs --plot.
     #[arg(long, value_name = "FILE.json", requires = "plot")]
     pub from: Vec<std::path::PathBuf>,
+}
+
+/// `--hier-mode`: the value of `TPRUN_HIER_MODE` it sets.
+#[derive(clap::ValueEnum, Clone, Copy, Debug, PartialEq, Eq)]
+pub enum HierMode {
+    Reproducible,
+    Fast,
 }
 
 /// One line of the table.
@@ -407,6 +419,9 @@ struct Setup {
     root: usize,
     /// The group's number (0 without groups): part of every input value.
     group: u64,
+    /// `(nodes, ranks per node)` when all-reduce and reduce run the fast hierarchy (node sums
+    /// in local rank order, then the nodes' sums in node order, each rounded to the type).
+    fast: Option<(usize, usize)>,
 }
 
 impl Setup {
@@ -424,15 +439,32 @@ impl Setup {
     }
     /// Element `i` of the reduction over the group's inputs, rank order.
     fn reduced<T: Elem>(&self, i: usize) -> T {
-        let xs = (0..self.n).map(|r| match self.redop_of(r) {
+        self.reduced_over(i, 0..self.n)
+    }
+    /// Element `i` reduced over the ranks `ranks`, in that order.
+    fn reduced_over<T: Elem>(&self, i: usize, ranks: std::ops::Range<usize>) -> T {
+        let xs = ranks.map(|r| match self.redop_of(r) {
             ReduceOp::PreMulSum(f) => self.input::<T>(r, i).premul(f),
             _ => self.input::<T>(r, i),
         });
-        let op = match self.redop {
+        T::reduce(self.plain_op(), xs, self.n)
+    }
+    fn plain_op(&self) -> ReduceOp {
+        match self.redop {
             ReduceOp::PreMulSum(_) => ReduceOp::Sum,
             op => op,
-        };
-        T::reduce(op, xs, self.n)
+        }
+    }
+    /// Element `i` of all-reduce and reduce: the fast hierarchy's order where it runs, else
+    /// [`Setup::reduced`].
+    fn all_reduced<T: Elem>(&self, i: usize) -> T {
+        match self.fast {
+            Some((k, l)) => {
+                let sums = (0..k).map(|node| self.reduced_over::<T>(i, node * l..(node + 1) * l));
+                T::reduce(self.plain_op(), sums, k)
+            }
+            None => self.reduced(i),
+        }
     }
 }
 
@@ -581,8 +613,8 @@ impl Case {
         let (rank, root, n) = (s.rank, s.root, s.n);
         let (a, b) = self.bufs.both();
         match self.op {
-            PerfOp::AllReduce => count_wrong::<T>(a, |i| s.reduced(i)),
-            PerfOp::Reduce if rank == root => count_wrong::<T>(a, |i| s.reduced(i)),
+            PerfOp::AllReduce => count_wrong::<T>(a, |i| s.all_reduced(i)),
+            PerfOp::Reduce if rank == root => count_wrong::<T>(a, |i| s.all_reduced(i)),
             // The other ranks' buffers are left as they were.
             PerfOp::Reduce => count_wrong::<T>(a, |i| s.input(rank, i)),
             PerfOp::Broadcast => count_wrong::<T>(a, |i| s.input(root, i)),
@@ -626,6 +658,15 @@ impl PerfComm {
             #[cfg(not(feature = "cuda"))]
             bail!(crate::device::NO_CUDA_BUILD);
         } else {
+            if let Some(mode) = args.hier_mode {
+                let v = if mode == HierMode::Fast {
+                    "fast"
+                } else {
+                    "reproducible"
+                };
+                // Before any thread starts: the communicator reads it once, when it is made.
+                std::env::set_var(collectives::ENV_HIER_MODE, v);
+            }
             Dev::Host(collectives::from_env().context("perf: cannot set up the collectives")?)
         };
         Ok(PerfComm { dev, group: None })
@@ -825,8 +866,14 @@ fn print_table(
     println!("{}", table_title(op, n, world, args));
     if let Some(h) = hier {
         println!(
-            "# hierarchy: {} nodes x {} ranks per node (shared memory in a node, MPI between nodes)",
-            h.nodes, h.per_node
+            "# hierarchy: {} nodes x {} ranks per node (shared memory in a node, MPI between nodes), all-reduce {}",
+            h.nodes,
+            h.per_node,
+            if h.fast {
+                "fast (node partial sums: the same bits on every rank, not the one-host bits)"
+            } else {
+                "reproducible (the one-host bits)"
+            }
         );
     }
     // The device's copy floor, as a last column, where there is one.
@@ -908,6 +955,12 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
         rank: pc.comm().rank(),
         root: args.root,
         group: group as u64,
+        // Groups (MpiGroup) and avg always reduce in the flat order.
+        fast: pc
+            .world()
+            .hierarchy()
+            .filter(|h| h.fast && args.group_size.is_none() && args.redop != ReduceOp::Avg)
+            .map(|h| (h.nodes, h.per_node)),
     };
     let ops = ops_of(&args.op);
     let sizes = doubling_sizes(args.min_bytes, args.max_bytes);
@@ -1289,6 +1342,7 @@ mod tests {
             rank,
             root,
             group: 0,
+            fast: None,
         }
     }
 
@@ -1380,6 +1434,32 @@ mod tests {
 
     /// Every reduction differs from the others on perf's inputs (so a transport that applied the
     /// wrong one would be caught), and premulsum's per-rank factors change the sum.
+    /// The fast hierarchy's order (node sums, then nodes) is a different float result from the
+    /// flat rank order on perf's inputs, so perf --check tells the two modes apart; integers,
+    /// max and min are the same either way.
+    #[test]
+    fn the_fast_hierarchy_reference_differs_from_flat_for_float_sums_only() {
+        let differ = |dtype, redop| {
+            let flat = setup(dtype, redop, 4, 0, 0);
+            let fast = Setup {
+                fast: Some((2, 2)),
+                ..flat
+            };
+            with_type!(dtype, T => (0..4096).filter(|&i| {
+                bytemuck::bytes_of(&flat.reduced::<T>(i)) != bytemuck::bytes_of(&fast.all_reduced::<T>(i))
+            }).count())
+        };
+        for dtype in [DType::F32, DType::BF16, DType::F16, DType::F64] {
+            assert!(differ(dtype, ReduceOp::Sum) > 0, "{dtype:?}");
+            assert!(differ(dtype, ReduceOp::PreMulSum(1.0)) > 0, "{dtype:?}");
+            assert_eq!(differ(dtype, ReduceOp::Max), 0, "{dtype:?}");
+        }
+        for dtype in [DType::I32, DType::U8, DType::I64] {
+            assert_eq!(differ(dtype, ReduceOp::Sum), 0, "{dtype:?}");
+            assert_eq!(differ(dtype, ReduceOp::Product), 0, "{dtype:?}");
+        }
+    }
+
     #[test]
     fn reductions_are_told_apart() {
         for dtype in [DType::F32, DType::F64, DType::I32, DType::U8] {

@@ -354,3 +354,42 @@ pub fn assert_no_leftovers(run_id: &str, tprun_pid: u32, dirs: &[&Path], limit: 
         std::thread::sleep(Duration::from_millis(20));
     }
 }
+
+/// Every launcher variable a test run might inherit (tests/multinode.rs, tests/multihost.rs),
+/// removed so each test sets only its own.
+pub const LAUNCHER_VARS: &[&str] = &[
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "TPRUN_SHM_FD",
+    "TPRUN_RUN_ID",
+    "TPRUN_ROLE",
+    "MASTER_PORT",
+    "OMPI_COMM_WORLD_RANK",
+    "OMPI_COMM_WORLD_SIZE",
+    "PMIX_RANK",
+    "PMI_RANK",
+    "PMI_SIZE",
+    "SLURM_PROCID",
+    "SLURM_NTASKS",
+    "SLURM_JOB_ID",
+    "SLURM_STEP_ID",
+    "SLURM_LOCALID",
+    "SLURM_NODEID",
+    "SLURM_NTASKS_PER_NODE",
+    "SLURM_TASKS_PER_NODE",
+    "SLURM_STEP_TASKS_PER_NODE",
+    "SLURM_STEP_NUM_TASKS",
+    "PMIX_NAMESPACE",
+    "TPRUN_PRETEND_NODES",
+];
+
+/// `c` without [`LAUNCHER_VARS`].
+pub fn clean(mut c: Command) -> Command {
+    for v in LAUNCHER_VARS {
+        c.env_remove(v);
+    }
+    c
+}
