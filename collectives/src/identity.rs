@@ -8,7 +8,7 @@
 //! | tprun / torchrun | RANK | WORLD_SIZE | LOCAL_RANK | LOCAL_WORLD_SIZE | GROUP_RANK |
 //! | Open MPI | OMPI_COMM_WORLD_RANK | _SIZE | _LOCAL_RANK | _LOCAL_SIZE | OMPI_COMM_WORLD_NODE_RANK is not a node id, so none |
 //! | PMIx / PMI | PMIX_RANK, PMI_RANK | PMI_SIZE | - | - | - |
-//! | (srun's PMIx/PMI) | Slurm's columns, when SLURM_PROCID names the same task (see [`pmi`]) | | | | |
+//! | (srun's PMIx/PMI) | Slurm's columns, when SLURM_PROCID names the same task (see `pmi` below) | | | | |
 //! | Slurm | SLURM_PROCID | SLURM_STEP_NUM_TASKS, else SLURM_NTASKS | SLURM_LOCALID | this node's entry of SLURM_STEP_TASKS_PER_NODE, else SLURM_NTASKS_PER_NODE, else this node's entry of SLURM_TASKS_PER_NODE | SLURM_NODEID |
 //!
 //! (tprun's own ranks get the torchrun variables plus TPRUN_SHM_FD, so "tprun's" and
