@@ -8,7 +8,9 @@ them for gloo. Not collected by the CI's pytest run (no test_ prefix): run it by
 and compare the passed/failed/skipped counts. For a backend other than gloo/nccl/ucc the
 suite's feature tables (which tests a backend may run) get the backend added wherever gloo
 is, so the same tests run for both; the tests that need a GPU skip for both on a CPU machine,
-and those marked `require_backend_is_available({"gloo"})` (gloo-only by name) run for gloo only.
+and the tests gloo-only by name (`require_backend_is_available({"gloo"})`, "GLOO Batch Send Recv
+CPU", "Only gloo backend supports timeouts": CPU features, not gloo internals) run for the other
+backend too unless TPRUN_SUITE_GLOO_ONLY=skip.
 """
 
 import os
@@ -37,6 +39,14 @@ from torch.testing._internal.distributed.distributed_test import (  # noqa: E402
     DistributedTest,
     TestDistBackend,
 )
+
+# The skip reasons of the tests gloo-only by name (set when distributed_test was imported).
+_GLOO_ONLY = (f"Test requires backend {BACKEND} to be one of {{'gloo'}}", "GLOO Batch Send Recv CPU",
+              "Only gloo backend supports timeouts")
+if BACKEND not in ("gloo", "nccl", "ucc") and os.environ.get("TPRUN_SUITE_GLOO_ONLY") != "skip":
+    for _name, _f in vars(DistributedTest._DistTestBase).items():
+        if _name.startswith("test_") and getattr(_f, "__unittest_skip_why__", None) in _GLOO_ONLY:
+            _f.__unittest_skip__ = False
 
 
 class TestDistBackendWithSpawn(TestDistBackend, DistributedTest._DistTestBase):

@@ -70,21 +70,29 @@ _KEY = "tprun/shm_key"
 
 
 def _redop(op, opts, t):
+    """The native call's reduction arguments: {"redop": name, "factor": PREMUL_SUM's factor}."""
     r = opts.reduceOp
     kind = getattr(r, "op", r)
+    factor = 1.0
+    if kind == _R.PREMUL_SUM:
+        # torch's _make_nccl_premul_sum(factor) (FSDP2's gradient divide): a float or a
+        # one-element tensor (any device), which multiplies this rank's input before the sum.
+        f = getattr(r, "factor", None)
+        if f is None:
+            raise RuntimeError(f"tprun backend: {op}: ReduceOp.PREMUL_SUM without a factor (use _make_nccl_premul_sum)")
+        if isinstance(f, torch.Tensor):
+            if f.numel() != 1:
+                raise RuntimeError(f"tprun backend: {op}: PREMUL_SUM's factor tensor has {f.numel()} elements, expected 1")
+            f = f.item()
+        return {"redop": "premulsum", "factor": float(f)}
     name = _REDOPS.get(kind)
     if name is None:
-        if kind == _R.PREMUL_SUM:
-            raise RuntimeError(
-                f"tprun backend: {op}: ReduceOp.PREMUL_SUM's factor is not readable from Python "
-                "(torch keeps it in C++); use the native Communicator's redop='premulsum'"
-            )
         raise RuntimeError(f"tprun backend: {op} does not support {r}")
     if t.dtype == torch.bool:
         if name not in _BOOL_REDOPS:
             raise RuntimeError(f"tprun backend: {op} cannot reduce bool with {name}")
         name = _BOOL_REDOPS[name]
-    return name
+    return {"redop": name, "factor": factor}
 
 
 def _check(op, *tensors):
@@ -175,8 +183,12 @@ class _Worker:
 
 def _error(e, what):
     """The exception wait() raises: CommError stays CommError; the message names the op, rank
-    and group first."""
-    return (CommError if isinstance(e, CommError) else RuntimeError)(f"{what}: {e}")
+    and group first. A deadline passed (collectives' CommError::Timeout, error.rs) reads
+    "Timed out", the words torch's tests and tools look for in a backend's timeout."""
+    msg = str(e)
+    if "did not arrive within" in msg:
+        msg = f"Timed out ({msg})"
+    return (CommError if isinstance(e, CommError) else RuntimeError)(f"{what}: {msg}")
 
 
 class _Work(dist._Work):
@@ -329,7 +341,7 @@ class ProcessGroupTprun(_C.Backend):
 
         def fn():
             for o, dt, rop in plan:
-                self._run("all_reduce", dt, [_buf(o.c)], redop=rop)
+                self._run("all_reduce", dt, [_buf(o.c)], **rop)
                 o.done()
 
         return self._submit("all_reduce", fn, tensors, opts)
@@ -358,7 +370,7 @@ class ProcessGroupTprun(_C.Backend):
 
         def fn():
             for o, dt, rop in plan:
-                self._run("reduce", dt, [_buf(o.c)], redop=rop, root=opts.rootRank)
+                self._run("reduce", dt, [_buf(o.c)], root=opts.rootRank, **rop)
                 o.done()
 
         return self._submit("reduce", fn, tensors, opts)
@@ -442,7 +454,7 @@ class ProcessGroupTprun(_C.Backend):
 
     def _reduce_scatter_into(self, out, inp, rop):
         dt, _ = _dtype("reduce_scatter", inp, True)
-        self._run("reduce_scatter", dt, [_buf(inp), _buf(out)], redop=rop)
+        self._run("reduce_scatter", dt, [_buf(inp), _buf(out)], **rop)
 
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts or dist.ReduceScatterOptions()
