@@ -134,3 +134,15 @@ def test_real_programs_match_gloo_at_2_ranks():
 
 def test_2d_mesh_and_pipeline_match_gloo_at_4_ranks():
     check(4, ["mesh2d", "pipeline", "moe"])
+
+
+def test_torch_older_than_the_python_backend_api_is_refused_by_name():
+    """torch 2.1.0 to 2.13 (register_backend with devices, but no Python c10d Backend): the
+    backend says which torch it needs instead of failing inside torch."""
+    import tprun.torch as tt
+
+    for old in ("2.1.0", "2.13.0", "2.13.1+cu130"):
+        why = tt.unsupported_torch(old)
+        assert why and f"needs torch >= {tt.MIN_TORCH}" in why and f"this is torch {old}" in why, why
+    assert tt.unsupported_torch("2.14.0") is None
+    assert tt.unsupported_torch() is None, "the CI's torch is too old for the backend"

@@ -28,11 +28,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.futures import Future
+from torch.torch_version import TorchVersion
 
 from . import CommError, native_comm
 from ._native import NativeComm
 
-__all__ = ["CommError", "ProcessGroupTprun", "register"]
+__all__ = ["CommError", "MIN_TORCH", "ProcessGroupTprun", "register", "unsupported_torch"]
 
 _C = torch._C._distributed_c10d
 
@@ -191,7 +192,7 @@ def _error(e, what):
     return (CommError if isinstance(e, CommError) else RuntimeError)(f"{what}: {msg}")
 
 
-class _Work(dist._Work):
+class _Work(getattr(dist, "_Work", None) or torch._C._distributed_c10d.Work):
     """A Work over the Future the group's worker completes. A Python subclass (rather than
     `_create_work_from_future`, whose wait() drops the Future's error) so that wait() raises the
     failure, naming the op and the rank, and honours its timeout."""
@@ -729,10 +730,37 @@ def _create(opts, backend_options=None):
     return _make(opts.store, opts.group_rank, opts.group_size, opts.group_id, opts.timeout, whole)
 
 
+# The first torch whose c10d Backend a Python class can subclass (its pybind trampoline,
+# torch/csrc/distributed/c10d/py/PyBackend.hpp): before it, torch never calls a Python
+# Backend's methods. torch 2.1.0 is the oldest with register_backend(devices=...) for Python
+# 3.11, but from 2.1 to 2.13 a Python backend could only subclass ProcessGroup, whose trampoline
+# forwards only some ops (in 2.1: allreduce, allgather, broadcast, reduce_scatter, barrier, send,
+# recv); that route is not built.
+MIN_TORCH = "2.14"
+
+
+def unsupported_torch(version=None):
+    """Why this torch cannot run the backend (None when it can)."""
+    v = TorchVersion(version or torch.__version__)
+    if v < MIN_TORCH:
+        return (
+            f"the tprun backend needs torch >= {MIN_TORCH} (a Python subclass of torch's c10d "
+            f"Backend, torch/csrc/distributed/c10d/py/PyBackend.hpp); this is torch {v}"
+        )
+    return None
+
+
+def _refuse(*args, **kwargs):
+    raise RuntimeError(unsupported_torch())
+
+
 def register():
-    """Registers backend "tprun" for CPU tensors (the `torch.distributed.backends` entry point)."""
+    """Registers backend "tprun" for CPU tensors (the `torch.distributed.backends` entry point).
+    On a torch too old for it, the name is registered all the same and
+    `init_process_group("tprun")` raises, saying which torch it needs."""
     if "tprun" not in dist.Backend.backend_list:
-        dist.Backend.register_backend("tprun", _create, extended_api=True, devices=["cpu"])
+        creator = _refuse if unsupported_torch() else _create
+        dist.Backend.register_backend("tprun", creator, extended_api=True, devices=["cpu"])
 
 
 register()
