@@ -16,7 +16,8 @@ blocks, and a failure surfaces at `wait()` naming the op, the rank and the group
 
 Tensors: every dtype moves (the ones the collectives lack move as bytes); reductions take f32,
 bf16, f16, f64, uint8, int8, int32, int64 and bool (as uint8; sum/max are "or", product/min
-"and"); non-contiguous tensors go through a contiguous copy.
+"and"), and PREMUL_SUM (float types) with its factor; non-contiguous tensors go through a
+contiguous copy. Needs torch >= 2.14 (MIN_TORCH).
 """
 
 import os
