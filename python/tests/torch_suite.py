@@ -5,7 +5,8 @@ them for gloo. Not collected by the CI's pytest run (no test_ prefix): run it by
     BACKEND=tprun WORLD_SIZE=2 TEMP_DIR=$(mktemp -d) pytest -q python/tests/torch_suite.py
     BACKEND=gloo  WORLD_SIZE=2 TEMP_DIR=$(mktemp -d) pytest -q python/tests/torch_suite.py
 
-and compare the passed/failed/skipped counts. For a backend other than gloo/nccl/ucc the
+and compare the passed/failed/skipped counts (torch's test helpers also need `pip install
+expecttest`; docs/pytorch.md has the last counts and the -k selection they used). For a backend other than gloo/nccl/ucc the
 suite's feature tables (which tests a backend may run) get the backend added wherever gloo
 is, so the same tests run for both; the tests that need a GPU skip for both on a CPU machine,
 and the tests gloo-only by name (`require_backend_is_available({"gloo"})`, "GLOO Batch Send Recv
