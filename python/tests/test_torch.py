@@ -87,14 +87,17 @@ def compare(gloo, tp):
     return matched, sorted(set(only)), problems
 
 
-def check(n, scenarios):
+def check(n, scenarios, gloo_runs_them=True):
+    """Runs the scenarios with both backends; (gloo's results, tprun's) after comparing them.
+    gloo_runs_them=False: gloo refuses every op, so tprun's are checked against the program's
+    own references only."""
     gloo = run("gloo", n, scenarios)
     tp = run("tprun", n, scenarios)
     matched, only, problems = compare(gloo, tp)
     print(f"{n} ranks {scenarios}: {matched} results equal to gloo's; tprun only ({len(only)}): {only[:12]}")
     assert not problems, "\n".join(problems[:40])
-    assert matched > 0
-    return tp
+    assert matched > 0 or not gloo_runs_them
+    return tp if gloo_runs_them else (gloo, tp)
 
 
 OPS = ["reductions", "moves", "p2p", "groups"]
@@ -111,9 +114,35 @@ def test_every_op_dtype_and_group_matches_gloo(n):
             assert times[2] >= 1, "the caller did not compute while the collective ran"
 
 
+@pytest.mark.parametrize("n", [2, 3])
+def test_premul_sum_from_torch(n):
+    """PREMUL_SUM with a float and a tensor factor (a different one per rank), checked against
+    the program's reference (gloo refuses it); an integer PREMUL_SUM is refused by name."""
+    gloo, tp = check(n, ["premul_sum"], gloo_runs_them=False)
+    for r in range(n):
+        assert all(isinstance(v, str) for v in gloo[("premul_sum", r)].values()), "gloo reduced a PREMUL_SUM"
+        res = tp[("premul_sum", r)]
+        assert sum(1 for k, v in res.items() if "factor=float" in k and isinstance(v, torch.Tensor)) == 12
+        assert sum(1 for k, v in res.items() if "factor=tensor" in k and isinstance(v, torch.Tensor)) == 12
+        err = res["all_reduce premul_sum int32"]
+        assert isinstance(err, str) and "premulsum takes float types" in err, err
+
+
 def test_real_programs_match_gloo_at_2_ranks():
     check(2, ["ddp", "fsdp2", "tp", "pipeline", "moe", "dcp"])
 
 
 def test_2d_mesh_and_pipeline_match_gloo_at_4_ranks():
     check(4, ["mesh2d", "pipeline", "moe"])
+
+
+def test_torch_older_than_the_python_backend_api_is_refused_by_name():
+    """torch 2.1.0 to 2.13 (register_backend with devices, but no Python c10d Backend): the
+    backend says which torch it needs instead of failing inside torch."""
+    import tprun.torch as tt
+
+    for old in ("2.1.0", "2.13.0", "2.13.1+cu130"):
+        why = tt.unsupported_torch(old)
+        assert why and f"needs torch >= {tt.MIN_TORCH}" in why and f"this is torch {old}" in why, why
+    assert tt.unsupported_torch("2.14.0") is None
+    assert tt.unsupported_torch() is None, "the CI's torch is too old for the backend"

@@ -145,7 +145,7 @@ def test_unsupported_calls_fail_clearly():
     assert rc == 0, out[-4000:]
     for what, needle in [
         ("recv from any source", "RuntimeError: tprun backend: recv from any source is not supported"),
-        ("PREMUL_SUM", "RuntimeError: tprun backend: all_reduce: ReduceOp.PREMUL_SUM's factor"),
+        ("PREMUL_SUM of int32", "premulsum takes float types, not int32"),
         ("all_reduce of int16", "RuntimeError: tprun backend: all_reduce cannot reduce torch.int16"),
         ("BAND of float32", "CommError: tprun backend: all_reduce on rank "),
         ("BAND of float32", "band is a bitwise reduction and float is a float type"),

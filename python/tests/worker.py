@@ -244,7 +244,9 @@ def main():
         t = torch.ones(4)
         calls = {
             "recv from any source": lambda: dist.recv(t),
-            "PREMUL_SUM": lambda: dist.all_reduce(t, op=dist._make_nccl_premul_sum(2.0)),
+            "PREMUL_SUM of int32": lambda: dist.all_reduce(
+                torch.ones(4, dtype=torch.int32), op=dist._make_nccl_premul_sum(2.0)
+            ),
             "all_reduce of int16": lambda: dist.all_reduce(torch.ones(4, dtype=torch.int16)),
             "BAND of float32": lambda: dist.all_reduce(t, op=dist.ReduceOp.BAND),
             "wrong output size": lambda: dist.all_gather_into_tensor(torch.empty(3), torch.ones(4)),

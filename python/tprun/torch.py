@@ -16,7 +16,8 @@ blocks, and a failure surfaces at `wait()` naming the op, the rank and the group
 
 Tensors: every dtype moves (the ones the collectives lack move as bytes); reductions take f32,
 bf16, f16, f64, uint8, int8, int32, int64 and bool (as uint8; sum/max are "or", product/min
-"and"); non-contiguous tensors go through a contiguous copy.
+"and"), and PREMUL_SUM (float types) with its factor; non-contiguous tensors go through a
+contiguous copy. Needs torch >= 2.14 (MIN_TORCH).
 """
 
 import os
@@ -28,11 +29,12 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 from torch.futures import Future
+from torch.torch_version import TorchVersion
 
 from . import CommError, native_comm
 from ._native import NativeComm
 
-__all__ = ["CommError", "ProcessGroupTprun", "register"]
+__all__ = ["CommError", "MIN_TORCH", "ProcessGroupTprun", "register", "unsupported_torch"]
 
 _C = torch._C._distributed_c10d
 
@@ -70,21 +72,29 @@ _KEY = "tprun/shm_key"
 
 
 def _redop(op, opts, t):
+    """The native call's reduction arguments: {"redop": name, "factor": PREMUL_SUM's factor}."""
     r = opts.reduceOp
     kind = getattr(r, "op", r)
+    factor = 1.0
+    if kind == _R.PREMUL_SUM:
+        # torch's _make_nccl_premul_sum(factor) (FSDP2's gradient divide): a float or a
+        # one-element tensor (any device), which multiplies this rank's input before the sum.
+        f = getattr(r, "factor", None)
+        if f is None:
+            raise RuntimeError(f"tprun backend: {op}: ReduceOp.PREMUL_SUM without a factor (use _make_nccl_premul_sum)")
+        if isinstance(f, torch.Tensor):
+            if f.numel() != 1:
+                raise RuntimeError(f"tprun backend: {op}: PREMUL_SUM's factor tensor has {f.numel()} elements, expected 1")
+            f = f.item()
+        return {"redop": "premulsum", "factor": float(f)}
     name = _REDOPS.get(kind)
     if name is None:
-        if kind == _R.PREMUL_SUM:
-            raise RuntimeError(
-                f"tprun backend: {op}: ReduceOp.PREMUL_SUM's factor is not readable from Python "
-                "(torch keeps it in C++); use the native Communicator's redop='premulsum'"
-            )
         raise RuntimeError(f"tprun backend: {op} does not support {r}")
     if t.dtype == torch.bool:
         if name not in _BOOL_REDOPS:
             raise RuntimeError(f"tprun backend: {op} cannot reduce bool with {name}")
         name = _BOOL_REDOPS[name]
-    return name
+    return {"redop": name, "factor": factor}
 
 
 def _check(op, *tensors):
@@ -175,11 +185,15 @@ class _Worker:
 
 def _error(e, what):
     """The exception wait() raises: CommError stays CommError; the message names the op, rank
-    and group first."""
-    return (CommError if isinstance(e, CommError) else RuntimeError)(f"{what}: {e}")
+    and group first. A deadline passed (collectives' CommError::Timeout, error.rs) reads
+    "Timed out", the words torch's tests and tools look for in a backend's timeout."""
+    msg = str(e)
+    if "did not arrive within" in msg:
+        msg = f"Timed out ({msg})"
+    return (CommError if isinstance(e, CommError) else RuntimeError)(f"{what}: {msg}")
 
 
-class _Work(dist._Work):
+class _Work(getattr(dist, "_Work", None) or torch._C._distributed_c10d.Work):
     """A Work over the Future the group's worker completes. A Python subclass (rather than
     `_create_work_from_future`, whose wait() drops the Future's error) so that wait() raises the
     failure, naming the op and the rank, and honours its timeout."""
@@ -329,7 +343,7 @@ class ProcessGroupTprun(_C.Backend):
 
         def fn():
             for o, dt, rop in plan:
-                self._run("all_reduce", dt, [_buf(o.c)], redop=rop)
+                self._run("all_reduce", dt, [_buf(o.c)], **rop)
                 o.done()
 
         return self._submit("all_reduce", fn, tensors, opts)
@@ -358,7 +372,7 @@ class ProcessGroupTprun(_C.Backend):
 
         def fn():
             for o, dt, rop in plan:
-                self._run("reduce", dt, [_buf(o.c)], redop=rop, root=opts.rootRank)
+                self._run("reduce", dt, [_buf(o.c)], root=opts.rootRank, **rop)
                 o.done()
 
         return self._submit("reduce", fn, tensors, opts)
@@ -442,7 +456,7 @@ class ProcessGroupTprun(_C.Backend):
 
     def _reduce_scatter_into(self, out, inp, rop):
         dt, _ = _dtype("reduce_scatter", inp, True)
-        self._run("reduce_scatter", dt, [_buf(inp), _buf(out)], redop=rop)
+        self._run("reduce_scatter", dt, [_buf(inp), _buf(out)], **rop)
 
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts or dist.ReduceScatterOptions()
@@ -717,10 +731,37 @@ def _create(opts, backend_options=None):
     return _make(opts.store, opts.group_rank, opts.group_size, opts.group_id, opts.timeout, whole)
 
 
+# The first torch whose c10d Backend a Python class can subclass (its pybind trampoline,
+# torch/csrc/distributed/c10d/py/PyBackend.hpp): before it, torch never calls a Python
+# Backend's methods. torch 2.1.0 is the oldest with register_backend(devices=...) for Python
+# 3.11, but from 2.1 to 2.13 a Python backend could only subclass ProcessGroup, whose trampoline
+# forwards only some ops (in 2.1: allreduce, allgather, broadcast, reduce_scatter, barrier, send,
+# recv); that route is not built.
+MIN_TORCH = "2.14"
+
+
+def unsupported_torch(version=None):
+    """Why this torch cannot run the backend (None when it can)."""
+    v = TorchVersion(version or torch.__version__)
+    if v < MIN_TORCH:
+        return (
+            f"the tprun backend needs torch >= {MIN_TORCH} (a Python subclass of torch's c10d "
+            f"Backend, torch/csrc/distributed/c10d/py/PyBackend.hpp); this is torch {v}"
+        )
+    return None
+
+
+def _refuse(*args, **kwargs):
+    raise RuntimeError(unsupported_torch())
+
+
 def register():
-    """Registers backend "tprun" for CPU tensors (the `torch.distributed.backends` entry point)."""
+    """Registers backend "tprun" for CPU tensors (the `torch.distributed.backends` entry point).
+    On a torch too old for it, the name is registered all the same and
+    `init_process_group("tprun")` raises, saying which torch it needs."""
     if "tprun" not in dist.Backend.backend_list:
-        dist.Backend.register_backend("tprun", _create, extended_api=True, devices=["cpu"])
+        creator = _refuse if unsupported_torch() else _create
+        dist.Backend.register_backend("tprun", creator, extended_api=True, devices=["cpu"])
 
 
 register()
