@@ -488,14 +488,42 @@ struct Bufs {
     b_len: usize,
 }
 
-impl Bufs {
-    fn new(a_len: usize, b_len: usize) -> Bufs {
-        Bufs {
-            a: vec![0; a_len.div_ceil(8)],
-            b: vec![0; b_len.div_ceil(8)],
-            a_len,
-            b_len,
+/// Storage every size and op of one run shares, grown to the largest size first and never
+/// freed: like nccl-tests (and the MPI programs perf is compared with), every call runs in memory
+/// that stays mapped for the whole sweep. Fresh buffers per size would be mapped and unmapped
+/// each time, and on some virtual machines new pages copy several times slower for their first
+/// few passes (measured: a 16 MiB memcpy into fresh pages took 2.9, 2.5, 2.0, 1.5 ms on its 2nd
+/// to 5th pass, 1.2 ms from then on).
+#[derive(Default)]
+struct Pool {
+    a: Vec<u64>,
+    b: Vec<u64>,
+}
+
+impl Pool {
+    /// Grows (and touches) the storage to hold `case`'s buffers.
+    fn reserve_for(&mut self, case: Option<Case>) {
+        if let Some(c) = case {
+            c.bufs.into_pool(self);
         }
+    }
+}
+
+impl Bufs {
+    /// Views of `pool`'s storage, grown (never shrunk) to these lengths.
+    fn from_pool(pool: &mut Pool, a_len: usize, b_len: usize) -> Bufs {
+        let (mut a, mut b) = (std::mem::take(&mut pool.a), std::mem::take(&mut pool.b));
+        if a.len() < a_len.div_ceil(8) {
+            a.resize(a_len.div_ceil(8), 0);
+        }
+        if b.len() < b_len.div_ceil(8) {
+            b.resize(b_len.div_ceil(8), 0);
+        }
+        Bufs { a, b, a_len, b_len }
+    }
+    fn into_pool(self, pool: &mut Pool) {
+        pool.a = self.a;
+        pool.b = self.b;
     }
     fn both(&mut self) -> (&mut [u8], &mut [u8]) {
         (
@@ -519,7 +547,13 @@ struct Case {
 }
 
 impl Case {
+    #[cfg(test)]
     fn new(op: PerfOp, s: Setup, size: u64) -> Option<Case> {
+        Case::in_pool(op, s, size, &mut Pool::default())
+    }
+
+    /// A case whose buffers come from `pool` (give them back with `bufs.into_pool`).
+    fn in_pool(op: PerfOp, s: Setup, size: u64, pool: &mut Pool) -> Option<Case> {
         let (e, n) = (s.dtype.size(), s.n);
         let size = size as usize;
         let whole = size / e;
@@ -541,7 +575,7 @@ impl Case {
             s,
             redop: s.redop_of(s.rank),
             per,
-            bufs: Bufs::new(a * e, b * e),
+            bufs: Bufs::from_pool(pool, a * e, b * e),
         })
     }
 
@@ -965,8 +999,9 @@ pub fn run(args: &Args) -> anyhow::Result<()> {
     let ops = ops_of(&args.op);
     let sizes = doubling_sizes(args.min_bytes, args.max_bytes);
     let mut all_rows = Vec::new();
+    let mut pool = Pool::default();
     for &op in &ops {
-        let rows = measure_op(&mut pc, op, &sizes, setup, args)?;
+        let rows = measure_op(&mut pc, &mut pool, op, &sizes, setup, args)?;
         if rank == 0 && !args.json {
             print_table(op, &rows, (k, world), pc.world().hierarchy(), args);
         }
@@ -1142,23 +1177,30 @@ fn doubling_sizes(min: u64, max: u64) -> Vec<u64> {
 /// One table: `op` at every size (on every rank, in step).
 fn measure_op(
     pc: &mut PerfComm,
+    pool: &mut Pool,
     op: PerfOp,
     sizes: &[u64],
     setup: Setup,
     args: &Args,
 ) -> anyhow::Result<Vec<Row>> {
     let mut rows: Vec<Row> = Vec::new();
+    if let Some(&max) = sizes.last() {
+        let largest = Case::in_pool(op, setup, max, pool);
+        pool.reserve_for(largest);
+    }
     for &size in sizes {
-        let Some(mut case) = Case::new(op, setup, size) else {
+        let Some(mut case) = Case::in_pool(op, setup, size, pool) else {
             continue;
         };
         // Sizes that round to an already measured one (all-gather on 3 ranks) are skipped.
         if rows.last().is_some_and(|r| r.bytes == case.bytes_count().0) {
+            case.bufs.into_pool(pool);
             continue;
         }
         let row = bench_size(pc, &mut case, args)
-            .with_context(|| format!("perf {} at {size} bytes", op.name()))?;
-        rows.push(row);
+            .with_context(|| format!("perf {} at {size} bytes", op.name()));
+        case.bufs.into_pool(pool);
+        rows.push(row?);
     }
     Ok(rows)
 }

@@ -169,10 +169,18 @@ impl ShmComm {
         Ok(())
     }
 
-    /// One pass over the active transfers; returns whether any moved.
+    /// One pass over the active transfers, receives first; returns whether any moved. A
+    /// receive posts its buffer before any of our sends blocks in a single-copy write, so in a
+    /// ring both ranks' writes run at once instead of one after the other.
     fn poll(&mut self, xs: &mut [Xfer], ops: &mut [P2p<'_>], left: &mut usize) -> Result<bool> {
         let mut moved = false;
-        for i in 0..xs.len() {
+        let n = xs.len();
+        for k in 0..2 * n {
+            // Receives in the first n turns, sends in the next n.
+            let i = k % n;
+            if xs[i].send != (k >= n) {
+                continue;
+            }
             let after = xs[i].after;
             if xs[i].done || (after != usize::MAX && !xs[after].done) {
                 continue;
