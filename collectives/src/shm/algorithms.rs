@@ -77,7 +77,7 @@ impl ShmComm {
         }
         let desc = Desc::new(OpKind::AllReduce, Some(dtype), Some(op), 0, buf.len());
         let one_shot = buf.len() <= self.opts.one_shot_max;
-        if !one_shot && self.use_direct(buf.len())? {
+        if !one_shot && self.use_direct(buf.len(), self.opts.direct_all_reduce_max)? {
             self.all_reduce_direct(src, base, count, dtype, op, &desc)?;
             drop(scaled);
             return Ok(());
@@ -278,7 +278,7 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllGather, Some(dtype), None, 0, ib);
-        if self.use_direct(ib)? {
+        if self.use_direct(ib, usize::MAX)? {
             let (s, h) = self.begin_step(&desc)?;
             self.lend(h, input.as_ptr());
             self.publish();
@@ -402,7 +402,7 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Broadcast, None, None, root, buf.len());
-        if self.use_direct(buf.len())? {
+        if self.use_direct(buf.len(), self.opts.direct_rooted_max)? {
             let (s, h) = self.begin_step(&desc)?;
             if self.rank == root {
                 self.lend(h, buf.as_ptr());
@@ -579,7 +579,7 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Gather, Some(dtype), None, root, ib);
-        if self.use_direct(ib)? {
+        if self.use_direct(ib, self.opts.direct_rooted_max)? {
             // Every peer writes its piece into the root's output, in parallel.
             let (s, h) = self.begin_step(&desc)?;
             if me == root {
@@ -639,7 +639,7 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Scatter, Some(dtype), None, root, ob);
-        if self.use_direct(ob)? {
+        if self.use_direct(ob, self.opts.direct_rooted_max)? {
             let (s, h) = self.begin_step(&desc)?;
             if me == root {
                 self.lend(h, input.as_ptr());
@@ -713,7 +713,7 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::AllToAll, Some(dtype), None, 0, input.len());
-        if self.use_direct(cb)? {
+        if self.use_direct(cb, usize::MAX)? {
             let (s, h) = self.begin_step(&desc)?;
             self.lend(h, input.as_ptr());
             self.publish();

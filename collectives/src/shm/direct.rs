@@ -26,10 +26,10 @@ use crate::{CommError, Result};
 const AGREE_ROOT: usize = u32::MAX as usize - 1;
 
 impl ShmComm {
-    /// Whether a call whose per-rank piece is `piece` bytes takes the single-copy path; agrees on
-    /// the path with every peer the first time (see the module docs).
-    pub(super) fn use_direct(&mut self, piece: usize) -> Result<bool> {
-        if piece < self.opts.direct_min || self.world == 1 {
+    /// Whether a call whose per-rank piece is `piece` bytes (at most `max`) takes the single-copy
+    /// path; agrees on the path with every peer the first time (see the module docs).
+    pub(super) fn use_direct(&mut self, piece: usize, max: usize) -> Result<bool> {
+        if piece < self.opts.direct_min || piece > max || self.world == 1 {
             return Ok(false);
         }
         if let Some(ok) = self.direct {

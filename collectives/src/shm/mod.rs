@@ -24,13 +24,14 @@
 //! All-gather: one step per slot-sized chunk, each peer copied out as soon as it arrives.
 //! Reduce-scatter: one step per chunk of `slot / N` bytes of every segment. Broadcast: one step per
 //! slot-sized chunk; only non-roots wait (the root checks its peers at its next call).
-//! Copy-only operations (all-gather, broadcast, gather, scatter, all-to-all) whose per-rank piece
-//! is at least `direct_min` (32 KiB) take the single-copy path (`shm/direct.rs`) where the kernel
-//! lets the ranks copy between their address spaces: two steps whatever the size, one copy instead
-//! of two. All-reduces above `one_shot_max` take it too (three steps: each rank reduces its slice
-//! reading the peers' inputs, then copies the others' reduced slices out of their outputs). Point-
-//! to-point messages from `direct_min` bytes go the same way (`shm/p2p.rs`): the sender writes
-//! straight into the buffer the receiver posted on the channel.
+//! Copy-only operations (all-gather, all-to-all; broadcast, gather and scatter up to
+//! `direct_rooted_max`) whose per-rank piece is at least `direct_min` (32 KiB) take the single-copy
+//! path (`shm/direct.rs`) where the kernel lets the ranks copy between their address spaces: two
+//! steps whatever the size, one copy instead of two. All-reduces above `one_shot_max` (up to
+//! `direct_all_reduce_max`) take it too (three steps: each rank reduces its slice reading the
+//! peers' inputs, then copies the others' reduced slices out of their outputs). Point-to-point
+//! messages from `direct_min` bytes go the same way (`shm/p2p.rs`): the sender writes straight into
+//! the buffer the receiver posted on the channel.
 //! Reductions always run in rank order 0..N-1 in f32 (see [`crate::reduce`]), so every rank gets
 //! identical bits whatever the algorithm or chunking.
 
