@@ -90,18 +90,24 @@ impl ShmComm {
     }
 
     /// A failed copy: the peer died (its pages went with it), else the kernel's reason.
-    fn copy_failed(&self, p: usize, what: &str, e: std::io::Error) -> CommError {
+    pub(super) fn copy_failed(&self, p: usize, what: &str, e: std::io::Error) -> CommError {
         if let Err(dead) = self.check_alive(p) {
             return dead;
         }
+        let how = if e.raw_os_error() == Some(libc::ESRCH) {
+            // Its memory is gone before /proc shows it dead: the process is exiting.
+            format!("died (process {} is gone)", self.ctl(p).pid.load(Relaxed))
+        } else {
+            format!(
+                "could not be copied {what} directly ({e}; a buffer the kernel cannot pin, such \
+                 as device memory? TPRUN_COMM_DIRECT_MIN=off copies through the segment instead)"
+            )
+        };
         CommError::PeerDied {
             op: self.op_name(),
             seq: self.op_seq,
             missing: p,
-            how: format!(
-                "could not be copied {what} directly ({e}; a buffer the kernel cannot pin, such as \
-                 device memory? TPRUN_COMM_DIRECT_MIN=off copies through the segment instead)"
-            ),
+            how,
         }
     }
 

@@ -328,8 +328,7 @@ impl ShmComm {
                             buf.len()
                         }
                         Err(e) if e.raw_os_error() == Some(libc::ESRCH) => {
-                            self.check_alive(p)?;
-                            return Err(self.p2p_copy_failed(p, e));
+                            return Err(self.copy_failed(p, "to", e));
                         }
                         Err(_) => {
                             self.writable[p] = Some(false);
@@ -437,15 +436,6 @@ impl ShmComm {
             self.writable[p] = Some(self.probe(p));
         }
         self.writable[p] == Some(true)
-    }
-
-    fn p2p_copy_failed(&self, p: usize, e: std::io::Error) -> CommError {
-        CommError::PeerDied {
-            op: self.op_name(),
-            seq: self.op_seq,
-            missing: p,
-            how: format!("could not be copied to directly ({e})"),
-        }
     }
 
     /// Tells rank `r` something it may wait for was published.
