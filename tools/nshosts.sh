@@ -120,6 +120,9 @@ for i in "${!names[@]}"; do
     ip -n "$prefix-$h" link set lo up
 done
 
+# A checkout under /tmp (where the hosts get a /tmp of their own) stays visible at its path.
+keep=
+case "$(pwd -P)/" in /tmp/*) keep=$(pwd -P) ;; esac
 # enter HOST CMD...: CMD on HOST, in a fresh mount and UTS namespace inside the host's network.
 cat >"$dir/enter" <<EOF
 #!/bin/sh
@@ -130,7 +133,9 @@ set -e
 hostname "\$0"
 mount --bind "$dir/hosts" /etc/hosts
 mount --bind "$dir/\$0/shm" /dev/shm
+if [ -n "$keep" ]; then mkdir -p "$dir/\$0/hold"; mount --bind "$keep" "$dir/\$0/hold"; fi
 mount --bind "$dir/\$0/tmp" /tmp
+if [ -n "$keep" ]; then mkdir -p "$keep"; mount --bind "$dir/\$0/hold" "$keep"; fi
 exec "\$@"' "\$host" "\$@"
 EOF
 # agent HOST COMMAND-LINE...: what mpirun calls instead of ssh; like sshd, it runs the command
