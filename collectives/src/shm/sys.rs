@@ -94,50 +94,54 @@ pub(crate) fn current_cpu() -> u32 {
     }
 }
 
-/// Copies `dst.len()` bytes from address `remote` of process `pid` into `dst` with one
-/// `process_vm_readv` per kernel-sized piece (Linux cross-memory attach: one copy, no shared
-/// staging). Fails as the kernel does: EPERM where ptrace rules forbid it, ENOSYS/EPERM under
-/// sandboxes that filter the call, ESRCH once the process is gone.
+/// Copies `dst.len()` bytes from address `remote` of process `pid` into `dst` (Linux
+/// cross-memory attach: one copy, no shared staging). Fails as the kernel does: EPERM where
+/// ptrace rules forbid it, ENOSYS/EPERM under sandboxes that filter the call, ESRCH once the
+/// process is gone.
 pub(crate) fn peer_read(pid: u32, remote: u64, dst: &mut [u8]) -> std::io::Result<()> {
-    let mut done = 0;
-    while done < dst.len() {
-        let local = libc::iovec {
-            iov_base: dst[done..].as_mut_ptr().cast(),
-            iov_len: dst.len() - done,
-        };
-        let peer = libc::iovec {
-            iov_base: (remote as usize + done) as *mut libc::c_void,
-            iov_len: dst.len() - done,
-        };
-        // SAFETY: `local` describes the rest of `dst`, which we borrow mutably for the call; the
-        // kernel checks `peer` against the other process's mappings (EFAULT, never our memory).
-        let n = unsafe { libc::process_vm_readv(pid as libc::pid_t, &local, 1, &peer, 1, 0) };
-        if n < 0 {
-            return Err(std::io::Error::last_os_error());
-        }
-        if n == 0 {
-            return Err(std::io::Error::from_raw_os_error(libc::EFAULT));
-        }
-        done += n as usize;
-    }
-    Ok(())
+    // SAFETY: `dst` is borrowed mutably for the call, so the kernel may write all of it.
+    unsafe { peer_copy(pid, remote, dst.as_mut_ptr(), dst.len(), false) }
 }
 
-/// Copies `src` to address `remote` of process `pid` (`process_vm_writev`; see [`peer_read`]).
+/// Copies `src` to address `remote` of process `pid` (see [`peer_read`]).
 pub(crate) fn peer_write(pid: u32, remote: u64, src: &[u8]) -> std::io::Result<()> {
+    // SAFETY: the kernel only reads `src` when writing to the peer.
+    unsafe { peer_copy(pid, remote, src.as_ptr() as *mut u8, src.len(), true) }
+}
+
+/// `process_vm_readv` (or `_writev` with `write`) of `len` bytes at `local`, one call per piece
+/// the kernel accepts.
+///
+/// # Safety
+/// `local` must be valid for `len` bytes of writes (reads only, with `write`).
+unsafe fn peer_copy(
+    pid: u32,
+    remote: u64,
+    local: *mut u8,
+    len: usize,
+    write: bool,
+) -> std::io::Result<()> {
     let mut done = 0;
-    while done < src.len() {
-        let local = libc::iovec {
-            iov_base: src[done..].as_ptr() as *mut libc::c_void,
-            iov_len: src.len() - done,
+    while done < len {
+        let l = libc::iovec {
+            // SAFETY: done < len, inside the caller's buffer.
+            iov_base: unsafe { local.add(done) }.cast(),
+            iov_len: len - done,
         };
-        let peer = libc::iovec {
+        let r = libc::iovec {
             iov_base: (remote as usize + done) as *mut libc::c_void,
-            iov_len: src.len() - done,
+            iov_len: len - done,
         };
-        // SAFETY: `local` describes the rest of `src`, which the kernel only reads; `peer` is
-        // checked against the other process's mappings.
-        let n = unsafe { libc::process_vm_writev(pid as libc::pid_t, &local, 1, &peer, 1, 0) };
+        let pid = pid as libc::pid_t;
+        // SAFETY: `l` is inside the caller's buffer (this function's contract); the kernel checks
+        // `r` against the other process's mappings (EFAULT, never our memory).
+        let n = unsafe {
+            if write {
+                libc::process_vm_writev(pid, &l, 1, &r, 1, 0)
+            } else {
+                libc::process_vm_readv(pid, &l, 1, &r, 1, 0)
+            }
+        };
         if n < 0 {
             return Err(std::io::Error::last_os_error());
         }
