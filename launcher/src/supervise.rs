@@ -235,6 +235,8 @@ impl Monitor<'_> {
             }
             self.check_timeout();
             self.check_held();
+            // Map groups as they appear, so their flight records outlive their members.
+            self.segment.hold_groups();
             if self.escalate() {
                 return Ok(());
             }

@@ -94,6 +94,15 @@ impl ShmComm {
         if let Err(dead) = self.check_alive(p) {
             return dead;
         }
+        if matches!(e.raw_os_error(), Some(libc::ESRCH | libc::EFAULT)) {
+            // The peer may be exiting: its memory goes before /proc shows it dead.
+            if let Some(first) = self.abort_within_grace(p) {
+                return first;
+            }
+            if let Err(dead) = self.check_alive(p) {
+                return dead;
+            }
+        }
         let how = if e.raw_os_error() == Some(libc::ESRCH) {
             // Its memory is gone before /proc shows it dead: the process is exiting.
             format!("died (process {} is gone)", self.ctl(p).pid.load(Relaxed))

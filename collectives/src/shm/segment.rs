@@ -339,7 +339,13 @@ fn validate(map: &Mapping, world: usize, what: &str) -> Result<Layout> {
 pub struct JobSegment {
     map: Arc<Mapping>,
     lay: Layout,
+    /// Group segments opened by [`JobSegment::hold_groups`] while their rank 0 lived, kept so
+    /// their flight recorders can be read after every member has gone.
+    held: std::sync::Mutex<Vec<HeldGroup>>,
 }
+
+/// A registered group's segment, mapped by the launcher: (name, owner pid, fd) and the mapping.
+type HeldGroup = ((String, u32, i32), Arc<Mapping>, Layout);
 
 impl JobSegment {
     /// Creates the segment for `world_size` ranks (memfd, or a file in `TPRUN_SHM_DIR`), with its
@@ -361,6 +367,7 @@ impl JobSegment {
         let map = Mapping::map(fd, lay.total, &where_)?;
         init_header(&map, &lay);
         Ok(JobSegment {
+            held: Default::default(),
             map: Arc::new(map),
             lay,
         })
@@ -419,29 +426,51 @@ impl JobSegment {
             .collect()
     }
 
-    /// The flight recorders of every group that `split` made in this job and whose rank 0 is
-    /// still alive (its segment is opened through `/proc/<pid>/fd`); ranks as world ranks.
-    pub fn group_flight_records(&self) -> Vec<super::flight::GroupFlight> {
-        let mut out = Vec::new();
-        for (name, pid, fd, n) in super::flight::registered_groups(&self.map) {
-            let Ok((map, lay)) = open_group(pid, fd, n) else {
+    /// Maps every group newly registered in the job segment (by its rank 0, through
+    /// `/proc/<pid>/fd`) and drops those no longer registered (dropped normally). The launcher
+    /// calls it every tick, so a group whose members all died is still readable.
+    pub fn hold_groups(&self) {
+        let live = super::flight::registered_groups(&self.map);
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.retain(|(key, ..)| {
+            live.iter()
+                .any(|(n, p, f, _)| (n, *p, *f) == (&key.0, key.1, key.2))
+        });
+        for (name, pid, fd, n) in live {
+            if held
+                .iter()
+                .any(|(k, ..)| (k.0.as_str(), k.1, k.2) == (name.as_str(), pid, fd))
+            {
                 continue;
-            };
-            let ranks: Vec<_> = (0..n)
-                .map(|r| {
-                    let mut f = super::flight::read(&map, &lay, r);
-                    let w = map.ctl(&lay, r).world_rank.load(SeqCst) as usize;
-                    f.rank = w.checked_sub(1).unwrap_or(usize::MAX);
-                    f
-                })
-                .collect();
-            out.push(super::flight::GroupFlight {
-                name,
-                world_ranks: ranks.iter().map(|f| f.rank).collect(),
-                ranks,
-            });
+            }
+            if let Ok((map, lay)) = open_group(pid, fd, n) {
+                held.push(((name, pid, fd), map, lay));
+            }
         }
-        out
+    }
+
+    /// The flight recorders of every group that `split` made in this job and that is still
+    /// registered (see [`JobSegment::hold_groups`]); ranks as world ranks.
+    pub fn group_flight_records(&self) -> Vec<super::flight::GroupFlight> {
+        self.hold_groups();
+        let held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        held.iter()
+            .map(|((name, ..), map, lay)| {
+                let ranks: Vec<_> = (0..lay.world)
+                    .map(|r| {
+                        let mut f = super::flight::read(map, lay, r);
+                        let w = map.ctl(lay, r).world_rank.load(SeqCst) as usize;
+                        f.rank = w.checked_sub(1).unwrap_or(usize::MAX);
+                        f
+                    })
+                    .collect();
+                super::flight::GroupFlight {
+                    name: name.clone(),
+                    world_ranks: ranks.iter().map(|f| f.rank).collect(),
+                    ranks,
+                }
+            })
+            .collect()
     }
 
     /// One communicator per rank, sharing this process's mapping (ranks as threads).

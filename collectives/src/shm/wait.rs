@@ -10,6 +10,8 @@ use crate::{CommError, Result};
 /// After a spin that failed, the next budget is halved (down to this); a success doubles it back
 /// up to the configured spin. Covers peers the CPU check misses (e.g. just woken onto our CPU).
 pub(super) const SPIN_FLOOR: Duration = Duration::from_micros(10);
+/// How long a rank that finds a peer dead waits for the launcher's abort before blaming the peer.
+pub(super) const DEATH_GRACE: Duration = Duration::from_secs(1);
 /// How often a sleeping waiter re-checks that the peer's process still exists.
 pub(super) const LIVENESS_PERIOD: Duration = Duration::from_millis(100);
 
@@ -163,6 +165,9 @@ impl ShmComm {
         let how = if ctl.gone.load(SeqCst) != 0 {
             "left the job (dropped its communicator)".to_string()
         } else if ctl.pidns.load(SeqCst) == sys::pid_namespace() && !sys::pid_alive(pid) {
+            if let Some(first) = self.abort_within_grace(p) {
+                return Err(first);
+            }
             format!("died (process {pid} is gone)")
         } else {
             return Ok(());
@@ -173,6 +178,28 @@ impl ShmComm {
             missing: p,
             how,
         })
+    }
+
+    /// A peer found dead may have left only because another rank failed first. Gives the
+    /// launcher up to [`DEATH_GRACE`] to abort the job (it does within a few milliseconds of
+    /// reaping the first failure), so the error names that rank; None if it did not.
+    pub(super) fn abort_within_grace(&self, p: usize) -> Option<CommError> {
+        let until = Instant::now() + DEATH_GRACE;
+        loop {
+            let a = self.aborted_by();
+            if a != 0 {
+                return Some(CommError::Aborted {
+                    op: self.op_name(),
+                    seq: self.op_seq,
+                    failed: a as usize - 1,
+                    missing: p,
+                });
+            }
+            if Instant::now() >= until {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(1));
+        }
     }
 
     /// Fails if the job was aborted or peer `p` is gone (its process too, with `check_pid`),
@@ -197,6 +224,9 @@ impl ShmComm {
                 && !sys::pid_alive(pid))
             {
                 return Ok(None);
+            }
+            if let Some(first) = self.abort_within_grace(p) {
+                return Err(first);
             }
             format!("died (process {pid} is gone)")
         };
