@@ -432,7 +432,7 @@ fn full_shm_dir_is_a_clear_error() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success());
     assert!(
-        err.contains("cannot reserve 6.0 MiB of shared memory in")
+        err.contains("cannot reserve 6.1 MiB of shared memory in")
             && err.contains("No space left on device"),
         "{err}"
     );

@@ -250,6 +250,43 @@ fn different_collectives_are_detected() {
     );
 }
 
+/// A root runs ahead through small broadcasts (the ring lets it) while rank 1 answers the fifth
+/// with a reduce, which waits for nobody: rank 0 still reports the mismatch at its next wait
+/// for rank 1 (the barrier), not some calls later.
+#[test]
+fn a_root_running_ahead_still_catches_a_different_call() {
+    let errs = on_ranks(group(2, Duration::from_secs(600)), |mut c| {
+        let mut buf = vec![7u8; 16];
+        for _ in 0..4 {
+            c.broadcast_raw(&mut buf, 0).unwrap();
+        }
+        if c.rank() == 0 {
+            c.broadcast_raw(&mut buf, 0).unwrap();
+        } else {
+            let _ = c.reduce_raw(&mut buf, DType::F32, ReduceOp::Sum, 0);
+        }
+        c.barrier().err()
+    });
+    let e = errs[0].as_ref().expect("rank 0's barrier must fail");
+    assert!(
+        matches!(
+            e,
+            CommError::Mismatch {
+                op: "barrier",
+                seq: 6,
+                ..
+            }
+        ),
+        "{e}"
+    );
+    let msg = e.to_string();
+    assert!(
+        msg.contains("broadcast(16 bytes root 0)")
+            && msg.contains("reduce(16 bytes float sum root 0)"),
+        "{msg}"
+    );
+}
+
 /// Bad arguments are rejected before any communication, and the communicator stays usable.
 #[test]
 fn invalid_arguments() {

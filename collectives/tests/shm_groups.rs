@@ -212,6 +212,69 @@ fn rooted_ops_take_both_algorithms() {
     }
 }
 
+/// Small rooted calls go through the ring, where a root may run 15 calls ahead of its readers:
+/// a long run of them, each with its own values, alone and mixed with calls on the halves (a
+/// large broadcast every 37th call), must deliver every call's own data, whoever the root.
+#[test]
+fn small_rooted_calls_running_ahead_deliver_every_call() {
+    for n in [2, 3, 5] {
+        let comms = ShmComm::new_group(n).unwrap();
+        on_ranks(comms, |mut c| {
+            let (me, w) = (c.rank(), c.world_size());
+            // A root that waits for nobody: readers that lag (a pause every 8 calls) must still
+            // find each call's data, not one the root wrote RING calls later into the same entry.
+            for i in 0..200usize {
+                if me != 0 && i % 8 == 0 {
+                    std::thread::sleep(std::time::Duration::from_micros(300));
+                }
+                let mut b = vec![(i * 7 + 1) as u32 * (me == 0) as u32; 1 + i % 5];
+                c.broadcast(&mut b, 0).unwrap();
+                assert!(
+                    b.iter().all(|&x| x == (i * 7 + 1) as u32),
+                    "broadcast run call {i}"
+                );
+                let src: Vec<u32> = (0..2 * w).map(|k| (i * 100 + k) as u32).collect();
+                let mut part = [0u32; 2];
+                c.scatter(if me == 0 { &src[..] } else { &[] }, &mut part, 0)
+                    .unwrap();
+                assert_eq!(part, [src[2 * me], src[2 * me + 1]], "scatter run call {i}");
+            }
+            for i in 0..400usize {
+                let root = (i / 50) % w;
+                let val = |r: usize, k: usize| (i * 1000 + r * 10 + k) as u32;
+                let len = if i % 37 == 0 { 100_000 } else { 1 + i % 60 };
+                let mut b: Vec<u32> = (0..len).map(|k| val(me, k) * (me == root) as u32).collect();
+                c.broadcast(&mut b, root).unwrap();
+                assert!(
+                    b.iter().enumerate().all(|(k, &x)| x == val(root, k)),
+                    "broadcast call {i}"
+                );
+                let count = 1 + i % 7;
+                let src: Vec<u32> = (0..count * w).map(|k| val(me, k)).collect();
+                let mut part = vec![0u32; count];
+                c.scatter(if me == root { &src[..] } else { &[] }, &mut part, root)
+                    .unwrap();
+                assert!(
+                    part.iter()
+                        .enumerate()
+                        .all(|(k, &x)| x == val(root, me * count + k)),
+                    "scatter call {i}"
+                );
+                let mut r: Vec<u32> = (0..count).map(|k| val(me, k)).collect();
+                c.reduce(&mut r, ReduceOp::Sum, root).unwrap();
+                if me == root {
+                    for (k, &x) in r.iter().enumerate() {
+                        let want = (0..w).fold(0u32, |a, q| a.wrapping_add(val(q, k)));
+                        assert_eq!(x, want, "reduce call {i} element {k}");
+                    }
+                }
+                let mut all = vec![0u32; if me == root { count * w } else { 0 }];
+                c.gather(&r[..count], &mut all, root).unwrap();
+            }
+        });
+    }
+}
+
 #[test]
 fn a_group_error_names_the_group_and_the_world_rank() {
     on_ranks(small(3), |mut c| {

@@ -54,13 +54,14 @@ fn shm(n: usize) -> Vec<Comm> {
         .collect()
 }
 
-/// Every copy-only call takes the single-copy path (`direct_min` 0; all-reduce too, with
-/// `one_shot_max` 0), or never does.
+/// Every copy-only call takes the single-copy path (`direct_min` 0; all-reduce and reduce too,
+/// with `one_shot_max` and `direct_reduce_min` 0), or never does.
 fn shm_direct_min(n: usize, direct_min: usize) -> Vec<Comm> {
     let mut o = shm_opts(n);
     o.direct_min = direct_min;
     if direct_min == 0 {
         o.one_shot_max = 0;
+        o.direct_reduce_min = 0;
     }
     ShmComm::new_group_with(n, &SegmentOptions::default(), &o)
         .expect("shm group")

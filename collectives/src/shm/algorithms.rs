@@ -12,6 +12,15 @@ use crate::{DType, ReduceOp, Result};
 /// (small enough to stay in L2 while it is reduced).
 const DIRECT_SUB_BYTES: usize = 256 << 10;
 
+/// Where a rank's reduced slice goes in the single-copy reductions.
+#[derive(Clone, Copy)]
+enum SliceTo {
+    /// Its own output (the all-reduce, the root of a reduce).
+    Own(*mut u8),
+    /// The root's lent buffer (a reduce's other ranks).
+    Lender(usize),
+}
+
 /// Splits `m` elements into `n` slices on 64-byte boundaries; slice `k` is `[lo, hi)`.
 fn slice_bounds(m: usize, n: usize, k: usize, elem: usize) -> (usize, usize) {
     let unit = (64 / elem).max(1);
@@ -119,37 +128,7 @@ impl ShmComm {
         self.lend(h, src);
         self.publish();
         self.wait_all(s, h, desc)?;
-        let (lo, hi) = slice_bounds(count, w, me, e);
-        let unit = 64 / e;
-        let sub = ((DIRECT_SUB_BYTES / e) / unit * unit).max(unit);
-        let mut scratch = std::mem::take(&mut self.scratch);
-        scratch.resize((w - 1) * sub * e, 0);
-        let mut c = lo;
-        let res = (|| {
-            while c < hi {
-                let m = sub.min(hi - c);
-                let mut k = 0;
-                for p in 0..w {
-                    if p == me {
-                        // SAFETY: c + m <= count, inside the source.
-                        self.srcs[p] = unsafe { src.add(c * e) };
-                    } else {
-                        let piece = &mut scratch[k * sub * e..(k * sub + m) * e];
-                        self.read_lent(p, h, c * e, piece)?;
-                        self.srcs[p] = piece.as_ptr();
-                        k += 1;
-                    }
-                }
-                // SAFETY: every source holds m elements (our input, or scratch pieces just
-                // filled); `out + c` is our own slice, equal to our source (in place) or distinct
-                // from every source. No peer reads our slice of `out` before step 2.
-                unsafe { reduce_raw(self.simd, dtype, op, out.add(c * e), &self.srcs, m) };
-                c += m;
-            }
-            Ok(())
-        })();
-        self.scratch = scratch;
-        res?;
+        self.reduce_slice_direct(src, h, count, dtype, op, SliceTo::Own(out))?;
         let (s2, h2) = self.begin_step(desc)?;
         self.lend(h2, out);
         self.publish();
@@ -164,6 +143,95 @@ impl ShmComm {
             let dst = unsafe { std::slice::from_raw_parts_mut(out.add(plo * e), (phi - plo) * e) };
             self.read_lent(p, h2, plo * e, dst)?;
         }
+        self.direct_done(desc, true)
+    }
+
+    /// Step 1 of the single-copy reductions, after every rank lent its input in place `h`:
+    /// reduces this rank's 1/N slice of `count` elements in rank order, copying the peers'
+    /// pieces of it into scratch a sub-chunk at a time, into `to`.
+    fn reduce_slice_direct(
+        &mut self,
+        src: *const u8,
+        h: usize,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        to: SliceTo,
+    ) -> Result<()> {
+        let (me, w, e) = (self.rank, self.world, dtype.size());
+        let (lo, hi) = slice_bounds(count, w, me, e);
+        let unit = 64 / e;
+        let sub = ((DIRECT_SUB_BYTES / e) / unit * unit).max(unit);
+        let mut scratch = std::mem::take(&mut self.scratch);
+        // The peers' pieces, then (to a peer) our reduced sub-chunk.
+        scratch.resize(w * sub * e, 0);
+        let (pieces, result) = scratch.split_at_mut((w - 1) * sub * e);
+        let mut c = lo;
+        let res = (|| {
+            while c < hi {
+                let m = sub.min(hi - c);
+                let mut k = 0;
+                for p in 0..w {
+                    if p == me {
+                        // SAFETY: c + m <= count, inside the source.
+                        self.srcs[p] = unsafe { src.add(c * e) };
+                    } else {
+                        let piece = &mut pieces[k * sub * e..(k * sub + m) * e];
+                        self.read_lent(p, h, c * e, piece)?;
+                        self.srcs[p] = piece.as_ptr();
+                        k += 1;
+                    }
+                }
+                match to {
+                    // SAFETY: every source holds m elements (our input, or scratch pieces just
+                    // filled); `out + c` is our own slice, equal to our source (in place) or
+                    // distinct from every source. No peer reads our slice of `out` meanwhile.
+                    SliceTo::Own(out) => unsafe {
+                        reduce_raw(self.simd, dtype, op, out.add(c * e), &self.srcs, m)
+                    },
+                    SliceTo::Lender(root) => {
+                        let dst = &mut result[..m * e];
+                        // SAFETY: as above; `dst` is scratch distinct from every source.
+                        unsafe {
+                            reduce_raw(self.simd, dtype, op, dst.as_mut_ptr(), &self.srcs, m)
+                        };
+                        // The root lent its buffer (its input, in place): our slice of it is
+                        // read by us alone, and we have just read this sub-chunk.
+                        self.write_lent(root, h, c * e, dst)?;
+                    }
+                }
+                c += m;
+            }
+            Ok(())
+        })();
+        self.scratch = scratch;
+        res
+    }
+
+    /// Single-copy reduce to `root`, two steps: (1) every rank lends its buffer and reduces its
+    /// 1/N slice as the single-copy all-reduce does, the root into its own buffer, the others
+    /// straight into the root's (their slice of it, which only they read); (2) the owners learn
+    /// their buffers are free. One slice's reduction per rank, in parallel, where the one-shot
+    /// reduce leaves the whole reduction to the root.
+    fn reduce_direct(
+        &mut self,
+        buf: *mut u8,
+        count: usize,
+        dtype: DType,
+        op: ReduceOp,
+        root: usize,
+        desc: &Desc,
+    ) -> Result<()> {
+        let (s, h) = self.begin_step(desc)?;
+        self.lend(h, buf);
+        self.publish();
+        self.wait_all(s, h, desc)?;
+        let to = if self.rank == root {
+            SliceTo::Own(buf)
+        } else {
+            SliceTo::Lender(root)
+        };
+        self.reduce_slice_direct(buf, h, count, dtype, op, to)?;
         self.direct_done(desc, true)
     }
 
@@ -426,7 +494,7 @@ impl ShmComm {
                     std::ptr::copy_nonoverlapping(buf.as_ptr().add(c0), self.data(root, h), m)
                 };
                 self.publish();
-                self.unverified = Some((s, desc));
+                self.verify_later(s, h, desc);
             } else {
                 self.publish();
                 self.wait_seq(root, (s + 1) as u32)?;
@@ -484,6 +552,13 @@ impl ShmComm {
         let out = buf.as_mut_ptr();
         let e = dtype.size();
         let desc = Desc::new(OpKind::Reduce, Some(dtype), Some(op), root, buf.len());
+        // PreMulSum's scaled input is not the root's buffer, which the single copy needs.
+        if buf.len() >= self.opts.direct_reduce_min
+            && scaled.is_none()
+            && self.use_direct(buf.len(), self.opts.direct_all_reduce_max)?
+        {
+            return self.reduce_direct(out, count, dtype, op, root, &desc);
+        }
         let unit = 64 / e;
         let chunk = (self.lay.slot.min(self.opts.chunk_bytes) / e / unit * unit).max(unit);
         let one_shot = buf.len() <= self.opts.one_shot_max;
@@ -671,7 +746,7 @@ impl ShmComm {
                     };
                 }
                 self.publish();
-                self.unverified = Some((s, desc));
+                self.verify_later(s, h, desc);
             } else {
                 self.publish();
                 self.wait_seq(root, (s + 1) as u32)?;

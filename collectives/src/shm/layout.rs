@@ -15,6 +15,12 @@
 //!                     called different collectives.
 //! flight_off (page)   Flight[world]: each rank's flight recorder, a 128-B header (calls
 //!                     entered) and the last FLIGHT_K collective records of 64 B (shm/flight.rs).
+//! ring_off (page)     Ring[world]: per rank 2 x RING SlotHdrs, then RING data entries of
+//!                     RING_BYTES, for steps small enough ([`Layout::is_small`]); step s uses
+//!                     header s % (2 RING) and data s % RING, so a writer may run up to RING - 1
+//!                     steps ahead of its readers (the halves allow one). Headers live twice as
+//!                     long as data so a root that did not wait for its readers can still check
+//!                     theirs RING steps later (shm/protocol.rs, `begin_step`).
 //! data_off (page)     Data[world][2], `slot` bytes each: rank r's two halves (double buffer);
 //!                     step s uses half s % 2.
 //! chan_off (page)     Chan[world][world - 1], 256 B each: the point-to-point channel from rank
@@ -24,18 +30,30 @@
 //!                     chunk c of the channel uses half c % 2.
 //! ```
 //! `pslot` = slot / (2 (world - 1)) rounded down to a page (at least one page), so the channels
-//! take about half as much as the data halves: total = ~12 KiB + world x 2.2 KiB + world² x 256 B
+//! take about half as much as the data halves: total = ~12 KiB + world x 36 KiB + world² x 256 B
 //! + ~1.5 x world x 2 x slot: with the default 1 MiB slot, 6 MiB for 2 ranks, 24 MiB for 8.
+//!
+//! A step's place is `h`: 0 and 1 are the data halves, 2 + i is ring header i (data i % RING).
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 
 pub(crate) const MAGIC: u64 = u64::from_le_bytes(*b"TPRUNSHM");
-pub(crate) const VERSION: u32 = 4;
+pub(crate) const VERSION: u32 = 5;
 pub(crate) const PAGE: usize = 4096;
 /// Value of `Header::ready` once the creator has filled the header (named path).
 pub(crate) const READY: u32 = 0x5EAD_1E55;
 /// Default bytes per data half.
 pub const DEFAULT_SLOT_BYTES: usize = 1 << 20;
+/// Entries of each rank's ring of small steps. Sixteen let a root run many small broadcasts,
+/// scatters or reduces ahead of its readers, as a message queue would (Open MPI's eager FIFO),
+/// instead of one cache-line round trip per call.
+pub(crate) const RING: usize = 16;
+/// Data bytes of a ring entry.
+pub(crate) const RING_BYTES: usize = 2048;
+/// Headers of each rank's ring.
+const RING_HDRS: usize = 2 * RING;
+/// Bytes of one rank's ring: its headers, then its data entries.
+const RING_RANK: usize = RING_HDRS * std::mem::size_of::<SlotHdr>() + RING * RING_BYTES;
 /// Largest world the layout accepts (the header stores it as u32; this is a sanity bound).
 pub const MAX_WORLD: usize = 4096;
 
@@ -192,6 +210,7 @@ pub(crate) struct Layout {
     pub ctl_off: usize,
     pub hdr_off: usize,
     pub flight_off: usize,
+    pub ring_off: usize,
     pub data_off: usize,
     /// Bytes per half of a point-to-point channel.
     pub pslot: usize,
@@ -209,7 +228,8 @@ impl Layout {
         let ctl_off = PAGE;
         let hdr_off = round_up(ctl_off + world * std::mem::size_of::<Ctl>(), PAGE);
         let flight_off = round_up(hdr_off + world * 2 * std::mem::size_of::<SlotHdr>(), PAGE);
-        let data_off = round_up(flight_off + world * FLIGHT_BYTES, PAGE);
+        let ring_off = round_up(flight_off + world * FLIGHT_BYTES, PAGE);
+        let data_off = round_up(ring_off + world * RING_RANK, PAGE);
         let chan_off = data_off + world * 2 * slot;
         let chans = world * (world - 1);
         let pslot = (slot / (2 * (world - 1)).max(1) / PAGE * PAGE).max(PAGE);
@@ -221,6 +241,7 @@ impl Layout {
             ctl_off,
             hdr_off,
             flight_off,
+            ring_off,
             data_off,
             pslot,
             chan_off,
@@ -244,13 +265,38 @@ impl Layout {
     pub fn ctl(&self, r: usize) -> usize {
         self.ctl_off + r * std::mem::size_of::<Ctl>()
     }
-    pub fn slot_hdr(&self, r: usize, half: usize) -> usize {
-        self.hdr_off + (r * 2 + half) * std::mem::size_of::<SlotHdr>()
+    /// Whether a step of an operation whose descriptor says `bytes` goes to the ring: every
+    /// operation writes at most world x `bytes` into its place per step (scatter, all-to-all and
+    /// reduce-scatter write a piece per rank), and the ranks agree on `bytes`.
+    pub fn is_small(&self, bytes: u64) -> bool {
+        bytes.saturating_mul(self.world as u64) <= RING_BYTES as u64
+    }
+    /// Where step `s` goes: its ring entry if small, else its half.
+    pub fn place(&self, s: u64, small: bool) -> usize {
+        if small {
+            2 + (s % RING_HDRS as u64) as usize
+        } else {
+            (s % 2) as usize
+        }
+    }
+    /// The header of rank `r`'s place `h` (a half or a ring entry).
+    pub fn slot_hdr(&self, r: usize, h: usize) -> usize {
+        if h < 2 {
+            self.hdr_off + (r * 2 + h) * std::mem::size_of::<SlotHdr>()
+        } else {
+            self.ring_off + r * RING_RANK + (h - 2) * std::mem::size_of::<SlotHdr>()
+        }
     }
     pub fn flight(&self, r: usize) -> usize {
         self.flight_off + r * FLIGHT_BYTES
     }
-    pub fn data(&self, r: usize, half: usize) -> usize {
-        self.data_off + (r * 2 + half) * self.slot
+    /// The data of rank `r`'s place `h`: `slot` bytes for a half, RING_BYTES for a ring entry.
+    pub fn data(&self, r: usize, h: usize) -> usize {
+        if h < 2 {
+            self.data_off + (r * 2 + h) * self.slot
+        } else {
+            let hdrs = RING_HDRS * std::mem::size_of::<SlotHdr>();
+            self.ring_off + r * RING_RANK + hdrs + (h - 2) % RING * RING_BYTES
+        }
     }
 }

@@ -11,7 +11,10 @@
 //!    dtype and size) and reads their half `s % 2`.
 //!
 //! A peer that published `s + 1` has finished every read of step `s - 1`, so two halves are enough
-//! and no trailing barrier is needed. Waits spin for up to a millisecond while spinning pays off
+//! and no trailing barrier is needed. Small steps (at most 2 KiB written per rank: world x the
+//! operation's bytes) use a ring of 16 entries instead of the halves, waiting in step 1 only for
+//! `seq >= s - 14`, so a root of small broadcasts, scatters or reduces runs up to 15 calls ahead
+//! of its readers instead of one (see [`layout`]). Waits spin for up to a millisecond while spinning pays off
 //! (never when there are more ranks than CPUs), then sleep on a shared futex; each wait has a
 //! deadline and watches the launcher's abort flag, the peer's `gone` flag and (every 100 ms)
 //! whether the peer's process still exists.
@@ -29,7 +32,9 @@
 //! path (`shm/direct.rs`) where the kernel lets the ranks copy between their address spaces: two
 //! steps whatever the size, one copy instead of two. All-reduces above `one_shot_max` (up to
 //! `direct_all_reduce_max`) take it too (three steps: each rank reduces its slice reading the
-//! peers' inputs, then copies the others' reduced slices out of their outputs). Point-to-point
+//! peers' inputs, then copies the others' reduced slices out of their outputs), and so do reduces
+//! from `direct_reduce_min` (256 KiB; two steps: the non-roots write their reduced slices
+//! straight into the root's buffer). Point-to-point
 //! messages from `direct_min` bytes go the same way (`shm/p2p.rs`): the sender writes straight into
 //! the buffer the receiver posted on the channel.
 //! Reductions always run in rank order 0..N-1 in f32 (see [`crate::reduce`]), so every rank gets
@@ -88,8 +93,9 @@ pub struct ShmComm {
     wait_s: f64,
     /// Set after an error: the protocol state is then unknown, so later calls fail fast.
     failed: Option<String>,
-    /// A broadcast step this rank sent as root; its peers' headers are checked at the next step.
-    unverified: Option<(u64, Desc)>,
+    /// Steps this rank sent as a root without waiting for its readers (step, what, place);
+    /// their headers are checked at a later step ([`ShmComm::begin_step`]). At most RING.
+    unverified: std::collections::VecDeque<(u64, Desc, usize)>,
     srcs: Vec<*const u8>,
     release_taken: bool,
     /// Current spin budget (adapted between SPIN_FLOOR and `opts.spin`).
@@ -196,7 +202,7 @@ impl ShmComm {
             stats: CommStats::default(),
             wait_s: 0.0,
             failed: None,
-            unverified: None,
+            unverified: std::collections::VecDeque::with_capacity(layout::RING + 1),
             srcs: vec![std::ptr::null(); world],
             release_taken: false,
             spin_budget,

@@ -62,6 +62,9 @@ pub struct CommOptions {
     /// All-reduces take the single-copy path up to this many bytes (measured at 2 ranks: 0.6-0.9x
     /// the two-copy time from 256 KiB to 32 MiB, 1.2x at 64 MiB).
     pub direct_all_reduce_max: usize,
+    /// Reduces from this many bytes (up to `direct_all_reduce_max`) take the single-copy path:
+    /// every rank reduces a slice instead of the root reducing everything.
+    pub direct_reduce_min: usize,
 }
 
 impl CommOptions {
@@ -87,6 +90,7 @@ impl CommOptions {
             direct_min: DEFAULT_DIRECT_MIN,
             direct_rooted_max: 1 << 20,
             direct_all_reduce_max: 32 << 20,
+            direct_reduce_min: 256 << 10,
         }
     }
 

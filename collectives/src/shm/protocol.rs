@@ -3,7 +3,8 @@
 
 use std::sync::atomic::Ordering::{Relaxed, SeqCst};
 
-use super::{sys, ShmComm};
+use super::layout::RING;
+use super::{sys, wait, ShmComm};
 use crate::stats::OpKind;
 use crate::{CommError, DType, ReduceOp, Result};
 
@@ -64,30 +65,67 @@ impl Desc {
 }
 
 impl ShmComm {
-    /// Steps 1-2 of the protocol: make sure our half `s % 2` is free, then describe it.
+    /// Steps 1-2 of the protocol: make sure our place for step `s` is free, then describe it.
+    /// A half (`s % 2`) is free once every peer has published step s - 1 (so has finished
+    /// reading step s - 2); a ring entry (`s % RING`, small steps) once every peer has published
+    /// step s - RING + 1.
     pub(super) fn begin_step(&mut self, desc: &Desc) -> Result<(u64, usize)> {
         let s = self.step;
-        for p in 0..self.world {
-            if p != self.rank {
-                self.wait_seq(p, s as u32)?;
+        let small = self.lay.is_small(desc.bytes);
+        let mut target = if small {
+            (s + 2).saturating_sub(RING as u64)
+        } else {
+            s
+        };
+        // A root's unverified half is rewritten by its readers at their next step on that half,
+        // which this step may let them take: check it now (as before the ring existed). An
+        // unverified ring header stays until they reach step us + 2 RING, which waits for our
+        // step us + RING + 1; our step us + RING - 1 at the latest covers it.
+        for &(us, _, uh) in &self.unverified {
+            if uh < 2 {
+                target = target.max(us + 1);
             }
         }
-        if let Some((us, ud)) = self.unverified.take() {
+        for p in 0..self.world {
+            if p != self.rank {
+                self.wait_seq(p, target as u32)?;
+            }
+        }
+        self.verify_settled()?;
+        let h = self.lay.place(s, small);
+        let hd = self.slot_hdr(self.rank, h);
+        hd.step.store(s, Relaxed);
+        hd.op_seq.store(self.op_seq, Relaxed);
+        hd.bytes.store(desc.bytes, Relaxed);
+        hd.code.store(desc.code(), Relaxed);
+        hd.root.store(desc.root, Relaxed);
+        hd.addr.store(0, Relaxed);
+        Ok((s, h))
+    }
+
+    /// Checks the peers' headers of the unverified steps every peer is known to have published.
+    #[inline]
+    fn verify_settled(&mut self) -> Result<()> {
+        while let Some(&(us, ud, uh)) = self.unverified.front() {
+            let t = (us + 1) as u32;
+            let me = self.rank;
+            if !(0..self.world).all(|p| p == me || wait::reached(self.known[p], t)) {
+                return Ok(());
+            }
+            self.unverified.pop_front();
             for p in 0..self.world {
-                if p != self.rank {
-                    self.check_hdr(p, (us % 2) as usize, us, &ud)?;
+                if p != me {
+                    self.check_hdr(p, uh, us, &ud)?;
                 }
             }
         }
-        let half = (s % 2) as usize;
-        let h = self.slot_hdr(self.rank, half);
-        h.step.store(s, Relaxed);
-        h.op_seq.store(self.op_seq, Relaxed);
-        h.bytes.store(desc.bytes, Relaxed);
-        h.code.store(desc.code(), Relaxed);
-        h.root.store(desc.root, Relaxed);
-        h.addr.store(0, Relaxed);
-        Ok((s, half))
+        Ok(())
+    }
+
+    /// After a step whose readers this rank does not wait for (a root's broadcast or scatter
+    /// step): their headers are checked at a later step, before they can be rewritten.
+    pub(super) fn verify_later(&mut self, s: u64, h: usize, desc: Desc) {
+        self.unverified.push_back((s, desc, h));
     }
 
     /// Step 3: publish, waking sleepers only if there are any.
@@ -106,7 +144,15 @@ impl ShmComm {
 
     /// Checks that peer `p`'s half holds step `s` of the same operation.
     pub(super) fn check_hdr(&self, p: usize, half: usize, s: u64, desc: &Desc) -> Result<()> {
-        let h = self.slot_hdr(p, half);
+        let mut h = self.slot_hdr(p, half);
+        if h.step.load(Relaxed) != s {
+            // A peer that called an operation of another size may have put step s in the other
+            // kind of place (a half instead of a ring entry, or back): describe that call.
+            let other = self.slot_hdr(p, self.lay.place(s, half < 2));
+            if other.step.load(Relaxed) == s {
+                h = other;
+            }
+        }
         let step = h.step.load(Relaxed);
         let code = h.code.load(Relaxed);
         let bytes = h.bytes.load(Relaxed);
@@ -143,6 +189,7 @@ impl ShmComm {
                 self.check_hdr(p, half, s, desc)?;
             }
         }
-        Ok(())
+        // Everyone published step s: earlier root steps can be checked now, not RING steps on.
+        self.verify_settled()
     }
 }
