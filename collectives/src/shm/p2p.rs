@@ -19,7 +19,7 @@ use std::time::Instant;
 
 use super::layout::Layout;
 use super::segment::Mapping;
-use super::wait::{reached, LIVENESS_PERIOD};
+use super::wait::{reached, LIVENESS_PERIOD, QUICK_POLLS};
 use super::{sys, ShmComm};
 use crate::{args, CommError, P2p, Result};
 
@@ -135,17 +135,26 @@ impl ShmComm {
         let mut left = xs.len();
         // While idle: when it began, polls since, yields since the spin ran out.
         let mut idle: Option<(Instant, u32, Option<u32>)> = None;
+        // Polls without a move before `idle` starts: most small transfers move within a few,
+        // and are then not timed (as the collectives' waits, shm/wait.rs `poll_briefly`).
+        let mut quick = 0;
         while left > 0 {
             if self.poll(xs, ops, &mut left)? {
                 if let Some((start, ..)) = idle.take() {
                     self.wait_s += start.elapsed().as_secs_f64();
                 }
+                quick = 0;
                 continue;
             }
             if left == 0 {
                 break;
             }
             let budget = self.spin_budget;
+            if idle.is_none() && quick < QUICK_POLLS && !budget.is_zero() {
+                quick += 1;
+                std::hint::spin_loop();
+                continue;
+            }
             let (start, polls, yields) = idle.get_or_insert((Instant::now(), 0, None));
             let start = *start;
             *polls += 1;

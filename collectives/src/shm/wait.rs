@@ -13,7 +13,7 @@ pub(super) const SPIN_FLOOR: Duration = Duration::from_micros(10);
 /// How long a rank that finds a peer dead waits for the launcher's abort before blaming the peer.
 pub(super) const DEATH_GRACE: Duration = Duration::from_secs(1);
 /// Untimed polls before a wait reads the clock (~1 µs: one pause, ~11 ns here, and a load each).
-const QUICK_POLLS: u32 = 64;
+pub(super) const QUICK_POLLS: u32 = 64;
 /// How often a sleeping waiter checks the peer's process and the deadline.
 pub(super) const LIVENESS_PERIOD: Duration = Duration::from_millis(100);
 
