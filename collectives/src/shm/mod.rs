@@ -123,6 +123,9 @@ pub struct ShmComm {
     registered: Option<usize>,
     /// Scratch of the single-copy all-reduce, kept between calls.
     scratch: Vec<u8>,
+    /// Publish with plain stores: peers about to sleep fence us with membarrier
+    /// ([`sys::light_publish`]).
+    light: bool,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -212,6 +215,7 @@ impl ShmComm {
             took_direct: false,
             registered: None,
             scratch: Vec::new(),
+            light: sys::light_publish(),
         })
     }
 

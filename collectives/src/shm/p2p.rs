@@ -14,7 +14,7 @@
 //! the collectives do, with the same deadline, abort flag and liveness checks. So a ring exchange
 //! or a pairwise all-to-all cannot deadlock, whatever the sizes.
 
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
 use std::time::Instant;
 
 use super::layout::Layout;
@@ -223,6 +223,7 @@ impl ShmComm {
         let c = map.ctl(&self.lay, self.rank);
         let seen = c.bell.load(SeqCst);
         c.bell_waiters.fetch_add(1, SeqCst);
+        sys::fence_peers();
         let r = self.sleep_announced(xs, ops, left, start, &c.bell, seen);
         c.bell_waiters.fetch_sub(1, SeqCst);
         r
@@ -372,7 +373,7 @@ impl ShmComm {
             ch.msg[h].store(self.p2p.sent_msgs[p], Relaxed);
             ch.total[h].store(buf.len() as u64, Relaxed);
             let c1 = c.wrapping_add(1);
-            ch.sent.store(c1, SeqCst);
+            self.announce(&ch.sent, c1);
             self.p2p.sent[p] = c1;
             self.ring(p);
             x.off += n;
@@ -430,7 +431,7 @@ impl ShmComm {
                 self.p2p.recvd_msgs[p] += 1;
             }
             let c1 = c.wrapping_add(1);
-            ch.acked.store(c1, SeqCst);
+            self.announce(&ch.acked, c1);
             self.p2p.recvd[p] = c1;
             self.ring(p);
             x.off += n;
@@ -447,12 +448,28 @@ impl ShmComm {
         self.writable[p] == Some(true)
     }
 
-    /// Tells rank `r` something it may wait for was published.
-    /// The store being announced was SeqCst and so is this load: either we see the sleeper or
-    /// its poll after announcing itself sees our store.
+    /// Publishes a channel word (`sent` or `acked`) that rank `ring` then announces: a SeqCst
+    /// store, or a release store where this process publishes light ([`ShmComm::publish`]).
+    fn announce(&self, word: &std::sync::atomic::AtomicU32, v: u32) {
+        if self.light {
+            word.store(v, Release);
+            std::sync::atomic::compiler_fence(SeqCst);
+        } else {
+            word.store(v, SeqCst);
+        }
+    }
+
+    /// Tells rank `r` something it may wait for was published (by `announce`): either we see
+    /// the sleeper or its poll after announcing itself (and fencing us, sys::fence_peers) sees
+    /// our store.
     fn ring(&self, r: usize) {
         let c = self.ctl(r);
-        if c.bell_waiters.load(SeqCst) != 0 {
+        let sleepers = if self.light {
+            c.bell_waiters.load(Relaxed)
+        } else {
+            c.bell_waiters.load(SeqCst)
+        };
+        if sleepers != 0 {
             c.bell.fetch_add(1, SeqCst);
             sys::futex_wake_all(&c.bell);
         }

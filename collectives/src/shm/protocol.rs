@@ -1,7 +1,8 @@
 //! Steps 1-4 of the protocol described in the [module docs](super): claiming a half, publishing,
 //! and checking that a peer's half holds the same step of the same operation.
 
-use std::sync::atomic::Ordering::{Relaxed, SeqCst};
+use std::sync::atomic::compiler_fence;
+use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
 
 use super::layout::RING;
 use super::{sys, wait, ShmComm};
@@ -134,10 +135,18 @@ impl ShmComm {
         self.step += 1;
         let c = self.map.ctl(&self.lay, self.rank);
         c.cpu.store(sys::current_cpu(), Relaxed);
-        // SeqCst store + SeqCst load of `waiters` pairs with the waiter's increment + re-check,
-        // so either we see the sleeper or it sees the new value.
-        c.seq.store(self.step as u32, SeqCst);
-        if c.waiters.load(SeqCst) != 0 {
+        // Either we see a sleeper in `waiters` or it sees the new value in its re-check: by a
+        // SeqCst store + SeqCst load paired with its increment + re-check, or, registered for
+        // membarrier, by a plain store and load paired with its membarrier (sys::fence_peers).
+        let waiters = if self.light {
+            c.seq.store(self.step as u32, Release);
+            compiler_fence(SeqCst);
+            c.waiters.load(Relaxed)
+        } else {
+            c.seq.store(self.step as u32, SeqCst);
+            c.waiters.load(SeqCst)
+        };
+        if waiters != 0 {
             sys::futex_wake_all(&c.seq);
         }
     }

@@ -1,6 +1,7 @@
 //! Thin OS helpers: shared (cross-process) futex, peer liveness, the CPU count.
 
 use std::sync::atomic::AtomicU32;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Sleeps while `*word == expected`, at most `timeout`. Spurious returns are fine: callers loop.
@@ -162,5 +163,42 @@ pub(crate) fn allow_peer_access() {
     if scope.map(|s| s.trim() == "1").unwrap_or(false) {
         // SAFETY: prctl(PR_SET_PTRACER) takes integer arguments only.
         unsafe { libc::prctl(libc::PR_SET_PTRACER, libc::PR_SET_PTRACER_ANY, 0, 0, 0) };
+    }
+}
+
+// membarrier(2) commands (linux/membarrier.h).
+const MEMBARRIER_CMD_QUERY: libc::c_int = 0;
+const MEMBARRIER_CMD_GLOBAL_EXPEDITED: libc::c_int = 1 << 1;
+const MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED: libc::c_int = 1 << 2;
+
+fn membarrier(cmd: libc::c_int) -> libc::c_long {
+    // SAFETY: membarrier takes integer arguments only and touches no memory of ours.
+    unsafe { libc::syscall(libc::SYS_membarrier, cmd, 0, 0) }
+}
+
+/// Whether this process may publish a step with a plain (release) store and a plain load of the
+/// sleeper count, without the full fence that a store followed by a load otherwise needs
+/// (~35% of a small broadcast's time: the fence waits for every earlier store's cache line).
+/// True once the process is registered for `MEMBARRIER_CMD_GLOBAL_EXPEDITED`: a peer about to
+/// sleep then calls [`fence_peers`], which runs that fence on our CPU for us (the asymmetric
+/// Dekker pattern). Where the kernel or a sandbox lacks it, publishing keeps the full fence.
+pub(crate) fn light_publish() -> bool {
+    static LIGHT: OnceLock<bool> = OnceLock::new();
+    *LIGHT.get_or_init(|| {
+        let q = membarrier(MEMBARRIER_CMD_QUERY);
+        q >= 0
+            && q & MEMBARRIER_CMD_GLOBAL_EXPEDITED as libc::c_long != 0
+            && membarrier(MEMBARRIER_CMD_REGISTER_GLOBAL_EXPEDITED) == 0
+    })
+}
+
+/// Called by a waiter after it announced itself as a sleeper and before it re-checks the word it
+/// sleeps on: every running thread of a process registered by [`light_publish`] executes a full
+/// memory barrier, so either that publisher's store is visible to our re-check or its later
+/// load of the sleeper count sees us. A no-op where the command is missing (then no peer
+/// registered either: the same kernel).
+pub(crate) fn fence_peers() {
+    if light_publish() {
+        membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED);
     }
 }
