@@ -389,9 +389,13 @@ impl ShmComm {
                 x.posted = true;
                 ch.posted_addr.store(buf.as_mut_ptr() as u64, Relaxed);
                 ch.posted_len.store(buf.len() as u64, Relaxed);
-                ch.posted_msg.store(self.p2p.recvd_msgs[p] + 1, SeqCst);
+                let msg = self.p2p.recvd_msgs[p] + 1;
                 if buf.len() >= self.opts.direct_min {
+                    self.announce64(&ch.posted_msg, msg);
                     self.ring(p);
+                } else {
+                    // Nobody waits for it: no fence.
+                    ch.posted_msg.store(msg, Release);
                 }
             }
             let c = self.p2p.recvd[p];
@@ -451,6 +455,16 @@ impl ShmComm {
     /// Publishes a channel word (`sent` or `acked`) that rank `ring` then announces: a SeqCst
     /// store, or a release store where this process publishes light ([`ShmComm::publish`]).
     fn announce(&self, word: &std::sync::atomic::AtomicU32, v: u32) {
+        if self.light {
+            word.store(v, Release);
+            std::sync::atomic::compiler_fence(SeqCst);
+        } else {
+            word.store(v, SeqCst);
+        }
+    }
+
+    /// [`ShmComm::announce`] for the 64-bit `posted_msg`.
+    fn announce64(&self, word: &std::sync::atomic::AtomicU64, v: u64) {
         if self.light {
             word.store(v, Release);
             std::sync::atomic::compiler_fence(SeqCst);
