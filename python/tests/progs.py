@@ -640,6 +640,16 @@ def staged(c):
     c.put("staged async all_gather future", out, torch.arange(n, dtype=torch.float32).repeat_interleave(2)[:, None].expand(2 * n, 3))
     c.put("staged future value is the output", torch.tensor(got[0].data_ptr() == out.data_ptr() and got[0].device == dev),
           torch.tensor(True))
+    # Stream order: an input still being computed on the caller's stream when the op is issued
+    # (on CUDA, 20 matmuls of 4096 x 4096 queued just before), the output read on that stream
+    # right after the op returns.
+    size = 4096 if dev.type == "cuda" else 64
+    eye = torch.eye(size, device=dev)
+    x = torch.full((size, size), float(me + 1), device=dev)
+    for _ in range(20):
+        x = x @ eye
+    dist.all_reduce(x)
+    c.put("staged stream order", (x * 2)[:2, :3], torch.full((2, 3), float(n * (n + 1))))
     if not GLOO:
         import tprun.torch as tt
 
@@ -843,8 +853,8 @@ def main(rank, n, backend, scenarios, out, init):
     GLOO = backend == "gloo"
     torch.manual_seed(0)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=n)
-    if backend == "tprun":
-        assert dist.get_backend() == "tprun"
+    if "tprun" in backend:
+        assert dist.get_backend() == backend
     for s in scenarios:
         res = {}
         try:

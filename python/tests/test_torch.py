@@ -36,7 +36,7 @@ def run(backend, n, scenarios, timeout=600, env=None):
     )
     log = p.stdout + p.stderr
     assert p.returncode == 0, f"{backend} at {n} ranks failed:\n{log[-6000:]}"
-    if backend == "tprun":
+    if "tprun" in backend:
         assert shm_names() <= before, f"left in /dev/shm: {shm_names() - before}"
     res = {}
     for s in scenarios:
@@ -181,17 +181,19 @@ def every_tensor_staged(n):
     4n + 20 (all_reduce 2, all_gather n + 1, into a tensor 2, reduce_scatter 2 and n + 1,
     broadcast 1, reduce 1, gather and scatter 1 each plus n at the root, all_to_all_single 2,
     all_to_all 2n, the isend/irecv ring 2, batch_isend_irecv 4); then send/recv 2 on ranks 0
-    and 1, the uneven all_to_all_single 2, the async ops 5."""
-    return [6 * (4 * n + 20 + (2 * n if r == 0 else 0)) + (2 if r < 2 else 0) + 2 + 5 for r in range(n)]
+    and 1, the uneven all_to_all_single 2, the async ops 5, the stream-order all_reduce 1."""
+    return [6 * (4 * n + 20 + (2 * n if r == 0 else 0)) + (2 if r < 2 else 0) + 2 + 5 + 1 for r in range(n)]
 
 
 @pytest.mark.parametrize("n", [2, 3])
 def test_staging_path_matches_gloo_and_the_unstaged_path(n):
     """TPRUN_TORCH_STAGE_ALL=1 sends CPU tensors through the host staging CUDA tensors take
     (a separate host tensor in, the op, a copy back): every op, contiguous and not, async with
-    wait() and get_future(), equal to gloo's results and bit-identical to the unstaged run's."""
+    wait() and get_future(), equal to gloo's results and bit-identical to the unstaged run's
+    (that one started with init_process_group("cpu:tprun,cuda:tprun"))."""
     staged = check(n, ["staged"], env={"TPRUN_TORCH_STAGE_ALL": "1"})
-    plain = run("tprun", n, ["staged"])
+    # The device-pair form names the backend for CPU and CUDA tensors alike.
+    plain = run("cpu:tprun,cuda:tprun", n, ["staged"])
     compared = same_as_unstaged(staged, plain)
     print(f"{n} ranks: {compared} results of the staged run bit-identical to the unstaged run's")
     assert compared >= 80 * n
