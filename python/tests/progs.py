@@ -79,7 +79,7 @@ class Ctx:
 
     def put(self, name, t, want=None, tol=None):
         """Record a result; check it against `want` when given (exact, or within tol)."""
-        t = t.detach().clone() if isinstance(t, torch.Tensor) else t
+        t = t.detach().cpu().clone() if isinstance(t, torch.Tensor) else t
         self.res[name] = t
         if want is not None:
             ok = (
@@ -463,6 +463,199 @@ def overlap(c):
     c.res["overlap times"] = torch.tensor([t_issue, t_done, steps], dtype=torch.float64)
 
 
+def _device():
+    """The device the `staged` scenario's tensors live on: TPRUN_TEST_DEVICE=cuda puts each rank
+    on GPU rank % device count (ranks may share one); else the CPU."""
+    if os.environ.get("TPRUN_TEST_DEVICE") == "cuda":
+        idx = dist.get_rank() % torch.cuda.device_count()
+        torch.cuda.set_device(idx)
+        return torch.device("cuda", idx)
+    return torch.device("cpu")
+
+
+def _layout(x, strided, dev):
+    """x's values on dev, as a contiguous tensor or as a non-contiguous one (a transposed view of
+    a fresh buffer)."""
+    if not strided:
+        return x.to(dev).clone()
+    y = torch.empty(tuple(reversed(x.shape)), dtype=x.dtype, device=dev).t()
+    y.copy_(x)
+    assert not y.is_contiguous()
+    return y
+
+
+@scenario
+def staged(c):
+    """Every op on the device _device() names (with TPRUN_TORCH_STAGE_ALL=1 or CUDA tensors, the
+    tprun backend's host-staging path), on contiguous and non-contiguous tensors; async_op=True
+    with wait() and with get_future(). Results are compared with gloo's and with the unstaged
+    run's by test_torch.py, and checked here against each rank's reference."""
+    n, me, dev = c.n, c.rank, _device()
+    nxt, prv = (me + 1) % n, (me - 1) % n
+    for di, dt in enumerate([torch.float32, torch.int32, torch.bfloat16]):
+        tol = 1e-2 if dt == torch.bfloat16 else 1e-5
+        for strided in (False, True):
+            tag = f"{dt} {'strided' if strided else 'contiguous'}"
+            L = lambda x: _layout(x, strided, dev)  # noqa: E731
+            E = lambda *shape: _layout(torch.zeros(shape, dtype=dt), strided, dev)  # noqa: E731
+            xs = inputs(n, (4, 3), dt, 700 + di)
+            big = inputs(n, (2 * n, 3), dt, 750 + di)
+
+            def ar(op):
+                t = L(xs[me])
+                dist.all_reduce(t, op=op)
+                return t
+
+            c.tryput(f"staged all_reduce sum {tag}", lambda: ar(R.SUM), ref_reduce(xs, "sum"), tol)
+            c.tryput(f"staged all_reduce max {tag}", lambda: ar(R.MAX), ref_reduce(xs, "max"))
+
+            def ag_list():
+                outs = [E(4, 3) for _ in range(n)]
+                dist.all_gather(outs, L(xs[me]))
+                return torch.stack([o.cpu() for o in outs])
+
+            c.tryput(f"staged all_gather {tag}", ag_list, torch.stack(xs))
+
+            def ag_tensor():
+                out = E(4 * n, 3)
+                dist.all_gather_into_tensor(out, L(xs[me]))
+                return out
+
+            c.tryput(f"staged all_gather_into_tensor {tag}", ag_tensor, torch.cat(xs))
+            wrs = ref_reduce(big, "sum")[2 * me : 2 * me + 2]
+
+            def rs_tensor():
+                out = E(2, 3)
+                dist.reduce_scatter_tensor(out, L(big[me]))
+                return out
+
+            c.tryput(f"staged reduce_scatter_tensor {tag}", rs_tensor, wrs, tol)
+
+            def rs_list():
+                out = E(2, 3)
+                dist.reduce_scatter(out, [L(x) for x in big[me].chunk(n)])
+                return out
+
+            c.tryput(f"staged reduce_scatter list {tag}", rs_list, wrs, tol)
+
+            def bc():
+                t = L(xs[me])
+                dist.broadcast(t, src=n - 1)
+                return t
+
+            c.tryput(f"staged broadcast {tag}", bc, xs[n - 1])
+
+            def red():
+                t = L(xs[me])
+                dist.reduce(t, dst=0)
+                return t
+
+            if me == 0:  # gloo leaves the other ranks' buffers undefined
+                c.tryput(f"staged reduce {tag}", red, ref_reduce(xs, "sum"), tol)
+            else:
+                c.tryput(f"staged reduce {tag} (not root)", lambda: (red(), torch.tensor(0))[1])
+
+            def gat():
+                outs = [E(4, 3) for _ in range(n)] if me == 0 else None
+                dist.gather(L(xs[me]), outs, dst=0)
+                return torch.stack([o.cpu() for o in outs]) if me == 0 else torch.stack(xs)
+
+            c.tryput(f"staged gather {tag}", gat, torch.stack(xs))
+
+            def sca():
+                t = E(4, 3)
+                dist.scatter(t, [L(x) for x in xs] if me == 0 else None, src=0)
+                return t
+
+            c.tryput(f"staged scatter {tag}", sca, xs[me])
+
+            def a2a_single():
+                out = E(4 * n, 3)
+                dist.all_to_all_single(out, L(torch.cat([xs[me]] * n)))
+                return out
+
+            c.tryput(f"staged all_to_all_single {tag}", a2a_single, torch.cat(xs))
+
+            def a2a_list():  # rows 2(p % 2), 2(p % 2) + 1 of each rank's input go to rank p
+                outs = [E(2, 3) for _ in range(n)]
+                dist.all_to_all(outs, [L(xs[me][p % 2 * 2 : p % 2 * 2 + 2]) for p in range(n)])
+                return torch.cat([o.cpu() for o in outs])
+
+            c.tryput(f"staged all_to_all {tag}", a2a_list, torch.cat([xs[r][me % 2 * 2 : me % 2 * 2 + 2] for r in range(n)]))
+
+            def p2p_ring():
+                r = E(4, 3)
+                s = L(xs[me])
+                works = [dist.irecv(r, src=prv), dist.isend(s, dst=nxt)] if me % 2 else [
+                    dist.isend(s, dst=nxt), dist.irecv(r, src=prv)]
+                for w in works:
+                    w.wait()
+                return r
+
+            c.tryput(f"staged isend/irecv ring {tag}", p2p_ring, xs[prv])
+
+            def batch():
+                a, b = E(4, 3), E(4, 3)
+                ops = [
+                    dist.P2POp(dist.isend, L(xs[me]), nxt),
+                    dist.P2POp(dist.irecv, a, prv),
+                    dist.P2POp(dist.isend, L(xs[me] * 2), prv),
+                    dist.P2POp(dist.irecv, b, nxt),
+                ]
+                for w in dist.batch_isend_irecv(ops):
+                    w.wait()
+                return torch.stack([a.cpu(), b.cpu()])
+
+            c.tryput(f"staged batch_isend_irecv {tag}", batch, torch.stack([xs[prv], xs[nxt] * 2]))
+    # blocking send/recv between ranks 0 and 1 (strided, except for gloo, which refuses that)
+    if me in (0, 1):
+        peer = 1 - me
+        t = _layout(torch.arange(12.0).view(4, 3) + me, not GLOO, dev)
+        r = _layout(torch.zeros(4, 3), not GLOO, dev)
+        if me == 0:
+            dist.send(t, dst=peer)
+            dist.recv(r, src=peer)
+        else:
+            dist.recv(r, src=peer)
+            dist.send(t, dst=peer)
+        c.put("staged send/recv", r, torch.arange(12.0).view(4, 3) + peer)
+    # uneven all_to_all_single: rank r sends (r + p) % 3 rows to rank p
+    rows = lambda r, p: (r + p) % 3  # noqa: E731
+    ins = [torch.arange(sum(rows(r, p) for p in range(n)) * 2, dtype=torch.float32).view(-1, 2) + 100 * r for r in range(n)]
+    out = torch.zeros(sum(rows(p, me) for p in range(n)), 2, device=dev)
+    dist.all_to_all_single(out, ins[me].to(dev), [rows(p, me) for p in range(n)], [rows(me, p) for p in range(n)])
+    want = [ins[p][sum(rows(p, q) for q in range(me)) :][: rows(p, me)] for p in range(n)]
+    c.put("staged all_to_all_single uneven", out, torch.cat(want))
+    # async_op=True: three all_reduces in flight, waited for in reverse order; an all_gather
+    # whose future (not wait()) says when the output may be read, and hands back the output.
+    ts = [_layout(torch.full((2, 3), float(me + i)), i == 1, dev) for i in range(3)]
+    works = [dist.all_reduce(t, async_op=True) for t in ts]
+    for w in reversed(works):
+        w.wait()
+    c.put("staged async all_reduce wait", torch.stack([t.cpu() for t in ts]),
+          torch.stack([torch.full((2, 3), float(sum(range(n)) + i * n)) for i in range(3)]))
+    out = _layout(torch.zeros(2 * n, 3), True, dev)
+    fut = dist.all_gather_into_tensor(out, torch.full((2, 3), float(me), device=dev), async_op=True).get_future()
+    got = fut.wait()
+    c.put("staged async all_gather future", out, torch.arange(n, dtype=torch.float32).repeat_interleave(2)[:, None].expand(2 * n, 3))
+    c.put("staged future value is the output", torch.tensor(got[0].data_ptr() == out.data_ptr() and got[0].device == dev),
+          torch.tensor(True))
+    # Stream order: an input still being computed on the caller's stream when the op is issued
+    # (on CUDA, 20 matmuls of 4096 x 4096 queued just before), the output read on that stream
+    # right after the op returns.
+    size = 4096 if dev.type == "cuda" else 64
+    eye = torch.eye(size, device=dev)
+    x = torch.full((size, size), float(me + 1), device=dev)
+    for _ in range(20):
+        x = x @ eye
+    dist.all_reduce(x)
+    c.put("staged stream order", (x * 2)[:2, :3], torch.full((2, 3), float(n * (n + 1))))
+    if not GLOO:
+        import tprun.torch as tt
+
+        c.res["staged tensors"] = torch.tensor(tt.staged_tensors)
+
+
 def _mlp(seed=0, width=32):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(16, width), torch.nn.Tanh(), torch.nn.Linear(width, 16))
@@ -660,8 +853,8 @@ def main(rank, n, backend, scenarios, out, init):
     GLOO = backend == "gloo"
     torch.manual_seed(0)
     dist.init_process_group(backend, init_method=init, rank=rank, world_size=n)
-    if backend == "tprun":
-        assert dist.get_backend() == "tprun"
+    if "tprun" in backend:
+        assert dist.get_backend() == backend
     for s in scenarios:
         res = {}
         try:

@@ -22,7 +22,8 @@ def shm_names():
     return {p.name for p in Path("/dev/shm").glob("tprun-*pg-*")}
 
 
-def run(backend, n, scenarios, timeout=600):
+def run(backend, n, scenarios, timeout=600, env=None):
+    """Runs progs.py's scenarios with `env` added to the environment; {(scenario, rank): results}."""
     out = tempfile.mkdtemp(prefix=f"tprun-{backend}-")
     before = shm_names()
     p = subprocess.run(
@@ -31,10 +32,11 @@ def run(backend, n, scenarios, timeout=600):
         text=True,
         timeout=timeout,
         cwd="/tmp",
+        env={**os.environ, **(env or {})},
     )
     log = p.stdout + p.stderr
     assert p.returncode == 0, f"{backend} at {n} ranks failed:\n{log[-6000:]}"
-    if backend == "tprun":
+    if "tprun" in backend:
         assert shm_names() <= before, f"left in /dev/shm: {shm_names() - before}"
     res = {}
     for s in scenarios:
@@ -87,12 +89,12 @@ def compare(gloo, tp):
     return matched, sorted(set(only)), problems
 
 
-def check(n, scenarios, gloo_runs_them=True):
+def check(n, scenarios, gloo_runs_them=True, env=None):
     """Runs the scenarios with both backends; (gloo's results, tprun's) after comparing them.
     gloo_runs_them=False: gloo refuses every op, so tprun's are checked against the program's
-    own references only."""
+    own references only. `env`: added to tprun's environment only (gloo runs on the CPU)."""
     gloo = run("gloo", n, scenarios)
-    tp = run("tprun", n, scenarios)
+    tp = run("tprun", n, scenarios, env=env)
     matched, only, problems = compare(gloo, tp)
     print(f"{n} ranks {scenarios}: {matched} results equal to gloo's; tprun only ({len(only)}): {only[:12]}")
     assert not problems, "\n".join(problems[:40])
@@ -146,3 +148,100 @@ def test_torch_older_than_the_python_backend_api_is_refused_by_name():
         assert why and f"needs torch >= {tt.MIN_TORCH}" in why and f"this is torch {old}" in why, why
     assert tt.unsupported_torch("2.14.0") is None
     assert tt.unsupported_torch() is None, "the CI's torch is too old for the backend"
+
+
+def same_as_unstaged(staged, plain):
+    """Every result of the staged run bit-identical to the unstaged tprun run's (tprun reduces in
+    rank order: staging must not change a bit); returns how many were compared."""
+    compared, problems = 0, []
+    for key, res in plain.items():
+        got = staged[key]
+        for name, v in res.items():
+            if name == "staged tensors":
+                continue
+            g = got.get(name)
+            if isinstance(v, torch.Tensor) and isinstance(g, torch.Tensor):
+                if v.dtype != g.dtype or v.shape != g.shape or not torch.equal(v, g):
+                    problems.append(f"{key} {name}: staged {g.flatten()[:4]} vs unstaged {v.flatten()[:4]}")
+                compared += 1
+            elif v != g:
+                problems.append(f"{key} {name}: staged {g!r} vs unstaged {v!r}")
+        extra = set(got) - set(res) - {"staged tensors"}
+        assert not extra, f"{key}: results only in the staged run: {sorted(extra)}"
+    assert not problems, "\n".join(problems[:40])
+    return compared
+
+
+def staged_counts(res, n):
+    return [int(res[("staged", r)]["staged tensors"]) for r in range(n)]
+
+
+def every_tensor_staged(n):
+    """How many tensors progs.staged hands the backend on each rank: per dtype and layout (6),
+    4n + 20 (all_reduce 2, all_gather n + 1, into a tensor 2, reduce_scatter 2 and n + 1,
+    broadcast 1, reduce 1, gather and scatter 1 each plus n at the root, all_to_all_single 2,
+    all_to_all 2n, the isend/irecv ring 2, batch_isend_irecv 4); then send/recv 2 on ranks 0
+    and 1, the uneven all_to_all_single 2, the async ops 5, the stream-order all_reduce 1."""
+    return [6 * (4 * n + 20 + (2 * n if r == 0 else 0)) + (2 if r < 2 else 0) + 2 + 5 + 1 for r in range(n)]
+
+
+@pytest.mark.parametrize("n", [2, 3])
+def test_staging_path_matches_gloo_and_the_unstaged_path(n):
+    """TPRUN_TORCH_STAGE_ALL=1 sends CPU tensors through the host staging CUDA tensors take
+    (a separate host tensor in, the op, a copy back): every op, contiguous and not, async with
+    wait() and get_future(), equal to gloo's results and bit-identical to the unstaged run's
+    (that one started with init_process_group("cpu:tprun,cuda:tprun"))."""
+    staged = check(n, ["staged"], env={"TPRUN_TORCH_STAGE_ALL": "1"})
+    # The device-pair form names the backend for CPU and CUDA tensors alike.
+    plain = run("cpu:tprun,cuda:tprun", n, ["staged"])
+    compared = same_as_unstaged(staged, plain)
+    print(f"{n} ranks: {compared} results of the staged run bit-identical to the unstaged run's")
+    assert compared >= 80 * n
+    # The staged run took the staging path for every tensor; the unstaged one never did.
+    assert staged_counts(staged, n) == every_tensor_staged(n)
+    assert staged_counts(plain, n) == [0] * n
+
+
+def test_cuda_tensors_match_gloo_and_the_cpu_path(cuda_devices):
+    """Real CUDA tensors (ranks share the GPUs round-robin) through the backend's host staging:
+    the same scenario as the test above, equal to gloo's CPU results and bit-identical to the
+    tprun CPU run's. Needs a GPU: tools/gpu_torch_check.sh runs it there."""
+    n = 2
+    staged = check(n, ["staged"], env={"TPRUN_TEST_DEVICE": "cuda"})
+    plain = run("tprun", n, ["staged"])
+    compared = same_as_unstaged(staged, plain)
+    print(f"{n} ranks on {cuda_devices} GPU(s): {compared} results of the CUDA run bit-identical to the CPU run's")
+    assert compared >= 80 * n
+    assert staged_counts(staged, n) == every_tensor_staged(n)
+
+
+def test_mixed_devices_and_staging_in_process():
+    """One call with tensors on two devices is refused naming the op (a meta tensor stands in
+    for a CUDA one here); a group of one stages a non-contiguous CPU tensor under STAGE_ALL and
+    copies the result back into the view."""
+    import tprun.torch as tt
+    from tprun._native import NativeComm
+
+    pg = tt.ProcessGroupTprun(NativeComm.from_key("solo", 0, 1), 0, 1, "solo")
+    with pytest.raises(RuntimeError, match=r"all_gather_into_tensor got tensors on cpu, meta in one call"):
+        pg.all_gather_single(torch.empty(4), torch.empty(4, device="meta"))
+    with pytest.raises(RuntimeError, match=r"all_reduce got a meta tensor; only CPU and CUDA tensors"):
+        pg.allreduce([torch.empty(4, device="meta")])
+    from torch._C._distributed_c10d import _make_nccl_premul_sum
+
+    base = torch.arange(12.0).view(3, 4)
+    view = base.t()
+    out = torch.zeros(3, 4).t()
+    before, was = tt.staged_tensors, tt.STAGE_ALL
+    tt.STAGE_ALL = True
+    try:
+        opts = tt.dist.AllreduceOptions()
+        opts.reduceOp = _make_nccl_premul_sum(2.0)  # a group of one: the sum doubles the input
+        pg.allreduce([view], opts).wait()
+        fut = pg.all_gather_single(out, view).get_future()
+        fut.wait()
+    finally:
+        tt.STAGE_ALL = was
+    assert torch.equal(base, torch.arange(12.0).view(3, 4) * 2)
+    assert torch.equal(out, view) and fut.value()[0] is out
+    assert tt.staged_tensors - before == 3

@@ -1,5 +1,6 @@
-"""torch.distributed backend "tprun" for CPU tensors: `import tprun.torch` (or let torch load it
-from the `torch.distributed.backends` entry point), then `dist.init_process_group("tprun")`.
+"""torch.distributed backend "tprun" for CPU and CUDA tensors: `import tprun.torch` (or let
+torch load it from the `torch.distributed.backends` entry point), then
+`dist.init_process_group("tprun")` (or "cpu:tprun,cuda:tprun").
 
 The ranks may be started by tprun, torchrun or torch.multiprocessing.spawn (init_method env://,
 tcp://, file://): every group meets through the c10d Store torch hands its backend. Rank 0 of
@@ -17,7 +18,9 @@ blocks, and a failure surfaces at `wait()` naming the op, the rank and the group
 Tensors: every dtype moves (the ones the collectives lack move as bytes); reductions take f32,
 bf16, f16, f64, uint8, int8, int32, int64 and bool (as uint8; sum/max are "or", product/min
 "and"), and PREMUL_SUM (float types) with its factor; non-contiguous tensors go through a
-contiguous copy. Needs torch >= 2.14 (MIN_TORCH).
+contiguous copy. CUDA tensors are staged through host memory (_Stage): copied to pinned host
+tensors after the caller's stream, run on the host, copied back before the Work completes.
+Needs torch >= 2.14 (MIN_TORCH).
 """
 
 import os
@@ -97,12 +100,107 @@ def _redop(op, opts, t):
     return {"redop": name, "factor": factor}
 
 
-def _check(op, *tensors):
-    for t in tensors:
-        if t.device.type != "cpu":
-            raise RuntimeError(f"tprun backend: {op} got a {t.device.type} tensor; only CPU tensors are supported")
-        if t.is_sparse:
-            raise RuntimeError(f"tprun backend: {op} got a sparse tensor; only dense tensors are supported")
+# Test hook: TPRUN_TORCH_STAGE_ALL=1 (read at import; or set this attribute) sends CPU tensors
+# through the staging path CUDA tensors take (a separate host tensor in, the op, a copy back), so
+# the staging code is tested on machines without a GPU.
+STAGE_ALL = os.environ.get("TPRUN_TORCH_STAGE_ALL") == "1"
+# Tensors staged so far in this process (the tests check that the staging path was taken).
+staged_tensors = 0
+
+
+class _Stage:
+    """Host staging of one call's tensors. A CUDA tensor (or any tensor, under STAGE_ALL) runs
+    through a host copy: `read` copies an input to host memory (pinned, non_blocking, on the
+    caller's current stream, and `issued` records an event there that the op waits for before it
+    runs, so the copy sees everything queued before the call); `write` gives an output's host
+    stand-in, copied back to the device tensor after the op on a side stream that is synchronized
+    before the op's Work completes: after wait() or the future, the caller's stream may use the
+    outputs (what NCCL promises). Inputs that are only read are not copied back; outputs that
+    are not read are not copied in. Every tensor of a call must be on one device."""
+
+    def __init__(self, op, tensors, streams):
+        devices = {t.device for t in tensors}
+        for t in tensors:
+            if t.is_sparse:
+                raise RuntimeError(f"tprun backend: {op} got a sparse tensor; only dense tensors are supported")
+        if len(devices) > 1:
+            raise RuntimeError(
+                f"tprun backend: {op} got tensors on {', '.join(sorted(map(str, devices)))} in one call; "
+                "every tensor of a call must be on the same device (all CPU or all on one CUDA device)"
+            )
+        dev = next(iter(devices), None)
+        if dev is not None and dev.type not in ("cpu", "cuda"):
+            raise RuntimeError(f"tprun backend: {op} got a {dev.type} tensor; only CPU and CUDA tensors are supported")
+        self.cuda = dev is not None and dev.type == "cuda"
+        self.on = self.cuda or (STAGE_ALL and dev is not None)
+        self.device = dev
+        self._streams = streams  # the backend's copy-back stream per CUDA device
+        self._back = []  # (device tensor, host stand-in) to copy back after the op
+        self._event = None
+
+    def read(self, t):
+        """t's values in host memory (t itself when not staging)."""
+        return self._host(t, True, False)
+
+    def write(self, t, read=False):
+        """The host tensor an op writes t's result into (t itself when not staging), copied back
+        after the op; read=True: it starts with t's values (an in-place op)."""
+        return self._host(t, read, True)
+
+    def _host(self, t, read, write):
+        global staged_tensors
+        if not self.on:
+            return t
+        h = torch.empty(t.shape, dtype=t.dtype, pin_memory=self.cuda)
+        if read:
+            h.copy_(t, non_blocking=self.cuda)
+        if write:
+            self._back.append((t, h))
+        staged_tensors += 1
+        return h
+
+    def issued(self):
+        """On the caller's thread, after the reads: marks the caller's stream, which the op waits
+        for (its queued work may still be writing an input or reading an output)."""
+        if self.cuda:
+            self._event = torch.cuda.Event()
+            self._event.record(torch.cuda.current_stream(self.device))
+
+    def before(self):
+        if self._event is not None:
+            self._event.synchronize()
+
+    def after(self):
+        """The copy-back of the outputs, finished when this returns."""
+        if not self._back:
+            return
+        if not self.cuda:
+            for t, h in self._back:
+                t.copy_(h)
+            return
+        s = self._streams.get(self.device)
+        if s is None:
+            s = self._streams[self.device] = torch.cuda.Stream(self.device)
+        with torch.cuda.stream(s):
+            for t, h in self._back:
+                t.copy_(h, non_blocking=True)
+        s.synchronize()
+
+
+def _staged(stages, fn):
+    """fn between the stages' waits for their input copies and their output copy-backs."""
+    stages = [s for s in stages if s is not None and s.on]
+    if not stages:
+        return fn
+
+    def run():
+        for s in stages:
+            s.before()
+        fn()
+        for s in stages:
+            s.after()
+
+    return run
 
 
 def _dtype(op, t, reduce):
@@ -260,6 +358,7 @@ class ProcessGroupTprun(_C.Backend):
         self._worker = _Worker(name or "world")
         self._batch = None  # (p2p ops, their tensors to keep alive, Future) while coalescing
         self._seq = 0  # operations issued (TORCH_DISTRIBUTED_DEBUG=DETAIL compares them)
+        self._copy_streams = {}  # CUDA device -> the stream staged outputs are copied back on
 
     # --- what torch asks of a backend -------------------------------------------------------
     def getBackendName(self):
@@ -313,12 +412,20 @@ class ProcessGroupTprun(_C.Backend):
     def _what(self, op):
         return f"tprun backend: {op} on rank {self._rank} of group {self._name or 'world'} ({self._size} ranks)"
 
-    def _submit(self, op, fn, result, opts=None):
+    def _stage(self, op, *tensors):
+        """The call's staging (_Stage): every op passes all its tensors here first."""
+        return _Stage(op, tensors, self._copy_streams)
+
+    def _submit(self, op, fn, result, opts=None, stage=None):
         """Runs fn on the group's worker and returns its Work; a call torch will wait for at once
         (`opts.asyncOp` False: async_op=False) runs here instead when nothing is queued, which
-        keeps the issue order and saves the handover to the worker."""
+        keeps the issue order and saves the handover to the worker. `stage`: fn runs on its
+        host copies, after their copy-in and before their copy-back (the Work completes after)."""
         self._flush()
         self._seq += 1
+        if stage is not None:
+            stage.issued()
+            fn = _staged([stage], fn)
         if opts is not None and not opts.asyncOp and self._worker.idle():
             fut = Future()
             try:
@@ -338,15 +445,18 @@ class ProcessGroupTprun(_C.Backend):
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
         opts = opts or dist.AllreduceOptions()
-        _check("all_reduce", *tensors)
-        plan = [(_Out(t), _dtype("all_reduce", t, True)[0], _redop("all_reduce", opts, t)) for t in tensors]
+        st = self._stage("all_reduce", *tensors)
+        plan = [
+            (_Out(st.write(t, read=True)), _dtype("all_reduce", t, True)[0], _redop("all_reduce", opts, t))
+            for t in tensors
+        ]
 
         def fn():
             for o, dt, rop in plan:
                 self._run("all_reduce", dt, [_buf(o.c)], **rop)
                 o.done()
 
-        return self._submit("all_reduce", fn, tensors, opts)
+        return self._submit("all_reduce", fn, tensors, opts, st)
 
     def allreduce_coalesced(self, tensors, opts=None):
         return self.allreduce(tensors, opts)
@@ -355,27 +465,33 @@ class ProcessGroupTprun(_C.Backend):
         if isinstance(tensors, torch.Tensor):
             tensors = [tensors]
         root = opts.rootRank if opts is not None else 0
-        _check("broadcast", *tensors)
-        outs = [_Out(t) for t in tensors]
+        st = self._stage("broadcast", *tensors)
+        # The root only reads its tensors, the others only receive.
+        outs = [_Out(st.read(t) if self._rank == root else st.write(t)) for t in tensors]
 
         def fn():
             for o in outs:
                 self._run("broadcast", _dtype("broadcast", o.c, False)[0], [_buf(o.c)], root=root)
                 o.done()
 
-        return self._submit("broadcast", fn, tensors, opts)
+        return self._submit("broadcast", fn, tensors, opts, st)
 
     def reduce(self, tensors, opts=None):
         opts = opts or dist.ReduceOptions()
-        _check("reduce", *tensors)
-        plan = [(_Out(t), _dtype("reduce", t, True)[0], _redop("reduce", opts, t)) for t in tensors]
+        st = self._stage("reduce", *tensors)
+        # Only the root's tensors get the result (the others' stay as they were when staged).
+        root = self._rank == opts.rootRank
+        plan = []
+        for t in tensors:
+            x = st.write(t, read=True) if root else st.read(t)
+            plan.append((_Out(x), _dtype("reduce", t, True)[0], _redop("reduce", opts, t)))
 
         def fn():
             for o, dt, rop in plan:
                 self._run("reduce", dt, [_buf(o.c)], root=opts.rootRank, **rop)
                 o.done()
 
-        return self._submit("reduce", fn, tensors, opts)
+        return self._submit("reduce", fn, tensors, opts, st)
 
     def _all_gather_into(self, out, inp):
         """out (contiguous, size x inp) = every rank's inp in rank order."""
@@ -383,7 +499,7 @@ class ProcessGroupTprun(_C.Backend):
         self._run("all_gather", dt, [_buf(inp), _buf(out)])
 
     def all_gather_single(self, output, input, opts=None):
-        _check("all_gather_into_tensor", output, input)
+        st = self._stage("all_gather_into_tensor", output, input)
         if output.dtype != input.dtype:
             raise RuntimeError(
                 f"tprun backend: all_gather_into_tensor: output is {output.dtype} but input is {input.dtype}"
@@ -393,33 +509,33 @@ class ProcessGroupTprun(_C.Backend):
                 f"tprun backend: all_gather_into_tensor: output has {output.numel()} elements, "
                 f"expected {self._size} x {input.numel()}"
             )
-        o, i = _Out(output), _dense(input)
+        o, i = _Out(st.write(output)), _dense(st.read(input))
 
         def fn():
             self._all_gather_into(o.c, i)
             o.done()
 
-        return self._submit("all_gather_into_tensor", fn, [output], opts)
+        return self._submit("all_gather_into_tensor", fn, [output], opts, st)
 
     _allgather_base = all_gather_single
 
     def all_gather_single_coalesced(self, outputs, inputs, opts=None):
-        _check("all_gather_into_tensor_coalesced", *outputs, *inputs)
-        plan = [(_Out(o), _dense(i)) for o, i in zip(outputs, inputs)]
+        st = self._stage("all_gather_into_tensor_coalesced", *outputs, *inputs)
+        plan = [(_Out(st.write(o)), _dense(st.read(i))) for o, i in zip(outputs, inputs)]
 
         def fn():
             for o, i in plan:
                 self._all_gather_into(o.c, i)
                 o.done()
 
-        return self._submit("all_gather_into_tensor_coalesced", fn, outputs, opts)
+        return self._submit("all_gather_into_tensor_coalesced", fn, outputs, opts, st)
 
     def allgather(self, output_lists, inputs, opts=None):
-        _check("all_gather", *inputs, *[t for outs in output_lists for t in outs])
+        st = self._stage("all_gather", *inputs, *[t for outs in output_lists for t in outs])
         for outs in output_lists:
             if len(outs) != self._size:
                 raise RuntimeError(f"tprun backend: all_gather: {len(outs)} output tensors for {self._size} ranks")
-        plan = [(list(outs), _dense(i)) for outs, i in zip(output_lists, inputs)]
+        plan = [([st.write(o) for o in outs], _dense(st.read(i))) for outs, i in zip(output_lists, inputs)]
 
         def fn():
             for outs, i in plan:
@@ -433,12 +549,13 @@ class ProcessGroupTprun(_C.Backend):
                 for r, o in enumerate(outs):
                     o.copy_(flat[r * most : r * most + o.numel()].view(o.shape))
 
-        return self._submit("all_gather", fn, [t for outs in output_lists for t in outs], opts)
+        return self._submit("all_gather", fn, [t for outs in output_lists for t in outs], opts, st)
 
     def allgather_coalesced(self, output_lists, inputs, opts=None):
         # output_lists[r] holds rank r's copy of every input.
-        _check("all_gather_coalesced", *inputs)
-        flat_in = [_dense(i).reshape(-1) for i in inputs]
+        st = self._stage("all_gather_coalesced", *inputs, *[t for outs in output_lists for t in outs])
+        flat_in = [_dense(st.read(i)).reshape(-1) for i in inputs]
+        host_outs = [[st.write(o) for o in outs] for outs in output_lists]
         sizes = [t.numel() for t in flat_in]
 
         def fn():
@@ -447,12 +564,12 @@ class ProcessGroupTprun(_C.Backend):
             src = torch.cat(flat_in) if flat_in else torch.empty(0)
             flat = torch.empty(self._size * src.numel(), dtype=src.dtype)
             self._all_gather_into(flat, src)
-            for r, outs in enumerate(output_lists):
+            for r, outs in enumerate(host_outs):
                 chunk = flat[r * src.numel() : (r + 1) * src.numel()]
                 for o, piece in zip(outs, chunk.split(sizes)):
                     o.copy_(piece.view(o.shape))
 
-        return self._submit("all_gather_coalesced", fn, [t for outs in output_lists for t in outs], opts)
+        return self._submit("all_gather_coalesced", fn, [t for outs in output_lists for t in outs], opts, st)
 
     def _reduce_scatter_into(self, out, inp, rop):
         dt, _ = _dtype("reduce_scatter", inp, True)
@@ -460,38 +577,41 @@ class ProcessGroupTprun(_C.Backend):
 
     def reduce_scatter_single(self, output, input, opts=None):
         opts = opts or dist.ReduceScatterOptions()
-        _check("reduce_scatter_tensor", output, input)
+        st = self._stage("reduce_scatter_tensor", output, input)
         if input.numel() != output.numel() * self._size:
             raise RuntimeError(
                 f"tprun backend: reduce_scatter_tensor: input has {input.numel()} elements, "
                 f"expected {self._size} x {output.numel()}"
             )
         rop = _redop("reduce_scatter_tensor", opts, input)
-        o, i = _Out(output), _dense(input)
+        o, i = _Out(st.write(output)), _dense(st.read(input))
 
         def fn():
             self._reduce_scatter_into(o.c, i, rop)
             o.done()
 
-        return self._submit("reduce_scatter_tensor", fn, [output], opts)
+        return self._submit("reduce_scatter_tensor", fn, [output], opts, st)
 
     _reduce_scatter_base = reduce_scatter_single
 
     def reduce_scatter_single_coalesced(self, outputs, inputs, opts=None):
         opts = opts or dist.ReduceScatterOptions()
-        _check("reduce_scatter_tensor_coalesced", *outputs, *inputs)
-        plan = [(_Out(o), _dense(i), _redop("reduce_scatter_tensor", opts, i)) for o, i in zip(outputs, inputs)]
+        st = self._stage("reduce_scatter_tensor_coalesced", *outputs, *inputs)
+        plan = [
+            (_Out(st.write(o)), _dense(st.read(i)), _redop("reduce_scatter_tensor", opts, i))
+            for o, i in zip(outputs, inputs)
+        ]
 
         def fn():
             for o, i, rop in plan:
                 self._reduce_scatter_into(o.c, i, rop)
                 o.done()
 
-        return self._submit("reduce_scatter_tensor_coalesced", fn, outputs, opts)
+        return self._submit("reduce_scatter_tensor_coalesced", fn, outputs, opts, st)
 
     def reduce_scatter(self, outputs, input_lists, opts=None):
         opts = opts or dist.ReduceScatterOptions()
-        _check("reduce_scatter", *outputs, *[t for ins in input_lists for t in ins])
+        st = self._stage("reduce_scatter", *outputs, *[t for ins in input_lists for t in ins])
         plan = []
         for o, ins in zip(outputs, input_lists):
             if len(ins) != self._size or any(t.numel() != o.numel() for t in ins):
@@ -499,39 +619,41 @@ class ProcessGroupTprun(_C.Backend):
                     f"tprun backend: reduce_scatter: needs {self._size} inputs of the output's "
                     f"{o.numel()} elements"
                 )
-            plan.append((_Out(o), ins, _redop("reduce_scatter", opts, o)))
+            plan.append((_Out(st.write(o)), [st.read(t) for t in ins], _redop("reduce_scatter", opts, o)))
 
         def fn():
             for o, ins, rop in plan:
                 self._reduce_scatter_into(o.c, torch.cat([t.reshape(-1) for t in ins]), rop)
                 o.done()
 
-        return self._submit("reduce_scatter", fn, outputs, opts)
+        return self._submit("reduce_scatter", fn, outputs, opts, st)
 
     def gather(self, output_lists, inputs, opts=None):
         root = opts.rootRank if opts is not None else 0
-        _check("gather", *inputs)
-        i = _dense(inputs[0])
         outs = output_lists[0] if self._rank == root else []
+        st = self._stage("gather", *inputs, *outs)
         if self._rank == root and len(outs) != self._size:
             raise RuntimeError(f"tprun backend: gather: {len(outs)} output tensors at the root for {self._size} ranks")
+        i = _dense(st.read(inputs[0]))
+        host_outs = [st.write(o) for o in outs]
 
         def fn():
             dt, _ = _dtype("gather", i, False)
             flat = torch.empty(self._size * i.numel() if self._rank == root else 0, dtype=i.dtype)
             self._run("gather", dt, [_buf(i), _buf(flat)], root=root)
-            for r, o in enumerate(outs):
+            for r, o in enumerate(host_outs):
                 o.copy_(flat[r * i.numel() : (r + 1) * i.numel()].view(o.shape))
 
-        return self._submit("gather", fn, list(outs), opts)
+        return self._submit("gather", fn, list(outs), opts, st)
 
     def scatter(self, outputs, input_lists, opts=None):
         root = opts.rootRank if opts is not None else 0
-        _check("scatter", *outputs)
-        o = _Out(outputs[0])
         ins = input_lists[0] if self._rank == root else []
+        st = self._stage("scatter", *outputs, *ins)
         if self._rank == root and len(ins) != self._size:
             raise RuntimeError(f"tprun backend: scatter: {len(ins)} input tensors at the root for {self._size} ranks")
+        o = _Out(st.write(outputs[0]))
+        ins = [st.read(t) for t in ins]
 
         def fn():
             dt, _ = _dtype("scatter", o.c, False)
@@ -539,7 +661,7 @@ class ProcessGroupTprun(_C.Backend):
             self._run("scatter", dt, [_buf(flat), _buf(o.c)], root=root)
             o.done()
 
-        return self._submit("scatter", fn, outputs, opts)
+        return self._submit("scatter", fn, outputs, opts, st)
 
     def _all_to_allv(self, out, inp, send, recv):
         """Packed all-to-all: send[p] elements of inp to rank p, recv[p] into out from p."""
@@ -553,7 +675,7 @@ class ProcessGroupTprun(_C.Backend):
         )
 
     def all_to_all_single(self, output, input, output_split_sizes, input_split_sizes, opts=None):
-        _check("all_to_all_single", output, input)
+        st = self._stage("all_to_all_single", output, input)
         n = self._size
 
         def counts(t, splits, what):
@@ -573,29 +695,30 @@ class ProcessGroupTprun(_C.Backend):
 
         send = counts(input, input_split_sizes, "input")
         recv = counts(output, output_split_sizes, "output")
-        o, i = _Out(output), _dense(input)
+        o, i = _Out(st.write(output)), _dense(st.read(input))
 
         def fn():
             self._all_to_allv(o.c, i, send, recv)
             o.done()
 
-        return self._submit("all_to_all_single", fn, [output], opts)
+        return self._submit("all_to_all_single", fn, [output], opts, st)
 
     alltoall_base = all_to_all_single
 
     def alltoall(self, outputs, inputs, opts=None):
-        _check("all_to_all", *outputs, *inputs)
+        st = self._stage("all_to_all", *outputs, *inputs)
         if len(outputs) != self._size or len(inputs) != self._size:
             raise RuntimeError(f"tprun backend: all_to_all: needs {self._size} inputs and outputs")
+        host_in, host_out = [st.read(t) for t in inputs], [st.write(t) for t in outputs]
 
         def fn():
-            src = torch.cat([t.reshape(-1) for t in inputs])
-            dst = torch.empty(sum(t.numel() for t in outputs), dtype=src.dtype)
-            self._all_to_allv(dst, src, [t.numel() for t in inputs], [t.numel() for t in outputs])
-            for o, piece in zip(outputs, dst.split([t.numel() for t in outputs])):
+            src = torch.cat([t.reshape(-1) for t in host_in])
+            dst = torch.empty(sum(t.numel() for t in host_out), dtype=src.dtype)
+            self._all_to_allv(dst, src, [t.numel() for t in host_in], [t.numel() for t in host_out])
+            for o, piece in zip(host_out, dst.split([t.numel() for t in host_out])):
                 o.copy_(piece.view(o.shape))
 
-        return self._submit("all_to_all", fn, outputs, opts)
+        return self._submit("all_to_all", fn, outputs, opts, st)
 
     def barrier(self, opts=None):
         return self._submit("barrier", lambda: self._run("barrier", "u8", []), [], opts)
@@ -608,22 +731,27 @@ class ProcessGroupTprun(_C.Backend):
     def _p2p(self, op, tensors, peer, is_send):
         if len(tensors) != 1:
             raise RuntimeError(f"tprun backend: {op} takes one tensor, got {len(tensors)}")
-        _check(op, *tensors)
+        st = self._stage(op, *tensors)
         if not 0 <= peer < self._size or peer == self._rank:
             raise RuntimeError(f"tprun backend: {op}: peer {peer} is not another rank of the {self._size}")
         t = tensors[0]
         self._seq += 1
-        x = _dense(t) if is_send else _Out(t)
-        entry = (x, peer, is_send)
+        x = _dense(st.read(t)) if is_send else _Out(st.write(t))
+        entry = (x, peer, is_send, t, st)
         if self._batch is not None:
+            st.issued()
             self._batch[0].append(entry)
             return _work(self._batch[1])
-        return self._submit(op, lambda: self._send_recv([entry]), tensors)
+        return self._submit(op, lambda: self._send_recv([entry]), tensors, None, st)
+
+    def _batch_fn(self, entries):
+        """The batched p2p entries as one grouped call between their stagings."""
+        return _staged([e[4] for e in entries], lambda: self._send_recv(entries))
 
     def _send_recv(self, entries):
-        """One grouped call of the entries (tensor or _Out, peer, is_send)."""
+        """One grouped call of the entries (tensor or _Out, peer, is_send, tensor, _Stage)."""
         bufs, peers, sends, dts = [], [], [], set()
-        for x, peer, is_send in entries:
+        for x, peer, is_send, _, _ in entries:
             c = x if is_send else x.c
             dt, scale = _dtype("send_recv", c, False)
             dts.add((dt, scale))
@@ -633,7 +761,7 @@ class ProcessGroupTprun(_C.Backend):
         # The dtype only tags the transfer for statistics; mixed batches are counted as bytes.
         dt = next(iter(dts))[0] if len(dts) == 1 else "u8"
         self._run("send_recv", dt, bufs, peers=peers, sends=sends)
-        for x, _, is_send in entries:
+        for x, _, is_send, _, _ in entries:
             if not is_send:
                 x.done()
 
@@ -656,8 +784,8 @@ class ProcessGroupTprun(_C.Backend):
             raise RuntimeError("tprun backend: end_coalescing without start_coalescing")
         entries, outer = self._batch
         self._batch = None
-        tensors = [e[0] if e[2] else e[0].t for e in entries]
-        inner = self._worker.submit(lambda: self._send_recv(entries), tensors, self._what("batch_isend_irecv"))
+        tensors = [e[3] for e in entries]
+        inner = self._worker.submit(self._batch_fn(entries), tensors, self._what("batch_isend_irecv"))
 
         def chain(f):
             try:
@@ -673,7 +801,7 @@ class ProcessGroupTprun(_C.Backend):
         if self._batch is not None and self._batch[0]:
             entries, outer = self._batch
             self._batch = ([], outer)
-            self._worker.submit(lambda: self._send_recv(entries), [], self._what("batch_isend_irecv"))
+            self._worker.submit(self._batch_fn(entries), [], self._what("batch_isend_irecv"))
 
     # --- groups -------------------------------------------------------------------------------
     def split(self, store, ranks, opts):
@@ -756,12 +884,13 @@ def _refuse(*args, **kwargs):
 
 
 def register():
-    """Registers backend "tprun" for CPU tensors (the `torch.distributed.backends` entry point).
+    """Registers backend "tprun" for CPU and CUDA tensors (the `torch.distributed.backends` entry
+    point); CUDA tensors are staged through host memory (_Stage).
     On a torch too old for it, the name is registered all the same and
     `init_process_group("tprun")` raises, saying which torch it needs."""
     if "tprun" not in dist.Backend.backend_list:
         creator = _refuse if unsupported_torch() else _create
-        dist.Backend.register_backend("tprun", creator, extended_api=True, devices=["cpu"])
+        dist.Backend.register_backend("tprun", creator, extended_api=True, devices=["cpu", "cuda"])
 
 
 register()
