@@ -134,8 +134,7 @@ impl ShmComm {
         self.publish();
         for k in 1..w {
             let p = (me + k) % w;
-            self.wait_seq(p, (s2 + 1) as u32)?;
-            self.check_hdr(p, h2, s2, desc)?;
+            self.wait_step(p, h2, s2, desc)?;
             let (plo, phi) = slice_bounds(count, w, p, e);
             // SAFETY: [plo, phi) is inside `out` (count elements) and is peer p's slice, which
             // p finished reading from us before it published step s2 + 1 (it read it in step
@@ -298,8 +297,7 @@ impl ShmComm {
         self.publish();
         for k in 1..self.world {
             let p = (me + k) % self.world;
-            self.wait_seq(p, (s2 + 1) as u32)?;
-            self.check_hdr(p, h2, s2, desc)?;
+            self.wait_step(p, h2, s2, desc)?;
             let (lo, hi) = slice_bounds(m, self.world, p, e);
             // SAFETY: peer p published its reduced [lo, hi) of step s2 in its half h2.
             unsafe {
@@ -352,8 +350,7 @@ impl ShmComm {
             self.publish();
             for k in 1..self.world {
                 let p = (me + k) % self.world;
-                self.wait_seq(p, (s + 1) as u32)?;
-                self.check_hdr(p, h, s, &desc)?;
+                self.wait_step(p, h, s, &desc)?;
                 self.read_lent(p, h, 0, &mut output[p * ib..(p + 1) * ib])?;
             }
             return self.direct_done(&desc, true);
@@ -367,8 +364,7 @@ impl ShmComm {
             self.publish();
             for k in 1..self.world {
                 let p = (me + k) % self.world;
-                self.wait_seq(p, (s + 1) as u32)?;
-                self.check_hdr(p, h, s, &desc)?;
+                self.wait_step(p, h, s, &desc)?;
                 let dst = &mut output[p * ib + c0..p * ib + c0 + m];
                 // SAFETY: peer p published m bytes of step s in its half h.
                 unsafe { std::ptr::copy_nonoverlapping(self.data(p, h), dst.as_mut_ptr(), m) };
@@ -477,8 +473,7 @@ impl ShmComm {
                 self.publish();
             } else {
                 self.publish();
-                self.wait_seq(root, (s + 1) as u32)?;
-                self.check_hdr(root, h, s, &desc)?;
+                self.wait_step(root, h, s, &desc)?;
                 self.read_lent(root, h, 0, buf)?;
             }
             return self.direct_done(&desc, self.rank == root);
@@ -497,8 +492,7 @@ impl ShmComm {
                 self.verify_later(s, h, desc);
             } else {
                 self.publish();
-                self.wait_seq(root, (s + 1) as u32)?;
-                self.check_hdr(root, h, s, &desc)?;
+                self.wait_step(root, h, s, &desc)?;
                 // SAFETY: the root published m bytes of step s in its half h.
                 unsafe {
                     std::ptr::copy_nonoverlapping(self.data(root, h), buf.as_mut_ptr().add(c0), m)
@@ -613,8 +607,7 @@ impl ShmComm {
                 if me == root {
                     for p in 0..self.world {
                         if p != me {
-                            self.wait_seq(p, (s2 + 1) as u32)?;
-                            self.check_hdr(p, h2, s2, &desc)?;
+                            self.wait_step(p, h2, s2, &desc)?;
                         }
                         let (lo, hi) = slice_bounds(m, self.world, p, e);
                         // SAFETY: rank p published its reduced [lo, hi) of step s2 in half h2
@@ -662,8 +655,7 @@ impl ShmComm {
                 self.publish();
             } else {
                 self.publish();
-                self.wait_seq(root, (s + 1) as u32)?;
-                self.check_hdr(root, h, s, &desc)?;
+                self.wait_step(root, h, s, &desc)?;
                 self.write_lent(root, h, me * ib, input)?;
             }
             return self.direct_done(&desc, me == root);
@@ -682,8 +674,7 @@ impl ShmComm {
             if me == root {
                 for k in 1..self.world {
                     let p = (me + k) % self.world;
-                    self.wait_seq(p, (s + 1) as u32)?;
-                    self.check_hdr(p, h, s, &desc)?;
+                    self.wait_step(p, h, s, &desc)?;
                     let dst = &mut output[p * ib + c0..p * ib + c0 + m];
                     // SAFETY: peer p published m bytes of step s in its half h.
                     unsafe { std::ptr::copy_nonoverlapping(self.data(p, h), dst.as_mut_ptr(), m) };
@@ -721,8 +712,7 @@ impl ShmComm {
                 self.publish();
             } else {
                 self.publish();
-                self.wait_seq(root, (s + 1) as u32)?;
-                self.check_hdr(root, h, s, &desc)?;
+                self.wait_step(root, h, s, &desc)?;
                 self.read_lent(root, h, me * ob, output)?;
             }
             return self.direct_done(&desc, me == root);
@@ -749,8 +739,7 @@ impl ShmComm {
                 self.verify_later(s, h, desc);
             } else {
                 self.publish();
-                self.wait_seq(root, (s + 1) as u32)?;
-                self.check_hdr(root, h, s, &desc)?;
+                self.wait_step(root, h, s, &desc)?;
                 // SAFETY: the root published our piece of step s in its half h.
                 unsafe {
                     std::ptr::copy_nonoverlapping(
@@ -794,8 +783,7 @@ impl ShmComm {
             self.publish();
             for k in 1..w {
                 let p = (me + k) % w;
-                self.wait_seq(p, (s + 1) as u32)?;
-                self.check_hdr(p, h, s, &desc)?;
+                self.wait_step(p, h, s, &desc)?;
                 self.read_lent(p, h, me * cb, &mut output[p * cb..(p + 1) * cb])?;
             }
             return self.direct_done(&desc, true);
@@ -819,8 +807,7 @@ impl ShmComm {
             self.publish();
             for k in 1..w {
                 let p = (me + k) % w;
-                self.wait_seq(p, (s + 1) as u32)?;
-                self.check_hdr(p, h, s, &desc)?;
+                self.wait_step(p, h, s, &desc)?;
                 // SAFETY: peer p published our piece of step s in its half h.
                 unsafe {
                     std::ptr::copy_nonoverlapping(

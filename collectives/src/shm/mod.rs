@@ -126,6 +126,10 @@ pub struct ShmComm {
     /// Publish with plain stores: peers about to sleep fence us with membarrier
     /// ([`sys::light_publish`]).
     light: bool,
+    /// The step being published is a small one (the ring's), which may publish light.
+    small_step: bool,
+    /// Its place (a half, or 2 + a ring header).
+    place: usize,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -216,6 +220,8 @@ impl ShmComm {
             registered: None,
             scratch: Vec::new(),
             light: sys::light_publish(),
+            small_step: false,
+            place: 0,
         })
     }
 

@@ -17,7 +17,7 @@
 use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
 use std::time::Instant;
 
-use super::layout::Layout;
+use super::layout::{Layout, RING_BYTES};
 use super::segment::Mapping;
 use super::wait::{reached, LIVENESS_PERIOD, QUICK_POLLS};
 use super::{sys, ShmComm};
@@ -373,7 +373,7 @@ impl ShmComm {
             ch.msg[h].store(self.p2p.sent_msgs[p], Relaxed);
             ch.total[h].store(buf.len() as u64, Relaxed);
             let c1 = c.wrapping_add(1);
-            self.announce(&ch.sent, c1);
+            self.announce(&ch.sent, c1, n);
             self.p2p.sent[p] = c1;
             self.ring(p);
             x.off += n;
@@ -435,7 +435,7 @@ impl ShmComm {
                 self.p2p.recvd_msgs[p] += 1;
             }
             let c1 = c.wrapping_add(1);
-            self.announce(&ch.acked, c1);
+            self.announce(&ch.acked, c1, n);
             self.p2p.recvd[p] = c1;
             self.ring(p);
             x.off += n;
@@ -452,10 +452,11 @@ impl ShmComm {
         self.writable[p] == Some(true)
     }
 
-    /// Publishes a channel word (`sent` or `acked`) that rank `ring` then announces: a SeqCst
-    /// store, or a release store where this process publishes light ([`ShmComm::publish`]).
-    fn announce(&self, word: &std::sync::atomic::AtomicU32, v: u32) {
-        if self.light {
+    /// Publishes a channel word (`sent` or `acked`) for a chunk of `n` bytes, which `ring` then
+    /// announces: a SeqCst store, or a release store where this process publishes light and the
+    /// chunk is small (as [`ShmComm::publish`] does for small steps).
+    fn announce(&self, word: &std::sync::atomic::AtomicU32, v: u32, n: usize) {
+        if self.light && n <= RING_BYTES {
             word.store(v, Release);
             std::sync::atomic::compiler_fence(SeqCst);
         } else {
