@@ -62,6 +62,7 @@ fn shm_direct_min(n: usize, direct_min: usize) -> Vec<Comm> {
     if direct_min == 0 {
         o.one_shot_max = 0;
         o.direct_reduce_min = 0;
+        o.direct_rooted_min = 0;
     }
     ShmComm::new_group_with(n, &SegmentOptions::default(), &o)
         .expect("shm group")

@@ -466,7 +466,9 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Broadcast, None, None, root, buf.len());
-        if self.use_direct(buf.len(), self.opts.direct_rooted_max)? {
+        if buf.len() >= self.opts.direct_rooted_min
+            && self.use_direct(buf.len(), self.opts.direct_rooted_max)?
+        {
             let (s, h) = self.begin_step(&desc)?;
             if self.rank == root {
                 self.lend(h, buf.as_ptr());
@@ -647,7 +649,7 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Gather, Some(dtype), None, root, ib);
-        if self.use_direct(ib, self.opts.direct_rooted_max)? {
+        if ib >= self.opts.direct_rooted_min && self.use_direct(ib, self.opts.direct_rooted_max)? {
             // Every peer writes its piece into the root's output, in parallel.
             let (s, h) = self.begin_step(&desc)?;
             if me == root {
@@ -705,7 +707,7 @@ impl ShmComm {
             return Ok(());
         }
         let desc = Desc::new(OpKind::Scatter, Some(dtype), None, root, ob);
-        if self.use_direct(ob, self.opts.direct_rooted_max)? {
+        if ob >= self.opts.direct_rooted_min && self.use_direct(ob, self.opts.direct_rooted_max)? {
             let (s, h) = self.begin_step(&desc)?;
             if me == root {
                 self.lend(h, input.as_ptr());

@@ -28,7 +28,7 @@
 //! Reduce-scatter: one step per chunk of `slot / N` bytes of every segment. Broadcast: one step per
 //! slot-sized chunk; only non-roots wait (the root checks its peers at its next call).
 //! Copy-only operations (all-gather, all-to-all; broadcast, gather and scatter up to
-//! `direct_rooted_max`) whose per-rank piece is at least `direct_min` (32 KiB) take the single-copy
+//! `direct_rooted_max`, from `direct_rooted_min`, 16 KiB) whose per-rank piece is at least `direct_min` (8 KiB) take the single-copy
 //! path (`shm/direct.rs`) where the kernel lets the ranks copy between their address spaces: two
 //! steps whatever the size, one copy instead of two. All-reduces above `one_shot_max` (up to
 //! `direct_all_reduce_max`) take it too (three steps: each rank reduces its slice reading the
@@ -64,8 +64,8 @@ use crate::stats::{CommStats, OpKind};
 use crate::{CommError, Communicator, DType, ReduceOp, Result};
 use layout::{Ctl, Layout, SlotHdr};
 pub use options::{
-    CommOptions, DEFAULT_DIRECT_MIN, DEFAULT_SPIN, DEFAULT_TIMEOUT, ENV_CHUNK, ENV_DIRECT_MIN,
-    ENV_ONE_SHOT, ENV_SPIN, ENV_TIMEOUT, ENV_YIELDS,
+    CommOptions, DEFAULT_DIRECT_MIN, DEFAULT_DIRECT_ROOTED_MIN, DEFAULT_SPIN, DEFAULT_TIMEOUT,
+    ENV_CHUNK, ENV_DIRECT_MIN, ENV_ONE_SHOT, ENV_SPIN, ENV_TIMEOUT, ENV_YIELDS,
 };
 use protocol::Desc;
 use segment::Mapping;
@@ -128,8 +128,6 @@ pub struct ShmComm {
     light: bool,
     /// The step being published is a small one (the ring's), which may publish light.
     small_step: bool,
-    /// Its place (a half, or 2 + a ring header).
-    place: usize,
 }
 
 // SAFETY: the raw pointers in `srcs` are scratch space pointing into the mapping that `map` (an
@@ -221,7 +219,6 @@ impl ShmComm {
             scratch: Vec::new(),
             light: sys::light_publish(),
             small_step: false,
-            place: 0,
         })
     }
 

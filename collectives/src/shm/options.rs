@@ -21,8 +21,13 @@ pub const ENV_CHUNK: &str = "TPRUN_COMM_CHUNK_BYTES";
 pub const ENV_DIRECT_MIN: &str = "TPRUN_COMM_DIRECT_MIN";
 
 /// Default of [`CommOptions::direct_min`]. Below it the two copies through the segment cost
-/// less than a cross-memory-attach syscall, which pins the peer's pages; above it one copy wins.
-pub const DEFAULT_DIRECT_MIN: usize = 32 << 10;
+/// less than the system call of one copy between the ranks: measured at 2 ranks (2026-12-08,
+/// `TPRUN_COMM_DIRECT_MIN` 8K / 16K / 32K interleaved), single copy took 0.6-0.8x the time for
+/// all-gather and all-to-all pieces and send/recv messages of 8-16 KiB.
+pub const DEFAULT_DIRECT_MIN: usize = 8 << 10;
+/// Default of [`CommOptions::direct_rooted_min`]: broadcast, gather and scatter pieces of 8 KiB
+/// took 1.2-1.4x the two copies' time by single copy, those of 16 KiB 0.8x (same run).
+pub const DEFAULT_DIRECT_ROOTED_MIN: usize = 16 << 10;
 
 /// Default deadline of one wait. Dead peers are noticed much sooner (abort flag, pid check); this
 /// only bounds a peer that is alive but never arrives.
@@ -54,6 +59,10 @@ pub struct CommOptions {
     /// buffers (Linux cross-memory attach) instead of two through the segment, where the kernel
     /// lets the ranks do that (checked on the first such call). `usize::MAX`: never.
     pub direct_min: usize,
+    /// Broadcast, gather and scatter take the single-copy path only from this many bytes per
+    /// rank (and `direct_min`): their root lends its buffer and waits while the others copy,
+    /// where the two copies overlap, so the system call pays off later than for the others.
+    pub direct_rooted_min: usize,
     /// Broadcast, gather and scatter take the single-copy path only up to this many bytes per
     /// rank: above it the two-copy pipeline wins, because the root and the others copy at once
     /// (one copy each, in parallel) where single copy leaves one side idle. Measured at 2 ranks:
@@ -88,6 +97,7 @@ impl CommOptions {
             },
             chunk_bytes: 1 << 20,
             direct_min: DEFAULT_DIRECT_MIN,
+            direct_rooted_min: DEFAULT_DIRECT_ROOTED_MIN,
             direct_rooted_max: 1 << 20,
             direct_all_reduce_max: 32 << 20,
             direct_reduce_min: 256 << 10,

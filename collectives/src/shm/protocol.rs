@@ -2,7 +2,7 @@
 //! and checking that a peer's half holds the same step of the same operation.
 
 use std::sync::atomic::compiler_fence;
-use std::sync::atomic::Ordering::{Acquire, Relaxed, Release, SeqCst};
+use std::sync::atomic::Ordering::{Relaxed, Release, SeqCst};
 
 use super::layout::RING;
 use super::{sys, wait, ShmComm};
@@ -95,13 +95,8 @@ impl ShmComm {
         self.verify_settled()?;
         self.small_step = small;
         let h = self.lay.place(s, small);
-        self.place = h;
         let hd = self.slot_hdr(self.rank, h);
-        // A ring header's step is written last, when the step is published: readers poll it
-        // instead of our `seq` (`wait_step`), so seeing it means the data is there.
-        if !small {
-            hd.step.store(s, Relaxed);
-        }
+        hd.step.store(s, Relaxed);
         hd.op_seq.store(self.op_seq, Relaxed);
         hd.bytes.store(desc.bytes, Relaxed);
         hd.code.store(desc.code(), Relaxed);
@@ -138,11 +133,6 @@ impl ShmComm {
     /// Step 3: publish, waking sleepers only if there are any.
     #[inline]
     pub(super) fn publish(&mut self) {
-        if self.small_step {
-            self.slot_hdr(self.rank, self.place)
-                .step
-                .store(self.step, Release);
-        }
         self.step += 1;
         let c = self.map.ctl(&self.lay, self.rank);
         c.cpu.store(sys::current_cpu(), Relaxed);
@@ -166,22 +156,9 @@ impl ShmComm {
     }
 
     /// Step 4 for one peer: waits until peer `p` published step `s` (in its place `h`) and
-    /// checks its header. For a ring place the header's step, written last, is polled first:
-    /// the reader then needs the header's line and the data's, not the peer's `seq` line too.
+    /// checks its header.
     #[inline]
     pub(super) fn wait_step(&mut self, p: usize, h: usize, s: u64, desc: &Desc) -> Result<()> {
-        if h >= 2 && !self.spin_budget.is_zero() && !wait::reached(self.known[p], (s + 1) as u32) {
-            let hd = self.slot_hdr(p, h);
-            for _ in 0..wait::QUICK_POLLS {
-                // op_seq is 0 only in a header never written (the step of a fresh one is 0 too).
-                if hd.step.load(Acquire) == s && hd.op_seq.load(Relaxed) != 0 {
-                    return self.check_hdr(p, h, s, desc);
-                }
-                for _ in 0..4 {
-                    std::hint::spin_loop();
-                }
-            }
-        }
         self.wait_seq(p, (s + 1) as u32)?;
         self.check_hdr(p, h, s, desc)
     }
