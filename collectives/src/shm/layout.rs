@@ -16,11 +16,12 @@
 //! flight_off (page)   Flight[world]: each rank's flight recorder, a 128-B header (calls
 //!                     entered) and the last FLIGHT_K collective records of 64 B (shm/flight.rs).
 //! ring_off (page)     Ring[world]: per rank 2 x RING SlotHdrs, then RING data entries of
-//!                     RING_BYTES, for steps small enough ([`Layout::is_small`]); step s uses
+//!                     RING_BYTES, for steps small enough ([`Layout::place_for`]); step s uses
 //!                     header s % (2 RING) and data s % RING, so a writer may run up to RING - 1
 //!                     steps ahead of its readers (the halves allow one). Headers live twice as
 //!                     long as data so a root that did not wait for its readers can still check
-//!                     theirs RING steps later (shm/protocol.rs, `begin_step`).
+//!                     theirs RING steps later (shm/protocol.rs, `begin_step`). Steps of at
+//!                     most INLINE_BYTES keep their data in the header's second cache line.
 //! data_off (page)     Data[world][2], `slot` bytes each: rank r's two halves (double buffer);
 //!                     step s uses half s % 2.
 //! chan_off (page)     Chan[world][world - 1], 256 B each: the point-to-point channel from rank
@@ -33,7 +34,8 @@
 //! take about half as much as the data halves: total = ~12 KiB + world x 36 KiB + world² x 256 B
 //! + ~1.5 x world x 2 x slot: with the default 1 MiB slot, 6 MiB for 2 ranks, 24 MiB for 8.
 //!
-//! A step's place is `h`: 0 and 1 are the data halves, 2 + i is ring header i (data i % RING).
+//! A step's place is `h`: 0 and 1 are the data halves, 2 + i is ring header i (data i % RING),
+//! 2 + 2 RING + i is ring header i with its data inline.
 
 use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8};
 
@@ -165,7 +167,14 @@ pub(crate) struct SlotHdr {
     /// Single-copy steps: the address (in the owner's address space) of the buffer peers copy
     /// from or into; 0 otherwise.
     pub addr: AtomicU64,
+    _pad: [u8; 24],
+    /// A ring header's own data for the tiniest steps (at most INLINE_BYTES): on the header's
+    /// second cache line, so such a step touches no data page (see [`Layout::place_for`]).
+    pub inline: std::cell::UnsafeCell<[u8; INLINE_BYTES]>,
 }
+
+/// Bytes a step may keep inside its ring header.
+pub(crate) const INLINE_BYTES: usize = 64;
 
 /// Collective records each rank's flight recorder keeps.
 pub const FLIGHT_K: usize = 32;
@@ -265,26 +274,38 @@ impl Layout {
     pub fn ctl(&self, r: usize) -> usize {
         self.ctl_off + r * std::mem::size_of::<Ctl>()
     }
-    /// Whether a step of an operation whose descriptor says `bytes` goes to the ring: every
-    /// operation writes at most world x `bytes` into its place per step (scatter, all-to-all and
-    /// reduce-scatter write a piece per rank), and the ranks agree on `bytes`.
-    pub fn is_small(&self, bytes: u64) -> bool {
-        bytes.saturating_mul(self.world as u64) <= RING_BYTES as u64
+    /// Where step `s` of an operation whose descriptor says `bytes` goes. Every operation
+    /// writes at most world x `bytes` into its place per step (scatter, all-to-all and
+    /// reduce-scatter write a piece per rank), and the ranks agree on `bytes`: up to
+    /// INLINE_BYTES in ring header s % (2 RING) itself (`2 + 2 RING + i`), up to RING_BYTES in
+    /// that header and ring data entry s % RING (`2 + i`), else in half s % 2.
+    pub fn place_for(&self, s: u64, bytes: u64) -> usize {
+        let most = bytes.saturating_mul(self.world as u64);
+        let i = (s % RING_HDRS as u64) as usize;
+        if most <= INLINE_BYTES as u64 {
+            2 + RING_HDRS + i
+        } else if most <= RING_BYTES as u64 {
+            2 + i
+        } else {
+            (s % 2) as usize
+        }
     }
-    /// Where step `s` goes: its ring entry if small, else its half.
-    pub fn place(&self, s: u64, small: bool) -> usize {
-        if small {
+    /// Where a peer that took the other kind of place for step `s` than `h` put it (to describe
+    /// a mismatch): its half if `h` is in the ring, else its ring header.
+    pub fn other_place(&self, s: u64, h: usize) -> usize {
+        if h < 2 {
             2 + (s % RING_HDRS as u64) as usize
         } else {
             (s % 2) as usize
         }
     }
-    /// The header of rank `r`'s place `h` (a half or a ring entry).
+    /// The header of rank `r`'s place `h` (a half or a ring header).
     pub fn slot_hdr(&self, r: usize, h: usize) -> usize {
         if h < 2 {
             self.hdr_off + (r * 2 + h) * std::mem::size_of::<SlotHdr>()
         } else {
-            self.ring_off + r * RING_RANK + (h - 2) * std::mem::size_of::<SlotHdr>()
+            let i = (h - 2) % RING_HDRS;
+            self.ring_off + r * RING_RANK + i * std::mem::size_of::<SlotHdr>()
         }
     }
     pub fn flight(&self, r: usize) -> usize {
@@ -294,6 +315,8 @@ impl Layout {
     pub fn data(&self, r: usize, h: usize) -> usize {
         if h < 2 {
             self.data_off + (r * 2 + h) * self.slot
+        } else if h >= 2 + RING_HDRS {
+            self.slot_hdr(r, h) + std::mem::offset_of!(SlotHdr, inline)
         } else {
             let hdrs = RING_HDRS * std::mem::size_of::<SlotHdr>();
             self.ring_off + r * RING_RANK + hdrs + (h - 2) % RING * RING_BYTES

@@ -184,6 +184,17 @@ impl ShmComm {
         if opts.direct_min != usize::MAX {
             sys::allow_peer_access();
         }
+        // Everything this rank writes: the control blocks, headers, flight recorders and rings
+        // (all ranks', a few pages each), its own two halves and its own sending channels.
+        map.populate_write(0, lay.data_off);
+        map.warm(lay.ring_off, lay.data_off - lay.ring_off);
+        map.populate_write(lay.data(rank, 0), 2 * lay.slot);
+        if world > 1 {
+            let chans = lay.chan_off / layout::PAGE * layout::PAGE;
+            map.populate_write(chans, lay.pdata_off - chans);
+            let sends = 2 * (world - 1) * lay.pslot;
+            map.populate_write(lay.pdata_off + rank * sends, sends);
+        }
         let spin_budget = opts.spin;
         let step = map.ctl(&lay, rank).seq.load(SeqCst) as u64;
         let known = (0..world)

@@ -72,7 +72,8 @@ impl ShmComm {
     /// step s - RING + 1.
     pub(super) fn begin_step(&mut self, desc: &Desc) -> Result<(u64, usize)> {
         let s = self.step;
-        let small = self.lay.is_small(desc.bytes);
+        let h = self.lay.place_for(s, desc.bytes);
+        let small = h >= 2;
         let mut target = if small {
             (s + 2).saturating_sub(RING as u64)
         } else {
@@ -94,7 +95,6 @@ impl ShmComm {
         }
         self.verify_settled()?;
         self.small_step = small;
-        let h = self.lay.place(s, small);
         let hd = self.slot_hdr(self.rank, h);
         hd.step.store(s, Relaxed);
         hd.op_seq.store(self.op_seq, Relaxed);
@@ -169,7 +169,7 @@ impl ShmComm {
         if h.step.load(Relaxed) != s {
             // A peer that called an operation of another size may have put step s in the other
             // kind of place (a half instead of a ring entry, or back): describe that call.
-            let other = self.slot_hdr(p, self.lay.place(s, half < 2));
+            let other = self.slot_hdr(p, self.lay.other_place(s, half));
             if other.step.load(Relaxed) == s {
                 h = other;
             }
