@@ -102,7 +102,7 @@ impl Mapping {
     /// effort: a kernel before 5.14 or a sandbox without MADV_POPULATE_WRITE just faults later.
     pub fn populate_write(&self, off: usize, len: usize) {
         let len = len.min(self.len.saturating_sub(off));
-        if len == 0 || off % PAGE != 0 {
+        if len == 0 || !off.is_multiple_of(PAGE) {
             return;
         }
         // SAFETY: [off, off + len) is inside this mapping (clamped above) and page-aligned at
