@@ -212,7 +212,7 @@ fn rooted_ops_take_both_algorithms() {
     }
 }
 
-/// Small rooted calls go through the ring, where a root may run 15 calls ahead of its readers:
+/// Small rooted calls go through the ring, where a root may run RING - 1 (7) calls ahead of its readers:
 /// a long run of them, each with its own values, alone and mixed with calls on the halves (a
 /// large broadcast every 37th call), must deliver every call's own data, whoever the root.
 #[test]

@@ -12,8 +12,8 @@
 //!
 //! A peer that published `s + 1` has finished every read of step `s - 1`, so two halves are enough
 //! and no trailing barrier is needed. Small steps (at most 2 KiB written per rank: world x the
-//! operation's bytes) use a ring of 16 entries instead of the halves, waiting in step 1 only for
-//! `seq >= s - 14`, so a root of small broadcasts, scatters or reduces runs up to 15 calls ahead
+//! operation's bytes) use a ring of 8 entries instead of the halves, waiting in step 1 only for
+//! `seq >= s - 6`, so a root of small broadcasts, scatters or reduces runs up to 7 calls ahead
 //! of its readers instead of one (see [`layout`]). Waits spin for up to a millisecond while spinning pays off
 //! (never when there are more ranks than CPUs), then sleep on a shared futex; each wait has a
 //! deadline and watches the launcher's abort flag, the peer's `gone` flag and (every 100 ms)

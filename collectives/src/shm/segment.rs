@@ -116,7 +116,7 @@ impl Mapping {
         };
     }
     /// Reads one byte per cache line of `len` bytes from `off`, bringing the rings into this
-    /// CPU's caches before the first small call: each of its 16 entries is touched once per 16
+    /// CPU's caches before the first small call: each of its entries is touched once per RING
     /// steps, so a cold ring costs a memory access per entry over a program's first calls.
     pub fn warm(&self, off: usize, len: usize) {
         let end = (off + len).min(self.len);
