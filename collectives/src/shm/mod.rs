@@ -123,8 +123,11 @@ pub struct ShmComm {
     registered: Option<usize>,
     /// Scratch of the single-copy all-reduce, kept between calls.
     scratch: Vec<u8>,
-    /// Publish with plain stores: peers about to sleep fence us with membarrier
-    /// ([`sys::light_publish`]).
+    /// Publish small steps with plain stores; peers about to sleep fence us with membarrier
+    /// ([`sys::light_publish`]). Not when ranks outnumber CPUs (no spin): there every wait
+    /// sleeps, and a membarrier per sleep (an interrupt on every CPU running a rank) made small
+    /// calls at 6 ranks on 2 CPUs up to 3x slower in some runs. The rule depends only on the
+    /// options every rank shares, so all ranks of a host agree on it.
     light: bool,
     /// The step being published is a small one (the ring's), which may publish light.
     small_step: bool,
@@ -196,6 +199,7 @@ impl ShmComm {
             map.populate_write(lay.pdata_off + rank * sends, sends);
         }
         let spin_budget = opts.spin;
+        let light = !opts.spin.is_zero() && sys::light_publish();
         let step = map.ctl(&lay, rank).seq.load(SeqCst) as u64;
         let known = (0..world)
             .map(|p| map.ctl(&lay, p).seq.load(SeqCst))
@@ -228,7 +232,7 @@ impl ShmComm {
             took_direct: false,
             registered: None,
             scratch: Vec::new(),
-            light: sys::light_publish(),
+            light,
             small_step: false,
         })
     }
