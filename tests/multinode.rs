@@ -168,15 +168,13 @@ mod mpi {
         assert_eq!(r.code, 0, "{}\n{}", r.stdout, r.stderr);
         for rank in 0..4 {
             let line = format!("hier_ops: rank {rank} of 4: ");
+            // mpirun interleaves the ranks' output, so the line may follow another rank's text
+            // on the same line: read what comes right after the marker.
             let got = r.stdout.lines().find(|l| l.contains(&line));
             let checks = got
                 .and_then(|l| {
-                    l.split(": ")
-                        .nth(2)?
-                        .split(' ')
-                        .next()?
-                        .parse::<usize>()
-                        .ok()
+                    let rest = &l[l.find(&line)? + line.len()..];
+                    rest.split(' ').next()?.parse::<usize>().ok()
                 })
                 .unwrap_or(0);
             // 4 sizes x 16 checks (17 at a root) in the world (65) and in a group of 2 (66),
