@@ -185,20 +185,28 @@ def every_tensor_staged(n):
     return [6 * (4 * n + 20 + (2 * n if r == 0 else 0)) + (2 if r < 2 else 0) + 2 + 5 + 1 for r in range(n)]
 
 
+def staged_against_plain(n, env, plain_backend):
+    """The staged scenario run with `env` (checked against gloo) and unstaged on
+    `plain_backend`: asserts they agree bit for bit on at least 80 results per rank and that the
+    staged run staged every tensor; returns both runs and the number compared."""
+    staged = check(n, ["staged"], env=env)
+    plain = run(plain_backend, n, ["staged"])
+    compared = same_as_unstaged(staged, plain)
+    assert compared >= 80 * n
+    assert staged_counts(staged, n) == every_tensor_staged(n)
+    return staged, plain, compared
+
+
 @pytest.mark.parametrize("n", [2, 3])
 def test_staging_path_matches_gloo_and_the_unstaged_path(n):
     """TPRUN_TORCH_STAGE_ALL=1 sends CPU tensors through the host staging CUDA tensors take
     (a separate host tensor in, the op, a copy back): every op, contiguous and not, async with
     wait() and get_future(), equal to gloo's results and bit-identical to the unstaged run's
     (that one started with init_process_group("cpu:tprun,cuda:tprun"))."""
-    staged = check(n, ["staged"], env={"TPRUN_TORCH_STAGE_ALL": "1"})
     # The device-pair form names the backend for CPU and CUDA tensors alike.
-    plain = run("cpu:tprun,cuda:tprun", n, ["staged"])
-    compared = same_as_unstaged(staged, plain)
+    staged, plain, compared = staged_against_plain(n, {"TPRUN_TORCH_STAGE_ALL": "1"}, "cpu:tprun,cuda:tprun")
     print(f"{n} ranks: {compared} results of the staged run bit-identical to the unstaged run's")
-    assert compared >= 80 * n
-    # The staged run took the staging path for every tensor; the unstaged one never did.
-    assert staged_counts(staged, n) == every_tensor_staged(n)
+    # The unstaged run never took the staging path.
     assert staged_counts(plain, n) == [0] * n
 
 
@@ -207,12 +215,8 @@ def test_cuda_tensors_match_gloo_and_the_cpu_path(cuda_devices):
     the same scenario as the test above, equal to gloo's CPU results and bit-identical to the
     tprun CPU run's. Needs a GPU: tools/gpu_torch_check.sh runs it there."""
     n = 2
-    staged = check(n, ["staged"], env={"TPRUN_TEST_DEVICE": "cuda"})
-    plain = run("tprun", n, ["staged"])
-    compared = same_as_unstaged(staged, plain)
+    _, _, compared = staged_against_plain(n, {"TPRUN_TEST_DEVICE": "cuda"}, "tprun")
     print(f"{n} ranks on {cuda_devices} GPU(s): {compared} results of the CUDA run bit-identical to the CPU run's")
-    assert compared >= 80 * n
-    assert staged_counts(staged, n) == every_tensor_staged(n)
 
 
 def test_mixed_devices_and_staging_in_process():

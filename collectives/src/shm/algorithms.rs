@@ -124,14 +124,10 @@ impl ShmComm {
         desc: &Desc,
     ) -> Result<()> {
         let (me, w, e) = (self.rank, self.world, dtype.size());
-        let (s, h) = self.begin_step(desc)?;
-        self.lend(h, src);
-        self.publish();
+        let (s, h) = self.lend_step(desc, src)?;
         self.wait_all(s, h, desc)?;
         self.reduce_slice_direct(src, h, count, dtype, op, SliceTo::Own(out))?;
-        let (s2, h2) = self.begin_step(desc)?;
-        self.lend(h2, out);
-        self.publish();
+        let (s2, h2) = self.lend_step(desc, out)?;
         for k in 1..w {
             let p = (me + k) % w;
             self.wait_step(p, h2, s2, desc)?;
@@ -221,9 +217,7 @@ impl ShmComm {
         root: usize,
         desc: &Desc,
     ) -> Result<()> {
-        let (s, h) = self.begin_step(desc)?;
-        self.lend(h, buf);
-        self.publish();
+        let (s, h) = self.lend_step(desc, buf)?;
         self.wait_all(s, h, desc)?;
         let to = if self.rank == root {
             SliceTo::Own(buf)
@@ -345,9 +339,7 @@ impl ShmComm {
         }
         let desc = Desc::new(OpKind::AllGather, Some(dtype), None, 0, ib);
         if self.use_direct(ib, usize::MAX)? {
-            let (s, h) = self.begin_step(&desc)?;
-            self.lend(h, input.as_ptr());
-            self.publish();
+            let (s, h) = self.lend_step(&desc, input.as_ptr())?;
             for k in 1..self.world {
                 let p = (me + k) % self.world;
                 self.wait_step(p, h, s, &desc)?;
@@ -780,9 +772,7 @@ impl ShmComm {
         }
         let desc = Desc::new(OpKind::AllToAll, Some(dtype), None, 0, input.len());
         if self.use_direct(cb, usize::MAX)? {
-            let (s, h) = self.begin_step(&desc)?;
-            self.lend(h, input.as_ptr());
-            self.publish();
+            let (s, h) = self.lend_step(&desc, input.as_ptr())?;
             for k in 1..w {
                 let p = (me + k) % w;
                 self.wait_step(p, h, s, &desc)?;

@@ -75,6 +75,15 @@ impl ShmComm {
         self.slot_hdr(self.rank, h).addr.store(addr as u64, Relaxed);
     }
 
+    /// Step 1 of a single-copy call for a rank that lends `addr`: begins the step, puts the
+    /// address in its header and publishes it.
+    pub(super) fn lend_step(&mut self, desc: &Desc, addr: *const u8) -> Result<(u64, usize)> {
+        let (s, h) = self.begin_step(desc)?;
+        self.lend(h, addr);
+        self.publish();
+        Ok((s, h))
+    }
+
     /// Copies `dst.len()` bytes from `off` bytes past the buffer peer `p` lent in half `h`.
     pub(super) fn read_lent(&self, p: usize, h: usize, off: usize, dst: &mut [u8]) -> Result<()> {
         let addr = self.slot_hdr(p, h).addr.load(Relaxed) + off as u64;

@@ -393,7 +393,8 @@ impl ShmComm {
                 ch.posted_len.store(buf.len() as u64, Relaxed);
                 let msg = self.p2p.recvd_msgs[p] + 1;
                 if buf.len() >= self.opts.direct_min {
-                    self.announce64(&ch.posted_msg, msg);
+                    // A sender may sleep waiting for this post: fence, then ring.
+                    ch.posted_msg.store(msg, SeqCst);
                     self.ring(p);
                 } else {
                     // Nobody waits for it: no fence.
@@ -459,16 +460,6 @@ impl ShmComm {
     /// chunk is small (as [`ShmComm::publish`] does for small steps).
     fn announce(&self, word: &std::sync::atomic::AtomicU32, v: u32, n: usize) {
         if self.light && n <= RING_BYTES {
-            word.store(v, Release);
-            std::sync::atomic::compiler_fence(SeqCst);
-        } else {
-            word.store(v, SeqCst);
-        }
-    }
-
-    /// [`ShmComm::announce`] for the 64-bit `posted_msg`.
-    fn announce64(&self, word: &std::sync::atomic::AtomicU64, v: u64) {
-        if self.light {
             word.store(v, Release);
             std::sync::atomic::compiler_fence(SeqCst);
         } else {

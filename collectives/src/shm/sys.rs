@@ -195,10 +195,8 @@ pub(crate) fn light_publish() -> bool {
 /// Called by a waiter after it announced itself as a sleeper and before it re-checks the word it
 /// sleeps on: every running thread of a process registered by [`light_publish`] executes a full
 /// memory barrier, so either that publisher's store is visible to our re-check or its later
-/// load of the sleeper count sees us. A no-op where the command is missing (then no peer
-/// registered either: the same kernel).
+/// load of the sleeper count sees us. Called only by communicators that publish light, so the
+/// command is there.
 pub(crate) fn fence_peers() {
-    if light_publish() {
-        membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED);
-    }
+    membarrier(MEMBARRIER_CMD_GLOBAL_EXPEDITED);
 }

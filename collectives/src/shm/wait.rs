@@ -204,14 +204,8 @@ impl ShmComm {
     /// (for waits that are not on `seq`: the point-to-point channels).
     pub(super) fn check_alive(&self, p: usize) -> Result<()> {
         let ctl = self.ctl(p);
-        let a = self.aborted_by();
-        if a != 0 {
-            return Err(CommError::Aborted {
-                op: self.op_name(),
-                seq: self.op_seq,
-                failed: a as usize - 1,
-                missing: p,
-            });
+        if let Some(e) = self.abort_error(p) {
+            return Err(e);
         }
         let pid = ctl.pid.load(SeqCst);
         let how = if ctl.gone.load(SeqCst) != 0 {
@@ -232,20 +226,26 @@ impl ShmComm {
         })
     }
 
+    /// The error of a call that finds the job aborted by the launcher (naming the rank that
+    /// failed first) while it waited for peer `missing`; None while the job runs.
+    pub(super) fn abort_error(&self, missing: usize) -> Option<CommError> {
+        let a = self.aborted_by();
+        (a != 0).then(|| CommError::Aborted {
+            op: self.op_name(),
+            seq: self.op_seq,
+            failed: a as usize - 1,
+            missing,
+        })
+    }
+
     /// A peer found dead may have left only because another rank failed first. Gives the
     /// launcher up to [`DEATH_GRACE`] to abort the job (it does within a few milliseconds of
     /// reaping the first failure), so the error names that rank; None if it did not.
     pub(super) fn abort_within_grace(&self, p: usize) -> Option<CommError> {
         let until = Instant::now() + DEATH_GRACE;
         loop {
-            let a = self.aborted_by();
-            if a != 0 {
-                return Some(CommError::Aborted {
-                    op: self.op_name(),
-                    seq: self.op_seq,
-                    failed: a as usize - 1,
-                    missing: p,
-                });
+            if let Some(e) = self.abort_error(p) {
+                return Some(e);
             }
             if Instant::now() >= until {
                 return None;
@@ -258,14 +258,8 @@ impl ShmComm {
     /// unless it published `target` before leaving: then returns its `seq`.
     fn check_peer(&self, p: usize, target: u32, check_pid: bool) -> Result<Option<u32>> {
         let ctl = self.ctl(p);
-        let a = self.aborted_by();
-        if a != 0 {
-            return Err(CommError::Aborted {
-                op: self.op_name(),
-                seq: self.op_seq,
-                failed: a as usize - 1,
-                missing: p,
-            });
+        if let Some(e) = self.abort_error(p) {
+            return Err(e);
         }
         let how = if ctl.gone.load(SeqCst) != 0 {
             "left the job (dropped its communicator)".to_string()
