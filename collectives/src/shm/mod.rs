@@ -126,7 +126,7 @@ pub struct ShmComm {
     /// Publish small steps with plain stores; peers about to sleep fence us with membarrier
     /// ([`sys::light_publish`]). Not when ranks outnumber CPUs (no spin): there every wait
     /// sleeps, and a membarrier per sleep (an interrupt on every CPU running a rank) made small
-    /// calls at 6 ranks on 2 CPUs up to 3x slower in some runs. The rule depends only on the
+    /// calls at 6 ranks on 2 CPUs about 3x slower. The rule depends only on the
     /// options every rank shares, so all ranks of a host agree on it.
     light: bool,
     /// The step being published is a small one (the ring's), which may publish light.
